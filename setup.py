@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dpo",
+    version="0.1.0",
+    description="Direct Preference Optimization in plain PyTorch",
+    packages=find_packages(include=["dpo", "dpo.*"]),
+    package_data={"dpo.demo": ["assets/*/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+)
