@@ -1,0 +1,124 @@
+"""Crash-safe checkpoints: everything needed to continue a run exactly.
+
+A checkpoint is written into `checkpoint-<step>.tmp/` and renamed to `checkpoint-<step>/` only once
+every file is on disk, so a directory named `checkpoint-<step>` is always complete; a crash mid-write
+leaves only a `.tmp` directory that `latest_checkpoint` ignores and the next save removes.
+The data position needs no saving of its own: the batch order is a pure function of
+(seed, epoch, step), so the optimizer step is the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    save_model: Callable[[Path], None],
+    optimizer_state: dict[str, Any],
+    scaler_state: dict[str, Any] | None,
+    trainer_state: dict[str, Any],
+    loss_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints.
+
+    `save_model(directory)` writes the policy in `save_pretrained` format.
+    """
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f"checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(tmp / "model")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save({"scaler": scaler_state, "rng": rng_state(), "loss_state": loss_state}, tmp / "extra.pt")
+    # the state file goes last: its presence marks the directory as complete
+    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    if final.exists():  # a re-save of the same step (e.g. after a signal)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for _, old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("checkpoint-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    extra = torch.load(path / "extra.pt", weights_only=False)
+    return {
+        "trainer_state": json.loads((path / STATE_FILE).read_text()),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
+        "scaler": extra["scaler"],
+        "rng": extra["rng"],
+        "loss_state": extra["loss_state"],
+        "model_dir": path / "model",
+    }

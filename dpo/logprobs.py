@@ -1,0 +1,138 @@
+"""Log-probabilities of response tokens under a causal LM.
+
+A DPO loss needs, for every sequence, log pi(response | prompt) = sum over response tokens t of
+log softmax(logits[t-1])[token t]. Only response tokens are scored: `labels` holds the token id on
+response positions and -100 on prompt and padding (the `collate_pairs` layout, unshifted).
+
+The fast path (`completion_only=True`) runs the transformer body once, keeps the hidden states of the
+positions that predict a scored token, and applies the LM head to those rows only, `chunk_size` rows
+at a time, computing log p = logit[target] - logsumexp(logits) in fp32. No [batch, time, vocab]
+tensor is ever built: prompt and padding positions never reach the LM head. This assumes
+logits = lm_head(last_hidden_state), true for Phi, Llama, Mistral, Qwen, GPT-2 and most causal LMs;
+models that post-process logits (soft-capping, scaling) must use `completion_only=False`, which takes
+`model(...).logits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence log-prob statistics, all fp32 tensors of shape [num_sequences]."""
+
+    sum: Tensor  # sum of log p over scored tokens
+    count: Tensor  # number of scored tokens
+    wpo: Tensor | None = None  # mean over scored tokens of log p_t - logsumexp_v(2 log p_v) (WPO eq. 2), no grad
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0, so policy and reference see the same deterministic function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def _token_logps(logits: Tensor, targets: Tensor, with_wpo: bool) -> tuple[Tensor, Tensor | None]:
+    """log p of `targets` under `logits` [n, vocab], in fp32; optionally the WPO-adjusted values."""
+    logits = logits.float()
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
+    adjusted = None
+    if with_wpo:
+        with torch.no_grad():
+            # log sum_v p_v^2 = logsumexp(2 * log p) over the vocabulary
+            log_sum_sq = torch.logsumexp(2.0 * (logits - log_normalizer.unsqueeze(-1)), dim=-1)
+            adjusted = logps.detach() - log_sum_sq
+    return logps, adjusted
+
+
+def _scored_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, position, target) of every scored token; position t predicts labels[:, t + 1]."""
+    targets = labels[:, 1:]
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, positions, targets[rows, positions]
+
+
+def _reduce(num_rows: int, rows: Tensor, logps: Tensor, adjusted: Tensor | None) -> SequenceLogps:
+    device = logps.device
+    total = torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(0, rows, logps)
+    count = torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(
+        0, rows, torch.ones_like(logps)
+    )
+    wpo = None
+    if adjusted is not None:
+        wpo_sum = torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(0, rows, adjusted)
+        wpo = wpo_sum / count.clamp(min=1)
+    return SequenceLogps(sum=total, count=count, wpo=wpo)
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    completion_only: bool = True,
+    chunk_size: int = 1024,
+    with_wpo: bool = False,
+) -> SequenceLogps:
+    """Summed response log-probs of each row of a right-padded batch (see the module docstring)."""
+    rows, positions, targets = _scored_positions(labels)
+    num_rows = input_ids.shape[0]
+    if not completion_only:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logps, adjusted = _token_logps(logits[rows, positions], targets, with_wpo)
+        return _reduce(num_rows, rows, logps, adjusted)
+
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    scored_hidden = hidden[rows, positions]
+    lm_head = model.get_output_embeddings()
+    pieces, adjusted_pieces = [], []
+    for start in range(0, scored_hidden.shape[0], chunk_size):
+        chunk_logps, chunk_adjusted = _token_logps(
+            lm_head(scored_hidden[start : start + chunk_size]),
+            targets[start : start + chunk_size],
+            with_wpo,
+        )
+        pieces.append(chunk_logps)
+        adjusted_pieces.append(chunk_adjusted)
+    logps = torch.cat(pieces) if pieces else scored_hidden.new_zeros(0, dtype=torch.float32)
+    adjusted = torch.cat(adjusted_pieces) if with_wpo and pieces else None
+    return _reduce(num_rows, rows, logps, adjusted)
+
+
+class SequenceScorer(nn.Module):
+    """Wraps a causal LM so that `forward` returns per-sequence log-prob statistics.
+
+    Going through one module's forward lets DDP and FSDP wrap the whole scoring computation
+    (the transformer body and the LM head on scored rows) as they expect.
+    """
+
+    def __init__(self, model: nn.Module, *, completion_only: bool = True, chunk_size: int = 1024,
+                 with_wpo: bool = False):
+        super().__init__()
+        self.model = model
+        self.completion_only = completion_only
+        self.chunk_size = chunk_size
+        self.with_wpo = with_wpo
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> SequenceLogps:
+        return sequence_logps(self.model, input_ids, attention_mask, labels,
+                              completion_only=self.completion_only, chunk_size=self.chunk_size,
+                              with_wpo=self.with_wpo)

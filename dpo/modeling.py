@@ -1,0 +1,62 @@
+"""Loading a causal LM and its tokenizer from a local directory, a hub name, or the shipped demo model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "assets" / "sft"
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded, named in one line."""
+
+
+def resolve_model_path(name: str) -> str:
+    """'demo' -> the shipped SFT model; an existing directory -> itself; else a hub name."""
+    if name == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise ModelLoadError(f"the shipped demo model is missing from {DEMO_MODEL_DIR.name}/ (reinstall the package)")
+        return str(DEMO_MODEL_DIR)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model {name}: not a directory")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model {name}: no config.json in this directory")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(os.sep) or name.count("/") > 1
+    if looks_local:
+        raise ModelLoadError(f"model directory {name} does not exist")
+    return name  # a hub name such as lxuechen/phi-2-sft
+
+
+def _short(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer
+        raise ModelLoadError(f"model {name}: no usable tokenizer ({_short(error)})") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"model {name}: the tokenizer has no EOS token; responses could not be terminated")
+    if tokenizer.pad_token_id is None:
+        # Masks are built from lengths, never from pad ids, so any id pads safely; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    path = resolve_model_path(name)
+    try:
+        # SDPA kernels accumulate QK^T in fp32, which keeps Phi-2's attention from overflowing in fp16.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as error:
+        raise ModelLoadError(f"model {name}: could not be loaded ({_short(error)})") from None
+    return model.to(device)

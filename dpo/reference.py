@@ -1,0 +1,105 @@
+"""Precomputed reference log-probs, cached on disk.
+
+The reference model is frozen, so its log-probs of every pair can be computed in one pass before
+training, after which the reference model is no longer needed in memory. At step 0 the policy *is*
+the reference, so the pass runs on the policy itself before its first update: no second copy of the
+model is ever loaded. The cache file name carries a key of everything the numbers depend on (model
+weights, the tokenized pairs, precision, scoring settings); a changed key recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from dpo.data import TokenizedPair, collate_pairs
+from dpo.logprobs import SequenceScorer
+
+
+@dataclass
+class ReferenceLogps:
+    chosen: Tensor  # [num_pairs] summed log-probs, fp32, on CPU
+    rejected: Tensor
+
+    def take(self, indices: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return self.chosen[index].to(device), self.rejected[index].to(device)
+
+
+def _model_fingerprint(model_path: str) -> dict:
+    """Identity of the weights: file names, sizes and a hash of their first and last MiB."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return {"hub": model_path}
+    files = {}
+    for file in sorted(path.iterdir()):
+        if file.suffix in (".safetensors", ".bin", ".pt") or file.name == "config.json":
+            digest = hashlib.sha256()
+            size = file.stat().st_size
+            with open(file, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                if size > (2 << 20):
+                    handle.seek(size - (1 << 20))
+                    digest.update(handle.read())
+            files[file.name] = [size, digest.hexdigest()]
+    return files
+
+
+def cache_key(model_path: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"model": _model_fingerprint(model_path), "settings": settings}, sort_keys=True).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    scorer: SequenceScorer,
+    pairs: Sequence[TokenizedPair],
+    *,
+    micro_batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    progress: Callable[[int], None] | None = None,
+) -> ReferenceLogps:
+    was_training = scorer.training
+    scorer.eval()
+    chosen = torch.zeros(len(pairs), dtype=torch.float32)
+    rejected = torch.zeros(len(pairs), dtype=torch.float32)
+    # longest first: similar lengths share a batch, so little padding is computed
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))))
+    for start in range(0, len(order), micro_batch_size):
+        ids = order[start : start + micro_batch_size]
+        batch = collate_pairs([pairs[i] for i in ids], pad_id)
+        with autocast():
+            logps = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+        sums = logps.sum.float().cpu()
+        index = torch.as_tensor(ids)
+        chosen[index] = sums[: len(ids)]
+        rejected[index] = sums[len(ids) :]
+        if progress is not None:
+            progress(len(ids))
+    scorer.train(was_training)
+    return ReferenceLogps(chosen=chosen, rejected=rejected)
+
+
+def load_or_compute(cache_file: Path, compute: Callable[[], ReferenceLogps]) -> tuple[ReferenceLogps, bool]:
+    """(log-probs, whether they came from the cache)."""
+    if cache_file.is_file():
+        data = torch.load(cache_file, weights_only=True)
+        return ReferenceLogps(chosen=data["chosen"], rejected=data["rejected"]), True
+    result = compute()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    torch.save({"chosen": result.chosen, "rejected": result.rejected}, tmp)
+    tmp.replace(cache_file)
+    return result, False
