@@ -1,0 +1,696 @@
+"""Preference losses: one short function per loss, chosen by name.
+
+Every loss reads a `PreferenceLogps` (summed response log-probs of a batch of B pairs under the policy and,
+optionally, the reference model) and a `LossConfig`, and returns B per-pair losses. `compute_loss` is the
+only entry point the training loop uses; it casts everything to fp32, applies `reference_free`, mixes
+weighted losses, adds the RPO NLL term, applies WPO weights and computes the implicit rewards.
+
+Notation used in the docstrings (all per pair):
+    pi_c, pi_r     policy log-probs of the chosen / rejected response (summed over response tokens)
+    ref_c, ref_r   reference log-probs (0 when reference_free)
+    len_c, len_r   number of scored response tokens
+    r_c = pi_c - ref_c, r_l = pi_r - ref_r            log-ratios
+    s_c = f(r_c), s_l = f(r_l)                        log-ratios through the f-divergence transform
+    h = s_c - s_l                                     the preference margin ("logits" in TRL);
+                                                      for reverse_kl, h = (pi_c - ref_c) - (pi_r - ref_r)
+    beta, eps = label_smoothing, sigma = logistic sigmoid, softplus(z) = -log sigma(-z)
+
+Adding a loss (no change to the training loop)
+----------------------------------------------
+Write one function in your own file (examples/my_loss.py is this one):
+
+    import torch.nn.functional as F
+    from torch import Tensor
+    from dpo.loss import LossConfig, PreferenceLogps, preference_margin
+
+    def my_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+        '''-log sigma(beta * h - 1): DPO that keeps pushing until the reward margin exceeds 1.'''
+        return F.softplus(1.0 - cfg.beta * preference_margin(x, cfg))
+
+and select it with `--loss path/to/my_loss.py:my_loss` (relative to the working directory) or, when
+importable, `--loss my_pkg.losses:my_loss`. It may be mixed with built-ins:
+`--loss sigmoid:1.0,path/to/my_loss.py:my_loss:0.5`. The building blocks of the built-in losses are public:
+log_ratios, divergence_scores, preference_margin, lengths, mean_logps, chosen_nll, smoothed_logistic.
+The contract:
+  * input: `x` holds fp32 tensors of shape [B] on one device (`x.require(name)` returns a field or raises a
+    clear error when it is None); `cfg` holds the hyper-parameters. Per-run state (a running mean, ...) goes
+    in the dict `x.state`, which the trainer saves in checkpoints, so keep plain Python numbers in it.
+  * output: a [B] tensor of per-pair losses; the trainer minimises their mean.
+  * a loss that never reads the reference log-probs sets `my_loss.is_reference_free = True` (or is
+    registered with `@register_loss("name", reference_free=True)`), so no reference model is loaded.
+  * rewards are computed for you as beta * (pi - ref); a loss with another notion of reward sets
+    `my_loss.rewards = fn(x, cfg) -> (chosen_rewards, rejected_rewards)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LossFunction = Callable[["PreferenceLogps", "LossConfig"], Tensor]
+RewardsFunction = Callable[["PreferenceLogps", "LossConfig"], "tuple[Tensor, Tensor]"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# errors
+
+
+class UnknownLossError(ValueError):
+    """A loss name that is neither registered nor a loadable "module:function" / "file.py:function"."""
+
+
+class LossSpecError(ValueError):
+    """A malformed loss_type string (bad weight, empty or repeated term)."""
+
+
+class MissingFieldError(ValueError):
+    """A loss (or option) needs a PreferenceLogps field that is None."""
+
+    _HINTS = {
+        "reference_chosen_logps": "pass reference log-probs or set reference_free",
+        "reference_rejected_logps": "pass reference log-probs or set reference_free",
+        "chosen_lengths": "pass the number of scored response tokens of each response",
+        "rejected_lengths": "pass the number of scored response tokens of each response",
+        "chosen_wpo_logps": "compute WPO log-probs when use_weighting is on",
+        "rejected_wpo_logps": "compute WPO log-probs when use_weighting is on",
+    }
+
+    def __init__(self, field_name: str, needed_by: str | None = None):
+        self.field_name = field_name
+        self.needed_by = needed_by
+        hint = self._HINTS.get(field_name)
+        who = needed_by or "this loss"
+        super().__init__(f"{who} needs PreferenceLogps.{field_name}, which is None" + (f" ({hint})" if hint else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs, settings, outputs
+
+
+@dataclass
+class PreferenceLogps:
+    """Everything a preference loss may read, for a batch of B pairs (all tensors [B] unless noted)."""
+
+    policy_chosen_logps: Tensor  # summed log-probs of the chosen response tokens
+    policy_rejected_logps: Tensor
+    reference_chosen_logps: Tensor | None = None  # None when training reference-free
+    reference_rejected_logps: Tensor | None = None
+    chosen_lengths: Tensor | None = None  # number of scored response tokens (length-normalised losses, NLL)
+    rejected_lengths: Tensor | None = None
+    # WPO: mean over response tokens of (log p_t - logsumexp_v(2 log p_v)), no grad
+    chosen_wpo_logps: Tensor | None = None
+    rejected_wpo_logps: Tensor | None = None
+    state: dict = field(default_factory=dict)  # mutable per-run store for stateful losses (bco_pair's running
+    # reward mean); the trainer owns it and saves it in checkpoints
+
+    def require(self, name: str) -> Tensor:
+        """The field `name`, or a MissingFieldError when it is None."""
+        value = getattr(self, name)
+        if value is None:
+            raise MissingFieldError(name)
+        return value
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss_type: str = "sigmoid"  # a registered name, "module:function", "path/to/file.py:function", or a weighted
+    # mix "sigmoid:0.8,bco_pair:0.2,sft:1.0" (name:weight pairs, comma separated)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cDPO / robust / exo_pair / simpo epsilon
+    reference_free: bool = False
+    rpo_alpha: float | None = None  # weight of the NLL term on the chosen response (RPO), added to every pair's loss
+    f_divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha: float = 1.0  # alpha of alpha_divergence
+    use_weighting: bool = False  # WPO weighting
+    simpo_gamma: float = 0.5  # SimPO target margin (TRL's CPOConfig default)
+    discopop_tau: float = 0.05  # DiscoPOP temperature (TRL's DPOConfig default)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"LossConfig.beta must be a positive number, got {self.beta!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"LossConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.rpo_alpha is not None and not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            raise ValueError(f"LossConfig.rpo_alpha must be None or a non-negative number, got {self.rpo_alpha!r}")
+        if self.f_divergence not in F_DIVERGENCES:
+            raise ValueError(
+                f"LossConfig.f_divergence {self.f_divergence!r} is unknown; choose one of {', '.join(F_DIVERGENCES)}"
+            )
+        if not math.isfinite(self.f_alpha):
+            raise ValueError(f"LossConfig.f_alpha must be finite, got {self.f_alpha!r}")
+        if not (math.isfinite(self.discopop_tau) and self.discopop_tau > 0):
+            raise ValueError(f"LossConfig.discopop_tau must be positive, got {self.discopop_tau!r}")
+        if not math.isfinite(self.simpo_gamma):
+            raise ValueError(f"LossConfig.simpo_gamma must be finite, got {self.simpo_gamma!r}")
+        parse_loss_spec(self.loss_type)  # syntax only; names are resolved when the loss is first used
+
+
+class LossOutput(NamedTuple):
+    losses: Tensor  # [B] per-pair loss (fp32), the trainer takes .mean()
+    chosen_rewards: Tensor  # [B] detached
+    rejected_rewards: Tensor  # [B] detached
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registry and name resolution
+
+_REGISTRY: dict[str, LossFunction] = {}
+
+
+def register_loss(
+    name: str, *, reference_free: bool = False, rewards: RewardsFunction | None = None
+) -> Callable[[LossFunction], LossFunction]:
+    """Decorator: make `fn` selectable as `loss_type=name`.
+
+    reference_free: the loss never reads reference log-probs (no reference model is needed).
+    rewards: optional fn(x, cfg) -> (chosen, rejected) replacing the default beta * (pi - ref).
+    """
+    if not name or any(char in name for char in ":,") or name != name.strip():
+        raise ValueError(f"loss name {name!r} must be non-empty, without ':' ',' or surrounding spaces")
+
+    def decorate(fn: LossFunction) -> LossFunction:
+        existing = _REGISTRY.get(name)
+        # re-executing the same definition (a reloaded module) is fine; two different losses under one name is not
+        if existing is not None and (existing.__module__, existing.__qualname__) != (fn.__module__, fn.__qualname__):
+            owner = f"{existing.__module__}.{existing.__qualname__}"
+            raise ValueError(f"loss name {name!r} is already registered by {owner}")
+        fn.is_reference_free = reference_free
+        if rewards is not None:
+            fn.rewards = rewards
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def available_losses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve_loss(name: str) -> LossFunction:
+    """A registered loss, or a function loaded from "pkg.module:function" or "path/to/file.py:function"."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" not in name:
+        raise UnknownLossError(
+            f"unknown loss {name!r}; available: {', '.join(available_losses())}; "
+            "or give 'pkg.module:function' or 'path/to/file.py:function'"
+        )
+    return _load_external(name)
+
+
+@lru_cache(maxsize=None)
+def _load_external(spec: str) -> LossFunction:
+    target, function_name = spec.rsplit(":", 1)
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    module = _load_file(spec, target) if is_file else _import_module(spec, target)
+    fn = getattr(module, function_name, None)
+    if fn is None:
+        raise UnknownLossError(f"loss {spec!r}: {target} has no function {function_name!r}")
+    if not callable(fn):
+        raise UnknownLossError(f"loss {spec!r}: {target}.{function_name} is not callable")
+    return fn
+
+
+def _load_file(spec: str, path_text: str) -> Any:
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise UnknownLossError(f"loss {spec!r}: no such file {path_text}")
+    # a stable, unique module name so dataclasses and pickling inside the file work
+    module_name = f"dpo_user_loss_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UnknownLossError(f"loss {spec!r}: cannot load {path_text} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[module_name]
+        raise UnknownLossError(f"loss {spec!r}: loading {path_text} failed: {type(error).__name__}: {error}") from error
+    return module
+
+
+def _import_module(spec: str, module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise UnknownLossError(f"loss {spec!r}: cannot import module {module_name!r} ({error})") from None
+
+
+def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
+    """"sigmoid:0.8,bco_pair:0.2" -> [("sigmoid", 0.8), ("bco_pair", 0.2)]; a term without a weight has weight 1.
+
+    A term's weight is the text after its last ':' when that parses as a number, so "pkg.mod:fn" and
+    "file.py:fn" are names and "file.py:fn:0.5" is a weighted name.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise LossSpecError(f"loss_type must be a non-empty string, got {spec!r}")
+    terms: list[tuple[str, float]] = []
+    for raw_term in spec.split(","):
+        term = raw_term.strip()
+        if not term:
+            raise LossSpecError(f"loss_type {spec!r} has an empty term")
+        name, weight = term, 1.0
+        if ":" in term:
+            head, tail = term.rsplit(":", 1)
+            try:
+                weight = float(tail)
+                name = head.strip()
+            except ValueError:
+                pass  # "module:function", not a weight
+        if not name:
+            raise LossSpecError(f"loss_type {spec!r}: term {term!r} has no loss name")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise LossSpecError(f"loss_type {spec!r}: weight of {name!r} must be a non-negative number, got {weight}")
+        if any(name == seen for seen, _ in terms):
+            raise LossSpecError(f"loss_type {spec!r} names {name!r} twice")
+        terms.append((name, weight))
+    return terms
+
+
+def is_reference_free(fn: LossFunction) -> bool:
+    return bool(getattr(fn, "is_reference_free", False))
+
+
+def needs_reference_model(config: LossConfig) -> bool:
+    """Whether the run needs reference log-probs: some term reads them and reference_free is off."""
+    if config.reference_free:
+        return False
+    return not all(is_reference_free(resolve_loss(name)) for name, _ in parse_loss_spec(config.loss_type))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks (public: custom losses use them too)
+
+# Exponents in the f-divergence transforms are capped at 40: exp(40)^2 ~ 5.5e34 keeps even the squared losses
+# (ipo, sppo_hard) finite in fp32 (max ~3.4e38). TRL caps the alpha-divergence exponent at 80 and forward_kl not
+# at all; the definitions agree wherever the exponent is below 40.
+_EXP_CAP = 40.0
+
+
+def _reverse_kl(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = log t: the identity on log-ratios (standard DPO)."""
+    return log_ratio
+
+
+def _forward_kl(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = 1 - 1/t, constant dropped: -exp(-r) (exponent capped, see _EXP_CAP)."""
+    return -torch.exp((-log_ratio).clamp(max=_EXP_CAP))
+
+
+def _js_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = log(2t / (1 + t)), constant dropped: log sigma(r)."""
+    return F.logsigmoid(log_ratio)
+
+
+def _alpha_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = (t^(alpha-1) - 1) / (alpha-1), constant dropped: exp((alpha-1) r) / (alpha-1), exponent capped.
+
+    alpha -> 1 is the limit f'(t) = log t (reverse KL).
+    """
+    if abs(alpha - 1.0) < 1e-6:
+        return log_ratio
+    return torch.exp(((alpha - 1.0) * log_ratio).clamp(max=_EXP_CAP)) / (alpha - 1.0)
+
+
+# f-DPO (Wang et al. 2023, "Beyond Reverse KL"): the log-ratio r is replaced by f'(exp r), as TRL's DPOTrainer does
+F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "reverse_kl": _reverse_kl,
+    "forward_kl": _forward_kl,
+    "js_divergence": _js_divergence,
+    "alpha_divergence": _alpha_divergence,
+}
+
+
+def log_ratios(x: PreferenceLogps) -> tuple[Tensor, Tensor]:
+    """(r_c, r_l) = (pi_c - ref_c, pi_r - ref_r)."""
+    chosen = x.policy_chosen_logps - x.require("reference_chosen_logps")
+    rejected = x.policy_rejected_logps - x.require("reference_rejected_logps")
+    return chosen, rejected
+
+
+def divergence_scores(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    """(s_c, s_l) = (f(r_c), f(r_l)) for the configured f-divergence (the log-ratios for reverse_kl)."""
+    transform = F_DIVERGENCES[cfg.f_divergence]
+    chosen, rejected = log_ratios(x)
+    return transform(chosen, cfg.f_alpha), transform(rejected, cfg.f_alpha)
+
+
+def preference_margin(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """h = s_c - s_l; for reverse_kl h = (pi_c - ref_c) - (pi_r - ref_r)."""
+    chosen, rejected = divergence_scores(x, cfg)
+    return chosen - rejected
+
+
+def lengths(x: PreferenceLogps) -> tuple[Tensor, Tensor]:
+    """(len_c, len_r), clamped to at least 1 so an empty response cannot divide by zero."""
+    return x.require("chosen_lengths").clamp(min=1), x.require("rejected_lengths").clamp(min=1)
+
+
+def mean_logps(x: PreferenceLogps) -> tuple[Tensor, Tensor]:
+    """Per-token mean policy log-probs (pi_c / len_c, pi_r / len_r)."""
+    len_c, len_r = lengths(x)
+    return x.policy_chosen_logps / len_c, x.policy_rejected_logps / len_r
+
+
+def chosen_nll(x: PreferenceLogps) -> Tensor:
+    """Per-token negative log-likelihood of the chosen response: -pi_c / len_c."""
+    return -x.policy_chosen_logps / x.require("chosen_lengths").clamp(min=1)
+
+
+def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
+    """(1 - eps) * -log sigma(z) + eps * -log sigma(-z): logistic loss with labels flipped with probability eps."""
+    return (1.0 - eps) * F.softplus(-z) + eps * F.softplus(z)
+
+
+def _mean_logp_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    """beta * per-token mean log-prob, the reward of the reference-free length-normalised losses (TRL's CPO/ORPO)."""
+    mean_c, mean_r = mean_logps(x)
+    return cfg.beta * mean_c, cfg.beta * mean_r
+
+
+def _log_ratio_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    """beta * (pi - ref), with ref = 0 when there are no reference log-probs."""
+    ref_c = x.reference_chosen_logps if x.reference_chosen_logps is not None else 0.0
+    ref_r = x.reference_rejected_logps if x.reference_rejected_logps is not None else 0.0
+    return cfg.beta * (x.policy_chosen_logps - ref_c), cfg.beta * (x.policy_rejected_logps - ref_r)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# losses with a reference model (TRL DPOTrainer definitions)
+
+
+@register_loss("sigmoid")
+def sigmoid_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """(1 - eps) * -log sigma(beta h) + eps * -log sigma(-beta h). DPO (Rafailov et al. 2023); eps > 0 is cDPO."""
+    return smoothed_logistic(cfg.beta * preference_margin(x, cfg), cfg.label_smoothing)
+
+
+@register_loss("hinge")
+def hinge_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """relu(1 - beta h). SLiC-HF (Zhao et al. 2023)."""
+    return torch.relu(1.0 - cfg.beta * preference_margin(x, cfg))
+
+
+@register_loss("ipo")
+def ipo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """(s_c / len_c - s_l / len_r - 1 / (2 beta))^2. IPO (Azar et al. 2023, eq. 17), beta = tau.
+
+    As in TRL, the log-ratios are per-token means, which keeps 1 / (2 beta) on a length-independent scale
+    (the form the IPO authors' reported results use).
+    """
+    chosen, rejected = divergence_scores(x, cfg)
+    len_c, len_r = lengths(x)
+    return (chosen / len_c - rejected / len_r - 1.0 / (2.0 * cfg.beta)) ** 2
+
+
+@register_loss("robust")
+def robust_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """((1 - eps) * -log sigma(beta h) - eps * -log sigma(-beta h)) / (1 - 2 eps). rDPO (Chowdhury et al. 2024)."""
+    z = cfg.beta * preference_margin(x, cfg)
+    eps = cfg.label_smoothing
+    return ((1.0 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1.0 - 2.0 * eps)
+
+
+def _bco_running_mean(x: PreferenceLogps, batch_mean: float) -> float:
+    """Cumulative mean of the per-batch mean rewards (TRL's RunningMoments.mean, one update of count 1 per batch).
+
+    Kept in x.state["bco_pair"] as plain floats so a resumed run continues exactly. Updated only while
+    autograd is on (training); evaluation under torch.no_grad() reads it without moving it.
+    """
+    stats = x.state.setdefault("bco_pair", {"reward_mean": 0.0, "count": 0})
+    if torch.is_grad_enabled():
+        stats["count"] += 1
+        stats["reward_mean"] += (batch_mean - stats["reward_mean"]) / stats["count"]
+    return stats["reward_mean"]
+
+
+@register_loss("bco_pair")
+def bco_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """-log sigma(beta s_c - delta) - log sigma(-(beta s_l - delta)), delta = running mean of the rewards beta * s.
+
+    BCO (Jung et al. 2024), paired form; delta is the mean of all chosen and rejected rewards seen so far,
+    this batch included.
+    """
+    chosen, rejected = divergence_scores(x, cfg)
+    if chosen.numel() == 0:
+        return chosen  # an empty batch has no rewards to average
+    chosen_rewards, rejected_rewards = cfg.beta * chosen, cfg.beta * rejected
+    delta = _bco_running_mean(x, torch.cat([chosen_rewards, rejected_rewards]).mean().item())
+    return F.softplus(-(chosen_rewards - delta)) + F.softplus(rejected_rewards - delta)
+
+
+@register_loss("exo_pair")
+def exo_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """sigma(z) (log sigma(z) - log(1 - eps)) + sigma(-z) (log sigma(-z) - log eps), z = beta h.
+
+    EXO (Ji et al. 2024, eq. 16): KL from the model's pair distribution to the label distribution (1 - eps, eps).
+    eps = label_smoothing, or 1e-3 when that is 0 (as TRL, since log 0 is undefined).
+    """
+    eps = cfg.label_smoothing if cfg.label_smoothing > 0 else 1e-3
+    z = cfg.beta * preference_margin(x, cfg)
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
+
+
+@register_loss("nca_pair")
+def nca_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """-log sigma(beta s_c) - 1/2 log sigma(-beta s_c) - 1/2 log sigma(-beta s_l). NCA (Chen et al. 2024)."""
+    chosen, rejected = divergence_scores(x, cfg)
+    z_c, z_r = cfg.beta * chosen, cfg.beta * rejected
+    return F.softplus(-z_c) + 0.5 * F.softplus(z_c) + 0.5 * F.softplus(z_r)
+
+
+@register_loss("sppo_hard")
+def sppo_hard_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """(s_c - 1/(2 beta))^2 + (s_l + 1/(2 beta))^2. SPPO (Wu et al. 2024, eq. 4.7) with hard win probabilities 1 / 0."""
+    chosen, rejected = divergence_scores(x, cfg)
+    half_inverse_beta = 0.5 / cfg.beta
+    return (chosen - half_inverse_beta) ** 2 + (rejected + half_inverse_beta) ** 2
+
+
+@register_loss("aot")
+def aot_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """Smoothed logistic loss of beta * (sort_B(pi_c - pi_r) - sort_B(ref_c - ref_r)). AOT (Melnyk et al. 2024), paired.
+
+    The two log-ratio differences are sorted independently over the batch, so the i-th loss belongs to the
+    i-th quantile, not to pair i (per-pair weights such as WPO then act on quantiles).
+    """
+    policy_sorted = torch.sort(x.policy_chosen_logps - x.policy_rejected_logps).values
+    reference_sorted = torch.sort(x.require("reference_chosen_logps") - x.require("reference_rejected_logps")).values
+    return smoothed_logistic(cfg.beta * (policy_sorted - reference_sorted), cfg.label_smoothing)
+
+
+@register_loss("aot_unpaired")
+def aot_unpaired_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """Smoothed logistic loss of beta * (sort_B(r_c) - sort_B(r_l)). AOT (Melnyk et al. 2024), unpaired."""
+    chosen, rejected = log_ratios(x)
+    return smoothed_logistic(cfg.beta * (torch.sort(chosen).values - torch.sort(rejected).values), cfg.label_smoothing)
+
+
+@register_loss("apo_zero")
+def apo_zero_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """1 - sigma(beta r_c) + sigma(beta r_l). APO-zero (D'Oosterlinck et al. 2024, eq. 7): chosen up, rejected down."""
+    chosen, rejected = log_ratios(x)
+    return 1.0 - torch.sigmoid(cfg.beta * chosen) + torch.sigmoid(cfg.beta * rejected)
+
+
+@register_loss("apo_down")
+def apo_down_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """sigma(beta r_c) + 1 - sigma(beta h). APO-down (D'Oosterlinck et al. 2024, eq. 8): both down, rejected more."""
+    chosen, _ = log_ratios(x)
+    return torch.sigmoid(cfg.beta * chosen) + 1.0 - torch.sigmoid(cfg.beta * preference_margin(x, cfg))
+
+
+@register_loss("discopop")
+def discopop_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """(1 - m) * -log sigma(z) + m * exp(-z), z = beta h, m = sigma(z / tau). DiscoPOP (Chan et al. 2024, eq. 5).
+
+    m * exp(-z) is computed as exp(log sigma(z / tau) - z), which stays finite where exp(-z) alone overflows.
+    """
+    z = cfg.beta * preference_margin(x, cfg)
+    modulation = torch.sigmoid(z / cfg.discopop_tau)
+    return (1.0 - modulation) * F.softplus(-z) + torch.exp(F.logsigmoid(z / cfg.discopop_tau) - z)
+
+
+@register_loss("sigmoid_norm")
+def sigmoid_norm_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """-log sigma(beta (s_c / len_c - s_l / len_r)). Length-normalised DPO (TRL's "sigmoid_norm")."""
+    chosen, rejected = divergence_scores(x, cfg)
+    len_c, len_r = lengths(x)
+    return F.softplus(-cfg.beta * (chosen / len_c - rejected / len_r))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference-free losses
+
+_MAX_MEAN_LOGP = -1e-6  # keeps log(1 - exp(mean log p)) finite when a response is (numerically) certain
+
+
+def _log1m_exp(a: Tensor) -> Tensor:
+    """log(1 - exp(a)) for a < 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+@register_loss("simpo", reference_free=True, rewards=_mean_logp_rewards)
+def simpo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """Smoothed logistic loss of beta * (pi_c / len_c - pi_r / len_r) - gamma. SimPO (Meng et al. 2024, eq. 6).
+
+    gamma = simpo_gamma, eps = label_smoothing, as TRL's CPOTrainer (loss_type="simpo"); no NLL term (add one
+    with rpo_alpha or an "sft" term).
+    """
+    mean_c, mean_r = mean_logps(x)
+    return smoothed_logistic(cfg.beta * (mean_c - mean_r) - cfg.simpo_gamma, cfg.label_smoothing)
+
+
+@register_loss("orpo", reference_free=True, rewards=_mean_logp_rewards)
+def orpo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """-pi_c / len_c - beta * log sigma(log odds(p_c) - log odds(p_r)). ORPO (Hong et al. 2024), lambda = beta.
+
+    p = exp(mean token log-prob) and log odds(p) = log p - log(1 - p), as TRL's ORPOTrainer.
+    """
+    mean_c, mean_r = (m.clamp(max=_MAX_MEAN_LOGP) for m in mean_logps(x))
+    log_odds = (mean_c - mean_r) - (_log1m_exp(mean_c) - _log1m_exp(mean_r))
+    return chosen_nll(x) + cfg.beta * F.softplus(-log_odds)
+
+
+@register_loss("sft", reference_free=True)
+def sft_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    """-pi_c / len_c: per-token negative log-likelihood of the chosen response (supervised fine-tuning)."""
+    return chosen_nll(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the entry points
+
+_TENSOR_FIELDS = [f.name for f in fields(PreferenceLogps) if f.name != "state"]
+
+
+def _prepare(logps: PreferenceLogps, config: LossConfig) -> PreferenceLogps:
+    """fp32 copies on the policy's device, shapes checked; reference log-probs of 0 when reference_free."""
+    policy = logps.policy_chosen_logps
+    if not isinstance(policy, Tensor) or policy.dim() != 1:
+        raise ValueError(f"PreferenceLogps.policy_chosen_logps must be a 1-D tensor [B], got {_describe(policy)}")
+    cast: dict[str, Tensor | None] = {}
+    for name in _TENSOR_FIELDS:
+        value = getattr(logps, name)
+        if value is None:
+            cast[name] = None
+            continue
+        if not isinstance(value, Tensor) or value.shape != policy.shape:
+            raise ValueError(
+                f"PreferenceLogps.{name} must be a tensor of shape {tuple(policy.shape)} (one value per pair), "
+                f"got {_describe(value)}"
+            )
+        cast[name] = value.to(device=policy.device, dtype=torch.float32)
+    if config.reference_free:
+        cast["reference_chosen_logps"] = torch.zeros_like(cast["policy_chosen_logps"])
+        cast["reference_rejected_logps"] = torch.zeros_like(cast["policy_rejected_logps"])
+    return replace(logps, **cast)  # the same state dict, so stateful losses update the caller's
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _term_losses(name: str, fn: LossFunction, x: PreferenceLogps, config: LossConfig) -> Tensor:
+    try:
+        losses = fn(x, config)
+    except MissingFieldError as error:
+        if error.needed_by is not None:
+            raise
+        raise MissingFieldError(error.field_name, needed_by=f"loss {name!r}") from None
+    if not isinstance(losses, Tensor) or losses.shape != x.policy_chosen_logps.shape:
+        raise ValueError(
+            f"loss {name!r} must return per-pair losses of shape {tuple(x.policy_chosen_logps.shape)}, "
+            f"got {_describe(losses)}"
+        )
+    return losses.float()
+
+
+def _wpo_weights(x: PreferenceLogps) -> Tensor:
+    """clamp(exp(wpo_c + wpo_r), max=1), detached. WPO (Zhou et al. 2024, eq. 2), as TRL."""
+    try:
+        chosen, rejected = x.require("chosen_wpo_logps"), x.require("rejected_wpo_logps")
+    except MissingFieldError as error:
+        raise MissingFieldError(error.field_name, needed_by="use_weighting (WPO)") from None
+    return torch.exp(chosen + rejected).clamp(max=1.0).detach()
+
+
+def compute_loss(logps: PreferenceLogps, config: LossConfig) -> LossOutput:
+    """Per-pair losses and implicit rewards of a batch.
+
+    losses = w * (sum_i weight_i * loss_i + rpo_alpha * (-pi_c / len_c))
+      w = WPO weight when use_weighting (applied to the whole per-pair loss, RPO term included, as TRL), else 1.
+    rewards = beta * (pi - ref) (ref = 0 when reference-free), or the first term's `rewards` hook
+      (simpo, orpo: beta * per-token mean log-prob, as TRL's CPO/ORPO trainers); always detached.
+    """
+    terms = [(name, resolve_loss(name), weight) for name, weight in parse_loss_spec(config.loss_type)]
+    x = _prepare(logps, config)
+    losses = torch.zeros_like(x.policy_chosen_logps)
+    for name, fn, weight in terms:
+        losses = losses + weight * _term_losses(name, fn, x, config)
+    if config.rpo_alpha is not None:
+        try:
+            losses = losses + config.rpo_alpha * chosen_nll(x)
+        except MissingFieldError as error:
+            raise MissingFieldError(error.field_name, needed_by="rpo_alpha (RPO)") from None
+    if config.use_weighting:
+        losses = losses * _wpo_weights(x)
+    rewards_fn = getattr(terms[0][1], "rewards", None) or _log_ratio_rewards
+    chosen_rewards, rejected_rewards = rewards_fn(x, config)
+    return LossOutput(losses, chosen_rewards.detach().float(), rejected_rewards.detach().float())
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor | None,
+    reference_rejected_logps: Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(losses, chosen_rewards, rejected_rewards) with the DPO authors' `preference_loss` calling convention.
+
+    Extra keyword arguments are PreferenceLogps fields (chosen_lengths, ..., state) or LossConfig fields
+    (rpo_alpha, f_divergence, ...).
+    """
+    logps_fields = {f.name for f in fields(PreferenceLogps)}
+    config_fields = {f.name for f in fields(LossConfig)}
+    unknown = sorted(set(kwargs) - logps_fields - config_fields)
+    if unknown:
+        raise TypeError(f"dpo_loss() got unexpected keyword argument(s): {', '.join(unknown)}")
+    logps = PreferenceLogps(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        **{k: v for k, v in kwargs.items() if k in logps_fields},
+    )
+    config = LossConfig(
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        **{k: v for k, v in kwargs.items() if k in config_fields},
+    )
+    return tuple(compute_loss(logps, config))

@@ -1,0 +1,629 @@
+"""Preference losses against closed forms written independently with scalar `math` (no tensor code shared)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpo.loss as loss_module
+from dpo.loss import (
+    LossConfig,
+    LossSpecError,
+    MissingFieldError,
+    PreferenceLogps,
+    UnknownLossError,
+    available_losses,
+    compute_loss,
+    dpo_loss,
+    needs_reference_model,
+    parse_loss_spec,
+    register_loss,
+    resolve_loss,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# hand-picked batch of 3 pairs; log-ratios r_c = [1, -1, 1], r_l = [-1, 1, -2], margins h = [2, -2, 3]
+PC = [-10.0, -20.0, -5.0]
+PR = [-12.0, -18.0, -9.0]
+RC = [-11.0, -19.0, -6.0]
+RR = [-11.0, -19.0, -7.0]
+LC = [5.0, 10.0, 2.0]
+LR = [6.0, 8.0, 3.0]
+BETA = 0.5
+
+
+def batch(**overrides) -> PreferenceLogps:
+    values = dict(
+        policy_chosen_logps=PC, policy_rejected_logps=PR, reference_chosen_logps=RC, reference_rejected_logps=RR,
+        chosen_lengths=LC, rejected_lengths=LR,
+    )
+    values.update(overrides)
+    return PreferenceLogps(**{k: (torch.tensor(v) if isinstance(v, list) else v) for k, v in values.items()})
+
+
+def close(actual: torch.Tensor, expected: list[float], tol: float = 1e-5) -> bool:
+    return torch.allclose(actual.double(), torch.tensor(expected, dtype=torch.float64), rtol=tol, atol=tol)
+
+
+# ---- scalar references ----------------------------------------------------------------------------------
+
+
+def sig(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def log_sig(z: float) -> float:
+    return math.log(sig(z))
+
+
+F_TRANSFORMS = {
+    "reverse_kl": lambda r: r,
+    "forward_kl": lambda r: -math.exp(-r),
+    "js_divergence": lambda r: log_sig(r),
+}
+
+
+def pairs(f=lambda r: r):
+    """Per pair: (raw r_c, raw r_l, s_c, s_l, len_c, len_r, pi_c, pi_r)."""
+    out = []
+    for pc, pr, rc, rr, lc, lr in zip(PC, PR, RC, RR, LC, LR):
+        out.append((pc - rc, pr - rr, f(pc - rc), f(pr - rr), lc, lr, pc, pr))
+    return out
+
+
+def ref_sigmoid(b, eps, f):
+    return [-(1 - eps) * log_sig(b * (sc - sl)) - eps * log_sig(-b * (sc - sl)) for _, _, sc, sl, *_ in pairs(f)]
+
+
+def ref_hinge(b, eps, f):
+    return [max(0.0, 1 - b * (sc - sl)) for _, _, sc, sl, *_ in pairs(f)]
+
+
+def ref_ipo(b, eps, f):
+    return [(sc / lc - sl / lr - 1 / (2 * b)) ** 2 for _, _, sc, sl, lc, lr, *_ in pairs(f)]
+
+
+def ref_robust(b, eps, f):
+    return [(-(1 - eps) * log_sig(b * (sc - sl)) + eps * log_sig(-b * (sc - sl))) / (1 - 2 * eps)
+            for _, _, sc, sl, *_ in pairs(f)]
+
+
+def ref_exo_pair(b, eps, f):
+    eps = eps or 1e-3
+    out = []
+    for _, _, sc, sl, *_ in pairs(f):
+        model = [sig(b * (sc - sl)), sig(-b * (sc - sl))]
+        label = [1 - eps, eps]
+        out.append(sum(q * math.log(q / p) for q, p in zip(model, label)))  # KL(model || label)
+    return out
+
+
+def ref_nca_pair(b, eps, f):
+    return [-log_sig(b * sc) - 0.5 * log_sig(-b * sc) - 0.5 * log_sig(-b * sl) for _, _, sc, sl, *_ in pairs(f)]
+
+
+def ref_sppo_hard(b, eps, f):
+    return [(sc - 1 / (2 * b)) ** 2 + (sl + 1 / (2 * b)) ** 2 for _, _, sc, sl, *_ in pairs(f)]
+
+
+def ref_bco_pair(b, eps, f):
+    rewards = [b * s for _, _, sc, sl, *_ in pairs(f) for s in (sc, sl)]
+    delta = sum(rewards) / len(rewards)  # first batch of a fresh run: the running mean is this batch's mean
+    return [-log_sig(b * sc - delta) - log_sig(-(b * sl - delta)) for _, _, sc, sl, *_ in pairs(f)]
+
+
+def ref_aot(b, eps, f):
+    policy = sorted(pc - pr for pc, pr in zip(PC, PR))
+    reference = sorted(rc - rr for rc, rr in zip(RC, RR))
+    return [-(1 - eps) * log_sig(b * (p - q)) - eps * log_sig(-b * (p - q)) for p, q in zip(policy, reference)]
+
+
+def ref_aot_unpaired(b, eps, f):
+    chosen = sorted(p[0] for p in pairs())
+    rejected = sorted(p[1] for p in pairs())
+    return [-(1 - eps) * log_sig(b * (c - r)) - eps * log_sig(-b * (c - r)) for c, r in zip(chosen, rejected)]
+
+
+def ref_apo_zero(b, eps, f):
+    return [1 - sig(b * rc) + sig(b * rl) for rc, rl, *_ in pairs(f)]
+
+
+def ref_apo_down(b, eps, f):
+    return [sig(b * rc) + 1 - sig(b * (sc - sl)) for rc, rl, sc, sl, *_ in pairs(f)]
+
+
+def ref_discopop(b, eps, f, tau=0.05):
+    out = []
+    for _, _, sc, sl, *_ in pairs(f):
+        z = b * (sc - sl)
+        m = sig(z / tau)
+        out.append((1 - m) * -log_sig(z) + m * math.exp(-z))
+    return out
+
+
+def ref_sigmoid_norm(b, eps, f):
+    return [-log_sig(b * (sc / lc - sl / lr)) for _, _, sc, sl, lc, lr, *_ in pairs(f)]
+
+
+def ref_simpo(b, eps, f, gamma=0.5):
+    out = []
+    for *_, lc, lr, pc, pr in pairs():
+        z = b * (pc / lc - pr / lr) - gamma
+        out.append(-(1 - eps) * log_sig(z) - eps * log_sig(-z))
+    return out
+
+
+def ref_orpo(b, eps, f):
+    out = []
+    for *_, lc, lr, pc, pr in pairs():
+        p_c, p_r = math.exp(pc / lc), math.exp(pr / lr)
+        odds_c, odds_r = p_c / (1 - p_c), p_r / (1 - p_r)
+        out.append(-pc / lc - b * math.log(odds_c / (odds_c + odds_r)))  # log sigma(log(odds_c / odds_r))
+    return out
+
+
+def ref_sft(b, eps, f):
+    return [-pc / lc for *_, lc, lr, pc, pr in pairs()]
+
+
+REFERENCES = {
+    "sigmoid": ref_sigmoid, "hinge": ref_hinge, "ipo": ref_ipo, "robust": ref_robust, "exo_pair": ref_exo_pair,
+    "nca_pair": ref_nca_pair, "sppo_hard": ref_sppo_hard, "bco_pair": ref_bco_pair, "aot": ref_aot,
+    "aot_unpaired": ref_aot_unpaired, "apo_zero": ref_apo_zero, "apo_down": ref_apo_down,
+    "discopop": ref_discopop, "sigmoid_norm": ref_sigmoid_norm, "simpo": ref_simpo, "orpo": ref_orpo,
+    "sft": ref_sft,
+}
+
+
+def test_every_registered_loss_has_a_reference():
+    assert set(REFERENCES) == set(available_losses())
+
+
+# ---- closed forms ----------------------------------------------------------------------------------------
+
+
+def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
+    logps = torch.tensor([-3.0, -40.0, -7.5])
+    out = compute_loss(PreferenceLogps(logps, logps - 1, logps, logps - 1), LossConfig())
+    assert close(out.losses, [math.log(2)] * 3)
+    assert close(out.chosen_rewards, [0.0] * 3) and close(out.rejected_rewards, [0.0] * 3)
+
+
+def test_margins_0_10_20_with_beta_01():
+    zeros = torch.zeros(3)
+    x = PreferenceLogps(torch.tensor([0.0, 10.0, 20.0]), zeros, zeros, zeros)
+    out = compute_loss(x, LossConfig(beta=0.1))
+    assert close(out.losses, [-log_sig(0.0), -log_sig(1.0), -log_sig(2.0)])
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_label_smoothing_cdpo(eps):
+    out = compute_loss(batch(), LossConfig(beta=BETA, label_smoothing=eps))
+    softplus = lambda z: math.log1p(math.exp(z))
+    expected = [(1 - eps) * softplus(-BETA * h) + eps * softplus(BETA * h) for h in (2.0, -2.0, 3.0)]
+    assert close(out.losses, expected)
+
+
+def test_hinge_closed_form():
+    out = compute_loss(batch(), LossConfig(loss_type="hinge", beta=BETA))
+    assert close(out.losses, [max(0.0, 1 - BETA * h) for h in (2.0, -2.0, 3.0)])
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_loss_matches_scalar_formula(name, eps):
+    out = compute_loss(batch(), LossConfig(loss_type=name, beta=BETA, label_smoothing=eps))
+    assert out.losses.shape == (3,)
+    assert close(out.losses, REFERENCES[name](BETA, eps, F_TRANSFORMS["reverse_kl"]))
+
+
+@pytest.mark.parametrize("f_divergence", ["forward_kl", "js_divergence"])
+@pytest.mark.parametrize(
+    "name", ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "bco_pair", "apo_zero",
+             "apo_down", "discopop", "sigmoid_norm"],
+)
+def test_f_divergence_reaches_every_margin_based_loss(name, f_divergence):
+    out = compute_loss(batch(), LossConfig(loss_type=name, beta=BETA, label_smoothing=0.1, f_divergence=f_divergence))
+    assert close(out.losses, REFERENCES[name](BETA, 0.1, F_TRANSFORMS[f_divergence]))
+
+
+@pytest.mark.parametrize(
+    "f_divergence, f_alpha, transform",
+    [
+        ("reverse_kl", 1.0, lambda r: r),
+        ("forward_kl", 1.0, lambda r: -math.exp(-r)),
+        ("js_divergence", 1.0, lambda r: math.log(2 * math.exp(r) / (1 + math.exp(r))) - math.log(2)),
+        ("alpha_divergence", 0.5, lambda r: (math.exp(r) ** -0.5 - 1) / -0.5 + 1 / -0.5),
+        ("alpha_divergence", 2.0, lambda r: math.exp(r) - 1 + 1),
+        ("alpha_divergence", 1.0, lambda r: r),
+    ],
+)
+def test_each_f_divergence_transforms_the_sigmoid_margin(f_divergence, f_alpha, transform):
+    # f'(t) at t = pi / ref, additive constants dropped (they cancel in s_c - s_l)
+    out = compute_loss(batch(), LossConfig(beta=BETA, f_divergence=f_divergence, f_alpha=f_alpha))
+    expected = [-log_sig(BETA * (transform(rc) - transform(rl))) for rc, rl, *_ in pairs()]
+    assert close(out.losses, expected)
+
+
+def test_exo_pair_with_zero_smoothing_uses_eps_1e_3():
+    out = compute_loss(batch(), LossConfig(loss_type="exo_pair", beta=BETA))
+    assert close(out.losses, ref_exo_pair(BETA, 1e-3, F_TRANSFORMS["reverse_kl"]))
+
+
+def test_simpo_gamma_and_discopop_tau_are_used():
+    out = compute_loss(batch(), LossConfig(loss_type="simpo", beta=BETA, simpo_gamma=1.5))
+    assert close(out.losses, ref_simpo(BETA, 0.0, None, gamma=1.5))
+    out = compute_loss(batch(), LossConfig(loss_type="discopop", beta=BETA, discopop_tau=2.0))
+    assert close(out.losses, ref_discopop(BETA, 0.0, F_TRANSFORMS["reverse_kl"], tau=2.0))
+
+
+# ---- gradients and rewards -------------------------------------------------------------------------------
+
+
+def test_sigmoid_gradient_wrt_margin():
+    policy_chosen = torch.tensor(PC, requires_grad=True)
+    policy_rejected = torch.tensor(PR, requires_grad=True)
+    x = batch(policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected)
+    compute_loss(x, LossConfig(beta=BETA)).losses.sum().backward()
+    expected = [-BETA * sig(-BETA * h) for h in (2.0, -2.0, 3.0)]
+    assert close(policy_chosen.grad, expected)
+    assert close(policy_rejected.grad, [-g for g in expected])
+
+
+def test_rewards_are_beta_log_ratios_and_detached():
+    policy_chosen = torch.tensor(PC, requires_grad=True)
+    out = compute_loss(batch(policy_chosen_logps=policy_chosen), LossConfig(beta=BETA))
+    assert close(out.chosen_rewards, [BETA * (pc - rc) for pc, rc in zip(PC, RC)])
+    assert close(out.rejected_rewards, [BETA * (pr - rr) for pr, rr in zip(PR, RR)])
+    assert out.losses.requires_grad
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_length_normalised_reference_free_rewards_are_beta_mean_logps(name):
+    out = compute_loss(batch(), LossConfig(loss_type=name, beta=BETA))
+    assert close(out.chosen_rewards, [BETA * pc / lc for pc, lc in zip(PC, LC)])
+    assert close(out.rejected_rewards, [BETA * pr / lr for pr, lr in zip(PR, LR)])
+
+
+def test_mix_rewards_follow_the_first_term():
+    out = compute_loss(batch(), LossConfig(loss_type="sft,simpo", beta=BETA))
+    assert close(out.chosen_rewards, [BETA * (pc - rc) for pc, rc in zip(PC, RC)])
+    out = compute_loss(batch(), LossConfig(loss_type="simpo,sft", beta=BETA))
+    assert close(out.chosen_rewards, [BETA * pc / lc for pc, lc in zip(PC, LC)])
+
+
+def test_reference_free_uses_zero_reference():
+    with_reference = compute_loss(batch(), LossConfig(beta=BETA, reference_free=True))
+    zeros = torch.zeros(3)
+    explicit_zero = compute_loss(batch(reference_chosen_logps=zeros, reference_rejected_logps=zeros), LossConfig(beta=BETA))
+    no_reference = compute_loss(batch(reference_chosen_logps=None, reference_rejected_logps=None),
+                                LossConfig(beta=BETA, reference_free=True))
+    expected = [-log_sig(BETA * (pc - pr)) for pc, pr in zip(PC, PR)]
+    for out in (with_reference, explicit_zero, no_reference):
+        assert close(out.losses, expected)
+        assert close(out.chosen_rewards, [BETA * pc for pc in PC])
+
+
+def test_rpo_alpha_adds_chosen_nll():
+    out = compute_loss(batch(), LossConfig(beta=BETA, rpo_alpha=0.7))
+    sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
+    assert close(out.losses, [s + 0.7 * (-pc / lc) for s, pc, lc in zip(sigmoid, PC, LC)])
+
+
+def test_wpo_weights_are_clamped_and_detached():
+    chosen_wpo = torch.tensor([-1.0, -0.2, 0.5], requires_grad=True)
+    rejected_wpo = torch.tensor([-0.5, -0.1, 0.3], requires_grad=True)
+    policy_chosen = torch.tensor(PC, requires_grad=True)
+    x = batch(policy_chosen_logps=policy_chosen, chosen_wpo_logps=chosen_wpo, rejected_wpo_logps=rejected_wpo)
+    out = compute_loss(x, LossConfig(beta=BETA, use_weighting=True, rpo_alpha=0.5))
+    weights = [math.exp(-1.5), math.exp(-0.3), 1.0]  # exp(0.8) > 1 is clamped to 1
+    sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
+    expected = [w * (s + 0.5 * (-pc / lc)) for w, s, pc, lc in zip(weights, sigmoid, PC, LC)]
+    assert close(out.losses, expected)
+    out.losses.sum().backward()
+    assert policy_chosen.grad is not None
+    assert chosen_wpo.grad is None and rejected_wpo.grad is None
+
+
+def test_mix_is_the_weighted_sum():
+    mixed = compute_loss(batch(), LossConfig(loss_type="sigmoid:0.8,bco_pair:0.2,sft:1.0", beta=BETA))
+    parts = {name: compute_loss(batch(), LossConfig(loss_type=name, beta=BETA)).losses for name in ("sigmoid", "bco_pair", "sft")}
+    expected = 0.8 * parts["sigmoid"] + 0.2 * parts["bco_pair"] + 1.0 * parts["sft"]
+    assert torch.allclose(mixed.losses, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_half_precision_inputs_give_fp32_outputs(name, dtype):
+    half = {k: torch.tensor(v, dtype=dtype) for k, v in dict(
+        policy_chosen_logps=PC, policy_rejected_logps=PR, reference_chosen_logps=RC, reference_rejected_logps=RR,
+        chosen_lengths=LC, rejected_lengths=LR).items()}
+    config = LossConfig(loss_type=name, beta=BETA)
+    out = compute_loss(PreferenceLogps(**half), config)
+    assert all(t.dtype == torch.float32 for t in out)
+    # the hand-picked values are exact in fp16/bf16, so the result equals the fp32 one
+    assert close(out.losses, REFERENCES[name](BETA, 0.0, F_TRANSFORMS["reverse_kl"]))
+
+
+def test_dpo_loss_matches_compute_loss():
+    tensors = batch()
+    losses, chosen, rejected = dpo_loss(
+        tensors.policy_chosen_logps, tensors.policy_rejected_logps, tensors.reference_chosen_logps,
+        tensors.reference_rejected_logps, beta=BETA, label_smoothing=0.1,
+    )
+    out = compute_loss(tensors, LossConfig(beta=BETA, label_smoothing=0.1))
+    assert torch.equal(losses, out.losses) and torch.equal(chosen, out.chosen_rewards) and torch.equal(rejected, out.rejected_rewards)
+    ipo = dpo_loss(tensors.policy_chosen_logps, tensors.policy_rejected_logps, tensors.reference_chosen_logps,
+                   tensors.reference_rejected_logps, beta=BETA, loss_type="ipo", chosen_lengths=tensors.chosen_lengths,
+                   rejected_lengths=tensors.rejected_lengths, rpo_alpha=0.3)[0]
+    assert torch.equal(ipo, compute_loss(tensors, LossConfig(loss_type="ipo", beta=BETA, rpo_alpha=0.3)).losses)
+    with pytest.raises(TypeError, match="gamma"):
+        dpo_loss(tensors.policy_chosen_logps, tensors.policy_rejected_logps, None, None, gamma=1.0)
+
+
+# ---- bco_pair running mean -------------------------------------------------------------------------------
+
+
+def _bco_batches():
+    return [
+        batch(policy_chosen_logps=torch.tensor(PC) + shift, policy_rejected_logps=torch.tensor(PR) - shift)
+        for shift in (0.0, 1.0, 3.0)
+    ]
+
+
+def _bco_expected(batches, b):
+    """Loss of each batch with delta = plain average of the batch-mean rewards seen so far (this one included)."""
+    batch_means, expected = [], []
+    for x in batches:
+        chosen = (b * (x.policy_chosen_logps - x.reference_chosen_logps)).tolist()
+        rejected = (b * (x.policy_rejected_logps - x.reference_rejected_logps)).tolist()
+        batch_means.append(sum(chosen + rejected) / len(chosen + rejected))
+        delta = sum(batch_means) / len(batch_means)
+        expected.append([-log_sig(c - delta) - log_sig(-(r - delta)) for c, r in zip(chosen, rejected)])
+    return expected
+
+
+def test_bco_pair_running_mean_across_steps_and_resume():
+    config = LossConfig(loss_type="bco_pair", beta=BETA)
+    batches = _bco_batches()
+    expected = _bco_expected(batches, BETA)
+
+    state: dict = {}
+    for x, want in zip(batches, expected):
+        x.state = state
+        assert close(compute_loss(x, config).losses, want)
+
+    resumed: dict = {}
+    batches[0].state = resumed
+    compute_loss(batches[0], config)
+    resumed = json.loads(json.dumps(resumed))  # as saved in and loaded from a checkpoint
+    for x, want in zip(batches[1:], expected[1:]):
+        x.state = resumed
+        assert close(compute_loss(x, config).losses, want)
+    assert resumed == json.loads(json.dumps(state))
+
+
+def test_bco_pair_evaluation_does_not_move_the_running_mean():
+    config = LossConfig(loss_type="bco_pair", beta=BETA)
+    first, second, _ = _bco_batches()
+    state: dict = {}
+    first.state = state
+    compute_loss(first, config)
+    before = copy.deepcopy(state)
+    second.state = state
+    with torch.no_grad():
+        compute_loss(second, config)
+    assert state == before
+
+
+# ---- user losses and names -------------------------------------------------------------------------------
+
+
+def _example_expected():
+    return [math.log1p(math.exp(1.0 - BETA * h)) for h in (2.0, -2.0, 3.0)]
+
+
+def test_user_loss_by_module_and_by_file(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    for spec in ("examples.my_loss:my_loss", "examples/my_loss.py:my_loss", f"{REPO_ROOT / 'examples' / 'my_loss.py'}:my_loss"):
+        out = compute_loss(batch(), LossConfig(loss_type=spec, beta=BETA))
+        assert close(out.losses, _example_expected()), spec
+    assert needs_reference_model(LossConfig(loss_type="examples/my_loss.py:my_loss"))
+    mixed = compute_loss(batch(), LossConfig(loss_type="sigmoid:1.0,examples/my_loss.py:my_loss:0.5", beta=BETA))
+    sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
+    assert close(mixed.losses, [s + 0.5 * e for s, e in zip(sigmoid, _example_expected())])
+
+
+def test_user_file_with_reference_free_flag_and_rewards_hook(tmp_path):
+    source = (
+        "import torch\n"
+        "def length_loss(x, cfg):\n"
+        "    return -x.policy_chosen_logps / x.require('chosen_lengths')\n"
+        "length_loss.is_reference_free = True\n"
+        "length_loss.rewards = lambda x, cfg: (torch.ones_like(x.policy_chosen_logps), -torch.ones_like(x.policy_chosen_logps))\n"
+    )
+    path = tmp_path / "custom.py"
+    path.write_text(source)
+    config = LossConfig(loss_type=f"{path}:length_loss", beta=BETA)
+    assert not needs_reference_model(config)
+    out = compute_loss(batch(reference_chosen_logps=None, reference_rejected_logps=None), config)
+    assert close(out.losses, [-pc / lc for pc, lc in zip(PC, LC)])
+    assert close(out.chosen_rewards, [1.0] * 3) and close(out.rejected_rewards, [-1.0] * 3)
+
+
+def test_user_loss_with_wrong_shape_is_reported(tmp_path):
+    path = tmp_path / "bad_shape.py"
+    path.write_text("def scalar(x, cfg):\n    return x.policy_chosen_logps.mean()\n")
+    with pytest.raises(ValueError, match=r"must return per-pair losses of shape \(3,\)"):
+        compute_loss(batch(), LossConfig(loss_type=f"{path}:scalar"))
+
+
+def test_unknown_name_lists_available_losses():
+    with pytest.raises(UnknownLossError) as error:
+        compute_loss(batch(), LossConfig(loss_type="sigmoidd"))
+    message = str(error.value)
+    assert "sigmoidd" in message
+    assert all(name in message for name in available_losses())
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("no_such_pkg_xyz.losses:fn", "cannot import module"),
+        ("missing/dir/loss.py:fn", "no such file"),
+        ("examples/my_loss.py:not_there", "has no function 'not_there'"),
+    ],
+)
+def test_unloadable_user_losses_are_reported(spec, fragment, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(UnknownLossError, match=fragment):
+        resolve_loss(spec)
+
+
+def test_user_file_that_fails_to_import_is_reported(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def fn(x, cfg)\n    return 0\n")
+    with pytest.raises(UnknownLossError, match="broken.py failed: SyntaxError"):
+        resolve_loss(f"{path}:fn")
+
+
+def test_register_loss(monkeypatch):
+    monkeypatch.setattr(loss_module, "_REGISTRY", dict(loss_module._REGISTRY))
+
+    @register_loss("doubled_sft", reference_free=True)
+    def doubled_sft(x, cfg):
+        return 2.0 * -x.policy_chosen_logps / x.require("chosen_lengths")
+
+    assert "doubled_sft" in available_losses() and resolve_loss("doubled_sft") is doubled_sft
+    assert not needs_reference_model(LossConfig(loss_type="doubled_sft"))
+    assert close(compute_loss(batch(), LossConfig(loss_type="doubled_sft")).losses, [-2 * pc / lc for pc, lc in zip(PC, LC)])
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("doubled_sft")(lambda x, cfg: x.policy_chosen_logps)
+    with pytest.raises(ValueError, match="without ':'"):
+        register_loss("a:b")
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, config, field, needed_by",
+    [
+        (dict(reference_chosen_logps=None, reference_rejected_logps=None), LossConfig(), "reference_chosen_logps", "'sigmoid'"),
+        (dict(chosen_lengths=None), LossConfig(loss_type="ipo"), "chosen_lengths", "'ipo'"),
+        (dict(rejected_lengths=None), LossConfig(loss_type="simpo"), "rejected_lengths", "'simpo'"),
+        (dict(chosen_lengths=None), LossConfig(rpo_alpha=1.0), "chosen_lengths", "rpo_alpha"),
+        ({}, LossConfig(use_weighting=True), "chosen_wpo_logps", "use_weighting"),
+    ],
+)
+def test_missing_field_error_names_field_and_loss(overrides, config, field, needed_by):
+    with pytest.raises(MissingFieldError) as error:
+        compute_loss(batch(**overrides), config)
+    assert isinstance(error.value, ValueError)
+    assert field in str(error.value) and needed_by in str(error.value)
+
+
+def test_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match="reference_rejected_logps must be a tensor of shape"):
+        compute_loss(batch(reference_rejected_logps=torch.zeros(2)), LossConfig())
+    with pytest.raises(ValueError, match="1-D tensor"):
+        compute_loss(batch(policy_chosen_logps=torch.zeros(3, 1)), LossConfig())
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(beta=0.0), "beta"),
+        (dict(label_smoothing=0.5), "label_smoothing"),
+        (dict(rpo_alpha=-1.0), "rpo_alpha"),
+        (dict(f_divergence="kl"), "f_divergence"),
+        (dict(discopop_tau=0.0), "discopop_tau"),
+        (dict(loss_type=""), "non-empty"),
+        (dict(loss_type="sigmoid:-1"), "non-negative"),
+        (dict(loss_type="sigmoid,,hinge"), "empty term"),
+        (dict(loss_type="sigmoid,sigmoid:0.5"), "twice"),
+    ],
+)
+def test_bad_config_is_rejected(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("sigmoid", [("sigmoid", 1.0)]),
+        ("sigmoid:0.8, bco_pair:0.2,sft:1", [("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]),
+        ("pkg.mod:fn", [("pkg.mod:fn", 1.0)]),
+        ("dir/file.py:fn:0.5,hinge", [("dir/file.py:fn", 0.5), ("hinge", 1.0)]),
+        ("sft:1e-1", [("sft", 0.1)]),
+    ],
+)
+def test_parse_loss_spec(spec, expected):
+    assert parse_loss_spec(spec) == expected
+
+
+def test_parse_loss_spec_rejects_a_weight_without_name():
+    with pytest.raises(LossSpecError, match="no loss name"):
+        parse_loss_spec(":0.5")
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (LossConfig(), True),
+        (LossConfig(reference_free=True), False),
+        (LossConfig(loss_type="simpo"), False),
+        (LossConfig(loss_type="orpo:1,sft:0.5"), False),
+        (LossConfig(loss_type="sigmoid,sft"), True),
+    ],
+)
+def test_needs_reference_model(config, expected):
+    assert needs_reference_model(config) is expected
+
+
+# ---- numerical safety ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("f_divergence", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_extreme_inputs_give_finite_losses_and_gradients(name, f_divergence):
+    policy_chosen = torch.tensor([-2000.0, 0.0, -1.0, 0.0], requires_grad=True)
+    policy_rejected = torch.tensor([0.0, -2000.0, -1.0, 0.0], requires_grad=True)
+    x = PreferenceLogps(
+        policy_chosen, policy_rejected,
+        reference_chosen_logps=torch.tensor([0.0, -2000.0, -1.0, 0.0]),
+        reference_rejected_logps=torch.tensor([-2000.0, 0.0, -1.0, 0.0]),
+        chosen_lengths=torch.tensor([1.0, 700.0, 1.0, 1.0]), rejected_lengths=torch.tensor([1.0, 1.0, 1.0, 0.0]),
+    )
+    config = LossConfig(loss_type=name, beta=0.1, f_divergence=f_divergence, f_alpha=0.5, label_smoothing=0.1)
+    out = compute_loss(x, config)
+    assert torch.isfinite(out.losses).all(), out.losses
+    grads = torch.autograd.grad(out.losses.sum(), [policy_chosen, policy_rejected], allow_unused=True)
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
+def test_discopop_large_negative_margin_is_finite_where_naive_formula_overflows():
+    x = PreferenceLogps(torch.tensor([-2000.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]))
+    z = torch.tensor([-200.0])
+    naive = torch.sigmoid(z / 0.05) * torch.exp(-z)
+    assert torch.isnan(naive).all()  # 0 * inf
+    out = compute_loss(x, LossConfig(loss_type="discopop", beta=0.1))
+    assert torch.allclose(out.losses, F.softplus(-z))
+
+
+def test_integer_lengths_and_reference_on_another_dtype_are_cast():
+    x = batch(chosen_lengths=torch.tensor([5, 10, 2]), rejected_lengths=torch.tensor([6, 8, 3]),
+              reference_chosen_logps=torch.tensor(RC, dtype=torch.float64))
+    out = compute_loss(x, LossConfig(loss_type="ipo", beta=BETA))
+    assert out.losses.dtype == torch.float32
+    assert close(out.losses, ref_ipo(BETA, 0.0, F_TRANSFORMS["reverse_kl"]))
