@@ -1,0 +1,592 @@
+"""Preference data: raw records -> rendered text -> token ids -> padded batches.
+
+    load_records   a source (hub name, .jsonl/.json/.parquet file, dataset directory, built-in name)
+                   -> list of dict records
+    to_example     one record -> PreferenceExample (prompt / chosen / rejected text); the record's
+                   format is detected per row (see detect_format)
+    tokenize_pair  PreferenceExample -> TokenizedPair (prompt ids; response ids + EOS), truncated
+    build_pairs    to_example + tokenize_pair over all records, counting skipped rows in DataStats
+    collate_pairs  TokenizedPair list -> [2B, T] tensors, chosen rows first, then rejected rows
+
+Record formats (field names as in TRL and the hub datasets):
+    explicit        {"prompt": str, "chosen": str, "rejected": str}; the prompt is a bare instruction
+    conversational  {"chosen": [messages], "rejected": [messages]} (HuggingFaceH4/ultrafeedback_binarized):
+                    the prompt is every message before the last (assistant) turn, identical in both.
+                    If "prompt" is itself a message list, chosen/rejected hold only the continuation.
+    implicit        {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...} (Anthropic/hh-rlhf):
+                    the prompt is the longest common prefix ending at the last "\\n\\nAssistant:".
+
+Rendering ("recipe" template, dpo.templates):
+    prompt   = "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
+    response = " " + text.strip()                     (EOS is added as a token id, never as text)
+A single-turn prompt is exactly format_prompt(instruction). A leading "system" message is prepended to
+the first human turn (system + "\\n\\n" + u1). The "chat" template renders through the tokenizer's
+chat template instead: prompt = apply_chat_template(history, add_generation_prompt=True), response =
+the rest of the full conversation's rendering.
+
+Tokenization: prompt and response are tokenized separately without special tokens, so no BPE merge
+crosses the boundary and the response tokens are exactly those the template defines:
+    prompt_ids   = [BOS]? + tok(prompt)        BOS only if the tokenizer itself adds one (e.g. Llama; not
+                                               GPT-2 or Phi-2), and never twice
+    response_ids = tok(response) + [EOS]       EOS not repeated if the rendering already ends with it
+Recipe text is plain text: a literal "<|endoftext|>" inside a response stays text (split_special_tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dpo.templates import HUMAN_TURN_PREFIX, format_prompt, format_response
+
+IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
+TRUNCATION_MODES = ("keep_end", "keep_start")
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+# name -> callable(split) returning a list of records; lets built-in data be loaded by name
+BUILTIN_SOURCES: dict[str, Callable[[str | None], list[dict]]] = {}
+
+
+class DataError(ValueError):
+    """Unusable data; the message is one line naming the file / row / field."""
+
+
+class RowError(DataError):
+    """One unusable row. `reason` is the short key under which build_pairs counts the skip."""
+
+    def __init__(self, reason: str, row: int, detail: str):
+        super().__init__(f"row {row}: {detail}")
+        self.reason = reason
+        self.row = row
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str  # rendered prompt, e.g. "### Human: ...\n\n### Assistant:"
+    chosen: str  # rendered response, e.g. " answer" (no EOS)
+    rejected: str
+    row: int  # index in the source
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]  # at most one BOS (only if the tokenizer adds one), never an EOS
+    chosen_ids: list[int]  # ends with exactly one EOS unless cut by truncation
+    rejected_ids: list[int]
+    row: int
+
+
+@dataclass
+class DataStats:
+    """Rows read, pairs kept and skips counted by reason (with the first skip's message per reason)."""
+
+    rows: int = 0
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_skip: dict[str, str] = field(default_factory=dict)
+
+    def count_skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.first_skip.setdefault(reason, message)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def reasons(self) -> str:
+        return "; ".join(f"{reason} {n} (first: {self.first_skip[reason]})" for reason, n in self.skipped.items())
+
+    def __str__(self) -> str:
+        line = f"{self.rows} rows, {self.kept} pairs kept"
+        if self.skipped:
+            line += f", {self.num_skipped} skipped: {self.reasons()}"
+        return line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path, split: str | None) -> list[dict]:
+    """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return _read_jsonl(path)
+    if isinstance(data, dict) and split is not None and isinstance(data.get(split), list):
+        data = data[split]
+    if not isinstance(data, list):
+        hint = f" (no list under key '{split}')" if split is not None else ""
+        raise DataError(f"{path}: expected a JSON array of records{hint}")
+    return data
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read parquet ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str]:
+    """A dataset directory with splits or a hub name, through datasets.load_dataset."""
+    import datasets
+
+    try:
+        if split is None:
+            splits = datasets.get_dataset_split_names(source)
+            if len(splits) != 1:
+                raise DataError(f"{source}: has splits {', '.join(splits)}; choose one with split=")
+            split = splits[0]
+        dataset = datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
+    except Exception as err:  # network, missing split, bad files: all reported as one line
+        raise DataError(f"{source}: cannot load dataset ({type(err).__name__}: {_first_line(err)})") from None
+    return dataset.to_list(), f"{source} [{split}]"
+
+
+def load_records(source: str, split: str | None = None) -> tuple[list[dict], str]:
+    """Records of a source and a description of it, e.g. ("pairs.jsonl (2383 records)").
+
+    Resolution order: a name in BUILTIN_SOURCES; a local .jsonl / .json / .parquet file (split is ignored,
+    except to pick a key of a .json object); a local dataset directory or a hub name, loaded with
+    datasets.load_dataset (split required when there is more than one).
+    """
+    path = Path(source)
+    if source in BUILTIN_SOURCES:
+        records, description = BUILTIN_SOURCES[source](split), f"built-in '{source}'"
+    elif path.is_file():
+        readers = {
+            ".jsonl": lambda: _read_jsonl(path),
+            ".json": lambda: _read_json(path, split),
+            ".parquet": lambda: _read_parquet(path),
+        }
+        if path.suffix not in readers:
+            raise DataError(f"{source}: unsupported file type '{path.suffix}' (use .jsonl, .json or .parquet)")
+        records, description = readers[path.suffix](), source
+    elif path.suffix in (".jsonl", ".json", ".parquet"):
+        raise DataError(f"{source}: file not found")
+    else:
+        records, description = _load_with_datasets(source, split)
+    if not records:
+        raise DataError(f"{description}: no records")
+    return records, f"{description} ({len(records)} records)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Record formats -> dialogue (prompt messages + two candidate final assistant turns)
+
+
+@dataclass(frozen=True)
+class _Dialogue:
+    prompt_messages: list[dict[str, str]]  # history ending with a user turn
+    chosen: str  # raw text of the final assistant turn
+    rejected: str
+    rendered_prompt: str | None = None  # an explicit prompt that is already in the template
+
+
+def detect_format(record: Any) -> str:
+    """'conversational' (chosen/rejected are message lists), 'explicit' (has a prompt), else 'implicit'."""
+    if not isinstance(record, dict):
+        raise DataError(f"record is a {type(record).__name__}, not an object")
+    if isinstance(record.get("chosen"), list) or isinstance(record.get("rejected"), list):
+        return "conversational"
+    if "prompt" in record:
+        return "explicit"
+    return "implicit"
+
+
+def _get(record: dict, key: str, row: int) -> Any:
+    if key not in record or record[key] is None:
+        raise RowError("missing_field", row, f"field '{key}' is missing")
+    return record[key]
+
+
+def _text_field(record: dict, key: str, row: int, empty_reason: str) -> str:
+    value = _get(record, key, row)
+    if not isinstance(value, str):
+        raise RowError("wrong_type", row, f"field '{key}' is a {type(value).__name__}, not a string")
+    if not value.strip():
+        raise RowError(empty_reason, row, f"field '{key}' is empty")
+    return value
+
+
+def _message_list(value: Any, key: str, row: int) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise RowError("wrong_type", row, f"field '{key}' is a {type(value).__name__}, not a list of messages")
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise RowError("wrong_type", row, f"field '{key}' message {i} is not a {{'role', 'content'}} of strings")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _explicit(record: dict, row: int) -> _Dialogue:
+    prompt = _text_field(record, "prompt", row, "empty_prompt")
+    chosen = _text_field(record, "chosen", row, "empty_response")
+    rejected = _text_field(record, "rejected", row, "empty_response")
+    rendered = prompt if HUMAN_TURN_PREFIX in prompt else None
+    return _Dialogue([{"role": "user", "content": prompt}], chosen, rejected, rendered)
+
+
+def _conversational(record: dict, row: int) -> _Dialogue:
+    chosen = _message_list(_get(record, "chosen", row), "chosen", row)
+    rejected = _message_list(_get(record, "rejected", row), "rejected", row)
+    if isinstance(record.get("prompt"), list):  # TRL style: prompt messages + continuations
+        prompt = _message_list(record["prompt"], "prompt", row)
+        chosen, rejected = prompt + chosen, prompt + rejected
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages or messages[-1]["role"] != "assistant":
+            raise RowError("no_assistant_turn", row, f"field '{key}' does not end with an assistant message")
+        if not messages[-1]["content"].strip():
+            raise RowError("empty_response", row, f"field '{key}' has an empty final assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise RowError("prompt_mismatch", row, "chosen and rejected differ before their last assistant turn")
+    if not chosen[:-1]:
+        raise RowError("empty_prompt", row, "no messages before the last assistant turn")
+    return _Dialogue(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+
+
+def _implicit(record: dict, row: int) -> _Dialogue:
+    chosen = _text_field(record, "chosen", row, "empty_response")
+    rejected = _text_field(record, "rejected", row, "empty_response")
+    common = os.path.commonprefix([chosen, rejected])
+    end = common.rfind(HH_ASSISTANT)
+    if end < 0:
+        raise RowError("no_assistant_turn", row, f"no shared prompt ending with {HH_ASSISTANT!r} "
+                                                 "(and no 'prompt' field)")
+    end += len(HH_ASSISTANT)
+    chosen_response, rejected_response = chosen[end:], rejected[end:]
+    for key, text in (("chosen", chosen_response), ("rejected", rejected_response)):
+        if not text.strip():
+            raise RowError("empty_response", row, f"field '{key}' has an empty response after the prompt")
+    # "lead\n\nHuman: u1\n\nAssistant: a1 ... \n\nHuman: un\n\nAssistant:" -> [lead, role, text, role, text, ...]
+    parts = _HH_TURN.split(chosen[:end])
+    lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
+    messages = [{"role": "system", "content": lead}] if lead else []
+    messages += [{"role": _HH_ROLES[role], "content": text.strip()} for role, text in turns[:-1]]
+    return _Dialogue(messages, chosen_response, rejected_response)
+
+
+_FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
+    "explicit": _explicit,
+    "conversational": _conversational,
+    "implicit": _implicit,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dialogue -> rendered text
+
+
+def render_recipe_prompt(messages: Sequence[dict[str, str]], row: int = -1) -> str:
+    """History (optional system, then user/assistant alternating, ending with user) in the recipe template:
+
+        "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
+
+    i.e. concat(format_prompt(u_i) + format_response(a_i) + "\\n\\n") + format_prompt(u_last).
+    """
+    messages = list(messages)
+    system = messages.pop(0)["content"].strip() if messages and messages[0]["role"] == "system" else ""
+    roles = [m["role"] for m in messages]
+    expected = ["user", "assistant"] * (len(roles) // 2) + ["user"]
+    if roles != expected:
+        raise RowError("bad_roles", row, f"prompt roles {roles} are not user/assistant turns ending with user")
+    turns = [m["content"] for m in messages]
+    if system:
+        turns[0] = f"{system}\n\n{turns[0]}"
+    history = "".join(format_prompt(u) + format_response(a) + "\n\n" for u, a in zip(turns[0::2], turns[1::2]))
+    return history + format_prompt(turns[-1])
+
+
+def _render_recipe(dialogue: _Dialogue, row: int, tokenizer: Any) -> PreferenceExample:
+    prompt = dialogue.rendered_prompt or render_recipe_prompt(dialogue.prompt_messages, row)
+    return PreferenceExample(prompt, format_response(dialogue.chosen), format_response(dialogue.rejected), row)
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], row: int, **kwargs: Any) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as err:  # jinja raises for conversations the template rejects (e.g. role order)
+        raise RowError("chat_template_error", row, f"chat template failed ({_first_line(err)})") from None
+
+
+def _render_chat(dialogue: _Dialogue, row: int, tokenizer: Any) -> PreferenceExample:
+    """prompt = template(history, generation prompt); response = template(history + answer) minus prompt,
+    with trailing whitespace removed (the whitespace between turns is not part of the answer)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError("template='chat' needs a tokenizer with a chat template")
+    prompt = _apply_chat_template(tokenizer, dialogue.prompt_messages, row, add_generation_prompt=True)
+    responses = []
+    for text in (dialogue.chosen, dialogue.rejected):
+        full = _apply_chat_template(tokenizer, dialogue.prompt_messages + [{"role": "assistant",
+                                                                            "content": text.strip()}], row)
+        if not full.startswith(prompt):
+            raise DataError(f"row {row}: the chat template's rendering of the conversation does not start with "
+                            "its rendering of the prompt (add_generation_prompt=True)")
+        responses.append(full[len(prompt):].rstrip())
+    return PreferenceExample(prompt, responses[0], responses[1], row)
+
+
+@dataclass(frozen=True)
+class _Template:
+    render: Callable[[_Dialogue, int, Any], PreferenceExample]
+    split_special_tokens: bool  # recipe text is plain text; chat renderings contain special-token text
+
+
+TEMPLATES: dict[str, _Template] = {
+    "recipe": _Template(_render_recipe, split_special_tokens=True),
+    "chat": _Template(_render_chat, split_special_tokens=False),
+}
+
+
+def _template(name: str) -> _Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template '{name}' (choose from {', '.join(TEMPLATES)})")
+    return TEMPLATES[name]
+
+
+def to_example(record: Any, row: int, *, template: str = "recipe", tokenizer: Any = None) -> PreferenceExample:
+    """One record -> rendered text. Raises RowError (a DataError with a skip reason) for a bad row."""
+    renderer = _template(template)
+    if not isinstance(record, dict):
+        raise RowError("wrong_type", row, f"record is a {type(record).__name__}, not an object")
+    dialogue = _FORMATS[detect_format(record)](record, row)
+    example = renderer.render(dialogue, row, tokenizer)
+    if example.chosen == example.rejected:
+        raise RowError("identical_responses", row, "chosen and rejected are identical")
+    return example
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text -> token ids
+
+
+@dataclass(frozen=True)
+class _SpecialIds:
+    eos: int
+    bos: int | None  # the BOS to put in front of the prompt, or None when the tokenizer adds none
+
+
+def _special_ids(tokenizer: Any) -> _SpecialIds:
+    """EOS (required) and whether the tokenizer's own encoding starts with a BOS it adds."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; "
+                        "responses must end with one")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds_bos = bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+    return _SpecialIds(eos=eos, bos=bos if adds_bos else None)
+
+
+def _encode(tokenizer: Any, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens,
+                     verbose=False)["input_ids"]
+
+
+def _check_lengths(max_length: int, max_prompt_length: int | None, truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got '{truncation_mode}'")
+    if max_length < 1 or (max_prompt_length is not None and max_prompt_length < 1):
+        raise ValueError(f"max_length ({max_length}) and max_prompt_length ({max_prompt_length}) must be >= 1")
+
+
+def _truncated_prompt(ids: list[int], special: _SpecialIds, max_prompt_length: int | None, mode: str) -> list[int]:
+    """[BOS]? + ids, with the ids cut (keep_end: keep their end; keep_start: their start) so that the
+    whole prompt, BOS included, has at most max_prompt_length tokens. BOS is never cut."""
+    bos = [special.bos] if special.bos is not None else []
+    if bos and ids[:1] == bos:  # the text already starts with BOS (e.g. a chat template)
+        ids = ids[1:]
+    if max_prompt_length is not None and len(bos) + len(ids) > max_prompt_length:
+        keep = max(max_prompt_length - len(bos), 0)
+        ids = ids[len(ids) - keep:] if mode == "keep_end" else ids[:keep]
+    return bos + ids
+
+
+def _assemble(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], row: int,
+              special: _SpecialIds, max_length: int, max_prompt_length: int | None,
+              truncation_mode: str) -> TokenizedPair | None:
+    prompt = _truncated_prompt(prompt_ids, special, max_prompt_length, truncation_mode)
+    budget = max_length - len(prompt)
+    if budget < 1:
+        return None
+
+    def response(ids: list[int]) -> list[int]:
+        # a response cut here loses its EOS: it did not end
+        return (ids if ids[-1:] == [special.eos] else ids + [special.eos])[:budget]
+
+    return TokenizedPair(prompt, response(chosen_ids), response(rejected_ids), row)
+
+
+def tokenize_pair(example: PreferenceExample, tokenizer: Any, *, max_length: int, max_prompt_length: int | None,
+                  truncation_mode: str = "keep_end", split_special_tokens: bool = True) -> TokenizedPair | None:
+    """prompt_ids = [BOS]? + tok(prompt), responses = tok(response) + [EOS], then truncated:
+    the prompt to max_prompt_length (keep_end / keep_start), each response to max_length - len(prompt_ids).
+    None when the prompt leaves no room for a single response token."""
+    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    special = _special_ids(tokenizer)
+    prompt_ids, chosen_ids, rejected_ids = _encode(
+        tokenizer, [example.prompt, example.chosen, example.rejected], split_special_tokens)
+    return _assemble(prompt_ids, chosen_ids, rejected_ids, example.row, special,
+                     max_length, max_prompt_length, truncation_mode)
+
+
+def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 1024, max_prompt_length: int | None = 512,
+                truncation_mode: str = "keep_end", template: str = "recipe",
+                source: str = "preference data") -> tuple[list[TokenizedPair], DataStats]:
+    """All usable records as TokenizedPairs (source order) and the counts of skipped rows by reason.
+    Raises DataError when none is usable."""
+    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    renderer = _template(template)
+    special = _special_ids(tokenizer)
+    stats = DataStats(rows=len(records))
+    examples = []
+    for row, record in enumerate(records):
+        try:
+            examples.append(to_example(record, row, template=template, tokenizer=tokenizer))
+        except RowError as err:
+            stats.count_skip(err.reason, str(err))
+
+    pairs = []
+    chunk = 1024  # batched encoding is much faster than one call per text
+    for start in range(0, len(examples), chunk):
+        batch = examples[start:start + chunk]
+        texts = [e.prompt for e in batch] + [e.chosen for e in batch] + [e.rejected for e in batch]
+        ids = _encode(tokenizer, texts, renderer.split_special_tokens)
+        n = len(batch)
+        for i, example in enumerate(batch):
+            pair = _assemble(ids[i], ids[n + i], ids[2 * n + i], example.row, special,
+                             max_length, max_prompt_length, truncation_mode)
+            if pair is None:
+                stats.count_skip("prompt_too_long", f"row {example.row}: prompt of {len(ids[i])} tokens leaves no "
+                                                    f"room for a response within max_length={max_length}")
+            elif pair.chosen_ids == pair.rejected_ids:
+                stats.count_skip("identical_after_truncation", f"row {example.row}: chosen and rejected are "
+                                                               f"identical within max_length={max_length}")
+            else:
+                pairs.append(pair)
+    stats.kept = len(pairs)
+    if not pairs:
+        detail = f"{stats.rows} rows: {stats.reasons()}" if stats.skipped else f"{stats.rows} rows"
+        raise DataError(f"{source}: no usable preference pairs ({detail})")
+    return pairs, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subsets, splits, epoch order
+
+
+def select_subset(records: Sequence[Any], n: int | None, *, seed: int | None = None) -> list:
+    """The first n records (seed None) or n drawn without replacement with `seed`, kept in source order.
+    n None or n >= len(records): all records."""
+    if n is None or n >= len(records):
+        return list(records)
+    if n < 1:
+        raise DataError(f"subset size must be >= 1, got {n}")
+    if seed is None:
+        return list(records[:n])
+    indices = np.sort(np.random.default_rng(seed).choice(len(records), size=n, replace=False))
+    return [records[i] for i in indices]
+
+
+def train_test_split(records: Sequence[Any], test_size: float | int, seed: int) -> tuple[list, list]:
+    """Disjoint (train, test) covering all records, each in source order. A float test_size is a
+    fraction (ceil(fraction * N) test records), an int a count; both sides must be non-empty."""
+    num = len(records)
+    if isinstance(test_size, float):
+        if not 0.0 < test_size < 1.0:
+            raise DataError(f"a fractional test_size must be in (0, 1), got {test_size}")
+        num_test = math.ceil(test_size * num)
+    else:
+        num_test = int(test_size)
+    if not 1 <= num_test <= num - 1:
+        raise DataError(f"test_size={test_size} gives {num_test} test records out of {num}; "
+                         "both splits must be non-empty")
+    order = np.random.default_rng(seed).permutation(num)
+    test_indices = set(order[:num_test].tolist())
+    train = [r for i, r in enumerate(records) if i not in test_indices]
+    test = [r for i, r in enumerate(records) if i in test_indices]
+    return train, test
+
+
+def epoch_permutation(num_items: int, epoch: int, seed: int) -> list[int]:
+    """Order of the items in `epoch`: a permutation determined by (seed, epoch) alone, so a resumed run
+    sees the same order."""
+    return np.random.default_rng([seed, epoch]).permutation(num_items).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, *,
+                  pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
+    """B pairs -> 2B right-padded sequences: rows 0..B-1 = prompt + chosen, rows B..2B-1 = prompt + rejected.
+
+    input_ids       [2B, T] long, pad_id after each sequence
+    attention_mask  [2B, T] long, 1 on the first prompt_len + response_len positions (from lengths: the
+                    pad id may equal EOS or BOS, e.g. Phi-2 and GPT-2)
+    labels          [2B, T] long, input_ids on response tokens, -100 on prompt and padding (not shifted)
+    prompt_lengths, response_lengths  [2B] long
+    """
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    prompt_lengths = torch.tensor([len(prompt) for prompt, _ in sequences], dtype=torch.long)
+    response_lengths = torch.tensor([len(response) for _, response in sequences], dtype=torch.long)
+    width = int((prompt_lengths + response_lengths).max())
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, response) in enumerate(sequences):
+        input_ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response, dtype=torch.long)
+        labels[i, len(prompt):len(prompt) + len(response)] = torch.tensor(response, dtype=torch.long)
+    positions = torch.arange(width)
+    attention_mask = (positions[None, :] < (prompt_lengths + response_lengths)[:, None]).long()
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "prompt_lengths": prompt_lengths,
+        "response_lengths": response_lengths,
+    }
