@@ -6,7 +6,6 @@ setup(
     description="Direct Preference Optimization in plain PyTorch",
     packages=find_packages(include=["dpo", "dpo.*"]),
     package_data={"dpo.demo": ["assets/*/*"]},
-    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -15,5 +14,6 @@ setup(
         "numpy",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    # accelerate only for the tests that run the phi-2-dpo model card's snippet (device_map="auto")
+    extras_require={"test": ["pytest", "accelerate"]},
 )

@@ -299,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
             if progress is not None:
                 progress.write(f"step {step}: eval loss {eval_record['loss']:.4f}, reward accuracy "
                                f"{eval_record['rewards/accuracies']:.3f}, margin {eval_record['rewards/margins']:.3f}")
-        if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or stop_signal["name"]:
+        stop_now = broadcast_flag(stop_signal["name"] is not None, dist_info, device)
+        planned_stop = cfg.stop_at_step == step and step < total_steps
+        if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or stop_now or planned_stop:
             save(step)
-        if broadcast_flag(stop_signal["name"] is not None, dist_info, device):
-            log(f"{stop_signal['name'] or 'signal'} received: checkpoint saved at step {step}; "
-                f"continue with --resume")
+        if stop_now or planned_stop:
+            reason = f"{stop_signal['name'] or 'a signal'} received" if stop_now else f"--stop-at-step {step}"
+            log(f"{reason}: checkpoint saved at step {step}; continue with --resume")
             break
     if progress is not None:
         progress.close()
@@ -349,9 +351,9 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, UnknownLossError, LossSpe
                TrainingError)
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
     try:
-        return main()
+        return main(argv)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

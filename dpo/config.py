@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = _opt(42, "seed for initialisation order, shuffling and subsets")
     # run management
     output_dir: str = _opt("runs/dpo", "where metrics, checkpoints and final/ are written")
+    stop_at_step: int | None = _opt(None, "checkpoint and stop after this step, schedule unchanged (split a run into jobs)")
     resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir")
     overwrite: bool = _opt(False, "delete an existing --output-dir and start afresh")
     eval_steps: int | None = _opt(None, "evaluate every N optimizer steps (and always at the end)")
@@ -103,7 +104,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {value!r}")
-        for name in ("max_steps", "eval_steps", "save_steps", "num_pairs", "max_eval_pairs"):
+        for name in ("max_steps", "eval_steps", "save_steps", "num_pairs", "max_eval_pairs", "stop_at_step"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {value!r}")

@@ -55,8 +55,11 @@ def available_splits(source: str) -> list[str] | None:
     """Split names of a source, or None for a single file (which has no splits)."""
     if source in BUILTIN_SPLITS:
         return BUILTIN_SPLITS[source]
-    if Path(source).is_file():
+    path = Path(source)
+    if path.is_file():
         return None
+    if path.suffix in (".jsonl", ".json", ".parquet") or (source.startswith((".", "/", "~")) and not path.exists()):
+        raise DataError(f"{source}: file not found")
     import datasets
 
     try:

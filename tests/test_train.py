@@ -1,0 +1,201 @@
+"""The training loop end to end on a tiny Phi model: accumulation, resume, fp16, outputs, presets, bad input."""
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from dpo.config import ConfigError, parse_config
+from dpo.metrics import read_metrics
+from tiny import make_model_dir, write_pairs
+
+TIMING_KEYS = {"pairs_per_s", "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_model_dir(root / "model")
+    write_pairs(root / "pairs.jsonl", 80)
+    return root
+
+
+def run(workdir: Path, out: str, *extra: str) -> Path:
+    out_dir = workdir / out
+    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out_dir),
+            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0",
+            "--no-progress", "--no-plot", *extra]
+    assert train.main(argv) == 0
+    return out_dir
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(out_dir / "final" / "model.safetensors")
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_accumulation_is_exact(workdir):
+    """One step of micro 8 x accumulation 8 equals one step of micro 64."""
+    common = ("--batch-size", "64", "--max-steps", "1", "--warmup-ratio", "0", "--max-eval-pairs", "4")
+    accumulated = run(workdir, "acc8", *common, "--micro-batch-size", "8")
+    whole = run(workdir, "acc1", *common, "--micro-batch-size", "64")
+    a, b = final_weights(accumulated), final_weights(whole)
+    initial = load_file(workdir / "model" / "model.safetensors")
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # the step did change the weights
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    ma, mb = read_metrics(accumulated / "metrics.jsonl")[0], read_metrics(whole / "metrics.jsonl")[0]
+    assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+    config = json.loads((accumulated / "run_config.json").read_text())
+    assert config["accumulation_steps"] == 8
+
+
+def test_resume_mid_run_is_identical(workdir):
+    """6 steps straight == 3 steps, stop, --resume, 3 more: same weights and metrics (crossing an epoch)."""
+    common = ("--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "6", "--eval-steps", "2",
+              "--max-eval-pairs", "8", "--loss", "sigmoid:0.7,bco_pair:0.3")
+    straight = run(workdir, "straight", *common)
+    split = run(workdir, "split", *common, "--stop-at-step", "3")
+    assert not (split / "final").exists() and (split / "checkpoint-3").is_dir()
+    run(workdir, "split", *common, "--resume")
+    a, b = final_weights(straight), final_weights(split)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ma, mb = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    assert without_timing(ma) == without_timing(mb)
+    assert max(r["epoch"] for r in ma) > 1.0  # 72 train pairs / 16 = 4 steps per epoch
+
+
+def test_fp16_autocast_trains_with_fp32_master_weights(workdir):
+    out = run(workdir, "fp16", "--precision", "fp16", "--batch-size", "8", "--micro-batch-size", "4",
+              "--max-steps", "2", "--warmup-ratio", "0", "--max-eval-pairs", "4")
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert all(r["loss_scale"] > 0 and r["loss"] == pytest.approx(r["loss"]) for r in records)
+    weights = final_weights(out)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    initial = load_file(workdir / "model" / "model.safetensors")
+    assert any(not torch.equal(weights[k], initial[k]) for k in weights)
+
+
+def test_fp16_overflowing_step_is_skipped_without_touching_weights(workdir, monkeypatch):
+    # a loss scale near fp32's maximum makes the scaled gradients overflow on the first step
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 127))
+    out = run(workdir, "overflow", "--precision", "fp16", "--batch-size", "8", "--micro-batch-size", "8",
+              "--max-steps", "1", "--warmup-ratio", "0", "--max-eval-pairs", "4")
+    record = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][0]
+    assert record["skipped_steps"] == 1
+    assert record["loss_scale"] == 2.0 ** 126  # halved after the overflow
+    initial = load_file(workdir / "model" / "model.safetensors")
+    for key, value in final_weights(out).items():
+        assert torch.equal(value, initial[key]), key
+
+
+def test_outputs_and_final_round_trip(workdir):
+    out = run(workdir, "outputs", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3",
+              "--save-steps", "1", "--save-total-limit", "2", "--eval-steps", "2", "--max-eval-pairs", "4", "--plot")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_metrics(out / "metrics.jsonl")
+    train_keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                  "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s", "tokens_per_s", "epoch", "step"}
+    assert train_keys <= set(records[0])
+    assert [r["step"] for r in records if r["split"] == "eval"] == [2, 3]
+    assert json.loads((out / "final" / "dpo_run.json").read_text())["reference_model"] == str(workdir / "model")
+
+    # the phi-2-dpo model card's own snippet, on final/ (device_map="auto" needs accelerate)
+    pytest.importorskip("accelerate")
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out / "final"), low_cpu_mem_usage=True, device_map="auto", trust_remote_code=True, dtype=torch.float16)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "final"))
+    input_text = "### Human: what color is the sun?\n\n### Assistant:"
+    outputs = model.generate(tokenizer(input_text, return_tensors="pt").to(model.device)["input_ids"], max_length=40,
+                             temperature=0.7, top_p=0.9, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(outputs[0], skip_special_tokens=True).startswith(input_text)
+    # and the weights it loads are the trained ones
+    trained = final_weights(out)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.float(), trained[name].to(torch.float16).float())
+
+
+def test_phi2_preset_resolves_to_the_recipe():
+    cfg = parse_config(["--config", "configs/phi2_ultrafeedback.json"])
+    expected = {"model": "lxuechen/phi-2-sft", "dataset": "HuggingFaceH4/ultrafeedback_binarized",
+                "train_split": "train_prefs", "num_pairs": 10000, "template": "recipe", "loss": "sigmoid", "beta": 0.1,
+                "lr": 3e-5, "warmup_ratio": 0.03, "epochs": 2, "batch_size": 64, "max_length": 1024,
+                "precision": "fp16", "label_smoothing": 0.0, "reference_free": False, "min_lr_ratio": 0.0}
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.batch_size % cfg.micro_batch_size == 0
+
+
+def test_phi2_preset_trains_a_tiny_phi_on_the_ultrafeedback_schema(workdir, shared_dir):
+    data = shared_dir / "data" / "alpacaeval-phi2-prefs" / "ultrafeedback_schema"
+    out = workdir / "preset"
+    argv = ["--config", "configs/phi2_ultrafeedback.json", "--model", str(workdir / "model"), "--dataset", str(data),
+            "--output-dir", str(out), "--num-pairs", "16", "--batch-size", "8", "--micro-batch-size", "4",
+            "--max-steps", "2", "--max-length", "64", "--max-prompt-length", "32", "--max-eval-pairs", "4",
+            "--precision", "fp32", "--no-progress", "--no-plot"]
+    assert train.main(argv) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    # 4 held-out rows, minus those whose responses become identical once cut to 64 tokens
+    assert records[-1]["split"] == "eval" and 1 <= records[-1]["pairs"] <= 4
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["train_split"] == "train_prefs" and config["loss"] == "sigmoid" and config["beta"] == 0.1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--loss", "nonexistent"], "nonexistent"),
+    (["--model", "./no/such/model"], "does not exist"),
+    (["--dataset", "missing.jsonl"], "file not found"),
+    (["--batch-size", "10", "--micro-batch-size", "4"], "multiple"),
+    (["--max-prompt-length", "64", "--max-length", "32"], "max-prompt-length"),
+    (["--config", "no-such.json"], "no such file"),
+])
+def test_bad_input_is_one_clear_line(workdir, tmp_path, capsys, argv, message):
+    base = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"),
+            "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert train.cli(base + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_output_dir_is_never_reused_silently(workdir, tmp_path, capsys):
+    as_file = tmp_path / "a-file"
+    as_file.write_text("x")
+    base = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--no-progress"]
+    assert train.cli(base + ["--output-dir", str(as_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "metrics.jsonl").write_text("{}\n")
+    assert train.cli(base + ["--output-dir", str(busy)]) == 2
+    assert "--resume" in capsys.readouterr().err and (busy / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_unknown_flag_exits_before_training(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--no-such-flag", "1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_config_file_keys_and_flag_override(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"beta": 0.3, "micro-batch-size": 4, "model": "x"}))
+    cfg = parse_config(["--config", str(file), "--beta", "0.5"])
+    assert (cfg.beta, cfg.micro_batch_size, cfg.lr) == (0.5, 4, 3e-5)
+    file.write_text(json.dumps({"betta": 0.3}))
+    with pytest.raises(ConfigError, match="unknown setting 'betta'"):
+        parse_config(["--config", str(file)])
