@@ -11,6 +11,7 @@ final/ (save_pretrained format with the tokenizer), run_config.json and training
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     needs_reference = needs_reference_model(loss_config)
     scorer_kwargs = dict(completion_only=cfg.completion_only, chunk_size=cfg.logps_chunk_size,
                          with_wpo=cfg.use_weighting)
+    collate = functools.partial(collate_pairs, pad_id=pad_id)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
     def autocast():
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             if main_process:
                 reference_logps[split], cached = load_or_compute(cache_file, lambda: compute_reference_logps(
                     SequenceScorer(ref_model, **scorer_kwargs), pairs, micro_batch_size=cfg.micro_batch_size,
-                    pad_id=pad_id, device=device, autocast=autocast))
+                    collate=collate, device=device, autocast=autocast))
                 log(f"reference log-probs for {len(pairs)} {split} pairs: {'cached' if cached else 'computed'}")
             barrier(dist_info)
             if not main_process:
@@ -165,17 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             {**cfg.to_dict(), "reference_model": cfg.model, "total_steps": total_steps,
              "steps_per_epoch": steps_per_epoch, "accumulation_steps": accumulation, "world_size": world}, indent=2))
 
-    def pair_logps(model, batch, ids, split) -> PreferenceLogps:
+    def pair_logps(model, batch: dict, ids: list[int], split: str) -> PreferenceLogps:
         """Policy log-probs of a collated micro-batch (+ reference ones), as the loss wants them."""
         batch = {k: v.to(device) for k, v in batch.items()}
         n = len(ids)
-        policy_logps = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        policy_logps = model(batch)
         ref_chosen = ref_rejected = None
         if split in reference_logps:
             ref_chosen, ref_rejected = reference_logps[split].take(ids, device)
         elif reference_scorer is not None:
             with torch.no_grad():
-                ref = reference_scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                ref = reference_scorer(batch)
             ref_chosen, ref_rejected = ref.sum[:n], ref.sum[n:]
         wpo = policy_logps.wpo
         return PreferenceLogps(
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(local), cfg.micro_batch_size):
             ids = local[start : start + cfg.micro_batch_size]
             with autocast():
-                logps = pair_logps(scorer, collate_pairs([eval_pairs[i] for i in ids], pad_id), ids, "eval")
+                logps = pair_logps(scorer, collate([eval_pairs[i] for i in ids]), ids, "eval")
                 out = compute_loss(logps, loss_config)
             stats.add(out.losses, out.chosen_rewards, out.rejected_rewards,
                       logps.policy_chosen_logps, logps.policy_rejected_logps)
@@ -246,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         tokens = 0
         for k in range(accumulation):
             ids = local_ids[k * cfg.micro_batch_size : (k + 1) * cfg.micro_batch_size]
-            batch = collate_pairs([train_pairs[i] for i in ids], pad_id)
-            tokens += int(batch["attention_mask"].sum())
+            micro_pairs = [train_pairs[i] for i in ids]
+            batch = collate(micro_pairs)
+            tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in micro_pairs)
             with no_sync(scorer, sync=k == accumulation - 1):
                 with autocast():
                     logps = pair_logps(scorer, batch, ids, "train")

@@ -118,10 +118,11 @@ def sequence_logps(
 
 
 class SequenceScorer(nn.Module):
-    """Wraps a causal LM so that `forward` returns per-sequence log-prob statistics.
+    """Wraps a causal LM so that `forward(batch)` returns per-sequence log-prob statistics.
 
-    Going through one module's forward lets DDP and FSDP wrap the whole scoring computation
-    (the transformer body and the LM head on scored rows) as they expect.
+    `batch` is what the run's collator produced (`collate_pairs`: input_ids, attention_mask, labels for
+    2B rows, chosen rows first). Going through one module's forward lets DDP and FSDP wrap the whole
+    scoring computation (the transformer body and the LM head on scored rows) as they expect.
     """
 
     def __init__(self, model: nn.Module, *, completion_only: bool = True, chunk_size: int = 1024,
@@ -132,7 +133,7 @@ class SequenceScorer(nn.Module):
         self.chunk_size = chunk_size
         self.with_wpo = with_wpo
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> SequenceLogps:
-        return sequence_logps(self.model, input_ids, attention_mask, labels,
+    def forward(self, batch: dict[str, Tensor]) -> SequenceLogps:
+        return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                               completion_only=self.completion_only, chunk_size=self.chunk_size,
                               with_wpo=self.with_wpo)

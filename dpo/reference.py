@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dpo.data import TokenizedPair, collate_pairs
+from dpo.data import TokenizedPair
 from dpo.logprobs import SequenceScorer
 
 
@@ -66,7 +66,7 @@ def compute_reference_logps(
     pairs: Sequence[TokenizedPair],
     *,
     micro_batch_size: int,
-    pad_id: int,
+    collate: Callable[[list[TokenizedPair]], dict[str, Tensor]],
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
     progress: Callable[[int], None] | None = None,
@@ -79,9 +79,9 @@ def compute_reference_logps(
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))))
     for start in range(0, len(order), micro_batch_size):
         ids = order[start : start + micro_batch_size]
-        batch = collate_pairs([pairs[i] for i in ids], pad_id)
+        batch = {k: v.to(device) for k, v in collate([pairs[i] for i in ids]).items()}
         with autocast():
-            logps = scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+            logps = scorer(batch)
         sums = logps.sum.float().cpu()
         index = torch.as_tensor(ids)
         chosen[index] = sums[: len(ids)]

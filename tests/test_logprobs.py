@@ -112,7 +112,7 @@ def test_scorer_module_matches_function_and_dropout_is_disabled():
     pairs = random_pairs(3, 97, seed=3)
     batch = collate_pairs(pairs, pad_id=0)
     scorer = SequenceScorer(model, chunk_size=2)
-    a = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"]).sum
+    a = scorer(batch).sum
     b = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
