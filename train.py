@@ -20,14 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import transformers
 
 from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from dpo.config import ConfigError, TrainConfig, parse_config
 from dpo.data import DataError, collate_pairs, epoch_permutation
-from dpo.distributed import (all_reduce_sum, barrier, broadcast_flag, init_distributed, no_sync,
-                             shutdown_distributed, wrap_model)
+from dpo.distributed import (all_reduce_sum, barrier, broadcast_flag, full_model_state, full_optimizer_state,
+                             init_distributed, load_full_optimizer_state, no_sync, shutdown_distributed, wrap_model)
 from dpo.logprobs import SequenceScorer, disable_dropout
 from dpo.loss import (LossConfig, LossSpecError, MissingFieldError, PreferenceLogps, UnknownLossError, compute_loss,
                       needs_reference_model)
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- settings, checked before any work
     cfg = parse_config(argv)
     transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
     needs_reference_model(loss_config_from(cfg))  # resolves the loss: an unknown name fails here, listing the known ones
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dist_info = init_distributed(device.type)
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- model, reference, optimizer
     model_path = resolve_model_path(cfg.model)
-    policy = load_causal_lm(cfg.model, device=device)
+    resume_state = load_checkpoint(resume_from) if resume_from is not None else None
+    policy = load_causal_lm(str(resume_state["model_dir"]) if resume_state else cfg.model, device=device)
     if main_process:
         check_disk_space(out_dir, sum(p.numel() for p in policy.parameters()), cfg.save_total_limit)
     disable_dropout(policy)
@@ -147,19 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=main_process)
     start_step, skipped_steps = 0, 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        from safetensors.torch import load_file
-        weights = {}
-        for file in sorted(Path(state["model_dir"]).glob("*.safetensors")):
-            weights.update(load_file(file))
-        policy.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        loss_state = state["loss_state"]
-        start_step = state["trainer_state"]["step"]
-        skipped_steps = state["trainer_state"].get("skipped_steps", 0)
+        load_full_optimizer_state(scorer, optimizer, resume_state["optimizer"])
+        if scaler is not None and resume_state["scaler"]:
+            scaler.load_state_dict(resume_state["scaler"])
+        set_rng_state(resume_state["rng"])
+        loss_state = resume_state["loss_state"]
+        start_step = resume_state["trainer_state"]["step"]
+        skipped_steps = resume_state["trainer_state"].get("skipped_steps", 0)
         metrics.truncate_after(start_step)
         log(f"resumed from {resume_from.name} (step {start_step} of {total_steps})")
     if main_process:
@@ -214,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def save(step: int) -> None:
+        weights, optimizer_state = full_model_state(scorer), full_optimizer_state(scorer, optimizer)  # collective
         if main_process:
             path = save_checkpoint(
-                out_dir, step, save_model=lambda d: policy.save_pretrained(d, safe_serialization=True),
-                optimizer_state=optimizer.state_dict(), scaler_state=scaler.state_dict() if scaler else None,
+                out_dir, step, save_model=lambda d: policy.save_pretrained(d, state_dict=weights),
+                optimizer_state=optimizer_state, scaler_state=scaler.state_dict() if scaler else None,
                 trainer_state={"total_steps": total_steps, "skipped_steps": skipped_steps}, loss_state=loss_state,
                 keep=cfg.save_total_limit)
             log(f"saved {path}")
@@ -316,13 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, handler)
 
     # ---------------------------------------------------------------- final model and summary
+    final_weights = full_model_state(scorer) if step == total_steps else None  # collective
     if step == total_steps and main_process:
         final_dir = out_dir / "final"
         tmp_dir = out_dir / "final.tmp"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         policy.generation_config.update(do_sample=True, temperature=0.7, top_p=0.9,
                                         pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        policy.save_pretrained(tmp_dir, safe_serialization=True)
+        policy.save_pretrained(tmp_dir, state_dict=final_weights)
         tokenizer.save_pretrained(tmp_dir)
         (tmp_dir / "dpo_run.json").write_text((out_dir / "run_config.json").read_text())
         shutil.rmtree(final_dir, ignore_errors=True)

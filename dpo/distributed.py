@@ -80,8 +80,48 @@ def wrap_model(scorer: nn.Module, info: DistInfo, *, fsdp: bool, device: torch.d
     return nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids)
 
 
+@contextlib.contextmanager
 def no_sync(model: nn.Module, sync: bool):
-    """Skip the gradient all-reduce on accumulation micro-batches that are not the last."""
-    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    """Skip the gradient reduction on accumulation micro-batches that are not the last (DDP and FSDP2)."""
+    if sync:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+# Full (unsharded, CPU) state dicts, keyed by parameter name: the same files whatever the world size,
+# so a checkpoint written by N processes (DDP or FSDP) reloads in M. Collective under torchrun.
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The wrapped model's weights as plain CPU tensors, with `prefix` (the scorer's attribute) removed."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,69 @@
+"""torchrun on CPU (gloo, 2 processes): the same weights as one process with the same effective batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from dpo.metrics import read_metrics
+from tiny import make_model_dir, write_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PAIRS = 72
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    make_model_dir(root / "model")
+    write_pairs(root / "pairs.jsonl", TRAIN_PAIRS + 8)
+    args = ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--max-length", "48",
+            "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0", "--no-progress",
+            "--no-plot", "--batch-size", "16", "--micro-batch-size", "4", "--max-steps", "4", "--eval-steps", "2",
+            "--max-eval-pairs", "8"]
+    assert train.main(args + ["--output-dir", str(root / "single")]) == 0
+    return root, args
+
+
+def torchrun(args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "train.py"), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def assert_same_run(a: Path, b: Path):
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
+    ma, mb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in ma] == [(r["split"], r["step"]) for r in mb]
+    for ra, rb in zip(ma, mb):
+        for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
+    assert [r.get("pairs") for r in ma if r["split"] == "eval"] == [8, 8]  # eval shards reduced over ranks
+
+
+def test_ddp_two_processes_match_one(setup):
+    root, args = setup
+    torchrun(args + ["--output-dir", str(root / "ddp")])
+    assert_same_run(root / "single", root / "ddp")
+    # only rank 0 writes: one line per step, no duplicates
+    steps = [r["step"] for r in read_metrics(root / "ddp" / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_fsdp_checkpoint_resumes_at_another_world_size(setup):
+    root, args = setup
+    out = root / "fsdp"
+    torchrun(args + ["--output-dir", str(out), "--fsdp", "--stop-at-step", "2"])
+    assert (out / "checkpoint-2" / "model").is_dir() and not (out / "final").exists()
+    assert train.main(args + ["--output-dir", str(out), "--resume"]) == 0  # 2 processes -> 1
+    assert_same_run(root / "single", out)
