@@ -121,8 +121,13 @@ class DataStats:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -139,7 +144,7 @@ def _read_json(path: Path, split: str | None) -> list[dict]:
     """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return _read_jsonl(path)
     if isinstance(data, dict) and split is not None and isinstance(data.get(split), list):
         data = data[split]

@@ -1,0 +1,142 @@
+"""Crash safety: SIGKILL at random points, SIGTERM, NaN losses; the last good checkpoint always survives."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from dpo.checkpoint import latest_checkpoint, list_checkpoints
+from dpo.metrics import read_metrics
+from tiny import make_model_dir, write_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"pairs_per_s", "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    make_model_dir(root / "model")
+    write_pairs(root / "pairs.jsonl", 56)
+    args = ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--max-length", "48",
+            "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0", "--no-progress",
+            "--no-plot", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "8", "--save-steps", "1",
+            "--eval-steps", "4", "--max-eval-pairs", "8"]
+    # the uninterrupted run, in a process like the interrupted ones (same threads, so bitwise comparable)
+    process = start(args + ["--output-dir", str(root / "reference-run")])
+    assert process.wait(timeout=600) == 0
+    return root, args
+
+
+def start(args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def assert_identical_runs(a: Path, b: Path):
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING} for r in records]  # noqa: E731
+    assert strip(read_metrics(a / "metrics.jsonl")) == strip(read_metrics(b / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sigkill_at_random_points_then_resume_is_identical(setup, seed):
+    root, args = setup
+    out = root / f"killed-{seed}"
+    rng = random.Random(seed)
+    kills = 0
+    for attempt in range(12):
+        run_args = args + ["--output-dir", str(out)] + (["--resume"] if out.exists() else [])
+        process = start(run_args)
+        if kills < 3:
+            try:
+                process.wait(timeout=rng.uniform(4.0, 12.0))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+                # whatever was interrupted, every checkpoint directory that exists is complete
+                for _, path in list_checkpoints(out):
+                    assert (path / "model" / "config.json").is_file() and (path / "optimizer.pt").is_file()
+                continue
+        else:
+            output = process.communicate(timeout=600)[0]
+            assert process.returncode == 0, output[-3000:]
+        if (out / "final").is_dir():
+            break
+    assert kills >= 1, "the run finished before any kill; lengthen it"
+    assert_identical_runs(root / "reference-run", out)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(setup):
+    root, args = setup
+    out = root / "terminated"
+    process = start(args + ["--output-dir", str(out)])
+    deadline = time.time() + 300
+    while not list_checkpoints(out) and time.time() < deadline:  # wait until training is under way
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    if not (out / "final").is_dir():  # the signal arrived before the last step
+        assert "SIGTERM received: checkpoint saved" in output
+        assert start(args + ["--output-dir", str(out), "--resume"]).wait(timeout=600) == 0
+    assert_identical_runs(root / "reference-run", out)
+
+
+NAN_LOSS = '''
+import torch
+import torch.nn.functional as F
+
+
+def nan_at_third_call(x, cfg):
+    """Sigmoid DPO, except that the 3rd micro-batch (step 2) gives NaN."""
+    x.state["calls"] = x.state.get("calls", 0) + 1 if torch.is_grad_enabled() else x.state.get("calls", 0)
+    h = (x.policy_chosen_logps - x.reference_chosen_logps) - (x.policy_rejected_logps - x.reference_rejected_logps)
+    loss = -F.logsigmoid(cfg.beta * h)
+    return loss * float("nan") if x.state["calls"] == 3 else loss
+'''
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(setup, tmp_path, capsys, precision):
+    root, args = setup
+    loss_file = tmp_path / "nan_loss.py"
+    loss_file.write_text(NAN_LOSS)
+    out = tmp_path / "run"
+    code = train.cli(args + ["--output-dir", str(out), "--loss", f"{loss_file}:nan_at_third_call",
+                             "--precision", precision, "--max-steps", "3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "step 2: loss is nan" in err and "\n" not in err.strip()
+    assert latest_checkpoint(out).name == "checkpoint-1"  # the last good one, intact and loadable
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file()
+    load_file(out / "checkpoint-1" / "model" / "model.safetensors")
+    assert not (out / "checkpoint-2").exists() and not (out / "final").exists()
+
+
+def test_nan_loss_skip_option_counts_and_continues(setup, tmp_path):
+    root, args = setup
+    loss_file = tmp_path / "nan_loss.py"
+    loss_file.write_text(NAN_LOSS)
+    out = tmp_path / "run"
+    assert train.main(args + ["--output-dir", str(out), "--loss", f"{loss_file}:nan_at_third_call", "--on-nan",
+                              "skip", "--max-steps", "3"]) == 0
+    train_records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["skipped_steps"] for r in train_records] == [0, 1, 1]
+    assert train_records[1]["loss"] is None  # logged as null, never as a silent NaN
+    # the skipped step left the weights as step 1 made them
+    step1, step2 = (load_file(out / f"checkpoint-{s}" / "model" / "model.safetensors") for s in (1, 2))
+    for key in step1:
+        assert torch.equal(step1[key], step2[key]), key
