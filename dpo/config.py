@@ -50,7 +50,7 @@ class TrainConfig:
     max_eval_pairs: int | None = _opt(256, "evaluate on at most this many held-out pairs (None: all)")
     template: str = _opt("recipe", "prompt rendering: the recipe's '### Human:' template or the tokenizer's chat template", choices=["recipe", "chat"])
     max_length: int = _opt(1024, "maximum tokens of prompt + response")
-    max_prompt_length: int = _opt(512, "maximum prompt tokens (truncated first)")
+    max_prompt_length: int | None = _opt(512, "maximum prompt tokens, cut first (none: no limit; a pair whose prompt leaves no room for a response is skipped)")
     truncation_mode: str = _opt("keep_end", "which end of an over-long prompt is kept", choices=["keep_end", "keep_start"])
     # loss
     loss: str = _opt("sigmoid", "loss name, 'a:0.8,b:0.2' mix, 'module:function' or 'file.py:function'")
@@ -99,16 +99,17 @@ class TrainConfig:
     def validate(self) -> None:
         positive = {"beta": self.beta, "lr": self.lr, "batch_size": self.batch_size,
                     "micro_batch_size": self.micro_batch_size, "max_length": self.max_length,
-                    "max_prompt_length": self.max_prompt_length, "epochs": self.epochs,
+                    "epochs": self.epochs,
                     "logps_chunk_size": self.logps_chunk_size, "log_steps": self.log_steps}
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {value!r}")
-        for name in ("max_steps", "eval_steps", "save_steps", "num_pairs", "max_eval_pairs", "stop_at_step"):
+        for name in ("max_steps", "eval_steps", "save_steps", "num_pairs", "max_eval_pairs", "stop_at_step",
+                     "max_prompt_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {value!r}")
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length ({self.max_length})")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -96,6 +96,8 @@ class DataStats:
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     first_skip: dict[str, str] = field(default_factory=dict)
+    truncated_prompts: int = 0  # kept pairs whose prompt was cut to max_prompt_length
+    truncated_responses: int = 0  # kept pairs with a response cut at max_length (it lost its EOS)
 
     def count_skip(self, reason: str, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -110,6 +112,9 @@ class DataStats:
 
     def __str__(self) -> str:
         line = f"{self.rows} rows, {self.kept} pairs kept"
+        if self.truncated_prompts or self.truncated_responses:
+            line += (f" ({self.truncated_prompts} with the prompt truncated, {self.truncated_responses} with a "
+                     f"response truncated)")
         if self.skipped:
             line += f", {self.num_skipped} skipped: {self.reasons()}"
         return line
@@ -508,6 +513,9 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
                                                                f"identical within max_length={max_length}")
             else:
                 pairs.append(pair)
+                stats.truncated_prompts += len(pair.prompt_ids) < len(ids[i])
+                stats.truncated_responses += (pair.chosen_ids[-1:] != [special.eos]
+                                              or pair.rejected_ids[-1:] != [special.eos])
     stats.kept = len(pairs)
     if not pairs:
         detail = f"{stats.rows} rows: {stats.reasons()}" if stats.skipped else f"{stats.rows} rows"

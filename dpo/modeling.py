@@ -38,8 +38,14 @@ def _short(error: Exception) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"model {name}: no tokenizer files in this directory (expected one of "
+                             f"{', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as error:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer

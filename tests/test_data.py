@@ -323,7 +323,9 @@ def test_prompt_too_long_is_skipped_and_counted():
     pairs, stats = build_pairs(records, tok, max_length=30, max_prompt_length=30)
     assert [p.row for p in pairs] == [1]
     assert stats.skipped == {"prompt_too_long": 1} and "row 0" in stats.first_skip["prompt_too_long"]
-    assert str(stats).startswith("2 rows, 1 pairs kept, 1 skipped: prompt_too_long 1")
+    assert str(stats).startswith("2 rows, 1 pairs kept (0 with the prompt truncated, 1 with a response truncated), "
+                                 "1 skipped: prompt_too_long 1")
+    assert (stats.truncated_prompts, stats.truncated_responses) == (0, 1)
 
 
 def test_pair_identical_after_truncation_is_skipped():

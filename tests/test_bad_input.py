@@ -1,0 +1,161 @@
+"""The bad-input matrix: every case is one clear line (exit 2, nothing trained) or a counted, reported skip."""
+
+import json
+
+import pytest
+
+import train
+from dpo.metrics import read_metrics
+from tiny import make_model_dir, write_pairs
+
+GOOD_ROWS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("bad") / "model")
+
+
+def dataset_with(tmp_path, bad_lines: list[str], name: str = "data.jsonl", good: int = GOOD_ROWS):
+    path = tmp_path / name
+    write_pairs(path, good)
+    with open(path, "ab") as handle:
+        for line in bad_lines:
+            handle.write(line.encode("utf-8", "surrogateescape") + b"\n")
+    return path
+
+
+def run_cli(model_dir, dataset, out, *extra):
+    argv = ["--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out), "--max-length", "48",
+            "--max-prompt-length", "24", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "1",
+            "--test-size", "4", "--max-eval-pairs", "4", "--no-progress", "--no-plot", *extra]
+    return train.cli(argv)
+
+
+def assert_one_line_error(capsys, code, *fragments):
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, captured.out[-2000:] + captured.err[-2000:]
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+# ------------------------------------------------------------------ errors: one line, before any training
+def test_malformed_jsonl_line(model_dir, tmp_path, capsys):
+    data = dataset_with(tmp_path, ['{"prompt": "x", "chosen": "a", "rejected": '])
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), "data.jsonl", f"line {GOOD_ROWS + 1}",
+                          "not valid JSON")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_non_utf8_bytes(model_dir, tmp_path, capsys):
+    data = tmp_path / "latin1.jsonl"
+    write_pairs(data, GOOD_ROWS)
+    with open(data, "ab") as handle:
+        handle.write(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), f"line {GOOD_ROWS + 1}", "not UTF-8",
+                          "0xe9")
+
+
+def test_unknown_loss_name(model_dir, tmp_path, capsys):
+    data = dataset_with(tmp_path, [])
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", "--loss", "sigmod"), "sigmod", "sigmoid")
+
+
+@pytest.mark.parametrize("flag,value", [("--beta", "abc"), ("--precision", "fp8"), ("--batch-size", "1.5")])
+def test_wrong_flag_value(model_dir, tmp_path, capsys, flag, value):
+    data = dataset_with(tmp_path, [])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(model_dir, data, tmp_path / "out", flag, value)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value,message", [("--beta", "-1", "--beta must be positive"),
+                                                ("--warmup-ratio", "1.5", "--warmup-ratio"),
+                                                ("--batch-size", "6", "multiple of --micro-batch-size")])
+def test_flag_value_out_of_range(model_dir, tmp_path, capsys, flag, value, message):
+    data = dataset_with(tmp_path, [])
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", flag, value), message)
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    data = dataset_with(tmp_path, [])
+    assert_one_line_error(capsys, run_cli(tmp_path / "no-model", data, tmp_path / "out"), "does not exist")
+
+
+def test_model_directory_without_tokenizer(model_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((model_dir / "config.json").read_text())
+    data = dataset_with(tmp_path, [])
+    assert_one_line_error(capsys, run_cli(bare, data, tmp_path / "out"), "tokenizer")
+
+
+def test_dataset_with_zero_usable_rows(model_dir, tmp_path, capsys):
+    rows = [json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) for _ in range(10)]
+    data = dataset_with(tmp_path, rows, good=0)
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), "no usable preference pairs",
+                          "identical")
+
+
+def test_fewer_pairs_than_one_batch(model_dir, tmp_path, capsys):
+    data = dataset_with(tmp_path, [], good=8)
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), "fewer than one batch")
+
+
+# ------------------------------------------------------------------ counted, reported skips: the run goes on
+SKIPPED_ROWS = {  # reason reported -> a row that has it
+    "missing_field": json.dumps({"prompt": "p", "chosen": "a"}),
+    "wrong_type": json.dumps({"prompt": "p", "chosen": 3, "rejected": "b"}),
+    "empty_response": json.dumps({"prompt": "p", "chosen": "   ", "rejected": "b"}),
+    "identical_responses": json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),
+    "prompt_mismatch": json.dumps({
+        "chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SKIPPED_ROWS))
+def test_bad_rows_are_counted_and_reported(model_dir, tmp_path, capsys, case):
+    data = dataset_with(tmp_path, [SKIPPED_ROWS[case]] * 3)
+    assert run_cli(model_dir, data, tmp_path / "out", "--test-size", "0.01") == 0
+    out = capsys.readouterr().out
+    report = next(line for line in out.splitlines() if line.startswith("train:"))
+    # 3 bad rows, one of which may have been split off into the held-out set
+    assert f"skipped: {case} 3 (first: row " in report or f"skipped: {case} 2 (first: row " in report, report
+    assert [r["step"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["split"] == "train"] == [1]
+
+
+def test_prompt_longer_than_max_length(model_dir, tmp_path, capsys):
+    long_prompt = json.dumps({"prompt": "red " * 200, "chosen": "a", "rejected": "b"})
+    data = dataset_with(tmp_path, [long_prompt] * 3)
+    # cut to --max-prompt-length (keeping its end) and counted ...
+    assert run_cli(model_dir, data, tmp_path / "out", "--test-size", "0.01") == 0
+    report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train:"))
+    assert "with the prompt truncated" in report and "(0 with the prompt" not in report, report
+    # ... or, when prompts may fill the whole context, skipped and counted
+    assert run_cli(model_dir, data, tmp_path / "out2", "--test-size", "0.01", "--max-prompt-length", "none") == 0
+    report = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train:"))
+    assert "skipped: prompt_too_long" in report, report
+
+
+def test_tokenizer_without_pad_token_trains(model_dir, tmp_path):
+    import shutil
+
+    no_pad = tmp_path / "no-pad"
+    shutil.copytree(model_dir, no_pad)
+    config_file = no_pad / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("pad_token", None)
+    config_file.write_text(json.dumps(config))
+    special = no_pad / "special_tokens_map.json"
+    if special.exists():
+        mapping = json.loads(special.read_text())
+        mapping.pop("pad_token", None)
+        special.write_text(json.dumps(mapping))
+    data = dataset_with(tmp_path, [])
+    assert run_cli(no_pad, data, tmp_path / "out") == 0
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
