@@ -188,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate(step: int) -> dict:
         scorer.eval()
         stats = PairMetrics(device)
-        local = list(range(len(eval_pairs)))[dist_info.rank::world]
-        for start in range(0, len(local), cfg.micro_batch_size):
-            ids = local[start : start + cfg.micro_batch_size]
+        batches = [list(range(len(eval_pairs)))[i : i + cfg.micro_batch_size]
+                   for i in range(0, len(eval_pairs), cfg.micro_batch_size)]
+        # every process runs the same number of forwards (DDP/FSDP forwards are collective);
+        # a process short of a batch re-scores the first one and discards the result
+        for round_start in range(0, len(batches), world):
+            index = round_start + dist_info.rank
+            ids = batches[index] if index < len(batches) else batches[0]
             with autocast():
                 logps = pair_logps(scorer, collate([eval_pairs[i] for i in ids]), ids, "eval")
                 out = compute_loss(logps, loss_config)
-            stats.add(out.losses, out.chosen_rewards, out.rejected_rewards,
-                      logps.policy_chosen_logps, logps.policy_rejected_logps)
+            if index < len(batches):
+                stats.add(out.losses, out.chosen_rewards, out.rejected_rewards,
+                          logps.policy_chosen_logps, logps.policy_rejected_logps)
         scorer.train()
         all_reduce_sum(stats.sums, dist_info)
         record = {"split": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), **stats.means(),

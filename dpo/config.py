@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="JSON file with any of the settings below (flags override it)")
     groups = {
-        "model": "model and data", "beta": "loss", "lr": "optimisation",
+        "model": "model and data", "loss": "loss", "lr": "optimisation",
         "output_dir": "run management", "device": "speed",
     }
     group = parser

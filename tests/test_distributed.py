@@ -21,11 +21,11 @@ TRAIN_PAIRS = 72
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     make_model_dir(root / "model")
-    write_pairs(root / "pairs.jsonl", TRAIN_PAIRS + 8)
+    write_pairs(root / "pairs.jsonl", TRAIN_PAIRS + 10)
     args = ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--max-length", "48",
-            "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0", "--no-progress",
+            "--max-prompt-length", "24", "--test-size", "10", "--lr", "1e-3", "--seed", "0", "--no-progress",
             "--no-plot", "--batch-size", "16", "--micro-batch-size", "4", "--max-steps", "4", "--eval-steps", "2",
-            "--max-eval-pairs", "8"]
+            "--max-eval-pairs", "10"]  # 3 eval micro-batches: uneven over 2 processes
     assert train.main(args + ["--output-dir", str(root / "single")]) == 0
     return root, args
 
@@ -48,7 +48,7 @@ def assert_same_run(a: Path, b: Path):
     for ra, rb in zip(ma, mb):
         for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
-    assert [r.get("pairs") for r in ma if r["split"] == "eval"] == [8, 8]  # eval shards reduced over ranks
+    assert [r.get("pairs") for r in ma if r["split"] == "eval"] == [10, 10]  # eval shards reduced over ranks
 
 
 def test_ddp_two_processes_match_one(setup):
