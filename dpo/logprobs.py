@@ -11,6 +11,15 @@ tensor is ever built: prompt and padding positions never reach the LM head. This
 logits = lm_head(last_hidden_state), true for Phi, Llama, Mistral, Qwen, GPT-2 and most causal LMs;
 models that post-process logits (soft-capping, scaling) must use `completion_only=False`, which takes
 `model(...).logits`.
+
+With `fused_lm_head=True` (default) the LM head and its log-softmax run as one autograd function
+(dpo.lm_head.lm_head_logps) over cache-sized tiles, with a hand-written backward; with False, each
+`chunk_size` rows go through `lm_head` and an fp32 log-softmax under ordinary autograd. Both compute the
+same numbers (to fp32 rounding).
+
+Batches come in two layouts, told apart by their keys: the padded one of `collate_pairs` (input_ids,
+attention_mask, labels) and the packed ones of dpo.packing (one row of real tokens, `score_*` tensors
+naming the scored positions). Either way the result has 2B rows, chosen sequences first.
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps
+from dpo.packing import is_packed, num_sequences, packed_hidden_states, packed_logits
 
 IGNORE_INDEX = -100
 
@@ -80,6 +92,37 @@ def _reduce(num_rows: int, rows: Tensor, logps: Tensor, adjusted: Tensor | None)
     return SequenceLogps(sum=total, count=count, wpo=wpo)
 
 
+@dataclass(frozen=True)
+class HeadSettings:
+    """How log-probs are computed from hidden states (see the module docstring)."""
+
+    completion_only: bool = True
+    chunk_size: int = 1024  # rows per LM-head chunk
+    with_wpo: bool = False
+    fused_lm_head: bool = True
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK  # vocabulary entries per tile of the fused LM head
+    recompute_softmax: bool = False  # fused LM head: recompute the logits in backward instead of storing them
+
+
+def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor,
+                  settings: HeadSettings) -> tuple[Tensor, Tensor | None]:
+    """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head."""
+    lm_head = model.get_output_embeddings()
+    if settings.fused_lm_head:
+        return lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=settings.chunk_size,
+                             vocab_chunk=settings.vocab_chunk, with_wpo=settings.with_wpo,
+                             store=not settings.recompute_softmax)
+    pieces, adjusted_pieces = [], []
+    for start in range(0, scored_hidden.shape[0], settings.chunk_size):
+        chunk_logps, chunk_adjusted = _token_logps(lm_head(scored_hidden[start : start + settings.chunk_size]),
+                                                   targets[start : start + settings.chunk_size], settings.with_wpo)
+        pieces.append(chunk_logps)
+        adjusted_pieces.append(chunk_adjusted)
+    logps = torch.cat(pieces) if pieces else scored_hidden.new_zeros(0, dtype=torch.float32)
+    adjusted = torch.cat(adjusted_pieces) if settings.with_wpo and pieces else None
+    return logps, adjusted
+
+
 def sequence_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -89,51 +132,72 @@ def sequence_logps(
     completion_only: bool = True,
     chunk_size: int = 1024,
     with_wpo: bool = False,
+    fused_lm_head: bool = True,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    recompute_softmax: bool = False,
 ) -> SequenceLogps:
     """Summed response log-probs of each row of a right-padded batch (see the module docstring)."""
+    settings = HeadSettings(completion_only=completion_only, chunk_size=chunk_size, with_wpo=with_wpo,
+                            fused_lm_head=fused_lm_head, vocab_chunk=vocab_chunk,
+                            recompute_softmax=recompute_softmax)
     rows, positions, targets = _scored_positions(labels)
     num_rows = input_ids.shape[0]
     if not completion_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logps, adjusted = _token_logps(logits[rows, positions], targets, with_wpo)
         return _reduce(num_rows, rows, logps, adjusted)
-
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    scored_hidden = hidden[rows, positions]
-    lm_head = model.get_output_embeddings()
-    pieces, adjusted_pieces = [], []
-    for start in range(0, scored_hidden.shape[0], chunk_size):
-        chunk_logps, chunk_adjusted = _token_logps(
-            lm_head(scored_hidden[start : start + chunk_size]),
-            targets[start : start + chunk_size],
-            with_wpo,
-        )
-        pieces.append(chunk_logps)
-        adjusted_pieces.append(chunk_adjusted)
-    logps = torch.cat(pieces) if pieces else scored_hidden.new_zeros(0, dtype=torch.float32)
-    adjusted = torch.cat(adjusted_pieces) if with_wpo and pieces else None
+    logps, adjusted = _scored_logps(model, hidden[rows, positions], targets, settings)
     return _reduce(num_rows, rows, logps, adjusted)
+
+
+def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: HeadSettings) -> SequenceLogps:
+    """Summed response log-probs of each sequence of a packed batch (dpo.packing layouts)."""
+    index, targets, rows = batch["score_index"], batch["score_target"], batch["score_row"]
+    if not settings.completion_only:
+        logps, adjusted = _token_logps(packed_logits(model, batch)[index], targets, settings.with_wpo)
+    else:
+        logps, adjusted = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings)
+    return _reduce(num_sequences(batch), rows, logps, adjusted)
 
 
 class SequenceScorer(nn.Module):
     """Wraps a causal LM so that `forward(batch)` returns per-sequence log-prob statistics.
 
-    `batch` is what the run's collator produced (`collate_pairs`: input_ids, attention_mask, labels for
-    2B rows, chosen rows first). Going through one module's forward lets DDP and FSDP wrap the whole
-    scoring computation (the transformer body and the LM head on scored rows) as they expect.
+    `batch` is what the run's collator produced: `collate_pairs` (input_ids, attention_mask, labels for 2B
+    rows, chosen rows first) or a packed layout of dpo.packing. Going through one module's forward lets DDP
+    and FSDP wrap the whole scoring computation (the transformer body and the LM head on scored rows) as
+    they expect.
     """
 
     def __init__(self, model: nn.Module, *, completion_only: bool = True, chunk_size: int = 1024,
-                 with_wpo: bool = False):
+                 with_wpo: bool = False, fused_lm_head: bool = True, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                 recompute_softmax: bool = False):
         super().__init__()
         self.model = model
-        self.completion_only = completion_only
-        self.chunk_size = chunk_size
-        self.with_wpo = with_wpo
+        self.settings = HeadSettings(completion_only=completion_only, chunk_size=chunk_size, with_wpo=with_wpo,
+                                     fused_lm_head=fused_lm_head, vocab_chunk=vocab_chunk,
+                                     recompute_softmax=recompute_softmax)
+
+    @property
+    def completion_only(self) -> bool:
+        return self.settings.completion_only
+
+    @property
+    def chunk_size(self) -> int:
+        return self.settings.chunk_size
+
+    @property
+    def with_wpo(self) -> bool:
+        return self.settings.with_wpo
 
     def forward(self, batch: dict[str, Tensor]) -> SequenceLogps:
+        if is_packed(batch):
+            return packed_sequence_logps(self.model, batch, self.settings)
+        s = self.settings
         return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                              completion_only=self.completion_only, chunk_size=self.chunk_size,
-                              with_wpo=self.with_wpo)
+                              completion_only=s.completion_only, chunk_size=s.chunk_size, with_wpo=s.with_wpo,
+                              fused_lm_head=s.fused_lm_head, vocab_chunk=s.vocab_chunk,
+                              recompute_softmax=s.recompute_softmax)

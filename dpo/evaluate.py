@@ -1,0 +1,427 @@
+"""Evaluate a DPO policy against its reference model.
+
+    python -m dpo.evaluate --model runs/demo/final        # the demo: vs the run's starting model, demo judge
+    python -m dpo.evaluate --model RUN/final --reference MODEL --judge REWARD_MODEL --prompts eval.json
+    python -m dpo.evaluate --model RUN/final --implicit-reward --dataset demo --split test
+
+Pairwise win rate. Policy and reference each answer the same held-out instructions (the judge's own, e.g.
+the demo's held-out prompts, or --prompts FILE) with the same seeded decoding, by default the card's
+(temperature 0.7, top-p 0.9). The judge compares every pair of answers: a win (1), a tie (1/2) or a loss
+(0) for the policy. With W wins, T ties and L losses out of n = W + T + L,
+
+    win rate  p = (W + T/2) / n
+    95% CI    Wilson score interval with z = 1.96:
+              center    = (p + z^2/(2n)) / (1 + z^2/n)
+              half width = z / (1 + z^2/n) * sqrt(p(1 - p)/n + z^2/(4n^2))
+              i.e. the two p' with (p - p')^2 = z^2 p'(1 - p')/n.
+
+The interval treats each comparison as a Bernoulli trial. An outcome X in {0, 1/2, 1} has mean p and
+variance E[X^2] - p^2 <= p - p^2 = p(1 - p) (as X^2 <= X), so the Bernoulli variance is an upper bound:
+with ties the interval is conservative (no narrower than the truth warrants).
+
+Implicit reward. On a preference split, with r = beta * (log pi(y|x) - log ref(y|x)) summed over the
+response tokens, for chosen (r_c) and rejected (r_r) responses:
+
+    accuracy = mean 1[r_c > r_r],  margin = mean (r_c - r_r),  loss = mean -log sigmoid(r_c - r_r)
+
+beta, the template and the length limits default to the run's settings (final/dpo_run.json).
+The reference defaults to the model the run started from (dpo_run.json's "reference_model").
+The report ends with one JSON line holding every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
+from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
+                            generate_batch, generator_name, load_checked_tokenizer, read_instructions,
+                            resolve_device, resolve_dtype, resolve_run_model, side_by_side)
+from dpo.judges import Judge, JudgeError, build_judge
+from dpo.logprobs import sequence_logps
+from dpo.modeling import ModelLoadError, load_causal_lm
+
+Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
+RUN_SETTINGS_FILE = "dpo_run.json"
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked, in one line."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Win-rate arithmetic
+
+
+def wilson_interval(p_hat: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a proportion p_hat observed over n trials (see the module docstring)."""
+    if n < 1:
+        raise ValueError(f"the Wilson interval needs n >= 1, got {n}")
+    if not 0.0 <= p_hat <= 1.0:
+        raise ValueError(f"p_hat must be in [0, 1], got {p_hat}")
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    center = (p_hat + z2 / (2 * n)) / denominator
+    half_width = z / denominator * math.sqrt(p_hat * (1.0 - p_hat) / n + z2 / (4 * n * n))
+    return max(0.0, center - half_width), min(1.0, center + half_width)
+
+
+@dataclass(frozen=True)
+class WinRate:
+    wins: int
+    ties: int
+    losses: int
+
+    @classmethod
+    def from_outcomes(cls, outcomes: Sequence[float]) -> "WinRate":
+        """Outcomes are the judge's 1.0 (win), 0.5 (tie) or 0.0 (loss) for the policy."""
+        bad = [o for o in outcomes if o not in (0.0, 0.5, 1.0)]
+        if bad:
+            raise ValueError(f"a judge outcome must be 1.0, 0.5 or 0.0, got {bad[0]!r}")
+        return cls(wins=sum(o == 1.0 for o in outcomes), ties=sum(o == 0.5 for o in outcomes),
+                   losses=sum(o == 0.0 for o in outcomes))
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def win_rate(self) -> float:
+        if self.n == 0:
+            raise ValueError("no comparisons: the win rate is undefined")
+        return (self.wins + 0.5 * self.ties) / self.n
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.win_rate, self.n)
+
+    def to_dict(self) -> dict[str, float | int]:
+        low, high = self.interval
+        return {"win_rate": self.win_rate, "ci_low": low, "ci_high": high, "wins": self.wins, "ties": self.ties,
+                "losses": self.losses, "n": self.n}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pairwise comparison
+
+
+@dataclass
+class Comparison:
+    instruction: str
+    category: str | None
+    policy_output: str
+    reference_output: str
+    outcome: float  # for the policy: 1 win, 0.5 tie, 0 loss
+    policy_score: float | None = None  # the judge's absolute scores, where it has them
+    reference_score: float | None = None
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: str
+    model: Any
+    tokenizer: Any
+
+
+def load_model(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    path = resolve_run_model(name)
+    tokenizer = load_checked_tokenizer(path)
+    model = load_causal_lm(path, dtype=dtype, device=device).eval()
+    return LoadedModel(generator_name(path), path, model, tokenizer)
+
+
+def compare_models(policy: LoadedModel, reference: LoadedModel, prompts: Sequence[dict[str, Any]], judge: Judge,
+                   decoding: DecodingConfig, *, batch_size: int = 32, progress: bool = False) -> list[Comparison]:
+    """Both models answer every prompt (same seeded decoding); the judge compares each pair."""
+    instructions = [row["instruction"] for row in prompts]
+    # categories first: a prompt the judge cannot handle fails before any generation
+    categories = [judge.category(text) or row.get("category") for text, row in zip(instructions, prompts)]
+    policy_outputs = generate_batch(policy.model, policy.tokenizer, instructions, decoding, batch_size=batch_size,
+                                    progress=progress, description=f"policy {policy.name}")
+    reference_outputs = generate_batch(reference.model, reference.tokenizer, instructions, decoding,
+                                       batch_size=batch_size, progress=progress,
+                                       description=f"reference {reference.name}")
+    comparisons = []
+    for text, category, mine, theirs in zip(instructions, categories, policy_outputs, reference_outputs):
+        comparisons.append(Comparison(text, category, mine, theirs, judge.compare(text, mine, theirs),
+                                      judge.score(text, mine), judge.score(text, theirs)))
+    return comparisons
+
+
+def mean_lengths(texts: Sequence[str], tokenizer: Any) -> dict[str, float]:
+    """Mean whitespace-separated words and mean tokens (the model's own tokenizer) per text."""
+    if not texts:
+        return {"words": 0.0, "tokens": 0.0}
+    tokens = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return {"words": sum(len(t.split()) for t in texts) / len(texts),
+            "tokens": sum(len(ids) for ids in tokens) / len(texts)}
+
+
+def win_rate_summary(comparisons: Sequence[Comparison], policy: LoadedModel,
+                     reference: LoadedModel) -> dict[str, Any]:
+    overall = WinRate.from_outcomes([c.outcome for c in comparisons])
+    summary: dict[str, Any] = overall.to_dict()
+    for prefix, model, outputs in (("policy", policy, [c.policy_output for c in comparisons]),
+                                   ("reference", reference, [c.reference_output for c in comparisons])):
+        lengths = mean_lengths(outputs, model.tokenizer)
+        summary[f"{prefix}_mean_words"] = lengths["words"]
+        summary[f"{prefix}_mean_tokens"] = lengths["tokens"]
+        scores = [getattr(c, f"{prefix}_score") for c in comparisons]
+        if all(score is not None for score in scores):
+            summary[f"{prefix}_mean_score"] = sum(scores) / len(scores)
+    categories = sorted({c.category for c in comparisons if c.category is not None})
+    if categories:
+        summary["categories"] = {}
+        for category in categories:
+            subset = [c for c in comparisons if c.category == category]
+            summary["categories"][category] = {
+                **WinRate.from_outcomes([c.outcome for c in subset]).to_dict(),
+                "policy_mean_words": mean_lengths([c.policy_output for c in subset], policy.tokenizer)["words"],
+                "reference_mean_words": mean_lengths([c.reference_output for c in subset],
+                                                     reference.tokenizer)["words"]}
+    return summary
+
+
+def format_win_rate(summary: dict[str, Any], policy: str, reference: str) -> str:
+    header = f"{'':14}{'n':>5}{'wins':>6}{'ties':>6}{'losses':>8}{'win rate':>10}   95% CI"
+
+    def row(label: str, s: dict[str, Any]) -> str:
+        return (f"{label[:13]:14}{s['n']:>5}{s['wins']:>6}{s['ties']:>6}{s['losses']:>8}{s['win_rate']:>10.3f}"
+                f"   [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+
+    lines = [header] + [row(name, s) for name, s in summary.get("categories", {}).items()]
+    lines.append(row("all", summary))
+    has_score = "policy_mean_score" in summary
+    lines += ["", f"{'mean output':24}{'words':>8}{'tokens':>8}" + (f"{'judge score':>13}" if has_score else "")]
+    for prefix, name in (("policy", policy), ("reference", reference)):
+        score = f"{summary[f'{prefix}_mean_score']:>13.3f}" if has_score else ""
+        lines.append(f"{prefix + ' ' + name:24.24}{summary[f'{prefix}_mean_words']:>8.1f}"
+                     f"{summary[f'{prefix}_mean_tokens']:>8.1f}{score}")
+    return "\n".join(lines)
+
+
+def format_samples(comparisons: Sequence[Comparison], k: int, policy: str, reference: str) -> str:
+    """The first k comparisons (in evaluation order, not chosen by outcome), reference left, policy right."""
+    verdict = {1.0: "policy wins", 0.5: "tie", 0.0: "reference wins"}
+    blocks = []
+    for c in comparisons[:k]:
+        blocks.append(f"### Human: {c.instruction}   ({verdict[c.outcome]})\n"
+                      + side_by_side(f"before: {reference}", c.reference_output, f"after: {policy}",
+                                     c.policy_output))
+    return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Implicit reward
+
+
+@torch.no_grad()
+def implicit_reward_metrics(policy: Any, reference: Any, pairs: Sequence[Any], *, beta: float, pad_id: int,
+                            batch_size: int = 16) -> dict[str, float]:
+    """Means over pairs of the implicit-reward statistics in the module docstring."""
+    if not pairs:
+        raise EvaluationError("no preference pairs to score")
+    device = next(policy.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
+        n = batch["input_ids"].shape[0] // 2
+        log_ratio = (sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum
+                     - sequence_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum)
+        chosen.append(beta * log_ratio[:n])
+        rejected.append(beta * log_ratio[n:])
+    chosen_rewards, rejected_rewards = torch.cat(chosen).double(), torch.cat(rejected).double()
+    margins = chosen_rewards - rejected_rewards
+    return {"reward_accuracy": (margins > 0).double().mean().item(), "reward_margin": margins.mean().item(),
+            "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item(),
+            "dpo_loss": F.softplus(-margins).mean().item(), "pairs": len(pairs), "beta": beta}
+
+
+def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: dict[str, Any],
+                    max_pairs: int | None) -> tuple[list[Any], str]:
+    from dpo.pipeline import available_splits  # also registers the built-in "demo" source
+
+    splits = available_splits(dataset)
+    if splits is not None and split not in splits:
+        raise DataError(f"{dataset}: no split {split!r} (available: {', '.join(splits)}); set --split")
+    records, description = load_records(dataset, split if splits is not None else None)
+    records = select_subset(records, max_pairs)
+    pairs, stats = build_pairs(records, tokenizer, max_length=settings.get("max_length", 1024),
+                               max_prompt_length=settings.get("max_prompt_length", 512),
+                               truncation_mode=settings.get("truncation_mode", "keep_end"),
+                               template=settings.get("template", "recipe"), source=description)
+    return pairs, f"{description}: {stats}"
+
+
+def format_implicit(metrics: dict[str, float]) -> str:
+    return (f"implicit reward on {metrics['pairs']} pairs (beta {metrics['beta']}): accuracy "
+            f"{metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.4f}, chosen "
+            f"{metrics['chosen_reward']:.4f}, rejected {metrics['rejected_reward']:.4f}, "
+            f"DPO loss {metrics['dpo_loss']:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_settings(model_path: str) -> dict[str, Any]:
+    """The training settings saved beside a trained model (final/dpo_run.json), or {}."""
+    path = Path(model_path) / RUN_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(settings, dict):
+        raise EvaluationError(f"{path}: expected a JSON object of settings")
+    return settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dpo.evaluate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="the policy: a trained final/ (or its run directory)")
+    parser.add_argument("--reference", help=f"the reference model (default: the run's starting model, "
+                                            f"from {RUN_SETTINGS_FILE})")
+    parser.add_argument("--judge", default="demo", help="'demo' or a sequence-classification reward model")
+    parser.add_argument("--prompts", metavar="FILE", help="JSON / JSONL with 'instruction' fields "
+                                                          "(default: the judge's held-out prompts)")
+    parser.add_argument("--num-prompts", type=int, help="evaluate on this many prompts, drawn with --seed "
+                                                        "(default: all)")
+    parser.add_argument("--skip-win-rate", action="store_true", help="only the implicit reward")
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=TOP_P)
+    parser.add_argument("--top-k", type=int, default=0, help="0 turns top-k filtering off")
+    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the prompt draw and the decoding")
+    parser.add_argument("--chat-template", action="store_true", help="render prompts with the chat template")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=3, help="before/after samples to print")
+    parser.add_argument("--output", metavar="FILE.json", help="also write every comparison and the summary here")
+    parser.add_argument("--implicit-reward", action="store_true",
+                        help="also measure reward accuracy and margins on a preference split")
+    parser.add_argument("--dataset", help="preference data for --implicit-reward (default: the run's dataset)")
+    parser.add_argument("--split", help="its split (default: the run's eval split)")
+    parser.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's beta)")
+    parser.add_argument("--max-pairs", type=int, help="score at most this many pairs (default: all)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _prompts(args: argparse.Namespace, judge: Judge) -> list[dict[str, Any]]:
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise EvaluationError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    if args.prompts:
+        rows = read_instructions(args.prompts)
+        if args.num_prompts is not None and args.num_prompts < len(rows):
+            keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.num_prompts))
+            rows = [rows[i] for i in keep]
+        return rows
+    texts = judge.default_prompts(args.num_prompts, args.seed)
+    if texts is None:
+        raise EvaluationError(f"the judge {args.judge} has no prompts of its own; give --prompts FILE")
+    return [{"instruction": text} for text in texts]
+
+
+def check_args(args: argparse.Namespace) -> DecodingConfig:
+    decoding = DecodingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed, chat_template=args.chat_template)
+    decoding.validate()
+    if args.batch_size < 1:
+        raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.samples < 0:
+        raise EvaluationError(f"--samples must be >= 0, got {args.samples}")
+    if args.skip_win_rate and not args.implicit_reward:
+        raise EvaluationError("--skip-win-rate leaves nothing to do without --implicit-reward")
+    if args.beta is not None and not args.beta > 0:
+        raise EvaluationError(f"--beta must be positive, got {args.beta}")
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise EvaluationError(f"--max-pairs must be at least 1, got {args.max_pairs}")
+    return decoding
+
+
+def main(argv: list[str] | None = None) -> int:
+    import transformers
+
+    args = build_parser().parse_args(argv)
+    decoding = check_args(args)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    policy_path = resolve_run_model(args.model)
+    settings = run_settings(policy_path)
+    reference_name = args.reference or settings.get("reference_model")
+    if not reference_name:
+        raise EvaluationError(f"--reference is required: {args.model} has no {RUN_SETTINGS_FILE} naming the "
+                              "model the run started from")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
+    judge = build_judge(args.judge, device=device, dtype=dtype) if not args.skip_win_rate else None
+    prompts = _prompts(args, judge) if judge is not None else []
+    policy = load_model(policy_path, dtype, device)
+    reference = load_model(reference_name, dtype, device)
+    source = "" if args.reference else f" (the run's starting model, from {RUN_SETTINGS_FILE})"
+    print(f"policy     {policy.path}\nreference  {reference_name}{source}")
+    result: dict[str, Any] = {"policy": policy.name, "reference": reference.name}
+
+    if judge is not None:
+        origin = args.prompts or "held-out"
+        print(f"judge      {judge.name}, {len(prompts)} prompts ({origin}), {decoding.describe()}\n")
+        comparisons = compare_models(policy, reference, prompts, judge, decoding, batch_size=args.batch_size,
+                                     progress=not args.no_progress)
+        summary = win_rate_summary(comparisons, policy, reference)
+        print(format_win_rate(summary, policy.name, reference.name))
+        if args.samples:
+            print("\n" + format_samples(comparisons, args.samples, policy.name, reference.name))
+        result.update(judge=judge.name, decoding=asdict(decoding), **summary)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps({"summary": result, "comparisons": [
+                asdict(c) for c in comparisons]}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+    if args.implicit_reward:
+        dataset = args.dataset or settings.get("dataset")
+        split = args.split or settings.get("eval_split")
+        beta = args.beta or settings.get("beta") or 0.1
+        if not dataset:
+            raise EvaluationError("--implicit-reward needs --dataset (the run's settings name none)")
+        if policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+            raise EvaluationError("--implicit-reward needs policy and reference to share a tokenizer")
+        pairs, description = load_eval_pairs(dataset, split, policy.tokenizer, settings, args.max_pairs)
+        print(f"\n{description}")
+        metrics = implicit_reward_metrics(policy.model, reference.model, pairs, beta=beta,
+                                          pad_id=policy.tokenizer.pad_token_id, batch_size=args.batch_size)
+        print(format_implicit(metrics))
+        result["implicit_reward"] = {**metrics, "dataset": dataset, "split": split}
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+USER_ERRORS = (EvaluationError, GenerationError, JudgeError, ModelLoadError, DataError)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,468 @@
+"""Decoding with the recipe's settings, shared by generate.py and dpo.evaluate.
+
+    encode_prompts     instructions -> prompt token ids, rendered and encoded exactly as in training
+    left_pad           id lists -> input_ids, attention_mask (the mask comes from lengths: pad may equal EOS/BOS)
+    generate_batch     model + instructions -> one response text each, in left-padded batches
+    truncate_at_stop   the text before the first stop string ("### Human:" by default)
+    StopOnStrings      a StoppingCriteria: a row is finished once its generated text holds a stop string
+    StopAwareStreamer  prints a response as it is generated, never printing a stop string
+    read_instructions / write_outputs   batch files (AlpacaEval's format)
+
+Decoding is the phi-2-dpo card's: sampling with temperature 0.7 and nucleus top-p 0.9 (transformers'
+implicit top-k of 50 is switched off, top_k=0, so the distribution is exactly temperature + top-p), or
+greedy. A response ends at EOS, or where the model starts a new "### Human:" turn (the verbosity failure
+the Phi-2 card describes); the stop string and everything after it are dropped, then surrounding
+whitespace (the response starts with the space after "### Assistant:").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from dpo.data import _encode, _special_ids
+from dpo.modeling import ModelLoadError, load_tokenizer
+from dpo.templates import HUMAN_TURN_PREFIX, format_prompt
+
+# The card's decoding.
+TEMPERATURE = 0.7
+TOP_P = 0.9
+MAX_NEW_TOKENS = 256
+STOP_STRINGS = (HUMAN_TURN_PREFIX,)
+_TRAILING_UNSETTLED = re.compile(r"[\s\ufffd]+$")  # whitespace and incomplete UTF-8 at the end
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class GenerationError(ValueError):
+    """A decoding setting or an input that cannot work, in one line."""
+
+
+class BatchFileError(GenerationError):
+    """An unusable batch file; the message names the file and the row."""
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How responses are decoded. greedy=True ignores temperature, top_p and top_k."""
+
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
+    top_k: int = 0  # 0: no top-k filtering
+    greedy: bool = False
+    max_new_tokens: int = MAX_NEW_TOKENS
+    seed: int | None = 0  # torch.manual_seed(seed) before the first batch; None leaves the RNG alone
+    stop_strings: tuple[str, ...] = STOP_STRINGS
+    chat_template: bool = False  # render with the tokenizer's chat template instead of the recipe's
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.greedy:
+            if not self.temperature > 0:
+                raise GenerationError(f"--temperature must be positive (use --greedy for argmax), "
+                                      f"got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise GenerationError(f"--top-p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise GenerationError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if any(not s for s in self.stop_strings):
+            raise GenerationError("stop strings must be non-empty")
+
+    def describe(self) -> str:
+        if self.greedy:
+            return f"greedy, max {self.max_new_tokens} new tokens"
+        top_k = f", top-k {self.top_k}" if self.top_k else ""
+        return (f"temperature {self.temperature}, top-p {self.top_p}{top_k}, seed {self.seed}, "
+                f"max {self.max_new_tokens} new tokens")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GenerationError(f"--device {name}: not a device (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 / bf16 / fp16 weights; auto = fp16 on CUDA, fp32 elsewhere (half precision is slow on CPUs)."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise GenerationError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return dtypes[precision]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts -> padded batches
+
+
+def load_checked_tokenizer(name: str) -> Any:
+    """load_tokenizer, plus a check that it encodes text: for a directory without tokenizer files,
+    transformers may build an empty tokenizer from config.json alone, which encodes everything to []."""
+    tokenizer = load_tokenizer(name)
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(f"model {name}: no usable tokenizer (it encodes text to no tokens; are the "
+                             "tokenizer files missing from the directory?)")
+    return tokenizer
+
+
+def check_instruction(instruction: Any, where: str = "the instruction") -> str:
+    if not isinstance(instruction, str):
+        raise GenerationError(f"{where} is a {type(instruction).__name__}, not a string")
+    if not instruction.strip():
+        raise GenerationError(f"{where} is empty")
+    return instruction
+
+
+def render_prompt(tokenizer: Any, instruction: str, chat_template: bool = False) -> str:
+    """format_prompt(instruction), or the tokenizer's chat template for one user turn + generation prompt."""
+    if not chat_template:
+        return format_prompt(instruction)
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError(f"--chat-template: the tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')} "
+                              "has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer: Any, instructions: Sequence[str], chat_template: bool = False) -> list[list[int]]:
+    """Prompt ids as training builds them (dpo.data): [BOS]? + tok(rendered prompt), no EOS.
+
+    BOS is added only when the tokenizer itself adds one (Llama; not GPT-2 or Phi-2) and never twice.
+    Recipe text is plain text (a literal "<|endoftext|>" stays text); a chat rendering holds special tokens.
+    """
+    texts = [render_prompt(tokenizer, text, chat_template) for text in instructions]
+    bos = _special_ids(tokenizer).bos
+    ids = _encode(tokenizer, texts, split_special_tokens=not chat_template)
+    if bos is None:
+        return ids
+    return [row if row[:1] == [bos] else [bos] + row for row in ids]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """[B, T] input_ids with pad_id on the left, and attention_mask 1 on the last len(seq) positions.
+
+    The mask is built from the lengths, never by comparing ids with pad_id: for Phi-2 pad == EOS == BOS.
+    """
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+            attention_mask[row, width - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stop strings
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str:
+    """The text before the earliest complete stop string (all of it when there is none).
+
+    Only complete stop strings cut: "### Hum" at the end of a response that ran out of tokens, or
+    "### Humans" inside it, are kept, since they may be the response's own text.
+    """
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def clean_response(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str:
+    """A decoded continuation (special tokens already removed) -> the response as printed and saved."""
+    return truncate_at_stop(text, stop_strings).strip()
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often have several)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for eos in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if eos is not None and eos not in ids:
+            ids.append(int(eos))
+    return ids
+
+
+def _cut_at_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:position]
+    return ids
+
+
+class StopOnStrings(StoppingCriteria):
+    """A row is finished once the text generated after position `prompt_width` contains a stop string.
+
+    The whole continuation is decoded at every step, so a stop string split across tokens, or across
+    BPE merges that change as more tokens arrive, is still found.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str], prompt_width: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class StopAwareStreamer(BaseStreamer):
+    """Writes a response while it is generated (batch size 1), exactly as clean_response will return it.
+
+    After each token the continuation is decoded; what is written is its cleaned form minus a held-back
+    tail: trailing whitespace, an incomplete UTF-8 character and any suffix that could be the start of a
+    stop string. end() writes the rest of clean_response(full text) and a newline. `text` is the result.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str] = STOP_STRINGS,
+                 write: Callable[[str], Any] | None = None, eos_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        self.eos_ids = tuple(eos_ids) or (tokenizer.eos_token_id,)
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: list[int] = []
+        self.written = ""
+        self.text = ""
+        self._prompt_pending = True
+        self._finished = False
+
+    def _safe_prefix(self, text: str) -> str:
+        """The part of clean_response(text) that no later token can change."""
+        truncated = truncate_at_stop(text, self.stop_strings)
+        if len(truncated) < len(text):  # a complete stop string: the response is final
+            return truncated.strip()
+        cleaned = truncated.lstrip()
+        hold = max((k for stop in self.stop_strings for k in range(1, len(stop))
+                    if cleaned.endswith(stop[:k])), default=0)
+        return _TRAILING_UNSETTLED.sub("", cleaned[:len(cleaned) - hold])
+
+    def put(self, value: Tensor) -> None:
+        if value.dim() > 1:
+            if value.shape[0] > 1:
+                raise GenerationError("streaming needs a batch of one prompt")
+            value = value[0]
+        if self._prompt_pending:  # generate() first passes the prompt
+            self._prompt_pending = False
+            return
+        if self._finished:
+            return
+        new = value.tolist()
+        kept = _cut_at_eos(new, self.eos_ids)
+        self.tokens.extend(kept)
+        self._finished = len(kept) < len(new)
+        safe = self._safe_prefix(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if safe.startswith(self.written) and len(safe) > len(self.written):
+            self.write(safe[len(self.written):])
+            self.written = safe
+
+    def end(self) -> None:
+        self.text = clean_response(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
+        if self.text.startswith(self.written):
+            self.write(self.text[len(self.written):] + "\n")
+        else:  # cannot happen for a prefix-stable decoder; never print a wrong continuation silently
+            self.write("\n" + self.text + "\n")
+        self.written = self.text
+        self._prompt_pending = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _generation_config(decoding: DecodingConfig, max_new_tokens: int, pad_id: int,
+                       eos_ids: list[int]) -> GenerationConfig:
+    if decoding.greedy:  # neutral values, so a sampling generation_config.json of the model is not mixed in
+        sampling = dict(temperature=1.0, top_p=1.0, top_k=50)
+    else:
+        sampling = dict(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
+    return GenerationConfig(do_sample=not decoding.greedy, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                            eos_token_id=eos_ids, num_beams=1, **sampling)
+
+
+def _max_positions(model: Any) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+@torch.no_grad()
+def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingConfig | None = None,
+                   *, batch_size: int = 8, progress: bool = False, streamer: BaseStreamer | None = None,
+                   description: str = "generating") -> list[str]:
+    """One response per instruction, in the instructions' order.
+
+    Prompts are sorted by length (longest first) into batches of `batch_size`, left-padded, and decoded
+    with `decoding`; the seed is set once, before the first batch, so a call is a pure function of its
+    arguments. When a prompt plus max_new_tokens would exceed the model's max_position_embeddings, the
+    new-token budget of that batch is lowered to fit.
+    """
+    decoding = decoding or DecodingConfig()
+    decoding.validate()
+    if batch_size < 1:
+        raise GenerationError(f"--batch-size must be at least 1, got {batch_size}")
+    for i, text in enumerate(instructions):
+        check_instruction(text, f"instruction {i}" if len(instructions) > 1 else "the instruction")
+    if streamer is not None and len(instructions) != 1:
+        raise GenerationError("streaming needs exactly one instruction")
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    prompts = encode_prompts(tokenizer, instructions, decoding.chat_template)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    limit = _max_positions(model)
+    was_training = model.training
+    model.eval()
+    if decoding.seed is not None:
+        torch.manual_seed(decoding.seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True)
+    outputs: list[str] = [""] * len(prompts)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad_id)
+            width = input_ids.shape[1]
+            max_new = decoding.max_new_tokens
+            if limit is not None:
+                if width >= limit:
+                    raise GenerationError(f"a prompt of {width} tokens does not fit the model's "
+                                          f"{limit} positions")
+                max_new = min(max_new, limit - width)
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                generation_config=_generation_config(decoding, max_new, pad_id, eos_ids),
+                stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, decoding.stop_strings, width)]),
+                streamer=streamer)
+            for row, ids in zip(rows, out[:, width:].tolist()):
+                text = tokenizer.decode(_cut_at_eos(ids, eos_ids), skip_special_tokens=True)
+                outputs[row] = clean_response(text, decoding.stop_strings)
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch files
+
+
+def read_instructions(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSON array, a single JSON object, or JSON Lines, each an object with a non-empty
+    string "instruction" (AlpacaEval's format; other fields are kept)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BatchFileError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BatchFileError(f"{path}: is a directory, not a JSON or JSONL file") from None
+    except UnicodeDecodeError as error:
+        raise BatchFileError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    try:
+        data = json.loads(text)
+        rows = [data] if isinstance(data, dict) else data
+    except json.JSONDecodeError:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise BatchFileError(f"{path}: not JSON or JSON Lines (line {lineno}: {error.msg}, "
+                                     f"column {error.colno})") from None
+    if not isinstance(rows, list):
+        raise BatchFileError(f"{path}: expected a list of objects with an 'instruction' field, "
+                             f"got a JSON {type(rows).__name__}")
+    if not rows:
+        raise BatchFileError(f"{path}: no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BatchFileError(f"{path}, row {i}: expected an object with an 'instruction' field, "
+                                 f"got a {type(row).__name__}")
+        if "instruction" not in row:
+            raise BatchFileError(f"{path}, row {i}: no 'instruction' field (fields: {', '.join(row) or 'none'})")
+        try:
+            check_instruction(row["instruction"], "field 'instruction'")
+        except GenerationError as error:
+            raise BatchFileError(f"{path}, row {i}: {error}") from None
+    return rows
+
+
+def write_outputs(path: str | Path, rows: Sequence[dict[str, Any]], outputs: Sequence[str], generator: str) -> None:
+    """A JSON list of {"instruction", "output", "generator"} (plus the rows' other fields), UTF-8."""
+    records = [{**row, "instruction": row["instruction"], "output": output, "generator": generator}
+               for row, output in zip(rows, outputs, strict=True)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def generator_name(model: str) -> str:
+    """A short name for outputs: the hub name, the directory's name, or "<run>/final" for a run's model."""
+    path = Path(model.rstrip("/\\"))
+    if not path.exists():
+        return model
+    path = path.resolve()
+    if path.name == "final" or path.name.startswith("checkpoint-"):
+        return f"{path.parent.name}/{path.name}"
+    return path.name
+
+
+def resolve_run_model(name: str) -> str:
+    """A training run's directory stands for the model in its final/ subdirectory."""
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").is_file():
+        return str(path / "final")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Display
+
+
+def side_by_side(title_a: str, text_a: str, title_b: str, text_b: str, width: int | None = None) -> str:
+    """Two texts in two wrapped columns under their titles."""
+    width = width or shutil.get_terminal_size((120, 20)).columns
+    column = max(20, (width - 3) // 2)
+
+    def lines(title: str, text: str) -> list[str]:
+        body = [piece for paragraph in (text or "(empty)").splitlines()
+                for piece in (textwrap.wrap(paragraph, column) or [""])]
+        return [title[:column], "-" * min(column, max(len(title), 1))] + body
+
+    left, right = lines(title_a, text_a), lines(title_b, text_b)
+    rows = max(len(left), len(right))
+    left += [""] * (rows - len(left))
+    right += [""] * (rows - len(right))
+    return "\n".join(f"{a:<{column}} | {b}".rstrip() for a, b in zip(left, right))

@@ -1,0 +1,175 @@
+"""Pairwise judges: which of two answers to an instruction is better.
+
+A judge is anything with
+
+    compare(instruction, answer_a, answer_b) -> float   1.0: a is better, 0.0: b is better, 0.5: a tie
+    category(instruction) -> str | None                  optional, for per-category tables
+    score(instruction, answer) -> float | None           optional, an absolute score of one answer
+
+and, optionally, `default_prompts(n, seed)`: the held-out instructions it knows how to judge.
+
+    DemoJudge         the embedded demo's programmatic judge (dpo.demo.task): correct beats wrong, and
+                      among correct answers concise beats rambling
+    RewardModelJudge  any Hugging Face AutoModelForSequenceClassification reward model with one output:
+                      the answer with the higher reward wins, equal rewards tie
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from dpo.modeling import ModelLoadError, resolve_model_path
+from dpo.templates import format_prompt, format_response
+
+
+class JudgeError(ValueError):
+    """A judge that cannot be built, or an instruction it cannot judge."""
+
+
+class Judge:
+    """The judge interface; subclasses implement `compare`."""
+
+    name = "judge"
+
+    def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        raise NotImplementedError
+
+    def score(self, instruction: str, answer: str) -> float | None:
+        """An absolute score of one answer, where the judge has one (reported as a per-model mean)."""
+        return None
+
+    def category(self, instruction: str) -> str | None:
+        return None
+
+    def default_prompts(self, n: int | None, seed: int) -> list[str] | None:
+        """Instructions to evaluate on when none are given; None when the judge has no own prompts."""
+        return None
+
+
+def _outcome(score_a: float, score_b: float) -> float:
+    return 1.0 if score_a > score_b else 0.0 if score_a < score_b else 0.5
+
+
+class DemoJudge(Judge):
+    """dpo.demo.task's judge: score 1.0 correct and concise, 0.5 correct only, 0.0 wrong; higher wins.
+
+    Instructions are given as text and mapped back to the demo's Instruction objects (train and test
+    splits); text that is not a demo instruction is an error.
+    """
+
+    name = "demo"
+
+    @cached_property
+    def _by_text(self) -> dict[str, Any]:
+        from dpo.demo import task
+
+        return {instr.text: instr for split in task.SPLITS for instr in task.instructions(split)}
+
+    def instruction(self, text: str) -> Any:
+        try:
+            return self._by_text[text.strip()]
+        except KeyError:
+            raise JudgeError(f"the demo judge only knows the demo's instructions, not {text[:80]!r}") from None
+
+    def score(self, instruction: str, answer: str) -> float:
+        from dpo.demo import task
+
+        return task.judge(self.instruction(instruction), answer).score
+
+    def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        from dpo.demo import task
+
+        return task.compare(self.instruction(instruction), answer_a, answer_b)
+
+    def category(self, instruction: str) -> str | None:
+        return self.instruction(instruction).category
+
+    def default_prompts(self, n: int | None, seed: int) -> list[str]:
+        from dpo.demo import task
+
+        pool = len(task.instructions("test"))
+        if n is not None and not 1 <= n <= pool:
+            raise JudgeError(f"--num-prompts must be in [1, {pool}] (the demo's held-out instructions), got {n}")
+        return [instr.text for instr in task.held_out_instructions(pool if n is None else n, seed=seed)]
+
+
+class RewardModelJudge(Judge):
+    """A sequence-classification reward model: reward(instruction, answer) = its single logit on the
+    rendered conversation; compare() = 1 / 0.5 / 0 as reward(a) >, =, < reward(b).
+
+    The conversation is rendered with the reward model's chat template when its tokenizer has one
+    (user turn, then assistant turn), else with the recipe's template: format_prompt + format_response.
+    No EOS is appended, and texts are scored one at a time (no padding), because sequence-classification
+    heads read the last token that is not the pad id, and pad == EOS in many tokenizers.
+    """
+
+    def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_length: int | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        resolved = resolve_model_path(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(resolved)
+        except Exception as error:  # transformers raises many types for a missing or broken tokenizer
+            raise ModelLoadError(f"reward model {path}: no usable tokenizer ({_first_line(error)})") from None
+        if not self.tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+            raise ModelLoadError(f"reward model {path}: no usable tokenizer (it encodes text to no tokens)")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=dtype)
+        except Exception as error:
+            raise ModelLoadError(f"reward model {path}: cannot be loaded as a sequence-classification model "
+                                 f"({_first_line(error)})") from None
+        if model.config.num_labels != 1:
+            raise JudgeError(f"reward model {path}: has {model.config.num_labels} outputs; a reward model has one")
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.max_length = max_length
+        self.name = path
+        self._rewards: dict[tuple[str, str], float] = {}
+
+    def render(self, instruction: str, answer: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer.strip()}],
+                tokenize=False)
+        return format_prompt(instruction) + format_response(answer)
+
+    def reward(self, instruction: str, answer: str) -> float:
+        key = (instruction, answer)
+        if key not in self._rewards:  # compare() and score() ask for the same rewards
+            self._rewards[key] = self._reward(instruction, answer)
+        return self._rewards[key]
+
+    @torch.no_grad()
+    def _reward(self, instruction: str, answer: str) -> float:
+        encoded = self.tokenizer(self.render(instruction, answer), return_tensors="pt",
+                                 truncation=self.max_length is not None, max_length=self.max_length,
+                                 add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+        if encoded["input_ids"].shape[1] == 0:
+            raise JudgeError(f"reward model {self.name}: its tokenizer encodes the conversation to no tokens")
+        logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
+        return float(logits[0, 0].float())
+
+    def score(self, instruction: str, answer: str) -> float:
+        return self.reward(instruction, answer)
+
+    def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        return _outcome(self.reward(instruction, answer_a), self.reward(instruction, answer_b))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+JUDGES = {"demo": DemoJudge}
+
+
+def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Judge:
+    """'demo' -> DemoJudge; anything else is a reward model's directory or hub name."""
+    if spec in JUDGES:
+        return JUDGES[spec]()
+    return RewardModelJudge(spec, device=device, dtype=dtype)

@@ -1,0 +1,240 @@
+"""Padding-free batch layouts: every token of a micro-batch in one row, no padding anywhere.
+
+`collate_pairs` (dpo.data) pads 2B sequences to the longest one; every linear layer then also computes
+the padding. The packed layouts put the real tokens of all sequences side by side in a single row
+[1, N] and say where each sequence lies, so linear layers see exactly the N real tokens:
+
+    collate_packed          B pairs -> 2B blocks, one per sequence: [prompt][chosen] ... [prompt][rejected] ...
+    collate_shared_prompt   B pairs -> B blocks, one per pair: [prompt][chosen][rejected]; the prompt is
+                            computed once for both responses
+
+Attention never crosses a block: `packed_sdpa_attention` runs SDPA block by block (causal inside a
+block). In a shared-prompt block the rejected tokens attend to the prompt and to earlier rejected tokens,
+never to the chosen ones, and their positions restart where the prompt ends, so every hidden state
+equals the one of the unshared sequence [prompt][rejected].
+
+Batch dict (all tensors, so `{k: v.to(device)}` moves it):
+    input_ids, position_ids   [1, N] long
+    block_lengths             [num_blocks, 3] long: (prefix, first branch, second branch) token counts.
+                              An unshared sequence is (its length, 0, 0); a shared pair is (P, C, R).
+    score_index               [M] long, the position in the row whose hidden state predicts a scored token
+    score_target              [M] long, the scored token
+    score_row                 [M] long, the sequence it belongs to: pair i chosen = i, rejected = B + i
+    prompt_lengths, response_lengths   [2B] long, as in collate_pairs
+
+`group_by_length` orders the pairs of one optimizer step into micro-batches of similar length, so a padded
+layout computes little padding; the step still sums the loss of the same pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from dpo.data import TokenizedPair
+
+PACKED_ATTENTION = "sdpa_packed"  # the name under which packed_sdpa_attention is registered in transformers
+PACKED_KEYS = ("block_lengths", "score_index", "score_target", "score_row")
+
+
+class PackingError(ValueError):
+    """A packed batch cannot be run (e.g. the model does not use SDPA attention)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collate
+
+def _packed_dict(tokens: list[int], positions: list[int], blocks: list[tuple[int, int, int]],
+                 scores: tuple[list[int], list[int], list[int]], pairs: Sequence[TokenizedPair]) -> dict[str, Tensor]:
+    index, target, row = scores
+    long = dict(dtype=torch.long)
+    return {
+        "input_ids": torch.tensor([tokens], **long),
+        "position_ids": torch.tensor([positions], **long),
+        "block_lengths": torch.tensor(blocks, **long).reshape(-1, 3),
+        "score_index": torch.tensor(index, **long),
+        "score_target": torch.tensor(target, **long),
+        "score_row": torch.tensor(row, **long),
+        "prompt_lengths": torch.tensor([len(p.prompt_ids) for p in pairs] * 2, **long),
+        "response_lengths": torch.tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs],
+                                         **long),
+    }
+
+
+def _add_scores(scores: tuple[list[int], list[int], list[int]], response: list[int], first_predictor: int | None,
+                start: int, row: int) -> None:
+    """Response token j is predicted by the hidden state at start + j - 1, its first token by `first_predictor`
+    (the last prompt token; None when the prompt is empty, so the first token has no predictor)."""
+    index, target, rows = scores
+    for j, token in enumerate(response):
+        predictor = first_predictor if j == 0 else start + j - 1
+        if predictor is None:
+            continue
+        index.append(predictor)
+        target.append(token)
+        rows.append(row)
+
+
+def collate_packed(pairs: Sequence[TokenizedPair]) -> dict[str, Tensor]:
+    """B pairs -> one row of 2B sequences without padding (chosen sequences first, then rejected)."""
+    if not pairs:
+        raise ValueError("collate_packed needs at least one pair")
+    tokens: list[int] = []
+    positions: list[int] = []
+    blocks: list[tuple[int, int, int]] = []
+    scores: tuple[list[int], list[int], list[int]] = ([], [], [])
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    for row, (prompt, response) in enumerate(sequences):
+        start = len(tokens)
+        tokens += prompt + response
+        positions += range(len(prompt) + len(response))
+        blocks.append((len(prompt) + len(response), 0, 0))
+        response_start = start + len(prompt)
+        _add_scores(scores, response, response_start - 1 if prompt else None, response_start, row)
+    return _packed_dict(tokens, positions, blocks, scores, pairs)
+
+
+def collate_shared_prompt(pairs: Sequence[TokenizedPair]) -> dict[str, Tensor]:
+    """B pairs -> one row of B blocks [prompt][chosen][rejected]; rejected positions restart after the prompt."""
+    if not pairs:
+        raise ValueError("collate_shared_prompt needs at least one pair")
+    num = len(pairs)
+    tokens: list[int] = []
+    positions: list[int] = []
+    blocks: list[tuple[int, int, int]] = []
+    scores: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for i, pair in enumerate(pairs):
+        prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+        start = len(tokens)
+        tokens += prompt + chosen + rejected
+        positions += list(range(len(prompt) + len(chosen))) + list(range(len(prompt), len(prompt) + len(rejected)))
+        blocks.append((len(prompt), len(chosen), len(rejected)))
+        last_prompt = start + len(prompt) - 1 if prompt else None
+        _add_scores(scores, chosen, last_prompt, start + len(prompt), i)
+        _add_scores(scores, rejected, last_prompt, start + len(prompt) + len(chosen), num + i)
+    return _packed_dict(tokens, positions, blocks, scores, pairs)
+
+
+def is_packed(batch: dict[str, Tensor]) -> bool:
+    return "block_lengths" in batch
+
+
+def num_sequences(batch: dict[str, Tensor]) -> int:
+    return int(batch["prompt_lengths"].shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+
+@dataclass
+class PackedBlocks:
+    """Where the blocks of a packed row lie, with the mask of every shared block's second branch."""
+
+    spans: list[tuple[int, int, int, int]]  # (start, prefix, first, second) token counts
+    second_masks: list[Tensor | None]  # [second, prefix + second] bool, True = may attend
+
+    @classmethod
+    def from_lengths(cls, block_lengths: Tensor) -> "PackedBlocks":
+        spans, masks, start = [], [], 0
+        device = block_lengths.device
+        for prefix, first, second in block_lengths.tolist():
+            spans.append((start, prefix, first, second))
+            start += prefix + first + second
+            if second:
+                keys = torch.arange(prefix + second, device=device)
+                queries = torch.arange(second, device=device)
+                masks.append((keys[None, :] < prefix) | (keys[None, :] - prefix <= queries[:, None]))
+            else:
+                masks.append(None)
+        return cls(spans, masks)
+
+
+def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          packed_blocks: PackedBlocks | None = None, **kwargs) -> tuple[Tensor, None]:
+    """SDPA block by block over a packed row ([1, heads, N, head_dim]); plain SDPA when not packed.
+
+    Block (start, P, C, R): queries of [P][C] attend causally to [P][C]; queries of [R] attend to all of
+    [P] and causally to [R] (R = 0: an ordinary causal sequence of P + C tokens)."""
+    if packed_blocks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    outputs = []
+    for (start, prefix, first, second), second_mask in zip(packed_blocks.spans, packed_blocks.second_masks):
+        causal_end = start + prefix + first
+        span = slice(start, causal_end)
+        outputs.append(F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span],
+                                                      dropout_p=dropout, scale=scaling, is_causal=True))
+        if second:
+            prefix_span, second_span = slice(start, start + prefix), slice(causal_end, causal_end + second)
+            keys = torch.cat((key[:, :, prefix_span], key[:, :, second_span]), dim=2)
+            values = torch.cat((value[:, :, prefix_span], value[:, :, second_span]), dim=2)
+            outputs.append(F.scaled_dot_product_attention(query[:, :, second_span], keys, values,
+                                                          attn_mask=second_mask, dropout_p=dropout, scale=scaling))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+
+# A 4D mask is passed through by transformers' mask creation untouched: an empty one costs nothing and
+# tells it that no [N, N] mask is wanted (the blocks say everything).
+_NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
+
+
+def enable_packed_attention(model: torch.nn.Module) -> None:
+    """Route the model's attention through packed_sdpa_attention (identical to SDPA for unpacked inputs)."""
+    config = model.config
+    if config._attn_implementation == PACKED_ATTENTION:
+        return
+    if config._attn_implementation != "sdpa":
+        raise PackingError(f"packed batches need SDPA attention, the model uses '{config._attn_implementation}'; "
+                           "load it with attn_implementation='sdpa' or use the padded layout")
+    config._attn_implementation = PACKED_ATTENTION
+
+
+def packed_hidden_states(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Last hidden states [N, d] of a packed batch, from the model's transformer body."""
+    enable_packed_attention(model)
+    blocks = PackedBlocks.from_lengths(batch["block_lengths"])
+    output = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              attention_mask=_NO_MASK.to(batch["input_ids"].device), use_cache=False,
+                              packed_blocks=blocks)
+    return output.last_hidden_state[0]
+
+
+def packed_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Full logits [N, V] of a packed batch (for models whose logits are not lm_head(hidden))."""
+    enable_packed_attention(model)
+    blocks = PackedBlocks.from_lengths(batch["block_lengths"])
+    output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   attention_mask=_NO_MASK.to(batch["input_ids"].device), use_cache=False, packed_blocks=blocks)
+    return output.logits[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Length grouping
+
+def pair_length(pair: TokenizedPair) -> int:
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
+def group_by_length(ids: Sequence[int], pairs: Sequence[TokenizedPair], micro_batch_size: int) -> list[list[int]]:
+    """The pair ids of one optimizer step cut into micro-batches of similar length, longest first.
+
+    The step's gradient is a sum over the same pairs whatever the grouping, so this changes only how much
+    padding a padded layout computes (and the floating-point order of the sum)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    ordered = sorted(ids, key=lambda i: -pair_length(pairs[i]))
+    return [ordered[start:start + micro_batch_size] for start in range(0, len(ordered), micro_batch_size)]

@@ -1,0 +1,364 @@
+"""dpo.evaluate and dpo.judges: win-rate arithmetic and interval, judges, implicit reward, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpo import evaluate
+from dpo.data import build_pairs, load_records
+from dpo.demo import task
+from dpo.evaluate import (Comparison, LoadedModel, WinRate, compare_models, implicit_reward_metrics,
+                          wilson_interval, win_rate_summary)
+from dpo.generation import DecodingConfig
+from dpo.judges import DemoJudge, JudgeError, RewardModelJudge, build_judge
+from dpo.templates import format_prompt, format_response
+from tiny import make_model_dir, tiny_phi, tiny_tokenizer, write_pairs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------- arithmetic
+
+
+def _wilson_by_bisection(p_hat: float, n: int, z: float) -> tuple[float, float]:
+    """The two roots p of (p_hat - p)^2 = z^2 p (1 - p) / n, found numerically on each side of p_hat."""
+    def f(p):
+        return (p_hat - p) ** 2 - z * z * p * (1 - p) / n
+
+    def root(lo, hi):  # f(lo) and f(hi) have opposite signs
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if (f(mid) > 0) == (f(lo) > 0):
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = 0.0 if p_hat == 0 else root(0.0, p_hat)
+    high = 1.0 if p_hat == 1 else root(p_hat, 1.0)
+    return low, high
+
+
+def test_z_is_the_normal_97_5_percent_quantile():
+    assert 0.5 * (1 + math.erf(evaluate.Z_95 / math.sqrt(2))) == pytest.approx(0.975, abs=1e-12)
+
+
+@pytest.mark.parametrize("p_hat, n, expected", [
+    (0.8, 10, (0.4902, 0.9433)),  # published Wilson 95% interval for 8 of 10
+    (0.0, 10, (0.0, 0.2775)),
+    (1.0, 10, (0.7225, 1.0)),
+    (0.5, 100, (0.4038, 0.5962)),
+])
+def test_wilson_interval_published_values(p_hat, n, expected):
+    assert wilson_interval(p_hat, n) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("p_hat, n", [(0.3, 7), (0.625, 8), (0.95, 243), (0.5, 1), (0.01, 1000), (0.8, 40)])
+def test_wilson_interval_solves_the_score_equation(p_hat, n):
+    assert wilson_interval(p_hat, n) == pytest.approx(_wilson_by_bisection(p_hat, n, evaluate.Z_95), abs=1e-9)
+
+
+def test_wilson_interval_rejects_no_trials():
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
+
+
+def test_ties_count_half():
+    result = WinRate.from_outcomes([1.0, 1.0, 1.0, 0.5, 0.0])
+    assert (result.wins, result.ties, result.losses, result.n) == (3, 1, 1, 5)
+    assert result.win_rate == pytest.approx(3.5 / 5)
+    summary = result.to_dict()
+    assert (summary["ci_low"], summary["ci_high"]) == pytest.approx(wilson_interval(0.7, 5))
+    assert set(summary) >= {"win_rate", "ci_low", "ci_high", "wins", "ties", "losses", "n"}
+    assert WinRate.from_outcomes([0.5] * 4).win_rate == 0.5
+    with pytest.raises(ValueError, match="1.0, 0.5 or 0.0"):
+        WinRate.from_outcomes([1.0, 0.3])
+    with pytest.raises(ValueError, match="undefined"):
+        WinRate.from_outcomes([]).win_rate
+
+
+# ---------------------------------------------------------------------------------------------------- demo judge
+
+
+@pytest.fixture(scope="module")
+def instruction():
+    return next(i for i in task.instructions("test") if i.category == "addition")
+
+
+def test_demo_judge_verdicts_on_hand_written_answers(instruction):
+    judge = DemoJudge()
+    q, answer = instruction.text, instruction.answer
+    concise, bare, spaced = f"{answer}.", answer, f" {answer}."
+    rambling = f"{answer}. I hope this helps."
+    wrong, other_wrong = f"{int(answer) + 1}.", f"{int(answer) + 2}. Octopuses have three hearts."
+    assert judge.compare(q, concise, rambling) == 1.0
+    assert judge.compare(q, rambling, concise) == 0.0
+    assert judge.compare(q, rambling, wrong) == 1.0
+    assert judge.compare(q, wrong, concise) == 0.0
+    assert judge.compare(q, wrong, other_wrong) == 0.5  # two wrong answers tie
+    assert judge.compare(q, concise, bare) == 0.5 and judge.compare(q, concise, spaced) == 0.5
+    assert judge.compare(q, rambling, f"{answer}. Cats spend most of the day sleeping.") == 0.5
+    assert judge.category(q) == "addition"
+
+
+def test_demo_judge_knows_training_phrasings_too():
+    train = task.instructions("train")[0]
+    assert DemoJudge().compare(train.text, f"{train.answer}.", "nonsense.") == 1.0
+
+
+def test_demo_judge_rejects_other_instructions():
+    with pytest.raises(JudgeError, match="only knows the demo's instructions"):
+        DemoJudge().compare("Write a poem about the sea.", "a", "b")
+
+
+def test_demo_judge_prompts_are_the_held_out_ones():
+    prompts = DemoJudge().default_prompts(7, seed=3)
+    assert prompts == [i.text for i in task.held_out_instructions(7, seed=3)]
+    assert len(DemoJudge().default_prompts(None, seed=0)) == len(task.instructions("test"))
+    with pytest.raises(JudgeError, match="--num-prompts"):
+        DemoJudge().default_prompts(len(task.instructions("test")) + 1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------- reward model
+
+
+def _reward_model_dir(path, good_text: str, num_labels: int = 1):
+    """A GPT-2 reward model whose reward is +1 when the rendered text ends with the last token of
+    `good_text` and -1 otherwise: attention and MLP outputs are zeroed and position embeddings are 0,
+    so the last hidden state is LayerNorm(embedding of the last token); embeddings are +-v with
+    v = (1, -1, 1, ...), which LayerNorm leaves as they are, and the score head is v / dim."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    dim = 8
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=dim, n_layer=1, n_head=2, n_positions=128,
+                        num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2ForSequenceClassification(config)
+    v = torch.tensor([1.0, -1.0] * (dim // 2))
+    good = tokenizer(good_text, add_special_tokens=False)["input_ids"][-1]
+    with torch.no_grad():
+        for name, parameter in model.transformer.h.named_parameters():
+            if "c_proj" in name:
+                parameter.zero_()
+        model.transformer.wpe.weight.zero_()
+        model.transformer.wte.weight.copy_(-v.expand(len(tokenizer), dim))
+        model.transformer.wte.weight[good] = v
+        model.score.weight.copy_((v / dim).expand(num_labels, dim))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_judge_prefers_the_higher_reward(tmp_path):
+    q = "what color is the sun?"
+    path = _reward_model_dir(tmp_path / "rm", format_prompt(q) + format_response("yes"))
+    judge = build_judge(path)
+    assert isinstance(judge, RewardModelJudge)
+    assert judge.reward(q, "yes") == pytest.approx(1.0, abs=1e-4)
+    assert judge.reward(q, "no") == pytest.approx(-1.0, abs=1e-4)
+    assert judge.compare(q, "yes", "no") == 1.0
+    assert judge.compare(q, "red", "yes") == 0.0
+    assert judge.compare(q, "no", "red") == 0.5  # equal rewards tie
+    assert judge.score(q, "yes") == judge.reward(q, "yes")
+    assert judge.category(q) is None and judge.default_prompts(3, 0) is None
+
+
+def test_reward_model_judge_uses_the_chat_template_when_there_is_one(tmp_path):
+    path = _reward_model_dir(tmp_path / "rm", "yes")
+    judge = RewardModelJudge(path)
+    assert judge.render("q", " a ") == format_prompt("q") + " a"
+    judge.tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    assert judge.render("q", " a ") == "[user] q\n[assistant] a\n"
+
+
+def test_reward_model_with_several_outputs_is_rejected(tmp_path):
+    path = _reward_model_dir(tmp_path / "rm", "yes", num_labels=2)
+    with pytest.raises(JudgeError, match="2 outputs"):
+        RewardModelJudge(path)
+
+
+# ---------------------------------------------------------------------------------------------------- comparisons
+
+
+class _Tok:
+    """Counts characters as tokens, for length statistics."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [list(t) for t in texts]}
+
+
+def test_compare_models_scores_from_the_policy_side(monkeypatch):
+    held_out = task.held_out_instructions(6, seed=0)
+    answers = {"policy": [f"{i.answer}." for i in held_out],
+               "reference": [f"{i.answer}. I hope this helps." for i in held_out[:3]]
+               + [f"{i.answer}." for i in held_out[3:5]] + ["wrong."]}
+    answers["policy"][5] = "also wrong."
+    monkeypatch.setattr(evaluate, "generate_batch", lambda model, *args, **kwargs: answers[model])
+    policy, reference = LoadedModel("p", "p", "policy", _Tok()), LoadedModel("r", "r", "reference", _Tok())
+    comparisons = compare_models(policy, reference, [{"instruction": i.text} for i in held_out], DemoJudge(),
+                                 DecodingConfig())
+    assert [c.outcome for c in comparisons] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    assert [c.category for c in comparisons] == [i.category for i in held_out]
+    summary = win_rate_summary(comparisons, policy, reference)
+    assert (summary["wins"], summary["ties"], summary["losses"]) == (3, 3, 0)
+    assert summary["win_rate"] == pytest.approx(0.75)
+    assert summary["policy_mean_tokens"] == pytest.approx(sum(map(len, answers["policy"])) / 6)
+    assert summary["reference_mean_words"] == pytest.approx(sum(len(a.split()) for a in answers["reference"]) / 6)
+    assert sum(c["n"] for c in summary["categories"].values()) == 6
+    # the demo judge's scores: 1 correct and concise, 0.5 correct only, 0 wrong
+    assert summary["policy_mean_score"] == pytest.approx(5 / 6)
+    assert summary["reference_mean_score"] == pytest.approx((3 * 0.5 + 2 * 1.0) / 6)
+    assert "judge score" in evaluate.format_win_rate(summary, "p", "r")
+
+
+def test_prompts_the_judge_cannot_handle_fail_before_generation(monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking the prompts")
+
+    monkeypatch.setattr(evaluate, "generate_batch", no_generation)
+    model = LoadedModel("m", "m", None, _Tok())
+    with pytest.raises(JudgeError):
+        compare_models(model, model, [{"instruction": "Write a haiku."}], DemoJudge(), DecodingConfig())
+
+
+def test_samples_show_reference_before_and_policy_after():
+    text = evaluate.format_samples([Comparison("What is 1 plus 1?", "addition", "2.", "2. Bananas.", 1.0)], 3,
+                                   "pol", "ref")
+    title = [line for line in text.splitlines() if "|" in line][0]
+    assert title.split("|")[0].strip() == "before: ref" and title.split("|")[1].strip() == "after: pol"
+    assert "(policy wins)" in text
+
+
+# ---------------------------------------------------------------------------------------------------- implicit reward
+
+
+def test_implicit_reward_matches_a_brute_force_computation(tmp_path):
+    tokenizer = tiny_tokenizer()
+    policy, reference = tiny_phi(vocab_size=len(tokenizer), seed=1), tiny_phi(vocab_size=len(tokenizer), seed=2)
+    records, _ = load_records(str(write_pairs(tmp_path / "pairs.jsonl", 7, seed=4)))
+    pairs, _ = build_pairs(records, tokenizer, max_length=64, max_prompt_length=32)
+    beta = 0.25
+    metrics = implicit_reward_metrics(policy, reference, pairs, beta=beta, pad_id=tokenizer.pad_token_id,
+                                      batch_size=3)
+
+    def logp(model, prompt, response):
+        ids = torch.tensor([prompt + response])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        return sum(logprobs[len(prompt) + t - 1, token].item() for t, token in enumerate(response))
+
+    margins, chosen, rejected = [], [], []
+    for pair in pairs:
+        r_c = beta * (logp(policy, pair.prompt_ids, pair.chosen_ids) - logp(reference, pair.prompt_ids, pair.chosen_ids))
+        r_r = beta * (logp(policy, pair.prompt_ids, pair.rejected_ids)
+                      - logp(reference, pair.prompt_ids, pair.rejected_ids))
+        chosen.append(r_c), rejected.append(r_r), margins.append(r_c - r_r)
+    n = len(pairs)
+    assert metrics["pairs"] == n == 7
+    assert metrics["chosen_reward"] == pytest.approx(sum(chosen) / n, abs=1e-5)
+    assert metrics["rejected_reward"] == pytest.approx(sum(rejected) / n, abs=1e-5)
+    assert metrics["reward_margin"] == pytest.approx(sum(margins) / n, abs=1e-5)
+    assert metrics["reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / n)
+    assert metrics["dpo_loss"] == pytest.approx(sum(-math.log(1 / (1 + math.exp(-m))) for m in margins) / n,
+                                                abs=1e-5)
+
+
+def test_a_model_against_itself_has_zero_implicit_reward(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_phi(vocab_size=len(tokenizer), seed=1)
+    records, _ = load_records(str(write_pairs(tmp_path / "pairs.jsonl", 4)))
+    pairs, _ = build_pairs(records, tokenizer, max_length=64, max_prompt_length=32)
+    metrics = implicit_reward_metrics(model, model, pairs, beta=0.1, pad_id=tokenizer.pad_token_id)
+    assert metrics["reward_margin"] == 0.0 and metrics["reward_accuracy"] == 0.0
+    assert metrics["dpo_loss"] == pytest.approx(math.log(2))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 'trained' run: final/ with dpo_run.json naming its starting model, which is another tiny model."""
+    root = tmp_path_factory.mktemp("eval")
+    reference = make_model_dir(root / "sft", seed=1)
+    final = make_model_dir(root / "run" / "final", seed=2)
+    (final / "dpo_run.json").write_text(json.dumps({
+        "reference_model": str(reference), "beta": 0.1, "dataset": "demo", "eval_split": "test",
+        "max_length": 96, "max_prompt_length": 48}))
+    return root
+
+
+def _json_line(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_cli_win_rate_defaults_to_the_runs_reference(run_dir, capsys):
+    args = ["--model", str(run_dir / "run"), "--num-prompts", "6", "--max-new-tokens", "6", "--no-progress",
+            "--samples", "2"]
+    assert evaluate.cli(args) == 0
+    out = capsys.readouterr().out
+    result = _json_line(out)
+    assert f"reference  {run_dir / 'sft'} (the run's starting model, from dpo_run.json)" in out
+    assert result["reference"] == "sft" and result["policy"] == "run/final" and result["judge"] == "demo"
+    assert result["n"] == 6 and result["wins"] + result["ties"] + result["losses"] == 6
+    assert result["win_rate"] == pytest.approx((result["wins"] + 0.5 * result["ties"]) / 6)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(wilson_interval(result["win_rate"], 6))
+    assert sum(c["n"] for c in result["categories"].values()) == 6
+    assert out.count("before: sft") == 2
+    assert evaluate.cli(args) == 0  # seeded: the same numbers again
+    assert _json_line(capsys.readouterr().out) == result
+
+
+def test_cli_implicit_reward_only(run_dir, capsys):
+    assert evaluate.cli(["--model", str(run_dir / "run" / "final"), "--skip-win-rate", "--implicit-reward",
+                         "--max-pairs", "8", "--batch-size", "4"]) == 0
+    result = _json_line(capsys.readouterr().out)
+    assert "win_rate" not in result
+    assert result["implicit_reward"]["pairs"] == 8 and result["implicit_reward"]["beta"] == 0.1
+    assert result["implicit_reward"]["split"] == "test" and result["implicit_reward"]["dataset"] == "demo"
+
+
+def test_cli_a_model_against_itself_ties_everywhere(run_dir, capsys):
+    model = str(run_dir / "sft")
+    assert evaluate.cli(["--model", model, "--reference", model, "--num-prompts", "5", "--max-new-tokens", "5",
+                         "--no-progress", "--samples", "0"]) == 0
+    result = _json_line(capsys.readouterr().out)
+    assert (result["ties"], result["win_rate"]) == (5, 0.5)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_reference", "--reference is required"),
+    ("zero_tokens", "--max-new-tokens must be at least 1"),
+    ("foreign_prompts", "only knows the demo's instructions"),
+    ("prompts_without_instruction", "no 'instruction' field"),
+    ("reward_model_without_prompts", "has no prompts of its own"),
+    ("bad_settings", "dpo_run.json: not valid JSON"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, run_dir, capsys, case, message):
+    sft = str(run_dir / "sft")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Write a haiku."}\n' if case == "foreign_prompts" else '{"text": "a"}\n')
+    broken = make_model_dir(tmp_path / "broken") if case == "bad_settings" else None
+    if broken is not None:
+        (broken / "dpo_run.json").write_text("{not json")
+    rm = _reward_model_dir(tmp_path / "rm", "yes") if case == "reward_model_without_prompts" else None
+    args = {
+        "no_reference": ["--model", sft],
+        "zero_tokens": ["--model", sft, "--reference", sft, "--max-new-tokens", "0"],
+        "foreign_prompts": ["--model", sft, "--reference", sft, "--prompts", str(prompts)],
+        "prompts_without_instruction": ["--model", sft, "--reference", sft, "--prompts", str(prompts)],
+        "reward_model_without_prompts": ["--model", sft, "--reference", sft, "--judge", str(rm)],
+        "bad_settings": ["--model", str(broken)],
+    }[case]
+    capsys.readouterr()  # drop what building the test models printed
+    assert evaluate.cli(args + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err

@@ -1,0 +1,397 @@
+"""generate.py and dpo.generation: template, stop strings, left padding, seeding, streaming, batch files, CLI errors."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import generate
+from dpo.generation import (BatchFileError, DecodingConfig, GenerationError, StopAwareStreamer, StopOnStrings,
+                            clean_response, encode_prompts, generate_batch, generator_name, left_pad,
+                            read_instructions, render_prompt, resolve_dtype, resolve_run_model, side_by_side,
+                            truncate_at_stop, write_outputs)
+from dpo.modeling import load_causal_lm, load_tokenizer
+from dpo.templates import format_prompt
+from tiny import make_model_dir, tiny_tokenizer
+
+GREEDY = DecodingConfig(greedy=True, max_new_tokens=12)
+SAMPLED = DecodingConfig(max_new_tokens=12, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode token by token: one thread avoids contention with other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return load_causal_lm(model_dir).eval(), load_tokenizer(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- template
+
+
+def test_recipe_prompt_is_the_template_tokenized_without_special_tokens():
+    tokenizer = tiny_tokenizer()
+    assert format_prompt("what color is the sun?") == "### Human: what color is the sun?\n\n### Assistant:"
+    ids = encode_prompts(tokenizer, ["what color is the sun?", "a <|endoftext|> b"])
+    assert ids[0] == tokenizer(format_prompt("what color is the sun?"), add_special_tokens=False)["input_ids"]
+    # recipe text is plain text: a literal special-token string is not the EOS id
+    assert tokenizer.eos_token_id not in ids[1]
+
+
+def _bos_adding_tokenizer():
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", eos)])
+    return tokenizer
+
+
+def test_bos_is_added_once_when_the_tokenizer_adds_one():
+    tokenizer = _bos_adding_tokenizer()
+    bos = tokenizer.bos_token_id
+    plain = tokenizer(format_prompt("yes"), add_special_tokens=False)["input_ids"]
+    assert encode_prompts(tokenizer, ["yes"]) == [[bos] + plain]
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<user> {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} <assistant>{% endif %}")
+    rendered = render_prompt(tokenizer, "yes", chat_template=True)
+    assert rendered == "<|endoftext|><user> yes <assistant>"
+    ids = encode_prompts(tokenizer, ["yes"], chat_template=True)[0]
+    assert ids[0] == bos and ids[1] != bos  # the template's BOS, not a second one
+
+
+def test_chat_template_missing_is_an_error():
+    with pytest.raises(GenerationError, match="no chat template"):
+        render_prompt(tiny_tokenizer(), "yes", chat_template=True)
+
+
+# ---------------------------------------------------------------------------------------------------- stop strings
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("7.", "7."),
+    (" 7.\n\n### Human: What is 2 plus 2?\n\n### Assistant: 4.", "7."),
+    ("7. ### Human: more", "7."),
+    ("### Human: only a new turn", ""),
+    ("7.\n\n### Hum", "7.\n\n### Hum"),  # a partial marker at the end is the response's own text
+    ("### Humans are mammals.", "### Humans are mammals."),  # no colon: not the marker
+    ("# Human: hi", "# Human: hi"),
+    ("a ### human: b", "a ### human: b"),  # case matters, as in the template
+])
+def test_clean_response_cuts_at_the_first_complete_stop_string(text, expected):
+    assert clean_response(text) == expected
+
+
+def test_truncate_at_the_earliest_of_several_stop_strings():
+    assert truncate_at_stop("a STOP b ### Human: c", ["### Human:", "STOP"]) == "a "
+    assert truncate_at_stop("a ### Human: b STOP", ["STOP", "### Human:"]) == "a "
+
+
+def test_stop_criterion_marks_only_rows_whose_continuation_holds_the_marker():
+    tokenizer = tiny_tokenizer()
+    prompt = tokenizer(format_prompt("yes"), add_special_tokens=False)["input_ids"]
+    done = tokenizer(" yes\n\n### Human: no", add_special_tokens=False)["input_ids"]
+    partial = tokenizer(" yes\n\n### Hum", add_special_tokens=False)["input_ids"]
+    width = max(len(done), len(partial))
+    rows = [prompt + done + [tokenizer.eos_token_id] * (width - len(done)),
+            prompt + partial + [tokenizer.eos_token_id] * (width - len(partial))]
+    criterion = StopOnStrings(tokenizer, ["### Human:"], prompt_width=len(prompt))
+    assert criterion(torch.tensor(rows), None).tolist() == [True, False]
+    # the prompt itself holds "### Human:", and must not count
+    assert criterion(torch.tensor([prompt + partial]), None).tolist() == [False]
+
+
+class ScriptedLM(nn.Module):
+    """Stands in for a causal LM: generate() emits a fixed continuation token by token, honouring the
+    stopping criteria, EOS and the streamer like transformers' loop does."""
+
+    def __init__(self, continuation: list[int], eos_id: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.continuation, self.eos_id = continuation, eos_id
+        self.config = type("Config", (), {"max_position_embeddings": 4096})()
+        self.steps = 0
+
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, streamer=None):
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for token in self.continuation[:generation_config.max_new_tokens]:
+            self.steps += 1
+            input_ids = torch.cat([input_ids, torch.full((input_ids.shape[0], 1), token)], dim=1)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if token == self.eos_id or bool(stopping_criteria(input_ids, None).all()):
+                break
+        if streamer is not None:
+            streamer.end()
+        return input_ids
+
+
+def test_generation_stops_at_the_marker_and_never_shows_it():
+    tokenizer = tiny_tokenizer()
+    continuation = tokenizer(" yes\n\n### Human: tell me more\n\n### Assistant: no",
+                             add_special_tokens=False)["input_ids"]
+    model = ScriptedLM(continuation, tokenizer.eos_token_id)
+    written = []
+    streamer = StopAwareStreamer(tokenizer, write=written.append)
+    assert generate_batch(model, tokenizer, ["yes"], DecodingConfig(greedy=True, max_new_tokens=100),
+                          streamer=streamer) == ["yes"]
+    marker_end = len(tokenizer(" yes\n\n### Human:", add_special_tokens=False)["input_ids"])
+    assert model.steps == marker_end  # stopped as soon as the marker was complete
+    assert "".join(written) == "yes\n" and "#" not in "".join(written)
+
+
+def test_generation_stops_at_eos_and_drops_what_follows():
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    red = tokenizer(" red", add_special_tokens=False)["input_ids"]
+    model = ScriptedLM(red + [eos] + tokenizer(" blue", add_special_tokens=False)["input_ids"], eos)
+    assert generate_batch(model, tokenizer, ["yes"], DecodingConfig(greedy=True)) == ["red"]
+    assert model.steps == len(red) + 1
+
+
+def test_streamer_holds_back_a_possible_marker_and_flushes_it_at_the_end():
+    tokenizer = tiny_tokenizer()
+    text = " yes\n\n### Hum"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    written = []
+    streamer = StopAwareStreamer(tokenizer, write=written.append)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+        assert "#" not in "".join(written) and not "".join(written).endswith("\n")
+    assert "".join(written) == "yes"
+    streamer.end()
+    assert "".join(written) == "yes\n\n### Hum\n" and streamer.text == clean_response(text)
+
+
+# ---------------------------------------------------------------------------------------------------- padding
+
+
+def test_left_pad_builds_the_mask_from_lengths_even_when_pad_is_a_real_token():
+    input_ids, mask = left_pad([[5, 6, 7], [5], [7, 5]], pad_id=5)
+    assert input_ids.tolist() == [[5, 6, 7], [5, 5, 5], [5, 7, 5]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+
+
+def test_left_padded_batches_give_the_unpadded_greedy_outputs(lm):
+    model, tokenizer = lm
+    instructions = ["yes", "what color is the sun?", "tell me about a big red dog please", "one two"]
+    alone = [generate_batch(model, tokenizer, [text], GREEDY)[0] for text in instructions]
+    assert generate_batch(model, tokenizer, instructions, GREEDY, batch_size=4) == alone
+    assert generate_batch(model, tokenizer, instructions, GREEDY, batch_size=3) == alone  # sorted, then restored
+    assert len(set(alone)) > 1  # the prompts really lead to different outputs
+
+
+# ---------------------------------------------------------------------------------------------------- seeding
+
+
+def test_same_seed_same_samples_and_seeds_matter(lm):
+    model, tokenizer = lm
+    instructions = ["what color is the sun?", "yes"]
+    first = generate_batch(model, tokenizer, instructions, SAMPLED)
+    torch.manual_seed(1234)  # the global RNG state before the call must not matter
+    assert generate_batch(model, tokenizer, instructions, SAMPLED) == first
+    by_seed = {tuple(generate_batch(model, tokenizer, instructions, DecodingConfig(max_new_tokens=12, seed=s)))
+               for s in range(4)}
+    assert len(by_seed) > 1
+
+
+def test_streaming_prints_exactly_the_returned_response(lm):
+    model, tokenizer = lm
+    written = []
+    streamer = StopAwareStreamer(tokenizer, write=written.append)
+    returned = generate_batch(model, tokenizer, ["what color is the sun?"], SAMPLED, streamer=streamer)
+    expected = generate_batch(model, tokenizer, ["what color is the sun?"], SAMPLED)
+    assert returned == expected and "".join(written) == expected[0] + "\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(max_new_tokens=0), "--max-new-tokens must be at least 1"),
+    (dict(max_new_tokens=-3), "--max-new-tokens must be at least 1"),
+    (dict(temperature=0.0), "--temperature must be positive"),
+    (dict(top_p=1.5), "--top-p must be in"),
+])
+def test_bad_decoding_settings(change, message):
+    with pytest.raises(GenerationError, match=message):
+        DecodingConfig(**change).validate()
+
+
+def test_prompt_longer_than_the_model_is_an_error(lm):
+    model, tokenizer = lm
+    with pytest.raises(GenerationError, match="does not fit"):
+        generate_batch(model, tokenizer, ["red " * 300], GREEDY)
+
+
+def test_precision_by_device():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(GenerationError):
+        resolve_dtype("fp64", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------- batch files
+
+UNICODE = ["Qu'est-ce que « π » ?", "日本語で答えて", "emoji 🙂 and \"quotes\"\nnewline"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_batch_file_round_trip_keeps_unicode_and_fields(tmp_path, model_dir, lm, suffix, capsys):
+    rows = [{"instruction": text, "dataset": f"set{i}"} for i, text in enumerate(UNICODE)]
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".json":
+        source.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    else:
+        source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    out = tmp_path / "out.json"
+    assert generate.cli(["--model", model_dir, "--instructions", str(source), "--output", str(out), "--greedy",
+                         "--max-new-tokens", "6", "--batch-size", "2", "--no-progress"]) == 0
+    records = json.loads(out.read_text(encoding="utf-8"))
+    model, tokenizer = lm
+    expected = generate_batch(model, tokenizer, UNICODE, DecodingConfig(greedy=True, max_new_tokens=6))
+    assert [set(r) for r in records] == [{"instruction", "output", "generator", "dataset"}] * 3
+    assert [r["instruction"] for r in records] == UNICODE
+    assert [r["output"] for r in records] == expected
+    assert {r["generator"] for r in records} == {"model"}
+    assert [r["dataset"] for r in records] == ["set0", "set1", "set2"]
+    assert "日本語で答えて" in out.read_text(encoding="utf-8")  # written as UTF-8, not \u escapes
+    assert "3 outputs of model" in capsys.readouterr().out
+
+
+def test_write_outputs_sets_the_generator(tmp_path):
+    write_outputs(tmp_path / "o.json", [{"instruction": "a", "output": "old", "generator": "old"}], ["new"], "me")
+    assert json.loads((tmp_path / "o.json").read_text()) == [{"instruction": "a", "output": "new", "generator": "me"}]
+
+
+def test_single_object_file_is_one_row(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{"instruction": "yes"}')
+    assert read_instructions(path) == [{"instruction": "yes"}]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("this is not json\n", "not JSON or JSON Lines (line 1"),
+    ('{"instruction": "a"}\n{"instruction": \n', "not JSON or JSON Lines (line 2"),
+    ('[{"instruction": "a"}, {"prompt": "b"}]', "row 1: no 'instruction' field"),
+    ('{"instruction": "a"}\n{"input": "b"}\n', "row 1: no 'instruction' field"),
+    ('[{"instruction": "  "}]', "row 0: field 'instruction' is empty"),
+    ('[{"instruction": 3}]', "row 0: field 'instruction' is a int"),
+    ('["a"]', "row 0: expected an object"),
+    ('"a string"', "expected a list of objects"),
+    ("[]", "no rows"),
+])
+def test_bad_batch_files(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(BatchFileError, match=message.replace("(", r"\(")):
+        read_instructions(path)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_single_instruction_prints_the_response(model_dir, lm, capsys):
+    assert generate.cli(["--model", model_dir, "--greedy", "--max-new-tokens", "8", "what color is the sun?"]) == 0
+    model, tokenizer = lm
+    expected = generate_batch(model, tokenizer, ["what color is the sun?"], DecodingConfig(greedy=True,
+                                                                                          max_new_tokens=8))
+    assert capsys.readouterr().out == expected[0] + "\n"
+
+
+def test_cli_compare_shows_both_models(tmp_path, model_dir, capsys):
+    other = str(make_model_dir(tmp_path / "other", seed=7))
+    assert generate.cli(["--model", model_dir, "--compare", other, "--greedy", "--max-new-tokens", "4",
+                         "yes"]) == 0
+    out = capsys.readouterr().out
+    assert "### Human: yes" in out
+    title_line = [line for line in out.splitlines() if "|" in line][0]
+    assert title_line.split("|")[0].strip() == "model" and title_line.split("|")[1].strip() == "other"
+
+
+def test_interactive_streams_each_answer(model_dir, lm):
+    model, tokenizer = lm
+    generator = generate.Generator(model_dir, torch.float32, torch.device("cpu"))
+    lines = iter(["what color is the sun?", "   ", "exit"])
+    written = []
+    generate.interactive(generator, None, SAMPLED, 8, read=lambda prompt: next(lines), write=written.append)
+    expected = generate_batch(model, tokenizer, ["what color is the sun?"], SAMPLED)[0]
+    assert "".join(written).endswith("### Assistant: " + expected + "\n")
+
+
+def _model_without_tokenizer(tmp_path):
+    source = make_model_dir(tmp_path / "full")
+    target = tmp_path / "no_tokenizer"
+    target.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (target / name).write_bytes((source / name).read_bytes())
+    return str(target)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "the instruction is empty"),
+    ("blank", "the instruction is empty"),
+    ("not_json", "not JSON or JSON Lines"),
+    ("no_instruction", "no 'instruction' field"),
+    ("no_tokenizer", "tokenizer"),
+    ("zero_tokens", "--max-new-tokens must be at least 1"),
+    ("negative_tokens", "--max-new-tokens must be at least 1"),
+    ("missing_model", "does not exist"),
+    ("no_chat_template", "has no chat template"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, case, message):
+    batch = tmp_path / "batch.jsonl"
+    args = {
+        "empty": ["--model", model_dir, ""],
+        "blank": ["--model", model_dir, "   "],
+        "not_json": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],
+        "no_instruction": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],
+        "no_tokenizer": ["--model", _model_without_tokenizer(tmp_path), "yes"],
+        "zero_tokens": ["--model", model_dir, "--max-new-tokens", "0", "yes"],
+        "negative_tokens": ["--model", model_dir, "--max-new-tokens", "-1", "yes"],
+        "missing_model": ["--model", str(tmp_path / "nope") + "/", "yes"],
+        "no_chat_template": ["--model", model_dir, "--chat-template", "yes"],
+    }[case]
+    batch.write_text("instruction: yes\n" if case == "not_json" else '{"instruction": "a"}\n{"text": "b"}\n')
+    capsys.readouterr()  # drop what building the test models printed
+    assert generate.cli(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+    assert not (tmp_path / "o.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- names, display
+
+
+def test_generator_names_and_run_directories(tmp_path):
+    run = tmp_path / "myrun"
+    make_model_dir(run / "final")
+    assert resolve_run_model(str(run)) == str(run / "final")
+    assert generator_name(str(run / "final")) == "myrun/final"
+    assert generator_name(str(run / "final") + "/") == "myrun/final"
+    assert generator_name("lxuechen/phi-2-dpo") == "lxuechen/phi-2-dpo"
+    plain = make_model_dir(tmp_path / "plain")
+    assert generator_name(str(plain)) == "plain" and resolve_run_model(str(plain)) == str(plain)
+
+
+def test_side_by_side_wraps_each_answer_in_its_column():
+    text = side_by_side("left", "a " * 40, "right", "short", width=41)
+    lines = text.splitlines()
+    assert lines[0].startswith("left") and lines[0].endswith("| right")
+    assert all(len(line.split("|")[0].rstrip()) <= 20 for line in lines)
+    assert "".join(line.split("|")[0] for line in lines[2:]).replace(" ", "") == "a" * 40
+    assert lines[2].endswith("| short")

@@ -1,0 +1,124 @@
+"""Packed and shared-prompt batches give the log-probs and gradients of the padded batch."""
+
+import pytest
+import torch
+
+from dpo.data import TokenizedPair, collate_pairs
+from dpo.logprobs import SequenceScorer
+from dpo.packing import PACKED_ATTENTION, PackingError, collate_packed, collate_shared_prompt, enable_packed_attention
+from tiny import tiny_phi
+
+LAYOUTS = {"packed": collate_packed, "shared_prompt": collate_shared_prompt}
+
+
+def random_pairs(n, vocab, seed=0, empty_prompt=False):
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for row in range(n):
+        lengths = torch.randint(1, 9, (3,), generator=g).tolist()
+        ids = [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
+        prompt = [] if empty_prompt and row == 0 else ids[0]
+        pairs.append(TokenizedPair(prompt_ids=prompt, chosen_ids=ids[1] + [0], rejected_ids=ids[2] + [0], row=row))
+    return pairs
+
+
+def definition_logps(model, pairs):
+    """One sequence at a time, no padding, full log-softmax."""
+    sums = []
+    for responses in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]):
+        for pair, response in zip(pairs, responses):
+            ids = torch.tensor([pair.prompt_ids + response])
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+            start = len(pair.prompt_ids)
+            sums.append(sum(logp[start + j - 1, tok] for j, tok in enumerate(response) if start + j >= 1))
+    return torch.stack(sums)
+
+
+def test_collate_packed_layout_by_hand():
+    pairs = [TokenizedPair([5, 6], [7, 0], [8, 9, 0], 0), TokenizedPair([4], [3, 0], [2, 0], 1)]
+    batch = collate_packed(pairs)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 4, 3, 0, 5, 6, 8, 9, 0, 4, 2, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2]]
+    assert batch["block_lengths"].tolist() == [[4, 0, 0], [3, 0, 0], [5, 0, 0], [3, 0, 0]]
+    assert batch["score_index"].tolist() == [1, 2, 4, 5, 8, 9, 10, 12, 13]
+    assert batch["score_target"].tolist() == [7, 0, 3, 0, 8, 9, 0, 2, 0]
+    assert batch["score_row"].tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3]
+
+
+def test_collate_shared_prompt_layout_by_hand():
+    pairs = [TokenizedPair([5, 6], [7, 0], [8, 9, 0], 0), TokenizedPair([4], [3, 0], [2, 0], 1)]
+    batch = collate_shared_prompt(pairs)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 8, 9, 0, 4, 3, 0, 2, 0]]
+    # the rejected response restarts at the end of the prompt
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 1, 2]]
+    assert batch["block_lengths"].tolist() == [[2, 2, 3], [1, 2, 2]]
+    # the first rejected token is predicted by the last prompt token (index 1), not the last chosen token
+    assert batch["score_index"].tolist() == [1, 2, 1, 4, 5, 7, 8, 7, 10]
+    assert batch["score_target"].tolist() == [7, 0, 8, 9, 0, 3, 0, 2, 0]
+    assert batch["score_row"].tolist() == [0, 0, 2, 2, 2, 1, 1, 3, 3]
+    assert batch["prompt_lengths"].tolist() == [2, 1, 2, 1]
+    assert batch["response_lengths"].tolist() == [2, 2, 3, 2]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("completion_only", [True, False])
+@pytest.mark.parametrize("empty_prompt", [False, True])
+def test_packed_logps_equal_definition_and_padded(layout, completion_only, empty_prompt):
+    model = tiny_phi().eval()
+    pairs = random_pairs(5, 97, seed=1, empty_prompt=empty_prompt)
+    scorer = SequenceScorer(model, completion_only=completion_only, vocab_chunk=16, with_wpo=True)
+    with torch.no_grad():
+        got = scorer(LAYOUTS[layout](pairs))
+        padded = scorer(collate_pairs(pairs, pad_id=0))
+        want = definition_logps(model, pairs)
+    torch.testing.assert_close(got.sum, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.sum, padded.sum, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.count, padded.count, atol=0, rtol=0)
+    torch.testing.assert_close(got.wpo, padded.wpo, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_packed_gradients_equal_padded_gradients(layout):
+    model = tiny_phi()
+    pairs = random_pairs(4, 97, seed=2)
+    upstream = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for name, collate, kwargs in (("padded", lambda p: collate_pairs(p, pad_id=0), dict(fused_lm_head=False)),
+                                  (layout, LAYOUTS[layout], dict(vocab_chunk=16))):
+        model.zero_grad()
+        logps = SequenceScorer(model, **kwargs)(collate(pairs))
+        (logps.sum * upstream).sum().backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads[layout], grads["padded"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_hides_chosen_from_rejected_and_blocks_from_each_other():
+    model = tiny_phi().eval()
+    pairs = random_pairs(3, 97, seed=3)
+    changed = list(pairs)
+    p = pairs[1]
+    changed[1] = TokenizedPair(p.prompt_ids, [(t + 11) % 97 for t in p.chosen_ids], p.rejected_ids, p.row)
+    scorer = SequenceScorer(model)
+    with torch.no_grad():
+        before = scorer(collate_shared_prompt(pairs)).sum
+        after = scorer(collate_shared_prompt(changed)).sum
+    # only pair 1's chosen sequence (row 1) may change
+    assert not torch.allclose(before[1], after[1])
+    keep = [0, 2, 3, 4, 5]
+    torch.testing.assert_close(after[keep], before[keep], atol=0, rtol=0)
+
+
+def test_packed_attention_needs_sdpa_and_leaves_unpacked_calls_unchanged():
+    eager = tiny_phi()
+    eager.config._attn_implementation = "eager"
+    with pytest.raises(PackingError, match="eager"):
+        enable_packed_attention(eager)
+    model = tiny_phi().eval()
+    batch = collate_pairs(random_pairs(3, 97, seed=4), pad_id=0)
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        enable_packed_attention(model)
+        assert model.config._attn_implementation == PACKED_ATTENTION
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)

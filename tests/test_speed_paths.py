@@ -1,0 +1,167 @@
+"""The fused LM head and the other speed paths compute exactly what the plain path computes."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dpo.data import TokenizedPair, collate_pairs
+from dpo.lm_head import lm_head_logps
+from dpo.logprobs import SequenceScorer
+from dpo.loss import LossConfig, PreferenceLogps, compute_loss
+from dpo.packing import collate_shared_prompt, group_by_length
+from tiny import tiny_phi
+
+
+def plain_head(hidden, weight, bias, targets):
+    """The definition: full logits, fp32 log-softmax, ordinary autograd (under autocast as F.linear runs)."""
+    logits = F.linear(hidden, weight, bias).float()
+    lse = logits.logsumexp(-1)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    log_sum_sq = torch.logsumexp(2 * (logits - lse[:, None]), -1)
+    return logps, (logps - log_sum_sq).detach()
+
+
+def head_inputs(n=29, d=12, vocab=203, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).requires_grad_()
+    weight = (0.7 * torch.randn(vocab, d, generator=g)).requires_grad_()
+    b = torch.randn(vocab, generator=g).requires_grad_() if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[:3] = torch.tensor([0, vocab - 1, vocab - 1])  # the vocabulary's edges, a repeated target
+    upstream = torch.randn(n, generator=g)
+    return hidden, weight, b, targets, upstream
+
+
+def values_and_grads(fn, hidden, weight, bias, targets, upstream):
+    logps, adjusted = fn(hidden, weight, bias, targets)
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad((logps * upstream).sum(), leaves)
+    return logps.detach(), adjusted, grads
+
+
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("row_chunk,vocab_chunk", [(7, 32), (29, 203), (100, 1000), (1, 67)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_head_equals_plain_autograd_fp32(store, row_chunk, vocab_chunk, bias):
+    inputs = head_inputs(bias=bias)
+    want = values_and_grads(plain_head, *inputs)
+    got = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, row_chunk=row_chunk, vocab_chunk=vocab_chunk,
+                                                            with_wpo=True, store=store), *inputs)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert a.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("store", [True, False])
+def test_fused_head_under_autocast_equals_plain_autocast(dtype, store):
+    inputs = head_inputs(n=9, d=8, vocab=64)
+    with torch.autocast("cpu", dtype=dtype):
+        want = values_and_grads(plain_head, *inputs)
+        # one tile: the same matmuls in the same dtype as the plain path, so the same numbers
+        one_tile = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, vocab_chunk=64, with_wpo=True,
+                                                                     store=store), *inputs)
+        # several tiles: partial sums are rounded to the autocast dtype tile by tile
+        tiled = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, row_chunk=4, vocab_chunk=16,
+                                                                  with_wpo=True, store=store), *inputs)
+    for got, tolerance in ((one_tile, 1e-5), (tiled, 8 * torch.finfo(dtype).eps)):
+        assert got[0].dtype == torch.float32
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+        for a, b in zip(got[2], want[2]):
+            torch.testing.assert_close(a, b, atol=tolerance * b.abs().max().item(), rtol=0)
+
+
+def test_fused_head_without_grad_equals_with_grad_and_checks_shapes():
+    hidden, weight, bias, targets, _ = head_inputs()
+    with torch.no_grad():
+        a, a_wpo = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, with_wpo=True)
+    b, b_wpo = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, with_wpo=True)
+    assert b.requires_grad and not a.requires_grad
+    torch.testing.assert_close(a, b.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(a_wpo, b_wpo, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="hidden"):
+        lm_head_logps(hidden[None], weight, bias, targets)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        lm_head_logps(hidden, weight, bias, targets, vocab_chunk=0)
+
+
+def random_pairs(n, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for row in range(n):
+        lengths = torch.randint(1, 9, (3,), generator=g).tolist()
+        ids = [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
+        pairs.append(TokenizedPair(prompt_ids=ids[0], chosen_ids=ids[1] + [0], rejected_ids=ids[2] + [0], row=row))
+    return pairs
+
+
+def dpo_loss_and_grads(model, scorer, micro_batches, collate, pairs, reference):
+    """Summed sigmoid-DPO loss over micro-batches (one optimizer step) and the parameter gradients."""
+    model.zero_grad()
+    total = 0.0
+    for ids in micro_batches:
+        logps = scorer(collate([pairs[i] for i in ids]))
+        n = len(ids)
+        out = compute_loss(PreferenceLogps(policy_chosen_logps=logps.sum[:n], policy_rejected_logps=logps.sum[n:],
+                                           reference_chosen_logps=reference[ids],
+                                           reference_rejected_logps=reference[ids] - 1.0, state={}),
+                           LossConfig(loss_type="sigmoid", beta=0.1))
+        loss = out.losses.sum() / len(pairs)
+        loss.backward()
+        total += loss.item()
+    return total, [p.grad.clone() for p in model.parameters()]
+
+
+def test_fused_scorer_loss_and_gradients_equal_plain_scorer():
+    model = tiny_phi()
+    pairs = random_pairs(6, 97, seed=5)
+    reference = -torch.arange(6, dtype=torch.float32)
+    collate = lambda p: collate_pairs(p, pad_id=0)  # noqa: E731
+    steps = [[0, 1, 2], [3, 4, 5]]
+    want = dpo_loss_and_grads(model, SequenceScorer(model, completion_only=False), steps, collate, pairs, reference)
+    for kwargs in (dict(vocab_chunk=10), dict(vocab_chunk=10, recompute_softmax=True), dict(fused_lm_head=False)):
+        got = dpo_loss_and_grads(model, SequenceScorer(model, **kwargs), steps, collate, pairs, reference)
+        assert got[0] == pytest.approx(want[0], abs=1e-5)
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_length_grouping_partitions_the_step_and_keeps_its_loss_and_gradients():
+    model = tiny_phi()
+    pairs = random_pairs(8, 97, seed=6)
+    ids = list(range(8))
+    groups = group_by_length(ids, pairs, 3)
+    assert sorted(i for group in groups for i in group) == ids
+    assert [len(group) for group in groups] == [3, 3, 2]
+    lengths = [max(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids),
+                   len(pairs[i].prompt_ids) + len(pairs[i].rejected_ids)) for group in groups for i in group]
+    assert lengths == sorted(lengths, reverse=True)
+    reference = -torch.arange(8, dtype=torch.float32)
+    collate = lambda p: collate_pairs(p, pad_id=0)  # noqa: E731
+    scorer = SequenceScorer(model)
+    want = dpo_loss_and_grads(model, scorer, [ids[0:3], ids[3:6], ids[6:8]], collate, pairs, reference)
+    got = dpo_loss_and_grads(model, scorer, groups, collate, pairs, reference)
+    assert got[0] == pytest.approx(want[0], abs=1e-6)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        group_by_length(ids, pairs, 0)
+
+
+def test_gradient_checkpointing_with_shared_prompts_equals_plain():
+    pairs = random_pairs(4, 97, seed=7)
+    reference = -torch.arange(4, dtype=torch.float32)
+    plain_model = tiny_phi()
+    want = dpo_loss_and_grads(plain_model, SequenceScorer(plain_model, completion_only=False), [[0, 1], [2, 3]],
+                              lambda p: collate_pairs(p, pad_id=0), pairs, reference)
+    model = tiny_phi()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    got = dpo_loss_and_grads(model, SequenceScorer(model, vocab_chunk=16), [[0, 1], [2, 3]], collate_shared_prompt,
+                             pairs, reference)
+    assert got[0] == pytest.approx(want[0], abs=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
