@@ -34,6 +34,7 @@ from dpo.loss import (LossConfig, LossSpecError, MissingFieldError, PreferenceLo
                       needs_reference_model)
 from dpo.metrics import MetricsWriter, PairMetrics, read_metrics
 from dpo.modeling import ModelLoadError, load_causal_lm, load_tokenizer, resolve_model_path
+from dpo.packing import PackingError, collate_packed, collate_shared_prompt, group_by_length
 from dpo.pipeline import check_disk_space, load_preference_pairs, prepare_output_dir
 from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute
 from dpo.schedule import lr_at
@@ -100,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     loss_config = loss_config_from(cfg)
     needs_reference = needs_reference_model(loss_config)
     scorer_kwargs = dict(completion_only=cfg.completion_only, chunk_size=cfg.logps_chunk_size,
+                         fused_lm_head=cfg.fused_lm_head, recompute_softmax=cfg.recompute_softmax,
                          with_wpo=cfg.use_weighting)
-    collate = functools.partial(collate_pairs, pad_id=pad_id)
+    collate = {"padded": functools.partial(collate_pairs, pad_id=pad_id), "packed": collate_packed,
+               "shared_prompt": collate_shared_prompt}[cfg.layout]
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
     def autocast():
@@ -249,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
 
         stats = PairMetrics(device)
         tokens = 0
-        for k in range(accumulation):
-            ids = local_ids[k * cfg.micro_batch_size : (k + 1) * cfg.micro_batch_size]
+        if cfg.group_by_length:
+            micro_batches = group_by_length(local_ids, train_pairs, cfg.micro_batch_size)
+        else:
+            micro_batches = [local_ids[i : i + cfg.micro_batch_size] for i in range(0, len(local_ids), cfg.micro_batch_size)]
+        for k, ids in enumerate(micro_batches):
             micro_pairs = [train_pairs[i] for i in ids]
             batch = collate(micro_pairs)
             tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in micro_pairs)
-            with no_sync(scorer, sync=k == accumulation - 1):
+            with no_sync(scorer, sync=k == len(micro_batches) - 1):
                 with autocast():
                     logps = pair_logps(scorer, batch, ids, "train")
                     out = compute_loss(logps, loss_config)
@@ -355,7 +361,7 @@ def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: i
 
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, UnknownLossError, LossSpecError, MissingFieldError,
-               TrainingError)
+               PackingError, TrainingError)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -201,7 +201,9 @@ def test_config_file_keys_and_flag_override(tmp_path):
         parse_config(["--config", str(file)])
 
 
-@pytest.mark.parametrize("flags", [("--gradient-checkpointing",), ("--no-precompute-ref",), ("--no-completion-only",)])
+@pytest.mark.parametrize("flags", [("--gradient-checkpointing",), ("--no-precompute-ref",), ("--no-completion-only",),
+                                   ("--no-fused-lm-head",), ("--recompute-softmax",), ("--no-group-by-length",),
+                                   ("--layout", "packed"), ("--layout", "shared_prompt")])
 def test_memory_and_speed_switches_do_not_change_the_result(workdir, flags):
     """Each switch changes how the numbers are computed, never the numbers: losses and log-probs to 1e-5 (fp32);
     weights after two AdamW steps to 1e-4 (Adam divides by sqrt(v), amplifying rounding where gradients are ~0)."""
@@ -210,7 +212,7 @@ def test_memory_and_speed_switches_do_not_change_the_result(workdir, flags):
     base = workdir / "switch-base"
     if not base.exists():
         run(workdir, "switch-base", *common)
-    switched = run(workdir, "switch-" + flags[0].strip("-"), *common, *flags)
+    switched = run(workdir, "switch-" + "-".join(f.strip("-") for f in flags), *common, *flags)
     a, b = final_weights(base), final_weights(switched)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
