@@ -20,7 +20,7 @@ from typing import Any
 DEMO_MODEL = "demo"  # resolved to the SFT model shipped inside the package
 DEMO_DATASET = "demo"
 DEMO_SETTINGS: dict[str, Any] = {
-    "lr": 5e-4,
+    "lr": 1e-4,
     "max_length": 96,
     "max_prompt_length": 48,
     "micro_batch_size": 32,
