@@ -159,3 +159,21 @@ def test_tokenizer_without_pad_token_trains(model_dir, tmp_path):
     data = dataset_with(tmp_path, [])
     assert run_cli(no_pad, data, tmp_path / "out") == 0
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_output_disk_too_small_fails_before_training(model_dir, tmp_path, capsys, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    data = dataset_with(tmp_path, [])
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), "GiB free", "--save-total-limit")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_output_dir_that_cannot_be_created(model_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    data = dataset_with(tmp_path, [])
+    assert_one_line_error(capsys, run_cli(model_dir, data, blocker / "out"), "not writable")
