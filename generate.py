@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from dpo.cli import run_cli
 from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
                             StopAwareStreamer, check_instruction, generate_batch, generator_name, load_checked_tokenizer,
                             read_instructions,
@@ -187,11 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        return main(argv)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

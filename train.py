@@ -24,6 +24,7 @@ import huggingface_hub
 import torch
 import transformers
 
+from dpo.cli import run_cli
 from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from dpo.config import ConfigError, TrainConfig, parse_config
 from dpo.data import DataError, collate_pairs, epoch_permutation
@@ -365,11 +366,7 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, UnknownLossError, LossSpe
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        return main(argv)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

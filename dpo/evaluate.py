@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dpo.cli import run_cli
 from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
 from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
                             generate_batch, generator_name, load_checked_tokenizer, read_instructions,
@@ -416,11 +417,7 @@ USER_ERRORS = (EvaluationError, GenerationError, JudgeError, ModelLoadError, Dat
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        return main(argv)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

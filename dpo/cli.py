@@ -1,0 +1,16 @@
+"""The command-line convention shared by train.py, generate.py and dpo.evaluate: a user error is one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None,
+            user_errors: Sequence[type[BaseException]]) -> int:
+    """Run `main`; an expected error prints `error: <message>` on stderr and returns 2 (no traceback)."""
+    try:
+        return main(argv)
+    except tuple(user_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
