@@ -3,17 +3,7 @@ import torch
 
 from dpo.data import TokenizedPair, collate_pairs
 from dpo.logprobs import SequenceScorer, disable_dropout, sequence_logps
-from tiny import tiny_phi
-
-
-def random_pairs(n: int, vocab: int, seed: int = 0) -> list[TokenizedPair]:
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for row in range(n):
-        lengths = torch.randint(1, 9, (3,), generator=g).tolist()
-        ids = [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
-        pairs.append(TokenizedPair(prompt_ids=ids[0], chosen_ids=ids[1] + [0], rejected_ids=ids[2] + [0], row=row))
-    return pairs
+from tiny import random_pairs, tiny_phi
 
 
 def loop_logps(model, pairs):

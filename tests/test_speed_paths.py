@@ -9,7 +9,7 @@ from dpo.lm_head import lm_head_logps
 from dpo.logprobs import SequenceScorer
 from dpo.loss import LossConfig, PreferenceLogps, compute_loss
 from dpo.packing import collate_shared_prompt, group_by_length
-from tiny import tiny_phi
+from tiny import random_pairs, tiny_phi
 
 
 def plain_head(hidden, weight, bias, targets):
@@ -86,16 +86,6 @@ def test_fused_head_without_grad_equals_with_grad_and_checks_shapes():
         lm_head_logps(hidden[None], weight, bias, targets)
     with pytest.raises(ValueError, match="vocab_chunk"):
         lm_head_logps(hidden, weight, bias, targets, vocab_chunk=0)
-
-
-def random_pairs(n, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for row in range(n):
-        lengths = torch.randint(1, 9, (3,), generator=g).tolist()
-        ids = [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
-        pairs.append(TokenizedPair(prompt_ids=ids[0], chosen_ids=ids[1] + [0], rejected_ids=ids[2] + [0], row=row))
-    return pairs
 
 
 def dpo_loss_and_grads(model, scorer, micro_batches, collate, pairs, reference):

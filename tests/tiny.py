@@ -60,3 +60,16 @@ def write_pairs(path, n: int, seed: int = 0):
             rejected = chosen + " " + " ".join(rng.choices(WORDS, k=rng.randint(1, 5)))
             handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     return path
+
+
+def random_pairs(n: int, vocab: int, seed: int = 0):
+    """n TokenizedPairs of random ids (1..vocab-1) with EOS id 0 ending each response."""
+    from dpo.data import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for row in range(n):
+        lengths = torch.randint(1, 9, (3,), generator=g).tolist()
+        ids = [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
+        pairs.append(TokenizedPair(prompt_ids=ids[0], chosen_ids=ids[1] + [0], rejected_ids=ids[2] + [0], row=row))
+    return pairs
