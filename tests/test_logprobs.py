@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dpo.data import TokenizedPair, collate_pairs
+from dpo.data import collate_pairs
 from dpo.logprobs import SequenceScorer, disable_dropout, sequence_logps
 from tiny import random_pairs, tiny_phi
 

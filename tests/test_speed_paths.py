@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dpo.data import TokenizedPair, collate_pairs
+from dpo.data import collate_pairs
 from dpo.lm_head import lm_head_logps
 from dpo.logprobs import SequenceScorer
 from dpo.loss import LossConfig, PreferenceLogps, compute_loss
