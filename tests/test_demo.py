@@ -279,3 +279,25 @@ def test_shipped_model_knows_the_facts_on_held_out_prompts(shipped):
     answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     correct = sum(judge(i, a).correct for i, a in zip(instrs, answers))
     assert correct >= 0.9 * len(instrs), list(zip([i.text for i in instrs], answers))
+
+
+def test_demo_promise_dpo_beats_its_sft_reference_on_80_percent(tmp_path):
+    """`python train.py` then `python -m dpo.evaluate --model <run>/final`, exactly as the README says, end to end:
+    the DPO policy must win at least 80% of the held-out comparisons against the SFT model (ties half)."""
+    import json
+    import subprocess
+    import sys
+
+    if not (ASSETS / "config.json").is_file():
+        pytest.skip("demo assets not built (python -m dpo.demo.build)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = tmp_path / "demo"
+    subprocess.run([sys.executable, "train.py", "--output-dir", str(run)], cwd=root, env=env, check=True,
+                   capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "dpo.evaluate", "--model", str(run / "final"), "--no-progress"],
+                          cwd=root, env=env, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["n"] == len(task.instructions("test"))
+    assert result["win_rate"] >= 0.80, done.stdout
+    assert result["policy_mean_score"] > result["reference_mean_score"] + 0.25
