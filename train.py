@@ -24,6 +24,7 @@ import huggingface_hub
 import torch
 import transformers
 
+from dpo.activations import fuse_gelu
 from dpo.cli import run_cli
 from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from dpo.config import ConfigError, TrainConfig, parse_config
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if main_process:
         check_disk_space(out_dir, sum(p.numel() for p in policy.parameters()), cfg.save_total_limit)
     disable_dropout(policy)
+    if cfg.fused_gelu:
+        fuse_gelu(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_config = loss_config_from(cfg)
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ref_model = policy
             disable_dropout(ref_model)
+            if cfg.fused_gelu:
+                fuse_gelu(ref_model)
             if main_process:
                 reference_logps[split], cached = load_or_compute(cache_file, lambda: compute_reference_logps(
                     SequenceScorer(ref_model, **scorer_kwargs), pairs, micro_batch_size=cfg.micro_batch_size,
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     elif needs_reference:
         reference = load_causal_lm(cfg.model, device=device).eval().requires_grad_(False)
         disable_dropout(reference)
+        if cfg.fused_gelu:
+            fuse_gelu(reference)
         reference_scorer = SequenceScorer(reference, **scorer_kwargs)
 
     policy.train()

@@ -40,13 +40,13 @@ SIZES = {  # hidden, layers, max_length, micro, accum, timed steps
 }
 VOCAB = 51200
 EOS = 50256
-TECHNIQUES = ("completion_only", "fused_lm_head", "padding_free", "prompt_sharing", "length_grouped",
+TECHNIQUES = ("completion_only", "fused_lm_head", "fused_gelu", "padding_free", "prompt_sharing", "length_grouped",
               "precompute_ref", "gradient_checkpointing", "compile", "recompute_softmax")
 PRESETS = {
-    "plain": dict(completion_only=False, fused_lm_head=False, padding_free=False, prompt_sharing=False,
+    "plain": dict(completion_only=False, fused_lm_head=False, fused_gelu=False, padding_free=False, prompt_sharing=False,
                   length_grouped=False, precompute_ref=True, gradient_checkpointing=False, compile=False,
                   recompute_softmax=False),
-    "all": dict(completion_only=True, fused_lm_head=True, padding_free=True, prompt_sharing=True,
+    "all": dict(completion_only=True, fused_lm_head=True, fused_gelu=True, padding_free=True, prompt_sharing=True,
                 length_grouped=True, precompute_ref=True, gradient_checkpointing=False, compile=False,
                 recompute_softmax=False),
 }
@@ -126,7 +126,7 @@ def useful_flops(pairs, model, precomputed_reference: bool) -> float:
     return per_token * n_layers * tokens + per_scored * d_v * scored
 
 
-def matmul_peak_gflops(repeats: int = 10, n: int = 1024) -> float:
+def matmul_peak_gflops(repeats: int = 30, n: int = 1024) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
     torch.mm(a, b, out=out)
@@ -149,6 +149,7 @@ def peak_rss_mb() -> float:
 def run_dpo(size: dict, flags: dict) -> dict:
     import functools
 
+    from dpo.activations import fuse_gelu
     from dpo.data import collate_pairs
     from dpo.logprobs import SequenceScorer, disable_dropout
     from dpo.loss import LossConfig, PreferenceLogps, compute_loss
@@ -158,6 +159,8 @@ def run_dpo(size: dict, flags: dict) -> dict:
     pairs = tokenized_pairs(workload_texts(size), load_tokenizer(), size["max_length"])
     policy = build_model(size)
     disable_dropout(policy)
+    if flags["fused_gelu"]:
+        fuse_gelu(policy)
     if flags["prompt_sharing"]:
         collate = collate_shared_prompt
     elif flags["padding_free"]:

@@ -91,6 +91,7 @@ class TrainConfig:
     completion_only: bool = _opt(True, "run the LM head on response tokens only (exact)")
     logps_chunk_size: int = _opt(1024, "response tokens per LM-head chunk")
     fused_lm_head: bool = _opt(True, "fused chunked LM-head log-softmax with a hand-written backward (exact)")
+    fused_gelu: bool = _opt(True, "run gelu_new activations as one fused kernel (same formula, equal to fp32 rounding)")
     recompute_softmax: bool = _opt(False, "fused head: recompute logits in backward instead of storing them (less memory)")
     layout: str = _opt("padded", "micro-batch layout: padded rows, packed (padding-free) or shared_prompt (prompt computed once per pair)", choices=["padded", "packed", "shared_prompt"])
     group_by_length: bool = _opt(True, "within a step, put pairs of similar length in the same micro-batch (exact)")

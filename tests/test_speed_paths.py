@@ -155,3 +155,79 @@ def test_gradient_checkpointing_with_shared_prompts_equals_plain():
     assert got[0] == pytest.approx(want[0], abs=1e-5)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_fused_head_survives_a_later_tile_far_above_the_first(store, monkeypatch):
+    """The shift comes from the first vocabulary tile; a logit 300 above it in a later tile would overflow 2^(y - m)
+    and forces the exact-maximum pass. Values and gradients must still equal the plain computation."""
+    hidden, weight, bias, targets, upstream = head_inputs(n=6, d=4, vocab=96)
+    with torch.no_grad():
+        bias[70] = 300.0  # far above every logit of the first tile (vocabulary 0..31)
+        bias[5] = -300.0
+    targets[:2] = torch.tensor([70, 5])
+    want = values_and_grads(plain_head, hidden, weight, bias, targets, upstream)
+    import dpo.lm_head
+
+    exact_passes = []
+    row_maxima = dpo.lm_head._row_maxima
+    monkeypatch.setattr(dpo.lm_head, "_row_maxima", lambda *args: exact_passes.append(1) or row_maxima(*args))
+    got = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, row_chunk=4, vocab_chunk=32, with_wpo=True,
+                                                            store=store), hidden, weight, bias, targets, upstream)
+    assert len(exact_passes) == 2  # both row blocks, in the forward only
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    # log-probs near -600 carry fp32 rounding of 1e-7 relative in both computations
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-6)
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fused_head_reuses_its_workspace_and_stays_exact():
+    """The buffer that keeps the softmax tiles is handed back after the backward and reused by the next call."""
+    from dpo.lm_head import workspace_pool
+
+    workspace_pool.clear()
+    inputs = head_inputs()
+    want = values_and_grads(plain_head, *inputs)
+    first = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, vocab_chunk=50), *inputs)
+    assert len(workspace_pool.free) == 1
+    buffer = workspace_pool.free[0]
+    second = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, vocab_chunk=50), *inputs)
+    assert len(workspace_pool.free) == 1 and workspace_pool.free[0] is buffer
+    for got in (first, second):
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+        for a, b in zip(got[2], want[2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fused_gelu_is_gelu_new_to_fp32_rounding():
+    from transformers.activations import NewGELUActivation
+
+    from dpo.activations import FusedTanhGELU
+
+    x = torch.cat([torch.linspace(-12, 12, 2001), 30 * torch.randn(500, generator=torch.Generator().manual_seed(0))])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = NewGELUActivation()(x1), FusedTanhGELU()(x2)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-6)  # deep in the negative tail 1e-6 vs 0
+    want.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=2e-6, rtol=1e-6)
+
+
+def test_fused_gelu_model_gives_the_same_dpo_loss_and_gradients():
+    from dpo.activations import FusedTanhGELU, fuse_gelu
+
+    model = tiny_phi()
+    pairs = random_pairs(6, 97, seed=7)
+    reference = -torch.arange(6, dtype=torch.float32)
+    collate = lambda p: collate_pairs(p, pad_id=0)  # noqa: E731
+    steps = [[0, 1, 2], [3, 4, 5]]
+    want = dpo_loss_and_grads(model, SequenceScorer(model), steps, collate, pairs, reference)
+    assert fuse_gelu(model) == model.config.num_hidden_layers
+    assert sum(isinstance(m, FusedTanhGELU) for m in model.modules()) == model.config.num_hidden_layers
+    got = dpo_loss_and_grads(model, SequenceScorer(model), steps, collate, pairs, reference)
+    assert got[0] == pytest.approx(want[0], abs=1e-5)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert fuse_gelu(model) == 0  # nothing left to replace
