@@ -191,7 +191,7 @@ def run_dpo(size: dict, flags: dict) -> dict:
     if flags["compile"]:
         policy.base_model.compile()
     scorer = SequenceScorer(policy, **scorer_kwargs)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-5, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-5, weight_decay=0.0, fused=True)
     loss_config = LossConfig(loss_type="sigmoid", beta=0.1)
 
     step_s, losses = [], []

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     args = ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--max-length", "48",
             "--max-prompt-length", "24", "--test-size", "10", "--lr", "1e-3", "--seed", "0", "--no-progress",
             "--no-plot", "--batch-size", "16", "--micro-batch-size", "4", "--max-steps", "4", "--eval-steps", "2",
-            "--max-eval-pairs", "10"]  # 3 eval micro-batches: uneven over 2 processes
+            "--max-eval-pairs", "10", "--layout", "padded"]  # 3 eval micro-batches: uneven over 2 processes
     assert train.main(args + ["--output-dir", str(root / "single")]) == 0
     return root, args
 
@@ -67,3 +67,11 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(setup):
     assert (out / "checkpoint-2" / "model").is_dir() and not (out / "final").exists()
     assert train.main(args + ["--output-dir", str(out), "--resume"]) == 0  # 2 processes -> 1
     assert_same_run(root / "single", out)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_ddp_with_packed_layouts_matches_one_padded_process(setup, layout):
+    """Padding-free rows and shared prompts under DDP: the same weights and metrics as the single padded run."""
+    root, args = setup
+    torchrun(args + ["--output-dir", str(root / f"ddp-{layout}"), "--layout", layout])
+    assert_same_run(root / "single", root / f"ddp-{layout}")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from dpo.config import ConfigError, parse_config
+from dpo.config import ConfigError, TrainConfig, parse_config
 from dpo.metrics import read_metrics
 from tiny import make_model_dir, write_pairs
 
@@ -220,3 +220,12 @@ def test_memory_and_speed_switches_do_not_change_the_result(workdir, flags):
     la, lb = read_metrics(base / "metrics.jsonl"), read_metrics(switched / "metrics.jsonl")
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert [r[key] for r in la] == pytest.approx([r[key] for r in lb], abs=1e-5, rel=1e-6), key
+
+
+def test_every_setting_is_documented_in_the_readme_flag_tables():
+    import dataclasses
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig)
+               if f"| `--{f.name.replace('_', '-')}` |" not in readme]
+    assert not missing, f"flags missing from README.md's tables: {missing}"
