@@ -2,7 +2,9 @@
 
 A checkpoint is written into `checkpoint-<step>.tmp/` and renamed to `checkpoint-<step>/` only once
 every file is on disk, so a directory named `checkpoint-<step>` is always complete; a crash mid-write
-leaves only a `.tmp` directory that `latest_checkpoint` ignores and the next save removes.
+leaves only a `.tmp` directory that `latest_checkpoint` ignores and the next save removes. Old checkpoints
+are renamed to `checkpoint-<step>.discarded` before they are deleted, so a crash during the deletion
+cannot leave a partial `checkpoint-<step>` either.
 The data position needs no saving of its own: the batch order is a pure function of
 (seed, epoch, step), so the optimizer step is the data position.
 """
@@ -101,14 +103,25 @@ def save_checkpoint(
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
     if final.exists():  # a re-save of the same step (e.g. after a signal)
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     for _, old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("checkpoint-*.tmp"):
+        _discard(old)
+    for stale in [*root.glob("checkpoint-*.tmp"), *root.glob("checkpoint-*.discarded")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint directory so that a crash midway never leaves a partial `checkpoint-<step>`:
+    it is first renamed (atomic) out of the name pattern, then removed."""
+    doomed = checkpoint.with_name(checkpoint.name + ".discarded")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    _fsync_dir(checkpoint.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

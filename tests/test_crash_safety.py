@@ -147,3 +147,37 @@ def test_nan_loss_skip_option_counts_and_continues(setup, tmp_path):
     step1, step2 = (load_file(out / f"checkpoint-{s}" / "model" / "model.safetensors") for s in (1, 2))
     for key in step1:
         assert torch.equal(step1[key], step2[key]), key
+
+
+def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_only_complete_ones(tmp_path, monkeypatch):
+    """Rotation deletes the oldest checkpoint; a process killed halfway through that deletion must not leave a
+    partial directory that still looks like a checkpoint (a resume would load it)."""
+    import shutil
+
+    import dpo.checkpoint as checkpoint
+
+    def save(step):
+        def save_model(directory):
+            directory.mkdir(parents=True)
+            (directory / "config.json").write_text("{}")
+        checkpoint.save_checkpoint(tmp_path, step, save_model=save_model, optimizer_state={}, scaler_state=None,
+                                   trainer_state={}, loss_state={}, keep=2)
+
+    save(1)
+    save(2)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "model" / "config.json").unlink()  # part of the directory is gone when the process dies
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        save(3)  # checkpoint-3 is in place; deleting checkpoint-1 dies
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    found = list_checkpoints(tmp_path)
+    assert [step for step, _ in found] == [2, 3]
+    for _, path in found:
+        assert (path / "model" / "config.json").is_file() and (path / "optimizer.pt").is_file()
+    save(4)  # the next save clears what the crash left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
