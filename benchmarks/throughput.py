@@ -43,9 +43,9 @@ EOS = 50256
 TECHNIQUES = ("completion_only", "fused_lm_head", "fused_gelu", "padding_free", "prompt_sharing", "length_grouped",
               "precompute_ref", "gradient_checkpointing", "compile", "recompute_softmax")
 PRESETS = {
-    "plain": dict(completion_only=False, fused_lm_head=False, fused_gelu=False, padding_free=False, prompt_sharing=False,
-                  length_grouped=False, precompute_ref=True, gradient_checkpointing=False, compile=False,
-                  recompute_softmax=False),
+    "plain": dict(completion_only=False, fused_lm_head=False, fused_gelu=False, padding_free=False,
+                  prompt_sharing=False, length_grouped=False, precompute_ref=True, gradient_checkpointing=False,
+                  compile=False, recompute_softmax=False),
     "all": dict(completion_only=True, fused_lm_head=True, fused_gelu=True, padding_free=True, prompt_sharing=True,
                 length_grouped=True, precompute_ref=True, gradient_checkpointing=False, compile=False,
                 recompute_softmax=False),
