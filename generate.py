@@ -97,9 +97,7 @@ def _write(text: str) -> None:
 
 def check_args(args: argparse.Namespace) -> DecodingConfig:
     """Every setting is checked before a model is loaded."""
-    decoding = DecodingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed, chat_template=args.chat_template)
-    decoding.validate()
+    decoding = DecodingConfig.from_args(args)
     if args.batch_size < 1:
         raise GenerationError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.instruction is not None:

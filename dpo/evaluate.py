@@ -341,9 +341,7 @@ def _prompts(args: argparse.Namespace, judge: Judge) -> list[dict[str, Any]]:
 
 
 def check_args(args: argparse.Namespace) -> DecodingConfig:
-    decoding = DecodingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed, chat_template=args.chat_template)
-    decoding.validate()
+    decoding = DecodingConfig.from_args(args)
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.samples < 0:

@@ -66,6 +66,15 @@ class DecodingConfig:
     stop_strings: tuple[str, ...] = STOP_STRINGS
     chat_template: bool = False  # render with the tokenizer's chat template instead of the recipe's
 
+    @classmethod
+    def from_args(cls, args) -> "DecodingConfig":
+        """From parsed command-line flags (--temperature, --top-p, --top-k, --greedy, --max-new-tokens, --seed,
+        --chat-template), validated."""
+        decoding = cls(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed, chat_template=args.chat_template)
+        decoding.validate()
+        return decoding
+
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")

@@ -105,12 +105,15 @@ def dpo_loss_and_grads(model, scorer, micro_batches, collate, pairs, reference):
     return total, [p.grad.clone() for p in model.parameters()]
 
 
-def test_fused_scorer_loss_and_gradients_equal_plain_scorer():
-    model = tiny_phi()
-    pairs = random_pairs(6, 97, seed=5)
-    reference = -torch.arange(6, dtype=torch.float32)
+def two_step_setup(seed):
+    """A tiny Phi, 6 random pairs in two micro-batches of 3, padded collation and made-up reference log-probs."""
     collate = lambda p: collate_pairs(p, pad_id=0)  # noqa: E731
     steps = [[0, 1, 2], [3, 4, 5]]
+    return tiny_phi(), random_pairs(6, 97, seed=seed), -torch.arange(6, dtype=torch.float32), collate, steps
+
+
+def test_fused_scorer_loss_and_gradients_equal_plain_scorer():
+    model, pairs, reference, collate, steps = two_step_setup(seed=5)
     want = dpo_loss_and_grads(model, SequenceScorer(model, completion_only=False), steps, collate, pairs, reference)
     for kwargs in (dict(vocab_chunk=10), dict(vocab_chunk=10, recompute_softmax=True), dict(fused_lm_head=False)):
         got = dpo_loss_and_grads(model, SequenceScorer(model, **kwargs), steps, collate, pairs, reference)
@@ -218,11 +221,7 @@ def test_fused_gelu_is_gelu_new_to_fp32_rounding():
 def test_fused_gelu_model_gives_the_same_dpo_loss_and_gradients():
     from dpo.activations import FusedTanhGELU, fuse_gelu
 
-    model = tiny_phi()
-    pairs = random_pairs(6, 97, seed=7)
-    reference = -torch.arange(6, dtype=torch.float32)
-    collate = lambda p: collate_pairs(p, pad_id=0)  # noqa: E731
-    steps = [[0, 1, 2], [3, 4, 5]]
+    model, pairs, reference, collate, steps = two_step_setup(seed=7)
     want = dpo_loss_and_grads(model, SequenceScorer(model), steps, collate, pairs, reference)
     assert fuse_gelu(model) == model.config.num_hidden_layers
     assert sum(isinstance(m, FusedTanhGELU) for m in model.modules()) == model.config.num_hidden_layers
