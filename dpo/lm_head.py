@@ -11,33 +11,41 @@ Backward, for an upstream gradient g [n] (one number per row: d loss / d logp_i)
     G_i = g_i (onehot(t_i) - softmax(z_i))        [V]
     dh = G W,   dW = G^T h,   db = sum_i G_i
 
-The work is cut into tiles of `row_chunk` rows x `vocab_chunk` vocabulary entries, so that the elementwise
-passes run on cache-resident data and the only full passes over memory are the three matmuls. Tiles hold
-base-2 logits y = z log2(e) (in fp32 the matmul makes them directly from h log2(e) and b log2(e)), because
-exp2 costs about half of exp on CPUs. Every tile of a row is shifted by one number m_i, the maximum of the
-row's first tile, folded into the matmul as its starting value (b log2(e) - m):
+The work is cut into tiles of `row_chunk` rows x `vocab_chunk` vocabulary entries. Tiles hold base-2
+logits y = z log2(e), because exp2 costs about half of exp on CPUs, shifted by one number m_i per row, the
+maximum of the row's first tile. In fp32 one plain matmul of augmented operands makes them, bias and shift
+included, so neither costs a pass over the tile:
 
+    y - m = [h log2(e) | log2(e) | -m] [W | b | 1]^T
     s_i     = sum_v 2^(y_iv - m_i)
     logp_i  = ln 2 (y_{i, t_i} - m_i - log2 s_i),      softmax(z_i)_v = 2^(y_iv - m_i) / s_i
 
 If a later tile exceeds m_i by so much that s_i overflows (y - m > 127), the block is redone shifted by its
-exact row maxima (one more pass of matmuls), so every term is <= 1 and s_i >= 1. The backward needs the
-softmax again; two ways to have it:
+exact row maxima (one more pass of matmuls), so every term is <= 1 and s_i >= 1.
 
-    recompute (store=False)  redo the tiles in backward: 8 n d V flops in all instead of 6,
-                             memory O(n + V) beyond the inputs
-    store     (store=True)   keep 2^(y - m) of every tile from the forward (n V floats, in a workspace that
-                             is reused across calls): 6 n d V flops; the backward only rescales it
+The backward (fp32) never rescales a tile: with E = 2^(y - m) and c = -g / s per row,
+
+    dh = c * (E W) + g W_t,        [dW | db]^T = [c h | c]^T E  + (g h, g) scattered to the rows t
+
+E W is made in the forward, while each tile is in cache, whenever h needs a gradient; the backward then
+reads each tile once, for [dW | db]. E itself comes one of two ways:
+
+    store     (store=True)   keep E of every tile from the forward (n V floats, in a workspace that is
+                             reused across calls): 6 n d V flops in all
+    recompute (store=False)  redo the tiles in backward: 8 n d V flops, memory O(n + V) beyond the inputs
 
 Optionally (`with_wpo`) the forward also returns log p_t - log sum_v p_v^2 (WPO eq. 2; no gradient), from
 a second running sum sum_v 4^(y_v - m).
 
-Under autocast the matmuls run in the autocast dtype, exactly as `F.linear` would run them, and everything
-else (log-sum-exp, softmax gradient, accumulation) in fp32, as `logits.float()` after `lm_head(h)` would.
+Under autocast the matmuls run in the autocast dtype of the forward (also when backward is called after
+leaving autocast), exactly as `F.linear` and its autograd would run them: G is formed in fp32 and cast.
+Everything else (log-sum-exp, softmax gradient, accumulation) is fp32, as `logits.float()` after
+`lm_head(h)` would be.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -99,38 +107,57 @@ def _target_buckets(targets: Tensor, vocab_size: int, vocab_chunk: int) -> list[
 
 
 class _Operands:
-    """The LM head's operands in the compute dtype, plus the base-2 scaled copies the fp32 path multiplies."""
+    """The LM head's operands in the compute dtype.
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-        self.cdtype = _compute_dtype(hidden.device, hidden.dtype)
+    fp32: a tile's shifted base-2 logits come out of one plain matmul of augmented operands,
+
+        [h log2(e) | log2(e) | -m] [W | b | 1]^T = y - m,
+
+    so neither the bias nor the shift costs a pass over the tile (`h_aug`'s last column holds -m of the rows
+    being computed). Other dtypes: z in the compute dtype exactly as F.linear makes it, then scaled and
+    shifted in fp32."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, cdtype: torch.dtype | None = None) -> None:
+        self.cdtype = cdtype or _compute_dtype(hidden.device, hidden.dtype)
         self.h, self.w = hidden.to(self.cdtype), weight.to(self.cdtype)
         self.b = None if bias is None else bias.to(self.cdtype)
         self.fp32 = self.cdtype == torch.float32
-        self.vocab = weight.shape[0]
-        if self.fp32:  # y = z log2(e) straight from the matmul
-            self.h2 = self.h * LOG2E
-            self.b2 = None if self.b is None else self.b * LOG2E
+        self.vocab, self.d = weight.shape
+
+    @functools.cached_property
+    def h_aug(self) -> Tensor:
+        d = self.d
+        h_aug = self.h.new_zeros(self.h.shape[0], d + (1 if self.b is None else 2))
+        torch.mul(self.h, LOG2E, out=h_aug[:, :d])
+        if self.b is not None:
+            h_aug[:, d] = LOG2E
+        return h_aug
+
+    @functools.cached_property
+    def w_aug(self) -> Tensor:
+        return _augmented_weight(self.w, self.b)
 
     def shifted_tile(self, start: int, end: int, v0: int, v1: int, shift: Tensor | None, out: Tensor) -> Tensor:
         """y - shift for rows start:end and vocabulary v0:v1, into `out` (fp32), where y = z log2(e).
-
-        fp32: one matmul that starts from b log2(e) - shift. Other dtypes: z in the compute dtype exactly as
-        F.linear makes it, then scaled and shifted in fp32. Without a shift: y itself."""
-        w = self.w[v0:v1]
+        Without a shift: y itself."""
         if self.fp32:
-            h2 = self.h2[start:end]
-            b2 = None if self.b2 is None else self.b2[v0:v1]
+            rows = self.h_aug[start:end]
             if shift is None:
-                return torch.mm(h2, w.t(), out=out) if b2 is None else torch.addmm(b2, h2, w.t(), out=out)
-            if b2 is None:
-                out.copy_(shift.neg().unsqueeze(1).expand_as(out))
+                rows[:, -1] = 0.0
             else:
-                torch.sub(b2.unsqueeze(0), shift.unsqueeze(1), out=out)
-            return out.addmm_(h2, w.t())
-        h = self.h[start:end]
+                torch.neg(shift, out=rows[:, -1])
+            return torch.mm(rows, self.w_aug[v0:v1].t(), out=out)
+        h, w = self.h[start:end], self.w[v0:v1]
         z = torch.mm(h, w.t()) if self.b is None else torch.addmm(self.b[v0:v1], h, w.t())
         out.copy_(z).mul_(LOG2E)
         return out if shift is None else out.sub_(shift.unsqueeze(1))
+
+
+def _augmented_weight(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """[W | b | 1]: one copy of W per call. (Not cached across calls: fused optimizers update parameters in
+    place without bumping their version counters, so a stale copy could not be detected.)"""
+    ones = weight.new_ones(weight.shape[0], 1)
+    return torch.cat([weight, ones] if bias is None else [weight, bias.unsqueeze(1), ones], dim=1)
 
 
 def _tile_view(buffer: Tensor, tile: int, rows: int, width: int, vocab_chunk: int) -> Tensor:
@@ -140,31 +167,36 @@ def _tile_view(buffer: Tensor, tile: int, rows: int, width: int, vocab_chunk: in
 
 
 def _forward_rows(ops: _Operands, start: int, end: int, targets: Tensor, vocab_chunk: int, with_wpo: bool,
-                  buffer: Tensor, stored: bool, shift: Tensor | None):
-    """One block of rows: (target y - shift, sum_v 2^(y_v - shift), sum_v 4^(y_v - shift) or None, shift).
+                  buffer: Tensor | None, scratch: Tensor, shift: Tensor | None, with_ew: bool):
+    """One block of rows: (target y - shift, sum_v 2^(y_v - shift), sum_v 4^(y_v - shift) or None, shift,
+    sum_v 2^(y_v - shift) W_v or None).
 
-    Tiles go through `buffer` (all tiles when `stored`, else one tile reused); each ends up holding
-    2^(y - shift). Without a given shift, the first tile's row maxima become the shift of every tile."""
+    Each tile's 2^(y - shift) is kept in `buffer` (all tiles) or left in `scratch`. Without a given shift, the
+    first tile's row maxima become the shift of every tile. `with_ew`: also the softmax-weighted sum of W
+    rows that dh needs, while the tile is still in cache (the backward then reads the kept tiles once)."""
     n = end - start
+    ew = torch.zeros(n, ops.d, device=ops.h.device) if with_ew else None
     running_sum = torch.zeros(n, device=ops.h.device)
     running_sq = torch.zeros(n, device=ops.h.device) if with_wpo else None
     target = torch.empty(n, device=ops.h.device)
     for tile, bucket in enumerate(_target_buckets(targets, ops.vocab, vocab_chunk)):
         v0 = tile * vocab_chunk
         v1 = min(v0 + vocab_chunk, ops.vocab)
-        y = ops.shifted_tile(start, end, v0, v1, shift,
-                             _tile_view(buffer, tile if stored else 0, n, v1 - v0, vocab_chunk))
+        # the matmul writes a scratch tile that stays in cache; exp2 writes the kept tile
+        y = ops.shifted_tile(start, end, v0, v1, shift, _tile_view(scratch, 0, n, v1 - v0, vocab_chunk))
         if shift is None:
             shift = y.amax(dim=1)
             y.sub_(shift.unsqueeze(1))
         if bucket is not None:
             rows, cols = bucket
             target[rows] = y[rows, cols]
-        y.exp2_()
+        y = y.exp2_() if buffer is None else torch.exp2(y, out=_tile_view(buffer, tile, n, v1 - v0, vocab_chunk))
         running_sum.add_(y.sum(dim=1))
         if running_sq is not None:
             running_sq.add_(y.square().sum(dim=1))
-    return target, running_sum, running_sq, shift
+        if ew is not None:
+            ew.addmm_(y, ops.w[v0:v1])
+    return target, running_sum, running_sq, shift, ew
 
 
 def _row_maxima(ops: _Operands, start: int, end: int, vocab_chunk: int, scratch: Tensor) -> Tensor:
@@ -182,10 +214,11 @@ def _row_blocks(n: int, row_chunk: int) -> list[tuple[int, int]]:
 
 
 def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, row_chunk: int,
-             vocab_chunk: int, with_wpo: bool, store: bool):
-    """(logp, WPO-adjusted or None, per-block (shift, sum), workspace or None); the workspace keeps every
-    tile's 2^(y - shift) for the backward when `store`."""
+             vocab_chunk: int, with_wpo: bool, store: bool, grad_h: bool = False):
+    """(logp, WPO-adjusted or None, per-block (shift, sum, E W or None), workspace or None); the workspace
+    keeps every tile's 2^(y - shift) for the backward when `store`. `grad_h` (fp32 only): also E W."""
     ops = _Operands(hidden, weight, bias)
+    with_ew = grad_h and ops.fp32
     n = hidden.shape[0]
     num_tiles = -(-ops.vocab // vocab_chunk)
     blocks = _row_blocks(n, row_chunk)
@@ -195,33 +228,34 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     logps, sqs, saved = [], [], []
     with torch.autocast(hidden.device.type, enabled=False):
         for start, end in blocks:
-            buffer = workspace[num_tiles * start * vocab_chunk:] if store else scratch
-            target, total, sq, shift = _forward_rows(ops, start, end, targets[start:end], vocab_chunk, with_wpo,
-                                                     buffer, store, None)
+            buffer = workspace[num_tiles * start * vocab_chunk:] if store else None
+            target, total, sq, shift, ew = _forward_rows(ops, start, end, targets[start:end], vocab_chunk,
+                                                         with_wpo, buffer, scratch, None, with_ew)
             if not bool(torch.isfinite(total).all()):
                 # a later tile exceeded the first tile's maxima by ~2^128: redo the block shifted by the
                 # exact row maxima, so that every 2^(y - shift) <= 1 and every sum >= 1
                 shift = _row_maxima(ops, start, end, vocab_chunk, scratch)
-                target, total, sq, shift = _forward_rows(ops, start, end, targets[start:end], vocab_chunk,
-                                                         with_wpo, buffer, store, shift)
+                target, total, sq, shift, ew = _forward_rows(ops, start, end, targets[start:end], vocab_chunk,
+                                                             with_wpo, buffer, scratch, shift, with_ew)
             log2_total = total.log2()
             logps.append(LN2 * (target - log2_total))
             if sq is not None:
                 sqs.append(LN2 * (sq.log2() - 2.0 * log2_total))  # log sum_v p_v^2
-            saved.append((shift, total))
+            saved.append((shift, total, ew))
     logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
     adjusted = None
     if with_wpo:
         adjusted = logp - (torch.cat(sqs) if sqs else logp.new_zeros(0))
-    return logp, adjusted, saved, workspace
+    return logp, adjusted, saved, workspace, ops.cdtype
 
 
 class _FusedLMHeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, row_chunk: int,
                 vocab_chunk: int, with_wpo: bool, store: bool):
-        logp, adjusted, saved, workspace = _forward(hidden, weight, bias, targets, row_chunk, vocab_chunk,
-                                                    with_wpo, store)
+        logp, adjusted, saved, workspace, ctx.cdtype = _forward(hidden, weight, bias, targets, row_chunk,
+                                                                vocab_chunk, with_wpo, store,
+                                                                grad_h=ctx.needs_input_grad[0])
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.saved_blocks, ctx.workspace = saved, workspace
         ctx.row_chunk, ctx.vocab_chunk = row_chunk, vocab_chunk
@@ -232,71 +266,105 @@ class _FusedLMHeadLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: Tensor, grad_adjusted: Tensor | None):
         hidden, weight, bias, targets = ctx.saved_tensors
-        vocab_chunk, workspace = ctx.vocab_chunk, ctx.workspace
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        ops = _Operands(hidden, weight, bias)
-        n, vocab = hidden.shape[0], weight.shape[0]
-        num_tiles = -(-vocab // vocab_chunk)
-        blocks = _row_blocks(n, ctx.row_chunk)
-        scratch = None if workspace is not None else torch.empty(vocab_chunk * min(n, ctx.row_chunk),
-                                                                  device=hidden.device)
-        # the first row block writes every tile of dW and db, later blocks add to them
-        fresh = torch.empty if blocks else torch.zeros
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = fresh(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = fresh(vocab, dtype=torch.float32, device=weight.device) if need_b and bias is not None else None
-        g = grad_logp.float()
+        ops = _Operands(hidden, weight, bias, ctx.cdtype)  # the forward's autocast dtype, not the backward's
+        backward = _backward_fp32 if ops.fp32 else _backward_cast
         with torch.autocast(hidden.device.type, enabled=False):
-            for block, ((start, end), (shift, total)) in enumerate(zip(blocks, ctx.saved_blocks)):
-                rows_n = end - start
-                h_rows, g_rows = ops.h[start:end], g[start:end]
-                # d logp / dz = onehot(target) - p, p = 2^(y - shift) / total
-                scale = (-g_rows / total).unsqueeze(1)
-                for tile, bucket in enumerate(_target_buckets(targets[start:end], vocab, vocab_chunk)):
-                    v0 = tile * vocab_chunk
-                    v1 = min(v0 + vocab_chunk, vocab)
-                    if workspace is not None:
-                        grad_z = _tile_view(workspace[num_tiles * start * vocab_chunk:], tile, rows_n, v1 - v0,
-                                            vocab_chunk)
-                    else:
-                        grad_z = ops.shifted_tile(start, end, v0, v1, shift,
-                                                  _tile_view(scratch, 0, rows_n, v1 - v0, vocab_chunk)).exp2_()
-                    grad_z.mul_(scale)
-                    if bucket is not None:
-                        rows, cols = bucket
-                        grad_z[rows, cols] += g_rows[rows]
-                    _accumulate_tile(grad_z.to(ops.cdtype), h_rows, ops.w[v0:v1],
-                                     grad_h[start:end] if need_h else None,
-                                     grad_w[v0:v1] if grad_w is not None else None,
-                                     grad_b[v0:v1] if grad_b is not None else None, first=block == 0)
+            grad_h, grad_w, grad_b = backward(ops, grad_logp.float(), targets, ctx.saved_blocks, ctx.workspace,
+                                              ctx.row_chunk, ctx.vocab_chunk, *ctx.needs_input_grad[:3])
         ctx.saved_blocks = None
-        if workspace is not None:
-            workspace_pool.give_back(workspace)
+        if ctx.workspace is not None:
+            workspace_pool.give_back(ctx.workspace)
             ctx.workspace = None
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
-def _accumulate_tile(grad_z: Tensor, h: Tensor, w: Tensor, grad_h: Tensor | None, grad_w: Tensor | None,
-                     grad_b: Tensor | None, first: bool) -> None:
-    """dh += G w, dW (=, or += after the first row block) G^T h, db (= or +=) sum_rows G; fp32 results."""
-    if grad_z.dtype == torch.float32:  # in place, no temporaries
+def _softmax_tiles(ops: _Operands, start: int, end: int, shift: Tensor, workspace: Tensor | None,
+                   vocab_chunk: int, scratch: Tensor | None):
+    """(v0, v1, 2^(y - shift)) for every vocabulary tile of rows start:end: stored, or recomputed into `scratch`."""
+    rows, num_tiles = end - start, -(-ops.vocab // vocab_chunk)
+    for tile in range(num_tiles):
+        v0, v1 = tile * vocab_chunk, min((tile + 1) * vocab_chunk, ops.vocab)
+        if workspace is not None:
+            yield v0, v1, _tile_view(workspace[num_tiles * start * vocab_chunk:], tile, rows, v1 - v0, vocab_chunk)
+        else:
+            yield v0, v1, ops.shifted_tile(start, end, v0, v1, shift,
+                                           _tile_view(scratch, 0, rows, v1 - v0, vocab_chunk)).exp2_()
+
+
+def _backward_fp32(ops: _Operands, g: Tensor, targets: Tensor, saved_blocks, workspace: Tensor | None,
+                   row_chunk: int, vocab_chunk: int, need_h: bool, need_w: bool, need_b: bool):
+    """fp32: the softmax part of G = g (onehot - E / s) is applied through the small operands only,
+
+        dh = (-g / s) (E W) + g W_t,    [dW | db]^T = [(-g / s) h | -g / s]^T E + scatter of g [h | 1] to t,
+
+    with E W from the forward, so the kept tiles E are read once, by one matmul. [dW | db]^T of a tile is
+    made in a small cache-resident buffer (h^T E runs faster than E^T h for these skinny shapes) and
+    transposed into dW's rows."""
+    n, d, vocab = ops.h.shape[0], ops.d, ops.vocab
+    with_b = ops.b is not None and need_b
+    cols = d + 1 if with_b else d
+    grad_h = torch.empty(n, d, device=ops.h.device) if need_h else None
+    grad_w = torch.empty(vocab, d, device=ops.h.device) if need_w or with_b else None
+    grad_b = torch.empty(vocab, device=ops.h.device) if with_b else None
+    scratch = None if workspace is not None else torch.empty(vocab_chunk * min(n, row_chunk), device=ops.h.device)
+    tile_t = torch.empty(cols, min(vocab_chunk, vocab), device=ops.h.device)
+    for block, ((start, end), (shift, total, ew)) in enumerate(zip(_row_blocks(n, row_chunk), saved_blocks)):
+        h_rows, g_rows, t_rows = ops.h[start:end], g[start:end], targets[start:end]
+        scale = (-g_rows / total).unsqueeze(1)
         if grad_h is not None:
-            grad_h.addmm_(grad_z, w)
-        if grad_w is not None:
-            torch.mm(grad_z.t(), h, out=grad_w) if first else grad_w.addmm_(grad_z.t(), h)
-        if grad_b is not None:
-            torch.sum(grad_z, dim=0, out=grad_b) if first else grad_b.add_(grad_z.sum(dim=0))
-        return
-    if grad_h is not None:
-        grad_h += torch.mm(grad_z, w).float()
-    if grad_w is not None:
-        tile_w = torch.mm(grad_z.t(), h).float()
-        grad_w.copy_(tile_w) if first else grad_w.add_(tile_w)
-    if grad_b is not None:
-        tile_b = grad_z.sum(dim=0).float()
-        grad_b.copy_(tile_b) if first else grad_b.add_(tile_b)
+            torch.addcmul(ops.w[t_rows] * g_rows.unsqueeze(1), ew, scale, out=grad_h[start:end])
+        if grad_w is None:
+            continue
+        left = torch.empty(end - start, cols, device=ops.h.device)
+        torch.mul(h_rows, scale, out=left[:, :d])
+        if with_b:
+            left[:, d:] = scale
+        for v0, v1, e in _softmax_tiles(ops, start, end, shift, workspace, vocab_chunk, scratch):
+            tile = torch.mm(left.t(), e, out=tile_t[:, :v1 - v0])
+            if block == 0:
+                grad_w[v0:v1].copy_(tile[:d].t())
+                if with_b:
+                    grad_b[v0:v1].copy_(tile[d])
+            else:
+                grad_w[v0:v1].add_(tile[:d].t())
+                if with_b:
+                    grad_b[v0:v1].add_(tile[d])
+        grad_w.index_add_(0, t_rows, h_rows * g_rows.unsqueeze(1))
+        if with_b:
+            grad_b.index_add_(0, t_rows, g_rows)
+    return grad_h, grad_w if need_w else None, grad_b
+
+
+def _backward_cast(ops: _Operands, g: Tensor, targets: Tensor, saved_blocks, workspace: Tensor | None,
+                   row_chunk: int, vocab_chunk: int, need_h: bool, need_w: bool, need_b: bool):
+    """Half precision: G = g (onehot - p) is formed in fp32 and cast to the compute dtype, and the matmuls run
+    on it as autograd would run them after F.linear; sums are kept in fp32."""
+    n, vocab = ops.h.shape[0], ops.vocab
+    blocks = _row_blocks(n, row_chunk)
+    scratch = None if workspace is not None else torch.empty(vocab_chunk * min(n, row_chunk), device=ops.h.device)
+    grad_h = torch.zeros(n, ops.d, device=ops.h.device) if need_h else None
+    grad_w = torch.zeros(vocab, ops.d, device=ops.h.device) if need_w else None
+    grad_b = torch.zeros(vocab, device=ops.h.device) if need_b and ops.b is not None else None
+    for (start, end), (shift, total, _) in zip(blocks, saved_blocks):
+        h_rows, g_rows = ops.h[start:end], g[start:end]
+        scale = (-g_rows / total).unsqueeze(1)
+        buckets = _target_buckets(targets[start:end], vocab, vocab_chunk)
+        tiles = _softmax_tiles(ops, start, end, shift, workspace, vocab_chunk, scratch)
+        for (v0, v1, grad_z), bucket in zip(tiles, buckets):
+            grad_z.mul_(scale)
+            if bucket is not None:
+                rows, cols = bucket
+                grad_z[rows, cols] += g_rows[rows]
+            grad_z = grad_z.to(ops.cdtype)
+            if grad_h is not None:
+                grad_h[start:end] += torch.mm(grad_z, ops.w[v0:v1]).float()
+            if grad_w is not None:
+                grad_w[v0:v1] += torch.mm(grad_z.t(), h_rows).float()
+            if grad_b is not None:
+                grad_b[v0:v1] += grad_z.sum(dim=0).float()
+    return grad_h, grad_w, grad_b
 
 
 def lm_head_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, row_chunk: int = 4096,
@@ -312,6 +380,6 @@ def lm_head_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
-        logp, adjusted, _, _ = _forward(hidden, weight, bias, targets, row_chunk, vocab_chunk, with_wpo, False)
+        logp, adjusted, _, _, _ = _forward(hidden, weight, bias, targets, row_chunk, vocab_chunk, with_wpo, False)
         return logp, adjusted
     return _FusedLMHeadLogps.apply(hidden, weight, bias, targets, row_chunk, vocab_chunk, with_wpo, store)

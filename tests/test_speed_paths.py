@@ -74,6 +74,23 @@ def test_fused_head_under_autocast_equals_plain_autocast(dtype, store):
             torch.testing.assert_close(a, b, atol=tolerance * b.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_head_backward_outside_autocast_keeps_the_forward_dtype(dtype):
+    """A training loop runs the forward under autocast and calls backward after leaving it: the backward must
+    still run the matmuls as autocast's F.linear would, not switch to fp32 half-way."""
+    inputs = head_inputs(n=9, d=8, vocab=64)
+    hidden, weight, bias, targets, upstream = inputs
+    leaves = [hidden, weight, bias]
+    with torch.autocast("cpu", dtype=dtype):
+        want_logps, _ = plain_head(hidden, weight, bias, targets)
+        got_logps, _ = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=64)
+    want = torch.autograd.grad((want_logps * upstream).sum(), leaves)
+    got = torch.autograd.grad((got_logps * upstream).sum(), leaves)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=0)
+
+
 def test_fused_head_without_grad_equals_with_grad_and_checks_shapes():
     hidden, weight, bias, targets, _ = head_inputs()
     with torch.no_grad():
