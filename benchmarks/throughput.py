@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from dpo.memory import tune_cpu_allocator  # noqa: E402
+
+# the same allocator settings as train.py, for every implementation alike (before torch is imported)
+ALLOCATOR_SETTINGS = tune_cpu_allocator()
 
 import torch  # noqa: E402
 
@@ -191,6 +195,7 @@ def run_dpo(size: dict, flags: dict) -> dict:
     if flags["compile"]:
         policy.base_model.compile()
     scorer = SequenceScorer(policy, **scorer_kwargs)
+    scorer.reserve_workspace(pairs, micro)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-5, weight_decay=0.0, fused=True)
     loss_config = LossConfig(loss_type="sigmoid", beta=0.1)
 
@@ -302,7 +307,7 @@ def run_once(args: argparse.Namespace, flags: dict) -> dict:
             "reference_s": round(result["reference_s"], 3), "useful_gflop": round(result["useful_flops"] / 1e9, 2),
             "useful_gflops": round(achieved, 2), "matmul_peak_gflops": round(peak, 2),
             "matmul_peak_gflops_before_after": [round(peak_before, 2), round(peak_after, 2)],
-            "utilisation": round(achieved / peak, 4), "threads": torch.get_num_threads(),
+            "utilisation": round(achieved / peak, 4), "threads": torch.get_num_threads(), "allocator": ALLOCATOR_SETTINGS,
             "flags": flags if args.impl == "dpo" else {k: flags[k] for k in ("precompute_ref", "gradient_checkpointing")}}
 
 

@@ -76,6 +76,14 @@ class _WorkspacePool:
         # headroom for the next, slightly longer batch; pages that are never written are never resident
         return torch.empty(numel + numel // 4, dtype=torch.float32, device=device)
 
+    def reserve(self, numel: int, device: torch.device) -> None:
+        """Map and touch a buffer of `numel` floats now (sized for the largest micro-batch of a run), so that
+        no later call maps a bigger one: memory is flat from the first step, and a shortage shows at once."""
+        if any(b.device == device and b.numel() >= numel for b in self.free):
+            return
+        self.free.clear()
+        self.give_back(torch.zeros(numel, dtype=torch.float32, device=device))
+
     def give_back(self, buffer: Tensor) -> None:
         self.free.append(buffer)
         self.free.sort(key=Tensor.numel, reverse=True)
@@ -86,6 +94,11 @@ class _WorkspacePool:
 
 
 workspace_pool = _WorkspacePool()
+
+
+def workspace_numel(rows: int, vocab: int, vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> int:
+    """Floats of the workspace that keeps the softmax tiles of `rows` rows (store=True)."""
+    return -(-vocab // vocab_chunk) * rows * vocab_chunk
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

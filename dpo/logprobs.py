@@ -24,12 +24,14 @@ naming the scored positions). Either way the result has 2B rows, chosen sequence
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps
+from dpo.data import TokenizedPair
+from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel, workspace_pool
 from dpo.packing import is_packed, num_sequences, packed_hidden_states, packed_logits
 
 IGNORE_INDEX = -100
@@ -192,6 +194,19 @@ class SequenceScorer(nn.Module):
     @property
     def with_wpo(self) -> bool:
         return self.settings.with_wpo
+
+    def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:
+        """Reserve the fused LM head's softmax workspace for the largest micro-batch `pairs` can form (the
+        `micro_batch_size` pairs with the most response tokens), so that the first steps do not pay for
+        mapping ever larger buffers. Returns the rows reserved (0 when the head keeps no workspace)."""
+        s = self.settings
+        if not (s.completion_only and s.fused_lm_head) or s.recompute_softmax or not pairs:
+            return 0
+        scored = sorted((len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), reverse=True)
+        rows = sum(scored[:micro_batch_size])
+        weight = self.model.get_output_embeddings().weight
+        workspace_pool.reserve(workspace_numel(rows, weight.shape[0], s.vocab_chunk), weight.device)
+        return rows
 
     def forward(self, batch: dict[str, Tensor]) -> SequenceLogps:
         if is_packed(batch):

@@ -169,18 +169,19 @@ def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # one split per tensor, not a slice per block: the backward of a split is one concatenation, that of a
+    # slice a zero tensor of the full row per block
+    segments = [n for _, prefix, first, second in packed_blocks.spans for n in (prefix + first, second)]
+    pieces = [t.split(segments, dim=2) for t in (query, key, value)]
     outputs = []
-    for (start, prefix, first, second), second_mask in zip(packed_blocks.spans, packed_blocks.second_masks):
-        causal_end = start + prefix + first
-        span = slice(start, causal_end)
-        outputs.append(F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span],
-                                                      dropout_p=dropout, scale=scaling, is_causal=True))
+    for block, ((_, prefix, _, second), second_mask) in enumerate(zip(packed_blocks.spans,
+                                                                       packed_blocks.second_masks)):
+        (q, q2), (k, k2), (v, v2) = (p[2 * block:2 * block + 2] for p in pieces)
+        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True))
         if second:
-            prefix_span, second_span = slice(start, start + prefix), slice(causal_end, causal_end + second)
-            keys = torch.cat((key[:, :, prefix_span], key[:, :, second_span]), dim=2)
-            values = torch.cat((value[:, :, prefix_span], value[:, :, second_span]), dim=2)
-            outputs.append(F.scaled_dot_product_attention(query[:, :, second_span], keys, values,
-                                                          attn_mask=second_mask, dropout_p=dropout, scale=scaling))
+            keys, values = torch.cat((k[:, :, :prefix], k2), dim=2), torch.cat((v[:, :, :prefix], v2), dim=2)
+            outputs.append(F.scaled_dot_product_attention(q2, keys, values, attn_mask=second_mask,
+                                                          dropout_p=dropout, scale=scaling))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

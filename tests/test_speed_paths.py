@@ -221,6 +221,31 @@ def test_fused_head_reuses_its_workspace_and_stays_exact():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_reserved_workspace_serves_every_micro_batch_of_the_run():
+    """reserve_workspace sizes the softmax workspace for the largest micro-batch the pairs can form: every
+    micro-batch then reuses that one buffer, and the results are those of an unreserved run."""
+    from dpo.lm_head import workspace_numel, workspace_pool
+
+    pairs = random_pairs(6, 97, seed=3)
+    model = tiny_phi()
+    scorer = SequenceScorer(model, vocab_chunk=16)
+    workspace_pool.clear()
+    want = [scorer(collate_shared_prompt(pairs[i:i + 2])).sum for i in range(0, 6, 2)]
+    workspace_pool.clear()
+    rows = scorer.reserve_workspace(pairs, 2)
+    scored = sorted((len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), reverse=True)
+    assert rows == scored[0] + scored[1]
+    assert [b.numel() for b in workspace_pool.free] == [workspace_numel(rows, 97, 16)]
+    reserved = workspace_pool.free[0]
+    for i, expected in zip(range(0, 6, 2), want):
+        logps = scorer(collate_shared_prompt(pairs[i:i + 2])).sum
+        logps.sum().backward()  # hands the workspace back
+        assert workspace_pool.free == [reserved]
+        torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
+    assert SequenceScorer(model, recompute_softmax=True).reserve_workspace(pairs, 2) == 0
+    workspace_pool.clear()
+
+
 def test_fused_gelu_is_gelu_new_to_fp32_rounding():
     from transformers.activations import NewGELUActivation
 
