@@ -89,7 +89,7 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     precompute_ref: bool = _opt(True, "compute reference log-probs once before training and free the reference model")
     completion_only: bool = _opt(True, "run the LM head on response tokens only (exact)")
-    logps_chunk_size: int = _opt(1024, "response tokens per LM-head chunk")
+    logps_chunk_size: int = _opt(1024, "response tokens per LM-head chunk (unfused head, or fused with --recompute-softmax)")
     fused_lm_head: bool = _opt(True, "fused chunked LM-head log-softmax with a hand-written backward (exact)")
     fused_gelu: bool = _opt(True, "run gelu_new activations as one fused kernel (same formula, equal to fp32 rounding)")
     recompute_softmax: bool = _opt(False, "fused head: recompute logits in backward instead of storing them (less memory)")

@@ -130,8 +130,10 @@ class _Operands:
     being computed). Other dtypes: z in the compute dtype exactly as F.linear makes it, then scaled and
     shifted in fp32."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, cdtype: torch.dtype | None = None) -> None:
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_chunk: int,
+                 cdtype: torch.dtype | None = None) -> None:
         self.cdtype = cdtype or _compute_dtype(hidden.device, hidden.dtype)
+        self._vocab_chunk = min(vocab_chunk, weight.shape[0])
         self.h, self.w = hidden.to(self.cdtype), weight.to(self.cdtype)
         self.b = None if bias is None else bias.to(self.cdtype)
         self.fp32 = self.cdtype == torch.float32
@@ -147,8 +149,18 @@ class _Operands:
         return h_aug
 
     @functools.cached_property
-    def w_aug(self) -> Tensor:
-        return _augmented_weight(self.w, self.b)
+    def _w_tile(self) -> Tensor:
+        """Room for [W | b | 1] of one vocabulary tile (the trailing ones are written once)."""
+        return self.w.new_ones(self._vocab_chunk, self.h_aug.shape[1])
+
+    def augmented_weight(self, v0: int, v1: int) -> Tensor:
+        """[W | b | 1] for vocabulary v0:v1, copied into a small buffer that stays in cache (rather than one
+        copy of the whole of W per call, which costs a cold pass over memory)."""
+        w_tile = self._w_tile[:v1 - v0]
+        w_tile[:, :self.d] = self.w[v0:v1]
+        if self.b is not None:
+            w_tile[:, self.d] = self.b[v0:v1]
+        return w_tile
 
     def shifted_tile(self, start: int, end: int, v0: int, v1: int, shift: Tensor | None, out: Tensor) -> Tensor:
         """y - shift for rows start:end and vocabulary v0:v1, into `out` (fp32), where y = z log2(e).
@@ -159,18 +171,11 @@ class _Operands:
                 rows[:, -1] = 0.0
             else:
                 torch.neg(shift, out=rows[:, -1])
-            return torch.mm(rows, self.w_aug[v0:v1].t(), out=out)
+            return torch.mm(rows, self.augmented_weight(v0, v1).t(), out=out)
         h, w = self.h[start:end], self.w[v0:v1]
         z = torch.mm(h, w.t()) if self.b is None else torch.addmm(self.b[v0:v1], h, w.t())
         out.copy_(z).mul_(LOG2E)
         return out if shift is None else out.sub_(shift.unsqueeze(1))
-
-
-def _augmented_weight(weight: Tensor, bias: Tensor | None) -> Tensor:
-    """[W | b | 1]: one copy of W per call. (Not cached across calls: fused optimizers update parameters in
-    place without bumping their version counters, so a stale copy could not be detected.)"""
-    ones = weight.new_ones(weight.shape[0], 1)
-    return torch.cat([weight, ones] if bias is None else [weight, bias.unsqueeze(1), ones], dim=1)
 
 
 def _tile_view(buffer: Tensor, tile: int, rows: int, width: int, vocab_chunk: int) -> Tensor:
@@ -230,7 +235,7 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
              vocab_chunk: int, with_wpo: bool, store: bool, grad_h: bool = False):
     """(logp, WPO-adjusted or None, per-block (shift, sum, E W or None), workspace or None); the workspace
     keeps every tile's 2^(y - shift) for the backward when `store`. `grad_h` (fp32 only): also E W."""
-    ops = _Operands(hidden, weight, bias)
+    ops = _Operands(hidden, weight, bias, vocab_chunk)
     with_ew = grad_h and ops.fp32
     n = hidden.shape[0]
     num_tiles = -(-ops.vocab // vocab_chunk)
@@ -279,7 +284,8 @@ class _FusedLMHeadLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: Tensor, grad_adjusted: Tensor | None):
         hidden, weight, bias, targets = ctx.saved_tensors
-        ops = _Operands(hidden, weight, bias, ctx.cdtype)  # the forward's autocast dtype, not the backward's
+        # the forward's autocast dtype, not the backward's
+        ops = _Operands(hidden, weight, bias, ctx.vocab_chunk, ctx.cdtype)
         backward = _backward_fp32 if ops.fp32 else _backward_cast
         with torch.autocast(hidden.device.type, enabled=False):
             grad_h, grad_w, grad_b = backward(ops, grad_logp.float(), targets, ctx.saved_blocks, ctx.workspace,

@@ -111,7 +111,10 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor,
     """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head."""
     lm_head = model.get_output_embeddings()
     if settings.fused_lm_head:
-        return lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=settings.chunk_size,
+        # keeping the softmax, the head holds all rows' tiles anyway: one block of rows is then the fastest
+        # (dW is made in one pass); chunk_size bounds the recomputing head's scratch
+        row_chunk = settings.chunk_size if settings.recompute_softmax else max(settings.chunk_size, len(targets))
+        return lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=row_chunk,
                              vocab_chunk=settings.vocab_chunk, with_wpo=settings.with_wpo,
                              store=not settings.recompute_softmax)
     pieces, adjusted_pieces = [], []
