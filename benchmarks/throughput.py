@@ -307,7 +307,8 @@ def run_once(args: argparse.Namespace, flags: dict) -> dict:
             "reference_s": round(result["reference_s"], 3), "useful_gflop": round(result["useful_flops"] / 1e9, 2),
             "useful_gflops": round(achieved, 2), "matmul_peak_gflops": round(peak, 2),
             "matmul_peak_gflops_before_after": [round(peak_before, 2), round(peak_after, 2)],
-            "utilisation": round(achieved / peak, 4), "threads": torch.get_num_threads(), "allocator": ALLOCATOR_SETTINGS,
+            "utilisation": round(achieved / peak, 4), "threads": torch.get_num_threads(),
+            "allocator": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "set_here": ALLOCATOR_SETTINGS},
             "flags": flags if args.impl == "dpo" else {k: flags[k] for k in ("precompute_ref", "gradient_checkpointing")}}
 
 

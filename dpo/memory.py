@@ -10,8 +10,9 @@ benchmark sizes, ~15% of a step on the 2-core test machine). Two settings keep t
 - glibc `mallopt`: blocks of up to 32 MB (glibc's maximum) come from the heap, and up to 1 GB of freed heap
   is kept for reuse instead of being returned to the kernel.
 
-Neither changes a number; both are skipped where the platform lacks them, and a value the user already set
-in the environment (THP_MEM_ALLOC_ENABLE, MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) wins.
+Neither changes a number; both are skipped where the platform lacks them, a value the user already set in
+the environment (THP_MEM_ALLOC_ENABLE, MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) wins, and
+`DPO_TUNE_ALLOCATOR=0` leaves the allocator entirely as it is.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ TRIM_THRESHOLD = 2**30
 
 def tune_cpu_allocator() -> list[str]:
     """Apply the settings above; returns what was set (for the log). Call before `import torch`."""
-    applied = []
+    applied: list[str] = []
+    if os.environ.get("DPO_TUNE_ALLOCATOR", "1") == "0":
+        return applied
     if "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
         applied.append("THP_MEM_ALLOC_ENABLE=1")

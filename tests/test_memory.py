@@ -42,3 +42,8 @@ def test_thp_is_left_alone_once_torch_is_imported():
     clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"  # too late to matter: setting it would only mislead
+
+
+def test_dpo_tune_allocator_0_leaves_everything_alone():
+    applied, thp = probe(DPO_TUNE_ALLOCATOR="0")
+    assert applied == [] and thp is None
