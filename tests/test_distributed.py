@@ -47,6 +47,10 @@ def assert_same_run(a: Path, b: Path):
     assert [(r["split"], r["step"]) for r in ma] == [(r["split"], r["step"]) for r in mb]
     for ra, rb in zip(ma, mb):
         for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            if key == "rewards/accuracies" and max(abs(ra["rewards/chosen"]), abs(ra["rewards/rejected"])) < 1e-5:
+                # policy == reference (warm-up step at lr 0): each reward is fp32 rounding noise of a
+                # reference computed in other batch shapes, and its sign is not a property of the run
+                continue
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
     assert [r.get("pairs") for r in ma if r["split"] == "eval"] == [10, 10]  # eval shards reduced over ranks
 
