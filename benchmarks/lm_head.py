@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--rows", args.rows, 0), ("--repeats", args.repeats, 1),
+                               ("--threads", args.threads, 0)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.size or ["S", "M"]:
