@@ -32,11 +32,10 @@ from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, Deco
                             StopAwareStreamer, check_instruction, generate_batch, generator_name, load_checked_tokenizer,
                             read_instructions,
                             resolve_device, resolve_dtype, resolve_run_model, side_by_side, write_outputs)
-from dpo.modeling import ModelLoadError, load_causal_lm
+from dpo.modeling import load_causal_lm
 from dpo.templates import HUMAN_TURN_PREFIX
 
 DEMO_RUN_MODEL = Path("runs") / "demo" / "final"
-USER_ERRORS = (GenerationError, ModelLoadError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_cli(main, argv, USER_ERRORS)
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

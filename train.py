@@ -32,23 +32,24 @@ import transformers  # noqa: E402
 
 from dpo.activations import fuse_gelu
 from dpo.cli import run_cli
+from dpo.errors import UserError
 from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from dpo.config import ConfigError, TrainConfig, parse_config
 from dpo.data import DataError, collate_pairs, epoch_permutation
 from dpo.distributed import (all_reduce_sum, barrier, broadcast_flag, full_model_state, full_optimizer_state,
                              init_distributed, load_full_optimizer_state, no_sync, shutdown_distributed, wrap_model)
 from dpo.logprobs import SequenceScorer, disable_dropout
-from dpo.loss import (LossConfig, LossSpecError, MissingFieldError, PreferenceLogps, UnknownLossError, compute_loss,
+from dpo.loss import (LossConfig, PreferenceLogps, compute_loss,
                       needs_reference_model)
 from dpo.metrics import MetricsWriter, PairMetrics, read_metrics
-from dpo.modeling import ModelLoadError, load_causal_lm, load_tokenizer, resolve_model_path
-from dpo.packing import PackingError, collate_packed, collate_shared_prompt, group_by_length
+from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+from dpo.packing import collate_packed, collate_shared_prompt, group_by_length
 from dpo.pipeline import check_disk_space, load_preference_pairs, prepare_output_dir
 from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute
 from dpo.schedule import lr_at
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """The run cannot continue (e.g. a NaN loss); the last good checkpoint is left intact."""
 
 
@@ -378,12 +379,8 @@ def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: i
     return "\n".join(lines)
 
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, UnknownLossError, LossSpecError, MissingFieldError,
-               PackingError, TrainingError)
-
-
 def cli(argv: list[str] | None = None) -> int:
-    return run_cli(main, argv, USER_ERRORS)
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

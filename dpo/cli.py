@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from typing import Callable
+
+from dpo.errors import UserError
 
 
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None,
-            user_errors: Sequence[type[BaseException]]) -> int:
-    """Run `main`; an expected error prints `error: <message>` on stderr and returns 2 (no traceback)."""
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Run `main`; a UserError prints `error: <message>` on stderr and returns 2 (no traceback)."""
     try:
         return main(argv)
-    except tuple(user_errors) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

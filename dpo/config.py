@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpo.errors import UserError
+
 DEMO_MODEL = "demo"  # resolved to the SFT model shipped inside the package
 DEMO_DATASET = "demo"
 DEMO_SETTINGS: dict[str, Any] = {
@@ -29,7 +31,7 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting that cannot work, reported before any training starts."""
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dpo.errors import UserError, first_line
 from dpo.templates import HUMAN_TURN_PREFIX, format_prompt, format_response
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
@@ -55,12 +56,27 @@ HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
-# name -> callable(split) returning a list of records; lets built-in data be loaded by name
-BUILTIN_SOURCES: dict[str, Callable[[str | None], list[dict]]] = {}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable data; the message is one line naming the file / row / field."""
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    """Preference data shipped with the package, loaded by name."""
+
+    splits: tuple[str, ...]
+    load: Callable[[str], list[dict]]  # split -> records
+
+
+def _demo_records(split: str) -> list[dict]:
+    from dpo.demo.task import preference_records  # imported only when the demo data is used
+
+    return preference_records(split)
+
+
+BUILTIN_SOURCES: dict[str, BuiltinSource] = {"demo": BuiltinSource(("train", "test"), _demo_records)}
 
 
 class RowError(DataError):
@@ -165,12 +181,7 @@ def _read_parquet(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet ({type(err).__name__}: {_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise DataError(f"{path}: cannot read parquet ({type(err).__name__}: {first_line(err)})") from None
 
 
 def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str]:
@@ -187,7 +198,7 @@ def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str
     except DataError:
         raise
     except Exception as err:  # network, missing split, bad files: all reported as one line
-        raise DataError(f"{source}: cannot load dataset ({type(err).__name__}: {_first_line(err)})") from None
+        raise DataError(f"{source}: cannot load dataset ({type(err).__name__}: {first_line(err)})") from None
     return dataset.to_list(), f"{source} [{split}]"
 
 
@@ -200,7 +211,10 @@ def load_records(source: str, split: str | None = None) -> tuple[list[dict], str
     """
     path = Path(source)
     if source in BUILTIN_SOURCES:
-        records, description = BUILTIN_SOURCES[source](split), f"built-in '{source}'"
+        builtin = BUILTIN_SOURCES[source]
+        if split not in builtin.splits:
+            raise DataError(f"{source}: no split {split!r} (available: {', '.join(builtin.splits)})")
+        records, description = builtin.load(split), f"built-in '{source}'"
     elif path.is_file():
         readers = {
             ".jsonl": lambda: _read_jsonl(path),
@@ -354,7 +368,7 @@ def _apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], row: in
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as err:  # jinja raises for conversations the template rejects (e.g. role order)
-        raise RowError("chat_template_error", row, f"chat template failed ({_first_line(err)})") from None
+        raise RowError("chat_template_error", row, f"chat template failed ({first_line(err)})") from None
 
 
 def _render_chat(dialogue: _Dialogue, row: int, tokenizer: Any) -> PreferenceExample:

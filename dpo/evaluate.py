@@ -46,18 +46,18 @@ import torch.nn.functional as F
 
 from dpo.cli import run_cli
 from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
-from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
-                            generate_batch, generator_name, load_checked_tokenizer, read_instructions,
-                            resolve_device, resolve_dtype, resolve_run_model, side_by_side)
-from dpo.judges import Judge, JudgeError, build_judge
+from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, generate_batch,
+                            generator_name, load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype, resolve_run_model, side_by_side)
+from dpo.errors import UserError
+from dpo.judges import Judge, build_judge
 from dpo.logprobs import sequence_logps
-from dpo.modeling import ModelLoadError, load_causal_lm
+from dpo.modeling import load_causal_lm
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 RUN_SETTINGS_FILE = "dpo_run.json"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """An evaluation that cannot run as asked, in one line."""
 
 
@@ -252,7 +252,7 @@ def implicit_reward_metrics(policy: Any, reference: Any, pairs: Sequence[Any], *
 
 def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: dict[str, Any],
                     max_pairs: int | None) -> tuple[list[Any], str]:
-    from dpo.pipeline import available_splits  # also registers the built-in "demo" source
+    from dpo.pipeline import available_splits
 
     splits = available_splits(dataset)
     if splits is not None and split not in splits:
@@ -411,11 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-USER_ERRORS = (EvaluationError, GenerationError, JudgeError, ModelLoadError, DataError)
-
-
 def cli(argv: list[str] | None = None) -> int:
-    return run_cli(main, argv, USER_ERRORS)
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

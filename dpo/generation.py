@@ -33,6 +33,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.generation.streamers import BaseStreamer
 
 from dpo.data import _encode, _special_ids
+from dpo.errors import UserError
 from dpo.modeling import ModelLoadError, load_tokenizer
 from dpo.templates import HUMAN_TURN_PREFIX, format_prompt
 
@@ -45,7 +46,7 @@ _TRAILING_UNSETTLED = re.compile(r"[\s\ufffd]+$")  # whitespace and incomplete U
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """A decoding setting or an input that cannot work, in one line."""
 
 

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from dpo.errors import UserError, first_line
 from dpo.modeling import ModelLoadError, resolve_model_path
 from dpo.templates import format_prompt, format_response
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError):
     """A judge that cannot be built, or an instruction it cannot judge."""
 
 
@@ -114,14 +115,14 @@ class RewardModelJudge(Judge):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved)
         except Exception as error:  # transformers raises many types for a missing or broken tokenizer
-            raise ModelLoadError(f"reward model {path}: no usable tokenizer ({_first_line(error)})") from None
+            raise ModelLoadError(f"reward model {path}: no usable tokenizer ({first_line(error)})") from None
         if not self.tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
             raise ModelLoadError(f"reward model {path}: no usable tokenizer (it encodes text to no tokens)")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=dtype)
         except Exception as error:
             raise ModelLoadError(f"reward model {path}: cannot be loaded as a sequence-classification model "
-                                 f"({_first_line(error)})") from None
+                                 f"({first_line(error)})") from None
         if model.config.num_labels != 1:
             raise JudgeError(f"reward model {path}: has {model.config.num_labels} outputs; a reward model has one")
         self.model = model.to(device).eval()
@@ -158,11 +159,6 @@ class RewardModelJudge(Judge):
 
     def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
         return _outcome(self.reward(instruction, answer_a), self.reward(instruction, answer_b))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 JUDGES = {"demo": DemoJudge}

@@ -30,11 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpo.data import TokenizedPair
+from dpo.data import IGNORE_INDEX, TokenizedPair
 from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel, workspace_pool
 from dpo.packing import is_packed, num_sequences, packed_hidden_states, packed_logits
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -185,18 +183,6 @@ class SequenceScorer(nn.Module):
         self.settings = HeadSettings(completion_only=completion_only, chunk_size=chunk_size, with_wpo=with_wpo,
                                      fused_lm_head=fused_lm_head, vocab_chunk=vocab_chunk,
                                      recompute_softmax=recompute_softmax)
-
-    @property
-    def completion_only(self) -> bool:
-        return self.settings.completion_only
-
-    @property
-    def chunk_size(self) -> int:
-        return self.settings.chunk_size
-
-    @property
-    def with_wpo(self) -> bool:
-        return self.settings.with_wpo
 
     def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:
         """Reserve the fused LM head's softmax workspace for the largest micro-batch `pairs` can form (the

@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpo.errors import UserError
+
 LossFunction = Callable[["PreferenceLogps", "LossConfig"], Tensor]
 RewardsFunction = Callable[["PreferenceLogps", "LossConfig"], "tuple[Tensor, Tensor]"]
 
@@ -66,15 +68,15 @@ RewardsFunction = Callable[["PreferenceLogps", "LossConfig"], "tuple[Tensor, Ten
 # errors
 
 
-class UnknownLossError(ValueError):
+class UnknownLossError(UserError):
     """A loss name that is neither registered nor a loadable "module:function" / "file.py:function"."""
 
 
-class LossSpecError(ValueError):
+class LossSpecError(UserError):
     """A malformed loss_type string (bad weight, empty or repeated term)."""
 
 
-class MissingFieldError(ValueError):
+class MissingFieldError(UserError):
     """A loss (or option) needs a PreferenceLogps field that is None."""
 
     _HINTS = {

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from dpo.errors import UserError, first_line
+
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "assets" / "sft"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model or tokenizer that cannot be loaded, named in one line."""
 
 
@@ -34,10 +36,6 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub name such as lxuechen/phi-2-sft
 
 
-def _short(error: Exception) -> str:
-    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
@@ -49,7 +47,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as error:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer
-        raise ModelLoadError(f"model {name}: no usable tokenizer ({_short(error)})") from None
+        raise ModelLoadError(f"model {name}: no usable tokenizer ({first_line(error)})") from None
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"model {name}: the tokenizer has no EOS token; responses could not be terminated")
     if tokenizer.pad_token_id is None:
@@ -64,5 +62,5 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: tor
         # SDPA kernels accumulate QK^T in fp32, which keeps Phi-2's attention from overflowing in fp16.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except Exception as error:
-        raise ModelLoadError(f"model {name}: could not be loaded ({_short(error)})") from None
+        raise ModelLoadError(f"model {name}: could not be loaded ({first_line(error)})") from None
     return model.to(device)

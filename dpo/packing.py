@@ -39,12 +39,12 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from dpo.data import TokenizedPair
+from dpo.errors import UserError
 
 PACKED_ATTENTION = "sdpa_packed"  # the name under which packed_sdpa_attention is registered in transformers
-PACKED_KEYS = ("block_lengths", "score_index", "score_target", "score_row")
 
 
-class PackingError(ValueError):
+class PackingError(UserError):
     """A packed batch cannot be run (e.g. the model does not use SDPA attention)."""
 
 
@@ -185,9 +185,6 @@ def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
-
 # A 4D mask is passed through by transformers' mask creation untouched: an empty one costs nothing and
 # tells it that no [N, N] mask is wanted (the blocks say everything).
 _NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
@@ -195,6 +192,9 @@ _NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
 
 def enable_packed_attention(model: torch.nn.Module) -> None:
     """Route the model's attention through packed_sdpa_attention (identical to SDPA for unpacked inputs)."""
+    # registered here, not at import: importing this module changes no global registry
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     config = model.config
     if config._attn_implementation == PACKED_ATTENTION:
         return

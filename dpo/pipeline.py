@@ -8,20 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from dpo.config import ConfigError, TrainConfig
+from dpo.errors import first_line
 from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, load_records, select_subset,
                       train_test_split)
-
-
-def _demo_source(split: str | None) -> list[dict]:
-    from dpo.demo.task import preference_records
-
-    if split not in ("train", "test"):
-        raise DataError(f"demo: no split {split!r} (available: train, test)")
-    return preference_records(split)
-
-
-BUILTIN_SOURCES.setdefault("demo", _demo_source)
-BUILTIN_SPLITS = {"demo": ["train", "test"]}
 
 
 def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -53,8 +42,8 @@ def check_disk_space(out_dir: Path, num_params: int, keep: int, free_bytes: int 
 
 def available_splits(source: str) -> list[str] | None:
     """Split names of a source, or None for a single file (which has no splits)."""
-    if source in BUILTIN_SPLITS:
-        return BUILTIN_SPLITS[source]
+    if source in BUILTIN_SOURCES:
+        return list(BUILTIN_SOURCES[source].splits)
     path = Path(source)
     if path.is_file():
         return None
@@ -65,8 +54,7 @@ def available_splits(source: str) -> list[str] | None:
     try:
         return list(datasets.get_dataset_split_names(source))
     except Exception as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{source}: cannot read the dataset's splits ({text[:200]})") from None
+        raise DataError(f"{source}: cannot read the dataset's splits ({first_line(error)})") from None
 
 
 @dataclass

@@ -441,7 +441,8 @@ def test_load_records_file_types_and_builtins(tmp_path, monkeypatch):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     assert load_records(str(tmp_path / "d.parquet"))[0] == rows
 
-    monkeypatch.setitem(data.BUILTIN_SOURCES, "tiny", lambda split: rows[:1] if split == "test" else rows)
+    monkeypatch.setitem(data.BUILTIN_SOURCES, "tiny",
+                        data.BuiltinSource(("train", "test"), lambda split: rows[:1] if split == "test" else rows))
     records, description = load_records("tiny", "test")
     assert records == rows[:1] and "tiny" in description
 

@@ -29,16 +29,13 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
+from dpo.data import IGNORE_INDEX
 from dpo.demo import task
+from dpo.generation import TEMPERATURE, TOP_P  # the card's decoding
 from dpo.templates import format_prompt, format_response
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "sft"
 EOS_TOKEN = "<|endoftext|>"
-IGNORE_INDEX = -100
-
-# The decoding defaults of the Phi-2 card / phi-2-dpo recipe.
-TEMPERATURE = 0.7
-TOP_P = 0.9
 MAX_NEW_TOKENS = 48
 
 

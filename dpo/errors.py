@@ -1,0 +1,18 @@
+"""Errors a user can fix, and how their messages are kept to one line.
+
+Every such error derives from `UserError`; the command-line tools (train.py, generate.py, dpo.evaluate) print
+it as `error: <message>` and exit with status 2, never with a traceback (dpo.cli.run_cli).
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A setting, a file or an input that cannot work, named in one line."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (at most `limit` characters), or its type's name when it has none:
+    how a library's multi-line error is quoted inside one of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
