@@ -1,4 +1,4 @@
-"""DPO training, the whole loop in one file.
+"""DPO training, the whole loop in one file, read top to bottom.
 
     python train.py                                   # the embedded demo: tiny SFT model, synthetic preferences
     python train.py --config configs/phi2_ultrafeedback.json    # the phi-2-dpo recipe
@@ -6,19 +6,32 @@
 
 `python train.py --help` lists every setting. Outputs in --output-dir: metrics.jsonl, checkpoint-<step>/,
 final/ (save_pretrained format with the tokenizer), run_config.json and training_curves.png.
+
+The parts, in the order a run uses them:
+    start_processes   the device and the torchrun process group
+    open_run_dir      --output-dir, and the checkpoint --resume continues (its settings checked against these)
+    build_policy      load -> dropout off -> fused GELU -> gradient checkpointing; the reference model too
+    reference_logps   the frozen reference's log-probs of the pairs the run will use, computed once (cached)
+    build_state       compile, the scorer (DDP / FSDP under torchrun), optimizer, GradScaler, resumed state
+    train_step        one optimizer step on a global batch of pairs: micro-batches, accumulation, autocast,
+                      clipping, the NaN policy; returns the step's metrics (benchmarks/throughput.py times it)
+    evaluate          loss and reward metrics on the held-out pairs
+    save / save_final checkpoints and the final model
+    main              settings -> data -> models -> loop { batch -> train_step -> evaluate? -> log -> save? }
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from dpo.memory import tune_cpu_allocator
 
@@ -29,343 +42,367 @@ tune_cpu_allocator()
 import huggingface_hub  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from torch import nn  # noqa: E402
 
-from dpo.activations import fuse_gelu
-from dpo.cli import run_cli
-from dpo.errors import UserError
-from dpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from dpo.config import ConfigError, TrainConfig, parse_config
-from dpo.data import DataError, collate_pairs, epoch_permutation
-from dpo.distributed import (all_reduce_sum, barrier, broadcast_flag, full_model_state, full_optimizer_state,
-                             init_distributed, load_full_optimizer_state, no_sync, shutdown_distributed, wrap_model)
-from dpo.logprobs import SequenceScorer, disable_dropout
-from dpo.loss import (LossConfig, PreferenceLogps, compute_loss,
-                      needs_reference_model)
-from dpo.metrics import MetricsWriter, PairMetrics, read_metrics
-from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path
-from dpo.packing import collate_packed, collate_shared_prompt, group_by_length
-from dpo.pipeline import check_disk_space, load_preference_pairs, prepare_output_dir
-from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute
-from dpo.schedule import lr_at
+from dpo.activations import fuse_gelu  # noqa: E402
+from dpo.batches import OfflinePairs, PairBatch, micro_batches, process_slice  # noqa: E402
+from dpo.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,  # noqa: E402
+                            set_rng_state, settings_differences)
+from dpo.cli import run_cli  # noqa: E402
+from dpo.config import TrainConfig, parse_config  # noqa: E402
+from dpo.data import DataError, TokenizedPair, collate_pairs  # noqa: E402
+from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,  # noqa: E402
+                             full_optimizer_state, init_distributed, load_full_optimizer_state, no_sync,
+                             shutdown_distributed, wrap_model)
+from dpo.errors import UserError  # noqa: E402
+from dpo.logprobs import SequenceScorer, disable_dropout  # noqa: E402
+from dpo.loss import PreferenceLogps, compute_loss, needs_reference_model, update_loss_state  # noqa: E402
+from dpo.metrics import MetricsWriter, PairMetrics, read_metrics  # noqa: E402
+from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+from dpo.packing import collate_packed, collate_shared_prompt  # noqa: E402
+from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
+from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute  # noqa: E402
+from dpo.schedule import lr_at  # noqa: E402
+from dpo.settings import ConfigError  # noqa: E402
 
 
 class TrainingError(UserError):
     """The run cannot continue (e.g. a NaN loss); the last good checkpoint is left intact."""
 
 
-def loss_config_from(cfg: TrainConfig) -> LossConfig:
-    return LossConfig(loss_type=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                      reference_free=cfg.reference_free, rpo_alpha=cfg.rpo_alpha, f_divergence=cfg.f_divergence,
-                      f_alpha=cfg.f_alpha, use_weighting=cfg.use_weighting, simpo_gamma=cfg.simpo_gamma)
+# ---------------------------------------------------------------------------------------------------- set-up
 
 
-def main(argv: list[str] | None = None) -> int:
-    # ---------------------------------------------------------------- settings, checked before any work
-    cfg = parse_config(argv)
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
-    needs_reference_model(loss_config_from(cfg))  # resolves the loss: an unknown name fails here, listing the known ones
+def start_processes(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
+    """This process's device and its place among the torchrun processes (one process without torchrun)."""
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist_info = init_distributed(device.type)
-    if device.type == "cuda" and dist_info.enabled:
-        device = torch.device("cuda", dist_info.local_rank)
+    dist = init_distributed(device.type)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    main_process = dist_info.is_main
-    log = print if main_process else (lambda *args, **kwargs: None)
-    world = dist_info.world_size
-    if cfg.batch_size % (cfg.micro_batch_size * world):
+    if cfg.batch_size % (cfg.micro_batch_size * dist.world_size):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size x processes "
-                          f"({cfg.micro_batch_size} x {world})")
-    accumulation = cfg.batch_size // (cfg.micro_batch_size * world)
+                          f"({cfg.micro_batch_size} x {dist.world_size})")
+    return device, dist
+
+
+def open_run_dir(cfg: TrainConfig, dist: DistInfo, log: Callable[..., None]) -> dict[str, Any] | None:
+    """Create --output-dir; with --resume, the latest complete checkpoint, refused when it belongs to a run
+    whose data order or math differ from these settings."""
     out_dir = Path(cfg.output_dir)
-    if main_process:
+    if dist.is_main:
         prepare_output_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
-    barrier(dist_info)
-    resume_from = latest_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
+    barrier(dist)
+    path = latest_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and path is None:
         log(f"--resume: no complete checkpoint in {out_dir}, starting from step 0")
+    if path is None:
+        return None
+    changes = settings_differences(read_trainer_state(path).get("settings", {}), cfg.run_identity())
+    if changes:
+        raise ConfigError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changes)}); use "
+                          f"its settings, or --overwrite to start afresh")
+    return load_checkpoint(path)
 
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
 
-    # ---------------------------------------------------------------- data
-    data = load_preference_pairs(cfg, tokenizer, log=log)
-    train_pairs, eval_pairs = data.train, data.eval
-    steps_per_epoch = len(train_pairs) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"{cfg.dataset}: {len(train_pairs)} usable training pairs, fewer than one batch of "
-                        f"--batch-size {cfg.batch_size}")
-    total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * steps_per_epoch))
-
-    # ---------------------------------------------------------------- model, reference, optimizer
-    model_path = resolve_model_path(cfg.model)
-    resume_state = load_checkpoint(resume_from) if resume_from is not None else None
-    policy = load_causal_lm(str(resume_state["model_dir"]) if resume_state else cfg.model, device=device)
-    if main_process:
-        check_disk_space(out_dir, sum(p.numel() for p in policy.parameters()), cfg.save_total_limit)
-    disable_dropout(policy)
+def build_policy(cfg: TrainConfig, name: str, device: torch.device, *, trainable: bool = True) -> nn.Module:
+    """A causal LM as training uses it: dropout off (so policy and reference are one deterministic function),
+    gelu_new fused, and gradient checkpointing when trainable. The reference model, when one is needed in memory,
+    is built the same way, frozen. (--compile is applied in build_state, after the reference pass.)"""
+    model = load_causal_lm(name, device=device)
+    disable_dropout(model)
     if cfg.fused_gelu:
-        fuse_gelu(policy)
+        fuse_gelu(model)
+    if not trainable:
+        return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_config = loss_config_from(cfg)
-    needs_reference = needs_reference_model(loss_config)
-    scorer_kwargs = dict(completion_only=cfg.completion_only, chunk_size=cfg.logps_chunk_size,
-                         fused_lm_head=cfg.fused_lm_head, recompute_softmax=cfg.recompute_softmax,
-                         with_wpo=cfg.use_weighting)
-    collate = {"padded": functools.partial(collate_pairs, pad_id=pad_id), "packed": collate_packed,
-               "shared_prompt": collate_shared_prompt}[cfg.layout]
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5; the older name before
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
 
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    reference_scorer = None
-    reference_logps: dict[str, ReferenceLogps] = {}
-    if needs_reference and cfg.precompute_ref:
-        # At step 0 the policy is the reference: score every pair with it before any update.
-        settings = {"precision": cfg.precision, "completion_only": cfg.completion_only}
-        for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-            if not pairs:
-                continue
-            cache_file = out_dir / "reference_cache" / f"{split}-{cache_key(model_path, pairs, settings)}.pt"
-            if resume_from is not None and not cache_file.is_file():
-                # the policy has moved on: the frozen reference must be loaded to recompute
-                ref_model = load_causal_lm(cfg.model, device=device)
-            else:
-                ref_model = policy
-            disable_dropout(ref_model)
-            if cfg.fused_gelu:
-                fuse_gelu(ref_model)
-            if main_process:
-                reference_logps[split], cached = load_or_compute(cache_file, lambda: compute_reference_logps(
-                    SequenceScorer(ref_model, **scorer_kwargs), pairs, micro_batch_size=cfg.micro_batch_size,
-                    collate=collate, device=device, autocast=autocast))
-                log(f"reference log-probs for {len(pairs)} {split} pairs: {'cached' if cached else 'computed'}")
-            barrier(dist_info)
-            if not main_process:
-                reference_logps[split], _ = load_or_compute(cache_file, lambda: None)
-            if ref_model is not policy:
-                del ref_model
-    elif needs_reference:
-        reference = load_causal_lm(cfg.model, device=device).eval().requires_grad_(False)
-        disable_dropout(reference)
-        if cfg.fused_gelu:
-            fuse_gelu(reference)
-        reference_scorer = SequenceScorer(reference, **scorer_kwargs)
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
-    policy.train()
+
+def collator(cfg: TrainConfig, pad_id: int) -> Callable[[list[TokenizedPair]], dict[str, torch.Tensor]]:
+    return {"padded": lambda pairs: collate_pairs(pairs, pad_id=pad_id), "packed": collate_packed,
+            "shared_prompt": collate_shared_prompt}[cfg.layout]
+
+
+def reference_logps(cfg: TrainConfig, policy: nn.Module, data: PreferenceData, train_ids: list[int], *,
+                    device: torch.device, dist: DistInfo, collate: Callable, resumed: bool,
+                    log: Callable[..., None]) -> dict[str, ReferenceLogps | None]:
+    """The frozen reference's log-probs of the train pairs the run trains on (`train_ids`; NaN for the others)
+    and of every eval pair, computed once before training and cached in --output-dir/reference_cache/.
+
+    At step 0 the policy is the reference, so they are computed with the policy before its first update; a
+    resumed run whose cache is gone loads the reference model instead. The main process computes and writes
+    the cache; the others read it. None for a split when the loss reads no reference or --no-precompute-ref."""
+    reference: dict[str, ReferenceLogps | None] = {"train": None, "eval": None}
+    if not (needs_reference_model(cfg.loss) and cfg.precompute_ref):
+        return reference
+    settings = {"precision": cfg.precision, "completion_only": cfg.scoring.completion_only}
+    for split, pairs, ids in (("train", data.train, train_ids), ("eval", data.eval, list(range(len(data.eval))))):
+        if not ids:
+            continue
+        selected = [pairs[i] for i in ids]
+        key = cache_key(resolve_model_path(cfg.model), selected, settings)
+        cache_file = Path(cfg.output_dir) / "reference_cache" / f"{split}-{key}.pt"
+        fresh = resumed and not cache_file.is_file()
+
+        def compute() -> ReferenceLogps:
+            model = build_policy(cfg, cfg.model, device, trainable=False) if fresh else policy
+            return compute_reference_logps(SequenceScorer(model, cfg.scoring), selected,
+                                           micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
+                                           autocast=lambda: autocast(cfg, device))
+
+        if dist.is_main:
+            load_or_compute(cache_file, compute)
+        barrier(dist)
+        reference[split] = load_or_compute(cache_file, compute)[0].spread(ids, len(pairs))
+        log(f"reference log-probs of {len(ids)} {split} pairs (of {len(pairs)}): ready")
+    return reference
+
+
+@dataclass
+class TrainState:
+    """What a training step reads and changes; `save` checkpoints everything here but the models."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: DistInfo
+    policy: nn.Module  # the causal LM being trained
+    scorer: nn.Module  # SequenceScorer(policy), wrapped by DDP / FSDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    collate: Callable[[list[TokenizedPair]], dict[str, torch.Tensor]]
+    reference_scorer: SequenceScorer | None = None  # the frozen reference, when its log-probs are not precomputed
+    loss_state: dict = field(default_factory=dict)
+    step: int = 0
+    skipped_steps: int = 0
+
+
+def build_state(cfg: TrainConfig, policy: nn.Module, *, device: torch.device, dist: DistInfo, collate: Callable,
+                workspace_pairs: list[TokenizedPair], resume: dict[str, Any] | None = None) -> TrainState:
+    """Scorer, optimizer and GradScaler around `policy`; a frozen reference model when its log-probs are
+    computed at step time; the resumed optimizer, scaler, RNG and loss state."""
     if cfg.compile:
         policy.base_model.compile()
-    policy_scorer = SequenceScorer(policy, **scorer_kwargs)
-    policy_scorer.reserve_workspace(train_pairs, cfg.micro_batch_size)
-    scorer = wrap_model(policy_scorer, dist_info, fsdp=cfg.fsdp, device=device)
+    policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting)
+    policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
+    scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device)
     # the fused kernel updates every parameter in one pass (5x faster than the per-tensor loop on CPU)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    loss_state: dict = {}
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=main_process)
-    start_step, skipped_steps = 0, 0
-    if resume_from is not None:
-        load_full_optimizer_state(scorer, optimizer, resume_state["optimizer"])
-        if scaler is not None and resume_state["scaler"]:
-            scaler.load_state_dict(resume_state["scaler"])
-        set_rng_state(resume_state["rng"])
-        loss_state = resume_state["loss_state"]
-        start_step = resume_state["trainer_state"]["step"]
-        skipped_steps = resume_state["trainer_state"].get("skipped_steps", 0)
-        metrics.truncate_after(start_step)
-        log(f"resumed from {resume_from.name} (step {start_step} of {total_steps})")
-    if main_process:
-        (out_dir / "run_config.json").write_text(json.dumps(
-            {**cfg.to_dict(), "reference_model": cfg.model, "total_steps": total_steps,
-             "steps_per_epoch": steps_per_epoch, "accumulation_steps": accumulation, "world_size": world}, indent=2))
+    reference_scorer = None
+    if needs_reference_model(cfg.loss) and not cfg.precompute_ref:
+        reference_scorer = SequenceScorer(build_policy(cfg, cfg.model, device, trainable=False), cfg.scoring)
+    state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, reference_scorer)
+    if resume is not None:
+        load_full_optimizer_state(scorer, optimizer, resume["optimizer"])
+        if scaler is not None and resume["scaler"]:
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        state.loss_state = resume["loss_state"]
+        state.step = resume["trainer_state"]["step"]
+        state.skipped_steps = resume["trainer_state"].get("skipped_steps", 0)
+    return state
 
-    def pair_logps(model, batch: dict, ids: list[int], split: str) -> PreferenceLogps:
-        """Policy log-probs of a collated micro-batch (+ reference ones), as the loss wants them."""
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = len(ids)
-        policy_logps = model(batch)
-        ref_chosen = ref_rejected = None
-        if split in reference_logps:
-            ref_chosen, ref_rejected = reference_logps[split].take(ids, device)
-        elif reference_scorer is not None:
-            with torch.no_grad():
-                ref = reference_scorer(batch)
-            ref_chosen, ref_rejected = ref.sum[:n], ref.sum[n:]
-        wpo = policy_logps.wpo
-        return PreferenceLogps(
-            policy_chosen_logps=policy_logps.sum[:n], policy_rejected_logps=policy_logps.sum[n:],
-            reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected,
-            chosen_lengths=policy_logps.count[:n], rejected_lengths=policy_logps.count[n:],
-            chosen_wpo_logps=None if wpo is None else wpo[:n], rejected_wpo_logps=None if wpo is None else wpo[n:],
-            state=loss_state)
 
-    @torch.no_grad()
-    def evaluate(step: int) -> dict:
-        scorer.eval()
-        stats = PairMetrics(device)
-        batches = [list(range(len(eval_pairs)))[i : i + cfg.micro_batch_size]
-                   for i in range(0, len(eval_pairs), cfg.micro_batch_size)]
-        # every process runs the same number of forwards (DDP/FSDP forwards are collective);
-        # a process short of a batch re-scores the first one and discards the result
-        for round_start in range(0, len(batches), world):
-            index = round_start + dist_info.rank
-            ids = batches[index] if index < len(batches) else batches[0]
-            with autocast():
-                logps = pair_logps(scorer, collate([eval_pairs[i] for i in ids]), ids, "eval")
-                out = compute_loss(logps, loss_config)
-            if index < len(batches):
-                stats.add(out.losses, out.chosen_rewards, out.rejected_rewards,
-                          logps.policy_chosen_logps, logps.policy_rejected_logps)
-        scorer.train()
-        all_reduce_sum(stats.sums, dist_info)
-        record = {"split": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), **stats.means(),
-                  "pairs": stats.num_pairs}
-        metrics.write(record)
-        return record
+# ---------------------------------------------------------------------------------------------------- the step
 
-    stop_signal = {"name": None}
 
-    def request_stop(signum, frame):
-        stop_signal["name"] = signal.Signals(signum).name
+def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
+                reference: ReferenceLogps | None) -> PreferenceLogps:
+    """Policy log-probs of pairs[ids] (one micro-batch) and the reference's, as the loss reads them."""
+    batch = {k: v.to(state.device) for k, v in state.collate([pairs[i] for i in ids]).items()}
+    n = len(ids)
+    policy = state.scorer(batch)
+    ref_chosen = ref_rejected = None
+    if reference is not None:
+        ref_chosen, ref_rejected = reference.take(ids, state.device)
+    elif state.reference_scorer is not None:
+        with torch.no_grad():
+            ref = state.reference_scorer(batch)
+        ref_chosen, ref_rejected = ref.sum[:n], ref.sum[n:]
+    wpo = policy.wpo
+    return PreferenceLogps(
+        policy_chosen_logps=policy.sum[:n], policy_rejected_logps=policy.sum[n:],
+        reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected,
+        chosen_lengths=policy.count[:n], rejected_lengths=policy.count[n:],
+        chosen_wpo_logps=None if wpo is None else wpo[:n], rejected_wpo_logps=None if wpo is None else wpo[n:],
+        state=state.loss_state)
 
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def save(step: int) -> None:
-        weights, optimizer_state = full_model_state(scorer), full_optimizer_state(scorer, optimizer)  # collective
-        if main_process:
-            path = save_checkpoint(
-                out_dir, step, save_model=lambda d: policy.save_pretrained(d, state_dict=weights),
-                optimizer_state=optimizer_state, scaler_state=scaler.state_dict() if scaler else None,
-                trainer_state={"total_steps": total_steps, "skipped_steps": skipped_steps}, loss_state=loss_state,
-                keep=cfg.save_total_limit)
-            log(f"saved {path}")
-        barrier(dist_info)
+def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]:
+    """One optimizer step on the global batch `batch` (every process passes the same one).
 
-    # ---------------------------------------------------------------- the loop
-    log(f"training {total_steps} steps: {len(train_pairs)} pairs, batch {cfg.batch_size} = micro "
-        f"{cfg.micro_batch_size} x accumulation {accumulation} x processes {world}, {cfg.precision} on {device}")
-    progress = None
-    if main_process and cfg.progress:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=total_steps, initial=start_step, desc="dpo", dynamic_ncols=True)
-    train_record: dict = {}
-    eval_record: dict = {}
-    step = start_step
-    while step < total_steps:
-        t0 = time.perf_counter()
-        epoch, position = divmod(step, steps_per_epoch)
-        order = epoch_permutation(len(train_pairs), epoch, cfg.seed)
-        batch_ids = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
-        local_ids = batch_ids[dist_info.rank * len(batch_ids) // world : (dist_info.rank + 1) * len(batch_ids) // world]
-        lr = lr_at(step, total_steps=total_steps, peak_lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
-                   min_lr_ratio=cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    This process takes its slice of the batch in micro-batches; each micro-batch's summed loss is divided by the
+    global batch size before backward, so the accumulated gradient is the mean over the batch whatever the split.
+    The losses' state moves once, from the whole batch. A non-finite loss stops the run (--on-nan stop) or skips
+    the step; in fp16 the GradScaler skips an overflowing step. Returns the step's metrics (same on every process).
+    """
+    cfg, dist, device = state.cfg, state.dist, state.device
+    start = time.perf_counter()
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    stats = PairMetrics(device)
+    state_sums = torch.zeros(0, dtype=torch.float64, device=device)
+    tokens = 0
+    local = process_slice(len(batch), dist.rank, dist.world_size)
+    chunks = micro_batches(local, batch.pairs, cfg.micro_batch_size, cfg.group_by_length)
+    for k, ids in enumerate(chunks):
+        with no_sync(state.scorer, sync=k == len(chunks) - 1):
+            with autocast(cfg, device):
+                logps = score_pairs(state, batch.pairs, ids, batch.reference)
+                out = compute_loss(logps, cfg.loss)
+            # sum over this process's pairs / global batch; DDP averages over processes, hence x world size
+            loss = out.losses.sum() * (dist.world_size / len(batch))
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
+        stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
+                  logps.policy_rejected_logps)
+        state_sums = out.state_sums if k == 0 else state_sums + out.state_sums
+        tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                      for p in (batch.pairs[i] for i in ids))
+    totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens])]), dist)
+    stats.sums.copy_(totals[:len(stats.sums)])
+    state_sums, tokens = totals[len(stats.sums):-1], totals[-1].item()
+    step_loss = stats.means()["loss"]
 
-        stats = PairMetrics(device)
-        tokens = 0
-        if cfg.group_by_length:
-            micro_batches = group_by_length(local_ids, train_pairs, cfg.micro_batch_size)
-        else:
-            micro_batches = [local_ids[i : i + cfg.micro_batch_size] for i in range(0, len(local_ids), cfg.micro_batch_size)]
-        for k, ids in enumerate(micro_batches):
-            micro_pairs = [train_pairs[i] for i in ids]
-            batch = collate(micro_pairs)
-            tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in micro_pairs)
-            with no_sync(scorer, sync=k == len(micro_batches) - 1):
-                with autocast():
-                    logps = pair_logps(scorer, batch, ids, "train")
-                    out = compute_loss(logps, loss_config)
-                # sum over this process's pairs / global batch; DDP averages over processes, hence x world
-                loss = out.losses.sum() * (world / cfg.batch_size)
-                (scaler.scale(loss) if scaler else loss).backward()
-            stats.add(out.losses, out.chosen_rewards, out.rejected_rewards,
-                      logps.policy_chosen_logps, logps.policy_rejected_logps)
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), cfg.max_grad_norm or float("inf"))
+    finite = not broadcast_flag(not math.isfinite(step_loss), dist, device)
+    if not finite and state.scaler is None:
+        if cfg.on_nan == "stop":
+            raise TrainingError(f"step {state.step + 1}: loss is {step_loss} (not finite); stopping. The last good "
+                                f"checkpoint in {cfg.output_dir} is intact; lower --lr or use --on-nan skip")
+        state.skipped_steps += 1
+    elif state.scaler is not None:
+        scale_before = state.scaler.get_scale()
+        state.scaler.step(state.optimizer)  # skipped by the scaler when a gradient overflowed
+        state.scaler.update()
+        state.skipped_steps += int(state.scaler.get_scale() < scale_before)
+    else:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if finite:
+        update_loss_state(cfg.loss, state.loss_state, state_sums)
+    state.step += 1
 
-        all_reduce_sum(stats.sums, dist_info)
-        step_loss = stats.means()["loss"]
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-        nonfinite = broadcast_flag(not math.isfinite(step_loss), dist_info, device)
-        if nonfinite and scaler is None:
-            if cfg.on_nan == "stop":
-                metrics.write({"split": "train", "step": step + 1, "error": f"non-finite loss {step_loss}"})
-                raise TrainingError(f"step {step + 1}: loss is {step_loss} (not finite); stopping. The last "
-                                    f"good checkpoint in {out_dir} is intact; lower --lr or use --on-nan skip")
-            optimizer.zero_grad(set_to_none=True)
-            skipped_steps += 1
-        elif scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)  # skipped by the scaler when a gradient overflowed
-            scaler.update()
-            skipped_steps += int(scaler.get_scale() < scale_before)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    elapsed = time.perf_counter() - start
+    record = {**stats.means(), "lr": lr, "grad_norm": float(grad_norm), "pairs_per_s": stats.num_pairs / elapsed,
+              "tokens_per_s": tokens / elapsed, "skipped_steps": state.skipped_steps}
+    if state.scaler is not None:
+        record["loss_scale"] = state.scaler.get_scale()
+    return record
 
-        elapsed = time.perf_counter() - t0
-        token_count = all_reduce_sum(torch.tensor([float(tokens)], device=device), dist_info).item()
-        train_record = {"split": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), **stats.means(),
-                        "lr": lr, "grad_norm": float(grad_norm), "pairs_per_s": stats.num_pairs / elapsed,
-                        "tokens_per_s": token_count / elapsed, "skipped_steps": skipped_steps}
-        if scaler is not None:
-            train_record["loss_scale"] = scaler.get_scale()
-        if step % cfg.log_steps == 0 or step == total_steps:
-            metrics.write(train_record)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", acc=f"{train_record['rewards/accuracies']:.2f}",
-                                 margin=f"{train_record['rewards/margins']:.3f}")
-        if eval_pairs and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
-            eval_record = evaluate(step)
-            if progress is not None:
-                progress.write(f"step {step}: eval loss {eval_record['loss']:.4f}, reward accuracy "
-                               f"{eval_record['rewards/accuracies']:.3f}, margin {eval_record['rewards/margins']:.3f}")
-        stop_now = broadcast_flag(stop_signal["name"] is not None, dist_info, device)
-        planned_stop = cfg.stop_at_step == step and step < total_steps
-        if (cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps) or stop_now or planned_stop:
-            save(step)
-        if stop_now or planned_stop:
-            reason = f"{stop_signal['name'] or 'a signal'} received" if stop_now else f"--stop-at-step {step}"
-            log(f"{reason}: checkpoint saved at step {step}; continue with --resume")
-            break
-    if progress is not None:
-        progress.close()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
 
-    # ---------------------------------------------------------------- final model and summary
-    final_weights = full_model_state(scorer) if step == total_steps else None  # collective
-    if step == total_steps and main_process:
-        final_dir = out_dir / "final"
-        tmp_dir = out_dir / "final.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        policy.generation_config.update(do_sample=True, temperature=0.7, top_p=0.9,
-                                        pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        policy.save_pretrained(tmp_dir, state_dict=final_weights)
-        tokenizer.save_pretrained(tmp_dir)
-        (tmp_dir / "dpo_run.json").write_text((out_dir / "run_config.json").read_text())
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp_dir.rename(final_dir)
-        if cfg.plot:
-            from dpo.plot import plot_training_curves
-            plot_training_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "training_curves.png",
-                                 title=f"DPO {cfg.loss} beta {cfg.beta}")
-        history = [r for r in read_metrics(out_dir / "metrics.jsonl") if r.get("split") == "train"]
-        first = history[0] if history else train_record
-        log(summary(first, train_record, eval_record, out_dir, skipped_steps))
-    barrier(dist_info)
-    shutdown_distributed()
-    return 0
+@torch.no_grad()
+def evaluate(state: TrainState, batch: PairBatch) -> dict[str, Any]:
+    """Mean loss and reward metrics over the held-out pairs (every process runs the same number of forwards,
+    as DDP / FSDP forwards are collective; a process short of a micro-batch re-scores the first and drops it)."""
+    cfg, dist = state.cfg, state.dist
+    state.scorer.eval()
+    stats = PairMetrics(state.device)
+    positions = list(range(len(batch)))
+    chunks = [positions[i:i + cfg.micro_batch_size] for i in range(0, len(positions), cfg.micro_batch_size)]
+    for round_start in range(0, len(chunks), dist.world_size):
+        index = round_start + dist.rank
+        ids = chunks[index] if index < len(chunks) else chunks[0]
+        with autocast(cfg, state.device):
+            logps = score_pairs(state, batch.pairs, ids, batch.reference)
+            out = compute_loss(logps, cfg.loss)
+        if index < len(chunks):
+            stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
+                      logps.policy_rejected_logps)
+    state.scorer.train()
+    all_reduce_sum(stats.sums, dist)
+    return {**stats.means(), "pairs": stats.num_pairs}
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def save(state: TrainState, total_steps: int) -> Path | None:
+    """checkpoint-<step>/ in --output-dir (collective under torchrun; the main process writes)."""
+    weights = full_model_state(state.scorer)
+    optimizer_state = full_optimizer_state(state.scorer, state.optimizer)
+    path = None
+    if state.dist.is_main:
+        path = save_checkpoint(
+            Path(state.cfg.output_dir), state.step,
+            save_model=lambda directory: state.policy.save_pretrained(directory, state_dict=weights),
+            optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
+            trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
+                           "settings": state.cfg.run_identity()},
+            loss_state=state.loss_state, keep=state.cfg.save_total_limit)
+    barrier(state.dist)
+    return path
+
+
+def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) -> None:
+    """final/: the policy with the card's decoding defaults, its tokenizer and the run's settings (collective)."""
+    weights = full_model_state(state.scorer)
+    if not state.dist.is_main:
+        return
+    out_dir = Path(state.cfg.output_dir)
+    final_dir, tmp_dir = out_dir / "final", out_dir / "final.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    state.policy.generation_config.update(do_sample=True, temperature=0.7, top_p=0.9,
+                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    state.policy.save_pretrained(tmp_dir, state_dict=weights)
+    tokenizer.save_pretrained(tmp_dir)
+    (tmp_dir / "dpo_run.json").write_text(json.dumps(run_config, indent=2))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp_dir.rename(final_dir)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM while training: finish the step, checkpoint, exit cleanly (handlers restored after)."""
+
+    def __enter__(self) -> "StopRequest":
+        self.signal_name: str | None = None
+        self._previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class ProgressBar:
+    """The main process's tqdm bar with the step's loss, reward accuracy and margin (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="dpo", dynamic_ncols=True)
+
+    def step(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                 margin=f"{record['rewards/margins']:.3f}")
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: int) -> str:
@@ -377,6 +414,101 @@ def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: i
         lines.append(f"skipped steps (overflow or non-finite loss): {skipped}")
     lines.append(f"model: {out_dir / 'final'}   metrics: {out_dir / 'metrics.jsonl'}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    needs_reference_model(cfg.loss)  # resolves the loss: an unknown name fails here, listing the known ones
+    device, dist = start_processes(cfg)
+    log = print if dist.is_main else (lambda *args, **kwargs: None)
+    out_dir = Path(cfg.output_dir)
+    resume = open_run_dir(cfg, dist, log)
+    torch.manual_seed(cfg.seed)
+
+    # ------------------------------------------------ data: the pairs, and which of them the run trains on
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_preference_pairs(cfg, tokenizer, log=log)
+    source = OfflinePairs(data.train, cfg.batch_size, cfg.seed)
+    if source.steps_per_epoch == 0:
+        raise DataError(f"{cfg.dataset}: {len(data.train)} usable training pairs, fewer than one batch of "
+                        f"--batch-size {cfg.batch_size}")
+    total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * source.steps_per_epoch))
+    used = source.used_ids(total_steps)
+
+    # ------------------------------------------------ models, reference log-probs, optimizer
+    policy = build_policy(cfg, str(resume["model_dir"]) if resume else cfg.model, device)
+    if dist.is_main:
+        check_disk_space(out_dir, sum(p.numel() for p in policy.parameters()), cfg.save_total_limit)
+    collate = collator(cfg, tokenizer.pad_token_id)
+    reference = reference_logps(cfg, policy, data, used, device=device, dist=dist, collate=collate,
+                                resumed=resume is not None, log=log)
+    state = build_state(cfg, policy, device=device, dist=dist, collate=collate,
+                        workspace_pairs=[data.train[i] for i in used], resume=resume)
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=dist.is_main)
+    metrics.truncate_after(state.step)
+    run_config = {**cfg.to_dict(), "reference_model": cfg.model, "total_steps": total_steps,
+                  "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
+                  "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}
+    if dist.is_main:
+        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    if resume:
+        log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
+
+    # ------------------------------------------------ the loop
+    log(f"training {total_steps} steps: {len(data.train)} pairs, batch {cfg.batch_size} = micro "
+        f"{cfg.micro_batch_size} x accumulation {run_config['accumulation_steps']} x processes {dist.world_size}, "
+        f"{cfg.precision} on {device}")
+    progress = ProgressBar(dist.is_main and cfg.progress, total_steps, state.step)
+    eval_batch = PairBatch(data.eval, reference["eval"])
+    train_record: dict = {}
+    eval_record: dict = {}
+    with StopRequest() as stop:
+        while state.step < total_steps:
+            lr = lr_at(state.step, total_steps=total_steps, peak_lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
+                       min_lr_ratio=cfg.min_lr_ratio)
+            try:
+                step_metrics = train_step(state, source.batch(state.step, reference["train"]), lr)
+            except TrainingError as error:
+                metrics.write({"split": "train", "step": state.step + 1, "error": str(error)})
+                raise
+            epoch = round(state.step / source.steps_per_epoch, 4)
+            train_record = {"split": "train", "step": state.step, "epoch": epoch, **step_metrics}
+            if state.step % cfg.log_steps == 0 or state.step == total_steps:
+                metrics.write(train_record)
+            progress.step(train_record)
+            if data.eval and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps):
+                eval_record = {"split": "eval", "step": state.step, "epoch": epoch, **evaluate(state, eval_batch)}
+                metrics.write(eval_record)
+                progress.write(f"step {state.step}: eval loss {eval_record['loss']:.4f}, reward accuracy "
+                               f"{eval_record['rewards/accuracies']:.3f}, margin {eval_record['rewards/margins']:.3f}")
+            stop_now = broadcast_flag(stop.signal_name is not None, dist, device)
+            planned_stop = cfg.stop_at_step == state.step and state.step < total_steps
+            if (cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps) or stop_now \
+                    or planned_stop:
+                log(f"saved {save(state, total_steps)}")
+            if stop_now or planned_stop:
+                reason = f"{stop.signal_name or 'a signal'} received" if stop_now else f"--stop-at-step {state.step}"
+                log(f"{reason}: checkpoint saved at step {state.step}; continue with --resume")
+                break
+    progress.close()
+
+    # ------------------------------------------------ final model and summary
+    if state.step == total_steps:
+        save_final(state, tokenizer, run_config)
+        if dist.is_main and cfg.plot:
+            from dpo.plot import plot_training_curves
+            plot_training_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "training_curves.png",
+                                 title=f"DPO {cfg.loss.loss_type} beta {cfg.loss.beta}")
+        history = [r for r in read_metrics(out_dir / "metrics.jsonl") if r.get("split") == "train"]
+        log(summary(history[0] if history else train_record, train_record, eval_record, out_dir, state.skipped_steps))
+    barrier(dist)
+    shutdown_distributed()
+    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -7,6 +7,10 @@ are renamed to `checkpoint-<step>.discarded` before they are deleted, so a crash
 cannot leave a partial `checkpoint-<step>` either.
 The data position needs no saving of its own: the batch order is a pure function of
 (seed, epoch, step), so the optimizer step is the data position.
+
+Every file holds only tensors and plain Python values and is read with `torch.load(weights_only=True)`, so
+loading a checkpoint someone shared cannot run code. `trainer_state.json` also records the settings that define
+the run (`TrainConfig.run_identity`): `--resume` compares them with its own (`settings_differences`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ STATE_FILE = "trainer_state.json"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (numpy's key array becomes a tensor)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -35,7 +43,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -124,12 +134,28 @@ def _discard(checkpoint: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'--name saved -> current' for every setting that differs (a setting only one side knows included)."""
+    missing = object()
+    changes = []
+    for name in sorted(set(saved) | set(current), key=lambda n: list(current).index(n) if n in current else 0):
+        before, after = saved.get(name, missing), current.get(name, missing)
+        if before != after:
+            show = lambda value: "(unset)" if value is missing else json.dumps(value)  # noqa: E731
+            changes.append(f"--{name.replace('_', '-')} {show(before)} -> {show(after)}")
+    return changes
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    extra = torch.load(path / "extra.pt", weights_only=False)
+    extra = torch.load(path / "extra.pt", weights_only=True)
     return {
-        "trainer_state": json.loads((path / STATE_FILE).read_text()),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
+        "trainer_state": read_trainer_state(path),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
         "scaler": extra["scaler"],
         "rng": extra["rng"],
         "loss_state": extra["loss_state"],

@@ -25,7 +25,7 @@ naming the scored positions). Either way the result has 2B rows, chosen sequence
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from dpo.data import IGNORE_INDEX, TokenizedPair
 from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel, workspace_pool
 from dpo.packing import is_packed, num_sequences, packed_hidden_states, packed_logits
+from dpo.settings import check_settings, positive, setting
 
 
 @dataclass
@@ -93,19 +94,32 @@ def _reduce(num_rows: int, rows: Tensor, logps: Tensor, adjusted: Tensor | None)
 
 
 @dataclass(frozen=True)
-class HeadSettings:
-    """How log-probs are computed from hidden states (see the module docstring)."""
+class ScoringConfig:
+    """How log-probs are computed from hidden states (see the module docstring). Every choice computes the same
+    numbers (to fp32 rounding), so a resumed run may change them; each field is a flag of train.py."""
 
-    completion_only: bool = True
-    chunk_size: int = 1024  # rows per LM-head chunk
-    with_wpo: bool = False
-    fused_lm_head: bool = True
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK  # vocabulary entries per tile of the fused LM head
-    recompute_softmax: bool = False  # fused LM head: recompute the logits in backward instead of storing them
+    completion_only: bool = setting(True, "run the LM head on response tokens only (exact)", identity=False)
+    chunk_size: int = setting(1024, "response tokens per LM-head chunk: the unfused head's, or the fused one's with "
+                                    "--recompute-softmax (the fused head that keeps its softmax runs all of a "
+                                    "micro-batch's tokens as one block)", flag="logps_chunk_size", check=positive,
+                              identity=False)
+    fused_lm_head: bool = setting(True, "fused chunked LM-head log-softmax with a hand-written backward (exact)",
+                                  identity=False)
+    vocab_chunk: int = setting(DEFAULT_VOCAB_CHUNK, "fused LM head: vocabulary entries per tile", check=positive,
+                               identity=False)
+    recompute_softmax: bool = setting(False, "fused LM head: recompute the logits in backward instead of storing "
+                                             "them (less memory)", identity=False)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
-def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor,
-                  settings: HeadSettings) -> tuple[Tensor, Tensor | None]:
+def _settings(settings: ScoringConfig | None, overrides: dict) -> ScoringConfig:
+    return replace(settings or ScoringConfig(), **overrides)
+
+
+def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, settings: ScoringConfig,
+                  with_wpo: bool) -> tuple[Tensor, Tensor | None]:
     """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head."""
     lm_head = model.get_output_embeddings()
     if settings.fused_lm_head:
@@ -113,56 +127,45 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor,
         # (dW is made in one pass); chunk_size bounds the recomputing head's scratch
         row_chunk = settings.chunk_size if settings.recompute_softmax else max(settings.chunk_size, len(targets))
         return lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=row_chunk,
-                             vocab_chunk=settings.vocab_chunk, with_wpo=settings.with_wpo,
+                             vocab_chunk=settings.vocab_chunk, with_wpo=with_wpo,
                              store=not settings.recompute_softmax)
     pieces, adjusted_pieces = [], []
     for start in range(0, scored_hidden.shape[0], settings.chunk_size):
         chunk_logps, chunk_adjusted = _token_logps(lm_head(scored_hidden[start : start + settings.chunk_size]),
-                                                   targets[start : start + settings.chunk_size], settings.with_wpo)
+                                                   targets[start : start + settings.chunk_size], with_wpo)
         pieces.append(chunk_logps)
         adjusted_pieces.append(chunk_adjusted)
     logps = torch.cat(pieces) if pieces else scored_hidden.new_zeros(0, dtype=torch.float32)
-    adjusted = torch.cat(adjusted_pieces) if settings.with_wpo and pieces else None
+    adjusted = torch.cat(adjusted_pieces) if with_wpo and pieces else None
     return logps, adjusted
 
 
-def sequence_logps(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    labels: Tensor,
-    *,
-    completion_only: bool = True,
-    chunk_size: int = 1024,
-    with_wpo: bool = False,
-    fused_lm_head: bool = True,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    recompute_softmax: bool = False,
-) -> SequenceLogps:
-    """Summed response log-probs of each row of a right-padded batch (see the module docstring)."""
-    settings = HeadSettings(completion_only=completion_only, chunk_size=chunk_size, with_wpo=with_wpo,
-                            fused_lm_head=fused_lm_head, vocab_chunk=vocab_chunk,
-                            recompute_softmax=recompute_softmax)
+def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                   settings: ScoringConfig | None = None, *, with_wpo: bool = False, **overrides) -> SequenceLogps:
+    """Summed response log-probs of each row of a right-padded batch (see the module docstring); keyword
+    arguments override fields of `settings` (e.g. completion_only=False)."""
+    settings = _settings(settings, overrides)
     rows, positions, targets = _scored_positions(labels)
     num_rows = input_ids.shape[0]
-    if not completion_only:
+    if not settings.completion_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logps, adjusted = _token_logps(logits[rows, positions], targets, with_wpo)
         return _reduce(num_rows, rows, logps, adjusted)
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    logps, adjusted = _scored_logps(model, hidden[rows, positions], targets, settings)
+    logps, adjusted = _scored_logps(model, hidden[rows, positions], targets, settings, with_wpo)
     return _reduce(num_rows, rows, logps, adjusted)
 
 
-def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: HeadSettings) -> SequenceLogps:
+def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: ScoringConfig,
+                          with_wpo: bool = False) -> SequenceLogps:
     """Summed response log-probs of each sequence of a packed batch (dpo.packing layouts)."""
     index, targets, rows = batch["score_index"], batch["score_target"], batch["score_row"]
     if not settings.completion_only:
-        logps, adjusted = _token_logps(packed_logits(model, batch)[index], targets, settings.with_wpo)
+        logps, adjusted = _token_logps(packed_logits(model, batch)[index], targets, with_wpo)
     else:
-        logps, adjusted = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings)
+        logps, adjusted = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings, with_wpo)
     return _reduce(num_sequences(batch), rows, logps, adjusted)
 
 
@@ -172,17 +175,15 @@ class SequenceScorer(nn.Module):
     `batch` is what the run's collator produced: `collate_pairs` (input_ids, attention_mask, labels for 2B
     rows, chosen rows first) or a packed layout of dpo.packing. Going through one module's forward lets DDP
     and FSDP wrap the whole scoring computation (the transformer body and the LM head on scored rows) as
-    they expect.
+    they expect. Keyword arguments override fields of `settings`; `with_wpo` also computes WPO's log-probs.
     """
 
-    def __init__(self, model: nn.Module, *, completion_only: bool = True, chunk_size: int = 1024,
-                 with_wpo: bool = False, fused_lm_head: bool = True, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                 recompute_softmax: bool = False):
+    def __init__(self, model: nn.Module, settings: ScoringConfig | None = None, *, with_wpo: bool = False,
+                 **overrides):
         super().__init__()
         self.model = model
-        self.settings = HeadSettings(completion_only=completion_only, chunk_size=chunk_size, with_wpo=with_wpo,
-                                     fused_lm_head=fused_lm_head, vocab_chunk=vocab_chunk,
-                                     recompute_softmax=recompute_softmax)
+        self.settings = _settings(settings, overrides)
+        self.with_wpo = with_wpo
 
     def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:
         """Reserve the fused LM head's softmax workspace for the largest micro-batch `pairs` can form (the
@@ -199,9 +200,6 @@ class SequenceScorer(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> SequenceLogps:
         if is_packed(batch):
-            return packed_sequence_logps(self.model, batch, self.settings)
-        s = self.settings
+            return packed_sequence_logps(self.model, batch, self.settings, self.with_wpo)
         return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                              completion_only=s.completion_only, chunk_size=s.chunk_size, with_wpo=s.with_wpo,
-                              fused_lm_head=s.fused_lm_head, vocab_chunk=s.vocab_chunk,
-                              recompute_softmax=s.recompute_softmax)
+                              self.settings, with_wpo=self.with_wpo)

@@ -33,8 +33,11 @@ importable, `--loss my_pkg.losses:my_loss`. It may be mixed with built-ins:
 log_ratios, divergence_scores, preference_margin, lengths, mean_logps, chosen_nll, smoothed_logistic.
 The contract:
   * input: `x` holds fp32 tensors of shape [B] on one device (`x.require(name)` returns a field or raises a
-    clear error when it is None); `cfg` holds the hyper-parameters. Per-run state (a running mean, ...) goes
-    in the dict `x.state`, which the trainer saves in checkpoints, so keep plain Python numbers in it.
+    clear error when it is None); `cfg` holds the hyper-parameters. `x.state` is the loss's own per-run state,
+    a dict of plain numbers saved in checkpoints; a loss reads it, and declares how it changes with a
+    `LossState` (`my_loss.loss_state = LossState(...)` or `@register_loss(..., state=...)`): the trainer then
+    updates it once per optimizer step from the whole global batch, so it never depends on how the batch was
+    split into micro-batches or processes (bco_pair's running reward mean is the example).
   * output: a [B] tensor of per-pair losses; the trainer minimises their mean.
   * a loss that never reads the reference log-probs sets `my_loss.is_reference_free = True` (or is
     registered with `@register_loss("name", reference_free=True)`), so no reference model is loaded.
@@ -59,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo.errors import UserError
+from dpo.settings import check_settings, finite, in_range, non_negative, positive, setting
 
 LossFunction = Callable[["PreferenceLogps", "LossConfig"], Tensor]
 RewardsFunction = Callable[["PreferenceLogps", "LossConfig"], "tuple[Tensor, Tensor]"]
@@ -97,6 +101,49 @@ class MissingFieldError(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# f-divergences (f-DPO): the transform of the log-ratios, selected by LossConfig.f_divergence
+
+# Exponents in the f-divergence transforms are capped at 40: exp(40)^2 ~ 5.5e34 keeps even the squared losses
+# (ipo, sppo_hard) finite in fp32 (max ~3.4e38). TRL caps the alpha-divergence exponent at 80 and forward_kl not
+# at all; the definitions agree wherever the exponent is below 40.
+_EXP_CAP = 40.0
+
+
+def _reverse_kl(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = log t: the identity on log-ratios (standard DPO)."""
+    return log_ratio
+
+
+def _forward_kl(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = 1 - 1/t, constant dropped: -exp(-r) (exponent capped, see _EXP_CAP)."""
+    return -torch.exp((-log_ratio).clamp(max=_EXP_CAP))
+
+
+def _js_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = log(2t / (1 + t)), constant dropped: log sigma(r)."""
+    return F.logsigmoid(log_ratio)
+
+
+def _alpha_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
+    """f'(t) = (t^(alpha-1) - 1) / (alpha-1), constant dropped: exp((alpha-1) r) / (alpha-1), exponent capped.
+
+    alpha -> 1 is the limit f'(t) = log t (reverse KL).
+    """
+    if abs(alpha - 1.0) < 1e-6:
+        return log_ratio
+    return torch.exp(((alpha - 1.0) * log_ratio).clamp(max=_EXP_CAP)) / (alpha - 1.0)
+
+
+# f-DPO (Wang et al. 2023, "Beyond Reverse KL"): the log-ratio r is replaced by f'(exp r), as TRL's DPOTrainer does
+F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "reverse_kl": _reverse_kl,
+    "forward_kl": _forward_kl,
+    "js_divergence": _js_divergence,
+    "alpha_divergence": _alpha_divergence,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # inputs, settings, outputs
 
 
@@ -113,8 +160,9 @@ class PreferenceLogps:
     # WPO: mean over response tokens of (log p_t - logsumexp_v(2 log p_v)), no grad
     chosen_wpo_logps: Tensor | None = None
     rejected_wpo_logps: Tensor | None = None
-    state: dict = field(default_factory=dict)  # mutable per-run store for stateful losses (bco_pair's running
-    # reward mean); the trainer owns it and saves it in checkpoints
+    # the run's state of this loss (bco_pair's running reward mean): plain numbers, saved in checkpoints; a loss
+    # reads it, and a LossState declares how the trainer updates it once per optimizer step
+    state: dict = field(default_factory=dict)
 
     def require(self, name: str) -> Tensor:
         """The field `name`, or a MissingFieldError when it is None."""
@@ -126,35 +174,24 @@ class PreferenceLogps:
 
 @dataclass(frozen=True)
 class LossConfig:
-    loss_type: str = "sigmoid"  # a registered name, "module:function", "path/to/file.py:function", or a weighted
-    # mix "sigmoid:0.8,bco_pair:0.2,sft:1.0" (name:weight pairs, comma separated)
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # cDPO / robust / exo_pair / simpo epsilon
-    reference_free: bool = False
-    rpo_alpha: float | None = None  # weight of the NLL term on the chosen response (RPO), added to every pair's loss
-    f_divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
-    f_alpha: float = 1.0  # alpha of alpha_divergence
-    use_weighting: bool = False  # WPO weighting
-    simpo_gamma: float = 0.5  # SimPO target margin (TRL's CPOConfig default)
-    discopop_tau: float = 0.05  # DiscoPOP temperature (TRL's DPOConfig default)
+    """The loss and its hyper-parameters; each field is a flag of train.py (`loss_type` is `--loss`)."""
+
+    loss_type: str = setting("sigmoid", "loss name, 'a:0.8,b:0.2' mix, 'module:function' or 'file.py:function'",
+                             flag="loss")
+    beta: float = setting(0.1, "DPO beta (KL penalty strength)", check=positive)
+    label_smoothing: float = setting(0.0, "cDPO / robust / EXO / SimPO label smoothing epsilon",
+                                     check=in_range(0.0, 0.5))
+    reference_free: bool = setting(False, "treat the reference log-probs as 0 (no reference model)")
+    rpo_alpha: float | None = setting(None, "weight of an NLL term on the chosen response, added to every loss (RPO)",
+                                      check=non_negative)
+    f_divergence: str = setting("reverse_kl", "f-divergence regulariser (f-DPO)", choices=tuple(F_DIVERGENCES))
+    f_alpha: float = setting(1.0, "alpha of the alpha-divergence", check=finite)
+    use_weighting: bool = setting(False, "WPO weighting of each pair's loss")
+    simpo_gamma: float = setting(0.5, "SimPO target reward margin (TRL's CPOConfig default)", check=finite)
+    discopop_tau: float = setting(0.05, "DiscoPOP temperature (TRL's DPOConfig default)", check=positive)
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"LossConfig.beta must be a positive number, got {self.beta!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"LossConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        if self.rpo_alpha is not None and not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
-            raise ValueError(f"LossConfig.rpo_alpha must be None or a non-negative number, got {self.rpo_alpha!r}")
-        if self.f_divergence not in F_DIVERGENCES:
-            raise ValueError(
-                f"LossConfig.f_divergence {self.f_divergence!r} is unknown; choose one of {', '.join(F_DIVERGENCES)}"
-            )
-        if not math.isfinite(self.f_alpha):
-            raise ValueError(f"LossConfig.f_alpha must be finite, got {self.f_alpha!r}")
-        if not (math.isfinite(self.discopop_tau) and self.discopop_tau > 0):
-            raise ValueError(f"LossConfig.discopop_tau must be positive, got {self.discopop_tau!r}")
-        if not math.isfinite(self.simpo_gamma):
-            raise ValueError(f"LossConfig.simpo_gamma must be finite, got {self.simpo_gamma!r}")
+        check_settings(self)
         parse_loss_spec(self.loss_type)  # syntax only; names are resolved when the loss is first used
 
 
@@ -162,6 +199,24 @@ class LossOutput(NamedTuple):
     losses: Tensor  # [B] per-pair loss (fp32), the trainer takes .mean()
     chosen_rewards: Tensor  # [B] detached
     rejected_rewards: Tensor  # [B] detached
+    state_sums: Tensor  # [S] fp64, the LossState statistics of this batch (S = 0 when no term keeps state)
+
+
+@dataclass(frozen=True)
+class LossState:
+    """State a loss keeps across optimizer steps, moved by whole global batches.
+
+    During a step the loss only reads its state (`x.state`, a dict of plain numbers saved in checkpoints).
+    `batch_sums(x, cfg)` returns the statistics an update needs as `size` sums over the pairs of a batch; the
+    trainer adds them up over the micro-batches of an optimizer step and over processes, then calls
+    `update(state, sums)` once. So the state, and every loss computed from it, is the same whatever the
+    micro-batch size, gradient accumulation and number of processes.
+    """
+
+    size: int
+    initial: Callable[[], dict[str, float]]
+    batch_sums: Callable[["PreferenceLogps", "LossConfig"], Tensor]
+    update: Callable[[dict[str, float], list[float]], None]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,12 +226,13 @@ _REGISTRY: dict[str, LossFunction] = {}
 
 
 def register_loss(
-    name: str, *, reference_free: bool = False, rewards: RewardsFunction | None = None
+    name: str, *, reference_free: bool = False, rewards: RewardsFunction | None = None, state: LossState | None = None
 ) -> Callable[[LossFunction], LossFunction]:
     """Decorator: make `fn` selectable as `loss_type=name`.
 
     reference_free: the loss never reads reference log-probs (no reference model is needed).
     rewards: optional fn(x, cfg) -> (chosen, rejected) replacing the default beta * (pi - ref).
+    state: how the loss's per-run state starts and is updated (see LossState).
     """
     if not name or any(char in name for char in ":,") or name != name.strip():
         raise ValueError(f"loss name {name!r} must be non-empty, without ':' ',' or surrounding spaces")
@@ -190,6 +246,8 @@ def register_loss(
         fn.is_reference_free = reference_free
         if rewards is not None:
             fn.rewards = rewards
+        if state is not None:
+            fn.loss_state = state
         _REGISTRY[name] = fn
         return fn
 
@@ -296,46 +354,6 @@ def needs_reference_model(config: LossConfig) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # building blocks (public: custom losses use them too)
 
-# Exponents in the f-divergence transforms are capped at 40: exp(40)^2 ~ 5.5e34 keeps even the squared losses
-# (ipo, sppo_hard) finite in fp32 (max ~3.4e38). TRL caps the alpha-divergence exponent at 80 and forward_kl not
-# at all; the definitions agree wherever the exponent is below 40.
-_EXP_CAP = 40.0
-
-
-def _reverse_kl(log_ratio: Tensor, alpha: float) -> Tensor:
-    """f'(t) = log t: the identity on log-ratios (standard DPO)."""
-    return log_ratio
-
-
-def _forward_kl(log_ratio: Tensor, alpha: float) -> Tensor:
-    """f'(t) = 1 - 1/t, constant dropped: -exp(-r) (exponent capped, see _EXP_CAP)."""
-    return -torch.exp((-log_ratio).clamp(max=_EXP_CAP))
-
-
-def _js_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
-    """f'(t) = log(2t / (1 + t)), constant dropped: log sigma(r)."""
-    return F.logsigmoid(log_ratio)
-
-
-def _alpha_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
-    """f'(t) = (t^(alpha-1) - 1) / (alpha-1), constant dropped: exp((alpha-1) r) / (alpha-1), exponent capped.
-
-    alpha -> 1 is the limit f'(t) = log t (reverse KL).
-    """
-    if abs(alpha - 1.0) < 1e-6:
-        return log_ratio
-    return torch.exp(((alpha - 1.0) * log_ratio).clamp(max=_EXP_CAP)) / (alpha - 1.0)
-
-
-# f-DPO (Wang et al. 2023, "Beyond Reverse KL"): the log-ratio r is replaced by f'(exp r), as TRL's DPOTrainer does
-F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
-    "reverse_kl": _reverse_kl,
-    "forward_kl": _forward_kl,
-    "js_divergence": _js_divergence,
-    "alpha_divergence": _alpha_divergence,
-}
-
-
 def log_ratios(x: PreferenceLogps) -> tuple[Tensor, Tensor]:
     """(r_c, r_l) = (pi_c - ref_c, pi_r - ref_r)."""
     chosen = x.policy_chosen_logps - x.require("reference_chosen_logps")
@@ -426,31 +444,40 @@ def robust_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
     return ((1.0 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1.0 - 2.0 * eps)
 
 
-def _bco_running_mean(x: PreferenceLogps, batch_mean: float) -> float:
-    """Cumulative mean of the per-batch mean rewards (TRL's RunningMoments.mean, one update of count 1 per batch).
-
-    Kept in x.state["bco_pair"] as plain floats so a resumed run continues exactly. Updated only while
-    autograd is on (training); evaluation under torch.no_grad() reads it without moving it.
-    """
-    stats = x.state.setdefault("bco_pair", {"reward_mean": 0.0, "count": 0})
-    if torch.is_grad_enabled():
-        stats["count"] += 1
-        stats["reward_mean"] += (batch_mean - stats["reward_mean"]) / stats["count"]
-    return stats["reward_mean"]
+def _bco_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    chosen, rejected = divergence_scores(x, cfg)
+    return cfg.beta * chosen, cfg.beta * rejected
 
 
-@register_loss("bco_pair")
+def _bco_reward_sums(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    chosen, rejected = _bco_rewards(x, cfg)
+    return torch.stack([(chosen.sum() + rejected.sum()).double(),
+                        chosen.new_tensor(2.0 * chosen.numel(), dtype=torch.float64)])
+
+
+def _bco_update(state: dict[str, float], sums: list[float]) -> None:
+    """Cumulative mean of the steps' mean rewards (TRL's RunningMoments.mean with one update per batch)."""
+    total, count = sums
+    if count > 0:
+        state["steps"] += 1
+        state["reward_mean"] += (total / count - state["reward_mean"]) / state["steps"]
+
+
+BCO_RUNNING_MEAN = LossState(size=2, initial=lambda: {"reward_mean": 0.0, "steps": 0}, batch_sums=_bco_reward_sums,
+                             update=_bco_update)
+
+
+@register_loss("bco_pair", state=BCO_RUNNING_MEAN)
 def bco_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
     """-log sigma(beta s_c - delta) - log sigma(-(beta s_l - delta)), delta = running mean of the rewards beta * s.
 
-    BCO (Jung et al. 2024), paired form; delta is the mean of all chosen and rejected rewards seen so far,
-    this batch included.
+    BCO (Jung et al. 2024), paired form. delta is the mean, over the optimizer steps before this one, of each
+    step's mean reward (chosen and rejected, whole global batch); 0 at the first step. It is the same whatever the
+    micro-batch size, accumulation and number of processes (TRL moves it per micro-batch and process, this batch
+    included, which makes the result depend on how a batch is split).
     """
-    chosen, rejected = divergence_scores(x, cfg)
-    if chosen.numel() == 0:
-        return chosen  # an empty batch has no rewards to average
-    chosen_rewards, rejected_rewards = cfg.beta * chosen, cfg.beta * rejected
-    delta = _bco_running_mean(x, torch.cat([chosen_rewards, rejected_rewards]).mean().item())
+    chosen_rewards, rejected_rewards = _bco_rewards(x, cfg)
+    delta = x.state.get("reward_mean", 0.0)
     return F.softplus(-(chosen_rewards - delta)) + F.softplus(rejected_rewards - delta)
 
 
@@ -601,7 +628,7 @@ def _prepare(logps: PreferenceLogps, config: LossConfig) -> PreferenceLogps:
     if config.reference_free:
         cast["reference_chosen_logps"] = torch.zeros_like(cast["policy_chosen_logps"])
         cast["reference_rejected_logps"] = torch.zeros_like(cast["policy_rejected_logps"])
-    return replace(logps, **cast)  # the same state dict, so stateful losses update the caller's
+    return replace(logps, **cast)
 
 
 def _describe(value: Any) -> str:
@@ -634,6 +661,10 @@ def _wpo_weights(x: PreferenceLogps) -> Tensor:
     return torch.exp(chosen + rejected).clamp(max=1.0).detach()
 
 
+def _terms(config: LossConfig) -> list[tuple[str, LossFunction, float]]:
+    return [(name, resolve_loss(name), weight) for name, weight in parse_loss_spec(config.loss_type)]
+
+
 def compute_loss(logps: PreferenceLogps, config: LossConfig) -> LossOutput:
     """Per-pair losses and implicit rewards of a batch.
 
@@ -641,12 +672,20 @@ def compute_loss(logps: PreferenceLogps, config: LossConfig) -> LossOutput:
       w = WPO weight when use_weighting (applied to the whole per-pair loss, RPO term included, as TRL), else 1.
     rewards = beta * (pi - ref) (ref = 0 when reference-free), or the first term's `rewards` hook
       (simpo, orpo: beta * per-token mean log-prob, as TRL's CPO/ORPO trainers); always detached.
+    Each term sees its own part of the run's state, `logps.state[name]`, and never changes it; the statistics
+    of the stateful terms come back in `state_sums` for `update_loss_state`.
     """
-    terms = [(name, resolve_loss(name), weight) for name, weight in parse_loss_spec(config.loss_type)]
+    terms = _terms(config)
     x = _prepare(logps, config)
     losses = torch.zeros_like(x.policy_chosen_logps)
+    sums = []
     for name, fn, weight in terms:
-        losses = losses + weight * _term_losses(name, fn, x, config)
+        spec: LossState | None = getattr(fn, "loss_state", None)
+        term_x = replace(x, state=logps.state.setdefault(name, spec.initial() if spec else {}))
+        losses = losses + weight * _term_losses(name, fn, term_x, config)
+        if spec is not None:
+            with torch.no_grad():
+                sums.append(spec.batch_sums(term_x, config).to(torch.float64).reshape(spec.size))
     if config.rpo_alpha is not None:
         try:
             losses = losses + config.rpo_alpha * chosen_nll(x)
@@ -656,7 +695,18 @@ def compute_loss(logps: PreferenceLogps, config: LossConfig) -> LossOutput:
         losses = losses * _wpo_weights(x)
     rewards_fn = getattr(terms[0][1], "rewards", None) or _log_ratio_rewards
     chosen_rewards, rejected_rewards = rewards_fn(x, config)
-    return LossOutput(losses, chosen_rewards.detach().float(), rejected_rewards.detach().float())
+    state_sums = torch.cat(sums) if sums else losses.new_zeros(0, dtype=torch.float64)
+    return LossOutput(losses, chosen_rewards.detach().float(), rejected_rewards.detach().float(), state_sums)
+
+
+def update_loss_state(config: LossConfig, state: dict, sums: Tensor) -> None:
+    """Move the state of every stateful term once, by the `state_sums` added up over a whole optimizer step."""
+    values = sums.tolist()
+    for name, fn, _ in _terms(config):
+        spec: LossState | None = getattr(fn, "loss_state", None)
+        if spec is not None:
+            spec.update(state.setdefault(name, spec.initial()), values[:spec.size])
+            values = values[spec.size:]
 
 
 def dpo_loss(
@@ -695,4 +745,5 @@ def dpo_loss(
         reference_free=reference_free,
         **{k: v for k, v in kwargs.items() if k in config_fields},
     )
-    return tuple(compute_loss(logps, config))
+    out = compute_loss(logps, config)
+    return out.losses, out.chosen_rewards, out.rejected_rewards

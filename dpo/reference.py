@@ -21,16 +21,28 @@ from torch import Tensor
 
 from dpo.data import TokenizedPair
 from dpo.logprobs import SequenceScorer
+from dpo.packing import pair_length
 
 
 @dataclass
 class ReferenceLogps:
-    chosen: Tensor  # [num_pairs] summed log-probs, fp32, on CPU
+    chosen: Tensor  # [num_pairs] summed log-probs, fp32, on CPU; NaN for a pair that was not scored
     rejected: Tensor
 
     def take(self, indices: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(list(indices), dtype=torch.long)
         return self.chosen[index].to(device), self.rejected[index].to(device)
+
+    def select(self, indices: Sequence[int]) -> "ReferenceLogps":
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return ReferenceLogps(self.chosen[index], self.rejected[index])
+
+    def spread(self, indices: Sequence[int], size: int) -> "ReferenceLogps":
+        """These log-probs are those of pairs `indices` of a set of `size` pairs: the set's, NaN elsewhere."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        chosen, rejected = torch.full((size,), float("nan")), torch.full((size,), float("nan"))
+        chosen[index], rejected[index] = self.chosen, self.rejected
+        return ReferenceLogps(chosen, rejected)
 
 
 def _model_fingerprint(model_path: str) -> dict:
@@ -76,7 +88,7 @@ def compute_reference_logps(
     chosen = torch.zeros(len(pairs), dtype=torch.float32)
     rejected = torch.zeros(len(pairs), dtype=torch.float32)
     # longest first: similar lengths share a batch, so little padding is computed
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))))
+    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
     for start in range(0, len(order), micro_batch_size):
         ids = order[start : start + micro_batch_size]
         batch = {k: v.to(device) for k, v in collate([pairs[i] for i in ids]).items()}

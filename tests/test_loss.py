@@ -25,6 +25,7 @@ from dpo.loss import (
     parse_loss_spec,
     register_loss,
     resolve_loss,
+    update_loss_state,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,8 @@ def ref_sppo_hard(b, eps, f):
 
 def ref_bco_pair(b, eps, f):
     rewards = [b * s for _, _, sc, sl, *_ in pairs(f) for s in (sc, sl)]
-    delta = sum(rewards) / len(rewards)  # first batch of a fresh run: the running mean is this batch's mean
+    delta = 0.0  # first step of a fresh run: no earlier step has moved the running mean
+    assert rewards  # (the rewards enter only through later steps' delta)
     return [-log_sig(b * sc - delta) - log_sig(-(b * sl - delta)) for _, _, sc, sl, *_ in pairs(f)]
 
 
@@ -348,7 +350,7 @@ def test_half_precision_inputs_give_fp32_outputs(name, dtype):
         chosen_lengths=LC, rejected_lengths=LR).items()}
     config = LossConfig(loss_type=name, beta=BETA)
     out = compute_loss(PreferenceLogps(**half), config)
-    assert all(t.dtype == torch.float32 for t in out)
+    assert all(t.dtype == torch.float32 for t in out[:3])
     # the hand-picked values are exact in fp16/bf16, so the result equals the fp32 one
     assert close(out.losses, REFERENCES[name](BETA, 0.0, F_TRANSFORMS["reverse_kl"]))
 
@@ -380,48 +382,82 @@ def _bco_batches():
 
 
 def _bco_expected(batches, b):
-    """Loss of each batch with delta = plain average of the batch-mean rewards seen so far (this one included)."""
+    """Loss of each step's batch with delta = plain average of the batch-mean rewards of the steps before it."""
     batch_means, expected = [], []
     for x in batches:
         chosen = (b * (x.policy_chosen_logps - x.reference_chosen_logps)).tolist()
         rejected = (b * (x.policy_rejected_logps - x.reference_rejected_logps)).tolist()
-        batch_means.append(sum(chosen + rejected) / len(chosen + rejected))
-        delta = sum(batch_means) / len(batch_means)
+        delta = sum(batch_means) / len(batch_means) if batch_means else 0.0
         expected.append([-log_sig(c - delta) - log_sig(-(r - delta)) for c, r in zip(chosen, rejected)])
+        batch_means.append(sum(chosen + rejected) / len(chosen + rejected))
     return expected
+
+
+def _train_steps(batches, config, state):
+    """compute_loss on each batch, then the once-per-step update from its statistics; the losses of each step."""
+    losses = []
+    for x in batches:
+        x.state = state
+        out = compute_loss(x, config)
+        update_loss_state(config, state, out.state_sums)
+        losses.append(out.losses)
+    return losses
 
 
 def test_bco_pair_running_mean_across_steps_and_resume():
     config = LossConfig(loss_type="bco_pair", beta=BETA)
     batches = _bco_batches()
     expected = _bco_expected(batches, BETA)
+    assert expected[1] != expected[0] and expected[2] != expected[1]  # delta does move
 
     state: dict = {}
-    for x, want in zip(batches, expected):
-        x.state = state
-        assert close(compute_loss(x, config).losses, want)
+    for got, want in zip(_train_steps(batches, config, state), expected):
+        assert close(got, want)
 
     resumed: dict = {}
-    batches[0].state = resumed
-    compute_loss(batches[0], config)
+    _train_steps(batches[:1], config, resumed)
     resumed = json.loads(json.dumps(resumed))  # as saved in and loaded from a checkpoint
-    for x, want in zip(batches[1:], expected[1:]):
-        x.state = resumed
-        assert close(compute_loss(x, config).losses, want)
+    for got, want in zip(_train_steps(batches[1:], config, resumed), expected[1:]):
+        assert close(got, want)
     assert resumed == json.loads(json.dumps(state))
 
 
-def test_bco_pair_evaluation_does_not_move_the_running_mean():
+def test_bco_pair_state_moves_by_whole_steps_however_the_batch_is_split():
+    """The sums of a step's micro-batches add up to the sums of the whole batch, so the update is the same."""
+    config = LossConfig(loss_type="sigmoid:0.5,bco_pair:0.5", beta=BETA)
+    first, second, third = _bco_batches()
+    whole_state: dict = {}
+    _train_steps([first], config, whole_state)
+    split_state: dict = {}
+    fields = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
+              "chosen_lengths", "rejected_lengths")
+    halves = [batch(**{name: getattr(first, name)[part] for name in fields}) for part in (slice(0, 2), slice(2, None))]
+    sums = []
+    for half in halves:
+        half.state = split_state
+        sums.append(compute_loss(half, config).state_sums)
+    update_loss_state(config, split_state, sums[0] + sums[1])
+    assert split_state["bco_pair"] == pytest.approx(whole_state["bco_pair"], abs=1e-12)
+    assert whole_state["bco_pair"]["steps"] == 1 and whole_state["bco_pair"]["reward_mean"] != 0.0
+    torch.testing.assert_close(_with_state(second, split_state, config), _with_state(second, whole_state, config))
+
+
+def _with_state(x, state, config):
+    x.state = state
+    return compute_loss(x, config).losses
+
+
+def test_compute_loss_only_reads_the_state():
     config = LossConfig(loss_type="bco_pair", beta=BETA)
     first, second, _ = _bco_batches()
     state: dict = {}
-    first.state = state
-    compute_loss(first, config)
+    _train_steps([first], config, state)
     before = copy.deepcopy(state)
     second.state = state
+    compute_loss(second, config).losses.sum()  # with autograd on, as in training
     with torch.no_grad():
         compute_loss(second, config)
-    assert state == before
+    assert state == before and state["bco_pair"]["steps"] == 1
 
 
 # ---- user losses and names -------------------------------------------------------------------------------
@@ -543,10 +579,10 @@ def test_shape_mismatch_is_reported():
     "kwargs, fragment",
     [
         (dict(beta=0.0), "beta"),
-        (dict(label_smoothing=0.5), "label_smoothing"),
-        (dict(rpo_alpha=-1.0), "rpo_alpha"),
-        (dict(f_divergence="kl"), "f_divergence"),
-        (dict(discopop_tau=0.0), "discopop_tau"),
+        (dict(label_smoothing=0.5), "--label-smoothing"),
+        (dict(rpo_alpha=-1.0), "--rpo-alpha"),
+        (dict(f_divergence="kl"), "--f-divergence"),
+        (dict(discopop_tau=0.0), "--discopop-tau"),
         (dict(loss_type=""), "non-empty"),
         (dict(loss_type="sigmoid:-1"), "non-negative"),
         (dict(loss_type="sigmoid,,hinge"), "empty term"),

@@ -1,0 +1,108 @@
+"""Settings: declared once (flags, config keys, checks, README tables all come from the dataclasses)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo.config import DEMO_SETTINGS, TrainConfig, build_parser, flag_tables, parse_config
+from dpo.logprobs import ScoringConfig
+from dpo.loss import LossConfig
+from dpo.settings import ConfigError, from_flat, setting_fields
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- flag tables: python -m dpo.config -->", "<!-- end of flag tables -->"
+
+
+def flags_of(parser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def test_every_field_of_every_settings_class_is_a_flag_and_a_config_key(tmp_path):
+    flags = flags_of(build_parser())
+    for cls in (LossConfig, ScoringConfig):
+        for f in dataclasses.fields(cls):
+            flag = "--" + (f.metadata["flag"] or f.name).replace("_", "-")
+            assert flag in flags, f"{cls.__name__}.{f.name} has no flag"
+    assert {"--discopop-tau", "--simpo-gamma", "--f-alpha", "--loss", "--logps-chunk-size", "--vocab-chunk"} <= flags
+    names = [s.name for s in setting_fields(TrainConfig)]
+    assert len(names) == len(set(names))
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"loss": "hinge", "discopop_tau": 0.2, "logps-chunk-size": 64, "model": "x"}))
+    cfg = parse_config(["--config", str(file), "--vocab-chunk", "512"])
+    assert (cfg.loss.loss_type, cfg.loss.discopop_tau, cfg.scoring.chunk_size, cfg.scoring.vocab_chunk) == \
+        ("hinge", 0.2, 64, 512)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--beta", "-1"], "--beta must be positive, got -1.0"),
+    (["--label-smoothing", "0.5"], "--label-smoothing must be in [0.0, 0.5)"),
+    (["--discopop-tau", "0"], "--discopop-tau must be positive"),
+    (["--rpo-alpha", "-2"], "--rpo-alpha must be a non-negative number"),
+    (["--vocab-chunk", "0"], "--vocab-chunk must be positive"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0.0, 1.0)"),
+    (["--save-total-limit", "0"], "--save-total-limit must be at least 1"),
+])
+def test_a_bad_value_is_rejected_in_one_place_whatever_builds_the_config(argv, message):
+    with pytest.raises(ConfigError) as from_flags:
+        parse_config(argv)
+    assert str(from_flags.value).startswith(message)
+    values = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "config"}
+    with pytest.raises(ConfigError) as from_python:
+        from_flat(TrainConfig, values)
+    assert str(from_python.value) == str(from_flags.value)
+
+
+def test_loss_config_checks_itself_with_the_flag_names():
+    with pytest.raises(ConfigError, match="--beta must be positive"):
+        LossConfig(beta=0.0)
+    with pytest.raises(ConfigError, match="--f-divergence must be one of reverse_kl"):
+        LossConfig(f_divergence="kl")
+
+
+def test_max_prompt_length_follows_max_length_unless_given():
+    assert parse_config(["--model", "m", "--max-length", "128"]).max_prompt_length == 64
+    assert parse_config(["--model", "m"]).max_prompt_length == 512  # the recipe: 1024 -> 512
+    assert parse_config([]).max_prompt_length == DEMO_SETTINGS["max_length"] // 2  # the demo: 96 -> 48
+    assert parse_config(["--model", "m", "--max-length", "128", "--max-prompt-length", "100"]).max_prompt_length == 100
+    assert parse_config(["--model", "m", "--max-prompt-length", "none"]).max_prompt_length is None
+    assert TrainConfig(max_length=200).max_prompt_length == 100  # built in Python too
+    with pytest.raises(ConfigError, match=r"--max-prompt-length \(300\) must be below --max-length \(128\)"):
+        parse_config(["--model", "m", "--max-length", "128", "--max-prompt-length", "300"])
+
+
+def test_run_config_round_trips_as_a_config_file(tmp_path):
+    cfg = parse_config(["--model", "m", "--loss", "ipo", "--beta", "0.3", "--adam-betas", "0.8,0.9",
+                        "--layout", "packed"])
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps(cfg.to_dict()))
+    assert parse_config(["--config", str(file)]) == cfg
+
+
+def test_run_identity_holds_what_changes_data_order_or_math():
+    identity = TrainConfig().run_identity()
+    for name in ("model", "dataset", "train_split", "num_pairs", "subset", "seed", "batch_size", "max_length",
+                 "max_prompt_length", "loss", "beta", "discopop_tau", "lr", "epochs", "max_steps", "precision"):
+        assert name in identity, name
+    for name in ("eval_steps", "save_steps", "log_steps", "progress", "plot", "output_dir", "micro_batch_size",
+                 "layout", "fused_lm_head", "logps_chunk_size", "resume", "stop_at_step", "device"):
+        assert name not in identity, name
+
+
+def test_readme_flag_tables_are_the_generated_ones():
+    readme = (ROOT / "README.md").read_text()
+    assert BEGIN in readme and END in readme, "README.md lost the markers around its flag tables"
+    current = readme[readme.index(BEGIN) + len(BEGIN):readme.index(END)].strip()
+    assert current == flag_tables().strip(), "README.md's flag tables are stale: run `python -m dpo.config` and " \
+                                             "paste its output between the markers"
+
+
+def test_flag_tables_script_prints_every_flag():
+    done = subprocess.run([sys.executable, "-m", "dpo.config"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    for s in setting_fields(TrainConfig):
+        assert f"| `{s.flag}` |" in done.stdout, s.flag
