@@ -6,10 +6,16 @@
     python generate.py --model runs/demo/final --compare demo "What is 3 plus 4?"   # side by side
 
 --model is a model directory, a hub name, "demo" (the shipped SFT model) or a training run's directory
-(its final/ is used); without it, the demo run's runs/demo/final. The instruction is rendered as
-"### Human: {instruction}\\n\\n### Assistant:" (or with the tokenizer's chat template, --chat-template)
-and decoded by sampling with temperature 0.7 and top-p 0.9 (or --greedy), seeded. A response ends at EOS
-or where the model starts a new "### Human:" turn; that marker is never printed or saved.
+(its final/ is used); without it, the demo run's runs/demo/final. The instruction is rendered and encoded
+exactly as training renders a one-turn prompt (dpo.prompts): "### Human: {instruction}\\n\\n### Assistant:",
+or with the tokenizer's chat template when the run trained with it (or --chat-template), and decoded by
+sampling with temperature 0.7 and top-p 0.9 (or --greedy), seeded. A response ends at EOS or where the model
+starts a new "### Human:" turn; that marker is never printed or saved.
+
+A prompt longer than its budget is cut as training cuts it and counted in a warning on stderr, never failing
+the batch: the budget is the run's max_prompt_length and truncation_mode (final/dpo_run.json; or
+--max-prompt-length / --truncation-mode), capped so a new token fits the model's positions; without them, half
+the positions or what --max-new-tokens leaves, whichever is more, keeping the prompt's end.
 
 --instructions reads a JSON array or JSON Lines of objects with an "instruction" field (AlpacaEval's
 format) and --output writes a JSON list of {"instruction", "output", "generator"} that alpaca_eval
@@ -29,11 +35,11 @@ import transformers
 
 from dpo.cli import run_cli
 from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
-                            StopAwareStreamer, check_instruction, generate_batch, generator_name, load_checked_tokenizer,
-                            read_instructions,
-                            resolve_device, resolve_dtype, resolve_run_model, side_by_side, write_outputs)
+                            StopAwareStreamer, add_prompt_arguments, check_instruction, generate_batch, generator_name,
+                            load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype, resolve_run_model,
+                            run_settings, side_by_side, write_outputs)
 from dpo.modeling import load_causal_lm
-from dpo.templates import HUMAN_TURN_PREFIX
+from dpo.prompts import HUMAN_TURN_PREFIX
 
 DEMO_RUN_MODEL = Path("runs") / "demo" / "final"
 
@@ -54,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chat-template", action="store_true",
-                        help="render the prompt with the tokenizer's chat template instead of the recipe's")
+    add_prompt_arguments(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="model weights; auto = fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -72,20 +77,21 @@ def default_model() -> str:
 
 
 class Generator:
-    """A loaded model, its tokenizer and its display name."""
+    """A loaded model, its tokenizer, its display name and its run's training settings (prompt defaults)."""
 
     def __init__(self, name: str, dtype: torch.dtype, device: torch.device):
         self.path = resolve_run_model(name)
         self.name = generator_name(self.path)
+        self.settings = run_settings(self.path)
         self.tokenizer = load_checked_tokenizer(self.path)  # first: a directory without a tokenizer fails fast
         self.model = load_causal_lm(self.path, dtype=dtype, device=device)
 
     def answer(self, instructions: list[str], decoding: DecodingConfig, **kwargs) -> list[str]:
-        return generate_batch(self.model, self.tokenizer, instructions, decoding, **kwargs)
+        return generate_batch(self.model, self.tokenizer, instructions, decoding.for_run(self.settings), **kwargs)
 
     def stream(self, instruction: str, decoding: DecodingConfig, write: Callable[[str], object]) -> str:
         streamer = StopAwareStreamer(self.tokenizer, decoding.stop_strings, write=write)
-        generate_batch(self.model, self.tokenizer, [instruction], decoding, streamer=streamer)
+        generate_batch(self.model, self.tokenizer, [instruction], decoding.for_run(self.settings), streamer=streamer)
         return streamer.text
 
 

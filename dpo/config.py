@@ -21,6 +21,7 @@ from typing import Any
 
 from dpo.logprobs import ScoringConfig
 from dpo.loss import LossConfig
+from dpo.prompts import TEMPLATES, TRUNCATION_MODES
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
                           nested, non_negative, positive, setting, setting_fields, to_flat)
 
@@ -57,13 +58,13 @@ class TrainConfig:
     max_eval_pairs: int | None = setting(256, "evaluate on at most this many held-out pairs (None: all)",
                                          check=positive)
     template: str = setting("recipe", "prompt rendering: the recipe's '### Human:' template or the tokenizer's "
-                                      "chat template", choices=["recipe", "chat"])
+                                      "chat template", choices=TEMPLATES)
     max_length: int = setting(1024, "maximum tokens of prompt + response", check=at_least(2))
     max_prompt_length: int | None = setting(
         HALF_OF_MAX_LENGTH, "maximum prompt tokens, cut first ('auto': half of --max-length; none: no limit, a pair "
                             "whose prompt leaves no room for a response is skipped)", check=positive)
     truncation_mode: str = setting("keep_end", "which end of an over-long prompt is kept",
-                                   choices=["keep_end", "keep_start"])
+                                   choices=TRUNCATION_MODES)
     # the loss and its hyper-parameters
     loss: LossConfig = nested(LossConfig, "loss")
     # optimisation

@@ -16,20 +16,11 @@ Record formats (field names as in TRL and the hub datasets):
     implicit        {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...} (Anthropic/hh-rlhf):
                     the prompt is the longest common prefix ending at the last "\\n\\nAssistant:".
 
-Rendering ("recipe" template, dpo.templates):
-    prompt   = "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
-    response = " " + text.strip()                     (EOS is added as a token id, never as text)
-A single-turn prompt is exactly format_prompt(instruction). A leading "system" message is prepended to
-the first human turn (system + "\\n\\n" + u1). The "chat" template renders through the tokenizer's
-chat template instead: prompt = apply_chat_template(history, add_generation_prompt=True), response =
-the rest of the full conversation's rendering.
-
-Tokenization: prompt and response are tokenized separately without special tokens, so no BPE merge
-crosses the boundary and the response tokens are exactly those the template defines:
-    prompt_ids   = [BOS]? + tok(prompt)        BOS only if the tokenizer itself adds one (e.g. Llama; not
-                                               GPT-2 or Phi-2), and never twice
-    response_ids = tok(response) + [EOS]       EOS not repeated if the rendering already ends with it
-Recipe text is plain text: a literal "<|endoftext|>" inside a response stays text (split_special_tokens).
+Rendering and tokenization are dpo.prompts' (see its docstring), the very functions generation uses, so a
+model is prompted at inference exactly as it was trained: the "recipe" template ("### Human: ...\\n\\n### Assistant:"
+prompts, " " + text responses) or the tokenizer's chat template; prompt_ids = [BOS]? + tok(prompt) cut to
+max_prompt_length by dpo.prompts.truncate_prompt, response_ids = tok(response) + [EOS] cut to what max_length
+leaves.
 """
 
 from __future__ import annotations
@@ -38,7 +29,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dpo import prompts
 from dpo.errors import UserError, first_line
-from dpo.templates import HUMAN_TURN_PREFIX, format_prompt, format_response
+from dpo.prompts import (Prompt, PromptError, SpecialIds, check_template, check_truncation, encode_texts,
+                         render_prompt, render_response, special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
-TRUNCATION_MODES = ("keep_end", "keep_start")
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -239,10 +232,9 @@ def load_records(source: str, split: str | None = None) -> tuple[list[dict], str
 
 @dataclass(frozen=True)
 class _Dialogue:
-    prompt_messages: list[dict[str, str]]  # history ending with a user turn
+    prompt: Prompt  # the explicit format's bare instruction, or the history ending with a user turn
     chosen: str  # raw text of the final assistant turn
     rejected: str
-    rendered_prompt: str | None = None  # an explicit prompt that is already in the template
 
 
 def detect_format(record: Any) -> str:
@@ -285,8 +277,7 @@ def _explicit(record: dict, row: int) -> _Dialogue:
     prompt = _text_field(record, "prompt", row, "empty_prompt")
     chosen = _text_field(record, "chosen", row, "empty_response")
     rejected = _text_field(record, "rejected", row, "empty_response")
-    rendered = prompt if HUMAN_TURN_PREFIX in prompt else None
-    return _Dialogue([{"role": "user", "content": prompt}], chosen, rejected, rendered)
+    return _Dialogue(prompt, chosen, rejected)
 
 
 def _conversational(record: dict, row: int) -> _Dialogue:
@@ -336,139 +327,68 @@ _FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# Dialogue -> rendered text
+# Dialogue -> rendered text (dpo.prompts)
+
+_ROW_REASONS = ("bad_roles", "chat_template_error")  # PromptError reasons that concern one conversation only
+
+
+@contextmanager
+def _as_data_errors(row: int | None = None) -> Iterator[None]:
+    """dpo.prompts' errors as data errors: one conversation's as a RowError (a counted skip), the template's or
+    the tokenizer's as a DataError, which stops the run."""
+    try:
+        yield
+    except PromptError as err:
+        if row is None:
+            raise DataError(str(err)) from None
+        if err.reason in _ROW_REASONS:
+            raise RowError(err.reason, row, str(err)) from None
+        raise DataError(f"row {row}: {err}") from None
 
 
 def render_recipe_prompt(messages: Sequence[dict[str, str]], row: int = -1) -> str:
-    """History (optional system, then user/assistant alternating, ending with user) in the recipe template:
-
-        "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
-
-    i.e. concat(format_prompt(u_i) + format_response(a_i) + "\\n\\n") + format_prompt(u_last).
-    """
-    messages = list(messages)
-    system = messages.pop(0)["content"].strip() if messages and messages[0]["role"] == "system" else ""
-    roles = [m["role"] for m in messages]
-    expected = ["user", "assistant"] * (len(roles) // 2) + ["user"]
-    if roles != expected:
-        raise RowError("bad_roles", row, f"prompt roles {roles} are not user/assistant turns ending with user")
-    turns = [m["content"] for m in messages]
-    if system:
-        turns[0] = f"{system}\n\n{turns[0]}"
-    history = "".join(format_prompt(u) + format_response(a) + "\n\n" for u, a in zip(turns[0::2], turns[1::2]))
-    return history + format_prompt(turns[-1])
-
-
-def _render_recipe(dialogue: _Dialogue, row: int, tokenizer: Any) -> PreferenceExample:
-    prompt = dialogue.rendered_prompt or render_recipe_prompt(dialogue.prompt_messages, row)
-    return PreferenceExample(prompt, format_response(dialogue.chosen), format_response(dialogue.rejected), row)
-
-
-def _apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], row: int, **kwargs: Any) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    except Exception as err:  # jinja raises for conversations the template rejects (e.g. role order)
-        raise RowError("chat_template_error", row, f"chat template failed ({first_line(err)})") from None
-
-
-def _render_chat(dialogue: _Dialogue, row: int, tokenizer: Any) -> PreferenceExample:
-    """prompt = template(history, generation prompt); response = template(history + answer) minus prompt,
-    with trailing whitespace removed (the whitespace between turns is not part of the answer)."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise DataError("template='chat' needs a tokenizer with a chat template")
-    prompt = _apply_chat_template(tokenizer, dialogue.prompt_messages, row, add_generation_prompt=True)
-    responses = []
-    for text in (dialogue.chosen, dialogue.rejected):
-        full = _apply_chat_template(tokenizer, dialogue.prompt_messages + [{"role": "assistant",
-                                                                            "content": text.strip()}], row)
-        if not full.startswith(prompt):
-            raise DataError(f"row {row}: the chat template's rendering of the conversation does not start with "
-                            "its rendering of the prompt (add_generation_prompt=True)")
-        responses.append(full[len(prompt):].rstrip())
-    return PreferenceExample(prompt, responses[0], responses[1], row)
-
-
-@dataclass(frozen=True)
-class _Template:
-    render: Callable[[_Dialogue, int, Any], PreferenceExample]
-    split_special_tokens: bool  # recipe text is plain text; chat renderings contain special-token text
-
-
-TEMPLATES: dict[str, _Template] = {
-    "recipe": _Template(_render_recipe, split_special_tokens=True),
-    "chat": _Template(_render_chat, split_special_tokens=False),
-}
-
-
-def _template(name: str) -> _Template:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown template '{name}' (choose from {', '.join(TEMPLATES)})")
-    return TEMPLATES[name]
+    """dpo.prompts.render_recipe_prompt, with a bad role order raised as RowError("bad_roles") of `row`."""
+    with _as_data_errors(row):
+        return prompts.render_recipe_prompt(messages)
 
 
 def to_example(record: Any, row: int, *, template: str = "recipe", tokenizer: Any = None) -> PreferenceExample:
     """One record -> rendered text. Raises RowError (a DataError with a skip reason) for a bad row."""
-    renderer = _template(template)
+    with _as_data_errors():
+        check_template(template, tokenizer)
     if not isinstance(record, dict):
         raise RowError("wrong_type", row, f"record is a {type(record).__name__}, not an object")
     dialogue = _FORMATS[detect_format(record)](record, row)
-    example = renderer.render(dialogue, row, tokenizer)
+    with _as_data_errors(row):
+        prompt = render_prompt(dialogue.prompt, template, tokenizer)
+        chosen = render_response(dialogue.prompt, dialogue.chosen, template, tokenizer, rendered_prompt=prompt)
+        rejected = render_response(dialogue.prompt, dialogue.rejected, template, tokenizer, rendered_prompt=prompt)
+    example = PreferenceExample(prompt, chosen, rejected, row)
     if example.chosen == example.rejected:
         raise RowError("identical_responses", row, "chosen and rejected are identical")
     return example
 
 
 # ---------------------------------------------------------------------------------------------------
-# Text -> token ids
+# Text -> token ids (dpo.prompts), responses and truncation
 
 
-@dataclass(frozen=True)
-class _SpecialIds:
-    eos: int
-    bos: int | None  # the BOS to put in front of the prompt, or None when the tokenizer adds none
-
-
-def _special_ids(tokenizer: Any) -> _SpecialIds:
-    """EOS (required) and whether the tokenizer's own encoding starts with a BOS it adds."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; "
-                        "responses must end with one")
-    bos = getattr(tokenizer, "bos_token_id", None)
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    adds_bos = bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
-    return _SpecialIds(eos=eos, bos=bos if adds_bos else None)
-
-
-def _encode(tokenizer: Any, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens,
-                     verbose=False)["input_ids"]
+def _special_ids(tokenizer: Any) -> SpecialIds:
+    with _as_data_errors():
+        return special_ids(tokenizer)
 
 
 def _check_lengths(max_length: int, max_prompt_length: int | None, truncation_mode: str) -> None:
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got '{truncation_mode}'")
-    if max_length < 1 or (max_prompt_length is not None and max_prompt_length < 1):
-        raise ValueError(f"max_length ({max_length}) and max_prompt_length ({max_prompt_length}) must be >= 1")
-
-
-def _truncated_prompt(ids: list[int], special: _SpecialIds, max_prompt_length: int | None, mode: str) -> list[int]:
-    """[BOS]? + ids, with the ids cut (keep_end: keep their end; keep_start: their start) so that the
-    whole prompt, BOS included, has at most max_prompt_length tokens. BOS is never cut."""
-    bos = [special.bos] if special.bos is not None else []
-    if bos and ids[:1] == bos:  # the text already starts with BOS (e.g. a chat template)
-        ids = ids[1:]
-    if max_prompt_length is not None and len(bos) + len(ids) > max_prompt_length:
-        keep = max(max_prompt_length - len(bos), 0)
-        ids = ids[len(ids) - keep:] if mode == "keep_end" else ids[:keep]
-    return bos + ids
+    with _as_data_errors():
+        check_truncation(max_prompt_length, truncation_mode)
+    if max_length < 1:
+        raise DataError(f"max_length must be at least 1, got {max_length}")
 
 
 def _assemble(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], row: int,
-              special: _SpecialIds, max_length: int, max_prompt_length: int | None,
+              special: SpecialIds, max_length: int, max_prompt_length: int | None,
               truncation_mode: str) -> TokenizedPair | None:
-    prompt = _truncated_prompt(prompt_ids, special, max_prompt_length, truncation_mode)
+    prompt = truncate_prompt(prompt_ids, special, max_prompt_length, truncation_mode)
     budget = max_length - len(prompt)
     if budget < 1:
         return None
@@ -487,8 +407,8 @@ def tokenize_pair(example: PreferenceExample, tokenizer: Any, *, max_length: int
     None when the prompt leaves no room for a single response token."""
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     special = _special_ids(tokenizer)
-    prompt_ids, chosen_ids, rejected_ids = _encode(
-        tokenizer, [example.prompt, example.chosen, example.rejected], split_special_tokens)
+    prompt_ids, chosen_ids, rejected_ids = encode_texts(
+        tokenizer, [example.prompt, example.chosen, example.rejected], split_special_tokens=split_special_tokens)
     return _assemble(prompt_ids, chosen_ids, rejected_ids, example.row, special,
                      max_length, max_prompt_length, truncation_mode)
 
@@ -499,7 +419,6 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
     """All usable records as TokenizedPairs (source order) and the counts of skipped rows by reason.
     Raises DataError when none is usable."""
     _check_lengths(max_length, max_prompt_length, truncation_mode)
-    renderer = _template(template)
     special = _special_ids(tokenizer)
     stats = DataStats(rows=len(records))
     examples = []
@@ -514,7 +433,7 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
     for start in range(0, len(examples), chunk):
         batch = examples[start:start + chunk]
         texts = [e.prompt for e in batch] + [e.chosen for e in batch] + [e.rejected for e in batch]
-        ids = _encode(tokenizer, texts, renderer.split_special_tokens)
+        ids = encode_texts(tokenizer, texts, template)
         n = len(batch)
         for i, example in enumerate(batch):
             pair = _assemble(ids[i], ids[n + i], ids[2 * n + i], example.row, special,
@@ -527,7 +446,7 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
                                                                f"identical within max_length={max_length}")
             else:
                 pairs.append(pair)
-                stats.truncated_prompts += len(pair.prompt_ids) < len(ids[i])
+                stats.truncated_prompts += len(pair.prompt_ids) < len(with_bos(ids[i], special))
                 stats.truncated_responses += (pair.chosen_ids[-1:] != [special.eos]
                                               or pair.rejected_ids[-1:] != [special.eos])
     stats.kept = len(pairs)

@@ -24,7 +24,9 @@ response tokens, for chosen (r_c) and rejected (r_r) responses:
 
     accuracy = mean 1[r_c > r_r],  margin = mean (r_c - r_r),  loss = mean -log sigmoid(r_c - r_r)
 
-beta, the template and the length limits default to the run's settings (final/dpo_run.json).
+beta, the template and the length limits default to the run's settings (final/dpo_run.json), for the implicit
+reward and for generation alike: both models get the prompts the policy was trained on (dpo.prompts), an
+over-long one cut as training cuts it (see dpo.generation).
 The reference defaults to the model the run started from (dpo_run.json's "reference_model").
 The report ends with one JSON line holding every number.
 """
@@ -46,15 +48,16 @@ import torch.nn.functional as F
 
 from dpo.cli import run_cli
 from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
-from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, generate_batch,
-                            generator_name, load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype, resolve_run_model, side_by_side)
+from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingConfig,
+                            add_prompt_arguments, generate_batch, generator_name, load_checked_tokenizer,
+                            read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
+                            side_by_side)
 from dpo.errors import UserError
 from dpo.judges import Judge, build_judge
 from dpo.logprobs import sequence_logps
 from dpo.modeling import load_causal_lm
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
-RUN_SETTINGS_FILE = "dpo_run.json"
 
 
 class EvaluationError(UserError):
@@ -277,20 +280,6 @@ def format_implicit(metrics: dict[str, float]) -> str:
 # Command line
 
 
-def run_settings(model_path: str) -> dict[str, Any]:
-    """The training settings saved beside a trained model (final/dpo_run.json), or {}."""
-    path = Path(model_path) / RUN_SETTINGS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(settings, dict):
-        raise EvaluationError(f"{path}: expected a JSON object of settings")
-    return settings
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dpo.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -309,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompt draw and the decoding")
-    parser.add_argument("--chat-template", action="store_true", help="render prompts with the chat template")
+    add_prompt_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=3, help="before/after samples to print")
     parser.add_argument("--output", metavar="FILE.json", help="also write every comparison and the summary here")
@@ -364,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     policy_path = resolve_run_model(args.model)
     settings = run_settings(policy_path)
+    decoding = decoding.for_run(settings)  # the reference is prompted as the policy was trained
     reference_name = args.reference or settings.get("reference_model")
     if not reference_name:
         raise EvaluationError(f"--reference is required: {args.model} has no {RUN_SETTINGS_FILE} naming the "

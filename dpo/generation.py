@@ -1,6 +1,8 @@
 """Decoding with the recipe's settings, shared by generate.py and dpo.evaluate.
 
-    encode_prompts     instructions -> prompt token ids, rendered and encoded exactly as in training
+    DecodingConfig     how prompts are rendered and cut, and how responses are decoded
+    run_settings       a trained model's training settings (final/dpo_run.json): its template and prompt limits
+    prompt_budget      the most prompt tokens a model is given
     left_pad           id lists -> input_ids, attention_mask (the mask comes from lengths: pad may equal EOS/BOS)
     generate_batch     model + instructions -> one response text each, in left-padded batches
     truncate_at_stop   the text before the first stop string ("### Human:" by default)
@@ -13,17 +15,23 @@ implicit top-k of 50 is switched off, top_k=0, so the distribution is exactly te
 greedy. A response ends at EOS, or where the model starts a new "### Human:" turn (the verbosity failure
 the Phi-2 card describes); the stop string and everything after it are dropped, then surrounding
 whitespace (the response starts with the space after "### Assistant:").
+
+Prompts are rendered, encoded and cut by dpo.prompts, the functions training uses (dpo.data), so a model sees
+the prompt it was trained on: a trained run's template, max_prompt_length and truncation_mode (dpo_run.json)
+are the defaults. A prompt longer than its budget (prompt_budget) is cut as training cuts it and counted in one
+warning on stderr; it never fails the batch.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +40,9 @@ from torch import Tensor
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from dpo.data import _encode, _special_ids
 from dpo.errors import UserError
 from dpo.modeling import ModelLoadError, load_tokenizer
-from dpo.templates import HUMAN_TURN_PREFIX, format_prompt
+from dpo.prompts import HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts
 
 # The card's decoding.
 TEMPERATURE = 0.7
@@ -44,6 +51,7 @@ MAX_NEW_TOKENS = 256
 STOP_STRINGS = (HUMAN_TURN_PREFIX,)
 _TRAILING_UNSETTLED = re.compile(r"[\s\ufffd]+$")  # whitespace and incomplete UTF-8 at the end
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUN_SETTINGS_FILE = "dpo_run.json"  # a trained model's training settings, written by train.py into final/
 
 
 class GenerationError(UserError):
@@ -56,7 +64,8 @@ class BatchFileError(GenerationError):
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """How responses are decoded. greedy=True ignores temperature, top_p and top_k."""
+    """How prompts are rendered and cut, and how responses are decoded. greedy=True ignores temperature, top_p
+    and top_k. The prompt settings left None are the trained run's (for_run), else the defaults noted."""
 
     temperature: float = TEMPERATURE
     top_p: float = TOP_P
@@ -65,16 +74,33 @@ class DecodingConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     seed: int | None = 0  # torch.manual_seed(seed) before the first batch; None leaves the RNG alone
     stop_strings: tuple[str, ...] = STOP_STRINGS
-    chat_template: bool = False  # render with the tokenizer's chat template instead of the recipe's
+    chat_template: bool | None = None  # the tokenizer's chat template instead of the recipe's; None: recipe
+    max_prompt_length: int | None = None  # None: room for new tokens (prompt_budget)
+    truncation_mode: str | None = None  # None: keep_end
 
     @classmethod
     def from_args(cls, args) -> "DecodingConfig":
         """From parsed command-line flags (--temperature, --top-p, --top-k, --greedy, --max-new-tokens, --seed,
-        --chat-template), validated."""
+        --chat-template, --max-prompt-length, --truncation-mode), validated."""
         decoding = cls(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
-                       max_new_tokens=args.max_new_tokens, seed=args.seed, chat_template=args.chat_template)
+                       max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       chat_template=getattr(args, "chat_template", None),
+                       max_prompt_length=getattr(args, "max_prompt_length", None),
+                       truncation_mode=getattr(args, "truncation_mode", None))
         decoding.validate()
         return decoding
+
+    def for_run(self, settings: dict[str, Any]) -> "DecodingConfig":
+        """The prompt settings left None taken from a run's training settings (run_settings): the chat template
+        when it trained with template 'chat', and its max_prompt_length and truncation_mode."""
+        chat = self.chat_template if self.chat_template is not None else settings.get("template") == "chat"
+        limit = self.max_prompt_length if self.max_prompt_length is not None else settings.get("max_prompt_length")
+        mode = self.truncation_mode or settings.get("truncation_mode")
+        return replace(self, chat_template=chat, max_prompt_length=limit, truncation_mode=mode)
+
+    @property
+    def template(self) -> str:
+        return "chat" if self.chat_template else "recipe"
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -89,13 +115,60 @@ class DecodingConfig:
                 raise GenerationError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
         if any(not s for s in self.stop_strings):
             raise GenerationError("stop strings must be non-empty")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise GenerationError(f"--max-prompt-length must be at least 1, got {self.max_prompt_length}")
+        if self.truncation_mode is not None and self.truncation_mode not in TRUNCATION_MODES:
+            raise GenerationError(f"--truncation-mode must be one of {', '.join(TRUNCATION_MODES)}, "
+                                  f"got {self.truncation_mode!r}")
 
     def describe(self) -> str:
+        template = ", chat template" if self.chat_template else ""
         if self.greedy:
-            return f"greedy, max {self.max_new_tokens} new tokens"
+            return f"greedy, max {self.max_new_tokens} new tokens{template}"
         top_k = f", top-k {self.top_k}" if self.top_k else ""
         return (f"temperature {self.temperature}, top-p {self.top_p}{top_k}, seed {self.seed}, "
-                f"max {self.max_new_tokens} new tokens")
+                f"max {self.max_new_tokens} new tokens{template}")
+
+
+def add_prompt_arguments(parser: Any) -> None:
+    """--chat-template / --no-chat-template, --max-prompt-length and --truncation-mode, shared by generate.py and
+    dpo.evaluate. Left out, they are absent from the parsed arguments: the run's settings apply (for_run)."""
+    unset = argparse.SUPPRESS  # no "(default: None)" in --help; DecodingConfig.from_args reads absence as None
+    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=unset,
+                        help="render prompts with the tokenizer's chat template (--no-chat-template: the recipe's "
+                             f"'### Human:' template); default: as the run was trained ({RUN_SETTINGS_FILE}'s "
+                             "template), else the recipe's")
+    parser.add_argument("--max-prompt-length", type=int, default=unset, metavar="TOKENS",
+                        help="prompt tokens kept; a longer prompt is cut as training cuts it, with a warning. "
+                             f"Default: the run's max_prompt_length ({RUN_SETTINGS_FILE}), else half the model's "
+                             "positions or what --max-new-tokens leaves, whichever is more; always capped so one "
+                             "new token fits")
+    parser.add_argument("--truncation-mode", default=unset, metavar="|".join(TRUNCATION_MODES),
+                        help="which end of an over-long prompt is kept; default: the run's truncation_mode, "
+                             "else keep_end")
+
+
+def run_settings(model_path: str | Path) -> dict[str, Any]:
+    """The training settings saved beside a trained model (final/dpo_run.json), or {} when there are none.
+    The prompt settings generation reads from it (template, max_prompt_length, truncation_mode) are checked."""
+    path = Path(model_path) / RUN_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        detail = f"{error.msg}, line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise GenerationError(f"{path}: not valid JSON ({detail})") from None
+    if not isinstance(settings, dict):
+        raise GenerationError(f"{path}: expected a JSON object of settings")
+    template, limit, mode = (settings.get(k) for k in ("template", "max_prompt_length", "truncation_mode"))
+    if template is not None and template not in TEMPLATES:
+        raise GenerationError(f"{path}: template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise GenerationError(f"{path}: max_prompt_length must be a positive integer or null, got {limit!r}")
+    if mode is not None and mode not in TRUNCATION_MODES:
+        raise GenerationError(f"{path}: truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,31 +217,6 @@ def check_instruction(instruction: Any, where: str = "the instruction") -> str:
     if not instruction.strip():
         raise GenerationError(f"{where} is empty")
     return instruction
-
-
-def render_prompt(tokenizer: Any, instruction: str, chat_template: bool = False) -> str:
-    """format_prompt(instruction), or the tokenizer's chat template for one user turn + generation prompt."""
-    if not chat_template:
-        return format_prompt(instruction)
-    if not getattr(tokenizer, "chat_template", None):
-        raise GenerationError(f"--chat-template: the tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')} "
-                              "has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def encode_prompts(tokenizer: Any, instructions: Sequence[str], chat_template: bool = False) -> list[list[int]]:
-    """Prompt ids as training builds them (dpo.data): [BOS]? + tok(rendered prompt), no EOS.
-
-    BOS is added only when the tokenizer itself adds one (Llama; not GPT-2 or Phi-2) and never twice.
-    Recipe text is plain text (a literal "<|endoftext|>" stays text); a chat rendering holds special tokens.
-    """
-    texts = [render_prompt(tokenizer, text, chat_template) for text in instructions]
-    bos = _special_ids(tokenizer).bos
-    ids = _encode(tokenizer, texts, split_special_tokens=not chat_template)
-    if bos is None:
-        return ids
-    return [row if row[:1] == [bos] else [bos] + row for row in ids]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -320,16 +368,30 @@ def _max_positions(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+def prompt_budget(positions: int | None, max_new_tokens: int, max_prompt_length: int | None = None) -> int | None:
+    """The most prompt tokens a model with `positions` positions is given (None: no limit).
+
+    max_prompt_length (the run's, or --max-prompt-length) capped so that one new token still fits; without it,
+    room for max_new_tokens, but never less than half the positions.
+    """
+    if positions is None:
+        return max_prompt_length
+    if max_prompt_length is None:
+        return max(positions // 2, positions - max_new_tokens, 1)
+    return max(min(max_prompt_length, positions - 1), 1)
+
+
 @torch.no_grad()
 def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingConfig | None = None,
                    *, batch_size: int = 8, progress: bool = False, streamer: BaseStreamer | None = None,
                    description: str = "generating") -> list[str]:
     """One response per instruction, in the instructions' order.
 
-    Prompts are sorted by length (longest first) into batches of `batch_size`, left-padded, and decoded
-    with `decoding`; the seed is set once, before the first batch, so a call is a pure function of its
-    arguments. When a prompt plus max_new_tokens would exceed the model's max_position_embeddings, the
-    new-token budget of that batch is lowered to fit.
+    Prompts are encoded by dpo.prompts.encode_prompts with decoding's template, cut to prompt_budget (as
+    training cuts them; one warning line on stderr counts them), sorted by length (longest first) into batches
+    of `batch_size`, left-padded, and decoded with `decoding`; the seed is set once, before the first batch, so
+    a call is a pure function of its arguments. When a prompt plus max_new_tokens would exceed the model's
+    max_position_embeddings, the new-token budget of that batch is lowered to fit.
     """
     decoding = decoding or DecodingConfig()
     decoding.validate()
@@ -342,9 +404,14 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    prompts = encode_prompts(tokenizer, instructions, decoding.chat_template)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     limit = _max_positions(model)
+    budget = prompt_budget(limit, decoding.max_new_tokens, decoding.max_prompt_length)
+    mode = decoding.truncation_mode or "keep_end"
+    prompts, cut = encode_prompts(tokenizer, instructions, decoding.template, budget, mode)
+    if cut:
+        print(f"warning: {cut} of {len(prompts)} prompts longer than {budget} tokens were cut ({mode}), "
+              "as training cuts them", file=sys.stderr)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     was_training = model.training
     model.eval()
     if decoding.seed is not None:

@@ -23,7 +23,7 @@ import torch
 
 from dpo.errors import UserError, first_line
 from dpo.modeling import ModelLoadError, resolve_model_path
-from dpo.templates import format_prompt, format_response
+from dpo.prompts import format_prompt, format_response
 
 
 class JudgeError(UserError):

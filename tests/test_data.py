@@ -35,7 +35,7 @@ from dpo.data import (  # noqa: E402
     tokenize_pair,
     train_test_split,
 )
-from dpo.templates import format_prompt, format_response  # noqa: E402
+from dpo.prompts import format_prompt, format_response  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GPT2_DIR = SHARED / "tokenizers" / "gpt2"

@@ -16,7 +16,7 @@ from dpo.demo import task  # noqa: E402
 from dpo.demo.build import (DEFAULT_OUT, IGNORE_INDEX, BuildConfig, collate_sft, make_model,  # noqa: E402
                             sft_loss, train_tokenizer)
 from dpo.demo.task import Instruction, compare, judge  # noqa: E402
-from dpo.templates import format_prompt, format_response  # noqa: E402
+from dpo.prompts import format_prompt, format_response  # noqa: E402
 
 ASSETS = DEFAULT_OUT
 MAX_ASSET_BYTES = 4_500_000

@@ -13,7 +13,7 @@ from dpo.evaluate import (Comparison, LoadedModel, WinRate, compare_models, impl
                           wilson_interval, win_rate_summary)
 from dpo.generation import DecodingConfig
 from dpo.judges import DemoJudge, JudgeError, RewardModelJudge, build_judge
-from dpo.templates import format_prompt, format_response
+from dpo.prompts import format_prompt, format_response
 from tiny import make_model_dir, tiny_phi, tiny_tokenizer, write_pairs
 
 

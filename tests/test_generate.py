@@ -8,11 +8,11 @@ from torch import nn
 
 import generate
 from dpo.generation import (BatchFileError, DecodingConfig, GenerationError, StopAwareStreamer, StopOnStrings,
-                            clean_response, encode_prompts, generate_batch, generator_name, left_pad,
-                            read_instructions, render_prompt, resolve_dtype, resolve_run_model, side_by_side,
+                            clean_response, generate_batch, generator_name, left_pad, prompt_budget,
+                            read_instructions, resolve_dtype, resolve_run_model, run_settings, side_by_side,
                             truncate_at_stop, write_outputs)
 from dpo.modeling import load_causal_lm, load_tokenizer
-from dpo.templates import format_prompt
+from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
 from tiny import make_model_dir, tiny_tokenizer
 
 GREEDY = DecodingConfig(greedy=True, max_new_tokens=12)
@@ -44,7 +44,8 @@ def lm(model_dir):
 def test_recipe_prompt_is_the_template_tokenized_without_special_tokens():
     tokenizer = tiny_tokenizer()
     assert format_prompt("what color is the sun?") == "### Human: what color is the sun?\n\n### Assistant:"
-    ids = encode_prompts(tokenizer, ["what color is the sun?", "a <|endoftext|> b"])
+    ids, cut = encode_prompts(tokenizer, ["what color is the sun?", "a <|endoftext|> b"])
+    assert cut == 0
     assert ids[0] == tokenizer(format_prompt("what color is the sun?"), add_special_tokens=False)["input_ids"]
     # recipe text is plain text: a literal special-token string is not the EOS id
     assert tokenizer.eos_token_id not in ids[1]
@@ -64,18 +65,18 @@ def test_bos_is_added_once_when_the_tokenizer_adds_one():
     tokenizer = _bos_adding_tokenizer()
     bos = tokenizer.bos_token_id
     plain = tokenizer(format_prompt("yes"), add_special_tokens=False)["input_ids"]
-    assert encode_prompts(tokenizer, ["yes"]) == [[bos] + plain]
+    assert encode_prompts(tokenizer, ["yes"]) == ([[bos] + plain], 0)
     tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<user> {{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %} <assistant>{% endif %}")
-    rendered = render_prompt(tokenizer, "yes", chat_template=True)
+    rendered = render_prompt("yes", "chat", tokenizer)
     assert rendered == "<|endoftext|><user> yes <assistant>"
-    ids = encode_prompts(tokenizer, ["yes"], chat_template=True)[0]
+    ids = encode_prompts(tokenizer, ["yes"], "chat")[0][0]
     assert ids[0] == bos and ids[1] != bos  # the template's BOS, not a second one
 
 
 def test_chat_template_missing_is_an_error():
-    with pytest.raises(GenerationError, match="no chat template"):
-        render_prompt(tiny_tokenizer(), "yes", chat_template=True)
+    with pytest.raises(PromptError, match="no chat template"):
+        render_prompt("yes", "chat", tiny_tokenizer())
 
 
 # ---------------------------------------------------------------------------------------------------- stop strings
@@ -230,10 +231,35 @@ def test_bad_decoding_settings(change, message):
         DecodingConfig(**change).validate()
 
 
-def test_prompt_longer_than_the_model_is_an_error(lm):
-    model, tokenizer = lm
-    with pytest.raises(GenerationError, match="does not fit"):
-        generate_batch(model, tokenizer, ["red " * 300], GREEDY)
+def test_prompt_longer_than_the_model_is_cut_and_the_batch_completes(lm, capsys):
+    model, tokenizer = lm  # 256 positions; no run settings: the budget leaves room for the new tokens
+    long = "red " * 300
+    outputs = generate_batch(model, tokenizer, [long, "yes"], GREEDY)
+    assert len(outputs) == 2
+    assert capsys.readouterr().err == ("warning: 1 of 2 prompts longer than 244 tokens were cut (keep_end), "
+                                       "as training cuts them\n")
+    assert outputs[1] == generate_batch(model, tokenizer, ["yes"], GREEDY)[0]  # the other prompt is untouched
+
+
+def test_run_settings_are_the_prompt_defaults(tmp_path):
+    final = _run_with_settings(tmp_path, {"template": "chat", "max_prompt_length": 48, "truncation_mode": "keep_start"})
+    settings = run_settings(final)
+    decoding = DecodingConfig().for_run(settings)
+    assert (decoding.template, decoding.max_prompt_length, decoding.truncation_mode) == ("chat", 48, "keep_start")
+    chosen = DecodingConfig(chat_template=False, max_prompt_length=10, truncation_mode="keep_end").for_run(settings)
+    assert (chosen.template, chosen.max_prompt_length, chosen.truncation_mode) == ("recipe", 10, "keep_end")
+    assert DecodingConfig().for_run({}).template == "recipe" and run_settings(tmp_path) == {}
+    (final / "dpo_run.json").write_text(json.dumps({"max_prompt_length": 0}))
+    with pytest.raises(GenerationError, match="max_prompt_length must be a positive integer"):
+        run_settings(final)
+
+
+def test_prompt_budget():
+    assert prompt_budget(256, 256) == 128  # no run limit: half the positions at least
+    assert prompt_budget(256, 12) == 244  # or what the new tokens leave
+    assert prompt_budget(256, 12, max_prompt_length=48) == 48  # the run's limit
+    assert prompt_budget(256, 12, max_prompt_length=1000) == 255  # capped: one new token fits
+    assert prompt_budget(None, 12) is None and prompt_budget(None, 12, 48) == 48
 
 
 def test_precision_by_device():
@@ -341,6 +367,12 @@ def _model_without_tokenizer(tmp_path):
     return str(target)
 
 
+def _run_with_settings(tmp_path, settings):
+    final = make_model_dir(tmp_path / "run" / "final")
+    (final / "dpo_run.json").write_text(json.dumps(settings))
+    return final
+
+
 @pytest.mark.parametrize("case, message", [
     ("empty", "the instruction is empty"),
     ("blank", "the instruction is empty"),
@@ -351,6 +383,9 @@ def _model_without_tokenizer(tmp_path):
     ("negative_tokens", "--max-new-tokens must be at least 1"),
     ("missing_model", "does not exist"),
     ("no_chat_template", "has no chat template"),
+    ("bad_truncation_mode", "--truncation-mode must be one of keep_end, keep_start"),
+    ("zero_prompt_length", "--max-prompt-length must be at least 1"),
+    ("bad_run_settings", "dpo_run.json: truncation_mode must be one of"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, case, message):
     batch = tmp_path / "batch.jsonl"
@@ -364,6 +399,9 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, 
         "negative_tokens": ["--model", model_dir, "--max-new-tokens", "-1", "yes"],
         "missing_model": ["--model", str(tmp_path / "nope") + "/", "yes"],
         "no_chat_template": ["--model", model_dir, "--chat-template", "yes"],
+        "bad_truncation_mode": ["--model", model_dir, "--truncation-mode", "keep_middle", "yes"],
+        "zero_prompt_length": ["--model", model_dir, "--max-prompt-length", "0", "yes"],
+        "bad_run_settings": ["--model", str(_run_with_settings(tmp_path, {"truncation_mode": "middle"})), "yes"],
     }[case]
     batch.write_text("instruction: yes\n" if case == "not_json" else '{"instruction": "a"}\n{"text": "b"}\n')
     capsys.readouterr()  # drop what building the test models printed

@@ -32,7 +32,7 @@ from transformers import GenerationConfig, PhiConfig, PhiForCausalLM, PreTrained
 from dpo.data import IGNORE_INDEX
 from dpo.demo import task
 from dpo.generation import TEMPERATURE, TOP_P  # the card's decoding
-from dpo.templates import format_prompt, format_response
+from dpo.prompts import format_prompt, format_response
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "sft"
 EOS_TOKEN = "<|endoftext|>"

@@ -1,0 +1,235 @@
+"""Prompts and responses: rendered to text and encoded to token ids, for training and generation alike.
+
+dpo.data (training pairs) and dpo.generation (decoding) both go through these functions, so the prompt a model
+is given at inference is exactly the prompt it was trained on.
+
+    render_prompt     instruction or message history -> prompt text, in the "recipe" or "chat" template
+    render_response   one answer -> the response text that follows the rendered prompt
+    special_ids       EOS (required) and the BOS to put in front of a prompt (or None)
+    encode_texts      texts -> ids, without special tokens
+    truncate_prompt   prompt ids -> [BOS]? + ids, cut to max_prompt_length (keep_end / keep_start)
+    encode_prompts    render_prompt + encode_texts + truncate_prompt over a batch, with the number cut
+
+Templates:
+    recipe  the phi-2-dpo recipe's
+                prompt   = "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
+                response = " " + text.strip()        (EOS is added as a token id, never as text)
+            A single-turn prompt is exactly format_prompt(instruction); a leading "system" message is prepended
+            to the first human turn (system + "\\n\\n" + u1). A bare instruction that already holds "### Human:"
+            is taken as rendered and kept as it is. The prompt ends with the colon of "### Assistant:" and the
+            response starts with a space: for byte-level BPE a space always starts a new token, so the token
+            boundary between prompt and response is clean.
+    chat    the tokenizer's chat template: prompt = apply_chat_template(history, add_generation_prompt=True),
+            response = the rest of the full conversation's rendering, trailing whitespace removed.
+A bare instruction is a conversation of one user turn, in both templates.
+
+Encoding: prompt and response are encoded separately without special tokens, so no BPE merge crosses the
+boundary and the response tokens are exactly those the template defines:
+    prompt_ids   = [BOS]? + tok(prompt)    BOS only if the tokenizer itself adds one (e.g. Llama; not GPT-2 or
+                                           Phi-2), and never twice (a chat rendering may start with it)
+    response_ids = tok(response) + [EOS]   EOS not repeated if the rendering already ends with it
+Recipe text is plain text: a literal "<|endoftext|>" in it stays text (split_special_tokens=True). A chat
+rendering holds the template's special-token text, which is encoded as those tokens.
+
+Truncation: a prompt longer than max_prompt_length tokens (BOS included) loses the start of its text (keep_end,
+which keeps the question's end and the assistant cue) or its end (keep_start). BOS is never cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dpo.errors import UserError, first_line
+
+PROMPT_TEMPLATE = "### Human: {instruction}\n\n### Assistant:"
+HUMAN_TURN_PREFIX = "### Human:"
+TEMPLATES = ("recipe", "chat")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+# Recipe text is plain text; chat renderings hold special-token text.
+_SPLIT_SPECIAL_TOKENS = {"recipe": True, "chat": False}
+
+Message = dict[str, str]
+Prompt = str | Sequence[Message]  # a bare instruction, or the history before an assistant turn
+
+
+class PromptError(UserError):
+    """A prompt that cannot be rendered or encoded, or a tokenizer that cannot encode prompts.
+
+    `reason` is a short key: "bad_roles" and "chat_template_error" concern one conversation only;
+    "no_chat_template", "chat_template_mismatch", "no_eos" and "bad_setting" concern every prompt.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text
+
+
+def format_prompt(instruction: str) -> str:
+    """One instruction in the recipe template: "### Human: {instruction}\\n\\n### Assistant:"."""
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def format_response(text: str) -> str:
+    """A response as it follows a recipe prompt: " " + text.strip() (EOS is added as a token id, not as text)."""
+    return " " + text.strip()
+
+
+def _check_template_name(template: str) -> None:
+    if template not in TEMPLATES:
+        raise PromptError("bad_setting", f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
+
+
+def check_template(template: str, tokenizer: Any = None) -> None:
+    """Raises PromptError (a ValueError) for an unknown template name, or for "chat" without a chat template."""
+    _check_template_name(template)
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "of the model"
+        raise PromptError("no_chat_template", f"template 'chat': the tokenizer {name} has no chat template")
+
+
+def as_messages(prompt: Prompt) -> list[Message]:
+    """A bare instruction as one user turn; a message list as a copy of itself."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def render_recipe_prompt(messages: Sequence[Message]) -> str:
+    """History (optional system, then user/assistant alternating, ending with user) in the recipe template:
+
+        "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
+
+    i.e. concat(format_prompt(u_i) + format_response(a_i) + "\\n\\n") + format_prompt(u_last).
+    """
+    messages = list(messages)
+    system = messages.pop(0)["content"].strip() if messages and messages[0]["role"] == "system" else ""
+    roles = [m["role"] for m in messages]
+    expected = ["user", "assistant"] * (len(roles) // 2) + ["user"]
+    if roles != expected:
+        raise PromptError("bad_roles", f"prompt roles {roles} are not user/assistant turns ending with user")
+    turns = [m["content"] for m in messages]
+    if system:
+        turns[0] = f"{system}\n\n{turns[0]}"
+    history = "".join(format_prompt(u) + format_response(a) + "\n\n" for u, a in zip(turns[0::2], turns[1::2]))
+    return history + format_prompt(turns[-1])
+
+
+def apply_chat_template(tokenizer: Any, messages: Sequence[Message], **kwargs: Any) -> str:
+    """The tokenizer's chat template applied to `messages`, as text."""
+    check_template("chat", tokenizer)
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+    except Exception as err:  # jinja raises for conversations the template rejects (e.g. role order)
+        raise PromptError("chat_template_error", f"chat template failed ({first_line(err)})") from None
+
+
+def render_prompt(prompt: Prompt, template: str = "recipe", tokenizer: Any = None) -> str:
+    """The prompt text of an instruction or a history ending with a user turn (see the module docstring).
+    The chat template needs the tokenizer that holds it."""
+    check_template(template, tokenizer)
+    if template == "chat":
+        return apply_chat_template(tokenizer, as_messages(prompt), add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return prompt if HUMAN_TURN_PREFIX in prompt else format_prompt(prompt)
+    return render_recipe_prompt(prompt)
+
+
+def render_response(prompt: Prompt, response: str, template: str = "recipe", tokenizer: Any = None, *,
+                    rendered_prompt: str | None = None) -> str:
+    """The text of `response` as it follows render_prompt(prompt) (pass that as rendered_prompt to save
+    rendering it again). EOS is not added; a chat template may end the turn with its own EOS text."""
+    check_template(template, tokenizer)
+    if template == "recipe":
+        return format_response(response)
+    if rendered_prompt is None:
+        rendered_prompt = render_prompt(prompt, template, tokenizer)
+    full = apply_chat_template(tokenizer, as_messages(prompt) + [{"role": "assistant", "content": response.strip()}])
+    if not full.startswith(rendered_prompt):
+        raise PromptError("chat_template_mismatch", "the chat template's rendering of the conversation does not start "
+                                                    "with its rendering of the prompt (add_generation_prompt=True)")
+    return full[len(rendered_prompt):].rstrip()  # the whitespace between turns is not part of the answer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token ids
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    eos: int
+    bos: int | None  # the BOS to put in front of a prompt, or None when the tokenizer adds none
+
+
+def special_ids(tokenizer: Any) -> SpecialIds:
+    """EOS (required: responses end with it) and the BOS, kept only when the tokenizer's own encoding starts
+    with a BOS that it adds."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise PromptError("no_eos", f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; "
+                                    "responses must end with one")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds_bos = bos is not None and with_special[:1] == [bos] and without[:1] != [bos]
+    return SpecialIds(eos=eos, bos=bos if adds_bos else None)
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], template: str = "recipe", *,
+                 split_special_tokens: bool | None = None) -> list[list[int]]:
+    """Token ids of each text, without special tokens. Special-token text is kept as text for the recipe
+    template and encoded as the special token for the chat template; split_special_tokens overrides that."""
+    if split_special_tokens is None:
+        _check_template_name(template)
+        split_special_tokens = _SPLIT_SPECIAL_TOKENS[template]
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=split_special_tokens,
+                     verbose=False)["input_ids"]
+
+
+def check_truncation(max_prompt_length: int | None, truncation_mode: str) -> None:
+    """Raises PromptError (a ValueError) for a mode other than keep_end / keep_start or a limit below 1."""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise PromptError("bad_setting", f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, "
+                                         f"got '{truncation_mode}'")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise PromptError("bad_setting", f"max_prompt_length must be at least 1, got {max_prompt_length}")
+
+
+def with_bos(ids: Sequence[int], special: SpecialIds) -> list[int]:
+    """[BOS] + ids when the tokenizer adds a BOS, never a second one (a chat rendering may start with it)."""
+    ids = list(ids)
+    if special.bos is None or ids[:1] == [special.bos]:
+        return ids
+    return [special.bos] + ids
+
+
+def truncate_prompt(ids: Sequence[int], special: SpecialIds, max_prompt_length: int | None,
+                    truncation_mode: str = "keep_end") -> list[int]:
+    """with_bos(ids), cut to at most max_prompt_length tokens (None: no limit), BOS included and never cut:
+    keep_end keeps the end of the ids, keep_start their start."""
+    bos = [special.bos] if special.bos is not None else []
+    ids = with_bos(ids, special)[len(bos):]
+    if max_prompt_length is not None and len(bos) + len(ids) > max_prompt_length:
+        keep = max(max_prompt_length - len(bos), 0)
+        ids = ids[len(ids) - keep:] if truncation_mode == "keep_end" else ids[:keep]
+    return bos + ids
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], template: str = "recipe",
+                   max_prompt_length: int | None = None,
+                   truncation_mode: str = "keep_end") -> tuple[list[list[int]], int]:
+    """Prompt ids of each instruction (or history), exactly as training builds them, and how many were cut.
+
+    render_prompt -> encode_texts -> truncate_prompt: [BOS]? + tok(prompt), no EOS, at most max_prompt_length
+    tokens.
+    """
+    check_truncation(max_prompt_length, truncation_mode)
+    special = special_ids(tokenizer)
+    texts = [render_prompt(prompt, template, tokenizer) for prompt in prompts]
+    encoded = encode_texts(tokenizer, texts, template)
+    ids = [truncate_prompt(row, special, max_prompt_length, truncation_mode) for row in encoded]
+    cut = sum(len(kept) < len(with_bos(row, special)) for kept, row in zip(ids, encoded))
+    return ids, cut

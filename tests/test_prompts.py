@@ -1,0 +1,281 @@
+"""dpo.prompts: generation feeds a model exactly the prompt ids training masks, and cuts over-long prompts as
+training does.
+
+The real-data tests use the GPT-2 tokenizer and the preference pairs of the shared folder beside the repository
+(skipped where it is absent), with the recipe template and a ChatML-like chat template, on GPT-2 as it is and on
+GPT-2 made to add a BOS.
+"""
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import generate
+from dpo.data import DataError, build_pairs
+from dpo.generation import DecodingConfig, generate_batch, prompt_budget
+from dpo.prompts import (PromptError, SpecialIds, encode_prompts, encode_texts, format_prompt, format_response,
+                         render_prompt, render_response, special_ids, truncate_prompt)
+from tiny import make_model_dir, tiny_tokenizer
+
+NUM_PAIRS = 300
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def gpt2(shared_dir):
+    from transformers import AutoTokenizer
+
+    path = shared_dir / "tokenizers" / "gpt2"
+    if not path.is_dir():
+        pytest.skip("shared GPT-2 tokenizer not available")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def pair_rows(shared_dir):
+    path = shared_dir / "data" / "alpacaeval-phi2-prefs" / "pairs.jsonl"
+    if not path.is_file():
+        pytest.skip("shared preference pairs not available")
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(next(handle)) for _ in range(NUM_PAIRS)]
+
+
+def adds_bos(tokenizer):
+    """A copy of `tokenizer` whose own encoding starts with BOS (as Llama's does)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    return tokenizer
+
+
+def variant(tokenizer, template: str, bos: bool):
+    tokenizer = adds_bos(tokenizer) if bos else copy.deepcopy(tokenizer)
+    if template == "chat":
+        tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+class IndexEchoLM(nn.Module):
+    """Stands in for a causal LM: records the prompt ids generate_batch passes to generate() (left padding
+    dropped by the attention mask) and answers each row with the index of its record, so every response names
+    the ids its prompt was fed as."""
+
+    def __init__(self, tokenizer, positions: int = 4096):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=positions)
+        self.tokenizer = tokenizer
+        self.fed: list[list[int]] = []
+
+    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
+        answers = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            self.fed.append([token for token, keep in zip(ids, mask) if keep])
+            answers.append(self.tokenizer(f" {len(self.fed) - 1}", add_special_tokens=False)["input_ids"])
+        eos = generation_config.eos_token_id[0]
+        width = max(len(a) for a in answers) + 1
+        tail = torch.tensor([a + [eos] * (width - len(a)) for a in answers], dtype=torch.long)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def fed_prompt_ids(tokenizer, instructions, decoding, positions: int = 4096) -> list[list[int]]:
+    """The prompt ids generate_batch feeds the model for each instruction, in the instructions' order."""
+    model = IndexEchoLM(tokenizer, positions)
+    outputs = generate_batch(model, tokenizer, instructions, decoding, batch_size=64)
+    assert len(model.fed) == len(instructions)
+    return [model.fed[int(output)] for output in outputs]
+
+
+# ---------------------------------------------------------------------------------------------------- identity
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["gpt2", "gpt2_adds_bos"])
+@pytest.mark.parametrize("template", ["recipe", "chat"])
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_generation_feeds_exactly_the_prompt_ids_training_masks(gpt2, pair_rows, template, bos, mode, capsys):
+    tokenizer = variant(gpt2, template, bos)
+    limit = 40
+    pairs, stats = build_pairs(pair_rows, tokenizer, max_length=4096, max_prompt_length=limit, truncation_mode=mode,
+                               template=template)
+    assert stats.kept == NUM_PAIRS  # every real pair is usable, so each prompt is compared
+    decoding = DecodingConfig(greedy=True, max_new_tokens=4, chat_template=template == "chat",
+                              max_prompt_length=limit, truncation_mode=mode)
+    fed = fed_prompt_ids(tokenizer, [row["prompt"] for row in pair_rows], decoding)
+    assert fed == [pair.prompt_ids for pair in pairs]
+
+    # both count the same over-long prompts, a good share of these
+    assert 0.2 * NUM_PAIRS < stats.truncated_prompts < NUM_PAIRS
+    assert capsys.readouterr().err == (f"warning: {stats.truncated_prompts} of {NUM_PAIRS} prompts longer than "
+                                       f"{limit} tokens were cut ({mode}), as training cuts them\n")
+
+    # and the ids are what the template defines, by hand: [BOS]? + the text's tokens, cut at the right end
+    bos_id = tokenizer.bos_token_id
+    for row, ids in zip(pair_rows, fed):
+        text = format_prompt(row["prompt"]) if template == "recipe" else tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+        full = tokenizer(text, add_special_tokens=False, split_special_tokens=template == "recipe")["input_ids"]
+        if bos and full[:1] == [bos_id]:
+            full = full[1:]  # the chat template's own BOS text: the one BOS kept
+        keep = limit - bos
+        expected = (full[-keep:] if mode == "keep_end" else full[:keep]) if bos + len(full) > limit else full
+        assert ids == [bos_id] * bos + expected
+        if bos:
+            assert ids[1] != bos_id  # one BOS, also where the chat template writes its own
+
+
+def test_without_a_limit_the_recipe_prompt_is_the_template_tokenized(gpt2, pair_rows, capsys):
+    instructions = [row["prompt"] for row in pair_rows]
+    fed = fed_prompt_ids(gpt2, instructions, DecodingConfig(greedy=True, max_new_tokens=4), positions=100_000)
+    assert fed == gpt2([format_prompt(text) for text in instructions], add_special_tokens=False)["input_ids"]
+    assert capsys.readouterr().err == ""  # nothing cut: no warning
+
+
+# ---------------------------------------------------------------------------------------------------- over-long prompts
+
+
+LONG_BATCH = ["yes", "red " * 300, "what color is the sun?"]  # the second is longer than the tiny model
+
+@pytest.mark.parametrize("limit, mode", [(48, "keep_start"), (None, "keep_end")])
+def test_an_over_long_prompt_is_cut_as_build_pairs_cuts_it_and_the_batch_completes(limit, mode, capsys):
+    tokenizer = tiny_tokenizer()
+    instructions = LONG_BATCH
+    decoding = DecodingConfig(greedy=True, max_new_tokens=12, max_prompt_length=limit, truncation_mode=mode)
+    fed = fed_prompt_ids(tokenizer, instructions, decoding, positions=256)
+    budget = limit or 256 - 12  # without a run limit: what the new tokens leave of the 256 positions
+    records = [{"prompt": text, "chosen": "yes", "rejected": "no"} for text in instructions]
+    pairs, _ = build_pairs(records, tokenizer, max_length=1024, max_prompt_length=budget, truncation_mode=mode)
+    assert fed == [pair.prompt_ids for pair in pairs]
+    assert len(fed[1]) == budget and fed[0] == encode_prompts(tokenizer, ["yes"])[0][0]
+    assert capsys.readouterr().err == (f"warning: 1 of 3 prompts longer than {budget} tokens were cut ({mode}), "
+                                       "as training cuts them\n")
+
+
+def _write_batch(path, instructions):
+    path.write_text("".join(json.dumps({"instruction": text}) + "\n" for text in instructions), encoding="utf-8")
+    return str(path)
+
+
+def _record_fed(monkeypatch):
+    """The prompt id lists every generate_batch call left-pads, as sorted tuples."""
+    import dpo.generation
+
+    fed = []
+    left_pad = dpo.generation.left_pad
+
+    def recording(sequences, pad_id):
+        fed.extend(tuple(seq) for seq in sequences)
+        return left_pad(sequences, pad_id)
+
+    monkeypatch.setattr(dpo.generation, "left_pad", recording)
+    return fed
+
+
+@pytest.mark.parametrize("settings, budget, mode", [
+    (None, 256 - 8, "keep_end"),  # no dpo_run.json: what --max-new-tokens leaves of the 256 positions
+    ({"max_prompt_length": 48, "truncation_mode": "keep_start", "template": "recipe"}, 48, "keep_start"),
+    ({"max_prompt_length": None, "truncation_mode": "keep_start"}, 256 - 8, "keep_start"),
+    ({"max_prompt_length": 4000, "truncation_mode": "keep_end"}, 255, "keep_end"),  # capped: one new token fits
+])
+def test_generate_cli_completes_a_batch_with_a_prompt_longer_than_the_model(tmp_path, monkeypatch, capsys,
+                                                                            settings, budget, mode):
+    model_dir = make_model_dir(tmp_path / "run" / "final")  # 256 positions
+    if settings is not None:
+        (model_dir / "dpo_run.json").write_text(json.dumps(settings))
+    instructions = LONG_BATCH + ["tell me about a big dog " * 80]
+    out = tmp_path / "out.json"
+    fed = _record_fed(monkeypatch)
+    capsys.readouterr()
+    assert generate.main(["--model", str(tmp_path / "run"), "--instructions", _write_batch(tmp_path / "b.jsonl",
+                          instructions), "--output", str(out), "--greedy", "--max-new-tokens", "8",
+                          "--no-progress", "--batch-size", "2"]) == 0
+    records = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["instruction"] for r in records] == instructions
+    assert all(isinstance(r["output"], str) for r in records)
+    assert capsys.readouterr().err == (f"warning: 2 of 4 prompts longer than {budget} tokens were cut ({mode}), "
+                                       "as training cuts them\n")
+    tokenizer = tiny_tokenizer()
+    pairs, _ = build_pairs([{"prompt": text, "chosen": "yes", "rejected": "no"} for text in instructions], tokenizer,
+                           max_length=4096, max_prompt_length=budget, truncation_mode=mode)
+    assert sorted(fed) == sorted(tuple(pair.prompt_ids) for pair in pairs)
+
+
+def test_generate_defaults_to_the_chat_template_a_run_was_trained_with(tmp_path, monkeypatch, capsys):
+    model_dir = make_model_dir(tmp_path / "final")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<user> {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} <assistant>{% endif %}")
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "dpo_run.json").write_text(json.dumps({"template": "chat", "max_prompt_length": 64}))
+    fed = _record_fed(monkeypatch)
+    base = ["--model", str(model_dir), "--greedy", "--max-new-tokens", "2"]
+    assert generate.main(base + ["yes"]) == 0
+    assert generate.main(base + ["--no-chat-template", "yes"]) == 0
+    assert generate.main(base + ["--chat-template", "yes"]) == 0
+    chat = tuple(encode_prompts(tokenizer, ["yes"], "chat")[0][0])
+    recipe = tuple(encode_prompts(tokenizer, ["yes"], "recipe")[0][0])
+    assert chat != recipe and fed == [chat, recipe, chat]
+
+
+# ---------------------------------------------------------------------------------------------------- the pieces
+
+
+def test_render_prompt_and_response_recipe_and_chat():
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "u1"},
+               {"role": "assistant", "content": " a1 "}, {"role": "user", "content": "u2"}]
+    assert render_prompt(history) == ("### Human: Be brief.\n\nu1\n\n### Assistant: a1\n\n"
+                                      "### Human: u2\n\n### Assistant:")
+    assert render_prompt("q") == format_prompt("q") == render_prompt([{"role": "user", "content": "q"}])
+    assert render_prompt(format_prompt("q")) == format_prompt("q")  # already rendered: kept as it is
+    assert render_response("q", "  a \n") == format_response("a") == " a"
+    with pytest.raises(PromptError, match="not user/assistant turns") as err:
+        render_prompt([{"role": "assistant", "content": "a"}])
+    assert err.value.reason == "bad_roles"
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHATML.replace("{{ bos_token }}", "")
+    prompt = render_prompt("q", "chat", tokenizer)
+    assert prompt == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert render_response("q", " a ", "chat", tokenizer) == "a<|im_end|>"
+    with pytest.raises(PromptError, match="unknown template"):
+        render_prompt("q", "alpaca")
+
+
+def test_truncate_prompt_never_cuts_or_doubles_bos():
+    plain, bos = SpecialIds(eos=0, bos=None), SpecialIds(eos=0, bos=1)
+    assert truncate_prompt([5, 6, 7, 8], plain, 2, "keep_end") == [7, 8]
+    assert truncate_prompt([5, 6, 7, 8], plain, 2, "keep_start") == [5, 6]
+    assert truncate_prompt([5, 6, 7, 8], bos, 3, "keep_end") == [1, 7, 8]
+    assert truncate_prompt([1, 5, 6, 7, 8], bos, 3, "keep_start") == [1, 5, 6]  # the text's BOS is the one kept
+    assert truncate_prompt([5, 6], bos, 1, "keep_end") == [1]
+    assert truncate_prompt([5, 6], bos, None, "keep_end") == [1, 5, 6]
+
+
+def test_special_ids_and_plain_text_encoding(gpt2):
+    assert special_ids(gpt2) == SpecialIds(eos=gpt2.eos_token_id, bos=None)  # GPT-2 adds no BOS
+    assert special_ids(adds_bos(gpt2)) == SpecialIds(eos=gpt2.eos_token_id, bos=gpt2.bos_token_id)
+    recipe, chat = (encode_texts(gpt2, ["a <|endoftext|>"], template)[0] for template in ("recipe", "chat"))
+    assert gpt2.eos_token_id not in recipe and chat[-1] == gpt2.eos_token_id
+    no_eos = copy.deepcopy(gpt2)
+    no_eos.eos_token = None
+    with pytest.raises(PromptError, match="no EOS"):
+        special_ids(no_eos)
+    with pytest.raises(DataError, match="no EOS"):  # training reports it as a data error
+        build_pairs([{"prompt": "q", "chosen": "a", "rejected": "b"}], no_eos)
+
+
+def test_encode_prompts_counts_what_it_cut():
+    tokenizer = tiny_tokenizer()
+    ids, cut = encode_prompts(tokenizer, ["yes", "red " * 50], max_prompt_length=20, truncation_mode="keep_end")
+    full = tokenizer(format_prompt("red " * 50), add_special_tokens=False)["input_ids"]
+    assert cut == 1 and len(full) > 20 and ids[1] == full[-20:]
+    assert ids[0] == tokenizer(format_prompt("yes"), add_special_tokens=False)["input_ids"]
+    with pytest.raises(PromptError, match="truncation_mode"):
+        encode_prompts(tokenizer, ["yes"], truncation_mode="keep_middle")
+    assert prompt_budget(256, 12, 20) == 20
