@@ -79,3 +79,16 @@ def test_ddp_with_packed_layouts_matches_one_padded_process(setup, layout):
     root, args = setup
     torchrun(args + ["--output-dir", str(root / f"ddp-{layout}"), "--layout", layout])
     assert_same_run(root / "single", root / f"ddp-{layout}")
+
+
+def test_ddp_stateful_loss_matches_one_process(setup):
+    """bco_pair's running reward mean moves by whole global batches, all-reduced: 2 processes == 1."""
+    root, args = setup
+    bco = args + ["--loss", "bco_pair", "--save-steps", "3"]  # (step 1 is warm-up at lr 0)
+    assert train.main(bco + ["--output-dir", str(root / "bco-single")]) == 0
+    torchrun(bco + ["--output-dir", str(root / "bco-ddp")])
+    assert_same_run(root / "bco-single", root / "bco-ddp")
+    single, ddp = (torch.load(root / run / "checkpoint-3" / "extra.pt", weights_only=True)["loss_state"]["bco_pair"]
+                   for run in ("bco-single", "bco-ddp"))
+    assert single["steps"] == ddp["steps"] == 3 and abs(single["reward_mean"]) > 1e-3
+    assert ddp["reward_mean"] == pytest.approx(single["reward_mean"], abs=1e-6)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from dpo.config import ConfigError, TrainConfig, parse_config
+from dpo.config import ConfigError, parse_config
 from dpo.metrics import read_metrics
 from tiny import make_model_dir, write_pairs
 
@@ -224,3 +224,58 @@ def test_memory_and_speed_switches_do_not_change_the_result(workdir, flags):
     la, lb = read_metrics(base / "metrics.jsonl"), read_metrics(switched / "metrics.jsonl")
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert [r[key] for r in la] == pytest.approx([r[key] for r in lb], abs=1e-5, rel=1e-6), key
+
+
+def loss_state_at(out_dir: Path, step: int) -> dict:
+    return torch.load(out_dir / f"checkpoint-{step}" / "extra.pt", weights_only=True)["loss_state"]
+
+
+def test_bco_pair_micro_batch_8_equals_micro_2_times_accumulation_4(workdir):
+    """bco_pair's running reward mean moves once per optimizer step from the whole batch: micro-batch 8 and
+    micro-batch 2 x accumulation 4 give the same state, losses and weights."""
+    # lr 1e-4: AdamW's first steps move every weight by ~lr whatever the gradient's size, so rounding differences
+    # of the accumulation order grow with lr (2e-5 at 1e-3, for sigmoid DPO too)
+    common = ("--loss", "bco_pair", "--batch-size", "8", "--max-steps", "3", "--warmup-ratio", "0", "--lr", "1e-4",
+              "--save-steps", "2", "--max-eval-pairs", "4")
+    whole = run(workdir, "bco-micro8", *common, "--micro-batch-size", "8")
+    split = run(workdir, "bco-micro2", *common, "--micro-batch-size", "2")
+    assert json.loads((split / "run_config.json").read_text())["accumulation_steps"] == 4
+    state_whole, state_split = loss_state_at(whole, 2)["bco_pair"], loss_state_at(split, 2)["bco_pair"]
+    assert state_whole["steps"] == state_split["steps"] == 2
+    assert abs(state_whole["reward_mean"]) > 1e-3  # the state moved, so step 3 depends on it
+    assert state_split["reward_mean"] == pytest.approx(state_whole["reward_mean"], abs=1e-7)
+    wa, wb = final_weights(whole), final_weights(split)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
+    ma, mb = read_metrics(whole / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    for ra, rb in zip(ma, mb):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5), ra["step"]
+
+
+def test_resume_refuses_other_run_settings_and_accepts_logging_changes(workdir, capsys):
+    common = ("--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3", "--max-eval-pairs", "4")
+    out = run(workdir, "resume-check", *common, "--stop-at-step", "1")
+    # checkpoints hold tensors and plain values only: they load without unpickling code
+    for name in ("extra.pt", "optimizer.pt"):
+        torch.load(out / "checkpoint-1" / name, weights_only=True)
+    base = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out),
+            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0",
+            "--no-progress", "--no-plot", *common, "--resume"]
+    assert train.cli(base + ["--beta", "0.2", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume:") and "\n" not in err
+    assert "--seed 0 -> 1" in err and "--beta 0.1 -> 0.2" in err
+    assert not (out / "checkpoint-2").exists() and not (out / "final").exists()
+    # evaluation, logging and speed settings may change: the run continues
+    assert train.cli(base + ["--eval-steps", "1", "--micro-batch-size", "2", "--layout", "packed"]) == 0
+    assert (out / "final").is_dir()
+
+
+def test_reference_log_probs_only_for_the_pairs_the_run_trains_on(workdir, capsys):
+    out = run(workdir, "ref-used", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
+              "--max-eval-pairs", "4")
+    printed = capsys.readouterr().out
+    assert "reference log-probs of 16 train pairs (of 72)" in printed
+    cached = {f.name.split("-")[0]: torch.load(f, weights_only=True) for f in (out / "reference_cache").iterdir()}
+    assert cached["train"]["chosen"].shape == (16,) and cached["eval"]["chosen"].shape == (4,)
+    assert torch.isfinite(cached["train"]["chosen"]).all()
