@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.46",
+        "transformers>=4.56",
         "datasets>=3.0",
         "numpy",
         "tqdm",

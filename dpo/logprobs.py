@@ -8,14 +8,16 @@ The fast path (`completion_only=True`) runs the transformer body once, keeps the
 positions that predict a scored token, and applies the LM head to those rows only, `chunk_size` rows
 at a time, computing log p = logit[target] - logsumexp(logits) in fp32. No [batch, time, vocab]
 tensor is ever built: prompt and padding positions never reach the LM head. This assumes
-logits = lm_head(last_hidden_state), true for Phi, Llama, Mistral, Qwen, GPT-2 and most causal LMs;
-models that post-process logits (soft-capping, scaling) must use `completion_only=False`, which takes
-`model(...).logits`.
+logits = lm_head(last_hidden_state), true for Phi, Llama, Mistral, Qwen, GPT-2 and most causal LMs, or
+soft-capped logits cap * tanh(lm_head(last_hidden_state) / cap) where the config sets
+`final_logit_softcapping` (Gemma-2), applied here as transformers applies it. Models that post-process
+logits otherwise (e.g. scale them) must use `completion_only=False`, which takes `model(...).logits`.
 
 With `fused_lm_head=True` (default) the LM head and its log-softmax run as one autograd function
 (dpo.lm_head.lm_head_logps) over cache-sized tiles, with a hand-written backward; with False, each
 `chunk_size` rows go through `lm_head` and an fp32 log-softmax under ordinary autograd. Both compute the
-same numbers (to fp32 rounding).
+same numbers (to fp32 rounding). The fused head cannot soft-cap its tiles: a soft-capped model always takes
+the unfused path.
 
 Batches come in two layouts, told apart by their keys: the padded one of `collate_pairs` (input_ids,
 attention_mask, labels) and the packed ones of dpo.packing (one row of real tokens, `score_*` tensors
@@ -118,11 +120,25 @@ def _settings(settings: ScoringConfig | None, overrides: dict) -> ScoringConfig:
     return replace(settings or ScoringConfig(), **overrides)
 
 
+def logit_softcap(model: nn.Module) -> float | None:
+    """The cap of a model whose logits are cap * tanh(lm_head(h) / cap) (config.final_logit_softcapping), else None."""
+    return getattr(model.config, "final_logit_softcapping", None)
+
+
+def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None) -> Tensor:
+    logits = lm_head(hidden)
+    if cap is None:
+        return logits
+    # transformers' order and dtype (that of lm_head's output), so the numbers are those of model(...).logits
+    return torch.tanh(logits / cap) * cap
+
+
 def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, settings: ScoringConfig,
                   with_wpo: bool) -> tuple[Tensor, Tensor | None]:
     """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head."""
     lm_head = model.get_output_embeddings()
-    if settings.fused_lm_head:
+    cap = logit_softcap(model)
+    if settings.fused_lm_head and cap is None:
         # keeping the softmax, the head holds all rows' tiles anyway: one block of rows is then the fastest
         # (dW is made in one pass); chunk_size bounds the recomputing head's scratch
         row_chunk = settings.chunk_size if settings.recompute_softmax else max(settings.chunk_size, len(targets))
@@ -131,8 +147,9 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, sett
                              store=not settings.recompute_softmax)
     pieces, adjusted_pieces = [], []
     for start in range(0, scored_hidden.shape[0], settings.chunk_size):
-        chunk_logps, chunk_adjusted = _token_logps(lm_head(scored_hidden[start : start + settings.chunk_size]),
-                                                   targets[start : start + settings.chunk_size], with_wpo)
+        rows = slice(start, start + settings.chunk_size)
+        chunk_logps, chunk_adjusted = _token_logps(_head_logits(lm_head, scored_hidden[rows], cap), targets[rows],
+                                                   with_wpo)
         pieces.append(chunk_logps)
         adjusted_pieces.append(chunk_adjusted)
     logps = torch.cat(pieces) if pieces else scored_hidden.new_zeros(0, dtype=torch.float32)
@@ -190,7 +207,8 @@ class SequenceScorer(nn.Module):
         `micro_batch_size` pairs with the most response tokens), so that the first steps do not pay for
         mapping ever larger buffers. Returns the rows reserved (0 when the head keeps no workspace)."""
         s = self.settings
-        if not (s.completion_only and s.fused_lm_head) or s.recompute_softmax or not pairs:
+        fused = s.completion_only and s.fused_lm_head and logit_softcap(self.model) is None
+        if not fused or s.recompute_softmax or not pairs:
             return 0
         scored = sorted((len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), reverse=True)
         rows = sum(scored[:micro_batch_size])

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
+                          PreTrainedTokenizerBase)
 
 from dpo.errors import UserError, first_line
 
@@ -56,11 +57,21 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def attention_implementation(config) -> str:
+    """'sdpa', unless transformers' class for this architecture has no SDPA path (Gemma-2, whose attention is
+    soft-capped): then 'eager', the architecture's own default. Packed layouts (dpo.packing) need 'sdpa'."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    # an unknown architecture is left to from_pretrained, which names the problem
+    return "eager" if model_class is not None and not model_class._supports_sdpa else "sdpa"
+
+
 def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     path = resolve_model_path(name)
     try:
+        config = AutoConfig.from_pretrained(path)
         # SDPA kernels accumulate QK^T in fp32, which keeps Phi-2's attention from overflowing in fp16.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     attn_implementation=attention_implementation(config))
     except Exception as error:
         raise ModelLoadError(f"model {name}: could not be loaded ({first_line(error)})") from None
     return model.to(device)

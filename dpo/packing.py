@@ -190,37 +190,54 @@ def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
 _NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
 
 
-def enable_packed_attention(model: torch.nn.Module) -> None:
+def attention_window(config) -> int | None:
+    """The sliding window some of the model's layers attend within (Mistral, Gemma-2/3), or None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+def check_packable(model: torch.nn.Module, longest_sequence: int) -> None:
+    """PackingError unless packed batches of sequences up to `longest_sequence` tokens give exactly what the model
+    gives each sequence alone: it must run SDPA attention, over whole sequences (blocks apply no sliding window)."""
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", PACKED_ATTENTION):
+        raise PackingError(f"packed and shared-prompt batches need SDPA attention, the model uses '{implementation}'; "
+                           "use --layout padded")
+    window = attention_window(model.config)
+    if window is not None and longest_sequence > window:
+        raise PackingError(f"packed and shared-prompt batches attend over whole sequences, but the model attends "
+                           f"within a sliding window of {window} tokens and sequences reach {longest_sequence}; use "
+                           "--layout padded")
+
+
+def enable_packed_attention(model: torch.nn.Module, longest_sequence: int = 0) -> None:
     """Route the model's attention through packed_sdpa_attention (identical to SDPA for unpacked inputs)."""
+    check_packable(model, longest_sequence)
     # registered here, not at import: importing this module changes no global registry
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
-    config = model.config
-    if config._attn_implementation == PACKED_ATTENTION:
-        return
-    if config._attn_implementation != "sdpa":
-        raise PackingError(f"packed batches need SDPA attention, the model uses '{config._attn_implementation}'; "
-                           "load it with attn_implementation='sdpa' or use the padded layout")
-    config._attn_implementation = PACKED_ATTENTION
+    model.config._attn_implementation = PACKED_ATTENTION
+
+
+def _packed_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict:
+    blocks = PackedBlocks.from_lengths(batch["block_lengths"])
+    enable_packed_attention(model, max((prefix + max(first, second) for _, prefix, first, second in blocks.spans),
+                                       default=0))
+    return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                attention_mask=_NO_MASK.to(batch["input_ids"].device), use_cache=False, packed_blocks=blocks)
 
 
 def packed_hidden_states(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Last hidden states [N, d] of a packed batch, from the model's transformer body."""
-    enable_packed_attention(model)
-    blocks = PackedBlocks.from_lengths(batch["block_lengths"])
-    output = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                              attention_mask=_NO_MASK.to(batch["input_ids"].device), use_cache=False,
-                              packed_blocks=blocks)
-    return output.last_hidden_state[0]
+    return model.base_model(**_packed_forward(model, batch)).last_hidden_state[0]
 
 
 def packed_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Full logits [N, V] of a packed batch (for models whose logits are not lm_head(hidden))."""
-    enable_packed_attention(model)
-    blocks = PackedBlocks.from_lengths(batch["block_lengths"])
-    output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=_NO_MASK.to(batch["input_ids"].device), use_cache=False, packed_blocks=blocks)
-    return output.logits[0]
+    return model(**_packed_forward(model, batch)).logits[0]
 
 
 # ---------------------------------------------------------------------------------------------------

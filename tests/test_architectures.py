@@ -1,0 +1,184 @@
+"""Llama, Mistral, Qwen2, GPT-2 and Gemma-2 train, and every fast scoring path equals the plain one on each.
+
+Gemma-2 is the odd one: transformers has no SDPA path for its attention (eager, padded layout only) and it
+soft-caps its logits, which the completion-only log-probs must reproduce.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+import train
+from dpo import logprobs
+from dpo.data import collate_pairs
+from dpo.logprobs import SequenceScorer, disable_dropout
+from dpo.metrics import read_metrics
+from dpo.modeling import ModelLoadError, attention_implementation, load_causal_lm
+from dpo.packing import PackingError, collate_packed, collate_shared_prompt
+from test_speed_paths import dpo_loss_and_grads
+from tiny import random_pairs, tiny_tokenizer, write_pairs
+
+VOCAB = 97
+LAYOUTS = {"padded": lambda pairs: collate_pairs(pairs, pad_id=0), "packed": collate_packed,
+           "shared_prompt": collate_shared_prompt}
+
+
+def tiny_config(arch: str, vocab_size: int = VOCAB):
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
+    if arch == "gemma2":
+        # Gemma-2's cap of 30 on logits of random weights (|logit| < 0.5 at the usual init) would change the
+        # log-probs by ~1e-5 only: larger weights make the soft-capping matter
+        return Gemma2Config(head_dim=8, initializer_range=0.25, **common)
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
+
+
+def tiny_model(arch: str, vocab_size: int = VOCAB, seed: int = 0):
+    """A random model of `arch` with the attention load_causal_lm would choose, dropout off."""
+    config = tiny_config(arch, vocab_size)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config))
+    disable_dropout(model)
+    return model
+
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt2", "gemma2"]
+FAST_PATHS = {"fused": ("padded", {}), "unfused": ("padded", dict(fused_lm_head=False)),
+              "packed": ("packed", {}), "shared_prompt": ("shared_prompt", {})}
+CASES = [(arch, path) for arch in ARCHITECTURES for path in FAST_PATHS
+         if arch != "gemma2" or FAST_PATHS[path][0] == "padded"]
+
+
+def plain_and_fast(model, path: str, pairs, with_wpo: bool = True):
+    """Log-prob statistics of the plain path (full logits, padded rows) and of the fast path `path`."""
+    layout, overrides = FAST_PATHS[path]
+    plain = SequenceScorer(model, completion_only=False, with_wpo=with_wpo)(LAYOUTS["padded"](pairs))
+    fast = SequenceScorer(model, with_wpo=with_wpo, **overrides)(LAYOUTS[layout](pairs))
+    return plain, fast
+
+
+def test_attention_is_sdpa_except_where_transformers_has_none():
+    assert [tiny_model(arch).config._attn_implementation for arch in ARCHITECTURES] == ["sdpa"] * 4 + ["eager"]
+    assert logprobs.logit_softcap(tiny_model("gemma2")) == 30.0
+    assert {logprobs.logit_softcap(tiny_model(arch)) for arch in ARCHITECTURES[:4]} == {None}
+
+
+@pytest.mark.parametrize("arch,path", CASES)
+def test_fast_paths_equal_the_plain_path(arch, path):
+    """Log-probs (and WPO's), the sigmoid-DPO loss and every parameter gradient, tied embeddings included."""
+    model = tiny_model(arch)
+    if arch in ("gpt2", "gemma2"):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    pairs = random_pairs(6, VOCAB, seed=1)
+    with torch.no_grad():
+        plain, fast = plain_and_fast(model, path, pairs)
+    torch.testing.assert_close(fast.sum, plain.sum, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.count, plain.count, atol=0, rtol=0)
+    torch.testing.assert_close(fast.wpo, plain.wpo, atol=1e-5, rtol=0)
+
+    layout, overrides = FAST_PATHS[path]
+    steps, reference = [[0, 1, 2], [3, 4, 5]], -torch.arange(6, dtype=torch.float32)
+    want = dpo_loss_and_grads(model, SequenceScorer(model, completion_only=False), steps, LAYOUTS["padded"], pairs,
+                              reference)
+    got = dpo_loss_and_grads(model, SequenceScorer(model, **overrides), steps, LAYOUTS[layout], pairs, reference)
+    assert got[0] == pytest.approx(want[0], abs=1e-5)
+    assert any(g.abs().max() > 1e-3 for g in want[1])
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fused_lm_head", [True, False])
+def test_gemma2_log_probs_need_the_soft_cap(monkeypatch, fused_lm_head):
+    """Without its soft-capping, Gemma-2's completion-only log-probs would be wrong: the cap is what makes the
+    fast paths above equal the plain one."""
+    model = tiny_model("gemma2")
+    monkeypatch.setattr(logprobs, "logit_softcap", lambda model: None)
+    with torch.no_grad():
+        plain, fast = plain_and_fast(model, "fused" if fused_lm_head else "unfused", random_pairs(6, VOCAB, seed=1))
+    assert (fast.sum - plain.sum).abs().max() > 1e-2
+
+
+def test_gemma2_scorer_reserves_no_fused_workspace():
+    pairs = random_pairs(4, VOCAB, seed=2)
+    assert SequenceScorer(tiny_model("gemma2")).reserve_workspace(pairs, 2) == 0
+    assert SequenceScorer(tiny_model("llama")).reserve_workspace(pairs, 2) > 0
+    logprobs.workspace_pool.clear()
+
+
+def test_gemma2_packed_layouts_fail_in_one_line():
+    model = tiny_model("gemma2")
+    for layout in ("packed", "shared_prompt"):
+        with pytest.raises(PackingError, match=r"^[^\n]*'eager'; use --layout padded$"):
+            SequenceScorer(model)(LAYOUTS[layout](random_pairs(2, VOCAB)))
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+    """A saved tiny Gemma-2 with the tiny tokenizer (EOS = BOS = pad), and 40 preference pairs."""
+    root = tmp_path_factory.mktemp("gemma2")
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("gemma2", vocab_size=len(tokenizer))
+    eos = tokenizer.eos_token_id
+    for config in (model.config, model.generation_config):
+        config.bos_token_id = config.eos_token_id = config.pad_token_id = eos
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_pairs(root / "pairs.jsonl", 40)
+    return root
+
+
+def test_load_causal_lm_falls_back_to_eager_only_where_sdpa_is_missing(gemma2_dir, tmp_path):
+    assert load_causal_lm(str(gemma2_dir / "model")).config._attn_implementation == "eager"
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    assert load_causal_lm(str(tmp_path / "llama")).config._attn_implementation == "sdpa"
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ModelLoadError, match=r"^model .*llama: could not be loaded \([^\n]*\)$"):
+        load_causal_lm(str(tmp_path / "llama"))
+
+
+def train_args(root, out: str, *extra: str) -> list[str]:
+    return ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--output-dir", str(root / out),
+            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--batch-size", "8",
+            "--micro-batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "4", "--lr", "1e-3", "--seed", "0",
+            "--no-progress", "--no-plot", *extra]
+
+
+def test_gemma2_trains_end_to_end_with_the_defaults(gemma2_dir, capsys):
+    assert train.main(train_args(gemma2_dir, "run")) == 0
+    records = [r for r in read_metrics(gemma2_dir / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(records) == 2
+    assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in records)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as the reference
+    capsys.readouterr()
+
+    assert train.cli(train_args(gemma2_dir, "packed", "--layout", "packed")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "use --layout padded" in errors[0]
+
+
+def test_packed_layouts_refuse_a_sliding_window_shorter_than_the_sequences():
+    """Packed blocks attend over whole sequences: with a sliding window shorter than a sequence they would not
+    compute what the model computes, so they refuse it (one line), while a window longer than every sequence
+    gives the plain numbers."""
+    from dpo.packing import attention_window, check_packable
+
+    model = tiny_model("mistral")
+    pairs = random_pairs(6, VOCAB, seed=1)  # sequences of up to 17 tokens
+    model.config.sliding_window = 4
+    assert attention_window(model.config) == 4 and attention_window(tiny_model("qwen2").config) is None
+    for layout in ("packed", "shared_prompt"):
+        with pytest.raises(PackingError, match="sliding window of 4 tokens") as error:
+            SequenceScorer(model)(LAYOUTS[layout](pairs))
+        assert "\n" not in str(error.value) and "--layout padded" in str(error.value)
+    with pytest.raises(PackingError, match="sliding window of 4 tokens and sequences reach 48"):
+        check_packable(model, 48)
+    model.config.sliding_window = 32
+    with torch.no_grad():
+        plain, fast = plain_and_fast(model, "packed", pairs)
+    torch.testing.assert_close(fast.sum, plain.sum, atol=1e-5, rtol=0)
