@@ -37,7 +37,7 @@ from dpo.memory import tune_cpu_allocator
 
 # keep freed CPU memory for reuse instead of faulting in fresh pages every micro-batch (see dpo/memory.py);
 # it has to happen before torch is imported
-tune_cpu_allocator()
+ALLOCATOR_SETTINGS = tune_cpu_allocator()
 
 import huggingface_hub  # noqa: E402
 import torch  # noqa: E402
@@ -59,7 +59,7 @@ from dpo.logprobs import SequenceScorer, disable_dropout  # noqa: E402
 from dpo.loss import PreferenceLogps, compute_loss, needs_reference_model, update_loss_state  # noqa: E402
 from dpo.metrics import MetricsWriter, PairMetrics, read_metrics  # noqa: E402
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
-from dpo.packing import collate_packed, collate_shared_prompt  # noqa: E402
+from dpo.packing import check_packable, collate_packed, collate_shared_prompt, packing_problem  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
 from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute  # noqa: E402
 from dpo.schedule import lr_at  # noqa: E402
@@ -129,9 +129,16 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def collator(cfg: TrainConfig, pad_id: int) -> Callable[[list[TokenizedPair]], dict[str, torch.Tensor]]:
-    return {"padded": lambda pairs: collate_pairs(pairs, pad_id=pad_id), "packed": collate_packed,
-            "shared_prompt": collate_shared_prompt}[cfg.layout]
+def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
+    """The micro-batch layout and its collate. A packed layout only for a model it computes exactly
+    (dpo.packing); auto is shared_prompt (measured the fastest, benchmarks/README.md) where it is, else padded."""
+    layout = cfg.layout
+    if layout == "auto":
+        layout = "padded" if packing_problem(model, cfg.max_length) else "shared_prompt"
+    elif layout != "padded":
+        check_packable(model, cfg.max_length)
+    return layout, {"padded": lambda pairs: collate_pairs(pairs, pad_id=pad_id), "packed": collate_packed,
+                    "shared_prompt": collate_shared_prompt}[layout]
 
 
 def reference_logps(cfg: TrainConfig, policy: nn.Module, data: PreferenceData, train_ids: list[int], *,
@@ -161,11 +168,12 @@ def reference_logps(cfg: TrainConfig, policy: nn.Module, data: PreferenceData, t
                                            micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
                                            autocast=lambda: autocast(cfg, device))
 
+        cached = True
         if dist.is_main:
-            load_or_compute(cache_file, compute)
+            cached = load_or_compute(cache_file, compute)[1]
         barrier(dist)
         reference[split] = load_or_compute(cache_file, compute)[0].spread(ids, len(pairs))
-        log(f"reference log-probs of {len(ids)} {split} pairs (of {len(pairs)}): ready")
+        log(f"reference log-probs of {len(ids)} {split} pairs (of {len(pairs)}): {'cached' if cached else 'computed'}")
     return reference
 
 
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = build_policy(cfg, str(resume["model_dir"]) if resume else cfg.model, device)
     if dist.is_main:
         check_disk_space(out_dir, sum(p.numel() for p in policy.parameters()), cfg.save_total_limit)
-    collate = collator(cfg, tokenizer.pad_token_id)
+    layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
     reference = reference_logps(cfg, policy, data, used, device=device, dist=dist, collate=collate,
                                 resumed=resume is not None, log=log)
     state = build_state(cfg, policy, device=device, dist=dist, collate=collate,
@@ -462,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------ the loop
     log(f"training {total_steps} steps: {len(data.train)} pairs, batch {cfg.batch_size} = micro "
         f"{cfg.micro_batch_size} x accumulation {run_config['accumulation_steps']} x processes {dist.world_size}, "
-        f"{cfg.precision} on {device}")
+        f"{layout} layout, {cfg.precision} on {device}")
     progress = ProgressBar(dist.is_main and cfg.progress, total_steps, state.step)
     eval_batch = PairBatch(data.eval, reference["eval"])
     train_record: dict = {}

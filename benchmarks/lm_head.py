@@ -5,7 +5,7 @@ fp32 matmul peak the head can get on this machine.
     python benchmarks/lm_head.py --size S --rows 1400
 
 The head (`dpo.lm_head`, store mode) does three matmuls per vocabulary tile of T entries, for n scored rows,
-hidden size d and vocabulary V (2 n d V flops each, 6 n d V in all, which is what WORKLOAD.md counts as useful):
+hidden size d and vocabulary V (2 n d V flops each, 6 n d V in all, which benchmarks/README.md counts as useful):
 
     logits   [n, d + 2] x [d + 2, T]           forward, into a cache-sized scratch tile
     E W      [n, T] x [T, d]                   forward, the tile still in cache
@@ -33,18 +33,22 @@ import torch  # noqa: E402
 
 from dpo.lm_head import (BACKWARD_ROW_SLICE, DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel,  # noqa: E402
                          workspace_pool)
-from dpo.packing import group_by_length  # noqa: E402
+from dpo.batches import micro_batches  # noqa: E402
+from dpo.config import TrainConfig  # noqa: E402
 
 
 def workload_rows(size: dict) -> list[int]:
-    """Scored tokens of every micro-batch of the timed steps, grouped by length as `dpo:all` groups them."""
-    pairs = throughput.tokenized_pairs(throughput.workload_texts(size), throughput.load_tokenizer(),
-                                       size["max_length"])
+    """Scored tokens of every micro-batch of the timed steps, split as train.py splits a step by default."""
+    tokenizer = throughput.load_tokenizer(throughput.default_tokenizer())
+    texts = throughput.workload_texts(size, throughput.default_dataset(), tokenizer)
+    pairs = throughput.tokenized_pairs(texts, tokenizer, size["max_length"])
+    defaults = TrainConfig()
     batch = size["micro"] * size["accum"]
     rows = []
     for step in range(1, size["steps"] + 1):
-        for micro in group_by_length(range(step * batch, (step + 1) * batch), pairs, size["micro"]):
-            rows.append(sum(len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids) for i in micro))
+        step_pairs = pairs[step * batch:(step + 1) * batch]
+        for micro in micro_batches(list(range(batch)), step_pairs, size["micro"], defaults.group_by_length):
+            rows.append(sum(len(step_pairs[i].chosen_ids) + len(step_pairs[i].rejected_ids) for i in micro))
     return rows
 
 

@@ -105,8 +105,9 @@ class TrainConfig:
     scoring: ScoringConfig = nested(ScoringConfig)
     fused_gelu: bool = setting(True, "run gelu_new activations as one fused kernel (same formula, equal to fp32 "
                                      "rounding)", identity=False)
-    layout: str = setting("padded", "micro-batch layout: padded rows, packed (padding-free) or shared_prompt (prompt "
-                                    "computed once per pair)", choices=["padded", "packed", "shared_prompt"],
+    layout: str = setting("auto", "micro-batch layout: padded rows, packed (padding-free), shared_prompt (prompt "
+                                  "computed once per pair, no padding) or auto (shared_prompt where the model "
+                                  "allows it, else padded)", choices=["auto", "padded", "packed", "shared_prompt"],
                           identity=False)
     group_by_length: bool = setting(True, "within a step, put pairs of similar length in the same micro-batch "
                                           "(exact)", identity=False)

@@ -199,18 +199,23 @@ def attention_window(config) -> int | None:
     return window
 
 
-def check_packable(model: torch.nn.Module, longest_sequence: int) -> None:
-    """PackingError unless packed batches of sequences up to `longest_sequence` tokens give exactly what the model
-    gives each sequence alone: it must run SDPA attention, over whole sequences (blocks apply no sliding window)."""
+def packing_problem(model: torch.nn.Module, longest_sequence: int) -> str | None:
+    """Why packed batches of sequences up to `longest_sequence` tokens would not give exactly what the model gives
+    each sequence alone, or None: they need SDPA attention over whole sequences (blocks apply no sliding window)."""
     implementation = model.config._attn_implementation
     if implementation not in ("sdpa", PACKED_ATTENTION):
-        raise PackingError(f"packed and shared-prompt batches need SDPA attention, the model uses '{implementation}'; "
-                           "use --layout padded")
+        return f"packed and shared-prompt batches need SDPA attention, the model uses '{implementation}'"
     window = attention_window(model.config)
     if window is not None and longest_sequence > window:
-        raise PackingError(f"packed and shared-prompt batches attend over whole sequences, but the model attends "
-                           f"within a sliding window of {window} tokens and sequences reach {longest_sequence}; use "
-                           "--layout padded")
+        return (f"packed and shared-prompt batches attend over whole sequences, but the model attends within a "
+                f"sliding window of {window} tokens and sequences reach {longest_sequence}")
+    return None
+
+
+def check_packable(model: torch.nn.Module, longest_sequence: int) -> None:
+    problem = packing_problem(model, longest_sequence)
+    if problem is not None:
+        raise PackingError(f"{problem}; use --layout padded")
 
 
 def enable_packed_attention(model: torch.nn.Module, longest_sequence: int = 0) -> None:

@@ -207,7 +207,7 @@ def test_config_file_keys_and_flag_override(tmp_path):
 
 @pytest.mark.parametrize("flags", [("--gradient-checkpointing",), ("--no-precompute-ref",), ("--no-completion-only",),
                                    ("--no-fused-lm-head",), ("--recompute-softmax",), ("--no-group-by-length",),
-                                   ("--layout", "packed"), ("--layout", "shared_prompt")])
+                                   ("--layout", "padded"), ("--layout", "packed"), ("--layout", "shared_prompt")])
 def test_memory_and_speed_switches_do_not_change_the_result(workdir, flags):
     """Each switch changes how the numbers are computed, never the numbers: losses and log-probs to 1e-5 (fp32; a
     sequence log-prob near -112 has an fp32 spacing of 7.6e-6, so sums also get 1e-6 relative); weights after two
@@ -275,7 +275,23 @@ def test_reference_log_probs_only_for_the_pairs_the_run_trains_on(workdir, capsy
     out = run(workdir, "ref-used", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
               "--max-eval-pairs", "4")
     printed = capsys.readouterr().out
-    assert "reference log-probs of 16 train pairs (of 72)" in printed
+    assert "reference log-probs of 16 train pairs (of 72): computed" in printed
     cached = {f.name.split("-")[0]: torch.load(f, weights_only=True) for f in (out / "reference_cache").iterdir()}
     assert cached["train"]["chosen"].shape == (16,) and cached["eval"]["chosen"].shape == (4,)
     assert torch.isfinite(cached["train"]["chosen"]).all()
+
+
+def test_auto_layout_is_shared_prompt_where_it_is_exact_else_padded():
+    from tiny import tiny_phi
+
+    cfg = parse_config(["--model", "m", "--max-length", "48"])
+    assert cfg.layout == "auto"
+    model = tiny_phi()
+    assert train.collator(cfg, 0, model)[0] == "shared_prompt"
+    model.config.sliding_window = 16  # a window shorter than --max-length: blocks would not be exact
+    assert train.collator(cfg, 0, model)[0] == "padded"
+    model.config.sliding_window = None
+    model.config._attn_implementation = "eager"
+    assert train.collator(cfg, 0, model)[0] == "padded"
+    with pytest.raises(train.UserError, match="use --layout padded"):
+        train.collator(parse_config(["--model", "m", "--layout", "packed"]), 0, model)
