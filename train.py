@@ -55,8 +55,10 @@ from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, 
                              full_optimizer_state, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
 from dpo.errors import UserError  # noqa: E402
+from dpo.generation import TEMPERATURE, TOP_P  # noqa: E402  (the card's decoding, saved with final/)
 from dpo.logprobs import SequenceScorer, disable_dropout  # noqa: E402
-from dpo.loss import PreferenceLogps, compute_loss, needs_reference_model, update_loss_state  # noqa: E402
+from dpo.loss import (PreferenceLogps, batch_coupled, compute_loss, needs_reference_model,  # noqa: E402
+                      update_loss_state)
 from dpo.metrics import MetricsWriter, PairMetrics, read_metrics  # noqa: E402
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, packing_problem  # noqa: E402
@@ -98,8 +100,10 @@ def open_run_dir(cfg: TrainConfig, dist: DistInfo, log: Callable[..., None]) -> 
         log(f"--resume: no complete checkpoint in {out_dir}, starting from step 0")
     if path is None:
         return None
-    changes = settings_differences(read_trainer_state(path).get("settings", {}), cfg.run_identity())
-    if changes:
+    saved = read_trainer_state(path).get("settings")
+    if saved is None:
+        log(f"--resume: {path} records no settings of its run; they are not checked")
+    elif changes := settings_differences(saved, cfg.run_identity(), TrainConfig().to_dict()):
         raise ConfigError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changes)}); use "
                           f"its settings, or --overwrite to start afresh")
     return load_checkpoint(path)
@@ -254,8 +258,9 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
 
     This process takes its slice of the batch in micro-batches; each micro-batch's summed loss is divided by the
     global batch size before backward, so the accumulated gradient is the mean over the batch whatever the split.
-    The losses' state moves once, from the whole batch. A non-finite loss stops the run (--on-nan stop) or skips
-    the step; in fp16 the GradScaler skips an overflowing step. Returns the step's metrics (same on every process).
+    The losses' state moves once, from the whole batch, when the optimizer steps. A non-finite loss stops the run
+    (--on-nan stop) or skips the step; in fp16 the GradScaler skips an overflowing step. Returns the step's metrics
+    (the same on every process).
     """
     cfg, dist, device = state.cfg, state.dist, state.device
     start = time.perf_counter()
@@ -288,20 +293,22 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), cfg.max_grad_norm or float("inf"))
     finite = not broadcast_flag(not math.isfinite(step_loss), dist, device)
+    stepped = True
     if not finite and state.scaler is None:
         if cfg.on_nan == "stop":
             raise TrainingError(f"step {state.step + 1}: loss is {step_loss} (not finite); stopping. The last good "
                                 f"checkpoint in {cfg.output_dir} is intact; lower --lr or use --on-nan skip")
-        state.skipped_steps += 1
+        stepped = False
     elif state.scaler is not None:
         scale_before = state.scaler.get_scale()
         state.scaler.step(state.optimizer)  # skipped by the scaler when a gradient overflowed
         state.scaler.update()
-        state.skipped_steps += int(state.scaler.get_scale() < scale_before)
+        stepped = state.scaler.get_scale() >= scale_before
     else:
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    if finite:
+    state.skipped_steps += int(not stepped)
+    if stepped:  # the losses' state moves with the steps the optimizer takes
         update_loss_state(cfg.loss, state.loss_state, state_sums)
     state.step += 1
 
@@ -364,7 +371,7 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
     out_dir = Path(state.cfg.output_dir)
     final_dir, tmp_dir = out_dir / "final", out_dir / "final.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    state.policy.generation_config.update(do_sample=True, temperature=0.7, top_p=0.9,
+    state.policy.generation_config.update(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     state.policy.save_pretrained(tmp_dir, state_dict=weights)
     tokenizer.save_pretrained(tmp_dir)
@@ -434,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     needs_reference_model(cfg.loss)  # resolves the loss: an unknown name fails here, listing the known ones
     device, dist = start_processes(cfg)
     log = print if dist.is_main else (lambda *args, **kwargs: None)
+    if batch_coupled(cfg.loss):
+        log(f"note: --loss {cfg.loss.loss_type} compares the pairs of each micro-batch, so its result depends on "
+            "--micro-batch-size, --group-by-length and the number of processes")
     out_dir = Path(cfg.output_dir)
     resume = open_run_dir(cfg, dist, log)
     torch.manual_seed(cfg.seed)

@@ -1,6 +1,6 @@
 """DPO training throughput: train.py's own training step, timed on the workload of benchmarks/README.md.
 
-    python benchmarks/throughput.py --size S                          # exactly what `python train.py` runs
+    python benchmarks/throughput.py --size S                          # train.py's step with its defaults
     python benchmarks/throughput.py --size S --layout shared_prompt    # with any train.py flag
     python benchmarks/throughput.py --size S --preset plain            # the plain loop: padded, full logits
     python benchmarks/throughput.py --size S --impl trl                # TRL's DPOTrainer (benchmarks/requirements.txt)
@@ -9,11 +9,15 @@
 
 This library's runs build the model, the reference log-probs, the optimizer and the step with train.py's
 functions (`build_policy`, `reference_logps`, `build_state`, `train_step`) and train.py's settings: its defaults,
-the workload's sizes, and whatever train.py flags are given (they are `TrainConfig` flags, parsed by train.py's
-parser). Each run prints one JSON line: pairs_per_s (pairs of the timed optimizer steps over their time; the
-first step is a warm-up), peak_rss_mb (ru_maxrss of the process), step_s, the loss of every step, the useful
-FLOPs of the timed steps as benchmarks/README.md counts them, and the fp32 matmul peak measured in the same
-process (best of several 1024^3 matmuls, before and after training), with the utilisation useful / (time x peak).
+the workload's sizes, and the train.py flags given that concern the step (STEP_SETTINGS: the loss, the log-prob
+computation, the layout and the other speed switches, precision, the optimizer's); the workload fixes the data,
+its truncation, the batch, the learning rate and the schedule, so the other train.py flags are refused.
+
+Each run prints one JSON line: pairs_per_s (pairs of the timed optimizer steps over their time; the first step
+is a warm-up), peak_rss_mb (ru_maxrss of the process), step_s, the loss of every step, the layout chosen, the
+useful FLOPs of the timed steps as benchmarks/README.md counts them, and the fp32 matmul peak measured in the
+same process (best of several 1024^3 matmuls, before and after training), with the utilisation
+useful / (time x peak).
 
 --dataset takes any preference file or source train.py reads (default: the AlpacaEval pairs of ../shared where
 present, else the demo's pairs); --tokenizer any tokenizer directory (default: ../shared's GPT-2 where present,
@@ -45,13 +49,16 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from dpo.batches import PairBatch  # noqa: E402
-from dpo.config import TrainConfig, parse_config  # noqa: E402
+from dpo.config import TrainConfig, build_parser, parse_config  # noqa: E402
 from dpo.data import BUILTIN_SOURCES, DataError, RowError, TokenizedPair, load_records, to_example  # noqa: E402
 from dpo.distributed import DistInfo  # noqa: E402
 from dpo.errors import UserError  # noqa: E402
+from dpo.logprobs import ScoringConfig  # noqa: E402
+from dpo.loss import LossConfig  # noqa: E402
 from dpo.modeling import DEMO_MODEL_DIR  # noqa: E402
 from dpo.pipeline import PreferenceData  # noqa: E402
 from dpo.prompts import encode_texts, special_ids  # noqa: E402
+from dpo.settings import setting_fields  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SIZES = {  # hidden, layers, max_length, micro, accum, timed steps (benchmarks/README.md, "The workload")
@@ -63,6 +70,9 @@ LR = 3e-5
 # named sets of train.py flags; "plain" is the loop without the exact speed-ups
 PRESETS = {"plain": ["--no-completion-only", "--no-fused-lm-head", "--no-fused-gelu", "--no-group-by-length",
                      "--layout", "padded"]}
+STEP_SETTINGS = ({s.name for s in setting_fields(LossConfig)} | {s.name for s in setting_fields(ScoringConfig)}
+                 | {"micro_batch_size", "precision", "weight_decay", "adam_betas", "max_grad_norm", "on_nan",
+                    "precompute_ref", "fused_gelu", "layout", "group_by_length", "gradient_checkpointing", "compile"})
 
 
 def default_dataset() -> str:
@@ -203,9 +213,10 @@ def run_dpo(size: dict, pairs: list[TokenizedPair], eos: int, train_flags: list[
 
 
 def changed_settings(cfg: TrainConfig) -> dict:
-    """The settings of a run that differ from `python train.py`'s defaults (model and directories aside)."""
-    defaults = TrainConfig(model=cfg.model).to_dict()
-    return {k: v for k, v in cfg.to_dict().items() if v != defaults[k] and k not in ("model", "output_dir")}
+    """The batch, and the step's settings that differ from `python train.py`'s defaults."""
+    defaults, settings = TrainConfig().to_dict(), cfg.to_dict()
+    return {"batch_size": cfg.batch_size,
+            **{k: v for k, v in settings.items() if k in STEP_SETTINGS and v != defaults[k]}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,8 +369,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"train.py flags apply to --impl dpo only, got {' '.join(train_flags) or args.preset}")
     train_flags = (PRESETS[args.preset] if args.preset else []) + train_flags
     if args.impl == "dpo":
+        given = {k for k in vars(build_parser().parse_args(train_flags)) if k != "config"} | (
+            {"config"} if "--config" in train_flags else set())
+        if given - STEP_SETTINGS:
+            parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given - STEP_SETTINGS))}: fixed by "
+                         "the workload (the data, its truncation, the batch, the learning rate and the schedule)")
         try:
-            workload_config(SIZES[args.size], Path("model"), Path("out"), train_flags)  # bad flags fail before work
+            workload_config(SIZES[args.size], Path("model"), Path("out"), train_flags)  # bad values fail before work
         except UserError as error:
             parser.error(str(error))
     return args, train_flags

@@ -14,9 +14,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from dpo.data import TokenizedPair, epoch_permutation
 from dpo.packing import group_by_length
-from dpo.reference import ReferenceLogps
+from dpo.reference import ReferenceLogps, ReferenceLogpsError
 
 
 @dataclass
@@ -45,8 +47,13 @@ class OfflinePairs:
         return order[position * self.batch_size:(position + 1) * self.batch_size]
 
     def batch(self, step: int, reference: ReferenceLogps | None = None) -> PairBatch:
+        """The pairs of step `step` with their precomputed reference log-probs, which must all be finite."""
         ids = self.batch_ids(step)
-        return PairBatch([self.pairs[i] for i in ids], reference.select(ids) if reference is not None else None)
+        selected = reference.select(ids) if reference is not None else None
+        if selected is not None and not bool(torch.isfinite(torch.cat([selected.chosen, selected.rejected])).all()):
+            raise ReferenceLogpsError(f"step {step + 1}: the reference log-probs of some of its pairs are not finite "
+                                      "(a reference model that outputs NaN or inf?)")
+        return PairBatch([self.pairs[i] for i in ids], selected)
 
     def used_ids(self, total_steps: int) -> list[int]:
         """Every pair index that steps 0 .. total_steps - 1 train on, sorted (what needs reference log-probs)."""

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dpo.errors import UserError, first_line
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -134,28 +136,45 @@ def _discard(checkpoint: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read (corrupt, or holding objects other than tensors and plain values)."""
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file}: cannot be read ({first_line(error)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{file}: not a trainer state (no step)")
+    return state
 
 
-def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'--name saved -> current' for every setting that differs (a setting only one side knows included)."""
-    missing = object()
+def settings_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """'--name saved -> current' for every setting of `current` that differs from the saved one; a setting the
+    checkpoint does not record (one added since it was written) counts as its default."""
     changes = []
-    for name in sorted(set(saved) | set(current), key=lambda n: list(current).index(n) if n in current else 0):
-        before, after = saved.get(name, missing), current.get(name, missing)
+    for name, after in current.items():
+        before = saved.get(name, defaults.get(name))
         if before != after:
-            show = lambda value: "(unset)" if value is missing else json.dumps(value)  # noqa: E731
-            changes.append(f"--{name.replace('_', '-')} {show(before)} -> {show(after)}")
+            changes.append(f"--{name.replace('_', '-')} {json.dumps(before)} -> {json.dumps(after)}")
     return changes
+
+
+def _load_tensors(file: Path) -> Any:
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as error:  # pickle, zip and torch raise many types for a corrupt or foreign file
+        raise CheckpointError(f"{file}: cannot be loaded as tensors and plain values ({first_line(error)})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    extra = torch.load(path / "extra.pt", weights_only=True)
+    extra = _load_tensors(path / "extra.pt")
     return {
         "trainer_state": read_trainer_state(path),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+        "optimizer": _load_tensors(path / "optimizer.pt"),
         "scaler": extra["scaler"],
         "rng": extra["rng"],
         "loss_state": extra["loss_state"],

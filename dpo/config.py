@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo.logprobs import ScoringConfig
-from dpo.loss import LossConfig
+from dpo.loss import LossConfig, batch_coupled
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
                           nested, non_negative, positive, setting, setting_fields, to_flat)
@@ -136,9 +136,11 @@ class TrainConfig:
         return to_flat(self)
 
     def run_identity(self) -> dict[str, Any]:
-        """The settings that define the run's data order and math: a resumed run must have the same."""
+        """The settings that define the run's data order and math: a resumed run must have the same. For a loss
+        that compares the pairs of a micro-batch (AOT), how a step is split is part of the math too."""
         flat = self.to_dict()
-        return {s.name: flat[s.name] for s in setting_fields(TrainConfig) if s.identity}
+        split = ("micro_batch_size", "group_by_length") if batch_coupled(self.loss) else ()
+        return {s.name: flat[s.name] for s in setting_fields(TrainConfig) if s.identity or s.name in split}
 
 
 _GROUPS = {"model": "model and data", "lr": "optimisation", "output_dir": "run management", "device": "speed"}

@@ -5,7 +5,8 @@
     to_example     one record -> PreferenceExample (prompt / chosen / rejected text); the record's
                    format is detected per row (see detect_format)
     tokenize_pair  PreferenceExample -> TokenizedPair (prompt ids; response ids + EOS), truncated
-    build_pairs    to_example + tokenize_pair over all records, counting skipped rows in DataStats
+    build_pairs    the same over all records (to_example, then encoding in large batches), counting skipped
+                   rows in DataStats
     collate_pairs  TokenizedPair list -> [2B, T] tensors, chosen rows first, then rejected rows
 
 Record formats (field names as in TRL and the hub datasets):
@@ -39,7 +40,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpo import prompts
 from dpo.errors import UserError, first_line
 from dpo.prompts import (Prompt, PromptError, SpecialIds, check_template, check_truncation, encode_texts,
                          render_prompt, render_response, special_ids, truncate_prompt, with_bos)
@@ -344,12 +344,6 @@ def _as_data_errors(row: int | None = None) -> Iterator[None]:
         if err.reason in _ROW_REASONS:
             raise RowError(err.reason, row, str(err)) from None
         raise DataError(f"row {row}: {err}") from None
-
-
-def render_recipe_prompt(messages: Sequence[dict[str, str]], row: int = -1) -> str:
-    """dpo.prompts.render_recipe_prompt, with a bad role order raised as RowError("bad_roles") of `row`."""
-    with _as_data_errors(row):
-        return prompts.render_recipe_prompt(messages)
 
 
 def to_example(record: Any, row: int, *, template: str = "recipe", tokenizer: Any = None) -> PreferenceExample:

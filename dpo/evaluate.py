@@ -24,9 +24,10 @@ response tokens, for chosen (r_c) and rejected (r_r) responses:
 
     accuracy = mean 1[r_c > r_r],  margin = mean (r_c - r_r),  loss = mean -log sigmoid(r_c - r_r)
 
-beta, the template and the length limits default to the run's settings (final/dpo_run.json), for the implicit
-reward and for generation alike: both models get the prompts the policy was trained on (dpo.prompts), an
-over-long one cut as training cuts it (see dpo.generation).
+beta, the template and the length limits are the run's settings (final/dpo_run.json). The implicit reward
+builds its pairs with them exactly as training did; generation prompts both models as the policy was trained
+(dpo.prompts), an over-long prompt cut as training cuts it, and --chat-template, --max-prompt-length and
+--truncation-mode override the run's prompt settings for generation only (see dpo.generation).
 The reference defaults to the model the run started from (dpo_run.json's "reference_model").
 The report ends with one JSON line holding every number.
 """
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo.cli import run_cli
+from dpo.config import TrainConfig
 from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
 from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingConfig,
                             add_prompt_arguments, generate_batch, generator_name, load_checked_tokenizer,
@@ -55,6 +57,7 @@ from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, RUN_SETTINGS_FILE, TEMPE
 from dpo.errors import UserError
 from dpo.judges import Judge, build_judge
 from dpo.logprobs import sequence_logps
+from dpo.loss import LossConfig
 from dpo.modeling import load_causal_lm
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
@@ -262,10 +265,10 @@ def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: d
         raise DataError(f"{dataset}: no split {split!r} (available: {', '.join(splits)}); set --split")
     records, description = load_records(dataset, split if splits is not None else None)
     records = select_subset(records, max_pairs)
-    pairs, stats = build_pairs(records, tokenizer, max_length=settings.get("max_length", 1024),
-                               max_prompt_length=settings.get("max_prompt_length", 512),
-                               truncation_mode=settings.get("truncation_mode", "keep_end"),
-                               template=settings.get("template", "recipe"), source=description)
+    run = {**TrainConfig().to_dict(), **settings}  # train.py's defaults where the run's settings are silent
+    pairs, stats = build_pairs(records, tokenizer, max_length=run["max_length"],
+                               max_prompt_length=run["max_prompt_length"], truncation_mode=run["truncation_mode"],
+                               template=run["template"], source=description)
     return pairs, f"{description}: {stats}"
 
 
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.implicit_reward:
         dataset = args.dataset or settings.get("dataset")
         split = args.split or settings.get("eval_split")
-        beta = args.beta or settings.get("beta") or 0.1
+        beta = args.beta or settings.get("beta") or LossConfig().beta
         if not dataset:
             raise EvaluationError("--implicit-reward needs --dataset (the run's settings name none)")
         if policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():

@@ -226,13 +226,16 @@ _REGISTRY: dict[str, LossFunction] = {}
 
 
 def register_loss(
-    name: str, *, reference_free: bool = False, rewards: RewardsFunction | None = None, state: LossState | None = None
+    name: str, *, reference_free: bool = False, rewards: RewardsFunction | None = None, state: LossState | None = None,
+    batch_coupled: bool = False,
 ) -> Callable[[LossFunction], LossFunction]:
     """Decorator: make `fn` selectable as `loss_type=name`.
 
     reference_free: the loss never reads reference log-probs (no reference model is needed).
     rewards: optional fn(x, cfg) -> (chosen, rejected) replacing the default beta * (pi - ref).
     state: how the loss's per-run state starts and is updated (see LossState).
+    batch_coupled: a pair's loss depends on the other pairs of its batch (AOT sorts over it), so by definition
+    the result depends on how an optimizer step is split into micro-batches.
     """
     if not name or any(char in name for char in ":,") or name != name.strip():
         raise ValueError(f"loss name {name!r} must be non-empty, without ':' ',' or surrounding spaces")
@@ -244,6 +247,7 @@ def register_loss(
             owner = f"{existing.__module__}.{existing.__qualname__}"
             raise ValueError(f"loss name {name!r} is already registered by {owner}")
         fn.is_reference_free = reference_free
+        fn.is_batch_coupled = batch_coupled
         if rewards is not None:
             fn.rewards = rewards
         if state is not None:
@@ -342,6 +346,11 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
 
 def is_reference_free(fn: LossFunction) -> bool:
     return bool(getattr(fn, "is_reference_free", False))
+
+
+def batch_coupled(config: LossConfig) -> bool:
+    """Whether some term compares the pairs of its batch, so that the micro-batch split is part of the method."""
+    return any(getattr(resolve_loss(name), "is_batch_coupled", False) for name, _ in parse_loss_spec(config.loss_type))
 
 
 def needs_reference_model(config: LossConfig) -> bool:
@@ -451,7 +460,7 @@ def _bco_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
 
 def _bco_reward_sums(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
     chosen, rejected = _bco_rewards(x, cfg)
-    return torch.stack([(chosen.sum() + rejected.sum()).double(),
+    return torch.stack([chosen.double().sum() + rejected.double().sum(),
                         chosen.new_tensor(2.0 * chosen.numel(), dtype=torch.float64)])
 
 
@@ -511,7 +520,7 @@ def sppo_hard_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
     return (chosen - half_inverse_beta) ** 2 + (rejected + half_inverse_beta) ** 2
 
 
-@register_loss("aot")
+@register_loss("aot", batch_coupled=True)
 def aot_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
     """Smoothed logistic loss of beta * (sort_B(pi_c - pi_r) - sort_B(ref_c - ref_r)). AOT (Melnyk et al. 2024), paired.
 
@@ -523,7 +532,7 @@ def aot_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
     return smoothed_logistic(cfg.beta * (policy_sorted - reference_sorted), cfg.label_smoothing)
 
 
-@register_loss("aot_unpaired")
+@register_loss("aot_unpaired", batch_coupled=True)
 def aot_unpaired_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
     """Smoothed logistic loss of beta * (sort_B(r_c) - sort_B(r_l)). AOT (Melnyk et al. 2024), unpaired."""
     chosen, rejected = log_ratios(x)

@@ -58,11 +58,14 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def attention_implementation(config) -> str:
-    """'sdpa', unless transformers' class for this architecture has no SDPA path (Gemma-2, whose attention is
-    soft-capped): then 'eager', the architecture's own default. Packed layouts (dpo.packing) need 'sdpa'."""
+    """'sdpa', unless the model's attention is one SDPA cannot compute: soft-capped attention scores
+    (`attn_logit_softcapping`, Gemma-2), or an architecture whose transformers class has no SDPA path. Then
+    'eager', the architecture's own. Packed layouts (dpo.packing) need 'sdpa'."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "eager"
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     # an unknown architecture is left to from_pretrained, which names the problem
-    return "eager" if model_class is not None and not model_class._supports_sdpa else "sdpa"
+    return "eager" if model_class is not None and not getattr(model_class, "_supports_sdpa", True) else "sdpa"
 
 
 def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):

@@ -205,6 +205,8 @@ def packing_problem(model: torch.nn.Module, longest_sequence: int) -> str | None
     implementation = model.config._attn_implementation
     if implementation not in ("sdpa", PACKED_ATTENTION):
         return f"packed and shared-prompt batches need SDPA attention, the model uses '{implementation}'"
+    if getattr(model.config, "attn_logit_softcapping", None) is not None:
+        return "packed and shared-prompt batches run SDPA attention, which cannot soft-cap the model's attention scores"
     window = attention_window(model.config)
     if window is not None and longest_sequence > window:
         return (f"packed and shared-prompt batches attend over whole sequences, but the model attends within a "

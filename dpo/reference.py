@@ -20,8 +20,13 @@ import torch
 from torch import Tensor
 
 from dpo.data import TokenizedPair
+from dpo.errors import UserError
 from dpo.logprobs import SequenceScorer
 from dpo.packing import pair_length
+
+
+class ReferenceLogpsError(UserError):
+    """Reference log-probs that cannot be used (not finite)."""
 
 
 @dataclass
@@ -81,7 +86,6 @@ def compute_reference_logps(
     collate: Callable[[list[TokenizedPair]], dict[str, Tensor]],
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
-    progress: Callable[[int], None] | None = None,
 ) -> ReferenceLogps:
     was_training = scorer.training
     scorer.eval()
@@ -98,8 +102,6 @@ def compute_reference_logps(
         index = torch.as_tensor(ids)
         chosen[index] = sums[: len(ids)]
         rejected[index] = sums[len(ids) :]
-        if progress is not None:
-            progress(len(ids))
     scorer.train(was_training)
     return ReferenceLogps(chosen=chosen, rejected=rejected)
 

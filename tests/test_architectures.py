@@ -142,6 +142,21 @@ def test_load_causal_lm_falls_back_to_eager_only_where_sdpa_is_missing(gemma2_di
         load_causal_lm(str(tmp_path / "llama"))
 
 
+def test_soft_capped_attention_is_never_given_to_sdpa(monkeypatch):
+    """SDPA cannot soft-cap attention scores: a config that sets attn_logit_softcapping loads eager and is refused
+    by the packed layouts, even where transformers' class would claim an SDPA path."""
+    from transformers import Gemma2ForCausalLM
+
+    from dpo.packing import packing_problem
+
+    monkeypatch.setattr(Gemma2ForCausalLM, "_supports_sdpa", True)
+    config = tiny_config("gemma2")
+    assert config.attn_logit_softcapping is not None and attention_implementation(config) == "eager"
+    model = tiny_model("llama")
+    model.config.attn_logit_softcapping = 50.0
+    assert "soft-cap" in packing_problem(model, 16)
+
+
 def train_args(root, out: str, *extra: str) -> list[str]:
     return ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--output-dir", str(root / out),
             "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--batch-size", "8",

@@ -106,3 +106,10 @@ def test_flag_tables_script_prints_every_flag():
     assert done.returncode == 0, done.stderr
     for s in setting_fields(TrainConfig):
         assert f"| `{s.flag}` |" in done.stdout, s.flag
+
+
+def test_a_loss_that_compares_the_pairs_of_a_micro_batch_makes_the_split_part_of_the_run():
+    """AOT sorts over the batch it is given: micro-batch size and length grouping then change its math."""
+    sigmoid, aot = TrainConfig().run_identity(), TrainConfig(loss=LossConfig(loss_type="sigmoid:0.5,aot:0.5"))
+    assert "micro_batch_size" not in sigmoid and "group_by_length" not in sigmoid
+    assert {"micro_batch_size", "group_by_length"} <= set(aot.run_identity())

@@ -29,7 +29,6 @@ from dpo.data import (  # noqa: E402
     detect_format,
     epoch_permutation,
     load_records,
-    render_recipe_prompt,
     select_subset,
     to_example,
     tokenize_pair,
@@ -231,9 +230,12 @@ def test_hh_implicit_prompt_is_common_prefix_up_to_last_assistant_marker():
     assert err.value.reason == "no_assistant_turn"
 
 
-def test_render_recipe_prompt_rejects_bad_role_order():
+def test_a_bad_role_order_is_a_counted_skip_of_its_row():
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    record = {"chosen": messages + [{"role": "assistant", "content": "c"}],
+              "rejected": messages + [{"role": "assistant", "content": "d"}]}
     with pytest.raises(RowError) as err:
-        render_recipe_prompt([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], row=4)
+        to_example(record, 4)
     assert err.value.reason == "bad_roles" and "row 4" in str(err.value)
 
 

@@ -295,3 +295,35 @@ def test_auto_layout_is_shared_prompt_where_it_is_exact_else_padded():
     assert train.collator(cfg, 0, model)[0] == "padded"
     with pytest.raises(train.UserError, match="use --layout padded"):
         train.collator(parse_config(["--model", "m", "--layout", "packed"]), 0, model)
+
+
+def test_a_step_the_grad_scaler_skips_leaves_the_loss_state(workdir, monkeypatch):
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 127))
+    out = run(workdir, "overflow-bco", "--precision", "fp16", "--loss", "bco_pair", "--batch-size", "8",
+              "--micro-batch-size", "8", "--max-steps", "2", "--save-steps", "1", "--warmup-ratio", "0",
+              "--max-eval-pairs", "4")
+    record = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][0]
+    assert record["skipped_steps"] == 1
+    assert loss_state_at(out, 1)["bco_pair"]["steps"] == 0
+
+
+def test_settings_differences_name_each_change_and_default_what_an_older_checkpoint_lacks():
+    from dpo.checkpoint import settings_differences
+
+    defaults = {"beta": 0.1, "seed": 42, "discopop_tau": 0.05}
+    saved = {"beta": 0.1, "seed": 42}  # written before --discopop-tau existed
+    assert settings_differences(saved, {"beta": 0.1, "seed": 42, "discopop_tau": 0.05}, defaults) == []
+    assert settings_differences(saved, {"beta": 0.2, "seed": 42, "discopop_tau": 0.1}, defaults) == \
+        ["--beta 0.1 -> 0.2", "--discopop-tau 0.05 -> 0.1"]
+
+
+def test_an_unreadable_checkpoint_is_one_line(workdir, capsys):
+    common = ("--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "4")
+    out = run(workdir, "corrupt", *common, "--stop-at-step", "1")
+    (out / "checkpoint-1" / "extra.pt").write_bytes(b"not a torch file")
+    base = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out),
+            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0",
+            "--no-progress", "--no-plot", *common, "--resume"]
+    assert train.cli(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "extra.pt: cannot be loaded as tensors" in err and "\n" not in err
