@@ -13,6 +13,7 @@ setup(
         "datasets>=3.0",
         "numpy",
         "tqdm",
+        "peft>=0.21",  # LoRA (--lora-r, --adapter)
     ],
     # accelerate only for the tests that run the phi-2-dpo model card's snippet (device_map="auto")
     extras_require={"test": ["pytest", "accelerate"]},

@@ -57,6 +57,7 @@ from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, 
 from dpo.errors import UserError  # noqa: E402
 from dpo.generation import TEMPERATURE, TOP_P  # noqa: E402  (the card's decoding, saved with final/)
 from dpo.logprobs import SequenceScorer, disable_dropout  # noqa: E402
+from dpo.lora import Adapters, add_adapters, quantization_config  # noqa: E402
 from dpo.loss import (PreferenceLogps, batch_coupled, compute_loss, needs_reference_model,  # noqa: E402
                       update_loss_state)
 from dpo.metrics import MetricsWriter, PairMetrics, read_metrics  # noqa: E402
@@ -109,23 +110,48 @@ def open_run_dir(cfg: TrainConfig, dist: DistInfo, log: Callable[..., None]) -> 
     return load_checkpoint(path)
 
 
-def build_policy(cfg: TrainConfig, name: str, device: torch.device, *, trainable: bool = True) -> nn.Module:
-    """A causal LM as training uses it: dropout off (so policy and reference are one deterministic function),
-    gelu_new fused, and gradient checkpointing when trainable. The reference model, when one is needed in memory,
-    is built the same way, frozen. (--compile is applied in build_state, after the reference pass.)"""
-    model = load_causal_lm(name, device=device)
+def load_model(cfg: TrainConfig, name: str, device: torch.device) -> nn.Module:
+    """A causal LM as training uses it: dropout off (so policy and reference are one deterministic function) and
+    gelu_new fused. Under LoRA the frozen base is kept in the autocast dtype (fp16 / bf16) or quantized."""
+    lora = cfg.lora.enabled and cfg.precision != "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision] if lora else torch.float32
+    model = load_causal_lm(name, device=device, dtype=dtype, quantization=quantization_config(cfg.lora, device))
     disable_dropout(model)
     if cfg.fused_gelu:
         fuse_gelu(model)
-    if not trainable:
-        return model.eval().requires_grad_(False)
+    return model
+
+
+def build_policy(cfg: TrainConfig, device: torch.device,
+                 weights: str | None = None) -> tuple[nn.Module, Adapters | None]:
+    """The model to train: --model in full (or `weights`, a checkpoint's), or under LoRA the frozen base with
+    adapters (new, --adapter, or the checkpoint's `weights`), whose reference mode is the reference. Gradient
+    checkpointing as configured (--compile is applied in build_state, after the reference pass)."""
+    adapters = None
+    if cfg.lora.enabled:
+        adapters = add_adapters(load_model(cfg, cfg.model, device), cfg.lora, start=weights, seed=cfg.seed)
+        model = adapters.model
+    else:
+        model = load_model(cfg, weights or cfg.model, device)
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5; the older name before
         if enable is not None:
             enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
+    return model.train(), adapters
+
+
+def reference_model(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, device: torch.device, *,
+                    fresh: bool) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]:
+    """The frozen reference as (model, context to run it in). Under LoRA: the policy in its adapters' reference
+    mode, never a second model. Otherwise the policy itself while it has not moved (step 0), else (`fresh`) a
+    second copy of --model, loaded frozen."""
+    if adapters is not None:
+        return policy, adapters.reference
+    if not fresh:
+        return policy, contextlib.nullcontext
+    return load_model(cfg, cfg.model, device).eval().requires_grad_(False), contextlib.nullcontext
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -145,19 +171,21 @@ def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Call
                     "shared_prompt": collate_shared_prompt}[layout]
 
 
-def reference_logps(cfg: TrainConfig, policy: nn.Module, data: PreferenceData, train_ids: list[int], *,
-                    device: torch.device, dist: DistInfo, collate: Callable, resumed: bool,
+def reference_logps(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, data: PreferenceData,
+                    train_ids: list[int], *, device: torch.device, dist: DistInfo, collate: Callable, resumed: bool,
                     log: Callable[..., None]) -> dict[str, ReferenceLogps | None]:
     """The frozen reference's log-probs of the train pairs the run trains on (`train_ids`; NaN for the others)
     and of every eval pair, computed once before training and cached in --output-dir/reference_cache/.
 
     At step 0 the policy is the reference, so they are computed with the policy before its first update; a
-    resumed run whose cache is gone loads the reference model instead. The main process computes and writes
-    the cache; the others read it. None for a split when the loss reads no reference or --no-precompute-ref."""
+    resumed run whose cache is gone loads the reference model instead (under LoRA: the adapters' reference
+    mode, always). The main process computes and writes the cache; the others read it. None for a split when
+    the loss reads no reference or --no-precompute-ref."""
     reference: dict[str, ReferenceLogps | None] = {"train": None, "eval": None}
     if not (needs_reference_model(cfg.loss) and cfg.precompute_ref):
         return reference
-    settings = {"precision": cfg.precision, "completion_only": cfg.scoring.completion_only}
+    settings = {"precision": cfg.precision, "completion_only": cfg.scoring.completion_only,
+                "adapter": cfg.lora.adapter}
     for split, pairs, ids in (("train", data.train, train_ids), ("eval", data.eval, list(range(len(data.eval))))):
         if not ids:
             continue
@@ -167,10 +195,11 @@ def reference_logps(cfg: TrainConfig, policy: nn.Module, data: PreferenceData, t
         fresh = resumed and not cache_file.is_file()
 
         def compute() -> ReferenceLogps:
-            model = build_policy(cfg, cfg.model, device, trainable=False) if fresh else policy
-            return compute_reference_logps(SequenceScorer(model, cfg.scoring), selected,
-                                           micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
-                                           autocast=lambda: autocast(cfg, device))
+            model, mode = reference_model(cfg, policy, adapters, device, fresh=fresh)
+            with mode():
+                return compute_reference_logps(SequenceScorer(model, cfg.scoring), selected,
+                                               micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
+                                               autocast=lambda: autocast(cfg, device))
 
         cached = True
         if dist.is_main:
@@ -193,16 +222,20 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     collate: Callable[[list[TokenizedPair]], dict[str, torch.Tensor]]
+    adapters: Adapters | None = None  # under LoRA
     reference_scorer: SequenceScorer | None = None  # the frozen reference, when its log-probs are not precomputed
+    reference_mode: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # to run it in
     loss_state: dict = field(default_factory=dict)
     step: int = 0
     skipped_steps: int = 0
 
 
-def build_state(cfg: TrainConfig, policy: nn.Module, *, device: torch.device, dist: DistInfo, collate: Callable,
-                workspace_pairs: list[TokenizedPair], resume: dict[str, Any] | None = None) -> TrainState:
-    """Scorer, optimizer and GradScaler around `policy`; a frozen reference model when its log-probs are
-    computed at step time; the resumed optimizer, scaler, RNG and loss state."""
+def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
+                dist: DistInfo, collate: Callable, workspace_pairs: list[TokenizedPair],
+                resume: dict[str, Any] | None = None) -> TrainState:
+    """Scorer, optimizer (of the trainable parameters: the adapters under LoRA) and GradScaler around `policy`;
+    the reference when its log-probs are computed at step time; the resumed optimizer, scaler, RNG and loss
+    state."""
     if cfg.compile:
         policy.base_model.compile()
     policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting)
@@ -213,10 +246,10 @@ def build_state(cfg: TrainConfig, policy: nn.Module, *, device: torch.device, di
                                   betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    reference_scorer = None
+    state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters)
     if needs_reference_model(cfg.loss) and not cfg.precompute_ref:
-        reference_scorer = SequenceScorer(build_policy(cfg, cfg.model, device, trainable=False), cfg.scoring)
-    state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, reference_scorer)
+        model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
+        state.reference_scorer = SequenceScorer(model, cfg.scoring)
     if resume is not None:
         load_full_optimizer_state(scorer, optimizer, resume["optimizer"])
         if scaler is not None and resume["scaler"]:
@@ -241,7 +274,7 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
     if reference is not None:
         ref_chosen, ref_rejected = reference.take(ids, state.device)
     elif state.reference_scorer is not None:
-        with torch.no_grad():
+        with torch.no_grad(), state.reference_mode():
             ref = state.reference_scorer(batch)
         ref_chosen, ref_rejected = ref.sum[:n], ref.sum[n:]
     wpo = policy.wpo
@@ -253,14 +286,29 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
         state=state.loss_state)
 
 
+# At step 0 the policy is the reference: their log-probs differ by rounding only (the reference pass ran in other
+# batch shapes, maybe another layout). Beyond 1e-3 + this x |log-prob|, the reference is not the policy's start.
+STEP0_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 4e-3}
+
+
+def reference_mismatch(x: PreferenceLogps, precision: str) -> tuple[int, float]:
+    """(pairs whose policy and reference log-probs differ beyond rounding, the largest difference in nats)."""
+    diffs = torch.stack([(x.policy_chosen_logps - x.reference_chosen_logps).abs(),
+                         (x.policy_rejected_logps - x.reference_rejected_logps).abs()]).detach().float()
+    scale = torch.stack([x.reference_chosen_logps, x.reference_rejected_logps]).detach().float().abs()
+    beyond = (diffs > 1e-3 + STEP0_TOLERANCE[precision] * scale).any(dim=0)
+    return int(beyond.sum()), float(diffs.max()) if diffs.numel() else 0.0
+
+
 def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]:
     """One optimizer step on the global batch `batch` (every process passes the same one).
 
     This process takes its slice of the batch in micro-batches; each micro-batch's summed loss is divided by the
     global batch size before backward, so the accumulated gradient is the mean over the batch whatever the split.
     The losses' state moves once, from the whole batch, when the optimizer steps. A non-finite loss stops the run
-    (--on-nan stop) or skips the step; in fp16 the GradScaler skips an overflowing step. Returns the step's metrics
-    (the same on every process).
+    (--on-nan stop) or skips the step; in fp16 the GradScaler skips an overflowing step. At step 0 the policy's
+    log-probs must equal the reference's (step-0 check), else the run stops before any update. Returns the step's
+    metrics (the same on every process).
     """
     cfg, dist, device = state.cfg, state.dist, state.device
     start = time.perf_counter()
@@ -268,7 +316,7 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
         group["lr"] = lr
     stats = PairMetrics(device)
     state_sums = torch.zeros(0, dtype=torch.float64, device=device)
-    tokens = 0
+    tokens, mismatched, largest = 0, 0, 0.0
     local = process_slice(len(batch), dist.rank, dist.world_size)
     chunks = micro_batches(local, batch.pairs, cfg.micro_batch_size, cfg.group_by_length)
     for k, ids in enumerate(chunks):
@@ -281,13 +329,22 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
             (state.scaler.scale(loss) if state.scaler else loss).backward()
         stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
                   logps.policy_rejected_logps)
+        if state.step == 0 and logps.reference_chosen_logps is not None:
+            count, diff = reference_mismatch(logps, cfg.precision)
+            mismatched, largest = mismatched + count, max(largest, diff)
         state_sums = out.state_sums if k == 0 else state_sums + out.state_sums
         tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                       for p in (batch.pairs[i] for i in ids))
-    totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens])]), dist)
+    totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens, mismatched])]), dist)
     stats.sums.copy_(totals[:len(stats.sums)])
-    state_sums, tokens = totals[len(stats.sums):-1], totals[-1].item()
+    state_sums, tokens, mismatched = totals[len(stats.sums):-2], totals[-2].item(), int(totals[-1].item())
     step_loss = stats.means()["loss"]
+    if mismatched:
+        raise TrainingError(
+            f"step 1: before any update the policy's log-probs must equal the reference's, but {mismatched} of "
+            f"{stats.num_pairs} pairs differ (by up to {largest:.3g} nats here): the reference is not the policy's "
+            "starting point. Check --model and --adapter (and a reference_cache/ copied from another run), that "
+            "dropout is off, and that the reference pass and training render prompts alike")
 
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
@@ -346,15 +403,24 @@ def evaluate(state: TrainState, batch: PairBatch) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- saving
 
 
+def save_weights(state: TrainState, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The policy as save_pretrained writes it, or under LoRA its trained adapter only."""
+    if state.adapters is not None:
+        state.adapters.save(directory, weights)
+    else:
+        state.policy.save_pretrained(directory, state_dict=weights)
+
+
 def save(state: TrainState, total_steps: int) -> Path | None:
-    """checkpoint-<step>/ in --output-dir (collective under torchrun; the main process writes)."""
-    weights = full_model_state(state.scorer)
+    """checkpoint-<step>/ in --output-dir (collective under torchrun; the main process writes). Under LoRA it
+    holds the adapter and its optimizer state only."""
+    weights = full_model_state(state.scorer, trainable_only=state.adapters is not None)
     optimizer_state = full_optimizer_state(state.scorer, state.optimizer)
     path = None
     if state.dist.is_main:
         path = save_checkpoint(
             Path(state.cfg.output_dir), state.step,
-            save_model=lambda directory: state.policy.save_pretrained(directory, state_dict=weights),
+            save_model=lambda directory: save_weights(state, directory, weights),
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
                            "settings": state.cfg.run_identity()},
@@ -364,18 +430,25 @@ def save(state: TrainState, total_steps: int) -> Path | None:
 
 
 def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) -> None:
-    """final/: the policy with the card's decoding defaults, its tokenizer and the run's settings (collective)."""
-    weights = full_model_state(state.scorer)
+    """final/: the policy with the card's decoding defaults, its tokenizer and the run's settings (collective).
+    Under LoRA a peft adapter directory, and with --merge-lora final/merged/, the base with the adapter merged."""
+    weights = full_model_state(state.scorer, trainable_only=state.adapters is not None)
     if not state.dist.is_main:
         return
     out_dir = Path(state.cfg.output_dir)
     final_dir, tmp_dir = out_dir / "final", out_dir / "final.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    state.policy.generation_config.update(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
-                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    state.policy.save_pretrained(tmp_dir, state_dict=weights)
+    decoding = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+    state.policy.generation_config.update(**decoding)
+    save_weights(state, tmp_dir, weights)
     tokenizer.save_pretrained(tmp_dir)
     (tmp_dir / "dpo_run.json").write_text(json.dumps(run_config, indent=2))
+    if state.adapters is not None and state.cfg.lora.merge_lora:
+        merged = load_causal_lm(str(tmp_dir))  # the base, loaded again on the CPU, with the adapter merged in
+        merged.generation_config.update(**decoding)
+        merged.save_pretrained(tmp_dir / "merged")
+        tokenizer.save_pretrained(tmp_dir / "merged")
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp_dir.rename(final_dir)
 
@@ -459,17 +532,19 @@ def main(argv: list[str] | None = None) -> int:
     used = source.used_ids(total_steps)
 
     # ------------------------------------------------ models, reference log-probs, optimizer
-    policy = build_policy(cfg, str(resume["model_dir"]) if resume else cfg.model, device)
+    policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
     if dist.is_main:
-        check_disk_space(out_dir, sum(p.numel() for p in policy.parameters()), cfg.save_total_limit)
+        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        merged = sum(p.numel() for p in policy.parameters()) if cfg.lora.merge_lora or not adapters else 0
+        check_disk_space(out_dir, trained, trained + merged, cfg.save_total_limit)
     layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
-    reference = reference_logps(cfg, policy, data, used, device=device, dist=dist, collate=collate,
+    reference = reference_logps(cfg, policy, adapters, data, used, device=device, dist=dist, collate=collate,
                                 resumed=resume is not None, log=log)
-    state = build_state(cfg, policy, device=device, dist=dist, collate=collate,
+    state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate,
                         workspace_pairs=[data.train[i] for i in used], resume=resume)
     metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=dist.is_main)
     metrics.truncate_after(state.step)
-    run_config = {**cfg.to_dict(), "reference_model": cfg.model, "total_steps": total_steps,
+    run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                   "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                   "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}
     if dist.is_main:

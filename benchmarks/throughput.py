@@ -54,6 +54,7 @@ from dpo.data import BUILTIN_SOURCES, DataError, RowError, TokenizedPair, load_r
 from dpo.distributed import DistInfo  # noqa: E402
 from dpo.errors import UserError  # noqa: E402
 from dpo.logprobs import ScoringConfig  # noqa: E402
+from dpo.lora import peft_config  # noqa: E402
 from dpo.loss import LossConfig  # noqa: E402
 from dpo.modeling import DEMO_MODEL_DIR  # noqa: E402
 from dpo.pipeline import PreferenceData  # noqa: E402
@@ -70,7 +71,10 @@ LR = 3e-5
 # named sets of train.py flags; "plain" is the loop without the exact speed-ups
 PRESETS = {"plain": ["--no-completion-only", "--no-fused-lm-head", "--no-fused-gelu", "--no-group-by-length",
                      "--layout", "padded"]}
+# LoRA's settings: the adapters (both implementations take them, TRL as the same peft.LoraConfig)
+LORA_SETTINGS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save"}
 STEP_SETTINGS = ({s.name for s in setting_fields(LossConfig)} | {s.name for s in setting_fields(ScoringConfig)}
+                 | LORA_SETTINGS
                  | {"micro_batch_size", "precision", "weight_decay", "adam_betas", "max_grad_norm", "on_nan",
                     "precompute_ref", "fused_gelu", "layout", "group_by_length", "gradient_checkpointing", "compile"})
 
@@ -139,18 +143,19 @@ def build_model(size: dict, eos: int):
 
 
 def block_weight_count(model) -> int:
-    """N_layers: elements of the weight matrices of the transformer blocks."""
-    return sum(p.numel() for name, p in model.model.layers.named_parameters() if p.ndim == 2)
+    """N_layers: elements of the weight matrices of the transformer blocks (the base's: LoRA's A and B aside)."""
+    return sum(p.numel() for name, p in model.model.layers.named_parameters() if p.ndim == 2 and "lora_" not in name)
 
 
-def useful_flops(pairs, model, precomputed_reference: bool) -> float:
+def useful_flops(pairs, model, precomputed_reference: bool, frozen_weights: bool = False) -> float:
+    """benchmarks/README.md's count. `frozen_weights` (LoRA): no weight gradients, 4 instead of 6 per weight."""
     n_layers = block_weight_count(model)
     d_v = model.config.hidden_size * model.config.vocab_size
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     # a response token is scored when a position predicts it: all but a first token after an empty prompt
     scored = sum(len(r) - (0 if p.prompt_ids else 1) for p in pairs for r in (p.chosen_ids, p.rejected_ids) if r)
-    per_token, per_scored = (6, 6) if precomputed_reference else (8, 8)
-    return per_token * n_layers * tokens + per_scored * d_v * scored
+    per_weight = (4 if frozen_weights else 6) + (0 if precomputed_reference else 2)
+    return per_weight * n_layers * tokens + per_weight * d_v * scored
 
 
 def matmul_peak_gflops(repeats: int = 30, n: int = 1024) -> float:
@@ -190,12 +195,14 @@ def run_dpo(size: dict, pairs: list[TokenizedPair], eos: int, train_flags: list[
         out_dir.mkdir()
         device, dist = torch.device("cpu"), DistInfo()
         start = time.perf_counter()
-        policy = train.build_policy(cfg, cfg.model, device)
+        policy, adapters = train.build_policy(cfg, device)
         layout, collate = train.collator(cfg, eos, policy)
         every = list(range(len(pairs)))
-        reference = train.reference_logps(cfg, policy, PreferenceData(train=pairs, eval=[]), every, device=device,
-                                          dist=dist, collate=collate, resumed=False, log=lambda *a, **k: None)
-        state = train.build_state(cfg, policy, device=device, dist=dist, collate=collate, workspace_pairs=pairs)
+        reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]), every,
+                                          device=device, dist=dist, collate=collate, resumed=False,
+                                          log=lambda *a, **k: None)
+        state = train.build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate,
+                                  workspace_pairs=pairs)
         reference_s = time.perf_counter() - start
         batch = cfg.batch_size
         step_s, losses = [], []
@@ -208,7 +215,7 @@ def run_dpo(size: dict, pairs: list[TokenizedPair], eos: int, train_flags: list[
             losses.append(record["loss"])
         timed = pairs[batch:]
         return dict(step_s=step_s, losses=losses, reference_s=reference_s, timed_pairs=len(timed),
-                    useful_flops=useful_flops(timed, policy, reference["train"] is not None),
+                    useful_flops=useful_flops(timed, policy, reference["train"] is not None, adapters is not None),
                     layout=layout, settings=changed_settings(cfg))
 
 
@@ -223,12 +230,23 @@ def changed_settings(cfg: TrainConfig) -> dict:
 # TRL
 
 
-def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair], eos: int) -> dict:
+def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair], eos: int,
+            train_flags: list[str]) -> dict:
+    """TRL's DPOTrainer on the workload; with --lora-* flags, given the same peft.LoraConfig this library builds
+    (its reference is then the base with the adapters off, as here)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     model = build_model(size, eos)
+    cfg = workload_config(size, Path("model"), Path("out"), train_flags)
+    if cfg.lora.enabled:  # the adapters this library starts from: the same config, the same seed
+        from peft import get_peft_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = get_peft_model(model, peft_config(cfg.lora))
+    lora = cfg.lora
     ends, losses = [], []
     marks = {}
 
@@ -259,7 +277,8 @@ def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair]
     step_s = [ends[0] - marks["first_step"]] + [b - a for a, b in zip(ends, ends[1:])]
     batch = size["micro"] * size["accum"]
     return dict(step_s=step_s, losses=losses, reference_s=marks["first_step"] - start,
-                useful_flops=useful_flops(pairs[batch:], model, True), timed_pairs=len(pairs) - batch)
+                useful_flops=useful_flops(pairs[batch:], model.get_base_model() if lora.enabled else model, True,
+                                          lora.enabled), timed_pairs=len(pairs) - batch)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,7 +295,7 @@ def run_once(args: argparse.Namespace, train_flags: list[str]) -> dict:
     eos = special_ids(tokenizer).eos
     peak_before = matmul_peak_gflops()
     if args.impl == "trl":
-        result = run_trl(size, texts, tokenizer, pairs, eos)
+        result = run_trl(size, texts, tokenizer, pairs, eos, train_flags)
     else:
         result = run_dpo(size, pairs, eos, train_flags)
     peak_after = matmul_peak_gflops()
@@ -306,8 +325,8 @@ def run_spec(spec: str) -> tuple[str, list[str]]:
     if not words:
         raise SystemExit("error: an empty run in --runs")
     impl, _, preset = words[0].partition(":")
-    if impl == "trl" and not preset and len(words) == 1:
-        return spec, ["--impl", "trl"]
+    if impl == "trl" and not preset:
+        return spec, ["--impl", "trl", *words[1:]]
     if impl != "dpo" or (preset and preset not in PRESETS):
         raise SystemExit(f"error: run {spec!r} is not 'trl' or 'dpo[:{'|'.join(PRESETS)}] [train.py flags]'")
     return spec, ["--impl", "dpo", *(["--preset", preset] if preset else []), *words[1:]]
@@ -365,15 +384,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args, train_flags = parser.parse_known_args(argv)
     if args.threads < 0 or args.alternate < 0:
         parser.error("--threads and --alternate must be >= 0")
-    if args.impl == "trl" and (train_flags or args.preset):
-        parser.error(f"train.py flags apply to --impl dpo only, got {' '.join(train_flags) or args.preset}")
+    if args.impl == "trl" and args.preset:
+        parser.error(f"--preset applies to --impl dpo only, got {args.preset}")
     train_flags = (PRESETS[args.preset] if args.preset else []) + train_flags
-    if args.impl == "dpo":
-        given = {k for k in vars(build_parser().parse_args(train_flags)) if k != "config"} | (
-            {"config"} if "--config" in train_flags else set())
-        if given - STEP_SETTINGS:
-            parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given - STEP_SETTINGS))}: fixed by "
-                         "the workload (the data, its truncation, the batch, the learning rate and the schedule)")
+    given = {k for k in vars(build_parser().parse_args(train_flags)) if k != "config"} | (
+        {"config"} if "--config" in train_flags else set())
+    allowed = STEP_SETTINGS if args.impl == "dpo" else LORA_SETTINGS
+    if given - allowed:
+        what = ("fixed by the workload (the data, its truncation, the batch, the learning rate and the schedule)"
+                if args.impl == "dpo" else "not a setting TRL's run takes (only the --lora-* ones)")
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given - allowed))}: {what}")
+    if train_flags:
         try:
             workload_config(SIZES[args.size], Path("model"), Path("out"), train_flags)  # bad values fail before work
         except UserError as error:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo.logprobs import ScoringConfig
+from dpo.lora import DOUBLE_RANK, LoraSettings
 from dpo.loss import LossConfig, batch_coupled
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
@@ -34,6 +35,9 @@ DEMO_SETTINGS: dict[str, Any] = {
     "eval_steps": 10,
     "output_dir": "runs/demo",
 }
+# and with LoRA on the demo model (adapters learn at a higher rate; measured: the win rate against the SFT model
+# is 0.76 at 2e-4, 0.90 at 3e-4 and 4e-4, 0.86 at 5e-4, 0.73 at 1e-3)
+DEMO_LORA_SETTINGS: dict[str, Any] = {"lr": 3e-4}
 HALF_OF_MAX_LENGTH = "auto"  # --max-prompt-length's default: derived from --max-length
 
 
@@ -67,6 +71,8 @@ class TrainConfig:
                                    choices=TRUNCATION_MODES)
     # the loss and its hyper-parameters
     loss: LossConfig = nested(LossConfig, "loss")
+    # LoRA: adapters on a frozen base, the reference that base
+    lora: LoraSettings = nested(LoraSettings, "LoRA")
     # optimisation
     lr: float = setting(3e-5, "peak learning rate", check=positive)
     warmup_ratio: float = setting(0.03, "fraction of the steps with linear warmup (then cosine decay)",
@@ -155,24 +161,31 @@ def _max_prompt_length(text: str) -> int | str | None:
     return int(text)
 
 
+def _lora_alpha(text: str) -> float | str:
+    return DOUBLE_RANK if text.lower() == DOUBLE_RANK else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="DPO training. With no arguments: the embedded demo (tiny SFT model, synthetic preferences).",
     )
     parser.add_argument("--config", help="JSON file with any of the settings below (flags override it)")
-    add_flags(parser, TrainConfig, _GROUPS, converters={"max_prompt_length": _max_prompt_length})
+    add_flags(parser, TrainConfig, _GROUPS, converters={"max_prompt_length": _max_prompt_length,
+                                                        "lora_alpha": _lora_alpha})
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, then DEMO_SETTINGS for the demo model, then the --config file, then flags; validated."""
+    """Defaults, then DEMO_SETTINGS (and DEMO_LORA_SETTINGS under LoRA) for the demo model, then the --config
+    file, then flags; validated."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     values = load_config_file(config_file, TrainConfig) if config_file else {}
     values.update(args)
     if values.get("model", DEMO_MODEL) == DEMO_MODEL:
-        values = {**DEMO_SETTINGS, **values}
+        lora = values.get("lora_r") or values.get("adapter")
+        values = {**DEMO_SETTINGS, **(DEMO_LORA_SETTINGS if lora else {}), **values}
     return from_flat(TrainConfig, values)
 
 

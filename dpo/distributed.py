@@ -106,11 +106,13 @@ def _full_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_model_state(model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """The wrapped model's weights as plain CPU tensors, with `prefix` (the scorer's attribute) removed."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def full_model_state(model: nn.Module, prefix: str = "model.", trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The wrapped model's weights as plain CPU tensors, with `prefix` (the scorer's attribute) removed;
+    `trainable_only`: the parameters that train (LoRA's adapters), not the frozen base."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=_full_options())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 

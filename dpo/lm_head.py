@@ -237,11 +237,14 @@ def _row_blocks(n: int, row_chunk: int) -> list[tuple[int, int]]:
 
 
 def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, row_chunk: int,
-             vocab_chunk: int, with_wpo: bool, store: bool, grad_h: bool = False):
+             vocab_chunk: int, with_wpo: bool, store: bool, grad_h: bool = False, grad_params: bool = True):
     """(logp, WPO-adjusted or None, per-block (shift, sum, E W or None), workspace or None); the workspace
-    keeps every tile's 2^(y - shift) for the backward when `store`. `grad_h` (fp32 only): also E W."""
+    keeps every tile's 2^(y - shift) for the backward when `store`. `grad_h` (fp32 only): also E W.
+    `grad_params` False (a frozen head, e.g. under LoRA): in fp32 the backward needs only E W, so no tile is
+    kept and the weight-gradient matmul never runs."""
     ops = _Operands(hidden, weight, bias, vocab_chunk)
     with_ew = grad_h and ops.fp32
+    store = store and (grad_params or not ops.fp32)
     n = hidden.shape[0]
     num_tiles = -(-ops.vocab // vocab_chunk)
     blocks = _row_blocks(n, row_chunk)
@@ -278,7 +281,8 @@ class _FusedLMHeadLogps(torch.autograd.Function):
                 vocab_chunk: int, with_wpo: bool, store: bool):
         logp, adjusted, saved, workspace, ctx.cdtype = _forward(hidden, weight, bias, targets, row_chunk,
                                                                 vocab_chunk, with_wpo, store,
-                                                                grad_h=ctx.needs_input_grad[0])
+                                                                grad_h=ctx.needs_input_grad[0],
+                                                                grad_params=any(ctx.needs_input_grad[1:3]))
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.saved_blocks, ctx.workspace = saved, workspace
         ctx.row_chunk, ctx.vocab_chunk = row_chunk, vocab_chunk
@@ -341,8 +345,10 @@ def _backward_fp32(ops: _Operands, g: Tensor, targets: Tensor, saved_blocks, wor
     grad_h = torch.empty(n, d, device=ops.h.device) if need_h else None
     grad_w = torch.empty(vocab, d, device=ops.h.device) if need_w or with_b else None
     grad_b = torch.empty(vocab, device=ops.h.device) if with_b else None
-    scratch = None if workspace is not None else torch.empty(vocab_chunk * min(n, row_chunk), device=ops.h.device)
-    tile_t = torch.empty(cols, min(vocab_chunk, vocab), device=ops.h.device)
+    tiles_needed = grad_w is not None  # dh needs only E W: a frozen head reads no tile
+    scratch = None if workspace is not None or not tiles_needed else torch.empty(vocab_chunk * min(n, row_chunk),
+                                                                                 device=ops.h.device)
+    tile_t = torch.empty(cols, min(vocab_chunk, vocab), device=ops.h.device) if tiles_needed else None
     for block, ((start, end), (shift, total, ew)) in enumerate(zip(_row_blocks(n, row_chunk), saved_blocks)):
         h_rows, g_rows, t_rows = ops.h[start:end], g[start:end], targets[start:end]
         scale = (-g_rows / total).unsqueeze(1)

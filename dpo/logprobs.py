@@ -208,7 +208,9 @@ class SequenceScorer(nn.Module):
         mapping ever larger buffers. Returns the rows reserved (0 when the head keeps no workspace)."""
         s = self.settings
         fused = s.completion_only and s.fused_lm_head and logit_softcap(self.model) is None
-        if not fused or s.recompute_softmax or not pairs:
+        head = self.model.get_output_embeddings()
+        frozen = not any(p.requires_grad for p in head.parameters())  # fp32: the fused head then keeps no tiles
+        if not fused or s.recompute_softmax or frozen or not pairs:
             return 0
         scored = sorted((len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), reverse=True)
         rows = sum(scored[:micro_batch_size])

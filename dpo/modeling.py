@@ -1,9 +1,11 @@
-"""Loading a causal LM and its tokenizer from a local directory, a hub name, or the shipped demo model."""
+"""Loading a causal LM and its tokenizer from a local directory, a hub name, the shipped demo model, or a LoRA
+adapter directory (its base model with the adapter merged in, dpo.lora)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
@@ -18,18 +20,22 @@ class ModelLoadError(UserError):
     """A model or tokenizer that cannot be loaded, named in one line."""
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a LoRA adapter (peft)
+
+
 def resolve_model_path(name: str) -> str:
-    """'demo' -> the shipped SFT model; an existing directory -> itself; else a hub name."""
+    """'demo' -> the shipped SFT model; an existing model or adapter directory -> itself; else a hub name."""
     if name == "demo":
         if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise ModelLoadError(f"the shipped demo model is missing from {DEMO_MODEL_DIR.name}/ (reinstall the package)")
+            raise ModelLoadError(f"the shipped demo model is missing from {DEMO_MODEL_DIR.name}/ (reinstall the "
+                                 "package)")
         return str(DEMO_MODEL_DIR)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"model {name}: not a directory")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model {name}: no config.json in this directory")
+        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+            raise ModelLoadError(f"model {name}: no config.json (or {ADAPTER_CONFIG}) in this directory")
         return str(path)
     looks_local = name.startswith((".", "/", "~")) or name.endswith(os.sep) or name.count("/") > 1
     if looks_local:
@@ -41,8 +47,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model; for an adapter directory without one, its base model's."""
     path = resolve_model_path(name)
-    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+    has_files = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+    if Path(path).is_dir() and not has_files and (Path(path) / ADAPTER_CONFIG).is_file():
+        from dpo.lora import adapter_base
+
+        return load_tokenizer(adapter_base(path))
+    if Path(path).is_dir() and not has_files:
         raise ModelLoadError(f"model {name}: no tokenizer files in this directory (expected one of "
                              f"{', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model")
     try:
@@ -68,13 +80,21 @@ def attention_implementation(config) -> str:
     return "eager" if model_class is not None and not getattr(model_class, "_supports_sdpa", True) else "sdpa"
 
 
-def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                   quantization: Any = None):
+    """The causal LM of `name`; an adapter directory gives its base with the adapter merged in. `quantization`:
+    a transformers quantization config (bitsandbytes), the model then placed on `device` as it loads."""
     path = resolve_model_path(name)
+    if Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file():
+        from dpo.lora import load_adapter_model
+
+        return load_adapter_model(path, dtype=dtype, device=device)
+    placement = {"quantization_config": quantization, "device_map": {"": torch.device(device)}} if quantization else {}
     try:
         config = AutoConfig.from_pretrained(path)
         # SDPA kernels accumulate QK^T in fp32, which keeps Phi-2's attention from overflowing in fp16.
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                     attn_implementation=attention_implementation(config))
+                                                     attn_implementation=attention_implementation(config), **placement)
     except Exception as error:
         raise ModelLoadError(f"model {name}: could not be loaded ({first_line(error)})") from None
-    return model.to(device)
+    return model if quantization else model.to(device)

@@ -31,9 +31,11 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"--output-dir {out_dir} is not writable ({error.strerror or error})") from None
 
 
-def check_disk_space(out_dir: Path, num_params: int, keep: int, free_bytes: int | None = None) -> None:
-    """Fail before training when checkpoints (weights + 2 AdamW moments each) and final/ cannot fit."""
-    needed = num_params * 4 * (3 * keep + 1)
+def check_disk_space(out_dir: Path, trained_params: int, final_params: int, keep: int,
+                     free_bytes: int | None = None) -> None:
+    """Fail before training when `keep` checkpoints (the trained weights and 2 AdamW moments each) and final/
+    (`final_params` weights) cannot fit."""
+    needed = trained_params * 4 * 3 * keep + final_params * 4
     free = shutil.disk_usage(out_dir).free if free_bytes is None else free_bytes
     if free < needed:
         raise ConfigError(f"--output-dir {out_dir}: {free / 2**30:.2f} GiB free, but {keep} checkpoint(s) and "

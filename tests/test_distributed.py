@@ -39,8 +39,15 @@ def torchrun(args, nproc=2):
     return result
 
 
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The full model, or under LoRA the adapter."""
+    adapter = run / "final" / "adapter_model.safetensors"
+    return load_file(adapter if adapter.is_file() else run / "final" / "model.safetensors")
+
+
 def assert_same_run(a: Path, b: Path):
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
     ma, mb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
@@ -92,3 +99,24 @@ def test_ddp_stateful_loss_matches_one_process(setup):
                    for run in ("bco-single", "bco-ddp"))
     assert single["steps"] == ddp["steps"] == 3 and abs(single["reward_mean"]) > 1e-3
     assert ddp["reward_mean"] == pytest.approx(single["reward_mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_lora_under_torchrun_matches_one_process(setup, sharding):
+    """LoRA adapters trained by 2 processes (DDP, or FSDP2 stopped at step 2 and resumed in 1 process) equal one
+    process's; checkpoints hold the adapter only, whatever the world size."""
+    root, args = setup
+    lora = args + ["--lora-r", "4", "--lr", "1e-2"]
+    single = root / "lora-single"
+    if not single.exists():
+        assert train.main(lora + ["--output-dir", str(single)]) == 0
+    out = root / f"lora-{sharding}"
+    if sharding == "ddp":
+        torchrun(lora + ["--output-dir", str(out)])
+    else:
+        torchrun(lora + ["--output-dir", str(out), "--fsdp", "--stop-at-step", "2"])
+        assert (out / "checkpoint-2" / "model" / "adapter_model.safetensors").is_file()
+        assert not (out / "checkpoint-2" / "model" / "model.safetensors").exists()
+        assert train.main(lora + ["--output-dir", str(out), "--resume"]) == 0
+    assert_same_run(single, out)
+    assert all("lora_" in key for key in final_weights(out))

@@ -291,3 +291,28 @@ def test_fused_gelu_model_gives_the_same_dpo_loss_and_gradients():
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert fuse_gelu(model) == 0  # nothing left to replace
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_a_frozen_head_keeps_no_tiles_and_runs_no_weight_gradient(monkeypatch, store):
+    """Under LoRA the LM head is frozen: in fp32 its backward needs only E W, so the forward keeps no softmax
+    tile and the backward skips the weight-gradient matmul (a third of the head's FLOPs); dh is unchanged."""
+    from dpo.lm_head import workspace_pool
+
+    hidden, weight, bias, targets, upstream = head_inputs()
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    want = torch.autograd.grad((plain_head(hidden, weight, bias, targets)[0] * upstream).sum(), [hidden])[0]
+    calls = []
+    real = lm_head._left_t_times
+    monkeypatch.setattr(lm_head, "_left_t_times", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    workspace_pool.clear()
+    logps, _ = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, store=store)
+    got = torch.autograd.grad((logps * upstream).sum(), [hidden])[0]
+    assert calls == [] and workspace_pool.free == []
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    weight.requires_grad_(True)  # the same call with a trainable head runs it
+    logps, _ = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, store=store)
+    torch.autograd.grad((logps * upstream).sum(), [hidden, weight])
+    assert calls
+    workspace_pool.clear()

@@ -1,0 +1,222 @@
+"""LoRA with peft: the policy trains low-rank adapters on a frozen base; the reference is that same base.
+
+    LoraSettings   the --lora-* flags, --adapter, --merge-lora, --load-in-4bit / --load-in-8bit
+    add_adapters   base model -> Adapters: new adapters, or an adapter directory (an SFT adapter to start from, a
+                   checkpoint's) loaded trainable; with --adapter, that SFT adapter once more, frozen, as the reference
+    Adapters       the policy under LoRA: the model the scorer runs, its reference mode, saving the adapter only
+    load_adapter_model   an adapter directory -> its base model with the adapter merged in (generation, evaluation)
+
+The reference is never a second model in memory. Without --adapter it is the base with the adapters switched off
+(`peft`'s disable_adapter); with --adapter it is the base with the SFT adapter, kept as a frozen second adapter
+(a few MB) beside the one being trained, so the reference is not the bare base (a known failure of trainers that
+switch the adapters off in that case). At step 0 the trained adapter equals the reference's (new adapters: B = 0
+adds exactly nothing), which train.py's step-0 check verifies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpo.errors import UserError, first_line
+from dpo.modeling import ADAPTER_CONFIG, load_causal_lm
+from dpo.settings import ConfigError, check_settings, in_range, non_negative, positive, setting
+
+REFERENCE_ADAPTER = "reference"
+TRAINED_ADAPTER = "default"
+DOUBLE_RANK = "auto"  # --lora-alpha's default: 2 x --lora-r
+
+
+class LoraError(UserError):
+    """A LoRA setting or adapter that cannot work, in one line."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA (peft): each field is a flag of train.py. --lora-r 0 and no --adapter: full fine-tuning."""
+
+    lora_r: int = setting(0, "LoRA rank: train low-rank adapters on a frozen base (0: full fine-tuning)",
+                          check=non_negative)
+    lora_alpha: float = setting(DOUBLE_RANK, "LoRA scaling numerator, the update is alpha / r x B A ('auto': 2 x "
+                                             "--lora-r)", check=positive)
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input (the base stays deterministic)",
+                                  check=in_range(0.0, 1.0))
+    lora_target_modules: str = setting("all-linear", "modules given adapters: comma-separated module names, or "
+                                                     "all-linear (every linear layer of the decoder, not the LM head)")
+    lora_modules_to_save: str | None = setting(None, "modules trained in full and saved with the adapter "
+                                                     "(comma-separated names, e.g. lm_head)")
+    adapter: str | None = setting(None, "start from this SFT LoRA adapter (a directory); the reference is the base "
+                                        "with it, and the policy trains a copy of it (its own rank and targets)")
+    merge_lora: bool = setting(False, "also write final/merged: the base with the trained adapter merged in",
+                               identity=False)
+    load_in_4bit: bool = setting(False, "QLoRA: keep the frozen base in 4-bit NF4 (bitsandbytes, CUDA)")
+    load_in_8bit: bool = setting(False, "keep the frozen base in 8-bit (bitsandbytes, CUDA)")
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha == DOUBLE_RANK and isinstance(self.lora_r, int):
+            object.__setattr__(self, "lora_alpha", float(2 * max(self.lora_r, 1)))
+        check_settings(self)
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool):
+            raise ConfigError(f"--lora-r must be a whole number, got {self.lora_r!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
+        if (self.load_in_4bit or self.load_in_8bit or self.merge_lora) and not self.enabled:
+            flag = "--merge-lora" if self.merge_lora else "--load-in-4bit / --load-in-8bit"
+            raise ConfigError(f"{flag} needs LoRA: set --lora-r (or --adapter)")
+        if not self.lora_target_modules.strip():
+            raise ConfigError("--lora-target-modules is empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_r > 0 or self.adapter is not None
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter directory was trained on (its adapter_config.json)."""
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoraError(f"{file}: cannot be read ({first_line(error)})") from None
+    if not base:
+        raise LoraError(f"{file}: names no base model (base_model_name_or_path)")
+    return base
+
+
+def quantization_config(settings: LoraSettings, device: torch.device) -> Any:
+    """transformers' BitsAndBytesConfig for --load-in-4bit / --load-in-8bit, or None; one line where bitsandbytes
+    cannot run (it needs a CUDA device)."""
+    if not settings.quantized:
+        return None
+    flag = "--load-in-4bit" if settings.load_in_4bit else "--load-in-8bit"
+    if device.type != "cuda":
+        raise LoraError(f"{flag} quantizes the base with bitsandbytes, which needs a CUDA device; this run is on "
+                        f"{device.type} (train LoRA on the full-precision base instead)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoraError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if settings.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+class Adapters:
+    """A policy under LoRA: `model` is the causal LM with the adapters in its layers (what the scorer runs and the
+    optimizer trains), `reference()` a context in which that same model computes the reference."""
+
+    def __init__(self, peft_model: Any, with_reference_adapter: bool):
+        self.peft_model = peft_model
+        self.with_reference_adapter = with_reference_adapter
+
+    @property
+    def model(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The base with the adapters off, or with the frozen SFT adapter (--adapter)."""
+        if not self.with_reference_adapter:
+            with self.peft_model.disable_adapter():
+                yield
+            return
+        self.peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.peft_model.set_adapter(TRAINED_ADAPTER)  # trainable again, the reference adapter frozen
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def save(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The trained adapter only (adapter_config.json, adapter_model.safetensors). `state_dict`: the trained
+        weights gathered from all processes, keyed as `model` names them (peft's names add a prefix)."""
+        if state_dict is not None:
+            state_dict = {f"base_model.model.{name}": tensor for name, tensor in state_dict.items()}
+        self.peft_model.save_pretrained(directory, selected_adapters=[TRAINED_ADAPTER], state_dict=state_dict)
+
+
+def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = None, seed: int = 0) -> Adapters:
+    """`base` (frozen) with the adapter to train: loaded from `start` (a checkpoint's adapter, else --adapter) or
+    new (--lora-r, --lora-alpha, ...; A drawn from `seed`, B = 0). With --adapter, also that adapter, frozen, as the
+    reference."""
+    from peft import PeftModel, get_peft_model
+
+    start = start or settings.adapter
+    if start is None:
+        try:
+            with _quiet_peft(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                peft_model = get_peft_model(base, peft_config(settings))
+        except ValueError as error:  # e.g. "Target modules {...} not found in the base model"
+            raise LoraError(f"--lora-target-modules {settings.lora_target_modules}: {first_line(error)}") from None
+    else:
+        peft_model = _load_adapter(PeftModel, base, start, TRAINED_ADAPTER, trainable=True)
+    if settings.adapter is not None:
+        _load_adapter(peft_model.load_adapter, None, settings.adapter, REFERENCE_ADAPTER, trainable=False)
+        peft_model.set_adapter(TRAINED_ADAPTER)
+    return Adapters(peft_model, with_reference_adapter=settings.adapter is not None)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft asks transformers' deprecated is_gradient_checkpointing: a warning that is neither ours nor the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def peft_config(settings: LoraSettings) -> Any:
+    """peft's LoraConfig of new adapters (--lora-r, --lora-alpha, --lora-dropout, --lora-target-modules,
+    --lora-modules-to-save)."""
+    from peft import LoraConfig
+
+    targets = settings.lora_target_modules.strip()
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules="all-linear" if targets == "all-linear" else _names(targets),
+                      modules_to_save=_names(settings.lora_modules_to_save), task_type="CAUSAL_LM")
+
+
+def _load_adapter(loader: Any, base: nn.Module | None, path: str, name: str, *, trainable: bool) -> Any:
+    if not is_adapter_dir(path):
+        raise LoraError(f"adapter {path}: not an adapter directory (no {ADAPTER_CONFIG})")
+    try:
+        with _quiet_peft():
+            if base is not None:
+                return loader.from_pretrained(base, path, adapter_name=name, is_trainable=trainable)
+            return loader(path, adapter_name=name, is_trainable=trainable)
+    except Exception as error:  # peft raises RuntimeError (size mismatch), KeyError, ValueError...
+        raise LoraError(f"adapter {path} does not fit this base model, trained on {adapter_base(path)} "
+                        f"({first_line(error)})") from None
+
+
+def load_adapter_model(path: str, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """An adapter directory as a plain causal LM: its base (adapter_config.json) with the adapter merged in."""
+    from peft import PeftModel
+
+    base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
+    return _load_adapter(PeftModel, base, path, TRAINED_ADAPTER, trainable=False).merge_and_unload()

@@ -1,0 +1,234 @@
+"""LoRA (peft): adapters on a frozen base, the reference that base, adapter-only checkpoints, merged models."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from dpo.config import parse_config
+from dpo.data import collate_pairs
+from dpo.logprobs import SequenceScorer
+from dpo.lora import REFERENCE_ADAPTER
+from dpo.metrics import read_metrics
+from dpo.modeling import load_causal_lm
+from tiny import make_model_dir, random_pairs, write_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"pairs_per_s", "tokens_per_s"}
+# peft itself asks transformers' deprecated is_gradient_checkpointing when these tests load adapters directly
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    make_model_dir(root / "model")
+    make_model_dir(root / "other", hidden_size=48)  # another base model: other shapes
+    write_pairs(root / "pairs.jsonl", 80)
+    return root
+
+
+def args(workdir: Path, out: str, *extra: str) -> list[str]:
+    return ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir",
+            str(workdir / out), "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-2",
+            "--seed", "0", "--no-progress", "--no-plot", "--batch-size", "8", "--micro-batch-size", "4",
+            "--max-eval-pairs", "4", "--warmup-ratio", "0", "--lora-r", "4", *extra]
+
+
+def run(workdir: Path, out: str, *extra: str) -> Path:
+    assert train.main(args(workdir, out, *extra)) == 0
+    return workdir / out
+
+
+def scored(model, pairs, adapters=None, reference=False):
+    scorer = SequenceScorer(model)
+    with torch.no_grad():
+        if reference:
+            with adapters.reference():
+                return scorer(collate_pairs(pairs, pad_id=0)).sum
+        return scorer(collate_pairs(pairs, pad_id=0)).sum
+
+
+def policy_of(workdir: Path, *flags: str):
+    cfg = parse_config(args(workdir, "unused", *flags))
+    return train.build_policy(cfg, torch.device("cpu"))
+
+
+def test_at_init_the_policy_is_the_reference_and_the_base(workdir):
+    policy, adapters = policy_of(workdir)
+    pairs = random_pairs(6, 97, seed=1)
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) == adapters.trainable_parameters() > 0
+    assert all("lora_" in name for name, p in policy.named_parameters() if p.requires_grad)
+    base = load_causal_lm(str(workdir / "model"))
+    want = scored(base, pairs)
+    assert torch.equal(scored(policy, pairs), want)  # B = 0: the adapters add exactly nothing
+    assert torch.equal(scored(policy, pairs, adapters, reference=True), want)
+
+
+def test_a_step_changes_only_the_adapters_and_the_reference_stays_the_base(workdir):
+    cfg = parse_config(args(workdir, "unused"))
+    policy, adapters = train.build_policy(cfg, torch.device("cpu"))
+    frozen = {name: p.detach().clone() for name, p in policy.named_parameters() if not p.requires_grad}
+    trained = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+    pairs = random_pairs(8, 97, seed=2)
+    state = train.build_state(cfg, policy, adapters, device=torch.device("cpu"), dist=train.DistInfo(),
+                              collate=lambda p: collate_pairs(p, pad_id=0), workspace_pairs=pairs)
+    reference = train.ReferenceLogps(*[scored(policy, pairs).reshape(2, -1)[i] for i in range(2)])
+    for _ in range(2):
+        train.train_step(state, train.PairBatch(pairs, reference), lr=1e-2)
+    for name, p in policy.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert any(not torch.equal(p, trained[name]) for name, p in policy.named_parameters() if name in trained)
+    base = train.load_model(cfg, str(workdir / "model"), torch.device("cpu"))  # loaded as training loads a model
+    assert torch.equal(scored(policy, pairs, adapters, reference=True), scored(base, pairs))
+    assert not torch.allclose(scored(policy, pairs), scored(base, pairs), atol=1e-3)
+    plain = load_causal_lm(str(workdir / "model"))  # unfused GELU: equal to fp32 rounding
+    torch.testing.assert_close(scored(policy, pairs, adapters, reference=True), scored(plain, pairs), atol=1e-5,
+                               rtol=0)
+
+
+def test_lora_run_resumes_bit_exactly_from_adapter_only_checkpoints(workdir):
+    common = ("--max-steps", "4", "--eval-steps", "2", "--loss", "sigmoid:0.7,bco_pair:0.3")
+    straight = run(workdir, "straight", *common)
+    split = run(workdir, "split", *common, "--stop-at-step", "2")
+    checkpoint = split / "checkpoint-2"
+    assert sorted(p.name for p in (checkpoint / "model").iterdir() if p.suffix in (".json", ".safetensors")) == \
+        ["adapter_config.json", "adapter_model.safetensors"]
+    adapter = load_file(checkpoint / "model" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert all("lora_" in name for name in optimizer["state"])
+    run(workdir, "split", *common, "--resume")
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(split / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING} for r in records]  # noqa: E731
+    assert strip(read_metrics(straight / "metrics.jsonl")) == strip(read_metrics(split / "metrics.jsonl"))
+
+
+def test_final_is_an_adapter_directory_and_merging_gives_the_same_logits(workdir):
+    out = run(workdir, "merged", "--max-steps", "3", "--merge-lora")
+    from peft import AutoPeftModelForCausalLM
+
+    adapter_model = AutoPeftModelForCausalLM.from_pretrained(str(out / "final")).eval()
+    merged = load_causal_lm(str(out / "final" / "merged")).eval()
+    ids = torch.randint(1, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = adapter_model(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    base = load_causal_lm(str(workdir / "model")).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, want, atol=1e-3)  # training moved the adapter
+    # the adapter directory also loads as a plain model (generate.py, dpo.evaluate): the same logits
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(str(out / "final")).eval()(input_ids=ids).logits, want, atol=1e-5,
+                                   rtol=0)
+    assert json.loads((out / "final" / "dpo_run.json").read_text())["lora_r"] == 4
+
+
+def test_generate_and_evaluate_take_an_adapter_directory(workdir, tmp_path, capsys):
+    import generate
+    from dpo import evaluate
+
+    out = run(workdir, "serve", "--max-steps", "2")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "what color is the sun?"}\n{"instruction": "tell me about the moon"}\n')
+    assert generate.main(["--model", str(out / "final"), "--instructions", str(prompts), "--output",
+                          str(tmp_path / "out.json"), "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert len(json.loads((tmp_path / "out.json").read_text())) == 2
+    # the adapter as --model and as --reference: the policy against itself has zero margins
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(out / "final"), "--reference", str(out / "final"), "--skip-win-rate",
+                          "--implicit-reward", "--max-pairs", "4", "--no-progress"]) == 0
+    implicit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["implicit_reward"]
+    assert implicit["pairs"] >= 1 and implicit["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sft_adapter_is_the_reference_not_the_bare_base(workdir):
+    """--adapter: the policy trains a copy of the SFT adapter; the reference is base + that adapter."""
+    sft = run(workdir, "sft", "--max-steps", "2")  # an adapter that differs from the bare base
+    policy, adapters = policy_of(workdir, "--adapter", str(sft / "final"))
+    assert REFERENCE_ADAPTER in adapters.peft_model.peft_config
+    pairs = random_pairs(6, 97, seed=3)
+    from peft import PeftModel
+
+    separately = PeftModel.from_pretrained(load_causal_lm(str(workdir / "model")), str(sft / "final")).eval()
+    base = load_causal_lm(str(workdir / "model"))
+    want = scored(separately.get_base_model(), pairs)
+    assert torch.allclose(scored(policy, pairs, adapters, reference=True), want, atol=1e-5)
+    assert not torch.allclose(want, scored(base, pairs), atol=1e-3)
+    assert torch.allclose(scored(policy, pairs), want, atol=1e-5)  # the trained copy starts where the SFT adapter is
+    out = run(workdir, "from-sft", "--adapter", str(sft / "final"), "--max-steps", "2", "--no-precompute-ref")
+    assert json.loads((out / "final" / "dpo_run.json").read_text())["reference_model"] == str(sft / "final")
+    # training moved the copy; the reference adapter (frozen) did not move: the run's step-0 check passed too
+    trained = load_file(out / "final" / "adapter_model.safetensors")
+    start = load_file(sft / "final" / "adapter_model.safetensors")
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--lora-r", "-1"), "--lora-r must be a non-negative number"),
+    (("--lora-target-modules", "no_such_proj"), "--lora-target-modules no_such_proj:"),
+    (("--load-in-4bit",), "--load-in-4bit quantizes the base with bitsandbytes, which needs a CUDA device"),
+    (("--lora-r", "0", "--merge-lora"), "--merge-lora needs LoRA"),
+])
+def test_bad_lora_input_is_one_clear_line(workdir, tmp_path, capsys, flags, message):
+    argv = args(workdir, "unused") + ["--output-dir", str(tmp_path / "out"), "--max-steps", "1", *flags]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_an_adapter_of_another_base_model_is_one_clear_line(workdir, tmp_path, capsys):
+    other = tmp_path / "other-run"
+    argv = args(workdir, "unused") + ["--model", str(workdir / "other"), "--output-dir", str(other), "--max-steps", "1"]
+    assert train.main(argv) == 0
+    bad = args(workdir, "unused") + ["--output-dir", str(tmp_path / "out"), "--adapter", str(other / "final")]
+    assert train.cli(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: adapter {other / 'final'} does not fit this base model, trained on")
+    assert "\n" not in err
+    assert train.cli(args(workdir, "unused") + ["--output-dir", str(tmp_path / "o2"), "--adapter",
+                                                str(workdir / "model")]) == 2
+    assert "not an adapter directory" in capsys.readouterr().err
+
+
+def test_the_lora_recipe_resolves_and_its_code_path_trains_a_tiny_phi(workdir, shared_dir):
+    cfg = parse_config(["--config", "configs/phi2_ultrafeedback_lora.json"])
+    recipe = parse_config(["--config", "configs/phi2_ultrafeedback.json"]).to_dict()
+    changed = {k for k, v in cfg.to_dict().items() if v != recipe[k]}
+    assert changed == {"lora_r", "lora_alpha", "lora_dropout", "merge_lora", "gradient_checkpointing", "output_dir"}
+    assert (cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.precision) == (16, 32.0, "fp16")
+    data = shared_dir / "data" / "alpacaeval-phi2-prefs" / "ultrafeedback_schema"
+    out = workdir / "recipe"
+    argv = ["--config", "configs/phi2_ultrafeedback_lora.json", "--model", str(workdir / "model"), "--dataset",
+            str(data), "--output-dir", str(out), "--num-pairs", "16", "--batch-size", "8", "--micro-batch-size", "4",
+            "--max-steps", "2", "--max-length", "64", "--max-prompt-length", "32", "--max-eval-pairs", "4",
+            "--no-progress", "--no-plot"]
+    assert train.main(argv) == 0  # fp16 autocast on the fp16 base, GradScaler, LoRA, checkpointing, merge
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert (out / "final" / "adapter_config.json").is_file() and (out / "final" / "merged" / "config.json").is_file()
+
+
+def test_the_step_0_check_stops_a_run_whose_reference_is_not_its_start(workdir, tmp_path, capsys, monkeypatch):
+    """A wrong reference (here: the reference pass given another model) stops the run before any update."""
+    real = train.reference_model
+
+    def wrong_reference(cfg, policy, adapters, device, *, fresh):
+        return train.load_model(cfg, str(workdir / "other"), device), lambda: torch.no_grad()
+
+    monkeypatch.setattr(train, "reference_model", wrong_reference)
+    argv = args(workdir, "unused") + ["--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--lora-r", "0",
+                                      "--model", str(workdir / "model")]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "step 1: before any update the policy's log-probs must equal the reference's" in err and "\n" not in err
+    assert not (tmp_path / "out" / "final").exists()
+    monkeypatch.setattr(train, "reference_model", real)
+    assert train.cli(argv[:-2] + ["--model", str(workdir / "model"), "--overwrite"]) == 0
