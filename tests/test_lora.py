@@ -232,3 +232,27 @@ def test_the_step_0_check_stops_a_run_whose_reference_is_not_its_start(workdir, 
     assert not (tmp_path / "out" / "final").exists()
     monkeypatch.setattr(train, "reference_model", real)
     assert train.cli(argv[:-2] + ["--model", str(workdir / "model"), "--overwrite"]) == 0
+
+
+def test_modules_to_save_train_in_full_and_the_reference_keeps_the_original(workdir):
+    """--lora-modules-to-save lm_head: a trainable copy of the head is saved with the adapter; the fused LM head
+    reads the copy in the policy and the original in the reference."""
+    cfg = parse_config(args(workdir, "unused", "--lora-modules-to-save", "lm_head"))
+    policy, adapters = train.build_policy(cfg, torch.device("cpu"))
+    head = policy.get_output_embeddings()
+    assert head.weight.requires_grad
+    pairs = random_pairs(8, 97, seed=4)
+    base = load_causal_lm(str(workdir / "model"))
+    want = scored(base, pairs)
+    torch.testing.assert_close(scored(policy, pairs), want, atol=1e-5, rtol=0)
+    state = train.build_state(cfg, policy, adapters, device=torch.device("cpu"), dist=train.DistInfo(),
+                              collate=lambda p: collate_pairs(p, pad_id=0), workspace_pairs=pairs)
+    reference = train.ReferenceLogps(*want.reshape(2, -1))
+    for _ in range(2):
+        train.train_step(state, train.PairBatch(pairs, reference), lr=1e-2)
+    torch.testing.assert_close(scored(policy, pairs, adapters, reference=True), want, atol=1e-5, rtol=0)
+    moved = scored(policy, pairs)
+    assert not torch.allclose(moved, want, atol=1e-3)
+    out = run(workdir, "to-save", "--lora-modules-to-save", "lm_head", "--max-steps", "2")
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    assert any("lm_head" in key for key in saved) and any("lora_" in key for key in saved)
