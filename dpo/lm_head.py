@@ -342,9 +342,10 @@ def _backward_fp32(ops: _Operands, g: Tensor, targets: Tensor, saved_blocks, wor
     n, d, vocab = ops.h.shape[0], ops.d, ops.vocab
     with_b = ops.b is not None and need_b
     cols = d + 1 if with_b else d
-    grad_h = torch.empty(n, d, device=ops.h.device) if need_h else None
-    grad_w = torch.empty(vocab, d, device=ops.h.device) if need_w or with_b else None
-    grad_b = torch.empty(vocab, device=ops.h.device) if with_b else None
+    alloc = torch.empty if n else torch.zeros  # the row blocks write every entry, but there are none when n = 0
+    grad_h = alloc(n, d, device=ops.h.device) if need_h else None
+    grad_w = alloc(vocab, d, device=ops.h.device) if need_w or with_b else None
+    grad_b = alloc(vocab, device=ops.h.device) if with_b else None
     tiles_needed = grad_w is not None  # dh needs only E W: a frozen head reads no tile
     scratch = None if workspace is not None or not tiles_needed else torch.empty(vocab_chunk * min(n, row_chunk),
                                                                                  device=ops.h.device)

@@ -55,6 +55,21 @@ def test_fused_head_equals_plain_autograd_fp32(store, row_chunk, vocab_chunk, bi
         assert a.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("store", [True, False])
+def test_fused_head_with_no_scored_token_has_zero_gradients(dtype, store):
+    """A micro-batch whose responses are all masked scores no row: the gradients are 0, not uninitialised memory
+    (which trained a NaN model before the empty case was handled)."""
+    _, weight, bias, _, _ = head_inputs()
+    hidden, targets = torch.zeros(0, weight.shape[1], requires_grad=True), torch.zeros(0, dtype=torch.long)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logps, _ = lm_head_logps(hidden, weight, bias, targets, store=store)
+        grads = torch.autograd.grad(logps.sum(), [hidden, weight, bias], allow_unused=True)
+    assert logps.shape == (0,)
+    for grad, leaf in zip(grads, (hidden, weight, bias)):
+        assert grad is not None and grad.shape == leaf.shape and not grad.any()
+
+
 @pytest.mark.parametrize("n,row_slice", [(300, None), (29, 7), (29, 28)])
 @pytest.mark.parametrize("store", [True, False])
 def test_fused_head_backward_summed_over_row_slices_equals_plain(monkeypatch, n, row_slice, store):
