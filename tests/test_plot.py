@@ -1,302 +1,278 @@
-"""Tests for dpo/plot.py: the PNG encoder/decoder, the rasterizer and the training-curve layout."""
+"""Tests for dpo/plot.py: the panels and line data of the training figure, and the PNG written from it."""
 
 from __future__ import annotations
 
 import math
-import struct
-import zlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from dpo import plot
-from dpo.plot import (
-    BACKGROUND, CANVAS_HEIGHT, CANVAS_WIDTH, EVAL_COLOR, FRAME_COLOR, GLYPHS, GRID_COLOR, HEADER_HEIGHT, PANELS,
-    TEXT_COLOR, TRAIN_COLOR, PlotInputError, PNGError, draw_polyline, format_tick, panel_axes, plot_training_curves,
-    read_png, render_training_curves, write_png,
-)
+from dpo.errors import UserError
+from dpo.plot import DPI, FIGSIZE, PlotInputError, _scientific, plot_training_curves, training_figure
 
-PALETTE = {BACKGROUND, FRAME_COLOR, GRID_COLOR, TEXT_COLOR, TRAIN_COLOR, EVAL_COLOR}
-
-
-def _chunks(data: bytes) -> list[tuple[bytes, bytes, int]]:
-    """(type, body, stored CRC) of every chunk, parsed independently of dpo.plot."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    out, pos = [], 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        out.append((kind, body, crc))
-        pos += 12 + length
-    assert pos == len(data), "trailing bytes after the last chunk"
-    return out
+REPO = Path(__file__).resolve().parents[1]
+BASE_TITLES = ["loss", "reward accuracy", "reward margin", "rewards", "policy log-probs", "learning rate"]
+WIN_RATE_TITLE = "win rate against the reference"
 
 
-def _mask(image: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
-    return np.all(image == np.array(color, dtype=np.uint8), axis=-1)
-
-
-def _records(n_steps: int = 40, eval_every: int = 10) -> list[dict]:
+def _records(n_steps: int = 20, eval_every: int = 5, win_rate: bool = False) -> list[dict]:
     records = []
     for step in range(1, n_steps + 1):
-        records.append({"step": step, "split": "train", "loss": 0.7 * math.exp(-step / 20),
-                        "rewards/accuracies": 0.5 + 0.4 * step / n_steps, "rewards/margins": step / 10})
+        records.append({"split": "train", "step": step, "loss": 0.7 * math.exp(-step / 10),
+                        "rewards/chosen": 0.05 * step, "rewards/rejected": -0.1 * step,
+                        "rewards/accuracies": 0.5 + 0.02 * step, "rewards/margins": 0.15 * step,
+                        "logps/chosen": -200.0 - step, "logps/rejected": -210.0 - 2 * step,
+                        "lr": 1e-6 * step / n_steps, "grad_norm": 1.0})
         if step % eval_every == 0:
-            records.append({"step": step, "split": "eval", "loss": 0.8 * math.exp(-step / 30),
-                            "rewards/accuracies": 0.5 + 0.3 * step / n_steps, "rewards/margins": step / 12})
+            record = {"split": "eval", "step": step, "loss": 0.8 * math.exp(-step / 15),
+                      "rewards/accuracies": 0.5 + 0.01 * step, "rewards/margins": 0.1 * step}
+            if win_rate:
+                record.update({"generate/win_rate": 0.5 + 0.01 * step, "generate/win_rate_low": 0.4 + 0.01 * step,
+                               "generate/win_rate_high": 0.6 + 0.01 * step, "generate/mean_length": 100.0 + step,
+                               "generate/reference_mean_length": 90.0})
+            records.append(record)
     return records
 
 
-# ----------------------------------------------------------------------------- PNG
+def _panels(figure) -> dict:
+    return {ax.get_title(): ax for ax in figure.axes}
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (64, 33, 3)])
-def test_png_round_trip_random_pixels(tmp_path: Path, shape):
-    rgb = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
-    path = tmp_path / "img.png"
-    write_png(path, rgb)
-    back = read_png(path)
-    assert back.dtype == np.uint8 and back.shape == shape
-    np.testing.assert_array_equal(back, rgb)
+def _line(ax, label: str):
+    matches = [line for line in ax.get_lines() if line.get_label() == label]
+    assert len(matches) == 1, [line.get_label() for line in ax.get_lines()]
+    return matches[0]
 
 
-def test_png_signature_header_and_every_crc(tmp_path: Path):
-    rgb = np.random.default_rng(1).integers(0, 256, size=(5, 9, 3), dtype=np.uint8)
-    path = tmp_path / "img.png"
-    write_png(path, rgb)
-    chunks = _chunks(path.read_bytes())
-    kinds = [kind for kind, _, _ in chunks]
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and set(kinds[1:-1]) == {b"IDAT"}
-    for kind, body, crc in chunks:
-        assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc, kind
-    width, height, depth, color_type, compression, filter_method, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (width, height) == (9, 5)
-    assert (depth, color_type, compression, filter_method, interlace) == (8, 2, 0, 0, 0)
-    # decode the pixel data here, without read_png: every row is filter byte 0 followed by RGB triples
-    raw = zlib.decompress(b"".join(body for kind, body, _ in chunks if kind == b"IDAT"))
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(5, 1 + 9 * 3)
-    assert not rows[:, 0].any()
-    np.testing.assert_array_equal(rows[:, 1:].reshape(5, 9, 3), rgb)
+def _column(records: list[dict], split: str, key: str) -> tuple[list[float], list[float]]:
+    chosen = [r for r in records if r["split"] == split and key in r]
+    return [r["step"] for r in chosen], [math.nan if r[key] is None else r[key] for r in chosen]
 
 
-def test_read_png_rejects_corrupted_crc(tmp_path: Path):
-    path = tmp_path / "img.png"
-    write_png(path, np.zeros((4, 4, 3), dtype=np.uint8))
-    data = bytearray(path.read_bytes())
-    data[-20] ^= 0xFF  # inside the IDAT body: its CRC no longer matches
-    path.write_bytes(bytes(data))
-    with pytest.raises(PNGError, match="CRC mismatch in chunk IDAT"):
-        read_png(path)
-    path.write_bytes(b"GIF89a" + bytes(data[6:]))
-    with pytest.raises(PNGError, match="signature"):
-        read_png(path)
+# ----------------------------------------------------------------------------- the figure
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3), dtype=np.float32), np.zeros((4, 4), dtype=np.uint8),
-                                 np.zeros((4, 4, 4), dtype=np.uint8), np.zeros((0, 4, 3), dtype=np.uint8)])
-def test_write_png_rejects_bad_arrays_and_keeps_existing_file(tmp_path: Path, bad):
-    path = tmp_path / "img.png"
-    good = np.full((2, 3, 3), 7, dtype=np.uint8)
-    write_png(path, good)
-    with pytest.raises(ValueError, match="write_png expects"):
-        write_png(path, bad)
-    np.testing.assert_array_equal(read_png(path), good)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]  # no temporary file left behind
+def test_panels_have_titles_axis_labels_and_a_grid():
+    figure = training_figure(_records(), title="DPO sigmoid beta 0.1")
+    assert [ax.get_title() for ax in figure.axes] == BASE_TITLES
+    assert figure.get_suptitle() == "DPO sigmoid beta 0.1"
+    assert tuple(figure.get_size_inches()) == FIGSIZE and figure.dpi == DPI
+    for ax in figure.axes:
+        assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel()
+        assert any(line.get_visible() for line in ax.get_xgridlines())
+    assert training_figure(_records()).get_suptitle() == ""
 
 
-# ----------------------------------------------------------------------------- rasterizer and font
-
-
-def test_horizontal_and_vertical_lines_are_exactly_two_pixels_thick():
-    image = np.zeros((30, 30, 3), dtype=np.uint8)
-    draw_polyline(image, np.array([5, 20]), np.array([10, 10]), (255, 0, 0), (0, 0, 29, 29))
-    painted = np.argwhere(_mask(image, (255, 0, 0)))
-    assert set(map(tuple, painted)) == {(r, c) for r in (10, 11) for c in range(5, 22)}
-    image[:] = 0
-    draw_polyline(image, np.array([3, 3]), np.array([2, 12]), (255, 0, 0), (0, 0, 29, 29))
-    assert set(map(tuple, np.argwhere(_mask(image, (255, 0, 0))))) == {(r, c) for r in range(2, 14) for c in (3, 4)}
-
-
-def test_diagonal_segment_has_no_gaps_and_stays_in_clip_box():
-    image = np.zeros((50, 50, 3), dtype=np.uint8)
-    clip = (10, 10, 40, 40)
-    draw_polyline(image, np.array([0, 49, 12]), np.array([3, 30, 49]), (0, 255, 0), clip)
-    painted = _mask(image, (0, 255, 0))
-    rows, cols = np.nonzero(painted)
-    assert rows.min() >= 10 and rows.max() <= 40 and cols.min() >= 10 and cols.max() <= 40
-    # brute force: every point of the ideal first segment inside the clip box is within 1 px of a painted pixel
-    for t in np.linspace(0, 1, 400):
-        x, y = 0 + 49 * t, 3 + 27 * t
-        if 11 <= x <= 39 and 11 <= y <= 39:
-            assert painted[int(round(y)) - 1:int(round(y)) + 2, int(round(x)) - 1:int(round(x)) + 2].any(), (x, y)
-
-
-def test_glyphs_cover_every_label_the_module_draws():
-    labels = [title for _, title, _ in PANELS] + ["NO DATA", "STEP", "TRAIN", "EVAL", "...", "?"]
-    labels += [format_tick(v) for v in (0.0, -0.0, 1.0, 0.6931, -1.234e-5, 3.5e7, 12345.678, -2.5, 1e-300, 0.1 + 0.2)]
-    labels += [format_tick(v, integer=True) for v in (0, 7, 1200, -1)]
-    for label in labels:
-        missing = sorted(set(label.upper()) - set(GLYPHS))
-        assert not missing, f"no glyph for {missing} in {label!r}"
-    digits_and_signs = set("0123456789.-+E")
-    assert digits_and_signs <= set(GLYPHS)
-
-
-def test_glyph_bitmaps_are_well_formed_and_distinct():
-    seen: dict[bytes, str] = {}
-    for char, glyph in GLYPHS.items():
-        assert glyph.shape == (7, 5) and glyph.dtype == bool, char
-        assert glyph.any() == (char != " "), char
-        key = glyph.tobytes()
-        assert key not in seen, f"{char!r} and {seen.get(key)!r} share a bitmap"
-        seen[key] = char
-
-
-def test_format_tick():
-    assert format_tick(0.69314718) == "0.6931"
-    assert format_tick(-0.0) == "0"
-    assert format_tick(1.5e-5) == "1.5E-05"
-    assert format_tick(200.0, integer=True) == "200"
-    assert format_tick(2.5, integer=True) == "2.5"
-
-
-# ----------------------------------------------------------------------------- the training-curve figure
-
-
-def test_known_series_draws_train_line_and_eval_markers_where_expected():
+def test_loss_panel_lines_are_the_train_and_eval_records():
     records = _records()
-    image = render_training_curves(records)
-    assert image.shape == (CANVAS_HEIGHT, CANVAS_WIDTH, 3) and image.dtype == np.uint8
-    loss_axes = panel_axes(records)[0]
-    left, top, right, bottom = loss_axes.frame
-    assert right < CANVAS_WIDTH // 3 and top >= HEADER_HEIGHT
-    train = _mask(image, TRAIN_COLOR)
-    evals = _mask(image, EVAL_COLOR)
-    assert train[top:bottom, left:right].sum() > 100
-    assert evals[top:bottom, left:right].sum() > 20
-
-    # expected pixel of every eval point, from the linear map written out here (not via Axes.to_pixel)
-    plot_left, plot_top, plot_right, plot_bottom = loss_axes.plot_area
-    losses = [r["loss"] for r in records]
-    lo, hi = min(losses), max(losses)
-    for record in (r for r in records if r["split"] == "eval"):
-        col = plot_left + (record["step"] - 1) / (40 - 1) * (plot_right - plot_left)
-        row = plot_bottom - (record["loss"] - lo) / (hi - lo) * (plot_bottom - plot_top)
-        assert evals[round(row), round(col)], record
-    # the first and last train points pin the corners of the plot area (loss is decreasing, steps 1..40)
-    assert train[plot_top, plot_left] and train[plot_bottom, plot_right]
+    loss = _panels(training_figure(records))["loss"]
+    train, evals = _line(loss, "train"), _line(loss, "eval")
+    steps, values = _column(records, "train", "loss")
+    np.testing.assert_array_equal(train.get_xdata(), steps)
+    np.testing.assert_allclose(train.get_ydata(), values)
+    assert train.get_marker() in (None, "None", "")  # a plain line: 20 points
+    eval_steps, eval_values = _column(records, "eval", "loss")
+    assert eval_steps == [5, 10, 15, 20]
+    np.testing.assert_array_equal(evals.get_xdata(), eval_steps)
+    np.testing.assert_allclose(evals.get_ydata(), eval_values)
+    assert evals.get_marker() == "o" and evals.get_linestyle() != "None"
+    assert loss.get_legend() is not None
+    assert {text.get_text() for text in loss.get_legend().get_texts()} == {"train", "eval"}
 
 
-def test_rising_accuracy_ends_higher_on_the_image_than_it_starts():
-    records = [{"step": s, "split": "train", "rewards/accuracies": 0.2 + 0.015 * s} for s in range(0, 50)]
-    train = _mask(render_training_curves(records), TRAIN_COLOR)
-    panel = train[HEADER_HEIGHT:, CANVAS_WIDTH // 3:2 * CANVAS_WIDTH // 3]  # accuracy panel, below the legend
-    cols = np.nonzero(panel.any(axis=0))[0]
-    first_rows = np.nonzero(panel[:, cols.min()])[0]
-    last_rows = np.nonzero(panel[:, cols.max()])[0]
-    assert last_rows.mean() < first_rows.mean() - 100
+def test_a_single_eval_point_is_a_visible_marker():
+    records = _records(n_steps=6, eval_every=6)
+    evals = _line(_panels(training_figure(records))["reward margin"], "eval")
+    np.testing.assert_allclose(evals.get_ydata(), [0.6])
+    assert evals.get_marker() == "o" and evals.get_markersize() >= 4
 
 
-def test_accuracy_axis_is_fixed_to_zero_one():
-    records = [{"step": s, "split": "train", "rewards/accuracies": 0.5} for s in range(10)]
-    records += [{"step": 10, "split": "eval", "rewards/accuracies": 1.0}]
-    image = render_training_curves(records)
-    axes = panel_axes(records)[1]
-    assert axes.y_range == (0.0, 1.0)
-    _, plot_top, _, plot_bottom = axes.plot_area
-    train_rows = np.nonzero(_mask(image, TRAIN_COLOR)[axes.frame[1]:axes.frame[3], axes.frame[0]:axes.frame[2]])[0]
-    middle = (plot_top + plot_bottom) / 2 - axes.frame[1]
-    assert abs(np.median(train_rows) - middle) <= 1.5
-    eval_col, eval_row = axes.to_pixel(np.array([10]), np.array([1.0]))
-    assert eval_row[0] == plot_top and _mask(image, EVAL_COLOR)[eval_row[0], eval_col[0]]
-
-
-def test_constant_and_single_point_series_are_visible_mid_panel():
-    constant = [{"step": s, "split": "train", "loss": 0.25} for s in range(5)]
-    single = [{"step": 3, "split": "train", "rewards/margins": -2.0}]
-    records = constant + single
-    image = render_training_curves(records)
-    train = _mask(image, TRAIN_COLOR)
-    loss_axes, _, margin_axes = panel_axes(records)
-    lo, hi = loss_axes.y_range
-    assert lo < 0.25 < hi and math.isclose((lo + hi) / 2, 0.25)
-    for axes in (loss_axes, margin_axes):
-        left, top, right, bottom = axes.frame
-        rows, _ = np.nonzero(train[top:bottom, left:right])
-        assert rows.size > 0
-        assert abs(rows.mean() + top - (axes.plot_area[1] + axes.plot_area[3]) / 2) <= 2
-
-
-def test_empty_records_write_valid_png_with_no_data(tmp_path: Path):
-    path = plot_training_curves([], tmp_path / "curves.png")
-    assert path == tmp_path / "curves.png"
-    image = read_png(path)
-    assert image.shape == (CANVAS_HEIGHT, CANVAS_WIDTH, 3)
-    for kind, body, crc in _chunks(path.read_bytes()):
-        assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc
-    below_header = image[HEADER_HEIGHT:]
-    assert not _mask(below_header, TRAIN_COLOR).any() and not _mask(below_header, EVAL_COLOR).any()
-    expected = np.full((20, 120, 3), 255, dtype=np.uint8)
-    plot.draw_text(expected, "NO DATA", 0, 0, TEXT_COLOR)
-    expected_text = _mask(expected, TEXT_COLOR)
-    for axes in panel_axes([]):
-        assert axes.x_range is None and axes.y_range is None
-        left, top, right, bottom = axes.frame
-        text = _mask(image[top + 1:bottom, left + 1:right], TEXT_COLOR)
-        rows, cols = np.nonzero(text)
-        crop = text[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-        r, c = np.nonzero(expected_text)
-        np.testing.assert_array_equal(crop, expected_text[r.min():r.max() + 1, c.min():c.max() + 1])
-
-
-def test_none_nan_inf_and_huge_values_are_skipped_without_stray_pixels():
-    records = _records(20, 5)
-    records[3]["loss"] = None
-    records[4]["loss"] = float("nan")
-    records[5]["rewards/margins"] = float("inf")
-    del records[6]["rewards/accuracies"]
-    records.append({"step": 21, "split": "eval", "loss": None, "rewards/margins": float("-inf")})
-    records.append({"step": 22, "split": "train", "rewards/margins": 1.7e308})
-    records.append({"step": 23, "split": "train", "rewards/margins": -1.7e308})
-    image = render_training_curves(records, title="nan run: lr=5e-7 (beta 0.1)")
-    packed = np.unique(image.astype(np.int64) @ np.array([1 << 16, 1 << 8, 1]))
-    assert {(int(v) >> 16, (int(v) >> 8) & 255, int(v) & 255) for v in packed} <= PALETTE
-    data = _mask(image, TRAIN_COLOR) | _mask(image, EVAL_COLOR)
-    inside = np.zeros_like(data)
-    inside[:HEADER_HEIGHT] = True  # legend swatches
-    for axes in panel_axes(records):
-        left, top, right, bottom = axes.frame
-        inside[top + 1:bottom, left + 1:right] = True
-        assert axes.y_range is not None and all(math.isfinite(v) for v in axes.y_range)
-    assert not (data & ~inside).any()
-    assert data[HEADER_HEIGHT:].sum() > 100
-
-
-def test_title_is_drawn_in_the_header_only_when_given():
-    records = _records(10, 5)
-    left_header = slice(0, HEADER_HEIGHT), slice(0, CANVAS_WIDTH // 2)
-    assert not _mask(render_training_curves(records)[left_header], TEXT_COLOR).any()
-    assert _mask(render_training_curves(records, title="phi-2-dpo")[left_header], TEXT_COLOR).sum() > 50
-
-
-def test_plot_file_matches_rendered_image(tmp_path: Path):
+def test_records_out_of_order_are_sorted_by_step():
     records = _records()
-    path = plot_training_curves(records, str(tmp_path / "sub" / "training_curves.png"), title="run")
-    assert isinstance(path, Path)
-    np.testing.assert_array_equal(read_png(path), render_training_curves(records, title="run"))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["training_curves.png"]
+    loss = _panels(training_figure(list(reversed(records))))["loss"]
+    np.testing.assert_array_equal(_line(loss, "train").get_xdata(), range(1, 21))
+
+
+def test_none_and_non_finite_values_become_gaps():
+    records = _records()
+    records[3]["loss"] = None                  # train step 4
+    records[4]["rewards/margins"] = math.inf   # train step 5 (not JSON, but from a caller it must not break the axis)
+    records[5]["loss"] = None                  # the first eval record (step 5)
+    figure = training_figure(records)
+    panels = _panels(figure)
+    train_loss = _line(panels["loss"], "train").get_ydata()
+    assert np.isnan(train_loss[3]) and np.isfinite(np.delete(train_loss, 3)).all()
+    eval_loss = _line(panels["loss"], "eval").get_ydata()
+    assert np.isnan(eval_loss[0]) and np.isfinite(eval_loss[1:]).all()
+    margins = _line(panels["reward margin"], "train").get_ydata()
+    assert np.isnan(margins[4]) and np.isfinite(np.delete(margins, 4)).all()
+    figure.canvas.draw()  # renders without error
+    low, high = panels["reward margin"].get_ylim()
+    assert math.isfinite(low) and math.isfinite(high) and high < 10
+
+
+def test_two_metric_panels_show_chosen_and_rejected():
+    records = _records()
+    panels = _panels(training_figure(records))
+    for title, prefix in (("rewards", "rewards"), ("policy log-probs", "logps")):
+        for name in ("chosen", "rejected"):
+            line = _line(panels[title], f"{name} (train)")
+            np.testing.assert_allclose(line.get_ydata(), _column(records, "train", f"{prefix}/{name}")[1])
+        assert panels[title].get_legend() is not None
+
+
+def test_accuracy_axis_is_zero_to_one():
+    records = [{"split": "train", "step": s, "rewards/accuracies": 0.5} for s in range(1, 5)]
+    assert _panels(training_figure(records))["reward accuracy"].get_ylim() == (0.0, 1.0)
+
+
+def test_learning_rate_panel_has_the_lr_values_and_scientific_ticks():
+    records = _records()
+    lr_panel = _panels(training_figure(records))["learning rate"]
+    lines = lr_panel.get_lines()
+    assert len(lines) == 1 and lines[0].get_label() == "train"  # lr is train-only
+    np.testing.assert_allclose(lines[0].get_ydata(), _column(records, "train", "lr")[1])
+    assert lr_panel.get_legend() is None  # one line needs no legend
+    formatter = lr_panel.yaxis.get_major_formatter()
+    assert formatter(2e-5, 0) == "2e-5" and formatter(1.25e-6, 0) == "1.25e-6" and formatter(0.0, 0) == "0"
+
+
+@pytest.mark.parametrize("value, text", [(5e-7, "5e-7"), (1.5e-5, "1.5e-5"), (3e-4, "3e-4"), (-2e-6, "-2e-6"),
+                                         (1.0, "1e0"), (0.0, "0")])
+def test_scientific_labels(value, text):
+    assert _scientific(value) == text
+
+
+def test_win_rate_panel_only_with_win_rates_and_its_band_covers_the_interval():
+    assert WIN_RATE_TITLE not in _panels(training_figure(_records()))
+    records = _records(win_rate=True)
+    figure = training_figure(records)
+    assert [ax.get_title() for ax in figure.axes] == BASE_TITLES + [WIN_RATE_TITLE, "generated length"]
+    panel = _panels(figure)[WIN_RATE_TITLE]
+    assert panel.get_ylim() == (0.0, 1.0)
+    evals = _line(panel, "eval")
+    np.testing.assert_allclose(evals.get_ydata(), _column(records, "eval", "generate/win_rate")[1])
+    tie = _line(panel, "tie (0.5)")
+    assert tie.get_linestyle() == "--" and set(tie.get_ydata()) == {0.5}
+    (band,) = panel.collections
+    vertices = np.concatenate([path.vertices for path in band.get_paths()])
+    low = _column(records, "eval", "generate/win_rate_low")[1]
+    high = _column(records, "eval", "generate/win_rate_high")[1]
+    assert vertices[:, 1].min() == pytest.approx(min(low)) and vertices[:, 1].max() == pytest.approx(max(high))
+    assert vertices[:, 0].min() == 5 and vertices[:, 0].max() == 20
+    # at every eval step, the band spans that step's interval exactly
+    for step, lo, hi in zip([5, 10, 15, 20], low, high):
+        at_step = vertices[np.isclose(vertices[:, 0], step), 1]
+        assert at_step.min() == pytest.approx(lo) and at_step.max() == pytest.approx(hi)
+    length = _panels(figure)["generated length"]
+    np.testing.assert_allclose(_line(length, "policy (eval)").get_ydata(), [105, 110, 115, 120])
+    np.testing.assert_allclose(_line(length, "reference (eval)").get_ydata(), [90] * 4)
+
+
+def test_other_splits_are_ignored():
+    records = _records()
+    noisy = list(records)
+    noisy.insert(3, {"split": "alert", "step": 3, "loss": 99.0, "message": "loss spike"})
+    noisy.insert(8, {"split": "samples", "text": "no step here", "loss": "not a number"})
+    noisy.append({"split": "samples", "step": 20, "rewards/margins": -50.0})
+    expected, got = _panels(training_figure(records)), _panels(training_figure(noisy))
+    assert list(got) == list(expected)
+    for title in expected:
+        assert [line.get_label() for line in got[title].get_lines()] == \
+            [line.get_label() for line in expected[title].get_lines()]
+        for want, have in zip(expected[title].get_lines(), got[title].get_lines()):
+            np.testing.assert_array_equal(have.get_xdata(), want.get_xdata())
+            np.testing.assert_allclose(have.get_ydata(), want.get_ydata())
+
+
+def test_a_missing_metric_leaves_its_panel_empty_with_a_note():
+    records = [{"split": "train", "step": s, "loss": 0.6} for s in range(1, 4)]
+    panels = _panels(training_figure(records))
+    assert [t.get_text() for t in panels["loss"].texts] == []
+    for title in BASE_TITLES[1:]:
+        assert not panels[title].get_lines() and [t.get_text() for t in panels[title].texts] == ["no data"]
+
+
+def test_a_single_step_gets_integer_ticks_around_it():
+    figure = training_figure([{"split": "train", "step": 1, "loss": 0.69}])
+    loss = _panels(figure)["loss"]
+    assert loss.get_xlim() == (0.0, 2.0)
+    assert _line(loss, "train").get_marker() == "o"  # a lone train point is still visible
+
+
+@pytest.mark.parametrize("records", [[], [{"split": "eval", "step": 1, "loss": 0.5}],
+                                     [{"split": "alert", "step": 1}, {"split": "samples", "step": 1}]])
+def test_no_train_records_is_a_one_line_user_error(tmp_path: Path, records):
+    with pytest.raises(PlotInputError, match="no training curves to plot") as info:
+        plot_training_curves(records, tmp_path / "curves.png")
+    assert isinstance(info.value, UserError)
+    assert "\n" not in str(info.value) and f"none of the {len(records)} metrics records" in str(info.value)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("records, message", [
+    (["not a dict"], "metrics record 0: expected a JSON object, got str"),
     ([{"split": "train", "loss": 0.5}], "metrics record 0: field 'step' must be an integer, got None"),
-    ([{"step": 1, "loss": 0.5}, {"step": 1.5, "loss": 0.5}], "metrics record 1: field 'step'"),
-    ([{"step": 1, "split": "eval", "rewards/margins": "big"}], "metrics record 0: field 'rewards/margins'"),
-    (["not a dict"], "metrics record 0: expected a JSON object"),
+    ([{"split": "train", "step": 1}, {"split": "eval", "step": 1.5}], "metrics record 1: field 'step'"),
+    ([{"split": "train", "step": 1, "rewards/margins": "big"}], "metrics record 0: field 'rewards/margins'"),
 ])
-def test_bad_records_raise_clear_errors(tmp_path: Path, records, message):
-    with pytest.raises(PlotInputError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
-        plot_training_curves(records, tmp_path / "x.png")
-    assert isinstance(info.value, ValueError)
-    assert not (tmp_path / "x.png").exists()
+def test_malformed_records_are_user_errors(records, message):
+    with pytest.raises(PlotInputError, match=message) as info:
+        training_figure(records)
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- the PNG
+
+
+def test_png_is_written_at_the_figure_size_and_is_not_blank(tmp_path: Path):
+    target = tmp_path / "sub" / "training_curves.png"
+    path = plot_training_curves(_records(win_rate=True), str(target), title="run")
+    assert path == target and isinstance(path, Path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (round(FIGSIZE[1] * DPI), round(FIGSIZE[0] * DPI)) == (800, 1500)
+    colours = np.unique((image[..., :3] * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 20
+    # the train (tab:blue) and eval (tab:orange) lines are both there
+    for rgb in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(colours.astype(int) - rgb).sum(axis=1) <= 3).any(), rgb
+    assert sorted(p.name for p in path.parent.iterdir()) == ["training_curves.png"]  # no temporary file left
+
+
+def test_a_failed_save_keeps_the_previous_png_and_leaves_no_temporary_file(tmp_path: Path, monkeypatch):
+    path = plot_training_curves(_records(), tmp_path / "training_curves.png")
+    before = path.read_bytes()
+
+    def broken_print_png(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", broken_print_png)
+    with pytest.raises(OSError, match="disk full"):
+        plot_training_curves(_records(n_steps=40), path, title="second run")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["training_curves.png"]
+
+
+def test_importing_and_plotting_leave_pyplot_and_the_backend_alone(tmp_path: Path):
+    script = (
+        "import sys, matplotlib\n"
+        "before = matplotlib.rcParams._get('backend')\n"
+        "import dpo.plot\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'importing dpo.plot imported pyplot'\n"
+        f"dpo.plot.plot_training_curves([{{'split': 'train', 'step': 1, 'loss': 0.7}}], {str(tmp_path / 'c.png')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'plotting imported pyplot'\n"
+        "assert matplotlib.rcParams._get('backend') == before, matplotlib.rcParams._get('backend')\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "DISPLAY")}
+    result = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok" and (tmp_path / "c.png").exists()
