@@ -14,7 +14,15 @@ setup(
         "numpy",
         "tqdm",
         "peft>=0.21",  # LoRA (--lora-r, --adapter)
+        "matplotlib>=3.7",  # training_curves.png
     ],
-    # accelerate only for the tests that run the phi-2-dpo model card's snippet (device_map="auto")
-    extras_require={"test": ["pytest", "accelerate"]},
+    extras_require={
+        # experiment trackers for --report-to, each optional
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.21"],
+        "mlflow": ["mlflow-skinny>=3.0"],
+        "trackio": ["trackio>=0.40"],
+        # the tests read back what every tracker wrote; accelerate for the model card's snippet (device_map="auto")
+        "test": ["pytest", "accelerate", "tensorboard>=2.14", "wandb>=0.21", "mlflow-skinny>=3.0", "trackio>=0.40"],
+    },
 )
