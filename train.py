@@ -54,23 +54,22 @@ from dpo.data import DataError, TokenizedPair, collate_pairs  # noqa: E402
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,  # noqa: E402
                              full_optimizer_state, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
-from dpo.errors import UserError  # noqa: E402
+from dpo.errors import TrainingError  # noqa: E402
 from dpo.generation import TEMPERATURE, TOP_P  # noqa: E402  (the card's decoding, saved with final/)
 from dpo.logprobs import SequenceScorer, disable_dropout  # noqa: E402
 from dpo.lora import Adapters, add_adapters, quantization_config  # noqa: E402
 from dpo.loss import (PreferenceLogps, batch_coupled, compute_loss, needs_reference_model,  # noqa: E402
                       update_loss_state)
-from dpo.metrics import MetricsWriter, PairMetrics, read_metrics  # noqa: E402
+from dpo.generative_eval import SAMPLE_COLUMNS, GenerativeEval  # noqa: E402
+from dpo.health import Alert, HealthMonitor  # noqa: E402
+from dpo.metrics import PairMetrics, read_metrics  # noqa: E402
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, packing_problem  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
 from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute  # noqa: E402
 from dpo.schedule import lr_at  # noqa: E402
 from dpo.settings import ConfigError  # noqa: E402
-
-
-class TrainingError(UserError):
-    """The run cannot continue (e.g. a NaN loss); the last good checkpoint is left intact."""
+from dpo.tracking import open_trackers, resolve_report_to  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -226,6 +225,7 @@ class TrainState:
     reference_scorer: SequenceScorer | None = None  # the frozen reference, when its log-probs are not precomputed
     reference_mode: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # to run it in
     loss_state: dict = field(default_factory=dict)
+    health: HealthMonitor = field(default_factory=HealthMonitor)  # the run's alerts; the step-0 check stops here
     step: int = 0
     skipped_steps: int = 0
 
@@ -340,11 +340,11 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
     state_sums, tokens, mismatched = totals[len(stats.sums):-2], totals[-2].item(), int(totals[-1].item())
     step_loss = stats.means()["loss"]
     if mismatched:
-        raise TrainingError(
-            f"step 1: before any update the policy's log-probs must equal the reference's, but {mismatched} of "
+        state.health.stop("reference_mismatch", 1, (
+            f"before any update the policy's log-probs must equal the reference's, but {mismatched} of "
             f"{stats.num_pairs} pairs differ (by up to {largest:.3g} nats here): the reference is not the policy's "
             "starting point. Check --model and --adapter (and a reference_cache/ copied from another run), that "
-            "dropout is off, and that the reference pass and training render prompts alike")
+            "dropout is off, and that the reference pass and training render prompts alike"))
 
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
@@ -398,6 +398,47 @@ def evaluate(state: TrainState, batch: PairBatch) -> dict[str, Any]:
     state.scorer.train()
     all_reduce_sum(stats.sums, dist)
     return {**stats.means(), "pairs": stats.num_pairs}
+
+
+def generative_eval(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, tokenizer: Any, *,
+                    device: torch.device, dist: DistInfo, resumed: bool,
+                    log: Callable[..., None]) -> GenerativeEval | None:
+    """--eval-generate: the judge, its prompts and the reference's answers, generated before the first update (by
+    the policy, which is the reference then; under LoRA with the adapters off) and cached. Main process only."""
+    if not cfg.eval_generate:
+        return None
+    sampler = None
+    if dist.is_main:
+        sampler = GenerativeEval.build(cfg, tokenizer, device)
+        made = sampler.prepare_reference(f"{resolve_model_path(cfg.model)} {cfg.lora.adapter}",
+                                         lambda: reference_model(cfg, policy, adapters, device, fresh=resumed))
+        log(f"--eval-generate: {len(sampler.prompts)} prompts judged by {sampler.judge.name}, reference answers "
+            f"{'generated' if made else 'cached'}")
+    barrier(dist)
+    return sampler
+
+
+def evaluate_run(state: TrainState, batch: PairBatch, sampler: GenerativeEval | None, trackers: Any) -> dict:
+    """An evaluation: the held-out pairs' metrics (every process) and, with --eval-generate, the policy's win rate
+    against the reference (the main process samples; its samples table goes to the trackers)."""
+    record = evaluate(state, batch) if len(batch) else {}
+    if sampler is not None:
+        sampled, rows = sampler.run(state.policy)
+        record.update(sampled)
+        trackers.log_table(state.step, "samples", SAMPLE_COLUMNS, rows)
+    if state.cfg.eval_generate:
+        barrier(state.dist)
+    return record
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    line = (f"step {record['step']}: eval loss {record['loss']:.4f}, reward accuracy "
+            f"{record['rewards/accuracies']:.3f}, margin {record['rewards/margins']:.3f}") if "loss" in record \
+        else f"step {record['step']}:"
+    if "generate/win_rate" in record:
+        line += (f"; win rate vs reference {record['generate/win_rate']:.3f} [{record['generate/win_rate_low']:.3f}, "
+                 f"{record['generate/win_rate_high']:.3f}]")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -470,10 +511,10 @@ class StopRequest:
 
 
 class ProgressBar:
-    """The main process's tqdm bar with the step's loss, reward accuracy and margin (nothing when disabled)."""
+    """The main process's tqdm bar with the step's loss, reward accuracy and margin; without it, `write` logs."""
 
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar = None
+    def __init__(self, enabled: bool, total: int, initial: int, log: Callable[..., None] = print):
+        self.bar, self.log = None, log
         if enabled:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, desc="dpo", dynamic_ncols=True)
@@ -487,6 +528,8 @@ class ProgressBar:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
+        else:
+            self.log(text)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -495,7 +538,10 @@ class ProgressBar:
 
 def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: int) -> str:
     lines = ["", f"{'':24}{'first step':>12}{'last step':>12}{'eval':>12}"]
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                "generate/win_rate"):
+        if key.startswith("generate/") and key not in evaluation:
+            continue
         cells = [first.get(key), last.get(key), evaluation.get(key)]
         lines.append(f"{key:24}" + "".join(f"{c:12.4f}" if isinstance(c, float) else f"{'-':>12}" for c in cells))
     if skipped:
@@ -512,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     needs_reference_model(cfg.loss)  # resolves the loss: an unknown name fails here, listing the known ones
+    resolve_report_to(cfg.report_to)  # a tracker whose library is missing fails now, naming the pip extra
     device, dist = start_processes(cfg)
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     if batch_coupled(cfg.loss):
@@ -540,10 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
     reference = reference_logps(cfg, policy, adapters, data, used, device=device, dist=dist, collate=collate,
                                 resumed=resume is not None, log=log)
+    sampler = generative_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist, resumed=resume is not None,
+                              log=log)
     state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate,
                         workspace_pairs=[data.train[i] for i in used], resume=resume)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=dist.is_main)
-    metrics.truncate_after(state.step)
     run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                   "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                   "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}
@@ -551,34 +598,43 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
     if resume:
         log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
+    trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, state.step, enabled=dist.is_main)
+
+    def alert(event: Alert) -> None:
+        log(str(event))
+        trackers.log_event(event.step, event.name, event.message)
+
+    state.health = HealthMonitor(cfg.health, cfg.health_window, emit=alert)
 
     # ------------------------------------------------ the loop
     log(f"training {total_steps} steps: {len(data.train)} pairs, batch {cfg.batch_size} = micro "
         f"{cfg.micro_batch_size} x accumulation {run_config['accumulation_steps']} x processes {dist.world_size}, "
         f"{layout} layout, {cfg.precision} on {device}")
-    progress = ProgressBar(dist.is_main and cfg.progress, total_steps, state.step)
+    progress = ProgressBar(dist.is_main and cfg.progress, total_steps, state.step, log)
     eval_batch = PairBatch(data.eval, reference["eval"])
     train_record: dict = {}
     eval_record: dict = {}
-    with StopRequest() as stop:
+    with trackers, StopRequest() as stop:
         while state.step < total_steps:
             lr = lr_at(state.step, total_steps=total_steps, peak_lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
                        min_lr_ratio=cfg.min_lr_ratio)
             try:
                 step_metrics = train_step(state, source.batch(state.step, reference["train"]), lr)
             except TrainingError as error:
-                metrics.write({"split": "train", "step": state.step + 1, "error": str(error)})
+                trackers.log({"split": "train", "step": state.step + 1, "error": str(error)})
                 raise
             epoch = round(state.step / source.steps_per_epoch, 4)
             train_record = {"split": "train", "step": state.step, "epoch": epoch, **step_metrics}
             if state.step % cfg.log_steps == 0 or state.step == total_steps:
-                metrics.write(train_record)
+                trackers.log(train_record)
             progress.step(train_record)
-            if data.eval and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps):
-                eval_record = {"split": "eval", "step": state.step, "epoch": epoch, **evaluate(state, eval_batch)}
-                metrics.write(eval_record)
-                progress.write(f"step {state.step}: eval loss {eval_record['loss']:.4f}, reward accuracy "
-                               f"{eval_record['rewards/accuracies']:.3f}, margin {eval_record['rewards/margins']:.3f}")
+            state.health.observe(train_record)
+            if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps:
+                if record := evaluate_run(state, eval_batch, sampler, trackers):
+                    eval_record = {"split": "eval", "step": state.step, "epoch": epoch, **record}
+                    trackers.log(eval_record)
+                    progress.write(eval_line(eval_record))
+                    state.health.observe(eval_record)
             stop_now = broadcast_flag(stop.signal_name is not None, dist, device)
             planned_stop = cfg.stop_at_step == state.step and state.step < total_steps
             if (cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps) or stop_now \
@@ -588,17 +644,19 @@ def main(argv: list[str] | None = None) -> int:
                 reason = f"{stop.signal_name or 'a signal'} received" if stop_now else f"--stop-at-step {state.step}"
                 log(f"{reason}: checkpoint saved at step {state.step}; continue with --resume")
                 break
-    progress.close()
+        progress.close()
 
-    # ------------------------------------------------ final model and summary
-    if state.step == total_steps:
-        save_final(state, tokenizer, run_config)
-        if dist.is_main and cfg.plot:
-            from dpo.plot import plot_training_curves
-            plot_training_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "training_curves.png",
-                                 title=f"DPO {cfg.loss.loss_type} beta {cfg.loss.beta}")
-        history = [r for r in read_metrics(out_dir / "metrics.jsonl") if r.get("split") == "train"]
-        log(summary(history[0] if history else train_record, train_record, eval_record, out_dir, state.skipped_steps))
+        # ------------------------------------------------ final model and summary
+        if state.step == total_steps:
+            save_final(state, tokenizer, run_config)
+            records = read_metrics(out_dir / "metrics.jsonl")
+            if dist.is_main and cfg.plot:
+                from dpo.plot import plot_training_curves
+                plot_training_curves(records, out_dir / "training_curves.png",
+                                     title=f"DPO {cfg.loss.loss_type} beta {cfg.loss.beta}")
+            history = [r for r in records if r.get("split") == "train"]
+            log(summary(history[0] if history else train_record, train_record, eval_record, out_dir,
+                        state.skipped_steps))
     barrier(dist)
     shutdown_distributed()
     return 0

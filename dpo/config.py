@@ -22,7 +22,10 @@ from typing import Any
 from dpo.logprobs import ScoringConfig
 from dpo.lora import DOUBLE_RANK, LoraSettings
 from dpo.loss import LossConfig, batch_coupled
+from dpo.generation import MAX_NEW_TOKENS
+from dpo.health import HEALTH_MODES
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
+from dpo.tracking import REPORT_TO_CHOICES
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
                           nested, non_negative, positive, setting, setting_fields, to_flat)
 
@@ -33,12 +36,19 @@ DEMO_SETTINGS: dict[str, Any] = {
     "max_length": 96,
     "micro_batch_size": 32,
     "eval_steps": 10,
+    "eval_generate": 243,  # every held-out instruction of dpo.demo.task, judged by the demo judge at each evaluation
     "output_dir": "runs/demo",
 }
 # and with LoRA on the demo model (adapters learn at a higher rate; measured: the win rate against the SFT model
 # is 0.76 at 2e-4, 0.90 at 3e-4 and 4e-4, 0.86 at 5e-4, 0.73 at 1e-3)
 DEMO_LORA_SETTINGS: dict[str, Any] = {"lr": 3e-4}
 HALF_OF_MAX_LENGTH = "auto"  # --max-prompt-length's default: derived from --max-length
+
+
+def _report_to(value: Any) -> str | None:
+    names = [name.strip() for name in str(value).split(",")]
+    unknown = [name for name in names if name not in REPORT_TO_CHOICES]
+    return f"must be a comma list of {', '.join(REPORT_TO_CHOICES)}" if unknown else None
 
 
 def _betas(value: Any) -> str | None:
@@ -123,6 +133,23 @@ class TrainConfig:
                          identity=False)
     progress: bool = setting(True, "show a progress bar", identity=False)
     plot: bool = setting(True, "write training_curves.png at the end", identity=False)
+    # run observation: trackers, win rate while training, health alerts; none changes the numbers of a run
+    report_to: str = setting("none", "experiment trackers besides metrics.jsonl: a comma list of "
+                                     f"{', '.join(c for c in REPORT_TO_CHOICES if c not in ('jsonl', 'all', 'none'))}"
+                                     "; all (those installed) or none", check=_report_to, identity=False)
+    eval_generate: int = setting(0, "at every evaluation the policy answers N held-out prompts, judged against the "
+                                    "reference's answers: win rate, lengths, samples (0: off)", check=non_negative,
+                                 identity=False)
+    eval_judge: str = setting("demo", "judge of --eval-generate: demo, a reward model (directory or hub name), or "
+                                      "implicit:RUN/final (a DPO model's implicit reward)", identity=False)
+    eval_prompts: str | None = setting(None, "JSON / JSONL instructions for --eval-generate (default: the judge's "
+                                             "own held-out prompts)", identity=False)
+    eval_max_new_tokens: int = setting(MAX_NEW_TOKENS, "new tokens per answer of --eval-generate", check=positive,
+                                       identity=False)
+    health: str = setting("warn", "health alerts: printed and logged (warn), the first stops the run (strict), or "
+                                  "off", choices=HEALTH_MODES, identity=False)
+    health_window: int = setting(3, "steps (evaluations, for likelihood displacement) a condition lasts before "
+                                    "its alert", check=positive, identity=False)
 
     def __post_init__(self) -> None:
         if self.max_prompt_length == HALF_OF_MAX_LENGTH and isinstance(self.max_length, int):
@@ -136,6 +163,9 @@ class TrainConfig:
                               f"({self.micro_batch_size})")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.eval_generate and self.fsdp:
+            raise ConfigError("--eval-generate does not run under --fsdp (generation would need every process in "
+                              "each decoding step of the sharded model); use DDP or evaluate final/ with dpo.evaluate")
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting under its flat name (the keys of a --config file)."""
@@ -149,7 +179,8 @@ class TrainConfig:
         return {s.name: flat[s.name] for s in setting_fields(TrainConfig) if s.identity or s.name in split}
 
 
-_GROUPS = {"model": "model and data", "lr": "optimisation", "output_dir": "run management", "device": "speed"}
+_GROUPS = {"model": "model and data", "lr": "optimisation", "output_dir": "run management", "device": "speed",
+           "report_to": "run observation"}
 
 
 def _max_prompt_length(text: str) -> int | str | None:

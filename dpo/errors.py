@@ -16,3 +16,7 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     how a library's multi-line error is quoted inside one of ours."""
     text = str(error).strip()
     return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+class TrainingError(UserError):
+    """The run cannot continue (e.g. a NaN loss); the last good checkpoint is left intact."""

@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="the policy: a trained final/ (or its run directory)")
     parser.add_argument("--reference", help=f"the reference model (default: the run's starting model, "
                                             f"from {RUN_SETTINGS_FILE})")
-    parser.add_argument("--judge", default="demo", help="'demo' or a sequence-classification reward model")
+    parser.add_argument("--judge", default="demo", help="'demo', a sequence-classification reward model, or "
+                                                      "'implicit:RUN/final' (a DPO model's implicit reward)")
     parser.add_argument("--prompts", metavar="FILE", help="JSON / JSONL with 'instruction' fields "
                                                           "(default: the judge's held-out prompts)")
     parser.add_argument("--num-prompts", type=int, help="evaluate on this many prompts, drawn with --seed "

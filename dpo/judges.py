@@ -12,6 +12,8 @@ and, optionally, `default_prompts(n, seed)`: the held-out instructions it knows 
                       among correct answers concise beats rambling
     RewardModelJudge  any Hugging Face AutoModelForSequenceClassification reward model with one output:
                       the answer with the higher reward wins, equal rewards tie
+    ImplicitRewardJudge  a trained DPO model's implicit reward, beta (log pi(y|x) - log ref(y|x)) with the
+                      run's beta, reference, template and lengths (its final/dpo_run.json): 'implicit:RUN/final'
 """
 
 from __future__ import annotations
@@ -161,11 +163,68 @@ class RewardModelJudge(Judge):
         return _outcome(self.reward(instruction, answer_a), self.reward(instruction, answer_b))
 
 
+class ImplicitRewardJudge(Judge):
+    """A DPO model's implicit reward r(x, y) = beta (log pi(y|x) - log ref(y|x)) (Rafailov et al. 2023, sec. 5),
+    summed over the response tokens of y + EOS, built as the run built its pairs (dpo.data.tokenize_pair with its
+    template, max_length, max_prompt_length and truncation). beta and the reference are the run's (dpo_run.json)."""
+
+    def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
+        from dpo.modeling import load_causal_lm
+
+        resolved = resolve_run_model(path)
+        self.settings = run_settings(resolved)
+        if not self.settings.get("reference_model") or not self.settings.get("beta"):
+            raise JudgeError(f"implicit:{path}: not a trained DPO model (no dpo_run.json naming its reference "
+                             "model and beta)")
+        self.tokenizer = load_checked_tokenizer(resolved)
+        self.model = load_causal_lm(resolved, dtype=dtype, device=device).eval()
+        self.reference = load_causal_lm(self.settings["reference_model"], dtype=dtype, device=device).eval()
+        self.beta = float(self.settings["beta"])
+        self.name = f"implicit:{path}"
+        self._rewards: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+    @torch.no_grad()
+    def rewards(self, instruction: str, answer_a: str, answer_b: str) -> tuple[float, float]:
+        key = (instruction, answer_a, answer_b)
+        if key not in self._rewards:
+            from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
+            from dpo.logprobs import sequence_logps
+            from dpo.prompts import render_prompt, render_response
+
+            s, template = self.settings, self.settings.get("template", "recipe")
+            prompt = render_prompt(instruction, template, self.tokenizer)
+            example = PreferenceExample(
+                prompt, *(render_response(instruction, answer, template, self.tokenizer, rendered_prompt=prompt)
+                          for answer in (answer_a, answer_b)), row=0)
+            pair = tokenize_pair(example, self.tokenizer, max_length=s.get("max_length", 1024),
+                                 max_prompt_length=s.get("max_prompt_length"),
+                                 truncation_mode=s.get("truncation_mode", "keep_end"))
+            if pair is None:
+                raise JudgeError(f"{self.name}: the instruction leaves no room for an answer within max_length")
+            device = next(self.model.parameters()).device
+            batch = {k: v.to(device) for k, v in collate_pairs([pair], self.tokenizer.pad_token_id).items()}
+            args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            ratio = sequence_logps(self.model, *args).sum - sequence_logps(self.reference, *args).sum
+            self._rewards[key] = (self.beta * float(ratio[0]), self.beta * float(ratio[1]))
+        return self._rewards[key]
+
+    def score(self, instruction: str, answer: str) -> float:
+        return self.rewards(instruction, answer, answer)[0]
+
+    def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        return _outcome(*self.rewards(instruction, answer_a, answer_b))
+
+
 JUDGES = {"demo": DemoJudge}
+IMPLICIT_PREFIX = "implicit:"
 
 
 def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Judge:
-    """'demo' -> DemoJudge; anything else is a reward model's directory or hub name."""
+    """'demo' -> DemoJudge; 'implicit:PATH' -> a DPO model's implicit reward; anything else is a reward model's
+    directory or hub name."""
     if spec in JUDGES:
         return JUDGES[spec]()
+    if spec.startswith(IMPLICIT_PREFIX):
+        return ImplicitRewardJudge(spec[len(IMPLICIT_PREFIX):], device=device, dtype=dtype)
     return RewardModelJudge(spec, device=device, dtype=dtype)

@@ -1,9 +1,9 @@
-"""Training metrics with TRL's names, accumulated over micro-batches and ranks, written as JSON lines."""
+"""Training metrics with TRL's names, accumulated over micro-batches and ranks; metrics.jsonl read back (written by
+dpo.tracking.JsonlTracker)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +50,6 @@ class PairMetrics:
     def means(self) -> dict[str, float]:
         count = max(self.sums[-1].item(), 1.0)
         return {name: self.sums[i].item() / count for i, name in enumerate(PAIR_METRICS)}
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl (main process only)."""
-
-    def __init__(self, path: str | Path, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step`: a resumed run re-logs them exactly once."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [json.dumps(record) for record in read_metrics(self.path) if record.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
-            handle.flush()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -113,3 +113,12 @@ def test_a_loss_that_compares_the_pairs_of_a_micro_batch_makes_the_split_part_of
     sigmoid, aot = TrainConfig().run_identity(), TrainConfig(loss=LossConfig(loss_type="sigmoid:0.5,aot:0.5"))
     assert "micro_batch_size" not in sigmoid and "group_by_length" not in sigmoid
     assert {"micro_batch_size", "group_by_length"} <= set(aot.run_identity())
+
+
+def test_the_demo_watches_its_win_rate_on_every_held_out_instruction():
+    from dpo.demo import task
+
+    assert DEMO_SETTINGS["eval_generate"] == len(task.instructions("test"))
+    assert parse_config([]).eval_generate == len(task.instructions("test"))
+    assert parse_config(["--model", "m"]).eval_generate == 0  # off by default anywhere else
+    assert parse_config(["--eval-generate", "0"]).eval_generate == 0

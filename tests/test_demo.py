@@ -283,7 +283,8 @@ def test_shipped_model_knows_the_facts_on_held_out_prompts(shipped):
 
 def test_demo_promise_dpo_beats_its_sft_reference_on_80_percent(tmp_path):
     """`python train.py` then `python -m dpo.evaluate --model <run>/final`, exactly as the README says, end to end:
-    the DPO policy must win at least 80% of the held-out comparisons against the SFT model (ties half)."""
+    the DPO policy must win at least 80% of the held-out comparisons against the SFT model (ties half), as the
+    run's own logged win rate foretold, with no health alert."""
     import json
     import subprocess
     import sys
@@ -301,3 +302,13 @@ def test_demo_promise_dpo_beats_its_sft_reference_on_80_percent(tmp_path):
     assert result["n"] == len(task.instructions("test"))
     assert result["win_rate"] >= 0.80, done.stdout
     assert result["policy_mean_score"] > result["reference_mean_score"] + 0.25
+    # the win rate the run logged while training (--eval-generate, on by default for the demo) rises, and its last
+    # value is within noise of the evaluation of final/: each inside the other's 95% interval
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in rates] == [10, 20, 30, 40, 50, 60, 64]
+    assert rates[0]["generate/win_rate"] < 0.75 < rates[-1]["generate/win_rate"]
+    last = rates[-1]
+    assert last["generate/win_rate_low"] <= result["win_rate"] <= last["generate/win_rate_high"]
+    assert result["ci_low"] <= last["generate/win_rate"] <= result["ci_high"]
+    assert not [r for r in records if r["split"] == "alert"]  # a healthy run raises no health alert

@@ -50,7 +50,7 @@ def assert_same_run(a: Path, b: Path):
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
-    ma, mb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    ma, mb = ([r for r in read_metrics(run / "metrics.jsonl") if r["split"] in ("train", "eval")] for run in (a, b))
     assert [(r["split"], r["step"]) for r in ma] == [(r["split"], r["step"]) for r in mb]
     for ra, rb in zip(ma, mb):
         for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
@@ -63,12 +63,26 @@ def assert_same_run(a: Path, b: Path):
 
 
 def test_ddp_two_processes_match_one(setup):
+    """Also with TensorBoard and --eval-generate on: only the main process logs and samples (the others wait),
+    and neither changes the training."""
     root, args = setup
-    torchrun(args + ["--output-dir", str(root / "ddp")])
+    (root / "prompts.jsonl").write_text('{"instruction": "what color is the sun?"}\n{"instruction": "a cat"}\n')
+    torchrun(args + ["--output-dir", str(root / "ddp"), "--report-to", "tensorboard", "--eval-generate", "2",
+                     "--eval-prompts", str(root / "prompts.jsonl"), "--eval-judge", f"implicit:{root / 'single'}",
+                     "--eval-max-new-tokens", "4"])
     assert_same_run(root / "single", root / "ddp")
     # only rank 0 writes: one line per step, no duplicates
-    steps = [r["step"] for r in read_metrics(root / "ddp" / "metrics.jsonl") if r["split"] == "train"]
-    assert steps == [1, 2, 3, 4]
+    records = read_metrics(root / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "generate/win_rate" in r] == [2, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((root / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    board = EventAccumulator(str(root / "ddp" / "tensorboard"), size_guidance={"scalars": 0})
+    board.Reload()
+    logged = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records if r["split"] == "train"]
 
 
 def test_fsdp_checkpoint_resumes_at_another_world_size(setup):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import train
 from dpo.config import ConfigError, parse_config
+from dpo.errors import UserError
 from dpo.metrics import read_metrics
 from tiny import make_model_dir, write_pairs
 
@@ -293,7 +294,7 @@ def test_auto_layout_is_shared_prompt_where_it_is_exact_else_padded():
     model.config.sliding_window = None
     model.config._attn_implementation = "eager"
     assert train.collator(cfg, 0, model)[0] == "padded"
-    with pytest.raises(train.UserError, match="use --layout padded"):
+    with pytest.raises(UserError, match="use --layout padded"):
         train.collator(parse_config(["--model", "m", "--layout", "packed"]), 0, model)
 
 

@@ -1,0 +1,176 @@
+"""Health alerts: the failures DPO runs show most, recognised in the metrics as the run logs them.
+
+Each check reads the training (or evaluation) records one by one and speaks the first time its condition holds,
+naming the likely cause and the flag that helps. `HealthMonitor` raises each alert once, hands it to `emit` (the
+run prints it and logs it as an event to every tracker) and, with `--health strict`, stops the run. The step-0
+check (before any update the policy must be its reference) goes through the same monitor and always stops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dpo.errors import TrainingError
+
+HEALTH_MODES = ("warn", "strict", "off")
+LN2 = math.log(2.0)
+EXPLODING_FACTOR = 3.0  # mean log-prob beyond 3x its first-step value (+ EXPLODING_SLACK nats): exploding
+EXPLODING_SLACK = 10.0
+LOSS_SCALE_DROP = 2.0 ** 10  # ten net halvings of the fp16 loss scale below its highest value: collapsing
+
+
+class HealthError(TrainingError):
+    """A health alert that stops the run (--health strict, or the step-0 check)."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    name: str
+    step: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"health alert [{self.name}] at step {self.step}: {self.message}"
+
+
+def _value(record: dict[str, Any], key: str) -> float:
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) and value is not None else math.nan
+
+
+class Check:
+    """One condition on the metrics; `train` / `eval` see every record of their split, return a message or None."""
+
+    name = "check"
+
+    def train(self, record: dict[str, Any]) -> str | None:
+        return None
+
+    def eval(self, record: dict[str, Any]) -> str | None:
+        return None
+
+
+class NothingScored(Check):
+    """Zero gradient and log-probs summed over no token (0) or a loss stuck at ln 2, for `window` steps: no
+    response token is scored, a masking or template bug."""
+
+    name = "nothing_scored"
+
+    def __init__(self, window: int):
+        self.window, self.run = window, 0
+
+    def train(self, record: dict[str, Any]) -> str | None:
+        no_tokens = _value(record, "logps/chosen") == 0.0 and _value(record, "logps/rejected") == 0.0
+        stuck = abs(_value(record, "loss") - LN2) < 1e-6
+        self.run = self.run + 1 if _value(record, "grad_norm") == 0.0 and (no_tokens or stuck) else 0
+        if self.run == self.window:
+            return (f"zero gradient with {'log-probs of 0 (no token scored)' if no_tokens else 'the loss at ln 2'} "
+                    f"for {self.window} steps: no response token is being scored. Likely a masking or template "
+                    "bug: check --template, that --max-length / --max-prompt-length leave room for the responses, "
+                    "and how the data splits prompt from response")
+        return None
+
+
+class LikelihoodDisplacement(Check):
+    """Chosen log-probs falling at each of `window` evaluations while the margins rise: the policy pushes both
+    responses down (Razin et al. 2024, "Unintentional Unalignment")."""
+
+    name = "likelihood_displacement"
+
+    def __init__(self, window: int):
+        self.window = window
+        self.history: deque[tuple[float, float]] = deque(maxlen=window + 1)
+
+    def eval(self, record: dict[str, Any]) -> str | None:
+        self.history.append((_value(record, "logps/chosen"), _value(record, "rewards/margins")))
+        if len(self.history) <= self.window:
+            return None
+        chosen, margins = zip(*self.history)
+        if all(b < a for a, b in zip(chosen, chosen[1:])) and all(b > a for a, b in zip(margins, margins[1:])):
+            return (f"chosen log-probs fell at each of the last {self.window} evaluations ({chosen[0]:.4g} -> "
+                    f"{chosen[-1]:.4g}) while the margins rose ({margins[0]:.4g} -> {margins[-1]:.4g}): likelihood "
+                    "displacement, the chosen responses lose probability too. --rpo-alpha 1.0 adds their NLL to "
+                    "the loss; a lower --lr or higher --beta slows it")
+        return None
+
+
+class ExplodingLogRatios(Check):
+    """Non-finite margins, or a mean log-prob beyond EXPLODING_FACTOR x its first-step value (when the policy was
+    the reference) + EXPLODING_SLACK nats: the log-ratios are running away."""
+
+    name = "exploding_log_ratios"
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+
+    def train(self, record: dict[str, Any]) -> str | None:
+        if not math.isfinite(_value(record, "rewards/margins")):
+            return ("the reward margins are not finite: the log-ratios overflowed. Lower --lr, keep --max-grad-norm, "
+                    "or use --precision bf16 / fp32")
+        for key in ("logps/chosen", "logps/rejected"):
+            value = abs(_value(record, key))
+            first = self.first.setdefault(key, value)
+            if value > EXPLODING_FACTOR * first + EXPLODING_SLACK:
+                return (f"mean {key.split('/')[1]} log-prob {-value:.4g} is beyond {EXPLODING_FACTOR:g}x its "
+                        f"first-step value ({-first:.4g}): the log-ratios are exploding. Lower --lr, raise --beta, "
+                        "or keep --max-grad-norm")
+        return None
+
+
+class LossScaleCollapse(Check):
+    """The fp16 GradScaler's scale LOSS_SCALE_DROP below its highest value, or below 1: gradients overflow at
+    (nearly) every step and those steps are skipped."""
+
+    name = "loss_scale_collapse"
+
+    def __init__(self) -> None:
+        self.highest = 0.0
+
+    def train(self, record: dict[str, Any]) -> str | None:
+        scale = _value(record, "loss_scale")
+        if math.isnan(scale):
+            return None
+        self.highest = max(self.highest, scale)
+        if scale < 1.0 or scale <= self.highest / LOSS_SCALE_DROP:
+            return (f"the fp16 loss scale fell to {scale:g} (from {self.highest:g}); {record.get('skipped_steps', '?')} "
+                    "steps skipped: gradients overflow at nearly every step. Use --precision bf16 (or fp32), lower "
+                    "--lr, or look for activations beyond fp16's range")
+        return None
+
+
+class HealthMonitor:
+    """The checks of a run. `observe(record)` after every train step and evaluation; `stop(name, step, message)`
+    for a condition found elsewhere that always ends the run (the step-0 check)."""
+
+    def __init__(self, mode: str = "warn", window: int = 3, emit: Callable[[Alert], None] | None = None):
+        self.mode = mode
+        self.emit = emit or (lambda alert: None)
+        self.checks: list[Check] = [] if mode == "off" else [
+            NothingScored(window), LikelihoodDisplacement(window), ExplodingLogRatios(), LossScaleCollapse()]
+        self.raised: list[Alert] = []
+
+    def observe(self, record: dict[str, Any]) -> list[Alert]:
+        split = record.get("split")
+        alerts = []
+        for check in self.checks:
+            if check.name in {a.name for a in self.raised}:
+                continue
+            message = check.train(record) if split == "train" else check.eval(record) if split == "eval" else None
+            if message is not None:
+                alerts.append(self._raise(Alert(check.name, int(record.get("step", 0)), message)))
+        if alerts and self.mode == "strict":
+            raise HealthError(f"{alerts[0]} (--health strict)")
+        return alerts
+
+    def stop(self, name: str, step: int, message: str) -> None:
+        alert = self._raise(Alert(name, step, message))
+        raise HealthError(f"step {alert.step}: {alert.message}")
+
+    def _raise(self, alert: Alert) -> Alert:
+        self.raised.append(alert)
+        self.emit(alert)
+        return alert

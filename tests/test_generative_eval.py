@@ -1,0 +1,167 @@
+"""--eval-generate: the policy's win rate against the reference while training, and the implicit-reward judge."""
+
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from dpo.config import ConfigError, parse_config
+from dpo.generation import DecodingConfig
+from dpo.generative_eval import SAMPLE_COLUMNS, GenerativeEval
+from dpo.judges import ImplicitRewardJudge, Judge, JudgeError, build_judge
+from dpo.metrics import read_metrics
+from dpo.modeling import load_causal_lm
+from dpo.prompts import format_prompt, format_response
+from tiny import make_model_dir, tiny_tokenizer, write_pairs
+
+PROMPTS = ["what color is the sun?", "tell me about the moon", "is the cat big?", "what is a dog?", "one two three"]
+
+
+class LengthJudge(Judge):
+    """The shorter answer wins; its score is minus the length. A closed form to check the metrics against."""
+
+    name = "length"
+
+    def compare(self, instruction, a, b):
+        return 1.0 if len(a) < len(b) else 0.0 if len(a) > len(b) else 0.5
+
+    def score(self, instruction, answer):
+        return -float(len(answer))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("geneval")
+    make_model_dir(root / "model")
+    write_pairs(root / "pairs.jsonl", 48)
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in PROMPTS))
+    return root
+
+
+def sampler_for(tmp_path, judge, prompts=PROMPTS, seed=0):
+    tokenizer = tiny_tokenizer()
+    return GenerativeEval(judge, list(prompts), DecodingConfig(max_new_tokens=8, seed=seed), tokenizer, 2,
+                          tmp_path / "eval_generate")
+
+
+def test_the_reference_against_itself_ties_everywhere(workdir, tmp_path):
+    model = load_causal_lm(str(workdir / "model"))
+    sampler = sampler_for(tmp_path, LengthJudge())
+    assert sampler.prepare_reference("key", lambda: (model, contextlib.nullcontext)) is True
+    metrics, rows = sampler.run(model)  # same model, same seed: the same answers
+    assert metrics["generate/win_rate"] == 0.5 and metrics["generate/ties"] == 1.0
+    assert metrics["generate/mean_length"] == metrics["generate/reference_mean_length"]
+    assert metrics["generate/score"] == metrics["generate/reference_score"]
+    assert len(rows) == 4 and all(row[1] == row[2] and row[3] == "tie" for row in rows)
+    assert sampler.prepare_reference("key", lambda: pytest.fail("cached answers must be reused")) is False
+
+
+def test_metrics_follow_the_judge_and_the_wilson_interval(workdir, tmp_path):
+    model = load_causal_lm(str(workdir / "model"))
+    sampler = sampler_for(tmp_path, LengthJudge())
+    sampler.reference_outputs = ["x" * 5] * len(PROMPTS)  # every policy answer shorter than 5 characters wins
+    metrics, rows = sampler.run(model)
+    outputs = [row[2] for row in rows]
+    wins = sum(len(o) < 5 for o in sampler._generate(model))
+    ties = sum(len(o) == 5 for o in sampler._generate(model))
+    n = len(PROMPTS)
+    p = (wins + ties / 2) / n
+    assert metrics["generate/win_rate"] == pytest.approx(p)
+    z = 1.959963984540054
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert metrics["generate/win_rate_low"] == pytest.approx(max(0.0, center - half))
+    assert metrics["generate/win_rate_high"] == pytest.approx(min(1.0, center + half))
+    assert metrics["generate/reference_score"] == -5.0
+    assert all(len(row) == len(SAMPLE_COLUMNS) for row in rows) and len(outputs) == 4
+
+
+def test_sampling_leaves_the_training_rng_alone(workdir, tmp_path):
+    model = load_causal_lm(str(workdir / "model"))
+    sampler = sampler_for(tmp_path, LengthJudge())
+    sampler.reference_outputs = [""] * len(PROMPTS)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    sampler.run(model)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def run(workdir, out, *extra):
+    out_dir = workdir / out
+    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out_dir),
+            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--seed", "0", "--batch-size", "8",
+            "--micro-batch-size", "4", "--lr", "1e-3", "--no-progress", "--no-plot", *extra]
+    assert train.main(argv) == 0
+    return out_dir
+
+
+def test_a_run_logs_win_rates_and_samples_and_trains_exactly_as_without(workdir, capsys):
+    flags = ("--max-steps", "4", "--eval-steps", "2", "--save-steps", "2")
+    plain = run(workdir, "plain", *flags)
+    watched = run(workdir, "watched", *flags, "--eval-generate", "5", "--eval-prompts", str(workdir / "prompts.jsonl"),
+                  "--eval-judge", "implicit:" + str(plain / "final"), "--eval-max-new-tokens", "6")
+    a, b = load_file(plain / "final" / "model.safetensors"), load_file(watched / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # sampling moved no RNG the training reads
+    records = read_metrics(watched / "metrics.jsonl")
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["generate/win_rate_low"] <= r["generate/win_rate"] <= r["generate/win_rate_high"]
+        assert r["generate/mean_length"] > 0 and "generate/score" in r
+    samples = [r for r in records if r["split"] == "samples"]
+    assert [r["step"] for r in samples] == [2, 4] and samples[0]["columns"] == SAMPLE_COLUMNS
+    assert [row[0] for row in samples[0]["rows"]] == PROMPTS[:4]
+    cached = list((watched / "eval_generate").glob("reference-*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())["outputs"]) == 5
+    out = capsys.readouterr().out
+    assert "--eval-generate: 5 prompts judged by implicit:" in out and "reference answers generated" in out
+    assert "win rate vs reference" in out
+    # resumed from checkpoint-2: the reference answers come from the cache, and the step-4 evaluation is the same
+    run(workdir, "watched", *flags, "--eval-generate", "5", "--eval-prompts", str(workdir / "prompts.jsonl"),
+        "--eval-judge", "implicit:" + str(plain / "final"), "--eval-max-new-tokens", "6", "--resume")
+    assert "reference answers cached" in capsys.readouterr().out
+    again = [r for r in read_metrics(watched / "metrics.jsonl") if r["split"] == "eval"]
+    assert again[-1]["generate/win_rate"] == evals[-1]["generate/win_rate"]
+
+
+def test_bad_settings_are_one_line(workdir):
+    with pytest.raises(ConfigError, match="--eval-generate does not run under --fsdp"):
+        parse_config(["--eval-generate", "4", "--fsdp"])
+    with pytest.raises(ConfigError, match="--eval-generate must be a non-negative"):
+        parse_config(["--eval-generate", "-1"])
+    with pytest.raises(JudgeError, match="has no prompts of its own: give --eval-prompts"):
+        run(workdir, "no-prompts", "--max-steps", "1", "--eval-generate", "2",
+            "--eval-judge", "implicit:" + str(workdir / "plain" / "final"))
+    with pytest.raises(JudgeError, match="not a trained DPO model"):
+        build_judge("implicit:" + str(workdir / "model"))
+
+
+def test_implicit_reward_judge_matches_a_brute_force_computation(tmp_path):
+    reference = make_model_dir(tmp_path / "sft", seed=1)
+    final = make_model_dir(tmp_path / "run" / "final", seed=2)
+    (final / "dpo_run.json").write_text(json.dumps({"reference_model": str(reference), "beta": 0.25,
+                                                    "max_length": 64, "max_prompt_length": 32}))
+    judge = build_judge(f"implicit:{tmp_path / 'run'}")
+    assert isinstance(judge, ImplicitRewardJudge) and judge.beta == 0.25
+    tokenizer = tiny_tokenizer()
+    policy, ref = load_causal_lm(str(final)), load_causal_lm(str(reference))
+
+    def logp(model, prompt, response):
+        ids = torch.tensor([prompt + response])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        return sum(logprobs[len(prompt) + t - 1, token].item() for t, token in enumerate(response))
+
+    question = "what color is the sun?"
+    prompt = tokenizer(format_prompt(question))["input_ids"]
+    for answer in ("yellow", "the moon is big"):
+        response = tokenizer(format_response(answer))["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            expected = 0.25 * (logp(policy, prompt, response) - logp(ref, prompt, response))
+        assert judge.score(question, answer) == pytest.approx(expected, abs=1e-5)
+    a, b = judge.score(question, "yellow"), judge.score(question, "the moon is big")
+    assert judge.compare(question, "yellow", "the moon is big") == (1.0 if a > b else 0.0)

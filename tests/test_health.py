@@ -1,0 +1,180 @@
+"""Health alerts: each check on records built to trip it (and not on healthy ones), the monitor's once / strict /
+off behaviour, and training runs built to cause each alert."""
+
+import math
+
+import pytest
+
+import train
+from dpo.health import (LN2, ExplodingLogRatios, HealthError, HealthMonitor, LikelihoodDisplacement,
+                        LossScaleCollapse, NothingScored)
+from dpo.metrics import read_metrics
+from tiny import make_model_dir, write_pairs
+
+
+def train_record(step, **values):
+    base = {"split": "train", "step": step, "loss": 0.6, "grad_norm": 0.5, "logps/chosen": -20.0,
+            "logps/rejected": -25.0, "rewards/margins": 0.1}
+    return {**base, **values}
+
+
+def eval_record(step, chosen, margin):
+    return {"split": "eval", "step": step, "logps/chosen": chosen, "rewards/margins": margin}
+
+
+# ---------------------------------------------------------------------------------------------------- the checks
+
+
+def test_nothing_scored_after_window_steps_and_resets():
+    check = NothingScored(window=3)
+    empty = dict(loss=LN2, grad_norm=0.0, **{"logps/chosen": 0.0, "logps/rejected": 0.0})
+    assert check.train(train_record(1, **empty)) is None
+    assert check.train(train_record(2, **empty)) is None
+    assert check.train(train_record(3, grad_norm=0.1)) is None  # a scored step resets the count
+    assert [check.train(train_record(s, **empty)) is None for s in (4, 5)] == [True, True]
+    message = check.train(train_record(6, **empty))
+    assert "no response token is being scored" in message and "--template" in message and "\n" not in message
+    stuck = NothingScored(window=2)  # the loss at ln 2 with a zero gradient, log-probs not 0
+    assert stuck.train(train_record(1, loss=LN2, grad_norm=0.0)) is None
+    assert "ln 2" in stuck.train(train_record(2, loss=LN2, grad_norm=0.0))
+    healthy = NothingScored(window=1)  # step 1 of every DPO run: the loss is ln 2, the gradient is not 0
+    assert healthy.train(train_record(1, loss=LN2, grad_norm=0.45)) is None
+
+
+def test_likelihood_displacement_needs_window_falls_with_rising_margins():
+    check = LikelihoodDisplacement(window=3)
+    falling = [eval_record(10 * i, -2.0 - i, 0.1 * i) for i in range(4)]
+    assert [check.eval(r) for r in falling[:3]] == [None, None, None]
+    message = check.eval(falling[3])
+    assert "likelihood displacement" in message and "--rpo-alpha" in message and "-2 -> -5" in message
+    demo_like = LikelihoodDisplacement(window=3)  # chosen rising while margins rise: healthy DPO
+    assert all(demo_like.eval(eval_record(i, -2.0 + 0.3 * i, 0.1 * i)) is None for i in range(6))
+    flat_margin = LikelihoodDisplacement(window=3)  # both falling but margins not rising: not this alert
+    assert all(flat_margin.eval(eval_record(i, -2.0 - i, 0.3)) is None for i in range(6))
+
+
+def test_exploding_log_ratios():
+    check = ExplodingLogRatios()
+    assert check.train(train_record(1, **{"logps/rejected": -10.0})) is None
+    assert check.train(train_record(2, **{"logps/rejected": -40.0})) is None  # 3 x 10 + 10: at the bound
+    message = check.train(train_record(3, **{"logps/rejected": -40.5}))
+    assert "rejected log-prob -40.5" in message and "--lr" in message
+    nan = ExplodingLogRatios()
+    assert "not finite" in nan.train(train_record(1, **{"rewards/margins": math.nan}))
+
+
+def test_loss_scale_collapse():
+    check = LossScaleCollapse()
+    assert check.train(train_record(1)) is None  # no loss_scale: not fp16
+    scales = [65536.0 / 2 ** k for k in range(11)]
+    results = [check.train(train_record(k + 1, loss_scale=s, skipped_steps=k)) for k, s in enumerate(scales)]
+    assert results[:10] == [None] * 10  # 65536 .. 128
+    assert "loss scale fell to 64" in results[10] and "bf16" in results[10]
+    low = LossScaleCollapse()
+    assert "0.5" in low.train(train_record(1, loss_scale=0.5))
+
+
+def test_monitor_raises_each_alert_once_strict_stops_off_is_silent():
+    seen = []
+    monitor = HealthMonitor("warn", window=1, emit=seen.append)
+    bad = train_record(1, loss=LN2, grad_norm=0.0, **{"logps/chosen": 0.0, "logps/rejected": 0.0})
+    assert [a.name for a in monitor.observe(bad)] == ["nothing_scored"]
+    assert monitor.observe({**bad, "step": 2}) == []  # once
+    assert [a.name for a in seen] == ["nothing_scored"] and seen[0].step == 1
+    assert str(seen[0]).startswith("health alert [nothing_scored] at step 1: zero gradient")
+    strict = HealthMonitor("strict", window=1)
+    with pytest.raises(HealthError) as error:
+        strict.observe(bad)
+    assert "\n" not in str(error.value) and str(error.value).endswith("(--health strict)")
+    assert HealthMonitor("off", window=1).observe(bad) == []
+    off = HealthMonitor("off", emit=seen.append)
+    with pytest.raises(HealthError, match="^step 1: the reference"):  # the step-0 check stops whatever the mode
+        off.stop("reference_mismatch", 1, "the reference is wrong")
+    assert seen[-1].name == "reference_mismatch"
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+USER_LOSSES = '''
+import torch.nn.functional as F
+from dpo.loss import preference_margin
+
+
+def enormous(x, cfg):
+    """DPO times 1e30: finite in fp32, every fp16 gradient overflows."""
+    return -F.logsigmoid(cfg.beta * preference_margin(x, cfg)) * 1e30
+'''
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("health")
+    make_model_dir(root / "model")
+    write_pairs(root / "pairs.jsonl", 48)
+    (root / "user_losses.py").write_text(USER_LOSSES)
+    return root
+
+
+def run(workdir, out, *extra):
+    out_dir = workdir / out
+    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out_dir),
+            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--seed", "0", "--batch-size", "8",
+            "--micro-batch-size", "4", "--no-progress", "--no-plot", *extra]
+    assert train.main(argv) == 0
+    return out_dir
+
+
+def alerts(out_dir):
+    return [(r["alert"], r["step"]) for r in read_metrics(out_dir / "metrics.jsonl") if r.get("split") == "alert"]
+
+
+def mask_every_response(monkeypatch):
+    """The collate of padded rows, with every label masked: nothing is scored (a masking bug)."""
+    original = train.collate_pairs
+
+    def masked(pairs, **kwargs):
+        batch = original(pairs, **kwargs)
+        batch["labels"].fill_(-100)
+        return batch
+
+    monkeypatch.setattr(train, "collate_pairs", masked)
+
+
+def test_a_run_that_scores_nothing_is_flagged_once_and_strict_stops_it(workdir, monkeypatch, capsys):
+    mask_every_response(monkeypatch)
+    out = run(workdir, "masked", "--layout", "padded", "--max-steps", "5", "--health-window", "3")
+    assert alerts(out) == [("nothing_scored", 3)]
+    printed = capsys.readouterr().out
+    assert printed.count("health alert [nothing_scored] at step 3") == 1
+    with pytest.raises(HealthError, match=r"nothing_scored.*--health strict\)$"):
+        run(workdir, "masked-strict", "--layout", "padded", "--max-steps", "5", "--health", "strict")
+    assert max(r["step"] for r in read_metrics(workdir / "masked-strict" / "metrics.jsonl")) == 3
+    assert alerts(run(workdir, "masked-off", "--layout", "padded", "--max-steps", "4", "--health", "off")) == []
+
+
+def test_likelihood_displacement_run_and_the_flag_that_helps(workdir):
+    """These pairs' rejected answers extend the chosen ones (a shared prefix): sigmoid DPO lowers the chosen
+    log-probs while the margins grow, the classic displacement. --rpo-alpha 1.0, the flag the alert names, keeps
+    the chosen answers up and the alert quiet."""
+    flags = ("--lr", "1e-3", "--max-steps", "8", "--eval-steps", "2")
+    out = run(workdir, "displaced", *flags)
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "eval"]
+    assert evals[-1]["logps/chosen"] < evals[0]["logps/chosen"] and evals[-1]["rewards/margins"] > 0
+    assert alerts(out) == [("likelihood_displacement", 8)]
+    helped = run(workdir, "rpo", *flags, "--rpo-alpha", "1.0")
+    assert alerts(helped) == []
+
+
+def test_exploding_run(workdir):
+    out = run(workdir, "exploding", "--lr", "0.3", "--max-grad-norm", "none", "--max-steps", "6")
+    assert ("exploding_log_ratios" in [name for name, _ in alerts(out)])
+
+
+def test_fp16_loss_scale_collapse_run(workdir):
+    out = run(workdir, "overflow", "--loss", f"{workdir / 'user_losses.py'}:enormous", "--precision", "fp16",
+              "--max-length", "32", "--max-prompt-length", "16", "--max-steps", "11", "--on-nan", "skip")
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train"]
+    assert records[-1]["loss_scale"] == 65536.0 / 2 ** 11 and records[-1]["skipped_steps"] == 11
+    # the first record already shows the halved scale (32768): ten more halvings later, at step 11, the alert
+    assert alerts(out) == [("loss_scale_collapse", 11)]
