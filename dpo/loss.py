@@ -47,14 +47,8 @@ The contract:
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import math
-import sys
 from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -62,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo.errors import UserError
+from dpo.plugins import load_function
 from dpo.settings import check_settings, finite, in_range, non_negative, positive, setting
 
 LossFunction = Callable[["PreferenceLogps", "LossConfig"], Tensor]
@@ -271,46 +266,7 @@ def resolve_loss(name: str) -> LossFunction:
             f"unknown loss {name!r}; available: {', '.join(available_losses())}; "
             "or give 'pkg.module:function' or 'path/to/file.py:function'"
         )
-    return _load_external(name)
-
-
-@lru_cache(maxsize=None)
-def _load_external(spec: str) -> LossFunction:
-    target, function_name = spec.rsplit(":", 1)
-    is_file = target.endswith(".py") or "/" in target or "\\" in target
-    module = _load_file(spec, target) if is_file else _import_module(spec, target)
-    fn = getattr(module, function_name, None)
-    if fn is None:
-        raise UnknownLossError(f"loss {spec!r}: {target} has no function {function_name!r}")
-    if not callable(fn):
-        raise UnknownLossError(f"loss {spec!r}: {target}.{function_name} is not callable")
-    return fn
-
-
-def _load_file(spec: str, path_text: str) -> Any:
-    path = Path(path_text).expanduser().resolve()
-    if not path.is_file():
-        raise UnknownLossError(f"loss {spec!r}: no such file {path_text}")
-    # a stable, unique module name so dataclasses and pickling inside the file work
-    module_name = f"dpo_user_loss_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise UnknownLossError(f"loss {spec!r}: cannot load {path_text} as Python")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as error:
-        del sys.modules[module_name]
-        raise UnknownLossError(f"loss {spec!r}: loading {path_text} failed: {type(error).__name__}: {error}") from error
-    return module
-
-
-def _import_module(spec: str, module_name: str) -> Any:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        raise UnknownLossError(f"loss {spec!r}: cannot import module {module_name!r} ({error})") from None
+    return load_function(name, "loss", UnknownLossError)
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
