@@ -132,6 +132,8 @@ class Comparison:
     outcome: float  # for the policy: 1 win, 0.5 tie, 0 loss
     policy_score: float | None = None  # the judge's absolute scores, where it has them
     reference_score: float | None = None
+    policy_checks: dict[str, bool] | None = None  # the judge's yes/no properties (the demo's: correct, concise)
+    reference_checks: dict[str, bool] | None = None
 
 
 @dataclass
@@ -163,7 +165,8 @@ def compare_models(policy: LoadedModel, reference: LoadedModel, prompts: Sequenc
     comparisons = []
     for text, category, mine, theirs in zip(instructions, categories, policy_outputs, reference_outputs):
         comparisons.append(Comparison(text, category, mine, theirs, judge.compare(text, mine, theirs),
-                                      judge.score(text, mine), judge.score(text, theirs)))
+                                      judge.score(text, mine), judge.score(text, theirs),
+                                      judge.checks(text, mine), judge.checks(text, theirs)))
     return comparisons
 
 
@@ -188,6 +191,7 @@ def win_rate_summary(comparisons: Sequence[Comparison], policy: LoadedModel,
         scores = [getattr(c, f"{prefix}_score") for c in comparisons]
         if all(score is not None for score in scores):
             summary[f"{prefix}_mean_score"] = sum(scores) / len(scores)
+    summary.update(check_rates(comparisons))
     categories = sorted({c.category for c in comparisons if c.category is not None})
     if categories:
         summary["categories"] = {}
@@ -197,8 +201,33 @@ def win_rate_summary(comparisons: Sequence[Comparison], policy: LoadedModel,
                 **WinRate.from_outcomes([c.outcome for c in subset]).to_dict(),
                 "policy_mean_words": mean_lengths([c.policy_output for c in subset], policy.tokenizer)["words"],
                 "reference_mean_words": mean_lengths([c.reference_output for c in subset],
-                                                     reference.tokenizer)["words"]}
+                                                     reference.tokenizer)["words"],
+                **check_rates(subset)}
     return summary
+
+
+def check_rates(comparisons: Sequence[Comparison]) -> dict[str, float]:
+    """The share of answers with each of the judge's yes/no properties: policy_correct, reference_concise, ..."""
+    rates: dict[str, float] = {}
+    for side in ("policy", "reference"):
+        checks = [getattr(c, f"{side}_checks") for c in comparisons]
+        if checks and all(checks):
+            for name in checks[0]:
+                rates[f"{side}_{name}"] = sum(bool(c[name]) for c in checks) / len(checks)
+    return rates
+
+
+def format_checks(summary: dict[str, Any]) -> str:
+    """Per category and overall: the share of policy and reference answers with each yes/no property."""
+    names = [key[len("policy_"):] for key in summary if key.startswith("policy_") and f"reference_{key[7:]}" in summary
+             and key[7:] not in ("mean_words", "mean_tokens", "mean_score")]
+    if not names:
+        return ""
+    header = f"{'':14}" + "".join(f"{name + ' policy':>18}{'reference':>11}" for name in names)
+    rows = list(summary.get("categories", {}).items()) + [("all", summary)]
+    lines = [header] + [f"{label[:13]:14}" + "".join(f"{s[f'policy_{n}']:>18.2f}{s[f'reference_{n}']:>11.2f}"
+                                                       for n in names) for label, s in rows]
+    return "\n".join(lines)
 
 
 def format_win_rate(summary: dict[str, Any], policy: str, reference: str) -> str:
@@ -379,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=not args.no_progress)
         summary = win_rate_summary(comparisons, policy, reference)
         print(format_win_rate(summary, policy.name, reference.name))
+        if checks := format_checks(summary):
+            print("\n" + checks)
         if args.samples:
             print("\n" + format_samples(comparisons, args.samples, policy.name, reference.name))
         result.update(judge=judge.name, decoding=asdict(decoding), **summary)

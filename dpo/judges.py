@@ -4,6 +4,7 @@ A judge is anything with
 
     compare(instruction, answer_a, answer_b) -> float   1.0: a is better, 0.0: b is better, 0.5: a tie
     category(instruction) -> str | None                  optional, for per-category tables
+    checks(instruction, answer) -> dict[str, bool] | None optional, yes/no properties (the demo's: correct, concise)
     score(instruction, answer) -> float | None           optional, an absolute score of one answer
 
 and, optionally, `default_prompts(n, seed)`: the held-out instructions it knows how to judge.
@@ -14,10 +15,17 @@ and, optionally, `default_prompts(n, seed)`: the held-out instructions it knows 
                       the answer with the higher reward wins, equal rewards tie
     ImplicitRewardJudge  a trained DPO model's implicit reward, beta (log pi(y|x) - log ref(y|x)) with the
                       run's beta, reference, template and lengths (its final/dpo_run.json): 'implicit:RUN/final'
+    FunctionJudge     a user's function, 'pkg.module:function' or 'file.py:function' (dpo.plugins), called as
+                      fn(prompts: list[str], responses: list[list[str]]) -> list[list[float]]: a score for each
+                      response to each prompt, higher is better
+
+`score_batch(prompts, responses)` scores many candidates at once (online DPO's k samples per prompt); every judge
+has it, checked: one finite number per response, or a JudgeError naming the judge.
 """
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import Any
 
@@ -47,9 +55,51 @@ class Judge:
     def category(self, instruction: str) -> str | None:
         return None
 
+    def checks(self, instruction: str, answer: str) -> dict[str, bool] | None:
+        """Named yes/no properties of an answer where the judge can tell (the demo's: correct, concise)."""
+        return None
+
     def default_prompts(self, n: int | None, seed: int) -> list[str] | None:
         """Instructions to evaluate on when none are given; None when the judge has no own prompts."""
         return None
+
+    def score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
+        """A score for each response to each prompt (higher is better), checked: finite numbers, one per response."""
+        try:
+            scores = self._score_batch(prompts, responses)
+        except JudgeError:
+            raise
+        except Exception as error:  # a user's judge may raise anything: name it in one line
+            raise JudgeError(f"judge {self.name} raised {type(error).__name__}: {first_line(error)}") from None
+        return check_scores(self.name, scores, responses)
+
+    def _score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
+        scores = [[self.score(prompt, answer) for answer in answers] for prompt, answers in zip(prompts, responses)]
+        if any(score is None for row in scores for score in row):
+            raise JudgeError(f"judge {self.name} gives no absolute scores; online DPO needs a judge that scores")
+        return scores
+
+
+def check_scores(name: str, scores: Any, responses: list[list[str]]) -> list[list[float]]:
+    """`scores` as a list of rows of floats shaped like `responses`, else a one-line JudgeError."""
+    try:
+        rows = [list(row) for row in scores]
+    except TypeError:
+        raise JudgeError(f"judge {name} returned {type(scores).__name__}, not a list of score lists") from None
+    if len(rows) != len(responses):
+        raise JudgeError(f"judge {name} returned {len(rows)} score lists for {len(responses)} prompts")
+    checked = []
+    for i, (row, answers) in enumerate(zip(rows, responses)):
+        if len(row) != len(answers):
+            raise JudgeError(f"judge {name}: prompt {i} has {len(answers)} responses but {len(row)} scores")
+        try:
+            values = [float(v) for v in row]
+        except (TypeError, ValueError):
+            raise JudgeError(f"judge {name}: prompt {i}'s scores are not numbers ({row!r:.80})") from None
+        if not all(math.isfinite(v) for v in values):
+            raise JudgeError(f"judge {name}: prompt {i} has a score that is not finite ({values})")
+        checked.append(values)
+    return checked
 
 
 def _outcome(score_a: float, score_b: float) -> float:
@@ -89,6 +139,12 @@ class DemoJudge(Judge):
 
     def category(self, instruction: str) -> str | None:
         return self.instruction(instruction).category
+
+    def checks(self, instruction: str, answer: str) -> dict[str, bool]:
+        from dpo.demo import task
+
+        verdict = task.judge(self.instruction(instruction), answer)
+        return {"correct": verdict.correct, "concise": verdict.concise}
 
     def default_prompts(self, n: int | None, seed: int) -> list[str]:
         from dpo.demo import task
@@ -216,15 +272,39 @@ class ImplicitRewardJudge(Judge):
         return _outcome(*self.rewards(instruction, answer_a, answer_b))
 
 
+class FunctionJudge(Judge):
+    """A user's judge function: fn(prompts, responses) -> scores (see the module docstring)."""
+
+    def __init__(self, spec: str):
+        from dpo.plugins import load_function
+
+        self.name = spec
+        self.function = load_function(spec, "judge", JudgeError)
+
+    def _score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
+        return self.function(list(prompts), [list(r) for r in responses])
+
+    def score(self, instruction: str, answer: str) -> float:
+        return self.score_batch([instruction], [[answer]])[0][0]
+
+    def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        a, b = self.score_batch([instruction], [[answer_a, answer_b]])[0]
+        return _outcome(a, b)
+
+
 JUDGES = {"demo": DemoJudge}
 IMPLICIT_PREFIX = "implicit:"
 
 
 def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Judge:
-    """'demo' -> DemoJudge; 'implicit:PATH' -> a DPO model's implicit reward; anything else is a reward model's
-    directory or hub name."""
+    """'demo' -> DemoJudge; 'implicit:PATH' -> a DPO model's implicit reward; 'module:function' or
+    'file.py:function' -> a user's function; anything else is a reward model's directory or hub name."""
+    from dpo.plugins import is_function_spec
+
     if spec in JUDGES:
         return JUDGES[spec]()
     if spec.startswith(IMPLICIT_PREFIX):
         return ImplicitRewardJudge(spec[len(IMPLICIT_PREFIX):], device=device, dtype=dtype)
+    if is_function_spec(spec):
+        return FunctionJudge(spec)
     return RewardModelJudge(spec, device=device, dtype=dtype)

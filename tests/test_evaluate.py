@@ -362,3 +362,19 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, run_dir, capsys, ca
     assert evaluate.cli(args + ["--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_correct_and_concise_rates_per_category():
+    held_out = task.held_out_instructions(4, seed=0)
+    judge = DemoJudge()
+    comparisons = []
+    for i, instr in enumerate(held_out):
+        right = instr.answer + "." if i % 2 else instr.answer + ". And more words."
+        wrong = "nothing."
+        comparisons.append(Comparison(instr.text, instr.category, right, wrong, judge.compare(instr.text, right, wrong),
+                                      policy_checks=judge.checks(instr.text, right),
+                                      reference_checks=judge.checks(instr.text, wrong)))
+    rates = evaluate.check_rates(comparisons)
+    assert rates == {"policy_correct": 1.0, "policy_concise": 0.5, "reference_correct": 0.0, "reference_concise": 1.0}
+    table = evaluate.format_checks({**rates, "categories": {}})
+    assert "correct policy" in table and table.splitlines()[-1].split() == ["all", "1.00", "0.00", "0.50", "1.00"]
