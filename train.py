@@ -65,6 +65,8 @@ from dpo.health import Alert, HealthMonitor  # noqa: E402
 from dpo.metrics import PairMetrics, read_metrics  # noqa: E402
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, packing_problem  # noqa: E402
+from dpo.judges import build_judge  # noqa: E402
+from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
 from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute  # noqa: E402
 from dpo.schedule import lr_at  # noqa: E402
@@ -170,6 +172,53 @@ def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Call
                     "shared_prompt": collate_shared_prompt}[layout]
 
 
+def pair_source(cfg: TrainConfig, data: PreferenceData, tokenizer: Any, device: torch.device,
+                log: Callable[..., None]) -> OfflinePairs | OnlinePairs | IterativePairs:
+    """What the steps train on: the preference pairs (offline DPO), or the policy's own samples of the train
+    records' instructions, judged (--online: every step; --iterations: once per round)."""
+    if not cfg.online_dpo.enabled:
+        source = OfflinePairs(data.train, cfg.batch_size, cfg.seed)
+        if source.steps_per_epoch == 0:
+            raise DataError(f"{cfg.dataset}: {len(data.train)} usable training pairs, fewer than one batch of "
+                            f"--batch-size {cfg.batch_size}")
+        return source
+    settings = cfg.online_dpo
+    if len(data.instructions) < cfg.batch_size:
+        raise DataError(f"{cfg.dataset}: {len(data.instructions)} distinct single-turn instructions, fewer than one "
+                        f"batch of --batch-size {cfg.batch_size} ({data.instructions_left_out} records multi-turn or "
+                        "unreadable)")
+    judge = build_judge(settings.judge, device=device)
+    lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                   truncation_mode=cfg.truncation_mode, template=cfg.template)
+    sampler = Sampler(settings, judge, tokenizer, lengths, cfg.seed, cfg.micro_batch_size * settings.num_samples)
+    kind = "online" if settings.online else f"iterative ({settings.iterations} rounds)"
+    log(f"{kind} DPO: {len(data.instructions)} instructions ({data.instructions_left_out} multi-turn or unreadable "
+        f"records left out), {settings.num_samples} samples each, judged by {judge.name}")
+    if settings.online:
+        return OnlinePairs(data.instructions, cfg.batch_size, cfg.seed, sampler)
+    return IterativePairs(data.instructions, cfg.batch_size, cfg.seed, sampler, settings.iterations,
+                          Path(cfg.output_dir) / "rounds")
+
+
+def round_reference(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, collate: Callable,
+                    device: torch.device) -> Callable[[list[TokenizedPair], int], ReferenceLogps | None]:
+    """Iterative DPO: the reference log-probs of a round's pairs, computed when the round starts, before its first
+    update: with --reference-update by the policy itself (the round's starting policy is its reference), else by
+    the SFT model (under LoRA the adapters switched off; otherwise the policy at round 1, a frozen copy later)."""
+    def compute(pairs: list[TokenizedPair], round_index: int) -> ReferenceLogps | None:
+        if not needs_reference_model(cfg.loss):
+            return None
+        if cfg.online_dpo.reference_update:
+            model, mode = policy, contextlib.nullcontext
+        else:
+            model, mode = reference_model(cfg, policy, adapters, device, fresh=round_index > 0)
+        with mode():
+            return compute_reference_logps(SequenceScorer(model, cfg.scoring), pairs,
+                                           micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
+                                           autocast=lambda: autocast(cfg, device))
+    return compute
+
+
 def reference_logps(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, data: PreferenceData,
                     train_ids: list[int], *, device: torch.device, dist: DistInfo, collate: Callable, resumed: bool,
                     log: Callable[..., None]) -> dict[str, ReferenceLogps | None]:
@@ -247,7 +296,7 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
                                   fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters)
-    if needs_reference_model(cfg.loss) and not cfg.precompute_ref:
+    if needs_reference_model(cfg.loss) and (not cfg.precompute_ref or cfg.online_dpo.online):
         model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
         state.reference_scorer = SequenceScorer(model, cfg.scoring)
     if resume is not None:
@@ -311,6 +360,10 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
     metrics (the same on every process).
     """
     cfg, dist, device = state.cfg, state.dist, state.device
+    if not len(batch):  # online DPO when every prompt's samples tie: the judge has nothing to teach this step
+        state.step += 1
+        state.skipped_steps += 1
+        return {"lr": lr, "pairs_per_s": 0.0, "tokens_per_s": 0.0, "skipped_steps": state.skipped_steps}
     start = time.perf_counter()
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -522,8 +575,9 @@ class ProgressBar:
     def step(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                                 margin=f"{record['rewards/margins']:.3f}")
+            if "loss" in record:  # a step without pairs (online DPO, every sample tied) has no loss
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                     margin=f"{record['rewards/margins']:.3f}")
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -545,7 +599,7 @@ def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: i
         cells = [first.get(key), last.get(key), evaluation.get(key)]
         lines.append(f"{key:24}" + "".join(f"{c:12.4f}" if isinstance(c, float) else f"{'-':>12}" for c in cells))
     if skipped:
-        lines.append(f"skipped steps (overflow or non-finite loss): {skipped}")
+        lines.append(f"skipped steps (no pair to train on, an overflow or a non-finite loss): {skipped}")
     lines.append(f"model: {out_dir / 'final'}   metrics: {out_dir / 'metrics.jsonl'}")
     return "\n".join(lines)
 
@@ -571,12 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------ data: the pairs, and which of them the run trains on
     tokenizer = load_tokenizer(cfg.model)
     data = load_preference_pairs(cfg, tokenizer, log=log)
-    source = OfflinePairs(data.train, cfg.batch_size, cfg.seed)
-    if source.steps_per_epoch == 0:
-        raise DataError(f"{cfg.dataset}: {len(data.train)} usable training pairs, fewer than one batch of "
-                        f"--batch-size {cfg.batch_size}")
+    source = pair_source(cfg, data, tokenizer, device, log)
     total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * source.steps_per_epoch))
     used = source.used_ids(total_steps)
+    if isinstance(source, IterativePairs):
+        source.total_steps = total_steps
 
     # ------------------------------------------------ models, reference log-probs, optimizer
     policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
@@ -589,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                                 resumed=resume is not None, log=log)
     sampler = generative_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist, resumed=resume is not None,
                               log=log)
+    if isinstance(source, IterativePairs):
+        source.reference = round_reference(cfg, policy, adapters, collate, device)
     state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate,
                         workspace_pairs=[data.train[i] for i in used], resume=resume)
     run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
@@ -619,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             lr = lr_at(state.step, total_steps=total_steps, peak_lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
                        min_lr_ratio=cfg.min_lr_ratio)
             try:
-                step_metrics = train_step(state, source.batch(state.step, reference["train"]), lr)
+                batch = source.step_batch(state.step, reference["train"], state.policy, dist)
+                step_metrics = {**batch.metrics, **train_step(state, batch, lr)}
             except TrainingError as error:
                 trackers.log({"split": "train", "step": state.step + 1, "error": str(error)})
                 raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ from dpo.reference import ReferenceLogps, ReferenceLogpsError
 class PairBatch:
     pairs: list[TokenizedPair]
     reference: ReferenceLogps | None = None  # one entry per pair; None when computed at step time or not needed
+    metrics: dict[str, float] = field(default_factory=dict)  # how the pairs were made (online: sampling, judge)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -42,9 +43,7 @@ class OfflinePairs:
 
     def batch_ids(self, step: int) -> list[int]:
         """Indices into `pairs` of the global batch of optimizer step `step` (0-based)."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        order = epoch_permutation(len(self.pairs), epoch, self.seed)
-        return order[position * self.batch_size:(position + 1) * self.batch_size]
+        return step_ids(len(self.pairs), self.batch_size, self.seed, step)
 
     def batch(self, step: int, reference: ReferenceLogps | None = None) -> PairBatch:
         """The pairs of step `step` with their precomputed reference log-probs, which must all be finite."""
@@ -55,6 +54,10 @@ class OfflinePairs:
                                       "(a reference model that outputs NaN or inf?)")
         return PairBatch([self.pairs[i] for i in ids], selected)
 
+    def step_batch(self, step: int, reference: ReferenceLogps | None, policy: object, dist: object) -> PairBatch:
+        """The source interface train.py calls (OnlinePairs and IterativePairs sample with `policy` instead)."""
+        return self.batch(step, reference)
+
     def used_ids(self, total_steps: int) -> list[int]:
         """Every pair index that steps 0 .. total_steps - 1 train on, sorted (what needs reference log-probs)."""
         used: set[int] = set()
@@ -64,6 +67,13 @@ class OfflinePairs:
             if len(used) == len(self.pairs):
                 break
         return sorted(used)
+
+
+def step_ids(size: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices (of `size` items) that optimizer step `step` takes: a slice of its epoch's seeded permutation."""
+    epoch, position = divmod(step, size // batch_size)
+    order = epoch_permutation(size, epoch, seed)
+    return order[position * batch_size:(position + 1) * batch_size]
 
 
 def process_slice(batch_size: int, rank: int, world_size: int) -> list[int]:

@@ -22,6 +22,7 @@ from typing import Any
 from dpo.logprobs import ScoringConfig
 from dpo.lora import DOUBLE_RANK, LoraSettings
 from dpo.loss import LossConfig, batch_coupled
+from dpo.online import OnlineSettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
@@ -83,6 +84,8 @@ class TrainConfig:
     loss: LossConfig = nested(LossConfig, "loss")
     # LoRA: adapters on a frozen base, the reference that base
     lora: LoraSettings = nested(LoraSettings, "LoRA")
+    # online and iterative DPO: the pairs are the policy's own samples, judged
+    online_dpo: OnlineSettings = nested(OnlineSettings, "online and iterative DPO")
     # optimisation
     lr: float = setting(3e-5, "peak learning rate", check=positive)
     warmup_ratio: float = setting(0.03, "fraction of the steps with linear warmup (then cosine decay)",
@@ -163,6 +166,9 @@ class TrainConfig:
                               f"({self.micro_batch_size})")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.online_dpo.enabled and self.fsdp:
+            raise ConfigError("--online / --iterations do not run under --fsdp (sampling would need every process in "
+                              "each decoding step of the sharded model); use DDP")
         if self.eval_generate and self.fsdp:
             raise ConfigError("--eval-generate does not run under --fsdp (generation would need every process in "
                               "each decoding step of the sharded model); use DDP or evaluate final/ with dpo.evaluate")

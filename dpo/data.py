@@ -326,6 +326,25 @@ _FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
 }
 
 
+def instructions_of(records: Sequence[Any]) -> tuple[list[str], int]:
+    """The distinct single-turn instructions of preference records (any format), in first-seen order, and how
+    many records were left out (a multi-turn history, or a row that cannot be read): online DPO's prompt set."""
+    seen: dict[str, None] = {}
+    left_out = 0
+    for row, record in enumerate(records):
+        try:
+            prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
+        except RowError:
+            prompt = None
+        if isinstance(prompt, list) and len(prompt) == 1 and prompt[0]["role"] == "user":
+            prompt = prompt[0]["content"]
+        if isinstance(prompt, str) and prompt.strip():
+            seen.setdefault(prompt, None)
+        else:
+            left_out += 1
+    return list(seen), left_out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Dialogue -> rendered text (dpo.prompts)
 

@@ -108,7 +108,7 @@ class ExplodingLogRatios(Check):
         self.first: dict[str, float] = {}
 
     def train(self, record: dict[str, Any]) -> str | None:
-        if not math.isfinite(_value(record, "rewards/margins")):
+        if "rewards/margins" in record and not math.isfinite(_value(record, "rewards/margins")):
             return ("the reward margins are not finite: the log-ratios overflowed. Lower --lr, keep --max-grad-norm, "
                     "or use --precision bf16 / fp32")
         for key in ("logps/chosen", "logps/rejected"):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from dpo.config import ConfigError, TrainConfig
 from dpo.errors import first_line
-from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, load_records, select_subset,
-                      train_test_split)
+from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, instructions_of, load_records,
+                      select_subset, train_test_split)
 
 
 def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -63,6 +63,8 @@ def available_splits(source: str) -> list[str] | None:
 class PreferenceData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
+    instructions: list[str] = field(default_factory=list)  # the train records' distinct instructions (online DPO)
+    instructions_left_out: int = 0  # multi-turn or unreadable records among them
 
 
 def load_preference_pairs(cfg: TrainConfig, tokenizer, log: Callable[..., None] = print) -> PreferenceData:
@@ -85,4 +87,4 @@ def load_preference_pairs(cfg: TrainConfig, tokenizer, log: Callable[..., None] 
     log(f"train: {description}: {stats}")
     evaluation, eval_stats = build_pairs(eval_records, tokenizer, source=eval_description, **common)
     log(f"eval: {eval_description}: {eval_stats}")
-    return PreferenceData(train=train, eval=evaluation)
+    return PreferenceData(train, evaluation, *instructions_of(records))

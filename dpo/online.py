@@ -1,0 +1,248 @@
+"""Online and iterative DPO: the pairs come from the policy's own samples, judged while it trains.
+
+    OnlinePairs     --online: every optimizer step takes its prompts, samples k responses to each from the
+                    current policy, scores them with the judge and trains on (best, worst); a prompt whose
+                    samples tie is skipped and counted (Guo et al. 2024, "Direct Language Model Alignment from
+                    Online AI Feedback"). The reference log-probs of the fresh pairs come from the frozen reference
+                    at step time (under LoRA the adapters switched off).
+    IterativePairs  --iterations R: each round samples the whole prompt set once with the round's starting
+                    policy, judges, and trains an offline round on the (best, worst) pairs with precomputed
+                    reference log-probs (Xiong et al. 2024, "Iterative Preference Learning from Human Feedback");
+                    --reference-update makes each round's reference its starting policy. A round's pairs and
+                    reference log-probs are written to --output-dir/rounds/ before its first step, so a resumed
+                    run continues the round where it stopped.
+
+Sampling is a pure function of the policy's weights, the seed and the step (or round): a resumed run samples
+what an uninterrupted one would, and sampling never moves the training RNG. Under torchrun each process samples
+and judges its slice of the prompts; the pairs are gathered in process order, so every process trains on the
+same global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpo.batches import PairBatch, process_slice, step_ids
+from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
+from dpo.distributed import DistInfo, barrier
+from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch
+from dpo.judges import Judge
+from dpo.reference import ReferenceLogps
+from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
+
+SEED_STRIDE = 1_000_003  # sampling seed of step s (or round r): seed * SEED_STRIDE + s, distinct across steps
+
+
+@dataclass
+class OnlineSettings:
+    online: bool = setting(False, "online DPO: each step samples --num-samples responses per prompt from the current "
+                                  "policy, the judge picks (best, worst)")
+    iterations: int = setting(0, "iterative DPO in R rounds: each round samples every prompt once with its starting "
+                                 "policy, then trains offline on the judged pairs (0: off)", check=non_negative)
+    reference_update: bool = setting(False, "iterative DPO: each round's reference is its starting policy (else the "
+                                            "SFT model throughout)")
+    num_samples: int = setting(4, "responses sampled per prompt (online and iterative DPO)", check=at_least(2))
+    judge: str = setting("demo", "judge of the samples: demo, a reward model, implicit:RUN/final, or your own "
+                                 "'module:function' / 'file.py:function' (prompts, responses) -> scores")
+    sample_temperature: float = setting(TEMPERATURE, "sampling temperature of online / iterative DPO",
+                                        check=positive)
+    sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=in_range(1e-9, 1.000001))
+    sample_max_new_tokens: int = setting(64, "new tokens per sampled response", check=positive)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.online and self.iterations:
+            raise ConfigError("--online and --iterations exclude each other: one samples every step, the other "
+                              "once per round")
+        if self.reference_update and not self.iterations:
+            raise ConfigError("--reference-update needs --iterations (a round's reference is its starting policy)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.online or self.iterations > 0
+
+
+def gather(items: list[Any], dist: DistInfo) -> list[Any]:
+    """Every process's `items`, concatenated in process order (the same list on every process)."""
+    if not dist.enabled:
+        return items
+    parts: list[list[Any]] = [[] for _ in range(dist.world_size)]
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+@dataclass
+class Sampler:
+    """Samples k responses per prompt from a model, scores them with the judge, and tokenizes (best, worst) pairs
+    as the offline data path does (dpo.data.build_pairs with the run's template and lengths)."""
+
+    settings: OnlineSettings
+    judge: Judge
+    tokenizer: Any
+    lengths: dict[str, Any]  # max_length, max_prompt_length, truncation_mode, template
+    seed: int
+    batch_size: int
+
+    def decoding(self, position: int) -> DecodingConfig:
+        s = self.settings
+        return DecodingConfig(temperature=s.sample_temperature, top_p=s.sample_top_p,
+                              max_new_tokens=s.sample_max_new_tokens, seed=self.seed * SEED_STRIDE + position,
+                              chat_template=self.lengths["template"] == "chat",
+                              max_prompt_length=self.lengths["max_prompt_length"],
+                              truncation_mode=self.lengths["truncation_mode"])
+
+    def sample(self, model: torch.nn.Module, prompts: list[str], position: int) -> list[list[str]]:
+        """k responses to each prompt, a pure function of the model, the prompts and `position`."""
+        k = self.settings.num_samples
+        devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            flat = generate_batch(model, self.tokenizer, [p for p in prompts for _ in range(k)],
+                                  self.decoding(position), batch_size=self.batch_size)
+        return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+    def pairs(self, prompts: list[str], responses: list[list[str]], rows: list[int]) -> tuple[list[TokenizedPair],
+                                                                                               dict[str, float]]:
+        """(best, worst) pairs by the judge's scores (a prompt whose best and worst tie is skipped) and the
+        statistics: sums of scores, tokens and counts, to be added over processes."""
+        scores = self.judge.score_batch(prompts, responses)
+        records, kept_rows, ties = [], [], 0
+        for prompt, answers, row_scores, row in zip(prompts, responses, scores, rows):
+            best = max(range(len(answers)), key=lambda i: row_scores[i])
+            worst = min(range(len(answers)), key=lambda i: row_scores[i])
+            if row_scores[best] == row_scores[worst]:
+                ties += 1
+                continue
+            records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
+            kept_rows.append(row)
+        pairs: list[TokenizedPair] = []
+        if records:
+            try:
+                built, _ = build_pairs(records, self.tokenizer, source="online samples", **self.lengths)
+            except DataError:  # every pair unusable (e.g. empty responses): none this time
+                built = []
+            pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, kept_rows[p.row]) for p in built]
+        lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
+        stats = {"score_sum": sum(sum(row) for row in scores), "samples": sum(len(r) for r in responses),
+                 "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
+                 "unusable": len(records) - len(pairs), "pairs": len(pairs)}
+        return pairs, stats
+
+
+def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]:
+    """The logged sampling metrics from the processes' statistics."""
+    total = {key: sum(s[key] for s in stats) for key in stats[0]}
+    samples, prompts = max(total["samples"], 1), max(total["prompts"], 1)
+    return {"online/score": total["score_sum"] / samples, "online/ties": total["ties"] / prompts,
+            "online/unusable": total["unusable"] / prompts, "online/pairs": total["pairs"],
+            "online/mean_length": total["tokens"] / samples, "online/sample_s": seconds}
+
+
+@dataclass
+class OnlinePairs:
+    """--online: the pair source whose step s samples the prompts of step s from the current policy."""
+
+    prompts: list[str]
+    batch_size: int  # prompts per optimizer step
+    seed: int
+    sampler: Sampler
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.prompts) // self.batch_size
+
+    def used_ids(self, total_steps: int) -> list[int]:
+        return []  # no pair exists before its step: nothing to precompute
+
+    def step_batch(self, step: int, reference: Any, policy: torch.nn.Module, dist: DistInfo) -> PairBatch:
+        start = time.perf_counter()
+        ids = step_ids(len(self.prompts), self.batch_size, self.seed, step)
+        local = [ids[i] for i in process_slice(len(ids), dist.rank, dist.world_size)]
+        prompts = [self.prompts[i] for i in local]
+        pairs, stats = self.sampler.pairs(prompts, self.sampler.sample(policy, prompts, step), local)
+        return PairBatch(gather(pairs, dist), None, summarize(gather([stats], dist), time.perf_counter() - start))
+
+
+@dataclass
+class IterativePairs:
+    """--iterations R: round r covers steps [r x steps_per_round, (r + 1) x steps_per_round); its pairs are sampled
+    once, at its first step, from every prompt, and its steps take batches of them like OfflinePairs."""
+
+    prompts: list[str]
+    batch_size: int  # pairs per optimizer step
+    seed: int
+    sampler: Sampler
+    rounds: int
+    round_dir: Path
+    total_steps: int = 0  # set once the run's length is known
+    # (policy, round) -> the round's reference log-probs of `pairs`, computed before the round's first update
+    reference: Callable[[list[TokenizedPair], int], ReferenceLogps | None] = lambda pairs, r: None
+    _round: int = -1
+    _pairs: list[TokenizedPair] = field(default_factory=list)
+    _reference: ReferenceLogps | None = None
+
+    @property
+    def steps_per_round(self) -> int:
+        return max(1, self.total_steps // self.rounds)
+
+    def round_of(self, step: int) -> int:
+        return min(step // self.steps_per_round, self.rounds - 1)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.prompts) // self.batch_size  # at most one pair per prompt and round
+
+    def used_ids(self, total_steps: int) -> list[int]:
+        return []  # a round's reference log-probs are computed when it starts
+
+    def step_batch(self, step: int, reference: Any, policy: torch.nn.Module, dist: DistInfo) -> PairBatch:
+        r = self.round_of(step)
+        first = r * self.steps_per_round
+        metrics = {}
+        if r != self._round:
+            metrics = self._start_round(r, policy, dist)
+            if step != first:  # resumed inside the round: its sampling was logged at its first step
+                metrics = {}
+        # one pass over the round's pairs in a seeded order, each pair trained on once; when the pass ends before
+        # the round does (ties left few pairs: little is left to learn), its remaining steps have nothing to train on
+        order = epoch_permutation(len(self._pairs), 0, self.seed + r)
+        ids = order[(step - first) * self.batch_size:(step - first + 1) * self.batch_size]
+        if not ids:
+            return PairBatch([], None, {**metrics, "online/round": r + 1})
+        reference = self._reference.select(ids) if self._reference is not None else None
+        return PairBatch([self._pairs[i] for i in ids], reference, {**metrics, "online/round": r + 1})
+
+    def _start_round(self, r: int, policy: torch.nn.Module, dist: DistInfo) -> dict[str, float]:
+        """The round's pairs and reference log-probs: read from rounds/round-<r>.pt, or sampled, judged and
+        computed now (the main process writes the file)."""
+        path = self.round_dir / f"round-{r + 1}.pt"
+        metrics: dict[str, float] = {}
+        if not path.is_file():
+            start = time.perf_counter()
+            local = process_slice(len(self.prompts), dist.rank, dist.world_size)
+            prompts = [self.prompts[i] for i in local]
+            pairs, stats = self.sampler.pairs(prompts, self.sampler.sample(policy, prompts, r), local)
+            pairs = gather(pairs, dist)
+            metrics = summarize(gather([stats], dist), time.perf_counter() - start)
+            if dist.is_main:
+                reference = self.reference(pairs, r)
+                payload = {"pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids, p.row] for p in pairs],
+                           "metrics": metrics}
+                if reference is not None:
+                    payload.update(chosen=reference.chosen, rejected=reference.rejected)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(payload, tmp)
+                tmp.replace(path)
+            barrier(dist)
+        data = torch.load(path, weights_only=True)
+        self._pairs = [TokenizedPair(*row) for row in data["pairs"]]
+        self._reference = ReferenceLogps(data["chosen"], data["rejected"]) if "chosen" in data else None
+        self._round = r
+        return data["metrics"] if not metrics else metrics
+

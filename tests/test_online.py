@@ -1,0 +1,214 @@
+"""Online and iterative DPO: an online step equals an offline step on the same pairs, sampling is deterministic,
+ties are skipped and counted, resume is exact mid-round, DDP equals one process for the same samples, and judges
+that misbehave are one clear line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from dpo import online
+from dpo.config import ConfigError, parse_config
+from dpo.judges import JudgeError, build_judge
+from dpo.metrics import read_metrics
+from dpo.modeling import load_causal_lm
+from dpo.online import OnlineSettings, Sampler, summarize
+from tiny import make_model_dir, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["what color is the sun?", "tell me about the moon", "is the cat big?", "what is a dog?",
+           "one two three", "the blue cat", "what is fast?", "please tell me a small answer"]
+FIXED = ["yes", "the red cat", "no no", "a big slow green dog"]  # lengths 3, 11, 5, 20: never a tie
+
+JUDGES = '''
+def shorter(prompts, responses):
+    return [[-float(len(r)) for r in rs] for prompts_row, rs in zip(prompts, responses)]
+
+
+def constant(prompts, responses):
+    return [[1.0 for r in rs] for rs in responses]
+
+
+def raises(prompts, responses):
+    raise ValueError("the judge server is down")
+
+
+def wrong_shape(prompts, responses):
+    return [[0.0, 1.0]]
+
+
+def not_finite(prompts, responses):
+    return [[float("nan")] * len(rs) for rs in responses]
+'''
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online")
+    make_model_dir(root / "model")
+    (root / "judges.py").write_text(JUDGES)
+    eval_records = [{"prompt": "the sun", "chosen": "yes", "rejected": "no no no"}] * 4
+    prompts_dir = root / "prompts"
+    prompts_dir.mkdir()
+    (prompts_dir / "train.jsonl").write_text("".join(
+        json.dumps({"prompt": p, "chosen": "yes", "rejected": "no"}) + "\n" for p in PROMPTS))
+    (prompts_dir / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_records))
+    pairs_dir = root / "pairs"  # the pairs the judge makes of FIXED: shortest chosen, longest rejected
+    pairs_dir.mkdir()
+    (pairs_dir / "train.jsonl").write_text("".join(
+        json.dumps({"prompt": p, "chosen": "yes", "rejected": "a big slow green dog"}) + "\n" for p in PROMPTS))
+    shutil.copy(prompts_dir / "test.jsonl", pairs_dir / "test.jsonl")
+    return root
+
+
+def run(workdir, out, *extra, dataset="prompts"):
+    out_dir = workdir / out
+    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / dataset), "--output-dir", str(out_dir),
+            "--max-length", "48", "--max-prompt-length", "24", "--seed", "0", "--batch-size", "8",
+            "--micro-batch-size", "4", "--lr", "1e-3", "--no-progress", "--no-plot", "--warmup-ratio", "0", *extra]
+    assert train.main(argv) == 0
+    return out_dir
+
+
+def weights(out_dir):
+    return load_file(out_dir / "final" / "model.safetensors")
+
+
+def fixed_samples(monkeypatch):
+    monkeypatch.setattr(Sampler, "sample", lambda self, model, prompts, position: [list(FIXED) for _ in prompts])
+
+
+def test_an_online_step_on_fixed_samples_equals_an_offline_step_on_the_same_pairs(workdir, monkeypatch):
+    fixed_samples(monkeypatch)
+    judge = f"{workdir / 'judges.py'}:shorter"
+    live = run(workdir, "online", "--online", "--judge", judge, "--max-steps", "1")
+    offline = run(workdir, "offline", "--max-steps", "1", "--no-precompute-ref", dataset="pairs")
+    a, b = weights(live), weights(offline)
+    initial = load_file(workdir / "model" / "model.safetensors")
+    assert any(not torch.equal(a[k], initial[k]) for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    record = read_metrics(live / "metrics.jsonl")[0]
+    assert record["online/pairs"] == 8 and record["online/ties"] == 0.0
+    assert record["online/score"] == -sum(len(r) for r in FIXED) / len(FIXED)
+    assert record["loss"] == pytest.approx(read_metrics(offline / "metrics.jsonl")[0]["loss"], abs=1e-7)
+
+
+def test_sampling_is_deterministic_for_a_seed(workdir):
+    model = load_causal_lm(str(workdir / "model"))
+    lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
+    settings = OnlineSettings(online=True, num_samples=3, sample_max_new_tokens=6)
+    sampler = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=0, batch_size=4)
+    first = sampler.sample(model, PROMPTS[:3], position=5)
+    assert len(first) == 3 and all(len(r) == 3 for r in first)
+    assert sampler.sample(model, PROMPTS[:3], position=5) == first
+    assert sampler.sample(model, PROMPTS[:3], position=6) != first  # each step samples afresh
+    other = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=1, batch_size=4)
+    assert other.sample(model, PROMPTS[:3], position=5) != first
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    sampler.sample(model, PROMPTS[:1], position=0)
+    assert torch.equal(torch.rand(2), expected)  # the training RNG is untouched
+
+
+def test_ties_are_skipped_and_counted(workdir, monkeypatch):
+    lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
+
+    class HalfTies:
+        name = "half"
+
+        def score_batch(self, prompts, responses):
+            return [[1.0, 1.0] if i % 2 else [2.0, 1.0] for i in range(len(prompts))]
+
+    sampler = Sampler(OnlineSettings(online=True, num_samples=2), HalfTies(), tiny_tokenizer(), lengths, 0, 4)
+    pairs, stats = sampler.pairs(PROMPTS[:4], [["yes", "no"]] * 4, rows=[10, 11, 12, 13])
+    assert [p.row for p in pairs] == [10, 12] and stats["ties"] == 2 and stats["pairs"] == 2
+    metrics = summarize([stats, stats], seconds=1.5)
+    assert metrics["online/ties"] == 0.5 and metrics["online/pairs"] == 4 and metrics["online/sample_s"] == 1.5
+    fixed_samples(monkeypatch)  # in a run: when every prompt ties the step has nothing to learn: skipped, counted
+    out = run(workdir, "all-ties", "--online", "--judge", f"{workdir / 'judges.py'}:constant", "--max-steps", "2")
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [(r["online/ties"], r["online/pairs"], r["skipped_steps"], "loss" in r) for r in records] == [
+        (1.0, 0, 1, False), (1.0, 0, 2, False)]
+    assert all(torch.equal(v, load_file(workdir / "model" / "model.safetensors")[k]) for k, v in weights(out).items())
+    assert not [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "alert"]
+
+
+@pytest.mark.parametrize("name,message", [
+    ("raises", r"judge .*judges.py:raises raised ValueError: the judge server is down"),
+    ("wrong_shape", r"judge .*:wrong_shape returned 1 score lists for [28] prompts"),
+    ("not_finite", r"judge .*:not_finite: prompt 0 has a score that is not finite"),
+])
+def test_a_judge_that_raises_or_returns_the_wrong_shape_is_one_line(workdir, monkeypatch, name, message):
+    judge = build_judge(f"{workdir / 'judges.py'}:{name}")
+    with pytest.raises(JudgeError, match=message) as error:
+        judge.score_batch(PROMPTS[:2], [["a", "b"], ["c", "d"]])
+    assert "\n" not in str(error.value)
+    fixed_samples(monkeypatch)
+    with pytest.raises(JudgeError, match=message):
+        run(workdir, f"judge-{name}", "--online", "--judge", f"{workdir / 'judges.py'}:{name}", "--max-steps", "1")
+
+
+def test_bad_online_settings_are_one_line(workdir):
+    with pytest.raises(ConfigError, match="--online and --iterations exclude each other"):
+        parse_config(["--online", "--iterations", "2"])
+    with pytest.raises(ConfigError, match="--reference-update needs --iterations"):
+        parse_config(["--reference-update"])
+    with pytest.raises(ConfigError, match="--num-samples must be at least 2"):
+        parse_config(["--online", "--num-samples", "1"])
+    with pytest.raises(ConfigError, match="do not run under --fsdp"):
+        parse_config(["--online", "--fsdp"])
+    with pytest.raises(JudgeError, match="no such file"):
+        build_judge("nowhere/judges.py:shorter")
+
+
+@pytest.mark.parametrize("mode", [("--online",), ("--iterations", "2"), ("--iterations", "2", "--reference-update")])
+def test_a_killed_run_resumes_where_it_stopped_sampling_included(workdir, mode):
+    flags = (*mode, "--judge", f"{workdir / 'judges.py'}:shorter", "--num-samples", "3", "--sample-max-new-tokens",
+             "6", "--max-steps", "4", "--save-steps", "1", "--sample-temperature", "1.0")
+    name = "-".join(m.strip("-") for m in mode)
+    whole = run(workdir, f"whole-{name}", *flags)
+    split = run(workdir, f"split-{name}", *flags, "--stop-at-step", "3")  # inside round 2 for --iterations 2
+    assert not (split / "final").exists()
+    run(workdir, f"split-{name}", *flags, "--resume")
+    a, b = weights(whole), weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keep = ("loss", "online/score", "online/pairs", "online/round")
+    ra = [{k: r.get(k) for k in keep} for r in read_metrics(whole / "metrics.jsonl") if r["split"] == "train"]
+    rb = [{k: r.get(k) for k in keep} for r in read_metrics(split / "metrics.jsonl") if r["split"] == "train"]
+    assert ra == rb
+    if "--iterations" in mode:
+        assert sorted(p.name for p in (whole / "rounds").iterdir()) == ["round-1.pt", "round-2.pt"]
+        assert [r["online/round"] for r in ra] == [1, 1, 2, 2]
+        assert ra[0]["online/score"] is not None and ra[1]["online/score"] is None  # sampled once per round
+
+
+def test_ddp_two_processes_equal_one_for_the_same_samples(workdir):
+    """Iterative DPO under torchrun: given the same round of samples (copied from a one-process run), two
+    processes train to the same weights."""
+    flags = ["--iterations", "1", "--judge", f"{workdir / 'judges.py'}:shorter", "--num-samples", "3",
+             "--sample-max-new-tokens", "6", "--max-steps", "2", "--sample-temperature", "1.0"]
+    single = run(workdir, "ddp-single", *flags)
+    ddp = workdir / "ddp-two"
+    (ddp / "rounds").mkdir(parents=True)
+    shutil.copy(single / "rounds" / "round-1.pt", ddp / "rounds" / "round-1.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--model", str(workdir / "model"), "--dataset", str(workdir / "prompts"), "--output-dir", str(ddp),
+            "--max-length", "48", "--max-prompt-length", "24", "--seed", "0", "--batch-size", "8",
+            "--micro-batch-size", "4", "--lr", "1e-3", "--no-progress", "--no-plot", "--warmup-ratio", "0",
+            "--resume", *flags]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = weights(single), weights(ddp)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
