@@ -675,7 +675,10 @@ def main(argv: list[str] | None = None) -> int:
                        min_lr_ratio=cfg.min_lr_ratio)
             try:
                 batch = source.step_batch(state.step, reference["train"], state.policy, dist)
+                started = time.perf_counter()
                 step_metrics = {**batch.metrics, **train_step(state, batch, lr)}
+                if batch.metrics:  # online / iterative DPO: sampling time beside training time
+                    step_metrics["online/train_s"] = time.perf_counter() - started
             except TrainingError as error:
                 trackers.log({"split": "train", "step": state.step + 1, "error": str(error)})
                 raise

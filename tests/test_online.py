@@ -212,3 +212,14 @@ def test_ddp_two_processes_equal_one_for_the_same_samples(workdir):
     a, b = weights(single), weights(ddp)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def test_online_under_lora_samples_with_the_adapters_and_scores_the_reference_with_them_off(workdir):
+    out = run(workdir, "online-lora", "--online", "--lora-r", "4", "--judge", f"{workdir / 'judges.py'}:shorter",
+              "--num-samples", "3", "--sample-max-new-tokens", "6", "--max-steps", "2", "--sample-temperature", "1.0")
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert len(records) == 2 and records[0]["online/pairs"] > 0  # the step-0 check passed: reference = adapters off
+    assert records[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference at step 0
+    assert records[0]["online/train_s"] > 0 and records[0]["online/sample_s"] > 0
+    assert (out / "final" / "adapter_config.json").is_file()
+
