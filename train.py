@@ -63,7 +63,8 @@ from dpo.loss import (PreferenceLogps, batch_coupled, compute_loss, needs_refere
 from dpo.generative_eval import SAMPLE_COLUMNS, GenerativeEval  # noqa: E402
 from dpo.health import Alert, HealthMonitor  # noqa: E402
 from dpo.metrics import PairMetrics, read_metrics  # noqa: E402
-from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
+from dpo.modeling import (enable_gradient_checkpointing, load_causal_lm, load_tokenizer,  # noqa: E402
+                          resolve_model_path)
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, packing_problem  # noqa: E402
 from dpo.judges import build_judge  # noqa: E402
 from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
@@ -135,11 +136,7 @@ def build_policy(cfg: TrainConfig, device: torch.device,
     else:
         model = load_model(cfg, weights or cfg.model, device)
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5; the older name before
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return model.train(), adapters
 
 
@@ -662,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     state.health = HealthMonitor(cfg.health, cfg.health_window, emit=alert)
 
     # ------------------------------------------------ the loop
-    log(f"training {total_steps} steps: {len(data.train)} pairs, batch {cfg.batch_size} = micro "
+    pairs = f"{len(data.instructions)} instructions" if cfg.online_dpo.enabled else f"{len(data.train)} pairs"
+    log(f"training {total_steps} steps: {pairs}, batch {cfg.batch_size} = micro "
         f"{cfg.micro_batch_size} x accumulation {run_config['accumulation_steps']} x processes {dist.world_size}, "
         f"{layout} layout, {cfg.precision} on {device}")
     progress = ProgressBar(dist.is_main and cfg.progress, total_steps, state.step, log)

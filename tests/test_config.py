@@ -122,3 +122,11 @@ def test_the_demo_watches_its_win_rate_on_every_held_out_instruction():
     assert parse_config([]).eval_generate == len(task.instructions("test"))
     assert parse_config(["--model", "m"]).eval_generate == 0  # off by default anywhere else
     assert parse_config(["--eval-generate", "0"]).eval_generate == 0
+
+
+def test_online_and_iterative_demo_train_the_offline_demos_number_of_steps():
+    assert parse_config([]).max_steps is None  # offline: 2 epochs of 2048 pairs = 64 steps
+    assert parse_config(["--online"]).max_steps == 64
+    assert parse_config(["--iterations", "8"]).max_steps == 64
+    assert parse_config(["--online", "--max-steps", "10"]).max_steps == 10
+    assert parse_config(["--model", "m", "--online"]).max_steps is None
