@@ -98,3 +98,13 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: tor
     except Exception as error:
         raise ModelLoadError(f"model {name}: could not be loaded ({first_line(error)})") from None
     return model if quantization else model.to(device)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute activations in backward (non-reentrant), by the name transformers >= 5 gives it or the older one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+

@@ -8,6 +8,7 @@ from dpo import lm_head
 from dpo.data import collate_pairs
 from dpo.lm_head import lm_head_logps
 from dpo.logprobs import SequenceScorer
+from dpo.modeling import enable_gradient_checkpointing
 from dpo.loss import LossConfig, PreferenceLogps, compute_loss
 from dpo.packing import collate_shared_prompt, group_by_length
 from tiny import random_pairs, tiny_phi
@@ -202,7 +203,7 @@ def test_gradient_checkpointing_with_shared_prompts_equals_plain():
     want = dpo_loss_and_grads(plain_model, SequenceScorer(plain_model, completion_only=False), [[0, 1], [2, 3]],
                               lambda p: collate_pairs(p, pad_id=0), pairs, reference)
     model = tiny_phi()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     model.train()
     got = dpo_loss_and_grads(model, SequenceScorer(model, vocab_chunk=16), [[0, 1], [2, 3]], collate_shared_prompt,
                              pairs, reference)
