@@ -230,6 +230,9 @@ def test_the_step_0_check_stops_a_run_whose_reference_is_not_its_start(workdir, 
     err = capsys.readouterr().err.strip()
     assert "step 1: before any update the policy's log-probs must equal the reference's" in err and "\n" not in err
     assert not (tmp_path / "out" / "final").exists()
+    # the health alerts' mechanism: printed once and logged as an event (an alert line in metrics.jsonl)
+    alerts = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["split"] == "alert"]
+    assert [(r["alert"], r["step"]) for r in alerts] == [("reference_mismatch", 1)]
     monkeypatch.setattr(train, "reference_model", real)
     assert train.cli(argv[:-2] + ["--model", str(workdir / "model"), "--overwrite"]) == 0
 
