@@ -69,7 +69,8 @@ from dpo.packing import check_packable, collate_packed, collate_shared_prompt, p
 from dpo.judges import build_judge  # noqa: E402
 from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
-from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_or_compute  # noqa: E402
+from dpo.reference import (ReferenceLogps, ReferenceLogpsError, cache_key, compute_reference_logps,  # noqa: E402
+                           load_or_compute)
 from dpo.schedule import lr_at  # noqa: E402
 from dpo.settings import ConfigError  # noqa: E402
 from dpo.tracking import open_trackers, resolve_report_to  # noqa: E402
@@ -185,9 +186,11 @@ def pair_source(cfg: TrainConfig, data: PreferenceData, tokenizer: Any, device: 
                         f"batch of --batch-size {cfg.batch_size} ({data.instructions_left_out} records multi-turn or "
                         "unreadable)")
     judge = build_judge(settings.judge, device=device)
+    for text in data.instructions:
+        judge.category(text)  # an instruction the judge cannot handle fails now, not at the first step
     lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                    truncation_mode=cfg.truncation_mode, template=cfg.template)
-    sampler = Sampler(settings, judge, tokenizer, lengths, cfg.seed, cfg.micro_batch_size * settings.num_samples)
+    sampler = Sampler(settings, judge, tokenizer, lengths, cfg.seed)
     kind = "online" if settings.online else f"iterative ({settings.iterations} rounds)"
     log(f"{kind} DPO: {len(data.instructions)} instructions ({data.instructions_left_out} multi-turn or unreadable "
         f"records left out), {settings.num_samples} samples each, judged by {judge.name}")
@@ -272,6 +275,7 @@ class TrainState:
     reference_mode: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # to run it in
     loss_state: dict = field(default_factory=dict)
     health: HealthMonitor = field(default_factory=HealthMonitor)  # the run's alerts; the step-0 check stops here
+    reference_checked: bool = False  # the step-0 check ran (at the first step with pairs, before any update)
     step: int = 0
     skipped_steps: int = 0
 
@@ -293,7 +297,8 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
                                   fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters)
-    if needs_reference_model(cfg.loss) and (not cfg.precompute_ref or cfg.online_dpo.online):
+    step_time = cfg.online_dpo.online or (not cfg.precompute_ref and not cfg.online_dpo.iterations)
+    if needs_reference_model(cfg.loss) and step_time:  # iterative DPO precomputes each round's reference
         model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
         state.reference_scorer = SequenceScorer(model, cfg.scoring)
     if resume is not None:
@@ -304,6 +309,7 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
         state.loss_state = resume["loss_state"]
         state.step = resume["trainer_state"]["step"]
         state.skipped_steps = resume["trainer_state"].get("skipped_steps", 0)
+        state.reference_checked = True  # checked before the checkpoint's first update
     return state
 
 
@@ -322,6 +328,9 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
     elif state.reference_scorer is not None:
         with torch.no_grad(), state.reference_mode():
             ref = state.reference_scorer(batch)
+        if not bool(torch.isfinite(ref.sum).all()):
+            raise ReferenceLogpsError(f"step {state.step + 1}: the reference log-probs of some pairs are not finite "
+                                      "(a reference model that outputs NaN or inf?)")
         ref_chosen, ref_rejected = ref.sum[:n], ref.sum[n:]
     wpo = policy.wpo
     return PreferenceLogps(
@@ -368,18 +377,24 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
     state_sums = torch.zeros(0, dtype=torch.float64, device=device)
     tokens, mismatched, largest = 0, 0, 0.0
     local = process_slice(len(batch), dist.rank, dist.world_size)
-    chunks = micro_batches(local, batch.pairs, cfg.micro_batch_size, cfg.group_by_length)
+    # a batch smaller than the number of processes (online DPO after many ties) leaves a process without pairs: it
+    # runs the first pair with weight 0, so that every process joins the same gradient and metric reductions
+    idle = not local
+    chunks = micro_batches(local or [0], batch.pairs, cfg.micro_batch_size, cfg.group_by_length)
     for k, ids in enumerate(chunks):
         with no_sync(state.scorer, sync=k == len(chunks) - 1):
             with autocast(cfg, device):
                 logps = score_pairs(state, batch.pairs, ids, batch.reference)
                 out = compute_loss(logps, cfg.loss)
             # sum over this process's pairs / global batch; DDP averages over processes, hence x world size
-            loss = out.losses.sum() * (dist.world_size / len(batch))
+            loss = out.losses.sum() * (0.0 if idle else dist.world_size / len(batch))
             (state.scaler.scale(loss) if state.scaler else loss).backward()
+        if idle:
+            state_sums = torch.zeros_like(out.state_sums)
+            continue
         stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
                   logps.policy_rejected_logps)
-        if state.step == 0 and logps.reference_chosen_logps is not None:
+        if not state.reference_checked and logps.reference_chosen_logps is not None:
             count, diff = reference_mismatch(logps, cfg.precision)
             mismatched, largest = mismatched + count, max(largest, diff)
         state_sums = out.state_sums if k == 0 else state_sums + out.state_sums
@@ -389,8 +404,9 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
     stats.sums.copy_(totals[:len(stats.sums)])
     state_sums, tokens, mismatched = totals[len(stats.sums):-2], totals[-2].item(), int(totals[-1].item())
     step_loss = stats.means()["loss"]
+    state.reference_checked = True
     if mismatched:
-        state.health.stop("reference_mismatch", 1, (
+        state.health.stop("reference_mismatch", state.step + 1, (
             f"before any update the policy's log-probs must equal the reference's, but {mismatched} of "
             f"{stats.num_pairs} pairs differ (by up to {largest:.3g} nats here): the reference is not the policy's "
             "starting point. Check --model and --adapter (and a reference_cache/ copied from another run), that "
@@ -514,7 +530,7 @@ def save(state: TrainState, total_steps: int) -> Path | None:
             save_model=lambda directory: save_weights(state, directory, weights),
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
-                           "settings": state.cfg.run_identity()},
+                           "settings": state.cfg.run_identity(), "health": state.health.state_dict()},
             loss_state=state.loss_state, keep=state.cfg.save_total_limit)
     barrier(state.dist)
     return path
@@ -626,7 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * source.steps_per_epoch))
     used = source.used_ids(total_steps)
     if isinstance(source, IterativePairs):
-        source.total_steps = total_steps
+        if total_steps < source.rounds:
+            raise ConfigError(f"--iterations {source.rounds} needs at least one step per round; the run has "
+                              f"{total_steps} (--max-steps / --epochs)")
+        source.total_steps, source.identity = total_steps, json.dumps(cfg.run_identity(), sort_keys=True)
 
     # ------------------------------------------------ models, reference log-probs, optimizer
     policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
@@ -657,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         trackers.log_event(event.step, event.name, event.message)
 
     state.health = HealthMonitor(cfg.health, cfg.health_window, emit=alert)
+    if resume:  # the checks' windows and the alerts already raised continue
+        state.health.load_state_dict(resume["trainer_state"].get("health", {}))
 
     # ------------------------------------------------ the loop
     pairs = f"{len(data.instructions)} instructions" if cfg.online_dpo.enabled else f"{len(data.train)} pairs"

@@ -427,10 +427,10 @@ def tokenize_pair(example: PreferenceExample, tokenizer: Any, *, max_length: int
 
 
 def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 1024, max_prompt_length: int | None = 512,
-                truncation_mode: str = "keep_end", template: str = "recipe",
-                source: str = "preference data") -> tuple[list[TokenizedPair], DataStats]:
+                truncation_mode: str = "keep_end", template: str = "recipe", source: str = "preference data",
+                allow_empty: bool = False) -> tuple[list[TokenizedPair], DataStats]:
     """All usable records as TokenizedPairs (source order) and the counts of skipped rows by reason.
-    Raises DataError when none is usable."""
+    Raises DataError when none is usable, unless `allow_empty` (online DPO's samples of a step)."""
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     special = _special_ids(tokenizer)
     stats = DataStats(rows=len(records))
@@ -463,7 +463,7 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
                 stats.truncated_responses += (pair.chosen_ids[-1:] != [special.eos]
                                               or pair.rejected_ids[-1:] != [special.eos])
     stats.kept = len(pairs)
-    if not pairs:
+    if not pairs and not allow_empty:
         detail = f"{stats.rows} rows: {stats.reasons()}" if stats.skipped else f"{stats.rows} rows"
         raise DataError(f"{source}: no usable preference pairs ({detail})")
     return pairs, stats

@@ -384,7 +384,7 @@ def prompt_budget(positions: int | None, max_new_tokens: int, max_prompt_length:
 @torch.no_grad()
 def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingConfig | None = None,
                    *, batch_size: int = 8, progress: bool = False, streamer: BaseStreamer | None = None,
-                   description: str = "generating") -> list[str]:
+                   description: str = "generating", warn: bool = True) -> list[str]:
     """One response per instruction, in the instructions' order.
 
     Prompts are encoded by dpo.prompts.encode_prompts with decoding's template, cut to prompt_budget (as
@@ -408,7 +408,7 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
     budget = prompt_budget(limit, decoding.max_new_tokens, decoding.max_prompt_length)
     mode = decoding.truncation_mode or "keep_end"
     prompts, cut = encode_prompts(tokenizer, instructions, decoding.template, budget, mode)
-    if cut:
+    if cut and warn:  # online DPO samples every step: it passes warn=False (training reports the cut prompts)
         print(f"warning: {cut} of {len(prompts)} prompts longer than {budget} tokens were cut ({mode}), "
               "as training cuts them", file=sys.stderr)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

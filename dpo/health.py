@@ -43,9 +43,11 @@ def _value(record: dict[str, Any], key: str) -> float:
 
 
 class Check:
-    """One condition on the metrics; `train` / `eval` see every record of their split, return a message or None."""
+    """One condition on the metrics; `train` / `eval` see every record of their split, return a message or None.
+    `state` lists the attributes a checkpoint keeps, so a resumed run watches as an uninterrupted one."""
 
     name = "check"
+    state: tuple[str, ...] = ()
 
     def train(self, record: dict[str, Any]) -> str | None:
         return None
@@ -59,6 +61,7 @@ class NothingScored(Check):
     response token is scored, a masking or template bug."""
 
     name = "nothing_scored"
+    state = ("run",)
 
     def __init__(self, window: int):
         self.window, self.run = window, 0
@@ -80,6 +83,7 @@ class LikelihoodDisplacement(Check):
     responses down (Razin et al. 2024, "Unintentional Unalignment")."""
 
     name = "likelihood_displacement"
+    state = ("history",)
 
     def __init__(self, window: int):
         self.window = window
@@ -103,6 +107,7 @@ class ExplodingLogRatios(Check):
     the reference) + EXPLODING_SLACK nats: the log-ratios are running away."""
 
     name = "exploding_log_ratios"
+    state = ("first",)
 
     def __init__(self) -> None:
         self.first: dict[str, float] = {}
@@ -113,6 +118,8 @@ class ExplodingLogRatios(Check):
                     "or use --precision bf16 / fp32")
         for key in ("logps/chosen", "logps/rejected"):
             value = abs(_value(record, key))
+            if not math.isfinite(value):  # a step without pairs, or skipped: no baseline, nothing to compare
+                continue
             first = self.first.setdefault(key, value)
             if value > EXPLODING_FACTOR * first + EXPLODING_SLACK:
                 return (f"mean {key.split('/')[1]} log-prob {-value:.4g} is beyond {EXPLODING_FACTOR:g}x its "
@@ -126,6 +133,7 @@ class LossScaleCollapse(Check):
     (nearly) every step and those steps are skipped."""
 
     name = "loss_scale_collapse"
+    state = ("highest",)
 
     def __init__(self) -> None:
         self.highest = 0.0
@@ -165,6 +173,23 @@ class HealthMonitor:
         if alerts and self.mode == "strict":
             raise HealthError(f"{alerts[0]} (--health strict)")
         return alerts
+
+    def state_dict(self) -> dict[str, Any]:
+        """The alerts raised and every check's state, plain values for a checkpoint."""
+        checks = {c.name: {a: list(getattr(c, a)) if isinstance(getattr(c, a), deque) else getattr(c, a)
+                           for a in c.state} for c in self.checks}
+        return {"raised": [[a.name, a.step, a.message] for a in self.raised], "checks": checks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raised = [Alert(*entry) for entry in state.get("raised", [])]
+        for check in self.checks:
+            for attribute, value in state.get("checks", {}).get(check.name, {}).items():
+                current = getattr(check, attribute)
+                if isinstance(current, deque):
+                    current.clear()
+                    current.extend(tuple(v) for v in value)
+                else:
+                    setattr(check, attribute, value)
 
     def stop(self, name: str, step: int, message: str) -> None:
         alert = self._raise(Alert(name, step, message))

@@ -33,10 +33,13 @@ from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.distributed import DistInfo, barrier
 from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch
 from dpo.judges import Judge
-from dpo.reference import ReferenceLogps
+from dpo.reference import ReferenceLogps, ReferenceLogpsError
 from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
 
-SEED_STRIDE = 1_000_003  # sampling seed of step s (or round r): seed * SEED_STRIDE + s, distinct across steps
+SEED_STRIDE = 1_000_003  # sampling seeds: ((seed * SEED_STRIDE + step or round) * GROUP_STRIDE + group) mod 2^63
+GROUP_STRIDE = 65_537
+SAMPLE_GROUP = 16  # prompts per generate call, each group with its own seed: the samples of a prompt do not depend
+#                    on how the prompts are split over processes or micro-batches
 
 
 @dataclass
@@ -87,24 +90,41 @@ class Sampler:
     tokenizer: Any
     lengths: dict[str, Any]  # max_length, max_prompt_length, truncation_mode, template
     seed: int
-    batch_size: int
 
-    def decoding(self, position: int) -> DecodingConfig:
+    def decoding(self, position: int, group: int = 0) -> DecodingConfig:
         s = self.settings
+        seed = ((self.seed * SEED_STRIDE + position) * GROUP_STRIDE + group) % 2 ** 63
         return DecodingConfig(temperature=s.sample_temperature, top_p=s.sample_top_p,
-                              max_new_tokens=s.sample_max_new_tokens, seed=self.seed * SEED_STRIDE + position,
+                              max_new_tokens=s.sample_max_new_tokens, seed=seed,
                               chat_template=self.lengths["template"] == "chat",
                               max_prompt_length=self.lengths["max_prompt_length"],
                               truncation_mode=self.lengths["truncation_mode"])
 
-    def sample(self, model: torch.nn.Module, prompts: list[str], position: int) -> list[list[str]]:
-        """k responses to each prompt, a pure function of the model, the prompts and `position`."""
+    def sample(self, model: torch.nn.Module, prompts: list[str], position: int, group: int = 0) -> list[list[str]]:
+        """k responses to each prompt in one generate call, a pure function of the model, the prompts, `position`
+        (the step, or the round) and `group`; the training RNG is left as it was."""
         k = self.settings.num_samples
         devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             flat = generate_batch(model, self.tokenizer, [p for p in prompts for _ in range(k)],
-                                  self.decoding(position), batch_size=self.batch_size)
+                                  self.decoding(position, group), batch_size=len(prompts) * k, warn=False)
         return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+    def sample_pairs(self, model: torch.nn.Module, prompts: list[str], ids: list[int], position: int,
+                     dist: DistInfo) -> tuple[list[TokenizedPair], dict[str, float]]:
+        """The (best, worst) pairs of prompts[ids] (in that order) and the sampling metrics, the same on every
+        process: the ids are cut into groups of SAMPLE_GROUP, each process samples and judges its share of the
+        groups, and the pairs are gathered in group order."""
+        start = time.perf_counter()
+        groups = [ids[i:i + SAMPLE_GROUP] for i in range(0, len(ids), SAMPLE_GROUP)]
+        pairs: list[TokenizedPair] = []
+        stats: list[dict[str, float]] = []
+        for g in process_slice(len(groups), dist.rank, dist.world_size):
+            texts = [prompts[i] for i in groups[g]]
+            group_pairs, group_stats = self.pairs(texts, self.sample(model, texts, position, g), groups[g])
+            pairs += group_pairs
+            stats.append(group_stats)
+        return gather(pairs, dist), summarize(gather(stats, dist), time.perf_counter() - start)
 
     def pairs(self, prompts: list[str], responses: list[list[str]], rows: list[int]) -> tuple[list[TokenizedPair],
                                                                                                dict[str, float]]:
@@ -120,13 +140,8 @@ class Sampler:
                 continue
             records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
             kept_rows.append(row)
-        pairs: list[TokenizedPair] = []
-        if records:
-            try:
-                built, _ = build_pairs(records, self.tokenizer, source="online samples", **self.lengths)
-            except DataError:  # every pair unusable (e.g. empty responses): none this time
-                built = []
-            pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, kept_rows[p.row]) for p in built]
+        built, _ = build_pairs(records, self.tokenizer, source="online samples", allow_empty=True, **self.lengths)
+        pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, kept_rows[p.row]) for p in built]
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
         stats = {"score_sum": sum(sum(row) for row in scores), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
@@ -136,7 +151,8 @@ class Sampler:
 
 def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]:
     """The logged sampling metrics from the processes' statistics."""
-    total = {key: sum(s[key] for s in stats) for key in stats[0]}
+    keys = ("score_sum", "samples", "tokens", "prompts", "ties", "unusable", "pairs")
+    total = {key: sum(s[key] for s in stats) for key in keys}
     samples, prompts = max(total["samples"], 1), max(total["prompts"], 1)
     return {"online/score": total["score_sum"] / samples, "online/ties": total["ties"] / prompts,
             "online/unusable": total["unusable"] / prompts, "online/pairs": total["pairs"],
@@ -160,12 +176,9 @@ class OnlinePairs:
         return []  # no pair exists before its step: nothing to precompute
 
     def step_batch(self, step: int, reference: Any, policy: torch.nn.Module, dist: DistInfo) -> PairBatch:
-        start = time.perf_counter()
         ids = step_ids(len(self.prompts), self.batch_size, self.seed, step)
-        local = [ids[i] for i in process_slice(len(ids), dist.rank, dist.world_size)]
-        prompts = [self.prompts[i] for i in local]
-        pairs, stats = self.sampler.pairs(prompts, self.sampler.sample(policy, prompts, step), local)
-        return PairBatch(gather(pairs, dist), None, summarize(gather([stats], dist), time.perf_counter() - start))
+        pairs, metrics = self.sampler.sample_pairs(policy, self.prompts, ids, step, dist)
+        return PairBatch(pairs, None, metrics)
 
 
 @dataclass
@@ -179,6 +192,7 @@ class IterativePairs:
     sampler: Sampler
     rounds: int
     round_dir: Path
+    identity: str = ""  # the run's settings: a round file written by a run with others is refused
     total_steps: int = 0  # set once the run's length is known
     # (policy, round) -> the round's reference log-probs of `pairs`, computed before the round's first update
     reference: Callable[[list[TokenizedPair], int], ReferenceLogps | None] = lambda pairs, r: None
@@ -205,7 +219,7 @@ class IterativePairs:
         first = r * self.steps_per_round
         metrics = {}
         if r != self._round:
-            metrics = self._start_round(r, policy, dist)
+            metrics = self._start_round(r, policy, dist, resumed_inside=step != first)
             if step != first:  # resumed inside the round: its sampling was logged at its first step
                 metrics = {}
         # one pass over the round's pairs in a seeded order, each pair trained on once; when the pass ends before
@@ -217,23 +231,24 @@ class IterativePairs:
         reference = self._reference.select(ids) if self._reference is not None else None
         return PairBatch([self._pairs[i] for i in ids], reference, {**metrics, "online/round": r + 1})
 
-    def _start_round(self, r: int, policy: torch.nn.Module, dist: DistInfo) -> dict[str, float]:
+    def _start_round(self, r: int, policy: torch.nn.Module, dist: DistInfo, resumed_inside: bool) -> dict[str, float]:
         """The round's pairs and reference log-probs: read from rounds/round-<r>.pt, or sampled, judged and
-        computed now (the main process writes the file)."""
+        computed now, before the round's first update (the main process writes the file)."""
         path = self.round_dir / f"round-{r + 1}.pt"
         metrics: dict[str, float] = {}
         if not path.is_file():
-            start = time.perf_counter()
-            local = process_slice(len(self.prompts), dist.rank, dist.world_size)
-            prompts = [self.prompts[i] for i in local]
-            pairs, stats = self.sampler.pairs(prompts, self.sampler.sample(policy, prompts, r), local)
-            pairs = gather(pairs, dist)
-            metrics = summarize(gather([stats], dist), time.perf_counter() - start)
+            if resumed_inside:  # the policy has moved since the round began: its samples cannot be made again
+                raise DataError(f"--resume inside round {r + 1}, but {path} is missing: the round's samples cannot "
+                                "be recreated from a policy that has trained since; --overwrite to start afresh")
+            pairs, metrics = self.sampler.sample_pairs(policy, self.prompts, list(range(len(self.prompts))), r, dist)
             if dist.is_main:
                 reference = self.reference(pairs, r)
                 payload = {"pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids, p.row] for p in pairs],
-                           "metrics": metrics}
+                           "metrics": metrics, "identity": self.identity}
                 if reference is not None:
+                    if not bool(torch.isfinite(torch.cat([reference.chosen, reference.rejected])).all()):
+                        raise ReferenceLogpsError(f"round {r + 1}: the reference log-probs of some of its pairs are "
+                                                  "not finite (a reference model that outputs NaN or inf?)")
                     payload.update(chosen=reference.chosen, rejected=reference.rejected)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
@@ -241,8 +256,10 @@ class IterativePairs:
                 tmp.replace(path)
             barrier(dist)
         data = torch.load(path, weights_only=True)
+        if data.get("identity") != self.identity:
+            raise DataError(f"{path} was sampled by a run with other settings; use them, or --overwrite to start "
+                            "afresh")
         self._pairs = [TokenizedPair(*row) for row in data["pairs"]]
         self._reference = ReferenceLogps(data["chosen"], data["rejected"]) if "chosen" in data else None
         self._round = r
         return data["metrics"] if not metrics else metrics
-

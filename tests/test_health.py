@@ -178,3 +178,23 @@ def test_fp16_loss_scale_collapse_run(workdir):
     assert records[-1]["loss_scale"] == 65536.0 / 2 ** 11 and records[-1]["skipped_steps"] == 11
     # the first record already shows the halved scale (32768): ten more halvings later, at step 11, the alert
     assert alerts(out) == [("loss_scale_collapse", 11)]
+
+
+def test_exploding_baseline_skips_steps_without_log_probs():
+    check = ExplodingLogRatios()
+    assert check.train({"split": "train", "step": 1, "lr": 1e-4}) is None  # online DPO: a step without pairs
+    assert check.train(train_record(2, **{"logps/rejected": math.nan})) is None
+    assert check.train(train_record(3, **{"logps/rejected": -10.0})) is None  # the first finite value: baseline
+    assert "rejected log-prob -41" in check.train(train_record(4, **{"logps/rejected": -41.0}))
+
+
+def test_alerts_and_windows_continue_across_a_resume(workdir, monkeypatch):
+    """The window's count before a stop carries over (the alert comes at step 3, not 2 steps after the resume), and
+    an alert raised before a stop is not raised again."""
+    mask_every_response(monkeypatch)
+    flags = ("--layout", "padded", "--max-steps", "6", "--health-window", "3", "--save-steps", "1")
+    out = run(workdir, "masked-resume", *flags, "--stop-at-step", "2")
+    assert alerts(out) == []
+    run(workdir, "masked-resume", *flags, "--resume", "--stop-at-step", "4")
+    run(workdir, "masked-resume", *flags, "--resume")
+    assert alerts(out) == [("nothing_scored", 3)]

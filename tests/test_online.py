@@ -46,6 +46,11 @@ def wrong_shape(prompts, responses):
 
 def not_finite(prompts, responses):
     return [[float("nan")] * len(rs) for rs in responses]
+
+
+def first_prompt_only(prompts, responses):
+    """Every prompt ties but the first of each call (sampling group): one pair per group."""
+    return [[float(i == 0 and j == 0) for j in range(len(rs))] for i, rs in enumerate(responses)]
 '''
 
 
@@ -82,7 +87,7 @@ def weights(out_dir):
 
 
 def fixed_samples(monkeypatch):
-    monkeypatch.setattr(Sampler, "sample", lambda self, model, prompts, position: [list(FIXED) for _ in prompts])
+    monkeypatch.setattr(Sampler, "sample", lambda self, model, prompts, position, group=0: [list(FIXED) for _ in prompts])
 
 
 def test_an_online_step_on_fixed_samples_equals_an_offline_step_on_the_same_pairs(workdir, monkeypatch):
@@ -105,12 +110,12 @@ def test_sampling_is_deterministic_for_a_seed(workdir):
     model = load_causal_lm(str(workdir / "model"))
     lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
     settings = OnlineSettings(online=True, num_samples=3, sample_max_new_tokens=6)
-    sampler = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=0, batch_size=4)
+    sampler = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=0)
     first = sampler.sample(model, PROMPTS[:3], position=5)
     assert len(first) == 3 and all(len(r) == 3 for r in first)
     assert sampler.sample(model, PROMPTS[:3], position=5) == first
     assert sampler.sample(model, PROMPTS[:3], position=6) != first  # each step samples afresh
-    other = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=1, batch_size=4)
+    other = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=1)
     assert other.sample(model, PROMPTS[:3], position=5) != first
     torch.manual_seed(7)
     expected = torch.rand(2)
@@ -128,7 +133,7 @@ def test_ties_are_skipped_and_counted(workdir, monkeypatch):
         def score_batch(self, prompts, responses):
             return [[1.0, 1.0] if i % 2 else [2.0, 1.0] for i in range(len(prompts))]
 
-    sampler = Sampler(OnlineSettings(online=True, num_samples=2), HalfTies(), tiny_tokenizer(), lengths, 0, 4)
+    sampler = Sampler(OnlineSettings(online=True, num_samples=2), HalfTies(), tiny_tokenizer(), lengths, 0)
     pairs, stats = sampler.pairs(PROMPTS[:4], [["yes", "no"]] * 4, rows=[10, 11, 12, 13])
     assert [p.row for p in pairs] == [10, 12] and stats["ties"] == 2 and stats["pairs"] == 2
     metrics = summarize([stats, stats], seconds=1.5)
@@ -222,4 +227,64 @@ def test_online_under_lora_samples_with_the_adapters_and_scores_the_reference_wi
     assert records[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference at step 0
     assert records[0]["online/train_s"] > 0 and records[0]["online/sample_s"] > 0
     assert (out / "final" / "adapter_config.json").is_file()
+
+
+def torchrun(workdir, out, *flags):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--model", str(workdir / "model"), "--dataset", str(workdir / "many"), "--output-dir", str(workdir / out),
+            "--max-length", "48", "--max-prompt-length", "24", "--seed", "0", "--micro-batch-size", "4", "--lr",
+            "1e-3", "--no-progress", "--no-plot", "--warmup-ratio", "0", *flags]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / out
+
+
+@pytest.mark.parametrize("judge,batch", [("shorter", "32"), ("first_prompt_only", "16")])
+def test_online_ddp_two_processes_equal_one(workdir, judge, batch):
+    """Each sampling group has its own seed, so two processes sample what one does; with first_prompt_only a step
+    has a single pair, fewer than processes: the idle process joins the reductions with a zero-weight pass."""
+    many = workdir / "many"
+    if not many.exists():
+        many.mkdir()
+        words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "big"]
+        prompts = [f"what is the {a} {b}?" for a in words for b in words[:4]][:32]
+        (many / "train.jsonl").write_text("".join(
+            json.dumps({"prompt": p, "chosen": "yes", "rejected": "no"}) + "\n" for p in prompts))
+        shutil.copy(workdir / "prompts" / "test.jsonl", many / "test.jsonl")
+    flags = ("--online", "--judge", f"{workdir / 'judges.py'}:{judge}", "--num-samples", "3", "--sample-max-new-tokens",
+             "6", "--sample-temperature", "1.0", "--batch-size", batch, "--max-steps", "2")
+    single = run(workdir, f"online-single-{judge}", *flags, dataset="many")
+    ddp = torchrun(workdir, f"online-ddp-{judge}", *flags)
+    a, b = weights(single), weights(ddp)
+    assert any(not torch.equal(a[k], load_file(workdir / "model" / "model.safetensors")[k]) for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    ra = [r for r in read_metrics(single / "metrics.jsonl") if r["split"] == "train"]
+    rb = [r for r in read_metrics(ddp / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["online/pairs"] for r in ra] == [r["online/pairs"] for r in rb]
+    assert [r["online/score"] for r in ra] == [r["online/score"] for r in rb]
+    if judge == "first_prompt_only":
+        assert [r["online/pairs"] for r in ra] == [1, 1]
+
+
+def test_a_resumed_round_refuses_missing_or_foreign_samples(workdir):
+    flags = ("--iterations", "2", "--judge", f"{workdir / 'judges.py'}:shorter", "--num-samples", "3",
+             "--sample-max-new-tokens", "6", "--max-steps", "4", "--sample-temperature", "1.0")
+    out = run(workdir, "rounds-check", *flags, "--stop-at-step", "1", "--save-steps", "1")
+    saved = out / "rounds" / "round-1.pt"
+    moved = out / "round-1.pt.kept"
+    saved.rename(moved)
+    with pytest.raises(online.DataError, match=r"--resume inside round 1, but .*round-1.pt is missing"):
+        run(workdir, "rounds-check", *flags, "--resume")
+    moved.rename(saved)
+    for checkpoint in out.glob("checkpoint-*"):  # no checkpoint to compare settings with: the round file is checked
+        shutil.rmtree(checkpoint)
+    with pytest.raises(online.DataError, match="was sampled by a run with other settings"):
+        run(workdir, "rounds-check", *flags[:-1], "0.9", "--resume", "--max-steps", "4")
+    with pytest.raises(ConfigError, match="--iterations 2 needs at least one step per round"):
+        run(workdir, "rounds-short", "--iterations", "2", "--max-steps", "1", "--judge", flags[3])
+    with pytest.raises(JudgeError, match="the demo judge only knows the demo's instructions"):  # before any model
+        run(workdir, "demo-judge", "--online", "--max-steps", "1")
 
