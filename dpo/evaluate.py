@@ -55,7 +55,7 @@ from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, RUN_SETTINGS_FILE, TEMPE
                             read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side)
 from dpo.errors import UserError
-from dpo.judges import Judge, build_judge
+from dpo.judges import Judge, JudgeError, build_judge
 from dpo.logprobs import sequence_logps
 from dpo.loss import LossConfig
 from dpo.modeling import load_causal_lm
@@ -356,7 +356,10 @@ def _prompts(args: argparse.Namespace, judge: Judge) -> list[dict[str, Any]]:
             keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.num_prompts))
             rows = [rows[i] for i in keep]
         return rows
-    texts = judge.default_prompts(args.num_prompts, args.seed)
+    try:
+        texts = judge.default_prompts(args.num_prompts, args.seed)
+    except JudgeError as error:
+        raise EvaluationError(f"--num-prompts {args.num_prompts}: {error}") from None
     if texts is None:
         raise EvaluationError(f"the judge {args.judge} has no prompts of its own; give --prompts FILE")
     return [{"instruction": text} for text in texts]

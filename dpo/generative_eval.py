@@ -47,7 +47,10 @@ class GenerativeEval:
         if cfg.eval_prompts:
             prompts = [row["instruction"] for row in read_instructions(cfg.eval_prompts)][:n]
         else:
-            prompts = judge.default_prompts(n, cfg.seed)
+            try:
+                prompts = judge.default_prompts(n, cfg.seed)
+            except JudgeError as error:
+                raise JudgeError(f"--eval-generate {n}: {error}") from None
             if prompts is None:
                 raise JudgeError(f"--eval-judge {cfg.eval_judge} has no prompts of its own: give --eval-prompts FILE")
         for text in prompts:

@@ -36,6 +36,9 @@ from dpo.modeling import ModelLoadError, resolve_model_path
 from dpo.prompts import format_prompt, format_response
 
 
+CACHE_LIMIT = 65_536  # scores a judge keeps (compare() and score() ask for the same ones); cleared when full
+
+
 class JudgeError(UserError):
     """A judge that cannot be built, or an instruction it cannot judge."""
 
@@ -151,7 +154,7 @@ class DemoJudge(Judge):
 
         pool = len(task.instructions("test"))
         if n is not None and not 1 <= n <= pool:
-            raise JudgeError(f"--num-prompts must be in [1, {pool}] (the demo's held-out instructions), got {n}")
+            raise JudgeError(f"the demo judge has {pool} held-out instructions; {n} were asked for")
         return [instr.text for instr in task.held_out_instructions(pool if n is None else n, seed=seed)]
 
 
@@ -199,6 +202,8 @@ class RewardModelJudge(Judge):
     def reward(self, instruction: str, answer: str) -> float:
         key = (instruction, answer)
         if key not in self._rewards:  # compare() and score() ask for the same rewards
+            if len(self._rewards) >= CACHE_LIMIT:  # online DPO scores fresh answers every step
+                self._rewards.clear()
             self._rewards[key] = self._reward(instruction, answer)
         return self._rewards[key]
 
@@ -262,6 +267,8 @@ class ImplicitRewardJudge(Judge):
             batch = {k: v.to(device) for k, v in collate_pairs([pair], self.tokenizer.pad_token_id).items()}
             args = batch["input_ids"], batch["attention_mask"], batch["labels"]
             ratio = sequence_logps(self.model, *args).sum - sequence_logps(self.reference, *args).sum
+            if len(self._rewards) >= CACHE_LIMIT:
+                self._rewards.clear()
             self._rewards[key] = (self.beta * float(ratio[0]), self.beta * float(ratio[1]))
         return self._rewards[key]
 

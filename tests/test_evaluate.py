@@ -123,7 +123,7 @@ def test_demo_judge_prompts_are_the_held_out_ones():
     prompts = DemoJudge().default_prompts(7, seed=3)
     assert prompts == [i.text for i in task.held_out_instructions(7, seed=3)]
     assert len(DemoJudge().default_prompts(None, seed=0)) == len(task.instructions("test"))
-    with pytest.raises(JudgeError, match="--num-prompts"):
+    with pytest.raises(JudgeError, match="the demo judge has 243 held-out instructions; 244 were asked for"):
         DemoJudge().default_prompts(len(task.instructions("test")) + 1, seed=0)
 
 
