@@ -127,6 +127,8 @@ def test_the_demo_watches_its_win_rate_on_every_held_out_instruction():
 def test_online_and_iterative_demo_train_the_offline_demos_number_of_steps():
     assert parse_config([]).max_steps is None  # offline: 2 epochs of 2048 pairs = 64 steps
     assert parse_config(["--online"]).max_steps == 64
+    assert parse_config(["--online"]).loss.rpo_alpha == 1.0 and parse_config([]).loss.rpo_alpha is None
+    assert parse_config(["--online", "--rpo-alpha", "none"]).loss.rpo_alpha is None
     assert parse_config(["--iterations", "8"]).max_steps == 64
     assert parse_config(["--online", "--max-steps", "10"]).max_steps == 10
     assert parse_config(["--model", "m", "--online"]).max_steps is None
