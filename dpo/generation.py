@@ -381,6 +381,13 @@ def prompt_budget(positions: int | None, max_new_tokens: int, max_prompt_length:
     return max(min(max_prompt_length, positions - 1), 1)
 
 
+def own_rng(model: Any) -> Any:
+    """A context in which sampling with `model` draws from a copy of the RNG state (CPU, and the model's GPU), so
+    that evaluating or sampling while training leaves the training's random numbers as they were."""
+    device = getattr(model, "device", torch.device("cpu"))
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 @torch.no_grad()
 def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingConfig | None = None,
                    *, batch_size: int = 8, progress: bool = False, streamer: BaseStreamer | None = None,

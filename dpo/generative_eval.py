@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dpo.evaluate import WinRate, mean_lengths
-from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, read_instructions
+from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, own_rng, read_instructions
 from dpo.judges import Judge, JudgeError, build_judge
 
 SAMPLES_SHOWN = 4  # rows of the samples table logged at each evaluation
@@ -63,8 +63,7 @@ class GenerativeEval:
 
     def _generate(self, model: torch.nn.Module) -> list[str]:
         # sampling must not move the training RNG: a run with --eval-generate trains exactly as one without
-        devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with own_rng(model):
             return generate_batch(model, self.tokenizer, self.prompts, self.decoding, batch_size=self.batch_size)
 
     def reference_file(self, model_key: str) -> Path:

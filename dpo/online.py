@@ -31,7 +31,7 @@ import torch
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.distributed import DistInfo, barrier
-from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch
+from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, own_rng
 from dpo.judges import Judge
 from dpo.reference import ReferenceLogps, ReferenceLogpsError
 from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
@@ -104,8 +104,7 @@ class Sampler:
         """k responses to each prompt in one generate call, a pure function of the model, the prompts, `position`
         (the step, or the round) and `group`; the training RNG is left as it was."""
         k = self.settings.num_samples
-        devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with own_rng(model):
             flat = generate_batch(model, self.tokenizer, [p for p in prompts for _ in range(k)],
                                   self.decoding(position, group), batch_size=len(prompts) * k, warn=False)
         return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
