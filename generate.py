@@ -34,7 +34,8 @@ import torch
 import transformers
 
 from dpo.cli import run_cli
-from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
+from dpo.precision import PRECISIONS
+from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
                             StopAwareStreamer, add_prompt_arguments, check_instruction, generate_batch, generator_name,
                             load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype, resolve_run_model,
                             run_settings, side_by_side, write_outputs)

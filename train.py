@@ -68,6 +68,10 @@ from dpo.modeling import (enable_gradient_checkpointing, load_causal_lm, load_to
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, packing_problem  # noqa: E402
 from dpo.judges import build_judge  # noqa: E402
 from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
+from dpo.flops import FlopCounter, peak_tflops  # noqa: E402
+from dpo.precision import (AUTOCAST_DTYPES, matmul_precision, resolve_precision, synced_clock,  # noqa: E402
+                           use_tensor_cores)
+from dpo.precision import autocast as precision_autocast  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
 from dpo.reference import (ReferenceLogps, ReferenceLogpsError, cache_key, compute_reference_logps,  # noqa: E402
                            load_or_compute)
@@ -86,6 +90,7 @@ def start_processes(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    use_tensor_cores(device)
     if cfg.batch_size % (cfg.micro_batch_size * dist.world_size):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size x processes "
                           f"({cfg.micro_batch_size} x {dist.world_size})")
@@ -116,8 +121,8 @@ def open_run_dir(cfg: TrainConfig, dist: DistInfo, log: Callable[..., None]) -> 
 def load_model(cfg: TrainConfig, name: str, device: torch.device) -> nn.Module:
     """A causal LM as training uses it: dropout off (so policy and reference are one deterministic function) and
     gelu_new fused. Under LoRA the frozen base is kept in the autocast dtype (fp16 / bf16) or quantized."""
-    lora = cfg.lora.enabled and cfg.precision != "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision] if lora else torch.float32
+    half = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device)]
+    dtype = half if cfg.lora.enabled and half is not None else torch.float32
     model = load_causal_lm(name, device=device, dtype=dtype, quantization=quantization_config(cfg.lora, device))
     disable_dropout(model)
     if cfg.fused_gelu:
@@ -134,6 +139,9 @@ def build_policy(cfg: TrainConfig, device: torch.device,
     if cfg.lora.enabled:
         adapters = add_adapters(load_model(cfg, cfg.model, device), cfg.lora, start=weights, seed=cfg.seed)
         model = adapters.model
+        for parameter in model.parameters():  # fp32 master weights of what trains (a half base's modules_to_save)
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
     else:
         model = load_model(cfg, weights or cfg.model, device)
     if cfg.gradient_checkpointing:
@@ -154,8 +162,7 @@ def reference_model(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+    return precision_autocast(resolve_precision(cfg.precision, device), device)
 
 
 def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
@@ -190,7 +197,7 @@ def pair_source(cfg: TrainConfig, data: PreferenceData, tokenizer: Any, device: 
         judge.category(text)  # an instruction the judge cannot handle fails now, not at the first step
     lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                    truncation_mode=cfg.truncation_mode, template=cfg.template)
-    sampler = Sampler(settings, judge, tokenizer, lengths, cfg.seed)
+    sampler = Sampler(settings, judge, tokenizer, lengths, cfg.seed, resolve_precision(cfg.precision, device))
     kind = "online" if settings.online else f"iterative ({settings.iterations} rounds)"
     log(f"{kind} DPO: {len(data.instructions)} instructions ({data.instructions_left_out} multi-turn or unreadable "
         f"records left out), {settings.num_samples} samples each, judged by {judge.name}")
@@ -276,6 +283,8 @@ class TrainState:
     loss_state: dict = field(default_factory=dict)
     health: HealthMonitor = field(default_factory=HealthMonitor)  # the run's alerts; the step-0 check stops here
     reference_checked: bool = False  # the step-0 check ran (at the first step with pairs, before any update)
+    flops: FlopCounter | None = None  # the useful FLOPs of a step, for its MFU
+    peak_tflops: float | None = None  # the device's dense peak in this precision (None: unknown, no MFU)
     step: int = 0
     skipped_steps: int = 0
 
@@ -295,8 +304,11 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters)
+    precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters,
+                       flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
+                       peak_tflops=peak_tflops(device, precision, cfg.peak_tflops))
     step_time = cfg.online_dpo.online or (not cfg.precompute_ref and not cfg.online_dpo.iterations)
     if needs_reference_model(cfg.loss) and step_time:  # iterative DPO precomputes each round's reference
         model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
@@ -343,7 +355,8 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
 
 # At step 0 the policy is the reference: their log-probs differ by rounding only (the reference pass ran in other
 # batch shapes, maybe another layout). Beyond 1e-3 + this x |log-prob|, the reference is not the policy's start.
-STEP0_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 4e-3}
+# Keyed by what the matmuls compute in (dpo.precision.matmul_precision): TF32 keeps fp16's 10 mantissa bits.
+STEP0_TOLERANCE = {"fp32": 1e-4, "tf32": 4e-3, "bf16": 2e-2, "fp16": 4e-3}
 
 
 def reference_mismatch(x: PreferenceLogps, precision: str) -> tuple[int, float]:
@@ -370,12 +383,14 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
         state.step += 1
         state.skipped_steps += 1
         return {"lr": lr, "pairs_per_s": 0.0, "tokens_per_s": 0.0, "skipped_steps": state.skipped_steps}
-    start = time.perf_counter()
+    start = synced_clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     stats = PairMetrics(device)
     state_sums = torch.zeros(0, dtype=torch.float64, device=device)
-    tokens, mismatched, largest = 0, 0, 0.0
+    tokens, flops, mismatched, largest = 0, 0.0, 0, 0.0
     local = process_slice(len(batch), dist.rank, dist.world_size)
     # a batch smaller than the number of processes (online DPO after many ties) leaves a process without pairs: it
     # runs the first pair with weight 0, so that every process joins the same gradient and metric reductions
@@ -395,14 +410,18 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
         stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
                   logps.policy_rejected_logps)
         if not state.reference_checked and logps.reference_chosen_logps is not None:
-            count, diff = reference_mismatch(logps, cfg.precision)
+            count, diff = reference_mismatch(logps, matmul_precision(resolve_precision(cfg.precision, device), device))
             mismatched, largest = mismatched + count, max(largest, diff)
         state_sums = out.state_sums if k == 0 else state_sums + out.state_sums
-        tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                      for p in (batch.pairs[i] for i in ids))
-    totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens, mismatched])]), dist)
+        chunk = [batch.pairs[i] for i in ids]
+        tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk)
+        if state.flops is not None:
+            flops += state.flops.pairs(chunk, reference_forward=state.reference_scorer is not None)
+    totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens, flops, mismatched])]),
+                            dist)
     stats.sums.copy_(totals[:len(stats.sums)])
-    state_sums, tokens, mismatched = totals[len(stats.sums):-2], totals[-2].item(), int(totals[-1].item())
+    state_sums, tokens, flops = totals[len(stats.sums):-3], totals[-3].item(), totals[-2].item()
+    mismatched = int(totals[-1].item())
     step_loss = stats.means()["loss"]
     state.reference_checked = True
     if mismatched:
@@ -435,9 +454,13 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
         update_loss_state(cfg.loss, state.loss_state, state_sums)
     state.step += 1
 
-    elapsed = time.perf_counter() - start
+    elapsed = synced_clock(device) - start
     record = {**stats.means(), "lr": lr, "grad_norm": float(grad_norm), "pairs_per_s": stats.num_pairs / elapsed,
               "tokens_per_s": tokens / elapsed, "skipped_steps": state.skipped_steps}
+    if state.peak_tflops:  # useful FLOPs of all processes over their time and their peak
+        record["mfu"] = flops / elapsed / (state.peak_tflops * 1e12 * dist.world_size)
+    if device.type == "cuda":
+        record["cuda_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     if state.scaler is not None:
         record["loss_scale"] = state.scaler.get_scale()
     return record
@@ -627,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     needs_reference_model(cfg.loss)  # resolves the loss: an unknown name fails here, listing the known ones
     resolve_report_to(cfg.report_to)  # a tracker whose library is missing fails now, naming the pip extra
     device, dist = start_processes(cfg)
+    cfg.precision = resolve_precision(cfg.precision, device)  # what ran is recorded, checked on resume and cached
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     if batch_coupled(cfg.loss):
         log(f"note: --loss {cfg.loss.loss_type} compares the pairs of each micro-batch, so its result depends on "

@@ -53,6 +53,7 @@ from dpo.config import TrainConfig, build_parser, parse_config  # noqa: E402
 from dpo.data import BUILTIN_SOURCES, DataError, RowError, TokenizedPair, load_records, to_example  # noqa: E402
 from dpo.distributed import DistInfo  # noqa: E402
 from dpo.errors import UserError  # noqa: E402
+from dpo.flops import FlopCounter  # noqa: E402
 from dpo.logprobs import ScoringConfig  # noqa: E402
 from dpo.lora import peft_config  # noqa: E402
 from dpo.loss import LossConfig  # noqa: E402
@@ -142,20 +143,9 @@ def build_model(size: dict, eos: int):
     return PhiForCausalLM(config)
 
 
-def block_weight_count(model) -> int:
-    """N_layers: elements of the weight matrices of the transformer blocks (the base's: LoRA's A and B aside)."""
-    return sum(p.numel() for name, p in model.model.layers.named_parameters() if p.ndim == 2 and "lora_" not in name)
-
-
 def useful_flops(pairs, model, precomputed_reference: bool, frozen_weights: bool = False) -> float:
-    """benchmarks/README.md's count. `frozen_weights` (LoRA): no weight gradients, 4 instead of 6 per weight."""
-    n_layers = block_weight_count(model)
-    d_v = model.config.hidden_size * model.config.vocab_size
-    tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    # a response token is scored when a position predicts it: all but a first token after an empty prompt
-    scored = sum(len(r) - (0 if p.prompt_ids else 1) for p in pairs for r in (p.chosen_ids, p.rejected_ids) if r)
-    per_weight = (4 if frozen_weights else 6) + (0 if precomputed_reference else 2)
-    return per_weight * n_layers * tokens + per_weight * d_v * scored
+    """benchmarks/README.md's count (dpo.flops, the count train.py's MFU metric uses)."""
+    return FlopCounter.of(model, frozen_weights).pairs(pairs, reference_forward=not precomputed_reference)
 
 
 def matmul_peak_gflops(repeats: int = 30, n: int = 1024) -> float:

@@ -25,6 +25,7 @@ from dpo.loss import LossConfig, batch_coupled
 from dpo.online import OnlineSettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
+from dpo.precision import PRECISIONS
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
 from dpo.tracking import REPORT_TO_CHOICES
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
@@ -105,8 +106,9 @@ class TrainConfig:
                               check=positive)
     micro_batch_size: int = setting(8, "pairs per forward/backward on one device; accumulation = batch / (micro x "
                                        "devices)", check=positive, identity=False)
-    precision: str = setting("fp32", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, fp32 master weights)",
-                             choices=["fp32", "bf16", "fp16"])
+    precision: str = setting("auto", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler), fp32 master weights "
+                                     "in each; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU",
+                             choices=list(PRECISIONS))
     seed: int = setting(42, "seed for initialisation order, shuffling and subsets")
     # run management: none of these changes the numbers of a run
     output_dir: str = setting("runs/dpo", "where metrics, checkpoints and final/ are written", identity=False)
@@ -136,6 +138,9 @@ class TrainConfig:
                                           "(exact)", identity=False)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory", identity=False)
     compile: bool = setting(False, "torch.compile the policy", identity=False)
+    peak_tflops: float | None = setting(None, "the device's dense peak TFLOP/s in this precision, for the metrics' "
+                                              "MFU (default: known GPUs' datasheet figures; none on a CPU)",
+                                        check=positive, identity=False)
     fsdp: bool = setting(False, "shard the model with FSDP2 under torchrun (default under torchrun: DDP)",
                          identity=False)
     progress: bool = setting(True, "show a progress bar", identity=False)

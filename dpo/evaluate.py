@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from dpo.cli import run_cli
 from dpo.config import TrainConfig
 from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
-from dpo.generation import (MAX_NEW_TOKENS, PRECISIONS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingConfig,
+from dpo.precision import PRECISIONS
+from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingConfig,
                             add_prompt_arguments, generate_batch, generator_name, load_checked_tokenizer,
                             read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side)

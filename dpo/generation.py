@@ -42,6 +42,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from dpo.errors import UserError
 from dpo.modeling import ModelLoadError, load_tokenizer
+from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
 from dpo.prompts import HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts
 
 # The card's decoding.
@@ -50,7 +51,6 @@ TOP_P = 0.9
 MAX_NEW_TOKENS = 256
 STOP_STRINGS = (HUMAN_TURN_PREFIX,)
 _TRAILING_UNSETTLED = re.compile(r"[\s\ufffd]+$")  # whitespace and incomplete UTF-8 at the end
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUN_SETTINGS_FILE = "dpo_run.json"  # a trained model's training settings, written by train.py into final/
 
 
@@ -188,13 +188,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """fp32 / bf16 / fp16 weights; auto = fp16 on CUDA, fp32 elsewhere (half precision is slow on CPUs)."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
+    """fp32 / bf16 / fp16 weights; auto as training resolves it (dpo.precision): bf16 on a GPU that has it, fp16 on
+    an older GPU, fp32 elsewhere (half precision is slow on CPUs)."""
+    if precision not in PRECISIONS:
         raise GenerationError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return dtypes[precision]
+    return AUTOCAST_DTYPES[resolve_precision(precision, device)] or torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,14 +389,15 @@ def own_rng(model: Any) -> Any:
 @torch.no_grad()
 def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingConfig | None = None,
                    *, batch_size: int = 8, progress: bool = False, streamer: BaseStreamer | None = None,
-                   description: str = "generating", warn: bool = True) -> list[str]:
+                   description: str = "generating", warn: bool = True, precision: str = "fp32") -> list[str]:
     """One response per instruction, in the instructions' order.
 
     Prompts are encoded by dpo.prompts.encode_prompts with decoding's template, cut to prompt_budget (as
     training cuts them; one warning line on stderr counts them), sorted by length (longest first) into batches
     of `batch_size`, left-padded, and decoded with `decoding`; the seed is set once, before the first batch, so
     a call is a pure function of its arguments. When a prompt plus max_new_tokens would exceed the model's
-    max_position_embeddings, the new-token budget of that batch is lowered to fit.
+    max_position_embeddings, the new-token budget of that batch is lowered to fit. `precision`: the autocast the
+    model runs under (a training run samples its fp32 policy in the run's precision).
     """
     decoding = decoding or DecodingConfig()
     decoding.validate()
@@ -439,11 +438,12 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
                     raise GenerationError(f"a prompt of {width} tokens does not fit the model's "
                                           f"{limit} positions")
                 max_new = min(max_new, limit - width)
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                generation_config=_generation_config(decoding, max_new, pad_id, eos_ids),
-                stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, decoding.stop_strings, width)]),
-                streamer=streamer)
+            with autocast(precision, device):
+                out = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    generation_config=_generation_config(decoding, max_new, pad_id, eos_ids),
+                    stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, decoding.stop_strings, width)]),
+                    streamer=streamer)
             for row, ids in zip(rows, out[:, width:].tolist()):
                 text = tokenizer.decode(_cut_at_eos(ids, eos_ids), skip_special_tokens=True)
                 outputs[row] = clean_response(text, decoding.stop_strings)

@@ -90,6 +90,7 @@ class Sampler:
     tokenizer: Any
     lengths: dict[str, Any]  # max_length, max_prompt_length, truncation_mode, template
     seed: int
+    precision: str = "fp32"  # the run's (resolved): the policy samples under its autocast
 
     def decoding(self, position: int, group: int = 0) -> DecodingConfig:
         s = self.settings
@@ -106,7 +107,8 @@ class Sampler:
         k = self.settings.num_samples
         with own_rng(model):
             flat = generate_batch(model, self.tokenizer, [p for p in prompts for _ in range(k)],
-                                  self.decoding(position, group), batch_size=len(prompts) * k, warn=False)
+                                  self.decoding(position, group), batch_size=len(prompts) * k, warn=False,
+                                  precision=self.precision)
         return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def sample_pairs(self, model: torch.nn.Module, prompts: list[str], ids: list[int], position: int,

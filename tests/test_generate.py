@@ -264,7 +264,8 @@ def test_prompt_budget():
 
 def test_precision_by_device():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", torch.device("cuda")) in ((torch.float16, torch.bfloat16) if torch.cuda.is_available()
+                                                           else (torch.float16,))
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(GenerationError):
         resolve_dtype("fp64", torch.device("cpu"))

@@ -259,3 +259,29 @@ def test_modules_to_save_train_in_full_and_the_reference_keeps_the_original(work
     out = run(workdir, "to-save", "--lora-modules-to-save", "lm_head", "--max-steps", "2")
     saved = load_file(out / "final" / "adapter_model.safetensors")
     assert any("lm_head" in key for key in saved) and any("lora_" in key for key in saved)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, precision):
+    """Under LoRA the base loads in half precision; what trains in full (modules_to_save) gets an fp32 master copy,
+    so the GradScaler can unscale its gradients (fp16) and its updates are not rounded to bf16."""
+    cfg = parse_config(args(workdir, "unused", "--precision", precision, "--lora-modules-to-save", "lm_head"))
+    policy, adapters = train.build_policy(cfg, torch.device("cpu"))
+    trained = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    assert any("lm_head" in name and "lora_" not in name for name in trained)
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {AUTOCAST[precision]}
+    before = {name: p.detach().clone() for name, p in trained.items()}
+    pairs = random_pairs(8, 97, seed=3)
+    state = train.build_state(cfg, policy, adapters, device=torch.device("cpu"), dist=train.DistInfo(),
+                              collate=lambda p: collate_pairs(p, pad_id=0), workspace_pairs=pairs)
+    assert (state.scaler is not None) == (precision == "fp16")
+    with train.autocast(cfg, torch.device("cpu")):
+        reference = train.ReferenceLogps(*scored(policy, pairs).float().reshape(2, -1))
+    record = train.train_step(state, train.PairBatch(pairs, reference), lr=1e-2)
+    assert math.isfinite(record["loss"]) and record["skipped_steps"] == 0
+    head = [name for name in trained if "lm_head" in name and "lora_" not in name]
+    assert all(not torch.equal(trained[name], before[name]) for name in head)  # the head's update was applied
+
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,0 +1,269 @@
+"""The GPU check's measurements: train.py's own functions on one CUDA GPU, with torch, transformers and peft only.
+
+    python benchmarks/gpu_check.py equality       CPU vs CUDA on the demo: log-probs, loss and gradients of one
+                                                  micro-batch in fp32 (TF32 off), bf16 and fp16
+    python benchmarks/gpu_check.py phi2           a phi-2-sized random-init model (PhiConfig, no download) through
+                                                  train_step with the recipe's settings (configs/phi2_ultrafeedback.json:
+                                                  batch 64, micro 4, context 1024) on UltraFeedback-like lengths, per
+                                                  layout, with and without gradient checkpointing
+    python benchmarks/gpu_check.py lora           the same model with the LoRA recipe (configs/phi2_ultrafeedback_lora.json)
+    python benchmarks/gpu_check.py generate       sampling tokens/s of the phi-2-sized model (T 0.7, top-p 0.9)
+
+Each measurement prints one JSON line. A step's figures are train_step's own metrics (tokens/s and MFU over a
+synced step time, the step's peak CUDA memory); benchmarks/gpu_check.sh runs every part and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import train  # noqa: E402
+from dpo.batches import PairBatch  # noqa: E402
+from dpo.config import parse_config  # noqa: E402
+from dpo.data import TokenizedPair  # noqa: E402
+from dpo.distributed import DistInfo  # noqa: E402
+from dpo.loss import compute_loss  # noqa: E402
+from dpo.modeling import enable_gradient_checkpointing, load_tokenizer  # noqa: E402
+from dpo.pipeline import PreferenceData, load_preference_pairs  # noqa: E402
+from dpo.reference import ReferenceLogps  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+            max_position_embeddings=2048, partial_rotary_factor=0.4, resid_pdrop=0.0, embd_pdrop=0.0,
+            attention_dropout=0.0, bos_token_id=50256, eos_token_id=50256)
+EOS = 50256
+STEPS = 3  # the first is a warm-up (allocator, kernel choice); the others are timed
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- equality
+
+
+def micro_batch_probe(device: torch.device, precision: str, pairs: list[TokenizedPair],
+                      reference: ReferenceLogps | None) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss, policy log-probs and gradients of one micro-batch of the demo model, through train.py's scorer and
+    loss (train.score_pairs, compute_loss) under the precision's autocast."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = parse_config(["--precision", precision, "--device", device.type, "--output-dir", out,
+                            "--batch-size", str(len(pairs)), "--micro-batch-size", str(len(pairs))])
+        policy, adapters = train.build_policy(cfg, device)
+        tokenizer = load_tokenizer(cfg.model)
+        _, collate = train.collator(cfg, tokenizer.pad_token_id, policy)
+        state = train.build_state(cfg, policy, adapters, device=device, dist=DistInfo(), collate=collate,
+                                  workspace_pairs=pairs)
+        ids = list(range(len(pairs)))
+        with train.autocast(cfg, device):
+            logps = train.score_pairs(state, pairs, ids, reference)
+            if reference is None:  # the CPU fp32 run makes the reference: the step-0 case, policy = reference
+                logps.reference_chosen_logps = logps.policy_chosen_logps.detach()
+                logps.reference_rejected_logps = logps.policy_rejected_logps.detach()
+            loss = compute_loss(logps, cfg.loss).losses.mean()
+        loss.backward()
+        grads = {name: p.grad.detach().float().cpu() for name, p in policy.named_parameters() if p.grad is not None}
+        both = torch.cat([logps.policy_chosen_logps, logps.policy_rejected_logps]).detach().float().cpu()
+    return loss.item(), both, grads
+
+
+def compare_cpu_cuda(precision: str, num_pairs: int = 16) -> dict:
+    """One micro-batch of demo pairs on the CPU in fp32 and on CUDA in `precision` (fp32 with TF32 off): the
+    largest log-prob difference, the loss difference and the relative gradient error (norm of the difference over
+    the CPU gradient's norm), with the cosine between the two gradients."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with tempfile.TemporaryDirectory() as out:
+        cfg = parse_config(["--output-dir", out])
+        pairs = load_preference_pairs(cfg, load_tokenizer(cfg.model), log=lambda *a, **k: None).train[:num_pairs]
+    loss_cpu, logps_cpu, grads_cpu = micro_batch_probe(cpu, "fp32", pairs, None)
+    reference = ReferenceLogps(logps_cpu[:num_pairs], logps_cpu[num_pairs:])
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # plain fp32 for the fp32 comparison (train.py turns TF32 on)
+    try:
+        loss_gpu, logps_gpu, grads_gpu = micro_batch_probe(cuda, precision, pairs, reference)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    diff = torch.cat([(grads_gpu[n] - grads_cpu[n]).flatten() for n in grads_cpu])
+    flat_cpu = torch.cat([grads_cpu[n].flatten() for n in grads_cpu])
+    flat_gpu = torch.cat([grads_gpu[n].flatten() for n in grads_cpu])
+    return {"part": "equality", "precision": precision, "pairs": num_pairs, "loss_cpu": loss_cpu,
+            "loss_cuda": loss_gpu, "loss_abs_diff": abs(loss_gpu - loss_cpu),
+            "logps_max_abs_diff": float((logps_gpu - logps_cpu).abs().max()),
+            "logps_max_rel_diff": float(((logps_gpu - logps_cpu).abs() / logps_cpu.abs()).max()),
+            "grad_rel_error": float(diff.norm() / flat_cpu.norm()),
+            "grad_cosine": float(torch.nn.functional.cosine_similarity(flat_gpu, flat_cpu, dim=0)),
+            "same_parameters": sorted(grads_cpu) == sorted(grads_gpu)}
+
+
+# ---------------------------------------------------------------------------------------------------- phi-2 sized
+
+
+def ultrafeedback_like_pairs(count: int, max_length: int = 1024, max_prompt_length: int = 512,
+                             seed: int = 0) -> list[TokenizedPair]:
+    """Random token ids with UltraFeedback-like lengths (phi-2 tokenizer): prompts log-normal around 150 tokens,
+    responses around 260, cut as train.py cuts them (prompt to max_prompt_length, each sequence to max_length)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for row in range(count):
+        prompt = int(np.clip(rng.lognormal(math.log(150), 0.9), 8, max_prompt_length))
+        budget = max_length - prompt
+        chosen, rejected = (int(np.clip(rng.lognormal(math.log(260), 0.6), 4, budget)) for _ in range(2))
+        ids = [rng.integers(0, EOS, n).tolist() for n in (prompt, chosen - 1, rejected - 1)]
+        pairs.append(TokenizedPair(ids[0], ids[1] + [EOS], ids[2] + [EOS], row))
+    return pairs
+
+
+def phi2_model_dir(path: Path) -> Path:
+    """A random-init phi-2-sized model (2.78B parameters) saved in bf16; initialised on the GPU, saved once."""
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**PHI2))
+    model.to(torch.bfloat16).save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def time_steps(cfg, policy, adapters, pairs: list[TokenizedPair], label: str, extra: dict) -> dict:
+    """train.py's reference pass and STEPS optimizer steps on `pairs`: the timed steps' metrics."""
+    device = torch.device("cuda")
+    layout, collate = train.collator(cfg, EOS, policy)
+    every = list(range(len(pairs)))
+    torch.cuda.reset_peak_memory_stats(device)
+    start = train.synced_clock(device)
+    reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]), every,
+                                      device=device, dist=DistInfo(), collate=collate, resumed=False,
+                                      log=lambda *a, **k: None)["train"]
+    reference_s = train.synced_clock(device) - start
+    state = train.build_state(cfg, policy, adapters, device=device, dist=DistInfo(), collate=collate,
+                              workspace_pairs=pairs)
+    records = []
+    for step in range(STEPS):
+        ids = every[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        batch = PairBatch([pairs[i] for i in ids], reference.select(ids) if reference is not None else None)
+        records.append(train.train_step(state, batch, cfg.lr))
+    timed = records[1:]
+    result = {"part": label, **extra, "layout": layout, "precision": train.resolve_precision(cfg.precision, device),
+              "gradient_checkpointing": cfg.gradient_checkpointing, "batch": cfg.batch_size,
+              "micro": cfg.micro_batch_size, "step_s": [round(cfg.batch_size / r["pairs_per_s"], 3) for r in records],
+              "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in timed),
+              "pairs_per_s": statistics.mean(r["pairs_per_s"] for r in timed),
+              "mfu": statistics.mean(r["mfu"] for r in timed) if "mfu" in timed[0] else None,
+              "peak_memory_gb": max(r["cuda_peak_memory_gb"] for r in records),
+              "reference_pass_s": round(reference_s, 2), "losses": [r["loss"] for r in records],
+              "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+              "device": torch.cuda.get_device_name(device)}
+    del state
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def recipe_config(config: str, model_dir: Path, out_dir: str, *flags: str):
+    return parse_config(["--config", str(CONFIGS / config), "--model", str(model_dir), "--output-dir", out_dir,
+                         "--device", "cuda", "--no-progress", "--no-plot", *flags])
+
+
+def phi2(args: argparse.Namespace) -> None:
+    """Full fine-tuning: every layout, without and with gradient checkpointing, bf16; and the recipe as its card
+    has it (fp16 + GradScaler). One model load: the layouts reuse it (a reference pass per configuration)."""
+    model_dir = phi2_model_dir(Path(args.model_dir))
+    pairs = ultrafeedback_like_pairs(64 * STEPS)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = recipe_config("phi2_ultrafeedback.json", model_dir, out, "--precision", "bf16")
+        policy, adapters = train.build_policy(cfg, torch.device("cuda"))
+        runs = [(layout, False, "bf16") for layout in args.layouts] + [("shared_prompt", False, "fp16")] + \
+               [(layout, True, "bf16") for layout in args.layouts if layout != "packed"]
+        checkpointing = False
+        for layout, with_checkpointing, precision in runs:
+            if with_checkpointing and not checkpointing:
+                enable_gradient_checkpointing(policy)
+                checkpointing = True
+            flags = ["--precision", precision, "--layout", layout] + \
+                (["--gradient-checkpointing"] if with_checkpointing else [])
+            cfg = recipe_config("phi2_ultrafeedback.json", model_dir, f"{out}/{layout}-{precision}-{checkpointing}",
+                                *flags)
+            try:
+                emit(time_steps(cfg, policy, adapters, pairs, "phi2", {"config": "phi2_ultrafeedback.json"}))
+            except torch.OutOfMemoryError as error:
+                emit({"part": "phi2", "layout": layout, "precision": precision,
+                      "gradient_checkpointing": with_checkpointing, "error": f"out of memory: {str(error)[:200]}"})
+                gc.collect()
+                torch.cuda.empty_cache()
+
+
+def lora(args: argparse.Namespace) -> None:
+    """The LoRA recipe as its config has it: fp16 base, rank 16 on every linear layer, gradient checkpointing."""
+    model_dir = phi2_model_dir(Path(args.model_dir))
+    pairs = ultrafeedback_like_pairs(64 * STEPS)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = recipe_config("phi2_ultrafeedback_lora.json", model_dir, out)
+        torch.cuda.reset_peak_memory_stats()
+        policy, adapters = train.build_policy(cfg, torch.device("cuda"))
+        emit(time_steps(cfg, policy, adapters, pairs, "lora", {"config": "phi2_ultrafeedback_lora.json"}))
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Sampling tokens/s of the phi-2-sized model: the fp32 policy under the run's autocast (what online DPO and
+    --eval-generate run) and bf16 weights (what generate.py loads on such a GPU)."""
+    model_dir = phi2_model_dir(Path(args.model_dir))
+    device = torch.device("cuda")
+    policy = train.load_model(parse_config(["--model", str(model_dir)]), str(model_dir), device).eval()
+    rows, prompt_length, new_tokens = 64, 128, 128
+    input_ids = torch.randint(0, EOS, (rows, prompt_length), device=device, generator=None)
+    settings = dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    pad_token_id=EOS, eos_token_id=EOS)
+    for label, dtype, context in (("fp32 weights, bf16 autocast", torch.float32, "bf16"),
+                                  ("bf16 weights", torch.bfloat16, "fp32")):
+        model = policy.to(dtype)
+        for run in range(2):  # the first is a warm-up
+            start = train.synced_clock(device)
+            with torch.no_grad(), train.precision_autocast(context, device):
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **settings)
+            seconds = train.synced_clock(device) - start
+        emit({"part": "generate", "model": label, "rows": rows, "prompt_tokens": prompt_length,
+              "new_tokens": int(out.shape[1] - prompt_length), "seconds": round(seconds, 3),
+              "tokens_per_s": rows * (out.shape[1] - prompt_length) / seconds,
+              "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["equality", "phi2", "lora", "generate"])
+    parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "dpo-phi2-random"),
+                        help="where the random-init phi-2-sized model is saved once (default: %(default)s)")
+    parser.add_argument("--layouts", nargs="+", default=["shared_prompt", "padded", "packed"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: the GPU check needs a CUDA device")
+    transformers.utils.logging.disable_progress_bar()
+    if args.part == "equality":
+        for precision in ("fp32", "bf16", "fp16"):
+            emit(compare_cpu_cuda(precision))
+    else:
+        {"phi2": phi2, "lora": lora, "generate": generate}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Precision: what --precision auto resolves to, TF32 on CUDA, synced step timing, useful FLOPs and MFU."""
+
+import time
+
+import pytest
+import torch
+
+from dpo import flops as flops_module
+from dpo import precision
+from dpo.flops import FlopCounter, block_weight_count, peak_tflops
+from dpo.precision import matmul_precision, resolve_precision, synced_clock
+from tiny import random_pairs, tiny_phi
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+def test_auto_is_fp32_on_cpu_and_explicit_precisions_stay():
+    assert resolve_precision("auto", CPU) == "fp32"
+    for name in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(name, CPU) == resolve_precision(name, CUDA) == name
+    assert matmul_precision("fp32", CPU) == "fp32" and matmul_precision("fp32", CUDA) == "tf32"
+    assert matmul_precision("bf16", CUDA) == "bf16"
+
+
+@pytest.mark.parametrize("major,expected", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_auto_on_cuda_is_bf16_from_ampere_on_else_fp16(monkeypatch, major, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert resolve_precision("auto", CUDA) == expected
+
+
+def test_step_clock_waits_for_the_cuda_queue(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    before = time.perf_counter()
+    assert synced_clock(CUDA) >= before and synced == [CUDA]
+    synced_clock(CPU)
+    assert synced == [CUDA]  # a CPU step has nothing queued
+
+
+def test_tensor_cores_only_on_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    precision.use_tensor_cores(CPU)
+    precision.use_tensor_cores(CUDA)
+    assert calls == ["high"]
+
+
+def test_useful_flops_count_by_brute_force():
+    model = tiny_phi(hidden_size=64, layers=3)
+    # the block weights, counted by hand: per layer q, k, v, dense (h x h) and fc1, fc2 (h x 4h)
+    h = 64
+    assert block_weight_count(model) == 3 * (4 * h * h + 2 * 4 * h * h)
+    counter = FlopCounter.of(model)
+    pairs = random_pairs(5, 97, seed=4)
+    tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    scored = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # every prompt is non-empty here
+    per_token = counter.block_weights * tokens + h * 97 * scored
+    assert counter.pairs(pairs, reference_forward=False) == 6 * per_token
+    assert counter.pairs(pairs, reference_forward=True) == 8 * per_token
+    frozen = FlopCounter.of(model, frozen_weights=True)
+    assert frozen.pairs(pairs, reference_forward=False) == 4 * per_token
+
+
+def test_peak_table_matches_the_longest_name_first(monkeypatch):
+    for name, half, tf32 in [("NVIDIA H100 PCIe", 756.0, 378.0), ("NVIDIA H100 80GB HBM3", 989.4, 494.7),
+                             ("NVIDIA H200", 989.4, 494.7), ("NVIDIA L40S", 362.1, 183.0), ("NVIDIA L4", 121.0, 60.0),
+                             ("NVIDIA A100-SXM4-80GB", 312.0, 156.0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert peak_tflops(CUDA, "bf16") == peak_tflops(CUDA, "fp16") == half, name
+        assert peak_tflops(CUDA, "fp32") == tf32, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    assert peak_tflops(CUDA, "fp32") is None  # no TF32 on Volta: no MFU rather than a wrong one
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert peak_tflops(CUDA, "bf16") is None and peak_tflops(CUDA, "bf16", override=500.0) == 500.0
+    assert peak_tflops(CPU, "fp32") is None and peak_tflops(CPU, "fp32", override=2.0) == 2.0
+    names = [key for key, _, _ in flops_module.GPU_PEAK_TFLOPS]
+    for i, key in enumerate(names):  # no name is shadowed by an earlier, shorter one
+        assert not any(earlier in key for earlier in names[:i]), key
+
+
+def test_a_step_reports_its_mfu_against_the_given_peak(tmp_path):
+    import train
+    from dpo.config import parse_config
+    from dpo.data import collate_pairs
+    from tiny import make_model_dir
+
+    make_model_dir(tmp_path / "model")
+    pairs = random_pairs(8, 97, seed=5)
+    records = {}
+    for peak in (None, 0.5):
+        flags = ["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run"), "--batch-size", "8",
+                 "--micro-batch-size", "4", "--no-precompute-ref"] + (["--peak-tflops", str(peak)] if peak else [])
+        cfg = parse_config(flags)
+        policy, adapters = train.build_policy(cfg, CPU)
+        state = train.build_state(cfg, policy, adapters, device=CPU, dist=train.DistInfo(),
+                                  collate=lambda p: collate_pairs(p, pad_id=0), workspace_pairs=pairs)
+        records[peak] = train.train_step(state, train.PairBatch(pairs, None), lr=1e-3)
+    assert "mfu" not in records[None] and "cuda_peak_memory_gb" not in records[None]  # a CPU has no known peak
+    # the reference runs at step time (--no-precompute-ref): 8 FLOPs per weight and token
+    useful = FlopCounter.of(policy).pairs(pairs, reference_forward=True)
+    seconds = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) \
+        / records[0.5]["tokens_per_s"]
+    assert records[0.5]["mfu"] == pytest.approx(useful / seconds / 0.5e12, rel=1e-9)
