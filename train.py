@@ -123,7 +123,8 @@ def load_model(cfg: TrainConfig, name: str, device: torch.device) -> nn.Module:
     gelu_new fused. Under LoRA the frozen base is kept in the autocast dtype (fp16 / bf16) or quantized."""
     half = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device)]
     dtype = half if cfg.lora.enabled and half is not None else torch.float32
-    model = load_causal_lm(name, device=device, dtype=dtype, quantization=quantization_config(cfg.lora, device))
+    quantization = quantization_config(cfg.lora, device, compute_dtype=dtype)
+    model = load_causal_lm(name, device=device, dtype=dtype, quantization=quantization)
     disable_dropout(model)
     if cfg.fused_gelu:
         fuse_gelu(model)
@@ -314,7 +315,7 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
         model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
         state.reference_scorer = SequenceScorer(model, cfg.scoring)
     if resume is not None:
-        load_full_optimizer_state(scorer, optimizer, resume["optimizer"])
+        load_full_optimizer_state(scorer, optimizer, resume.pop("optimizer"))  # copied in; the mapped file let go
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])

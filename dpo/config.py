@@ -39,6 +39,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "micro_batch_size": 32,
     "eval_steps": 10,
     "eval_generate": 243,  # every held-out instruction of dpo.demo.task, judged by the demo judge at each evaluation
+    "eval_generate_batch_size": 32,
     "output_dir": "runs/demo",
 }
 # and with LoRA on the demo model (adapters learn at a higher rate; measured: the win rate against the SFT model
@@ -156,6 +157,8 @@ class TrainConfig:
                                       "implicit:RUN/final (a DPO model's implicit reward)", identity=False)
     eval_prompts: str | None = setting(None, "JSON / JSONL instructions for --eval-generate (default: the judge's "
                                              "own held-out prompts)", identity=False)
+    eval_generate_batch_size: int = setting(64, "prompts per generate call of --eval-generate", check=positive,
+                                            identity=False)
     eval_max_new_tokens: int = setting(MAX_NEW_TOKENS, "new tokens per answer of --eval-generate", check=positive,
                                        identity=False)
     health: str = setting("warn", "health alerts: printed and logged (warn), the first stops the run (strict), or "
@@ -178,6 +181,9 @@ class TrainConfig:
         if self.online_dpo.enabled and self.fsdp:
             raise ConfigError("--online / --iterations do not run under --fsdp (sampling would need every process in "
                               "each decoding step of the sharded model); use DDP")
+        if self.lora.quantized and self.fsdp:
+            raise ConfigError("--load-in-4bit / --load-in-8bit do not run under --fsdp (FSDP2 cannot shard "
+                              "bitsandbytes' quantized weights); use DDP")
         if self.eval_generate and self.fsdp:
             raise ConfigError("--eval-generate does not run under --fsdp (generation would need every process in "
                               "each decoding step of the sharded model); use DDP or evaluate final/ with dpo.evaluate")

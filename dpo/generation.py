@@ -271,17 +271,24 @@ def _cut_at_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
 class StopOnStrings(StoppingCriteria):
     """A row is finished once the text generated after position `prompt_width` contains a stop string.
 
-    The whole continuation is decoded at every step, so a stop string split across tokens, or across
-    BPE merges that change as more tokens arrive, is still found.
+    Each step decodes only the continuation's last `window` tokens: a stop string that first appears at this step
+    takes in the newest token, and its n characters are at most 4n bytes, so at most 4n tokens (each adds a byte
+    or more); the margin keeps a decoder's handling of a window's first token (a dropped leading space, half a
+    character) away from it. The result equals decoding the whole continuation at every step, at a cost that does
+    not grow with its length.
     """
+
+    MARGIN = 8
 
     def __init__(self, tokenizer: Any, stop_strings: Sequence[str], prompt_width: int):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
         self.prompt_width = prompt_width
+        self.window = 4 * max((len(stop) for stop in self.stop_strings), default=0) + self.MARGIN
 
     def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        start = max(self.prompt_width, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
         done = [any(stop in text for stop in self.stop_strings) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

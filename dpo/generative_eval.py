@@ -60,7 +60,7 @@ class GenerativeEval:
         decoding = DecodingConfig(temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=cfg.eval_max_new_tokens,
                                   seed=cfg.seed, chat_template=cfg.template == "chat",
                                   max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode)
-        return cls(judge, list(prompts), decoding, tokenizer, max(1, cfg.micro_batch_size),
+        return cls(judge, list(prompts), decoding, tokenizer, cfg.eval_generate_batch_size,
                    Path(cfg.output_dir) / "eval_generate", resolve_precision(cfg.precision, device))
 
     def _generate(self, model: torch.nn.Module) -> list[str]:

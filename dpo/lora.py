@@ -103,9 +103,10 @@ def adapter_base(path: str | Path) -> str:
     return base
 
 
-def quantization_config(settings: LoraSettings, device: torch.device) -> Any:
+def quantization_config(settings: LoraSettings, device: torch.device, compute_dtype: torch.dtype) -> Any:
     """transformers' BitsAndBytesConfig for --load-in-4bit / --load-in-8bit, or None; one line where bitsandbytes
-    cannot run (it needs a CUDA device)."""
+    cannot run (it needs a CUDA device). `compute_dtype`: the run's autocast dtype, which the 4-bit layers compute
+    in (fp16 under --precision fp16: GPUs before Ampere have no bf16)."""
     if not settings.quantized:
         return None
     flag = "--load-in-4bit" if settings.load_in_4bit else "--load-in-8bit"
@@ -121,7 +122,7 @@ def quantization_config(settings: LoraSettings, device: torch.device) -> Any:
     if settings.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 class Adapters:

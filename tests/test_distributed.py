@@ -134,3 +134,24 @@ def test_lora_under_torchrun_matches_one_process(setup, sharding):
         assert train.main(lora + ["--output-dir", str(out), "--resume"]) == 0
     assert_same_run(single, out)
     assert all("lora_" in key for key in final_weights(out))
+
+
+@pytest.mark.parametrize("device_type,backend", [("cuda", "nccl"), ("cpu", "gloo")])
+def test_process_group_waits_for_a_long_reference_pass_and_binds_the_gpu(monkeypatch, device_type, backend):
+    import datetime
+
+    import torch.distributed as torch_dist
+
+    from dpo import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch_dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch_dist, "get_world_size", lambda: 2)
+    info = distributed.init_distributed(device_type)
+    assert info == distributed.DistInfo(rank=1, world_size=2, local_rank=1)
+    assert calls[0]["backend"] == backend and calls[0]["timeout"] >= datetime.timedelta(hours=1)
+    assert calls[0]["device_id"] == (torch.device("cuda", 1) if device_type == "cuda" else None)

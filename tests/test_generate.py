@@ -1,6 +1,7 @@
 """generate.py and dpo.generation: template, stop strings, left padding, seeding, streaming, batch files, CLI errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,59 @@ def test_stop_criterion_marks_only_rows_whose_continuation_holds_the_marker():
     assert criterion(torch.tensor(rows), None).tolist() == [True, False]
     # the prompt itself holds "### Human:", and must not count
     assert criterion(torch.tensor([prompt + partial]), None).tolist() == [False]
+
+
+def first_stop(criterion, prompt: list[int], continuation: list[int]) -> int | None:
+    """The step at which generation would stop this row (the criterion is asked after every new token)."""
+    for step in range(1, len(continuation) + 1):
+        if criterion(torch.tensor([prompt + continuation[:step]]), None).item():
+            return step
+    return None
+
+
+def whole_continuation_stops(tokenizer, stop_strings, prompt_width):
+    """The reference: decode the whole continuation at every step."""
+    def criterion(input_ids, scores):
+        texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+        return torch.tensor([any(stop in text for stop in stop_strings) for text in texts])
+    return criterion
+
+
+@pytest.mark.parametrize("tokenizer_name", ["tiny", "demo", "gpt2"])
+def test_stop_criterion_decoding_a_window_stops_where_whole_decoding_does(tokenizer_name):
+    """Brute force over random continuations (random tokens, stop strings, multi-byte characters cut between
+    tokens): the windowed criterion stops at the same step as decoding the whole continuation each step."""
+    import random
+
+    from dpo.generation import STOP_STRINGS
+    from dpo.modeling import DEMO_MODEL_DIR, load_tokenizer
+
+    if tokenizer_name == "gpt2":
+        path = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
+        if not path.is_dir():
+            pytest.skip("../shared is not present")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        tokenizer = tiny_tokenizer() if tokenizer_name == "tiny" else load_tokenizer(str(DEMO_MODEL_DIR))
+    stops = list(STOP_STRINGS) + ["日本語"]
+    pieces = [" yes", "\n\n### Hum", "an:", "### Human:", "\n\n### Assistant:", " 日本", "語", "🙂", " the answer",
+              "###", " Human", "\n"]
+    rng = random.Random(0)
+    prompt = tokenizer(format_prompt("yes"), add_special_tokens=False)["input_ids"]
+    stopped = 0
+    for _ in range(60):
+        ids: list[int] = []
+        while len(ids) < rng.randint(5, 90):
+            if rng.random() < 0.5:
+                ids += tokenizer(rng.choice(pieces), add_special_tokens=False)["input_ids"]
+            else:
+                ids.append(rng.randrange(len(tokenizer)))
+        want = first_stop(whole_continuation_stops(tokenizer, stops, len(prompt)), prompt, ids)
+        assert first_stop(StopOnStrings(tokenizer, stops, len(prompt)), prompt, ids) == want
+        stopped += want is not None
+    assert 10 < stopped < 60  # both outcomes were exercised
 
 
 class ScriptedLM(nn.Module):

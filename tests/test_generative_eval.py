@@ -165,3 +165,21 @@ def test_implicit_reward_judge_matches_a_brute_force_computation(tmp_path):
         assert judge.score(question, answer) == pytest.approx(expected, abs=1e-5)
     a, b = judge.score(question, "yellow"), judge.score(question, "the moon is big")
     assert judge.compare(question, "yellow", "the moon is big") == (1.0 if a > b else 0.0)
+
+
+def test_generation_batch_and_precision_are_the_runs_own(workdir, tmp_path, monkeypatch):
+    """The --eval-generate batch is its own setting, not the training micro-batch; sampling runs in the run's
+    precision, and answers cached in one precision are not reused in another."""
+    import dpo.generative_eval
+
+    monkeypatch.setattr(dpo.generative_eval, "build_judge", lambda name, device: LengthJudge())
+    flags = ["--model", str(workdir / "model"), "--output-dir", str(tmp_path / "run"), "--eval-generate", "5",
+             "--eval-prompts", str(workdir / "prompts.jsonl"), "--micro-batch-size", "4", "--batch-size", "8"]
+    cpu = torch.device("cpu")
+    built = {size: GenerativeEval.build(parse_config(flags + ["--eval-generate-batch-size", size]), tiny_tokenizer(),
+                                        cpu) for size in ("3", "16")}
+    assert (built["3"].batch_size, built["16"].batch_size) == (3, 16)
+    assert built["3"].precision == "fp32"  # auto on a CPU
+    half = GenerativeEval.build(parse_config(flags + ["--precision", "bf16"]), tiny_tokenizer(), cpu)
+    assert half.precision == "bf16" and half.batch_size == 64
+    assert half.reference_file("key") != built["3"].reference_file("key")

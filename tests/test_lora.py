@@ -285,3 +285,23 @@ def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, prec
 
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_qlora_computes_in_the_runs_half_precision(monkeypatch, precision, dtype):
+    """The 4-bit layers compute in the autocast dtype: fp16 under --precision fp16 (no bf16 before Ampere)."""
+    import sys
+    import types
+
+    from dpo.lora import LoraSettings, quantization_config
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    settings = LoraSettings(lora_r=4, load_in_4bit=True)
+    config = quantization_config(settings, torch.device("cuda"), compute_dtype=dtype)
+    assert config.load_in_4bit and config.bnb_4bit_compute_dtype == dtype
+    assert quantization_config(LoraSettings(lora_r=4), torch.device("cuda"), dtype) is None
+
+
+def test_quantized_base_under_fsdp_is_refused_in_one_line(workdir):
+    with pytest.raises(train.ConfigError, match="--load-in-4bit / --load-in-8bit do not run under --fsdp"):
+        parse_config(args(workdir, "unused", "--load-in-4bit", "--fsdp"))

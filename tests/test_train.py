@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from dpo.checkpoint import load_checkpoint
 from dpo.config import ConfigError, parse_config
 from dpo.errors import UserError
 from dpo.metrics import read_metrics
@@ -60,6 +61,16 @@ def test_accumulation_is_exact(workdir):
     assert config["accumulation_steps"] == 8
 
 
+def mapped_file(address: int) -> str | None:
+    """The file whose memory mapping holds `address` (Linux: /proc/self/maps), or None."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
 def test_resume_mid_run_is_identical(workdir):
     """6 steps straight == 3 steps, stop, --resume, 3 more: same weights and metrics (crossing an epoch)."""
     common = ("--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "6", "--eval-steps", "2",
@@ -67,6 +78,10 @@ def test_resume_mid_run_is_identical(workdir):
     straight = run(workdir, "straight", *common)
     split = run(workdir, "split", *common, "--stop-at-step", "3")
     assert not (split / "final").exists() and (split / "checkpoint-3").is_dir()
+    optimizer = load_checkpoint(split / "checkpoint-3")["optimizer"]  # memory-mapped, not read whole into RAM
+    moments = [t for s in optimizer["state"].values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    assert moments and all(mapped_file(t.data_ptr()) == str((split / "checkpoint-3" / "optimizer.pt").resolve())
+                           for t in moments)
     run(workdir, "split", *common, "--resume")
     a, b = final_weights(straight), final_weights(split)
     for key in a:
