@@ -45,14 +45,14 @@ import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dpo.activations import fuse_gelu  # noqa: E402
-from dpo.batches import OfflinePairs, PairBatch, micro_batches, process_slice  # noqa: E402
+from dpo.batches import OfflinePairs, PairBatch, process_micro_batches  # noqa: E402
 from dpo.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,  # noqa: E402
                             set_rng_state, settings_differences)
 from dpo.cli import run_cli  # noqa: E402
 from dpo.config import TrainConfig, parse_config  # noqa: E402
 from dpo.data import DataError, TokenizedPair, collate_pairs  # noqa: E402
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,  # noqa: E402
-                             full_optimizer_state, init_distributed, load_full_optimizer_state, no_sync,
+                             full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
 from dpo.errors import TrainingError  # noqa: E402
 from dpo.generation import TEMPERATURE, TOP_P  # noqa: E402  (the card's decoding, saved with final/)
@@ -65,16 +65,17 @@ from dpo.health import Alert, HealthMonitor  # noqa: E402
 from dpo.metrics import PairMetrics, read_metrics  # noqa: E402
 from dpo.modeling import (enable_gradient_checkpointing, load_causal_lm, load_tokenizer,  # noqa: E402
                           resolve_model_path)
-from dpo.packing import check_packable, collate_packed, collate_shared_prompt, packing_problem  # noqa: E402
+from dpo.packing import (check_packable, collate_packed, collate_shared_prompt, longest_first,  # noqa: E402
+                          packing_problem)
 from dpo.judges import build_judge  # noqa: E402
 from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
 from dpo.flops import FlopCounter, peak_tflops  # noqa: E402
 from dpo.precision import (AUTOCAST_DTYPES, matmul_precision, resolve_precision, synced_clock,  # noqa: E402
-                           use_tensor_cores)
+                           use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
 from dpo.reference import (ReferenceLogps, ReferenceLogpsError, cache_key, compute_reference_logps,  # noqa: E402
-                           load_or_compute)
+                           load_cached, save_cached)
 from dpo.schedule import lr_at  # noqa: E402
 from dpo.settings import ConfigError  # noqa: E402
 from dpo.tracking import open_trackers, resolve_report_to  # noqa: E402
@@ -90,7 +91,7 @@ def start_processes(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    use_tensor_cores(device)
+    use_fast_cuda_kernels(device)
     if cfg.batch_size % (cfg.micro_batch_size * dist.world_size):
         raise ConfigError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size x processes "
                           f"({cfg.micro_batch_size} x {dist.world_size})")
@@ -118,11 +119,12 @@ def open_run_dir(cfg: TrainConfig, dist: DistInfo, log: Callable[..., None]) -> 
     return load_checkpoint(path)
 
 
-def load_model(cfg: TrainConfig, name: str, device: torch.device) -> nn.Module:
+def load_model(cfg: TrainConfig, name: str, device: torch.device, frozen: bool = False) -> nn.Module:
     """A causal LM as training uses it: dropout off (so policy and reference are one deterministic function) and
-    gelu_new fused. Under LoRA the frozen base is kept in the autocast dtype (fp16 / bf16) or quantized."""
+    gelu_new fused. What never trains, LoRA's base and a `frozen` reference model, is kept in the autocast dtype
+    (fp16 / bf16; the matmuls run in it anyway) or quantized; what trains in fp32, its master weights."""
     half = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device)]
-    dtype = half if cfg.lora.enabled and half is not None else torch.float32
+    dtype = half if (cfg.lora.enabled or frozen) and half is not None else torch.float32
     quantization = quantization_config(cfg.lora, device, compute_dtype=dtype)
     model = load_causal_lm(name, device=device, dtype=dtype, quantization=quantization)
     disable_dropout(model)
@@ -159,7 +161,7 @@ def reference_model(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
         return policy, adapters.reference
     if not fresh:
         return policy, contextlib.nullcontext
-    return load_model(cfg, cfg.model, device).eval().requires_grad_(False), contextlib.nullcontext
+    return load_model(cfg, cfg.model, device, frozen=True).eval().requires_grad_(False), contextlib.nullcontext
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -168,10 +170,12 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
 
 def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
     """The micro-batch layout and its collate. A packed layout only for a model it computes exactly
-    (dpo.packing); auto is shared_prompt (measured the fastest, benchmarks/README.md) where it is, else padded."""
+    (dpo.packing). auto, as measured (benchmarks/README.md): on a CPU shared_prompt where the model allows it, else
+    padded; on a GPU padded (the packed layouts' attention runs pair by pair: 3.8x slower at phi-2 size on an H200)."""
     layout = cfg.layout
     if layout == "auto":
-        layout = "padded" if packing_problem(model, cfg.max_length) else "shared_prompt"
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        layout = "padded" if on_gpu or packing_problem(model, cfg.max_length) else "shared_prompt"
     elif layout != "padded":
         check_packable(model, cfg.max_length)
     return layout, {"padded": lambda pairs: collate_pairs(pairs, pad_id=pad_id), "packed": collate_packed,
@@ -235,8 +239,9 @@ def reference_logps(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
 
     At step 0 the policy is the reference, so they are computed with the policy before its first update; a
     resumed run whose cache is gone loads the reference model instead (under LoRA: the adapters' reference
-    mode, always). The main process computes and writes the cache; the others read it. None for a split when
-    the loss reads no reference or --no-precompute-ref."""
+    mode, always). Under torchrun every process scores a share of the pairs (longest first, dealt in turn) and the
+    shares are gathered; the main process writes the cache. None for a split when the loss reads no reference or
+    --no-precompute-ref."""
     reference: dict[str, ReferenceLogps | None] = {"train": None, "eval": None}
     if not (needs_reference_model(cfg.loss) and cfg.precompute_ref):
         return reference
@@ -250,18 +255,22 @@ def reference_logps(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
         cache_file = Path(cfg.output_dir) / "reference_cache" / f"{split}-{key}.pt"
         fresh = resumed and not cache_file.is_file()
 
-        def compute() -> ReferenceLogps:
+        cached = broadcast_flag(dist.is_main and cache_file.is_file(), dist, device)
+        if cached:
+            result = load_cached(cache_file)
+        else:
+            share = longest_first(range(len(selected)), selected)[dist.rank::dist.world_size]
             model, mode = reference_model(cfg, policy, adapters, device, fresh=fresh)
             with mode():
-                return compute_reference_logps(SequenceScorer(model, cfg.scoring), selected,
+                part = compute_reference_logps(SequenceScorer(model, cfg.scoring), [selected[i] for i in share],
                                                micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
                                                autocast=lambda: autocast(cfg, device))
-
-        cached = True
-        if dist.is_main:
-            cached = load_or_compute(cache_file, compute)[1]
-        barrier(dist)
-        reference[split] = load_or_compute(cache_file, compute)[0].spread(ids, len(pairs))
+            result = ReferenceLogps(torch.empty(len(selected)), torch.empty(len(selected)))
+            for positions, chosen, rejected in gather([(share, part.chosen, part.rejected)], dist):
+                result.chosen[positions], result.rejected[positions] = chosen, rejected
+            if dist.is_main:
+                save_cached(cache_file, result)
+        reference[split] = result.spread(ids, len(pairs))
         log(f"reference log-probs of {len(ids)} {split} pairs (of {len(pairs)}): {'cached' if cached else 'computed'}")
     return reference
 
@@ -284,6 +293,8 @@ class TrainState:
     loss_state: dict = field(default_factory=dict)
     health: HealthMonitor = field(default_factory=HealthMonitor)  # the run's alerts; the step-0 check stops here
     reference_checked: bool = False  # the step-0 check ran (at the first step with pairs, before any update)
+    layout: str = "padded"  # what `collate` lays out: the cost of a micro-batch under a token budget (padded: the
+    # largest, so a budget is never exceeded when the layout is not given)
     flops: FlopCounter | None = None  # the useful FLOPs of a step, for its MFU
     peak_tflops: float | None = None  # the device's dense peak in this precision (None: unknown, no MFU)
     step: int = 0
@@ -292,7 +303,7 @@ class TrainState:
 
 def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
                 dist: DistInfo, collate: Callable, workspace_pairs: list[TokenizedPair],
-                resume: dict[str, Any] | None = None) -> TrainState:
+                resume: dict[str, Any] | None = None, layout: str = "padded") -> TrainState:
     """Scorer, optimizer (of the trainable parameters: the adapters under LoRA) and GradScaler around `policy`;
     the reference when its log-probs are computed at step time; the resumed optimizer, scaler, RNG and loss
     state."""
@@ -308,7 +319,7 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters,
-                       flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
+                       layout=layout, flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
                        peak_tflops=peak_tflops(device, precision, cfg.peak_tflops))
     step_time = cfg.online_dpo.online or (not cfg.precompute_ref and not cfg.online_dpo.iterations)
     if needs_reference_model(cfg.loss) and step_time:  # iterative DPO precomputes each round's reference
@@ -392,32 +403,32 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
     stats = PairMetrics(device)
     state_sums = torch.zeros(0, dtype=torch.float64, device=device)
     tokens, flops, mismatched, largest = 0, 0.0, 0, 0.0
-    local = process_slice(len(batch), dist.rank, dist.world_size)
-    # a batch smaller than the number of processes (online DPO after many ties) leaves a process without pairs: it
-    # runs the first pair with weight 0, so that every process joins the same gradient and metric reductions
-    idle = not local
-    chunks = micro_batches(local or [0], batch.pairs, cfg.micro_batch_size, cfg.group_by_length)
-    for k, ids in enumerate(chunks):
+    # every process runs the same number of passes; a pass that is not `counted` has weight 0 (dpo.batches)
+    chunks = process_micro_batches(batch.pairs, dist.rank, dist.world_size, cfg.micro_batch_size, cfg.group_by_length,
+                                   cfg.max_tokens_per_micro_batch, state.layout)
+    state_sums = None
+    for k, (ids, counted) in enumerate(chunks):
         with no_sync(state.scorer, sync=k == len(chunks) - 1):
             with autocast(cfg, device):
                 logps = score_pairs(state, batch.pairs, ids, batch.reference)
                 out = compute_loss(logps, cfg.loss)
             # sum over this process's pairs / global batch; DDP averages over processes, hence x world size
-            loss = out.losses.sum() * (0.0 if idle else dist.world_size / len(batch))
+            loss = out.losses.sum() * (dist.world_size / len(batch) if counted else 0.0)
             (state.scaler.scale(loss) if state.scaler else loss).backward()
-        if idle:
-            state_sums = torch.zeros_like(out.state_sums)
+        if not counted:
             continue
         stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
                   logps.policy_rejected_logps)
         if not state.reference_checked and logps.reference_chosen_logps is not None:
             count, diff = reference_mismatch(logps, matmul_precision(resolve_precision(cfg.precision, device), device))
             mismatched, largest = mismatched + count, max(largest, diff)
-        state_sums = out.state_sums if k == 0 else state_sums + out.state_sums
+        state_sums = out.state_sums if state_sums is None else state_sums + out.state_sums
         chunk = [batch.pairs[i] for i in ids]
         tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk)
         if state.flops is not None:
             flops += state.flops.pairs(chunk, reference_forward=state.reference_scorer is not None)
+    if state_sums is None:  # this process had no pairs
+        state_sums = torch.zeros_like(out.state_sums)
     totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens, flops, mismatched])]),
                             dist)
     stats.sums.copy_(totals[:len(stats.sums)])
@@ -686,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(source, IterativePairs):
         source.reference = round_reference(cfg, policy, adapters, collate, device)
     state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate,
-                        workspace_pairs=[data.train[i] for i in used], resume=resume)
+                        workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout)
     run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                   "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                   "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}

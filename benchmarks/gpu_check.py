@@ -8,6 +8,9 @@
                                                   layout, with and without gradient checkpointing
     python benchmarks/gpu_check.py lora           the same model with the LoRA recipe (configs/phi2_ultrafeedback_lora.json)
     python benchmarks/gpu_check.py generate       sampling tokens/s of the phi-2-sized model (T 0.7, top-p 0.9)
+    python benchmarks/gpu_check.py profile        where a padded bf16 step of the phi-2-sized model spends its time
+                                                  (torch.profiler), then its gradient-checkpointed step and the LoRA
+                                                  recipe's step, the model built in GPU memory (no save and load)
 
 Each measurement prints one JSON line. A step's figures are train_step's own metrics (tokens/s and MFU over a
 synced step time, the step's peak CUDA memory); benchmarks/gpu_check.sh runs every part and writes the report.
@@ -50,6 +53,7 @@ PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hid
             max_position_embeddings=2048, partial_rotary_factor=0.4, resid_pdrop=0.0, embd_pdrop=0.0,
             attention_dropout=0.0, bos_token_id=50256, eos_token_id=50256)
 EOS = 50256
+MODEL = Path("phi2-sized-random-init")  # what train.py's loader is asked for: in_memory_phi2 answers
 STEPS = 3  # the first is a warm-up (allocator, kernel choice); the others are timed
 
 
@@ -132,21 +136,9 @@ def ultrafeedback_like_pairs(count: int, max_length: int = 1024, max_prompt_leng
     return pairs
 
 
-def phi2_model_dir(path: Path) -> Path:
-    """A random-init phi-2-sized model (2.78B parameters) saved in bf16; initialised on the GPU, saved once."""
-    if (path / "config.json").is_file():
-        return path
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.PhiForCausalLM(transformers.PhiConfig(**PHI2))
-    model.to(torch.bfloat16).save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    return path
-
-
-def time_steps(cfg, policy, adapters, pairs: list[TokenizedPair], label: str, extra: dict) -> dict:
-    """train.py's reference pass and STEPS optimizer steps on `pairs`: the timed steps' metrics."""
+def time_steps(cfg, policy, adapters, pairs: list[TokenizedPair], label: str, extra: dict, steps: int = STEPS) -> dict:
+    """train.py's reference pass and `steps` optimizer steps on `pairs`: the timed steps' metrics (the first step is
+    a warm-up)."""
     device = torch.device("cuda")
     layout, collate = train.collator(cfg, EOS, policy)
     every = list(range(len(pairs)))
@@ -157,9 +149,9 @@ def time_steps(cfg, policy, adapters, pairs: list[TokenizedPair], label: str, ex
                                       log=lambda *a, **k: None)["train"]
     reference_s = train.synced_clock(device) - start
     state = train.build_state(cfg, policy, adapters, device=device, dist=DistInfo(), collate=collate,
-                              workspace_pairs=pairs)
+                              workspace_pairs=pairs, layout=layout)
     records = []
-    for step in range(STEPS):
+    for step in range(steps):
         ids = every[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         batch = PairBatch([pairs[i] for i in ids], reference.select(ids) if reference is not None else None)
         records.append(train.train_step(state, batch, cfg.lr))
@@ -188,13 +180,13 @@ def recipe_config(config: str, model_dir: Path, out_dir: str, *flags: str):
 def phi2(args: argparse.Namespace) -> None:
     """Full fine-tuning: every layout, without and with gradient checkpointing, bf16; and the recipe as its card
     has it (fp16 + GradScaler). One model load: the layouts reuse it (a reference pass per configuration)."""
-    model_dir = phi2_model_dir(Path(args.model_dir))
+    in_memory_phi2()
     pairs = ultrafeedback_like_pairs(64 * STEPS)
     with tempfile.TemporaryDirectory() as out:
-        cfg = recipe_config("phi2_ultrafeedback.json", model_dir, out, "--precision", "bf16")
+        cfg = recipe_config("phi2_ultrafeedback.json", MODEL, out, "--precision", "bf16")
         policy, adapters = train.build_policy(cfg, torch.device("cuda"))
-        runs = [(layout, False, "bf16") for layout in args.layouts] + [("shared_prompt", False, "fp16")] + \
-               [(layout, True, "bf16") for layout in args.layouts if layout != "packed"]
+        runs = [(layout, False, "bf16") for layout in args.layouts] + [(args.layouts[0], False, "fp16")] + \
+               [(layout, True, "bf16") for layout in args.layouts]
         checkpointing = False
         for layout, with_checkpointing, precision in runs:
             if with_checkpointing and not checkpointing:
@@ -202,8 +194,8 @@ def phi2(args: argparse.Namespace) -> None:
                 checkpointing = True
             flags = ["--precision", precision, "--layout", layout] + \
                 (["--gradient-checkpointing"] if with_checkpointing else [])
-            cfg = recipe_config("phi2_ultrafeedback.json", model_dir, f"{out}/{layout}-{precision}-{checkpointing}",
-                                *flags)
+            run_dir = f"{out}/{layout}-{precision}-{checkpointing}"
+            cfg = recipe_config("phi2_ultrafeedback.json", MODEL, run_dir, *flags)
             try:
                 emit(time_steps(cfg, policy, adapters, pairs, "phi2", {"config": "phi2_ultrafeedback.json"}))
             except torch.OutOfMemoryError as error:
@@ -215,10 +207,10 @@ def phi2(args: argparse.Namespace) -> None:
 
 def lora(args: argparse.Namespace) -> None:
     """The LoRA recipe as its config has it: fp16 base, rank 16 on every linear layer, gradient checkpointing."""
-    model_dir = phi2_model_dir(Path(args.model_dir))
+    in_memory_phi2()
     pairs = ultrafeedback_like_pairs(64 * STEPS)
     with tempfile.TemporaryDirectory() as out:
-        cfg = recipe_config("phi2_ultrafeedback_lora.json", model_dir, out)
+        cfg = recipe_config("phi2_ultrafeedback_lora.json", MODEL, out)
         torch.cuda.reset_peak_memory_stats()
         policy, adapters = train.build_policy(cfg, torch.device("cuda"))
         emit(time_steps(cfg, policy, adapters, pairs, "lora", {"config": "phi2_ultrafeedback_lora.json"}))
@@ -227,9 +219,9 @@ def lora(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     """Sampling tokens/s of the phi-2-sized model: the fp32 policy under the run's autocast (what online DPO and
     --eval-generate run) and bf16 weights (what generate.py loads on such a GPU)."""
-    model_dir = phi2_model_dir(Path(args.model_dir))
+    in_memory_phi2()
     device = torch.device("cuda")
-    policy = train.load_model(parse_config(["--model", str(model_dir)]), str(model_dir), device).eval()
+    policy = train.load_model(parse_config(["--model", str(MODEL)]), str(MODEL), device).eval()
     rows, prompt_length, new_tokens = 64, 128, 128
     input_ids = torch.randint(0, EOS, (rows, prompt_length), device=device, generator=None)
     settings = dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -248,21 +240,72 @@ def generate(args: argparse.Namespace) -> None:
               "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9})
 
 
+def in_memory_phi2() -> None:
+    """train.py's loader hands out a random-init phi-2-sized model built on the GPU (in the dtype train.py asks
+    for) instead of reading one from disk: what follows the load (dropout off, fused GELU, LoRA) is train.py's."""
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(**PHI2, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = transformers.PhiForCausalLM(config)
+    train.load_causal_lm = lambda name, *, dtype=torch.float32, device="cuda", quantization=None: model.to(dtype)
+
+
+def profile(args: argparse.Namespace) -> None:
+    in_memory_phi2()
+    pairs = ultrafeedback_like_pairs(64 * 2)
+    device = torch.device("cuda")
+    with tempfile.TemporaryDirectory() as out:
+        cfg = recipe_config("phi2_ultrafeedback.json", MODEL, f"{out}/a", "--precision", "bf16",
+                            "--layout", "padded")
+        policy, adapters = train.build_policy(cfg, device)
+        layout, collate = train.collator(cfg, EOS, policy)
+        reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]),
+                                          list(range(len(pairs))), device=device, dist=DistInfo(), collate=collate,
+                                          resumed=False, log=lambda *a, **k: None)["train"]
+        state = train.build_state(cfg, policy, adapters, device=device, dist=DistInfo(), collate=collate,
+                                  workspace_pairs=pairs, layout=layout)
+        batches = [PairBatch(pairs[i * 64:(i + 1) * 64], reference.select(range(i * 64, (i + 1) * 64)))
+                   for i in range(2)]
+        emit({"part": "profile", "warmup_step": train.train_step(state, batches[0], cfg.lr)})
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            record = train.train_step(state, batches[1], cfg.lr)
+        emit({"part": "profile", "profiled_step": record})
+        table = prof.key_averages()
+        print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+        del state
+        gc.collect()
+        torch.cuda.empty_cache()
+        enable_gradient_checkpointing(policy)
+        cfg = recipe_config("phi2_ultrafeedback.json", MODEL, f"{out}/b", "--precision", "bf16",
+                            "--layout", "padded", "--gradient-checkpointing")
+        emit(time_steps(cfg, policy, adapters, pairs, "phi2", {"config": "phi2_ultrafeedback.json"}, steps=2))
+        del policy
+        gc.collect()
+        torch.cuda.empty_cache()
+        cfg = recipe_config("phi2_ultrafeedback_lora.json", MODEL, f"{out}/c", "--layout", "padded")
+        torch.cuda.reset_peak_memory_stats()
+        policy, adapters = train.build_policy(cfg, device)
+        emit(time_steps(cfg, policy, adapters, pairs, "lora", {"config": "phi2_ultrafeedback_lora.json"}, steps=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["equality", "phi2", "lora", "generate"])
-    parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "dpo-phi2-random"),
-                        help="where the random-init phi-2-sized model is saved once (default: %(default)s)")
-    parser.add_argument("--layouts", nargs="+", default=["shared_prompt", "padded", "packed"])
+    parser.add_argument("part", choices=["equality", "phi2", "lora", "generate", "profile"])
+    parser.add_argument("--layouts", nargs="+", default=["padded"], choices=["padded", "packed", "shared_prompt"],
+                        help="phi2: the layouts to time (the first also in fp16); on a GPU the packed layouts run "
+                             "attention pair by pair (21 s a step against padded's 5.5 s at this size on an H200)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: the GPU check needs a CUDA device")
     transformers.utils.logging.disable_progress_bar()
+    train.use_fast_cuda_kernels(torch.device("cuda"))  # as train.py's start (TF32, SDPA kernels)
     if args.part == "equality":
         for precision in ("fp32", "bf16", "fp16"):
             emit(compare_cpu_cuda(precision))
     else:
-        {"phi2": phi2, "lora": lora, "generate": generate}[args.part](args)
+        {"phi2": phi2, "lora": lora, "generate": generate, "profile": profile}[args.part](args)
 
 
 if __name__ == "__main__":

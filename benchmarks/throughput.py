@@ -192,7 +192,7 @@ def run_dpo(size: dict, pairs: list[TokenizedPair], eos: int, train_flags: list[
                                           device=device, dist=dist, collate=collate, resumed=False,
                                           log=lambda *a, **k: None)
         state = train.build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate,
-                                  workspace_pairs=pairs)
+                                  workspace_pairs=pairs, layout=layout)
         reference_s = time.perf_counter() - start
         batch = cfg.batch_size
         step_s, losses = [], []

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo.data import TokenizedPair, epoch_permutation
-from dpo.packing import group_by_length
+from dpo.packing import longest_first, pair_length
 from dpo.reference import ReferenceLogps, ReferenceLogpsError
 
 
@@ -82,8 +82,44 @@ def process_slice(batch_size: int, rank: int, world_size: int) -> list[int]:
 
 
 def micro_batches(positions: list[int], pairs: Sequence[TokenizedPair], micro_batch_size: int,
-                  by_length: bool) -> list[list[int]]:
-    """`positions` (into `pairs`) cut into micro-batches, in order or grouped by length (dpo.packing)."""
+                  by_length: bool, max_tokens: int | None = None, layout: str = "padded") -> list[list[int]]:
+    """`positions` (into `pairs`) cut into micro-batches, in order or grouped by length (dpo.packing): of
+    `micro_batch_size` pairs, or with `max_tokens`, of as many pairs (up to `micro_batch_size`) as fit that many
+    tokens of `layout` (layout_tokens); a pair longer than the budget alone."""
     if by_length:
-        return group_by_length(positions, pairs, micro_batch_size)
-    return [positions[i:i + micro_batch_size] for i in range(0, len(positions), micro_batch_size)]
+        positions = longest_first(positions, pairs)
+    if max_tokens is None:
+        return [positions[i:i + micro_batch_size] for i in range(0, len(positions), micro_batch_size)]
+    chunks: list[list[int]] = []
+    for i in positions:
+        if chunks and len(chunks[-1]) < micro_batch_size and \
+                layout_tokens(layout, [pairs[j] for j in chunks[-1]] + [pairs[i]]) <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def process_micro_batches(pairs: Sequence[TokenizedPair], rank: int, world_size: int, micro_batch_size: int,
+                          by_length: bool, max_tokens: int | None = None,
+                          layout: str = "padded") -> list[tuple[list[int], bool]]:
+    """This process's micro-batches of a global batch `pairs`, as (positions, counted) pairs.
+
+    Every process runs as many forward/backward passes as the process with the most micro-batches, since DDP's
+    and FSDP's collectives pair the passes of all processes up; the extra passes of a process (a token budget
+    that cut its slice into fewer micro-batches, or a batch with fewer pairs than processes) repeat one of its
+    pairs with weight 0 (counted False). Every process computes every plan, so no communication is needed."""
+    plans = [micro_batches(process_slice(len(pairs), r, world_size), pairs, micro_batch_size, by_length, max_tokens,
+                           layout) for r in range(world_size)]
+    mine = plans[rank]
+    filler = mine[0][:1] if mine else [0]
+    return [(ids, True) for ids in mine] + [(filler, False)] * (max(map(len, plans)) - len(mine))
+
+
+def layout_tokens(layout: str, pairs: Sequence[TokenizedPair]) -> int:
+    """The token positions a micro-batch of `pairs` computes in `layout`: padded rows (chosen and rejected padded
+    to the longest sequence), packed sequences (the prompt twice), shared-prompt blocks (the prompt once)."""
+    if layout == "padded":
+        return 2 * len(pairs) * max(pair_length(p) for p in pairs)
+    prompts = (2 if layout == "packed" else 1) * sum(len(p.prompt_ids) for p in pairs)
+    return prompts + sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

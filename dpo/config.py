@@ -132,11 +132,15 @@ class TrainConfig:
     fused_gelu: bool = setting(True, "run gelu_new activations as one fused kernel (same formula, equal to fp32 "
                                      "rounding)", identity=False)
     layout: str = setting("auto", "micro-batch layout: padded rows, packed (padding-free), shared_prompt (prompt "
-                                  "computed once per pair, no padding) or auto (shared_prompt where the model "
-                                  "allows it, else padded)", choices=["auto", "padded", "packed", "shared_prompt"],
+                                  "computed once per pair, no padding) or auto (on a CPU shared_prompt where the "
+                                  "model allows it, else padded; on a GPU padded)", choices=["auto", "padded", "packed", "shared_prompt"],
                           identity=False)
     group_by_length: bool = setting(True, "within a step, put pairs of similar length in the same micro-batch "
                                           "(exact)", identity=False)
+    max_tokens_per_micro_batch: int | None = setting(
+        None, "cut micro-batches by tokens: as many pairs (at most --micro-batch-size) as fit this many token "
+              "positions of the layout; a longer pair alone (exact: the same loss and gradient)", check=positive,
+        identity=False)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory", identity=False)
     compile: bool = setting(False, "torch.compile the policy", identity=False)
     peak_tflops: float | None = setting(None, "the device's dense peak TFLOP/s in this precision, for the metrics' "
@@ -196,7 +200,8 @@ class TrainConfig:
         """The settings that define the run's data order and math: a resumed run must have the same. For a loss
         that compares the pairs of a micro-batch (AOT), how a step is split is part of the math too."""
         flat = self.to_dict()
-        split = ("micro_batch_size", "group_by_length") if batch_coupled(self.loss) else ()
+        split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if batch_coupled(self.loss) \
+            else ()
         return {s.name: flat[s.name] for s in setting_fields(TrainConfig) if s.identity or s.name in split}
 
 

@@ -60,6 +60,15 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def gather(items: list, info: DistInfo) -> list:
+    """Every process's `items`, concatenated in process order (the same list on every process)."""
+    if not info.enabled:
+        return items
+    parts: list[list] = [[] for _ in range(info.world_size)]
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

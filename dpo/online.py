@@ -30,7 +30,7 @@ import torch
 
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
-from dpo.distributed import DistInfo, barrier
+from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, own_rng
 from dpo.judges import Judge
 from dpo.reference import ReferenceLogps, ReferenceLogpsError
@@ -69,15 +69,6 @@ class OnlineSettings:
     @property
     def enabled(self) -> bool:
         return self.online or self.iterations > 0
-
-
-def gather(items: list[Any], dist: DistInfo) -> list[Any]:
-    """Every process's `items`, concatenated in process order (the same list on every process)."""
-    if not dist.enabled:
-        return items
-    parts: list[list[Any]] = [[] for _ in range(dist.world_size)]
-    torch.distributed.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
 
 
 @dataclass

@@ -254,6 +254,11 @@ def pair_length(pair: TokenizedPair) -> int:
     return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
+def longest_first(ids: Sequence[int], pairs: Sequence[TokenizedPair]) -> list[int]:
+    """`ids` ordered by their pairs' length, longest first (ties keep their order)."""
+    return sorted(ids, key=lambda i: -pair_length(pairs[i]))
+
+
 def group_by_length(ids: Sequence[int], pairs: Sequence[TokenizedPair], micro_batch_size: int) -> list[list[int]]:
     """The pair ids of one optimizer step cut into micro-batches of similar length, longest first.
 
@@ -261,5 +266,5 @@ def group_by_length(ids: Sequence[int], pairs: Sequence[TokenizedPair], micro_ba
     padding a padded layout computes (and the floating-point order of the sum)."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    ordered = sorted(ids, key=lambda i: -pair_length(pairs[i]))
+    ordered = longest_first(ids, pairs)
     return [ordered[start:start + micro_batch_size] for start in range(0, len(ordered), micro_batch_size)]

@@ -106,14 +106,15 @@ def compute_reference_logps(
     return ReferenceLogps(chosen=chosen, rejected=rejected)
 
 
-def load_or_compute(cache_file: Path, compute: Callable[[], ReferenceLogps]) -> tuple[ReferenceLogps, bool]:
-    """(log-probs, whether they came from the cache)."""
-    if cache_file.is_file():
-        data = torch.load(cache_file, weights_only=True)
-        return ReferenceLogps(chosen=data["chosen"], rejected=data["rejected"]), True
-    result = compute()
+def load_cached(cache_file: Path) -> ReferenceLogps:
+    data = torch.load(cache_file, weights_only=True)
+    return ReferenceLogps(chosen=data["chosen"], rejected=data["rejected"])
+
+
+def save_cached(cache_file: Path, result: ReferenceLogps) -> None:
+    """Written whole or not at all (a temporary file renamed)."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
     torch.save({"chosen": result.chosen, "rejected": result.rejected}, tmp)
     tmp.replace(cache_file)
-    return result, False
+

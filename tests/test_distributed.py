@@ -71,6 +71,13 @@ def test_ddp_two_processes_match_one(setup):
                      "--eval-prompts", str(root / "prompts.jsonl"), "--eval-judge", f"implicit:{root / 'single'}",
                      "--eval-max-new-tokens", "4"])
     assert_same_run(root / "single", root / "ddp")
+    # the reference pass is shared: each process scored half of the pairs; gathered, they equal one process's
+    caches = {run: sorted((root / run / "reference_cache").glob("*.pt")) for run in ("single", "ddp")}
+    assert [f.name for f in caches["single"]] == [f.name for f in caches["ddp"]] and len(caches["ddp"]) == 2
+    for one, two in zip(caches["single"], caches["ddp"]):
+        a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+        for key in ("chosen", "rejected"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     # only rank 0 writes: one line per step, no duplicates
     records = read_metrics(root / "ddp" / "metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
@@ -155,3 +162,13 @@ def test_process_group_waits_for_a_long_reference_pass_and_binds_the_gpu(monkeyp
     assert info == distributed.DistInfo(rank=1, world_size=2, local_rank=1)
     assert calls[0]["backend"] == backend and calls[0]["timeout"] >= datetime.timedelta(hours=1)
     assert calls[0]["device_id"] == (torch.device("cuda", 1) if device_type == "cuda" else None)
+
+
+def test_fsdp_with_a_token_budget_matches_one_process(setup):
+    """--max-tokens-per-micro-batch cuts each process's slice into its own number of micro-batches; the processes
+    still run the same number of passes (FSDP's collectives need it: a short process adds weight-0 passes), and
+    the run equals the single process's row micro-batches."""
+    root, args = setup
+    out = root / "fsdp-tokens"
+    torchrun(args + ["--output-dir", str(out), "--fsdp", "--max-tokens-per-micro-batch", "180"])  # 6 and 5 passes
+    assert_same_run(root / "single", out)

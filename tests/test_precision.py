@@ -39,12 +39,14 @@ def test_step_clock_waits_for_the_cuda_queue(monkeypatch):
     assert synced == [CUDA]  # a CPU step has nothing queued
 
 
-def test_tensor_cores_only_on_cuda(monkeypatch):
+def test_cuda_kernels_tf32_and_no_cudnn_attention_only_on_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
-    precision.use_tensor_cores(CPU)
-    precision.use_tensor_cores(CUDA)
-    assert calls == ["high"]
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda enabled: calls.append(("cudnn_sdp", enabled)))
+    precision.use_fast_cuda_kernels(CPU)
+    assert calls == []
+    precision.use_fast_cuda_kernels(CUDA)
+    assert calls == ["high", ("cudnn_sdp", False)]
 
 
 def test_useful_flops_count_by_brute_force():
@@ -103,3 +105,25 @@ def test_a_step_reports_its_mfu_against_the_given_peak(tmp_path):
     seconds = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) \
         / records[0.5]["tokens_per_s"]
     assert records[0.5]["mfu"] == pytest.approx(useful / seconds / 0.5e12, rel=1e-9)
+
+
+def test_a_step_time_reference_is_kept_in_half_precision(tmp_path):
+    """--no-precompute-ref under bf16: the frozen reference model holds bf16 weights (half the memory of an fp32
+    copy) while the policy keeps fp32 master weights; the step-0 check finds them equal within bf16 rounding."""
+    import train
+    from dpo.config import parse_config
+    from dpo.data import collate_pairs
+    from tiny import make_model_dir
+
+    make_model_dir(tmp_path / "model")
+    cfg = parse_config(["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run"), "--batch-size", "8",
+                        "--micro-batch-size", "4", "--no-precompute-ref", "--precision", "bf16"])
+    policy, adapters = train.build_policy(cfg, CPU)
+    pairs = random_pairs(8, 97, seed=6)
+    state = train.build_state(cfg, policy, adapters, device=CPU, dist=train.DistInfo(),
+                              collate=lambda p: collate_pairs(p, pad_id=0), workspace_pairs=pairs)
+    assert {p.dtype for p in state.reference_scorer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    for _ in range(2):
+        record = train.train_step(state, train.PairBatch(pairs, None), lr=1e-2)
+    assert state.reference_checked and record["skipped_steps"] == 0 and record["rewards/margins"] != 0.0

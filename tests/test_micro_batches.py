@@ -1,0 +1,81 @@
+"""Micro-batches cut by rows or by a token budget, and the passes each process runs."""
+
+import random
+
+import pytest
+import torch
+
+import train
+from dpo.batches import layout_tokens, micro_batches, process_micro_batches
+from dpo.data import TokenizedPair
+from dpo.metrics import read_metrics
+from tiny import make_model_dir, write_pairs
+
+
+def random_length_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    rng = random.Random(seed)
+    return [TokenizedPair([1] * rng.randint(0, 30), [2] * rng.randint(1, 40), [3] * rng.randint(1, 40), row)
+            for row in range(n)]
+
+
+def test_layout_tokens_by_hand():
+    pairs = [TokenizedPair([1] * 5, [2] * 3, [3] * 7, 0), TokenizedPair([1] * 2, [2] * 9, [3] * 1, 1)]
+    # padded: 4 rows, each as wide as the longest sequence (5 + 7 = 12)
+    assert layout_tokens("padded", pairs) == 4 * 12
+    assert layout_tokens("packed", pairs) == (5 + 3 + 5 + 7) + (2 + 9 + 2 + 1)
+    assert layout_tokens("shared_prompt", pairs) == (5 + 3 + 7) + (2 + 9 + 1)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_token_budget_plans_cover_every_pair_once_within_the_budget(layout, world_size):
+    pairs = random_length_pairs(37, seed=world_size)
+    budget = 200
+    plans = [process_micro_batches(pairs, rank, world_size, 8, True, budget, layout) for rank in range(world_size)]
+    assert len({len(plan) for plan in plans}) == 1  # every process runs as many passes
+    counted = [ids for plan in plans for ids, is_counted in plan if is_counted]
+    assert sorted(i for ids in counted for i in ids) == list(range(len(pairs)))
+    for ids in counted:
+        assert len(ids) <= 8
+        assert len(ids) == 1 or layout_tokens(layout, [pairs[i] for i in ids]) <= budget
+    for rank, plan in enumerate(plans):  # weight-0 passes repeat one of the process's own pairs
+        own = {i for ids, is_counted in plan if is_counted for i in ids}
+        assert all(len(ids) == 1 and ids[0] in own for ids, is_counted in plan if not is_counted)
+    # greedy: no micro-batch could have taken the next pair in order
+    for plan in plans:
+        real = [ids for ids, is_counted in plan if is_counted]
+        for a, b in zip(real, real[1:]):
+            assert len(a) == 8 or layout_tokens(layout, [pairs[i] for i in a + b[:1]]) > budget
+
+
+def test_without_a_budget_micro_batches_are_rows_longest_first():
+    pairs = random_length_pairs(10)
+    chunks = micro_batches(list(range(10)), pairs, 4, by_length=True)
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    flat = [i for c in chunks for i in c]
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    assert micro_batches(list(range(10)), pairs, 4, by_length=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # a batch with fewer pairs than processes: the process without pairs runs one weight-0 pass
+    assert process_micro_batches(pairs[:1], 0, 2, 4, True) == [([0], False)]
+    assert process_micro_batches(pairs[:1], 1, 2, 4, True) == [([0], True)]
+
+
+def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path):
+    make_model_dir(tmp_path / "model")
+    write_pairs(tmp_path / "pairs.jsonl", 40)
+    common = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "pairs.jsonl"), "--max-length", "48",
+              "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-2", "--seed", "0", "--no-progress",
+              "--no-plot", "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3", "--layout", "padded"]
+    assert train.main(common + ["--output-dir", str(tmp_path / "rows")]) == 0
+    assert train.main(common + ["--output-dir", str(tmp_path / "tokens"), "--max-tokens-per-micro-batch", "120"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("rows", "tokens"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    ra, rb = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("rows", "tokens"))
+    for x, y in zip(ra, rb):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
