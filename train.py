@@ -311,12 +311,12 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
         policy.base_model.compile()
     policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting)
     policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
-    scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device)
+    precision = resolve_precision(cfg.precision, device)
+    scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])
     # the fused kernel updates every parameter in one pass (5x faster than the per-tensor loop on CPU)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
-    precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters,
                        layout=layout, flops=FlopCounter.of(policy, frozen_weights=adapters is not None),

@@ -30,8 +30,8 @@ class DistInfo:
         return self.world_size > 1
 
 
-# How long a collective waits for the slowest process. The main process computes the reference log-probs and
-# writes their cache while the others wait at a barrier: 10k phi-2 pairs take longer than torch's 10-minute default.
+# How long a collective waits for the slowest process: the others wait at a barrier while the main process alone
+# saves a checkpoint, writes final/ or samples for --eval-generate, which for phi-2 can outlast torch's 10 minutes.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
@@ -83,17 +83,21 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def wrap_model(scorer: nn.Module, info: DistInfo, *, fsdp: bool, device: torch.device) -> nn.Module:
-    """DDP by default; FSDP2 (`fully_shard`, each decoder layer then the root) with `fsdp=True`."""
+def wrap_model(scorer: nn.Module, info: DistInfo, *, fsdp: bool, device: torch.device,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP by default; FSDP2 (`fully_shard`, each decoder layer then the root) with `fsdp=True`. `param_dtype`: the
+    autocast dtype of a half-precision run, in which FSDP2 gathers the fp32 shards (half the traffic and the
+    unsharded copies' memory); gradients are still reduced in fp32."""
     if not info.enabled:
         return scorer
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for module in scorer.modules():
             if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
-        return fully_shard(scorer)
+                fully_shard(module, mp_policy=policy)
+        return fully_shard(scorer, mp_policy=policy)
     device_ids = [device.index] if device.type == "cuda" else None
     # gradients live in the communication buckets: no second copy of every gradient (11 GB for phi-2 in fp32)
     return nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids, gradient_as_bucket_view=True)
