@@ -171,11 +171,15 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
 def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
     """The micro-batch layout and its collate. A packed layout only for a model it computes exactly
     (dpo.packing). auto, as measured (benchmarks/README.md): on a CPU shared_prompt where the model allows it, else
-    padded; on a GPU padded (the packed layouts' attention runs pair by pair: 3.8x slower at phi-2 size on an H200)."""
+    padded; on a GPU padded (the packed layouts' attention runs pair by pair: 3.8x slower at phi-2 size on an H200);
+    under --compile padded (the packed layouts' block lists are Python numbers: a recompile at every micro-batch)."""
     layout = cfg.layout
     if layout == "auto":
         on_gpu = next(model.parameters()).device.type == "cuda"
-        layout = "padded" if on_gpu or packing_problem(model, cfg.max_length) else "shared_prompt"
+        layout = "padded" if on_gpu or cfg.compile or packing_problem(model, cfg.max_length) else "shared_prompt"
+    elif layout != "padded" and cfg.compile:
+        raise ConfigError(f"--compile with --layout {layout}: the layout's attention blocks are Python numbers, so "
+                          "torch.compile would recompile at every micro-batch; use --layout padded (or auto)")
     elif layout != "padded":
         check_packable(model, cfg.max_length)
     return layout, {"padded": lambda pairs: collate_pairs(pairs, pad_id=pad_id), "packed": collate_packed,
