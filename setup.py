@@ -22,7 +22,10 @@ setup(
         "wandb": ["wandb>=0.21"],
         "mlflow": ["mlflow-skinny>=3.0"],
         "trackio": ["trackio>=0.40"],
+        # --optimizer adamw_8bit
+        "8bit": ["bitsandbytes>=0.50"],
         # the tests read back what every tracker wrote; accelerate for the model card's snippet (device_map="auto")
-        "test": ["pytest", "accelerate", "tensorboard>=2.14", "wandb>=0.21", "mlflow-skinny>=3.0", "trackio>=0.40"],
+        "test": ["pytest", "accelerate", "tensorboard>=2.14", "wandb>=0.21", "mlflow-skinny>=3.0", "trackio>=0.40",
+                 "bitsandbytes>=0.50"],
     },
 )

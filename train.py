@@ -70,6 +70,7 @@ from dpo.packing import (check_packable, collate_packed, collate_shared_prompt, 
 from dpo.judges import build_judge  # noqa: E402
 from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
 from dpo.flops import FlopCounter, peak_tflops  # noqa: E402
+from dpo.optim import build_optimizer, check_optimizer  # noqa: E402
 from dpo.precision import (AUTOCAST_DTYPES, matmul_precision, resolve_precision, synced_clock,  # noqa: E402
                            use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast  # noqa: E402
@@ -318,9 +319,9 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
     precision = resolve_precision(cfg.precision, device)
     scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])
     # the fused kernel updates every parameter in one pass (5x faster than the per-tensor loop on CPU)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
+    optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                                fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters,
                        layout=layout, flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
@@ -665,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     huggingface_hub.utils.disable_progress_bars()
     needs_reference_model(cfg.loss)  # resolves the loss: an unknown name fails here, listing the known ones
     resolve_report_to(cfg.report_to)  # a tracker whose library is missing fails now, naming the pip extra
+    check_optimizer(cfg.optimizer)
     device, dist = start_processes(cfg)
     cfg.precision = resolve_precision(cfg.precision, device)  # what ran is recorded, checked on resume and cached
     log = print if dist.is_main else (lambda *args, **kwargs: None)

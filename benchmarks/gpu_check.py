@@ -3,10 +3,10 @@
     python benchmarks/gpu_check.py equality       CPU vs CUDA on the demo: log-probs, loss and gradients of one
                                                   micro-batch in fp32 (TF32 off), bf16 and fp16
     python benchmarks/gpu_check.py phi2           a phi-2-sized random-init model (PhiConfig, no download) through
-                                                  train_step with the recipe's settings (configs/phi2_ultrafeedback.json:
+                                                  train_step with the recipe's settings (phi2_ultrafeedback.json:
                                                   batch 64, micro 4, context 1024) on UltraFeedback-like lengths, per
-                                                  layout, with and without gradient checkpointing
-    python benchmarks/gpu_check.py lora           the same model with the LoRA recipe (configs/phi2_ultrafeedback_lora.json)
+                                                  layout (--layouts), with and without gradient checkpointing
+    python benchmarks/gpu_check.py lora           the same model with the LoRA recipe (phi2_ultrafeedback_lora.json)
     python benchmarks/gpu_check.py generate       sampling tokens/s of the phi-2-sized model (T 0.7, top-p 0.9)
     python benchmarks/gpu_check.py profile        where a padded bf16 step of the phi-2-sized model spends its time
                                                   (torch.profiler), then its gradient-checkpointed step and the LoRA
@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

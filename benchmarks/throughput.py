@@ -76,7 +76,7 @@ PRESETS = {"plain": ["--no-completion-only", "--no-fused-lm-head", "--no-fused-g
 LORA_SETTINGS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save"}
 STEP_SETTINGS = ({s.name for s in setting_fields(LossConfig)} | {s.name for s in setting_fields(ScoringConfig)}
                  | LORA_SETTINGS
-                 | {"micro_batch_size", "precision", "weight_decay", "adam_betas", "max_grad_norm", "on_nan",
+                 | {"micro_batch_size", "precision", "optimizer", "weight_decay", "adam_betas", "max_grad_norm", "on_nan",
                     "precompute_ref", "fused_gelu", "layout", "group_by_length", "gradient_checkpointing", "compile"})
 
 

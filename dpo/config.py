@@ -25,6 +25,7 @@ from dpo.loss import LossConfig, batch_coupled
 from dpo.online import OnlineSettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
+from dpo.optim import OPTIMIZERS
 from dpo.precision import PRECISIONS
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
 from dpo.tracking import REPORT_TO_CHOICES
@@ -97,6 +98,8 @@ class TrainConfig:
     warmup_ratio: float = setting(0.03, "fraction of the steps with linear warmup (then cosine decay)",
                                   check=in_range(0.0, 1.0))
     min_lr_ratio: float = setting(0.0, "cosine decays to this fraction of the peak", check=in_range(0.0, 1.0))
+    optimizer: str = setting("adamw", "adamw, or adamw_8bit: AdamW with both moments in 8 bits (bitsandbytes; 2 bytes "
+                                      "a parameter instead of 8)", choices=list(OPTIMIZERS))
     weight_decay: float = setting(0.0, "AdamW weight decay", check=non_negative)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", check=_betas)
     max_grad_norm: float | None = setting(1.0, "clip the gradient norm to this (None: no clipping)", check=positive)
@@ -133,8 +136,8 @@ class TrainConfig:
                                      "rounding)", identity=False)
     layout: str = setting("auto", "micro-batch layout: padded rows, packed (padding-free), shared_prompt (prompt "
                                   "computed once per pair, no padding) or auto (on a CPU shared_prompt where the "
-                                  "model allows it, else padded; on a GPU padded)", choices=["auto", "padded", "packed", "shared_prompt"],
-                          identity=False)
+                                  "model allows it, else padded; on a GPU or under --compile padded)",
+                          choices=["auto", "padded", "packed", "shared_prompt"], identity=False)
     group_by_length: bool = setting(True, "within a step, put pairs of similar length in the same micro-batch "
                                           "(exact)", identity=False)
     max_tokens_per_micro_batch: int | None = setting(
@@ -185,6 +188,9 @@ class TrainConfig:
         if self.online_dpo.enabled and self.fsdp:
             raise ConfigError("--online / --iterations do not run under --fsdp (sampling would need every process in "
                               "each decoding step of the sharded model); use DDP")
+        if self.optimizer == "adamw_8bit" and self.fsdp:
+            raise ConfigError("--optimizer adamw_8bit does not run under --fsdp (bitsandbytes updates whole tensors, "
+                              "not FSDP2's shards); use DDP")
         if self.lora.quantized and self.fsdp:
             raise ConfigError("--load-in-4bit / --load-in-8bit do not run under --fsdp (FSDP2 cannot shard "
                               "bitsandbytes' quantized weights); use DDP")
