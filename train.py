@@ -71,8 +71,8 @@ from dpo.judges import build_judge  # noqa: E402
 from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
 from dpo.flops import FlopCounter, peak_tflops  # noqa: E402
 from dpo.optim import build_optimizer, check_optimizer  # noqa: E402
-from dpo.precision import (AUTOCAST_DTYPES, matmul_precision, resolve_precision, synced_clock,  # noqa: E402
-                           use_fast_cuda_kernels)
+from dpo.precision import (AUTOCAST_DTYPES, frozen_dtype, matmul_precision, resolve_precision,  # noqa: E402
+                           synced_clock, use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
 from dpo.reference import (ReferenceLogps, ReferenceLogpsError, cache_key, compute_reference_logps,  # noqa: E402
@@ -124,8 +124,7 @@ def load_model(cfg: TrainConfig, name: str, device: torch.device, frozen: bool =
     """A causal LM as training uses it: dropout off (so policy and reference are one deterministic function) and
     gelu_new fused. What never trains, LoRA's base and a `frozen` reference model, is kept in the autocast dtype
     (fp16 / bf16; the matmuls run in it anyway) or quantized; what trains in fp32, its master weights."""
-    half = AUTOCAST_DTYPES[resolve_precision(cfg.precision, device)]
-    dtype = half if (cfg.lora.enabled or frozen) and half is not None else torch.float32
+    dtype = frozen_dtype(resolve_precision(cfg.precision, device)) if cfg.lora.enabled or frozen else torch.float32
     quantization = quantization_config(cfg.lora, device, compute_dtype=dtype)
     model = load_causal_lm(name, device=device, dtype=dtype, quantization=quantization)
     disable_dropout(model)
@@ -202,7 +201,7 @@ def pair_source(cfg: TrainConfig, data: PreferenceData, tokenizer: Any, device: 
         raise DataError(f"{cfg.dataset}: {len(data.instructions)} distinct single-turn instructions, fewer than one "
                         f"batch of --batch-size {cfg.batch_size} ({data.instructions_left_out} records multi-turn or "
                         "unreadable)")
-    judge = build_judge(settings.judge, device=device)
+    judge = build_judge(settings.judge, device=device, dtype=frozen_dtype(resolve_precision(cfg.precision, device)))
     for text in data.instructions:
         judge.category(text)  # an instruction the judge cannot handle fails now, not at the first step
     lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,

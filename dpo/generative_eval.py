@@ -23,7 +23,7 @@ import torch
 from dpo.evaluate import WinRate, mean_lengths
 from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, own_rng, read_instructions
 from dpo.judges import Judge, JudgeError, build_judge
-from dpo.precision import resolve_precision
+from dpo.precision import frozen_dtype, resolve_precision
 
 SAMPLES_SHOWN = 4  # rows of the samples table logged at each evaluation
 SAMPLE_COLUMNS = ["instruction", "reference", "policy", "outcome"]
@@ -44,7 +44,8 @@ class GenerativeEval:
     @classmethod
     def build(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "GenerativeEval":
         """The judge, the N prompts (--eval-prompts, else the judge's own held-out prompts) and the decoding."""
-        judge = build_judge(cfg.eval_judge, device=device)
+        precision = resolve_precision(cfg.precision, device)
+        judge = build_judge(cfg.eval_judge, device=device, dtype=frozen_dtype(precision))
         n = cfg.eval_generate
         if cfg.eval_prompts:
             prompts = [row["instruction"] for row in read_instructions(cfg.eval_prompts)][:n]
@@ -61,7 +62,7 @@ class GenerativeEval:
                                   seed=cfg.seed, chat_template=cfg.template == "chat",
                                   max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode)
         return cls(judge, list(prompts), decoding, tokenizer, cfg.eval_generate_batch_size,
-                   Path(cfg.output_dir) / "eval_generate", resolve_precision(cfg.precision, device))
+                   Path(cfg.output_dir) / "eval_generate", precision)
 
     def _generate(self, model: torch.nn.Module) -> list[str]:
         # sampling must not move the training RNG: a run with --eval-generate trains exactly as one without

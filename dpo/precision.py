@@ -34,6 +34,12 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def frozen_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype of a model that never trains (LoRA's base, a reference model, a judge) in a run of this
+    resolved precision: the autocast dtype, in which its matmuls run anyway, or fp32."""
+    return AUTOCAST_DTYPES[precision] or torch.float32
+
+
 def matmul_precision(precision: str, device: torch.device) -> str:
     """What the matmuls compute in: 'tf32' for fp32 on CUDA (see use_tensor_cores), else the precision."""
     return "tf32" if precision == "fp32" and device.type == "cuda" else precision

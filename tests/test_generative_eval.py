@@ -172,7 +172,9 @@ def test_generation_batch_and_precision_are_the_runs_own(workdir, tmp_path, monk
     precision, and answers cached in one precision are not reused in another."""
     import dpo.generative_eval
 
-    monkeypatch.setattr(dpo.generative_eval, "build_judge", lambda name, device: LengthJudge())
+    judged_in = []
+    monkeypatch.setattr(dpo.generative_eval, "build_judge",
+                        lambda name, device, dtype: judged_in.append(dtype) or LengthJudge())
     flags = ["--model", str(workdir / "model"), "--output-dir", str(tmp_path / "run"), "--eval-generate", "5",
              "--eval-prompts", str(workdir / "prompts.jsonl"), "--micro-batch-size", "4", "--batch-size", "8"]
     cpu = torch.device("cpu")
@@ -182,4 +184,5 @@ def test_generation_batch_and_precision_are_the_runs_own(workdir, tmp_path, monk
     assert built["3"].precision == "fp32"  # auto on a CPU
     half = GenerativeEval.build(parse_config(flags + ["--precision", "bf16"]), tiny_tokenizer(), cpu)
     assert half.precision == "bf16" and half.batch_size == 64
+    assert judged_in == [torch.float32, torch.float32, torch.bfloat16]  # a judge model is frozen: autocast dtype
     assert half.reference_file("key") != built["3"].reference_file("key")
