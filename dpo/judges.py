@@ -37,6 +37,7 @@ from dpo.prompts import format_prompt, format_response
 
 
 CACHE_LIMIT = 65_536  # scores a judge keeps (compare() and score() ask for the same ones); cleared when full
+REWARD_BATCH = 32  # texts per forward of a reward model scoring a batch
 
 
 class JudgeError(UserError):
@@ -164,8 +165,11 @@ class RewardModelJudge(Judge):
 
     The conversation is rendered with the reward model's chat template when its tokenizer has one
     (user turn, then assistant turn), else with the recipe's template: format_prompt + format_response.
-    No EOS is appended, and texts are scored one at a time (no padding), because sequence-classification
-    heads read the last token that is not the pad id, and pad == EOS in many tokenizers.
+    No EOS is appended, because sequence-classification heads read the last token that is not the pad id, and
+    pad == EOS in many tokenizers. `score_batch` (online DPO's k samples per prompt) scores the texts in
+    right-padded batches of similar length: the head reads the same token as for the text alone (the rightmost
+    that is not the pad id), and causal attention keeps padding out of the real tokens; without a pad id in the
+    model's config, texts are scored one at a time.
     """
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -207,15 +211,41 @@ class RewardModelJudge(Judge):
             self._rewards[key] = self._reward(instruction, answer)
         return self._rewards[key]
 
+    def _encode(self, instruction: str, answer: str) -> list[int]:
+        ids = self.tokenizer(self.render(instruction, answer), truncation=self.max_length is not None,
+                             max_length=self.max_length,
+                             add_special_tokens=not getattr(self.tokenizer, "chat_template", None))["input_ids"]
+        if not ids:
+            raise JudgeError(f"reward model {self.name}: its tokenizer encodes the conversation to no tokens")
+        return ids
+
     @torch.no_grad()
     def _reward(self, instruction: str, answer: str) -> float:
-        encoded = self.tokenizer(self.render(instruction, answer), return_tensors="pt",
-                                 truncation=self.max_length is not None, max_length=self.max_length,
-                                 add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
-        if encoded["input_ids"].shape[1] == 0:
-            raise JudgeError(f"reward model {self.name}: its tokenizer encodes the conversation to no tokens")
-        logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
-        return float(logits[0, 0].float())
+        ids = torch.tensor([self._encode(instruction, answer)], device=self.device)
+        return float(self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].float())
+
+    @torch.no_grad()
+    def _score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
+        pad_id = getattr(self.model.config, "pad_token_id", None)
+        keys = [(prompt, answer) for prompt, answers in zip(prompts, responses) for answer in answers]
+        todo = [key for key in dict.fromkeys(keys) if key not in self._rewards]
+        if pad_id is not None and len(todo) > 1:
+            if len(self._rewards) + len(todo) > CACHE_LIMIT:
+                self._rewards.clear()
+            encoded = [self._encode(*key) for key in todo]
+            order = sorted(range(len(todo)), key=lambda i: -len(encoded[i]))
+            for start in range(0, len(order), REWARD_BATCH):
+                rows = order[start:start + REWARD_BATCH]
+                width = len(encoded[rows[0]])
+                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for row, i in enumerate(rows):
+                    ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[row, :len(encoded[i])] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                for i, value in zip(rows, logits[:, 0].float().tolist()):
+                    self._rewards[todo[i]] = value
+        return [[self.reward(prompt, answer) for answer in answers] for prompt, answers in zip(prompts, responses)]
 
     def score(self, instruction: str, answer: str) -> float:
         return self.reward(instruction, answer)

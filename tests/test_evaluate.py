@@ -378,3 +378,26 @@ def test_correct_and_concise_rates_per_category():
     assert rates == {"policy_correct": 1.0, "policy_concise": 0.5, "reference_correct": 0.0, "reference_concise": 1.0}
     table = evaluate.format_checks({**rates, "categories": {}})
     assert "correct policy" in table and table.splitlines()[-1].split() == ["all", "1.00", "0.00", "0.50", "1.00"]
+
+
+def test_reward_model_scores_a_batch_as_it_scores_each_text_alone(tmp_path):
+    """Online DPO's score_batch runs right-padded batches: each reward equals the text scored alone (random
+    weights, attention on: padding must not leak into a text, and the head must read the text's own last token)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=128, num_labels=1,
+                        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    prompts = ["what color is the sun?", "tell me about the moon", "is the cat big?"]
+    responses = [["yes", "the sun is a big yellow star", "no", "yes"], ["one two three four five six", "a", "moon"],
+                 ["small", "the cat is big and fast and red", "slow"]]
+    batched = build_judge(str(tmp_path / "rm")).score_batch(prompts, responses)
+    alone = build_judge(str(tmp_path / "rm"))
+    want = [[alone._reward(p, a) for a in answers] for p, answers in zip(prompts, responses)]
+    assert [len(row) for row in batched] == [4, 3, 3]
+    for got_row, want_row in zip(batched, want):
+        assert got_row == pytest.approx(want_row, abs=1e-5)
+    assert len({round(v, 6) for row in want for v in row}) > 5  # the texts' rewards differ: the check can fail
