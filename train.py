@@ -75,8 +75,8 @@ from dpo.precision import (AUTOCAST_DTYPES, frozen_dtype, matmul_precision, reso
                            synced_clock, use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast  # noqa: E402
 from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
-from dpo.reference import (ReferenceLogps, ReferenceLogpsError, cache_key, compute_reference_logps,  # noqa: E402
-                           load_cached, save_cached)
+from dpo.reference import (ReferenceLogps, cache_key, compute_reference_logps, load_cached,  # noqa: E402
+                           save_cached)
 from dpo.schedule import lr_at  # noqa: E402
 from dpo.settings import ConfigError  # noqa: E402
 from dpo.tracking import open_trackers, resolve_report_to  # noqa: E402
@@ -356,10 +356,8 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
     elif state.reference_scorer is not None:
         with torch.no_grad(), state.reference_mode():
             ref = state.reference_scorer(batch)
-        if not bool(torch.isfinite(ref.sum).all()):
-            raise ReferenceLogpsError(f"step {state.step + 1}: the reference log-probs of some pairs are not finite "
-                                      "(a reference model that outputs NaN or inf?)")
         ref_chosen, ref_rejected = ref.sum[:n], ref.sum[n:]
+        ReferenceLogps(ref_chosen.detach(), ref_rejected.detach()).require_finite(f"step {state.step + 1}")
     wpo = policy.wpo
     return PreferenceLogps(
         policy_chosen_logps=policy.sum[:n], policy_rejected_logps=policy.sum[n:],

@@ -14,11 +14,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from dpo.data import TokenizedPair, epoch_permutation
 from dpo.packing import longest_first, pair_length
-from dpo.reference import ReferenceLogps, ReferenceLogpsError
+from dpo.reference import ReferenceLogps
 
 
 @dataclass
@@ -48,10 +46,7 @@ class OfflinePairs:
     def batch(self, step: int, reference: ReferenceLogps | None = None) -> PairBatch:
         """The pairs of step `step` with their precomputed reference log-probs, which must all be finite."""
         ids = self.batch_ids(step)
-        selected = reference.select(ids) if reference is not None else None
-        if selected is not None and not bool(torch.isfinite(torch.cat([selected.chosen, selected.rejected])).all()):
-            raise ReferenceLogpsError(f"step {step + 1}: the reference log-probs of some of its pairs are not finite "
-                                      "(a reference model that outputs NaN or inf?)")
+        selected = reference.select(ids).require_finite(f"step {step + 1}") if reference is not None else None
         return PairBatch([self.pairs[i] for i in ids], selected)
 
     def step_batch(self, step: int, reference: ReferenceLogps | None, policy: object, dist: object) -> PairBatch:

@@ -33,7 +33,7 @@ from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, own_rng
 from dpo.judges import Judge
-from dpo.reference import ReferenceLogps, ReferenceLogpsError
+from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
 
 SEED_STRIDE = 1_000_003  # sampling seeds: ((seed * SEED_STRIDE + step or round) * GROUP_STRIDE + group) mod 2^63
@@ -238,9 +238,7 @@ class IterativePairs:
                 payload = {"pairs": [[p.prompt_ids, p.chosen_ids, p.rejected_ids, p.row] for p in pairs],
                            "metrics": metrics, "identity": self.identity}
                 if reference is not None:
-                    if not bool(torch.isfinite(torch.cat([reference.chosen, reference.rejected])).all()):
-                        raise ReferenceLogpsError(f"round {r + 1}: the reference log-probs of some of its pairs are "
-                                                  "not finite (a reference model that outputs NaN or inf?)")
+                    reference.require_finite(f"round {r + 1}")
                     payload.update(chosen=reference.chosen, rejected=reference.rejected)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")

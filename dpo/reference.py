@@ -34,6 +34,13 @@ class ReferenceLogps:
     chosen: Tensor  # [num_pairs] summed log-probs, fp32, on CPU; NaN for a pair that was not scored
     rejected: Tensor
 
+    def require_finite(self, where: str) -> "ReferenceLogps":
+        """These log-probs, or a one-line error naming `where` (a step, a round) when any is NaN or inf."""
+        if not bool(torch.isfinite(torch.cat([self.chosen, self.rejected])).all()):
+            raise ReferenceLogpsError(f"{where}: the reference log-probs of some of its pairs are not finite (a "
+                                      "reference model that outputs NaN or inf?)")
+        return self
+
     def take(self, indices: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(list(indices), dtype=torch.long)
         return self.chosen[index].to(device), self.rejected[index].to(device)
