@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -139,17 +138,21 @@ class PackedBlocks:
     """Where the blocks of a packed row lie, with the mask of every shared block's second branch."""
 
     spans: list[tuple[int, int, int, int]]  # (start, prefix, first, second) token counts
-    # the second branch's queries see all of the prefix and causally their own tokens: a causal mask aligned to the
-    # bottom right of [second, prefix + second], which SDPA runs with its flash and memory-efficient kernels
-    second_masks: list[CausalBias | None]
+    second_masks: list[Tensor | None]  # [second, prefix + second] bool, True = may attend
 
     @classmethod
     def from_lengths(cls, block_lengths: Tensor) -> "PackedBlocks":
         spans, masks, start = [], [], 0
+        device = block_lengths.device
         for prefix, first, second in block_lengths.tolist():
             spans.append((start, prefix, first, second))
             start += prefix + first + second
-            masks.append(causal_lower_right(second, prefix + second) if second else None)
+            if second:
+                keys = torch.arange(prefix + second, device=device)
+                queries = torch.arange(second, device=device)
+                masks.append((keys[None, :] < prefix) | (keys[None, :] - prefix <= queries[:, None]))
+            else:
+                masks.append(None)
         return cls(spans, masks)
 
 
