@@ -7,22 +7,17 @@ from safetensors.torch import load_file
 import train
 from dpo.settings import ConfigError
 from dpo.metrics import read_metrics
-from tiny import make_model_dir, write_pairs
+from tiny import make_run_dir, tiny_run_args
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compile")
-    make_model_dir(root / "model")
-    write_pairs(root / "pairs.jsonl", 90)
-    return root
+    return make_run_dir(tmp_path_factory.mktemp("compile"), 90)
 
 
 def args(workdir, out, *extra):
-    return ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir",
-            str(workdir / out), "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-2",
-            "--seed", "0", "--no-progress", "--no-plot", "--batch-size", "8", "--micro-batch-size", "4",
-            "--max-steps", "10", "--eval-steps", "5", "--max-eval-pairs", "8", *extra]
+    return tiny_run_args(workdir, out, "--lr", "1e-2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps",
+                         "10", "--eval-steps", "5", "--max-eval-pairs", "8", *extra)
 
 
 def test_compiled_equals_eager_and_compiles_a_bounded_number_of_times(workdir):

@@ -9,7 +9,7 @@ import train
 from dpo.batches import layout_tokens, micro_batches, process_micro_batches
 from dpo.data import TokenizedPair
 from dpo.metrics import read_metrics
-from tiny import make_model_dir, write_pairs
+from tiny import make_run_dir, tiny_run_args
 
 
 def random_length_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
@@ -62,13 +62,10 @@ def test_without_a_budget_micro_batches_are_rows_longest_first():
 
 
 def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path):
-    make_model_dir(tmp_path / "model")
-    write_pairs(tmp_path / "pairs.jsonl", 40)
-    common = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "pairs.jsonl"), "--max-length", "48",
-              "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-2", "--seed", "0", "--no-progress",
-              "--no-plot", "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3", "--layout", "padded"]
-    assert train.main(common + ["--output-dir", str(tmp_path / "rows")]) == 0
-    assert train.main(common + ["--output-dir", str(tmp_path / "tokens"), "--max-tokens-per-micro-batch", "120"]) == 0
+    make_run_dir(tmp_path, 40)
+    common = ["--lr", "1e-2", "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3", "--layout", "padded"]
+    assert train.main(tiny_run_args(tmp_path, "rows", *common)) == 0
+    assert train.main(tiny_run_args(tmp_path, "tokens", *common, "--max-tokens-per-micro-batch", "120")) == 0
     from safetensors.torch import load_file
 
     a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("rows", "tokens"))

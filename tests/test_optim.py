@@ -10,24 +10,20 @@ import train
 from dpo.config import ConfigError, parse_config
 from dpo.data import collate_pairs
 from dpo.metrics import read_metrics
-from tiny import make_model_dir, random_pairs, write_pairs
+from tiny import make_run_dir, random_pairs, tiny_run_args
 
 pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("optim")
-    make_model_dir(root / "model", hidden_size=64)  # weight matrices of 4,096+ elements: quantized states
-    write_pairs(root / "pairs.jsonl", 80)
-    return root
+    # hidden 64: weight matrices of 4,096+ elements, whose states are quantized
+    return make_run_dir(tmp_path_factory.mktemp("optim"), 80, hidden_size=64)
 
 
 def args(workdir, out, *extra):
-    return ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir",
-            str(workdir / out), "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3",
-            "--seed", "0", "--no-progress", "--no-plot", "--batch-size", "16", "--micro-batch-size", "8",
-            "--max-steps", "6", "--eval-steps", "3", "--max-eval-pairs", "8", "--warmup-ratio", "0", *extra]
+    return tiny_run_args(workdir, out, "--lr", "1e-3", "--batch-size", "16", "--micro-batch-size", "8", "--max-steps",
+                         "6", "--eval-steps", "3", "--max-eval-pairs", "8", "--warmup-ratio", "0", *extra)
 
 
 def test_8bit_moments_take_a_quarter_of_the_memory_and_follow_adamw(workdir):

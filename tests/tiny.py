@@ -73,3 +73,17 @@ def random_pairs(n: int, vocab: int, seed: int = 0):
         ids = [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
         pairs.append(TokenizedPair(prompt_ids=ids[0], chosen_ids=ids[1] + [0], rejected_ids=ids[2] + [0], row=row))
     return pairs
+
+
+def make_run_dir(root, num_pairs: int, **model_kwargs):
+    """What a tiny training run reads: root/model (make_model_dir) and root/pairs.jsonl (write_pairs)."""
+    make_model_dir(root / "model", **model_kwargs)
+    write_pairs(root / "pairs.jsonl", num_pairs)
+    return root
+
+
+def tiny_run_args(root, out: str, *extra: str) -> list[str]:
+    """train.py flags of a tiny run on make_run_dir's files, writing to root/out; `extra` adds the run's own."""
+    return ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--output-dir", str(root / out),
+            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--seed", "0", "--no-progress",
+            "--no-plot", *extra]
