@@ -35,7 +35,7 @@ import transformers
 
 from dpo.cli import run_cli
 from dpo.precision import PRECISIONS
-from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, DecodingConfig, GenerationError,
+from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, DecodingSettings, GenerationError,
                             StopAwareStreamer, add_prompt_arguments, check_instruction, generate_batch, generator_name,
                             load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype, resolve_run_model,
                             run_settings, side_by_side, write_outputs)
@@ -87,10 +87,10 @@ class Generator:
         self.tokenizer = load_checked_tokenizer(self.path)  # first: a directory without a tokenizer fails fast
         self.model = load_causal_lm(self.path, dtype=dtype, device=device)
 
-    def answer(self, instructions: list[str], decoding: DecodingConfig, **kwargs) -> list[str]:
+    def answer(self, instructions: list[str], decoding: DecodingSettings, **kwargs) -> list[str]:
         return generate_batch(self.model, self.tokenizer, instructions, decoding.for_run(self.settings), **kwargs)
 
-    def stream(self, instruction: str, decoding: DecodingConfig, write: Callable[[str], object]) -> str:
+    def stream(self, instruction: str, decoding: DecodingSettings, write: Callable[[str], object]) -> str:
         streamer = StopAwareStreamer(self.tokenizer, decoding.stop_strings, write=write)
         generate_batch(self.model, self.tokenizer, [instruction], decoding.for_run(self.settings), streamer=streamer)
         return streamer.text
@@ -101,9 +101,9 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def check_args(args: argparse.Namespace) -> DecodingConfig:
+def check_args(args: argparse.Namespace) -> DecodingSettings:
     """Every setting is checked before a model is loaded."""
-    decoding = DecodingConfig.from_args(args)
+    decoding = DecodingSettings.from_args(args)
     if args.batch_size < 1:
         raise GenerationError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.instruction is not None:
@@ -119,14 +119,14 @@ def check_args(args: argparse.Namespace) -> DecodingConfig:
     return decoding
 
 
-def run_batch(generator: Generator, rows: list[dict], args: argparse.Namespace, decoding: DecodingConfig) -> None:
+def run_batch(generator: Generator, rows: list[dict], args: argparse.Namespace, decoding: DecodingSettings) -> None:
     outputs = generator.answer([row["instruction"] for row in rows], decoding, batch_size=args.batch_size,
                                progress=not args.no_progress, description=generator.name)
     write_outputs(args.output, rows, outputs, args.generator or generator.name)
     print(f"{len(outputs)} outputs of {generator.name} written to {args.output}")
 
 
-def print_compared(instructions: list[str], first: Generator, second: Generator, decoding: DecodingConfig,
+def print_compared(instructions: list[str], first: Generator, second: Generator, decoding: DecodingSettings,
                    batch_size: int) -> None:
     answers_a = first.answer(instructions, decoding, batch_size=batch_size)
     answers_b = second.answer(instructions, decoding, batch_size=batch_size)
@@ -135,7 +135,7 @@ def print_compared(instructions: list[str], first: Generator, second: Generator,
         print(side_by_side(first.name, a, second.name, b) + "\n")
 
 
-def interactive(generator: Generator, other: Generator | None, decoding: DecodingConfig, batch_size: int,
+def interactive(generator: Generator, other: Generator | None, decoding: DecodingSettings, batch_size: int,
                 read: Callable[[str], str] = input, write: Callable[[str], object] = _write) -> None:
     """Read instructions until EOF or 'exit'; stream each answer (or print both with --compare)."""
     write(f"{generator.name}: {decoding.describe()}. Empty line skips, Ctrl-D or 'exit' quits.\n")

@@ -33,59 +33,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dpo.memory import tune_cpu_allocator
+import huggingface_hub
+import torch
+import transformers
+from torch import nn
+from tqdm.auto import tqdm
 
-# keep freed CPU memory for reuse instead of faulting in fresh pages every micro-batch (see dpo/memory.py);
-# it has to happen before torch is imported
-ALLOCATOR_SETTINGS = tune_cpu_allocator()
-
-import huggingface_hub  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from torch import nn  # noqa: E402
-
-from dpo.activations import fuse_gelu  # noqa: E402
-from dpo.batches import OfflinePairs, PairBatch, process_micro_batches  # noqa: E402
-from dpo.checkpoint import (latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,  # noqa: E402
-                            set_rng_state, settings_differences)
-from dpo.cli import run_cli  # noqa: E402
-from dpo.config import TrainConfig, parse_config  # noqa: E402
-from dpo.data import DataError, TokenizedPair, collate_pairs  # noqa: E402
-from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,  # noqa: E402
+from dpo.activations import fuse_gelu
+from dpo.batches import OfflinePairs, PairBatch, PairSource, process_micro_batches
+from dpo.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, prepare_output_dir,
+                            read_trainer_state, save_checkpoint, set_rng_state, settings_differences)
+from dpo.cli import run_cli
+from dpo.data import DataError, TokenizedPair, collate_pairs
+from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
-from dpo.errors import TrainingError  # noqa: E402
-from dpo.generation import TEMPERATURE, TOP_P  # noqa: E402  (the card's decoding, saved with final/)
-from dpo.logprobs import SequenceScorer, disable_dropout  # noqa: E402
-from dpo.lora import Adapters, add_adapters, quantization_config  # noqa: E402
-from dpo.loss import (PreferenceLogps, batch_coupled, compute_loss, needs_reference_model,  # noqa: E402
-                      update_loss_state)
-from dpo.generative_eval import SAMPLE_COLUMNS, GenerativeEval  # noqa: E402
-from dpo.health import Alert, HealthMonitor  # noqa: E402
-from dpo.metrics import PairMetrics, read_metrics  # noqa: E402
-from dpo.modeling import (enable_gradient_checkpointing, load_causal_lm, load_tokenizer,  # noqa: E402
-                          resolve_model_path)
-from dpo.packing import (check_packable, collate_packed, collate_shared_prompt, longest_first,  # noqa: E402
-                          packing_problem)
-from dpo.judges import build_judge  # noqa: E402
-from dpo.online import IterativePairs, OnlinePairs, Sampler  # noqa: E402
-from dpo.flops import FlopCounter, peak_tflops  # noqa: E402
-from dpo.optim import build_optimizer, check_optimizer  # noqa: E402
-from dpo.precision import (AUTOCAST_DTYPES, frozen_dtype, matmul_precision, resolve_precision,  # noqa: E402
-                           synced_clock, use_fast_cuda_kernels)
-from dpo.precision import autocast as precision_autocast  # noqa: E402
-from dpo.pipeline import PreferenceData, check_disk_space, load_preference_pairs, prepare_output_dir  # noqa: E402
-from dpo.reference import (ReferenceLogps, cache_key, compute_reference_logps, load_cached,  # noqa: E402
-                           save_cached)
-from dpo.schedule import lr_at  # noqa: E402
-from dpo.settings import ConfigError  # noqa: E402
-from dpo.tracking import open_trackers, resolve_report_to  # noqa: E402
+from dpo.errors import TrainingError
+from dpo.flops import FlopCounter, peak_tflops
+from dpo.generation import TEMPERATURE, TOP_P  # the card's decoding, saved with final/
+from dpo.health import Alert, HealthMonitor
+from dpo.judges import build_judge
+from dpo.logprobs import SequenceScorer, disable_dropout
+from dpo.lora import Adapters, add_adapters, quantization_config
+from dpo.loss import PreferenceLogps, batch_coupled, compute_loss, needs_reference_model, update_loss_state
+from dpo.memory import tune_cpu_allocator
+from dpo.metrics import PairMetrics, read_metrics
+from dpo.modeling import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_model_path
+from dpo.on_policy import IterativePairs, OnlinePairs, Sampler
+from dpo.optim import build_optimizer
+from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
+from dpo.plot import plot_training_curves
+from dpo.precision import (AUTOCAST_DTYPES, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
+                           use_fast_cuda_kernels)
+from dpo.precision import autocast as precision_autocast
+from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_cached, save_cached
+from dpo.schedule import lr_at
+from dpo.settings import ConfigError
+from dpo.splits import PreferenceData, load_preference_pairs
+from dpo.tracking import open_trackers
+from dpo.train_settings import TrainSettings, parse_settings
+from dpo.win_rate import SAMPLE_COLUMNS, WinRateEval
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
 
 
-def start_processes(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
+def start_processes(cfg: TrainSettings) -> tuple[torch.device, DistInfo]:
     """This process's device and its place among the torchrun processes (one process without torchrun)."""
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dist = init_distributed(device.type)
@@ -99,7 +92,7 @@ def start_processes(cfg: TrainConfig) -> tuple[torch.device, DistInfo]:
     return device, dist
 
 
-def open_run_dir(cfg: TrainConfig, dist: DistInfo, log: Callable[..., None]) -> dict[str, Any] | None:
+def open_run_dir(cfg: TrainSettings, dist: DistInfo, log: Callable[..., None]) -> dict[str, Any] | None:
     """Create --output-dir; with --resume, the latest complete checkpoint, refused when it belongs to a run
     whose data order or math differ from these settings."""
     out_dir = Path(cfg.output_dir)
@@ -114,13 +107,13 @@ def open_run_dir(cfg: TrainConfig, dist: DistInfo, log: Callable[..., None]) -> 
     saved = read_trainer_state(path).get("settings")
     if saved is None:
         log(f"--resume: {path} records no settings of its run; they are not checked")
-    elif changes := settings_differences(saved, cfg.run_identity(), TrainConfig().to_dict()):
+    elif changes := settings_differences(saved, cfg.run_identity(), TrainSettings().to_dict()):
         raise ConfigError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changes)}); use "
                           f"its settings, or --overwrite to start afresh")
     return load_checkpoint(path)
 
 
-def load_model(cfg: TrainConfig, name: str, device: torch.device, frozen: bool = False) -> nn.Module:
+def load_model(cfg: TrainSettings, name: str, device: torch.device, frozen: bool = False) -> nn.Module:
     """A causal LM as training uses it: dropout off (so policy and reference are one deterministic function) and
     gelu_new fused. What never trains, LoRA's base and a `frozen` reference model, is kept in the autocast dtype
     (fp16 / bf16; the matmuls run in it anyway) or quantized; what trains in fp32, its master weights."""
@@ -133,7 +126,7 @@ def load_model(cfg: TrainConfig, name: str, device: torch.device, frozen: bool =
     return model
 
 
-def build_policy(cfg: TrainConfig, device: torch.device,
+def build_policy(cfg: TrainSettings, device: torch.device,
                  weights: str | None = None) -> tuple[nn.Module, Adapters | None]:
     """The model to train: --model in full (or `weights`, a checkpoint's), or under LoRA the frozen base with
     adapters (new, --adapter, or the checkpoint's `weights`), whose reference mode is the reference. Gradient
@@ -152,7 +145,7 @@ def build_policy(cfg: TrainConfig, device: torch.device,
     return model.train(), adapters
 
 
-def reference_model(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, device: torch.device, *,
+def reference_model(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, device: torch.device, *,
                     fresh: bool) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]:
     """The frozen reference as (model, context to run it in). Under LoRA: the policy in its adapters' reference
     mode, never a second model. Otherwise the policy itself while it has not moved (step 0), else (`fresh`) a
@@ -164,14 +157,15 @@ def reference_model(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
     return load_model(cfg, cfg.model, device, frozen=True).eval().requires_grad_(False), contextlib.nullcontext
 
 
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(cfg: TrainSettings, device: torch.device) -> contextlib.AbstractContextManager:
+    """The run's autocast on `device` (none in fp32)."""
     return precision_autocast(resolve_precision(cfg.precision, device), device)
 
 
-def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
+def collator(cfg: TrainSettings, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
     """The micro-batch layout and its collate. A packed layout only for a model it computes exactly
-    (dpo.packing). auto, as measured (benchmarks/README.md): on a CPU shared_prompt where the model allows it, else
-    padded; on a GPU padded (the packed layouts' attention runs pair by pair: 3.8x slower at phi-2 size on an H200);
+    (dpo.packing). auto, by the measurements in benchmarks/README.md: on a CPU shared_prompt where the model allows
+    it, else padded; on a GPU padded (the packed layouts' attention runs pair by pair);
     under --compile padded (the packed layouts' block lists are Python numbers: a recompile at every micro-batch)."""
     layout = cfg.layout
     if layout == "auto":
@@ -186,17 +180,20 @@ def collator(cfg: TrainConfig, pad_id: int, model: nn.Module) -> tuple[str, Call
                     "shared_prompt": collate_shared_prompt}[layout]
 
 
-def pair_source(cfg: TrainConfig, data: PreferenceData, tokenizer: Any, device: torch.device,
-                log: Callable[..., None]) -> OfflinePairs | OnlinePairs | IterativePairs:
+def run_length(cfg: TrainSettings, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: --max-steps, else --epochs passes over the pair source."""
+    return cfg.max_steps or max(1, math.floor(cfg.epochs * steps_per_epoch))
+
+
+def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy: nn.Module,
+                adapters: Adapters | None, collate: Callable, device: torch.device,
+                log: Callable[..., None]) -> PairSource:
     """What the steps train on: the preference pairs (offline DPO), or the policy's own samples of the train
-    records' instructions, judged (--online: every step; --iterations: once per round)."""
-    if not cfg.online_dpo.enabled:
-        source = OfflinePairs(data.train, cfg.batch_size, cfg.seed)
-        if source.steps_per_epoch == 0:
-            raise DataError(f"{cfg.dataset}: {len(data.train)} usable training pairs, fewer than one batch of "
-                            f"--batch-size {cfg.batch_size}")
-        return source
-    settings = cfg.online_dpo
+    records' instructions, judged (--online: every step; --iterations: once per round, each round's reference
+    log-probs computed when it starts)."""
+    if not cfg.on_policy.enabled:
+        return OfflinePairs(data.train, cfg.batch_size, cfg.seed, description=cfg.dataset)
+    settings = cfg.on_policy
     if len(data.instructions) < cfg.batch_size:
         raise DataError(f"{cfg.dataset}: {len(data.instructions)} distinct single-turn instructions, fewer than one "
                         f"batch of --batch-size {cfg.batch_size} ({data.instructions_left_out} records multi-turn or "
@@ -213,10 +210,13 @@ def pair_source(cfg: TrainConfig, data: PreferenceData, tokenizer: Any, device: 
     if settings.online:
         return OnlinePairs(data.instructions, cfg.batch_size, cfg.seed, sampler)
     return IterativePairs(data.instructions, cfg.batch_size, cfg.seed, sampler, settings.iterations,
-                          Path(cfg.output_dir) / "rounds")
+                          Path(cfg.output_dir) / "rounds",
+                          total_steps=run_length(cfg, len(data.instructions) // cfg.batch_size),
+                          identity=json.dumps(cfg.run_identity(), sort_keys=True),
+                          reference=round_reference(cfg, policy, adapters, collate, device))
 
 
-def round_reference(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, collate: Callable,
+def round_reference(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, collate: Callable,
                     device: torch.device) -> Callable[[list[TokenizedPair], int], ReferenceLogps | None]:
     """Iterative DPO: the reference log-probs of a round's pairs, computed when the round starts, before its first
     update: with --reference-update by the policy itself (the round's starting policy is its reference), else by
@@ -224,7 +224,7 @@ def round_reference(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
     def compute(pairs: list[TokenizedPair], round_index: int) -> ReferenceLogps | None:
         if not needs_reference_model(cfg.loss):
             return None
-        if cfg.online_dpo.reference_update:
+        if cfg.on_policy.reference_update:
             model, mode = policy, contextlib.nullcontext
         else:
             model, mode = reference_model(cfg, policy, adapters, device, fresh=round_index > 0)
@@ -235,7 +235,7 @@ def round_reference(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
     return compute
 
 
-def reference_logps(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, data: PreferenceData,
+def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, data: PreferenceData,
                     train_ids: list[int], *, device: torch.device, dist: DistInfo, collate: Callable, resumed: bool,
                     log: Callable[..., None]) -> dict[str, ReferenceLogps | None]:
     """The frozen reference's log-probs of the train pairs the run trains on (`train_ids`; NaN for the others)
@@ -283,7 +283,7 @@ def reference_logps(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
 class TrainState:
     """What a training step reads and changes; `save` checkpoints everything here but the models."""
 
-    cfg: TrainConfig
+    cfg: TrainSettings
     device: torch.device
     dist: DistInfo
     policy: nn.Module  # the causal LM being trained
@@ -305,27 +305,29 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
+def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
                 dist: DistInfo, collate: Callable, workspace_pairs: list[TokenizedPair],
-                resume: dict[str, Any] | None = None, layout: str = "padded") -> TrainState:
+                resume: dict[str, Any] | None = None, layout: str = "padded",
+                on_alert: Callable[[Alert], None] | None = None) -> TrainState:
     """Scorer, optimizer (of the trainable parameters: the adapters under LoRA) and GradScaler around `policy`;
-    the reference when its log-probs are computed at step time; the resumed optimizer, scaler, RNG and loss
-    state."""
+    the reference when its log-probs are computed at step time; the health monitor, whose alerts go to
+    `on_alert`; the resumed optimizer, scaler, RNG, loss state and health checks."""
     if cfg.compile:
         policy.base_model.compile()
     policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting)
     policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
     precision = resolve_precision(cfg.precision, device)
     scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])
-    # the fused kernel updates every parameter in one pass (5x faster than the per-tensor loop on CPU)
+    # the fused kernel updates every parameter in one pass instead of a loop over tensors
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                 betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                 fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters,
-                       layout=layout, flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
+                       health=HealthMonitor(cfg.health, cfg.health_window, emit=on_alert), layout=layout,
+                       flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
                        peak_tflops=peak_tflops(device, precision, cfg.peak_tflops))
-    step_time = cfg.online_dpo.online or (not cfg.precompute_ref and not cfg.online_dpo.iterations)
+    step_time = cfg.on_policy.online or (not cfg.precompute_ref and not cfg.on_policy.iterations)
     if needs_reference_model(cfg.loss) and step_time:  # iterative DPO precomputes each round's reference
         model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
         state.reference_scorer = SequenceScorer(model, cfg.scoring)
@@ -337,6 +339,7 @@ def build_state(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None =
         state.loss_state = resume["loss_state"]
         state.step = resume["trainer_state"]["step"]
         state.skipped_steps = resume["trainer_state"].get("skipped_steps", 0)
+        state.health.load_state_dict(resume["trainer_state"].get("health", {}))  # windows and raised alerts go on
         state.reference_checked = True  # checked before the checkpoint's first update
     return state
 
@@ -367,48 +370,32 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
         state=state.loss_state)
 
 
-# At step 0 the policy is the reference: their log-probs differ by rounding only (the reference pass ran in other
-# batch shapes, maybe another layout). Beyond 1e-3 + this x |log-prob|, the reference is not the policy's start.
-# Keyed by what the matmuls compute in (dpo.precision.matmul_precision): TF32 keeps fp16's 10 mantissa bits.
+# The step-0 check's relative tolerance, keyed by what the matmuls compute in (dpo.precision.matmul_precision):
+# TF32 keeps fp16's 10 mantissa bits.
 STEP0_TOLERANCE = {"fp32": 1e-4, "tf32": 4e-3, "bf16": 2e-2, "fp16": 4e-3}
 
 
-def reference_mismatch(x: PreferenceLogps, precision: str) -> tuple[int, float]:
-    """(pairs whose policy and reference log-probs differ beyond rounding, the largest difference in nats)."""
-    diffs = torch.stack([(x.policy_chosen_logps - x.reference_chosen_logps).abs(),
-                         (x.policy_rejected_logps - x.reference_rejected_logps).abs()]).detach().float()
-    scale = torch.stack([x.reference_chosen_logps, x.reference_rejected_logps]).detach().float().abs()
-    beyond = (diffs > 1e-3 + STEP0_TOLERANCE[precision] * scale).any(dim=0)
-    return int(beyond.sum()), float(diffs.max()) if diffs.numel() else 0.0
-
-
 def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]:
-    """One optimizer step on the global batch `batch` (every process passes the same one).
+    """One optimizer step on the global batch `batch` (every process passes the same one); returns the step's
+    metrics (the same on every process).
 
     This process takes its slice of the batch in micro-batches; each micro-batch's summed loss is divided by the
     global batch size before backward, so the accumulated gradient is the mean over the batch whatever the split.
-    The losses' state moves once, from the whole batch, when the optimizer steps. A non-finite loss stops the run
-    (--on-nan stop) or skips the step; in fp16 the GradScaler skips an overflowing step. At step 0 the policy's
-    log-probs must equal the reference's (step-0 check), else the run stops before any update. Returns the step's
-    metrics (the same on every process).
     """
     cfg, dist, device = state.cfg, state.dist, state.device
     if not len(batch):  # online DPO when every prompt's samples tie: the judge has nothing to teach this step
-        state.step += 1
-        state.skipped_steps += 1
+        state.step, state.skipped_steps = state.step + 1, state.skipped_steps + 1
         return {"lr": lr, "pairs_per_s": 0.0, "tokens_per_s": 0.0, "skipped_steps": state.skipped_steps}
     start = synced_clock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    stats = PairMetrics(device)
-    state_sums = torch.zeros(0, dtype=torch.float64, device=device)
-    tokens, flops, mismatched, largest = 0, 0.0, 0, 0.0
+    stats, check = PairMetrics(device), ReferenceStartCheck(state)
+    state_sums, tokens, flops = None, 0, 0.0
     # every process runs the same number of passes; a pass that is not `counted` has weight 0 (dpo.batches)
     chunks = process_micro_batches(batch.pairs, dist.rank, dist.world_size, cfg.micro_batch_size, cfg.group_by_length,
                                    cfg.max_tokens_per_micro_batch, state.layout)
-    state_sums = None
     for k, (ids, counted) in enumerate(chunks):
         with no_sync(state.scorer, sync=k == len(chunks) - 1):
             with autocast(cfg, device):
@@ -421,34 +408,66 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
             continue
         stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
                   logps.policy_rejected_logps)
-        if not state.reference_checked and logps.reference_chosen_logps is not None:
-            count, diff = reference_mismatch(logps, matmul_precision(resolve_precision(cfg.precision, device), device))
-            mismatched, largest = mismatched + count, max(largest, diff)
+        check.add(logps)
         state_sums = out.state_sums if state_sums is None else state_sums + out.state_sums
         chunk = [batch.pairs[i] for i in ids]
         tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk)
         if state.flops is not None:
             flops += state.flops.pairs(chunk, reference_forward=state.reference_scorer is not None)
-    if state_sums is None:  # this process had no pairs
-        state_sums = torch.zeros_like(out.state_sums)
-    totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens, flops, mismatched])]),
+    state_sums = torch.zeros_like(out.state_sums) if state_sums is None else state_sums  # no pairs here
+    totals = all_reduce_sum(torch.cat([stats.sums, state_sums, stats.sums.new_tensor([tokens, flops, check.count])]),
                             dist)
     stats.sums.copy_(totals[:len(stats.sums)])
     state_sums, tokens, flops = totals[len(stats.sums):-3], totals[-3].item(), totals[-2].item()
-    mismatched = int(totals[-1].item())
-    step_loss = stats.means()["loss"]
-    state.reference_checked = True
-    if mismatched:
-        state.health.stop("reference_mismatch", state.step + 1, (
-            f"before any update the policy's log-probs must equal the reference's, but {mismatched} of "
-            f"{stats.num_pairs} pairs differ (by up to {largest:.3g} nats here): the reference is not the policy's "
-            "starting point. Check --model and --adapter (and a reference_cache/ copied from another run), that "
-            "dropout is off, and that the reference pass and training render prompts alike"))
+    check.finish(int(totals[-1].item()), stats.num_pairs)
+    grad_norm, stepped = apply_gradients(state, stats.means()["loss"])
+    if stepped:  # the losses' state moves with the steps the optimizer takes
+        update_loss_state(cfg.loss, state.loss_state, state_sums)
+    state.step += 1
+    return step_record(state, stats, lr, grad_norm, tokens, flops, synced_clock(device) - start)
 
+
+class ReferenceStartCheck:
+    """The step-0 check: before any update the policy's log-probs must equal the reference's (they differ by
+    rounding only: the reference pass ran in other batch shapes, maybe another layout). A pair beyond 1e-3 +
+    STEP0_TOLERANCE x |log-prob| (by the precision the matmuls compute in) stops the run: the reference is not
+    the policy's starting point. Runs at the first step with reference log-probs, and never after it."""
+
+    def __init__(self, state: TrainState):
+        self.state, self.count, self.largest = state, 0, 0.0
+        self.tolerance = STEP0_TOLERANCE[matmul_precision(resolve_precision(state.cfg.precision, state.device),
+                                                          state.device)]
+
+    def add(self, x: PreferenceLogps) -> None:
+        """Count the micro-batch's pairs whose policy and reference log-probs differ beyond rounding."""
+        if self.state.reference_checked or x.reference_chosen_logps is None:
+            return
+        diffs = torch.stack([(x.policy_chosen_logps - x.reference_chosen_logps).abs(),
+                             (x.policy_rejected_logps - x.reference_rejected_logps).abs()]).detach().float()
+        scale = torch.stack([x.reference_chosen_logps, x.reference_rejected_logps]).detach().float().abs()
+        self.count += int((diffs > 1e-3 + self.tolerance * scale).any(dim=0).sum())
+        self.largest = max(self.largest, float(diffs.max()) if diffs.numel() else 0.0)
+
+    def finish(self, mismatched: int, num_pairs: int) -> None:
+        """With the count over every process: stop the run (through the health monitor) if any pair differed."""
+        self.state.reference_checked = True
+        if mismatched:
+            self.state.health.stop("reference_mismatch", self.state.step + 1, (
+                f"before any update the policy's log-probs must equal the reference's, but {mismatched} of "
+                f"{num_pairs} pairs differ (by up to {self.largest:.3g} nats here): the reference is not the policy's "
+                "starting point. Check --model and --adapter (and a reference_cache/ copied from another run), that "
+                "dropout is off, and that the reference pass and training render prompts alike"))
+
+
+def apply_gradients(state: TrainState, step_loss: float) -> tuple[torch.Tensor, bool]:
+    """Unscale (fp16), clip to --max-grad-norm, and step the optimizer unless the step is skipped: a non-finite loss
+    stops the run (--on-nan stop) or skips the step; in fp16 the GradScaler skips an overflowing step. Returns
+    (the gradient norm before clipping, whether the optimizer stepped)."""
+    cfg = state.cfg
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), cfg.max_grad_norm or float("inf"))
-    finite = not broadcast_flag(not math.isfinite(step_loss), dist, device)
+    finite = not broadcast_flag(not math.isfinite(step_loss), state.dist, state.device)
     stepped = True
     if not finite and state.scaler is None:
         if cfg.on_nan == "stop":
@@ -464,24 +483,25 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.skipped_steps += int(not stepped)
-    if stepped:  # the losses' state moves with the steps the optimizer takes
-        update_loss_state(cfg.loss, state.loss_state, state_sums)
-    state.step += 1
+    return grad_norm, stepped
 
-    elapsed = synced_clock(device) - start
+
+def step_record(state: TrainState, stats: PairMetrics, lr: float, grad_norm: torch.Tensor, tokens: float,
+                flops: float, elapsed: float) -> dict[str, Any]:
+    """A step's logged metrics: the pairs' loss and rewards, lr, gradient norm, speed, MFU, CUDA peak memory."""
     record = {**stats.means(), "lr": lr, "grad_norm": float(grad_norm), "pairs_per_s": stats.num_pairs / elapsed,
               "tokens_per_s": tokens / elapsed, "skipped_steps": state.skipped_steps}
     if state.peak_tflops:  # useful FLOPs of all processes over their time and their peak
-        record["mfu"] = flops / elapsed / (state.peak_tflops * 1e12 * dist.world_size)
-    if device.type == "cuda":
-        record["cuda_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        record["mfu"] = flops / elapsed / (state.peak_tflops * 1e12 * state.dist.world_size)
+    if state.device.type == "cuda":
+        record["cuda_peak_memory_gb"] = torch.cuda.max_memory_allocated(state.device) / 1e9
     if state.scaler is not None:
         record["loss_scale"] = state.scaler.get_scale()
     return record
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, batch: PairBatch) -> dict[str, Any]:
+def evaluate_pairs(state: TrainState, batch: PairBatch) -> dict[str, Any]:
     """Mean loss and reward metrics over the held-out pairs (every process runs the same number of forwards,
     as DDP / FSDP forwards are collective; a process short of a micro-batch re-scores the first and drops it)."""
     cfg, dist = state.cfg, state.dist
@@ -503,16 +523,16 @@ def evaluate(state: TrainState, batch: PairBatch) -> dict[str, Any]:
     return {**stats.means(), "pairs": stats.num_pairs}
 
 
-def generative_eval(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | None, tokenizer: Any, *,
+def build_win_rate_eval(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, tokenizer: Any, *,
                     device: torch.device, dist: DistInfo, resumed: bool,
-                    log: Callable[..., None]) -> GenerativeEval | None:
+                    log: Callable[..., None]) -> WinRateEval | None:
     """--eval-generate: the judge, its prompts and the reference's answers, generated before the first update (by
     the policy, which is the reference then; under LoRA with the adapters off) and cached. Main process only."""
     if not cfg.eval_generate:
         return None
     sampler = None
     if dist.is_main:
-        sampler = GenerativeEval.build(cfg, tokenizer, device)
+        sampler = WinRateEval.build(cfg, tokenizer, device)
         made = sampler.prepare_reference(f"{resolve_model_path(cfg.model)} {cfg.lora.adapter}",
                                          lambda: reference_model(cfg, policy, adapters, device, fresh=resumed))
         log(f"--eval-generate: {len(sampler.prompts)} prompts judged by {sampler.judge.name}, reference answers "
@@ -521,10 +541,10 @@ def generative_eval(cfg: TrainConfig, policy: nn.Module, adapters: Adapters | No
     return sampler
 
 
-def evaluate_run(state: TrainState, batch: PairBatch, sampler: GenerativeEval | None, trackers: Any) -> dict:
+def evaluate_policy(state: TrainState, batch: PairBatch, sampler: WinRateEval | None, trackers: Any) -> dict:
     """An evaluation: the held-out pairs' metrics (every process) and, with --eval-generate, the policy's win rate
     against the reference (the main process samples; its samples table goes to the trackers)."""
-    record = evaluate(state, batch) if len(batch) else {}
+    record = evaluate_pairs(state, batch) if len(batch) else {}
     if sampler is not None:
         sampled, rows = sampler.run(state.policy)
         record.update(sampled)
@@ -535,6 +555,7 @@ def evaluate_run(state: TrainState, batch: PairBatch, sampler: GenerativeEval | 
 
 
 def eval_line(record: dict[str, Any]) -> str:
+    """An evaluation as one printed line: loss, reward accuracy and margin, and the win rate when sampled."""
     line = (f"step {record['step']}: eval loss {record['loss']:.4f}, reward accuracy "
             f"{record['rewards/accuracies']:.3f}, margin {record['rewards/margins']:.3f}") if "loss" in record \
         else f"step {record['step']}:"
@@ -619,10 +640,10 @@ class ProgressBar:
     def __init__(self, enabled: bool, total: int, initial: int, log: Callable[..., None] = print):
         self.bar, self.log = None, log
         if enabled:
-            from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, desc="dpo", dynamic_ncols=True)
 
     def step(self, record: dict[str, Any]) -> None:
+        """Advance one step, showing its loss, reward accuracy and margin."""
         if self.bar is not None:
             self.bar.update(1)
             if "loss" in record:  # a step without pairs (online DPO, every sample tied) has no loss
@@ -630,17 +651,32 @@ class ProgressBar:
                                      margin=f"{record['rewards/margins']:.3f}")
 
     def write(self, text: str) -> None:
+        """Print a line above the bar (or log it without one)."""
         if self.bar is not None:
             self.bar.write(text)
         else:
             self.log(text)
 
     def close(self) -> None:
+        """Close the bar."""
         if self.bar is not None:
             self.bar.close()
 
 
+def finish(state: TrainState, tokenizer: Any, run_config: dict[str, Any], last: dict[str, Any],
+           evaluation: dict[str, Any], log: Callable[..., None]) -> None:
+    """After the last step: final/, the training curves (--plot) and the summary table."""
+    cfg, out_dir = state.cfg, Path(state.cfg.output_dir)
+    save_final(state, tokenizer, run_config)
+    records = read_metrics(out_dir / "metrics.jsonl")
+    if state.dist.is_main and cfg.plot:
+        plot_training_curves(records, out_dir / "training_curves.png", title=f"DPO {cfg.loss.loss_type} beta {cfg.loss.beta}")
+    history = [r for r in records if r.get("split") == "train"]
+    log(summary(history[0] if history else last, last, evaluation, out_dir, state.skipped_steps))
+
+
 def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: int) -> str:
+    """The table printed at the end: the first and last steps' and the last evaluation's metrics, and the outputs."""
     lines = ["", f"{'':24}{'first step':>12}{'last step':>12}{'eval':>12}"]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                 "generate/win_rate"):
@@ -658,12 +694,10 @@ def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    """A training run from command-line arguments (train.py's flags); returns the exit status."""
+    cfg = parse_settings(argv)  # checked: also that the loss resolves and the libraries it names are installed
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
-    needs_reference_model(cfg.loss)  # resolves the loss: an unknown name fails here, listing the known ones
-    resolve_report_to(cfg.report_to)  # a tracker whose library is missing fails now, naming the pip extra
-    check_optimizer(cfg.optimizer)
     device, dist = start_processes(cfg)
     cfg.precision = resolve_precision(cfg.precision, device)  # what ran is recorded, checked on resume and cached
     log = print if dist.is_main else (lambda *args, **kwargs: None)
@@ -674,52 +708,41 @@ def main(argv: list[str] | None = None) -> int:
     resume = open_run_dir(cfg, dist, log)
     torch.manual_seed(cfg.seed)
 
-    # ------------------------------------------------ data: the pairs, and which of them the run trains on
+    # ------------------------------------------------ data, models, and what the steps train on
     tokenizer = load_tokenizer(cfg.model)
     data = load_preference_pairs(cfg, tokenizer, log=log)
-    source = pair_source(cfg, data, tokenizer, device, log)
-    total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * source.steps_per_epoch))
-    used = source.used_ids(total_steps)
-    if isinstance(source, IterativePairs):
-        if total_steps < source.rounds:
-            raise ConfigError(f"--iterations {source.rounds} needs at least one step per round; the run has "
-                              f"{total_steps} (--max-steps / --epochs)")
-        source.total_steps, source.identity = total_steps, json.dumps(cfg.run_identity(), sort_keys=True)
-
-    # ------------------------------------------------ models, reference log-probs, optimizer
     policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
     if dist.is_main:
-        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        merged = sum(p.numel() for p in policy.parameters()) if cfg.lora.merge_lora or not adapters else 0
-        check_disk_space(out_dir, trained, trained + merged, cfg.save_total_limit)
+        check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None, keep=cfg.save_total_limit)
     layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
+    source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
+    total_steps = run_length(cfg, source.steps_per_epoch)
+    used = source.used_ids(total_steps)
+
+    # ------------------------------------------------ reference log-probs, the run's record, optimizer
     reference = reference_logps(cfg, policy, adapters, data, used, device=device, dist=dist, collate=collate,
                                 resumed=resume is not None, log=log)
-    sampler = generative_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist, resumed=resume is not None,
-                              log=log)
-    if isinstance(source, IterativePairs):
-        source.reference = round_reference(cfg, policy, adapters, collate, device)
-    state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate,
-                        workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout)
+    win_rate = build_win_rate_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist,
+                                   resumed=resume is not None, log=log)
     run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                   "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                   "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}
     if dist.is_main:
         (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    if resume:
-        log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
-    trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, state.step, enabled=dist.is_main)
+    first_step = resume["trainer_state"]["step"] if resume else 0
+    trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, first_step, enabled=dist.is_main)
 
     def alert(event: Alert) -> None:
         log(str(event))
         trackers.log_event(event.step, event.name, event.message)
 
-    state.health = HealthMonitor(cfg.health, cfg.health_window, emit=alert)
-    if resume:  # the checks' windows and the alerts already raised continue
-        state.health.load_state_dict(resume["trainer_state"].get("health", {}))
+    state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate, on_alert=alert,
+                        workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout)
+    if resume:
+        log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
 
     # ------------------------------------------------ the loop
-    pairs = f"{len(data.instructions)} instructions" if cfg.online_dpo.enabled else f"{len(data.train)} pairs"
+    pairs = f"{len(data.instructions)} instructions" if cfg.on_policy.enabled else f"{len(data.train)} pairs"
     log(f"training {total_steps} steps: {pairs}, batch {cfg.batch_size} = micro "
         f"{cfg.micro_batch_size} x accumulation {run_config['accumulation_steps']} x processes {dist.world_size}, "
         f"{layout} layout, {cfg.precision} on {device}")
@@ -747,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.step(train_record)
             state.health.observe(train_record)
             if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps:
-                if record := evaluate_run(state, eval_batch, sampler, trackers):
+                if record := evaluate_policy(state, eval_batch, win_rate, trackers):
                     eval_record = {"split": "eval", "step": state.step, "epoch": epoch, **record}
                     trackers.log(eval_record)
                     progress.write(eval_line(eval_record))
@@ -762,24 +785,16 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{reason}: checkpoint saved at step {state.step}; continue with --resume")
                 break
         progress.close()
-
-        # ------------------------------------------------ final model and summary
         if state.step == total_steps:
-            save_final(state, tokenizer, run_config)
-            records = read_metrics(out_dir / "metrics.jsonl")
-            if dist.is_main and cfg.plot:
-                from dpo.plot import plot_training_curves
-                plot_training_curves(records, out_dir / "training_curves.png",
-                                     title=f"DPO {cfg.loss.loss_type} beta {cfg.loss.beta}")
-            history = [r for r in records if r.get("split") == "train"]
-            log(summary(history[0] if history else train_record, train_record, eval_record, out_dir,
-                        state.skipped_steps))
+            finish(state, tokenizer, run_config, train_record, eval_record, log)
     barrier(dist)
     shutdown_distributed()
     return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """The command line: main with the allocator tuned first (dpo.memory) and a one-line error for bad input."""
+    tune_cpu_allocator()
     return run_cli(main, argv)
 
 

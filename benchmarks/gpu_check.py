@@ -39,12 +39,12 @@ import transformers  # noqa: E402
 
 import train  # noqa: E402
 from dpo.batches import PairBatch  # noqa: E402
-from dpo.config import parse_config  # noqa: E402
+from dpo.train_settings import parse_settings  # noqa: E402
 from dpo.data import TokenizedPair  # noqa: E402
 from dpo.distributed import DistInfo  # noqa: E402
 from dpo.loss import compute_loss  # noqa: E402
 from dpo.modeling import enable_gradient_checkpointing, load_tokenizer  # noqa: E402
-from dpo.pipeline import PreferenceData, load_preference_pairs  # noqa: E402
+from dpo.splits import PreferenceData, load_preference_pairs  # noqa: E402
 from dpo.reference import ReferenceLogps  # noqa: E402
 
 CONFIGS = ROOT / "configs"
@@ -69,7 +69,7 @@ def micro_batch_probe(device: torch.device, precision: str, pairs: list[Tokenize
     loss (train.score_pairs, compute_loss) under the precision's autocast."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
-        cfg = parse_config(["--precision", precision, "--device", device.type, "--output-dir", out,
+        cfg = parse_settings(["--precision", precision, "--device", device.type, "--output-dir", out,
                             "--batch-size", str(len(pairs)), "--micro-batch-size", str(len(pairs))])
         policy, adapters = train.build_policy(cfg, device)
         tokenizer = load_tokenizer(cfg.model)
@@ -95,7 +95,7 @@ def compare_cpu_cuda(precision: str, num_pairs: int = 16) -> dict:
     the CPU gradient's norm), with the cosine between the two gradients."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with tempfile.TemporaryDirectory() as out:
-        cfg = parse_config(["--output-dir", out])
+        cfg = parse_settings(["--output-dir", out])
         pairs = load_preference_pairs(cfg, load_tokenizer(cfg.model), log=lambda *a, **k: None).train[:num_pairs]
     loss_cpu, logps_cpu, grads_cpu = micro_batch_probe(cpu, "fp32", pairs, None)
     reference = ReferenceLogps(logps_cpu[:num_pairs], logps_cpu[num_pairs:])
@@ -172,7 +172,7 @@ def time_steps(cfg, policy, adapters, pairs: list[TokenizedPair], label: str, ex
 
 
 def recipe_config(config: str, model_dir: Path, out_dir: str, *flags: str):
-    return parse_config(["--config", str(CONFIGS / config), "--model", str(model_dir), "--output-dir", out_dir,
+    return parse_settings(["--config", str(CONFIGS / config), "--model", str(model_dir), "--output-dir", out_dir,
                          "--device", "cuda", "--no-progress", "--no-plot", *flags])
 
 
@@ -220,7 +220,7 @@ def generate(args: argparse.Namespace) -> None:
     --eval-generate run) and bf16 weights (what generate.py loads on such a GPU)."""
     in_memory_phi2()
     device = torch.device("cuda")
-    policy = train.load_model(parse_config(["--model", str(MODEL)]), str(MODEL), device).eval()
+    policy = train.load_model(parse_settings(["--model", str(MODEL)]), str(MODEL), device).eval()
     rows, prompt_length, new_tokens = 64, 128, 128
     input_ids = torch.randint(0, EOS, (rows, prompt_length), device=device, generator=None)
     settings = dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from dpo.lm_head import (BACKWARD_ROW_SLICE, DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel,  # noqa: E402
                          workspace_pool)
 from dpo.batches import micro_batches  # noqa: E402
-from dpo.config import TrainConfig  # noqa: E402
+from dpo.train_settings import TrainSettings  # noqa: E402
 
 
 def workload_rows(size: dict) -> list[int]:
@@ -42,7 +42,7 @@ def workload_rows(size: dict) -> list[int]:
     tokenizer = throughput.load_tokenizer(throughput.default_tokenizer())
     texts = throughput.workload_texts(size, throughput.default_dataset(), tokenizer)
     pairs = throughput.tokenized_pairs(texts, tokenizer, size["max_length"])
-    defaults = TrainConfig()
+    defaults = TrainSettings()
     batch = size["micro"] * size["accum"]
     rows = []
     for step in range(1, size["steps"] + 1):

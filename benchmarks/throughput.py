@@ -43,22 +43,23 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import train  # noqa: E402  (sets the CPU allocator up before torch is imported, as `python train.py` does)
+import train  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from dpo.batches import PairBatch  # noqa: E402
-from dpo.config import TrainConfig, build_parser, parse_config  # noqa: E402
+from dpo.train_settings import TrainSettings, build_parser, parse_settings  # noqa: E402
 from dpo.data import BUILTIN_SOURCES, DataError, RowError, TokenizedPair, load_records, to_example  # noqa: E402
 from dpo.distributed import DistInfo  # noqa: E402
 from dpo.errors import UserError  # noqa: E402
 from dpo.flops import FlopCounter  # noqa: E402
-from dpo.logprobs import ScoringConfig  # noqa: E402
+from dpo.logprobs import ScoringSettings  # noqa: E402
 from dpo.lora import peft_config  # noqa: E402
-from dpo.loss import LossConfig  # noqa: E402
+from dpo.loss import LossSettings  # noqa: E402
+from dpo.memory import tune_cpu_allocator  # noqa: E402
 from dpo.modeling import DEMO_MODEL_DIR  # noqa: E402
-from dpo.pipeline import PreferenceData  # noqa: E402
+from dpo.splits import PreferenceData  # noqa: E402
 from dpo.prompts import encode_texts, special_ids  # noqa: E402
 from dpo.settings import setting_fields  # noqa: E402
 
@@ -74,7 +75,7 @@ PRESETS = {"plain": ["--no-completion-only", "--no-fused-lm-head", "--no-fused-g
                      "--layout", "padded"]}
 # LoRA's settings: the adapters (both implementations take them, TRL as the same peft.LoraConfig)
 LORA_SETTINGS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save"}
-STEP_SETTINGS = ({s.name for s in setting_fields(LossConfig)} | {s.name for s in setting_fields(ScoringConfig)}
+STEP_SETTINGS = ({s.name for s in setting_fields(LossSettings)} | {s.name for s in setting_fields(ScoringSettings)}
                  | LORA_SETTINGS
                  | {"micro_batch_size", "precision", "optimizer", "weight_decay", "adam_betas", "max_grad_norm", "on_nan",
                     "precompute_ref", "fused_gelu", "layout", "group_by_length", "gradient_checkpointing", "compile"})
@@ -168,12 +169,12 @@ def peak_rss_mb() -> float:
 # This library: train.py's parts
 
 
-def workload_config(size: dict, model_dir: Path, out_dir: Path, train_flags: list[str]) -> TrainConfig:
+def workload_config(size: dict, model_dir: Path, out_dir: Path, train_flags: list[str]) -> TrainSettings:
     """train.py's settings: its defaults, the workload's sizes, then the given train.py flags."""
     workload = ["--model", str(model_dir), "--output-dir", str(out_dir), "--batch-size",
                 str(size["micro"] * size["accum"]), "--micro-batch-size", str(size["micro"]), "--lr", str(LR),
                 "--max-length", str(size["max_length"]), "--device", "cpu", "--no-progress", "--no-plot"]
-    return parse_config(workload + train_flags)
+    return parse_settings(workload + train_flags)
 
 
 def run_dpo(size: dict, pairs: list[TokenizedPair], eos: int, train_flags: list[str]) -> dict:
@@ -209,9 +210,9 @@ def run_dpo(size: dict, pairs: list[TokenizedPair], eos: int, train_flags: list[
                     layout=layout, settings=changed_settings(cfg))
 
 
-def changed_settings(cfg: TrainConfig) -> dict:
+def changed_settings(cfg: TrainSettings) -> dict:
     """The batch, and the step's settings that differ from `python train.py`'s defaults."""
-    defaults, settings = TrainConfig().to_dict(), cfg.to_dict()
+    defaults, settings = TrainSettings().to_dict(), cfg.to_dict()
     return {"batch_size": cfg.batch_size,
             **{k: v for k, v in settings.items() if k in STEP_SETTINGS and v != defaults[k]}}
 
@@ -276,6 +277,7 @@ def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair]
 
 
 def run_once(args: argparse.Namespace, train_flags: list[str]) -> dict:
+    allocator = tune_cpu_allocator()  # as train.py's command line does, before the first tensor
     if args.threads:
         torch.set_num_threads(args.threads)
     size = SIZES[args.size]
@@ -301,7 +303,7 @@ def run_once(args: argparse.Namespace, train_flags: list[str]) -> dict:
               "utilisation": round(achieved / peak, 4), "threads": torch.get_num_threads(),
               "dataset": args.dataset, "tokenizer": args.tokenizer,
               "allocator": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-                            "set_here": train.ALLOCATOR_SETTINGS}}
+                            "set_here": allocator}}
     if "settings" in result:
         record["train_flags"] = train_flags
         record["layout"] = result["layout"]

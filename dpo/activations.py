@@ -13,7 +13,10 @@ from transformers.activations import NewGELUActivation
 
 
 class FusedTanhGELU(nn.Module):
+    """The tanh-approximated GELU as torch's one fused kernel (a drop-in for `gelu_new`)."""
+
     def forward(self, x: Tensor) -> Tensor:
+        """GELU(x), tanh approximation, in one pass."""
         return F.gelu(x, approximate="tanh")
 
 

@@ -1,6 +1,8 @@
 """What each optimizer step trains on: a global batch of pairs, with their reference log-probs when precomputed.
 
     PairBatch      the pairs of one step (all processes together) and their precomputed reference log-probs
+    PairSource     what a run's steps train on: the interface train.py reads (OfflinePairs here; OnlinePairs and
+                   IterativePairs in dpo.on_policy sample and judge the policy's own responses)
     OfflinePairs   the offline pair source: step s takes a slice of its epoch's permutation of the preference
                    set, a pure function of (seed, s), so the step number is the data position and a resumed run
                    sees exactly the batches an uninterrupted one would
@@ -13,14 +15,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from dpo.data import TokenizedPair, epoch_permutation
+from torch import nn
+
+from dpo.data import DataError, TokenizedPair, epoch_permutation
+from dpo.distributed import DistInfo
 from dpo.packing import longest_first, pair_length
 from dpo.reference import ReferenceLogps
 
 
 @dataclass
 class PairBatch:
+    """The pairs of one optimizer step (all processes together), their precomputed reference log-probs and the
+    metrics of how they were made."""
+
     pairs: list[TokenizedPair]
     reference: ReferenceLogps | None = None  # one entry per pair; None when computed at step time or not needed
     metrics: dict[str, float] = field(default_factory=dict)  # how the pairs were made (online: sampling, judge)
@@ -29,29 +38,60 @@ class PairBatch:
         return len(self.pairs)
 
 
-@dataclass(frozen=True)
-class OfflinePairs:
-    pairs: Sequence[TokenizedPair]
-    batch_size: int
-    seed: int
+class PairSource(Protocol):
+    """What a run's optimizer steps train on. Built complete (every setting it needs given to its constructor), it
+    answers three questions:
+
+        steps_per_epoch    optimizer steps in one pass over its items (pairs, or instructions to sample)
+        used_ids           the pair indices steps 0 .. total_steps - 1 read from the preference set: what needs
+                           reference log-probs computed before training (none for a source that makes its pairs)
+        step_batch         the global batch of a step: a pure function of the step (and, for sources that sample,
+                           the policy), so a resumed run sees the batches an uninterrupted one would
+    """
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the source's items."""
+
+    def used_ids(self, total_steps: int) -> list[int]:
+        """The preference set's pair indices that steps 0 .. total_steps - 1 train on, sorted."""
+
+    def step_batch(self, step: int, reference: ReferenceLogps | None, policy: nn.Module,
+                   dist: DistInfo) -> PairBatch:
+        """The global batch of optimizer step `step` (0-based; the same on every process). `reference`: the
+        precomputed reference log-probs of the preference set (NaN where not used), or None."""
+
+
+@dataclass(frozen=True)
+class OfflinePairs:
+    """Offline DPO's pair source: step s trains on a slice of its epoch's seeded permutation of `pairs`."""
+
+    pairs: Sequence[TokenizedPair]
+    batch_size: int
+    seed: int
+    description: str = "the preference set"  # named in the error when there is less than one batch
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.description}: {len(self.pairs)} usable training pairs, fewer than one batch of "
+                            f"--batch-size {self.batch_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full batches in one pass over the pairs (the last partial batch of an epoch is left out)."""
         return len(self.pairs) // self.batch_size
 
     def batch_ids(self, step: int) -> list[int]:
         """Indices into `pairs` of the global batch of optimizer step `step` (0-based)."""
         return step_ids(len(self.pairs), self.batch_size, self.seed, step)
 
-    def batch(self, step: int, reference: ReferenceLogps | None = None) -> PairBatch:
-        """The pairs of step `step` with their precomputed reference log-probs, which must all be finite."""
+    def step_batch(self, step: int, reference: ReferenceLogps | None = None, policy: nn.Module | None = None,
+                   dist: DistInfo | None = None) -> PairBatch:
+        """The pairs of step `step` with their precomputed reference log-probs, which must all be finite (the
+        policy and the processes play no part: the batch is a function of the step)."""
         ids = self.batch_ids(step)
         selected = reference.select(ids).require_finite(f"step {step + 1}") if reference is not None else None
         return PairBatch([self.pairs[i] for i in ids], selected)
-
-    def step_batch(self, step: int, reference: ReferenceLogps | None, policy: object, dist: object) -> PairBatch:
-        """The source interface train.py calls (OnlinePairs and IterativePairs sample with `policy` instead)."""
-        return self.batch(step, reference)
 
     def used_ids(self, total_steps: int) -> list[int]:
         """Every pair index that steps 0 .. total_steps - 1 train on, sorted (what needs reference log-probs)."""

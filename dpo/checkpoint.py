@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints: everything needed to continue a run exactly.
+"""The run's output directory and its crash-safe checkpoints: everything needed to continue a run exactly.
 
 A checkpoint is written into `checkpoint-<step>.tmp/` and renamed to `checkpoint-<step>/` only once
 every file is on disk, so a directory named `checkpoint-<step>` is always complete; a crash mid-write
@@ -10,7 +10,7 @@ The data position needs no saving of its own: the batch order is a pure function
 
 Every file holds only tensors and plain Python values and is read with `torch.load(weights_only=True)`, so
 loading a checkpoint someone shared cannot run code. `trainer_state.json` also records the settings that define
-the run (`TrainConfig.run_identity`): `--resume` compares them with its own (`settings_differences`).
+the run (`TrainSettings.run_identity`): `--resume` compares them with its own (`settings_differences`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,42 @@ import numpy as np
 import torch
 
 from dpo.errors import UserError, first_line
+from dpo.settings import ConfigError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+
+
+def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create --output-dir; never reuse a directory holding a run silently."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--output-dir {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise ConfigError(f"--output-dir {out_dir} already holds files; pass --resume to continue that run "
+                              f"or --overwrite to replace it")
+        shutil.rmtree(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--output-dir {out_dir} is not writable ({error.strerror or error})") from None
+
+
+def check_disk_space(out_dir: Path, model: torch.nn.Module, *, merged: bool, keep: int,
+                     free_bytes: int | None = None) -> None:
+    """Fail before training when `keep` checkpoints (`model`'s trained weights and 2 AdamW moments each) and final/
+    (the trained weights, plus every weight when `merged`: a full model or a merged LoRA model) cannot fit."""
+    trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    final_params = trained_params + (sum(p.numel() for p in model.parameters()) if merged else 0)
+    needed = trained_params * 4 * 3 * keep + final_params * 4
+    free = shutil.disk_usage(out_dir).free if free_bytes is None else free_bytes
+    if free < needed:
+        raise ConfigError(f"--output-dir {out_dir}: {free / 2**30:.2f} GiB free, but {keep} checkpoint(s) and "
+                          f"final/ need about {needed / 2**30:.2f} GiB; free space or lower --save-total-limit")
+
 
 
 def rng_state() -> dict[str, Any]:
@@ -44,6 +77,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore every RNG from `rng_state()`'s dict (CUDA's where a GPU is present)."""
     random.setstate(state["python"])
     saved = state["numpy"]
     np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
@@ -80,6 +114,7 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint directory under `output_dir`, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
 
@@ -141,6 +176,7 @@ class CheckpointError(UserError):
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (its step, the run's settings, ...); a CheckpointError if unreadable."""
     file = Path(path) / STATE_FILE
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
@@ -170,12 +206,14 @@ def _load_tensors(file: Path, mmap: bool = False) -> Any:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at `path`: its trainer state, optimizer state (memory-mapped), grad scaler, RNG
+    states, the loss's state, and the directory of its model."""
     path = Path(path)
     extra = _load_tensors(path / "extra.pt")
     return {
         "trainer_state": read_trainer_state(path),
-        # memory-mapped: each process pages in what it copies into its optimizer (22 GB in fp32 for phi-2), and
-        # the pages can be dropped once copied
+        # memory-mapped: each process pages in what it copies into its optimizer (the largest file), and the
+        # pages can be dropped once copied
         "optimizer": _load_tensors(path / "optimizer.pt", mmap=True),
         "scaler": extra["scaler"],
         "rng": extra["rng"],

@@ -83,6 +83,8 @@ class RowError(DataError):
 
 @dataclass(frozen=True)
 class PreferenceExample:
+    """One preference record as rendered text: the prompt and the chosen and rejected responses."""
+
     prompt: str  # rendered prompt, e.g. "### Human: ...\n\n### Assistant:"
     chosen: str  # rendered response, e.g. " answer" (no EOS)
     rejected: str
@@ -91,6 +93,8 @@ class PreferenceExample:
 
 @dataclass(frozen=True)
 class TokenizedPair:
+    """A preference pair as token ids: the prompt and the two responses (each ending with EOS unless truncated)."""
+
     prompt_ids: list[int]  # at most one BOS (only if the tokenizer adds one), never an EOS
     chosen_ids: list[int]  # ends with exactly one EOS unless cut by truncation
     rejected_ids: list[int]
@@ -109,14 +113,17 @@ class DataStats:
     truncated_responses: int = 0  # kept pairs with a response cut at max_length (it lost its EOS)
 
     def count_skip(self, reason: str, message: str) -> None:
+        """Count a skipped row under `reason`, keeping the first skip's message."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         self.first_skip.setdefault(reason, message)
 
     @property
     def num_skipped(self) -> int:
+        """Rows skipped, all reasons together."""
         return sum(self.skipped.values())
 
     def reasons(self) -> str:
+        """The skips as one line: each reason, its count and its first message."""
         return "; ".join(f"{reason} {n} (first: {self.first_skip[reason]})" for reason, n in self.skipped.items())
 
     def __str__(self) -> str:
@@ -169,7 +176,7 @@ def _read_json(path: Path, split: str | None) -> list[dict]:
 
 
 def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy, and comes with datasets: only .parquet files need it
 
     try:
         return pq.read_table(path).to_pylist()
@@ -179,7 +186,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
 def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str]:
     """A dataset directory with splits or a hub name, through datasets.load_dataset."""
-    import datasets
+    import datasets  # heavy: only hub names and dataset directories need it
 
     try:
         if split is None:

@@ -13,20 +13,26 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place under torchrun: its rank, the world size and its local rank."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
+        """Whether this is the main process (rank 0), which logs and writes files."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process runs."""
         return self.world_size > 1
 
 
@@ -49,6 +55,7 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    """Destroy the process group, where one was set up."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -70,6 +77,7 @@ def gather(items: list, info: DistInfo) -> list:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every process; a no-op in one process."""
     if info.enabled:
         dist.barrier()
 
@@ -91,6 +99,7 @@ def wrap_model(scorer: nn.Module, info: DistInfo, *, fsdp: bool, device: torch.d
     if not info.enabled:
         return scorer
     if fsdp:
+        # only --fsdp needs it, and torch names FSDP2 here only from 2.6 on
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
@@ -99,7 +108,7 @@ def wrap_model(scorer: nn.Module, info: DistInfo, *, fsdp: bool, device: torch.d
                 fully_shard(module, mp_policy=policy)
         return fully_shard(scorer, mp_policy=policy)
     device_ids = [device.index] if device.type == "cuda" else None
-    # gradients live in the communication buckets: no second copy of every gradient (11 GB for phi-2 in fp32)
+    # gradients live in the communication buckets: no second copy of every gradient
     return nn.parallel.DistributedDataParallel(scorer, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
@@ -124,29 +133,23 @@ def no_sync(model: nn.Module, sync: bool):
 # Full (unsharded, CPU) state dicts, keyed by parameter name: the same files whatever the world size,
 # so a checkpoint written by N processes (DDP or FSDP) reloads in M. Collective under torchrun.
 def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_model_state(model: nn.Module, prefix: str = "model.", trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The wrapped model's weights as plain CPU tensors, with `prefix` (the scorer's attribute) removed;
     `trainable_only`: the parameters that train (LoRA's adapters), not the frozen base."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     state = get_model_state_dict(model, options=options)
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
+    """The optimizer's state keyed by parameter name, unsharded on CPU (collective under torchrun)."""
     return get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
+    """Load a full optimizer state (`full_optimizer_state`'s) into the possibly sharded optimizer."""
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))

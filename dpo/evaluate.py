@@ -46,20 +46,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 
 from dpo.cli import run_cli
-from dpo.config import TrainConfig
+from dpo.train_settings import TrainSettings
 from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
 from dpo.precision import PRECISIONS
-from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingConfig,
+from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingSettings,
                             add_prompt_arguments, generate_batch, generator_name, load_checked_tokenizer,
                             read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side)
 from dpo.errors import UserError
 from dpo.judges import Judge, JudgeError, build_judge
 from dpo.logprobs import sequence_logps
-from dpo.loss import LossConfig
+from dpo.loss import LossSettings
 from dpo.modeling import load_causal_lm
+from dpo.splits import available_splits
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
@@ -87,6 +89,8 @@ def wilson_interval(p_hat: float, n: int, z: float = Z_95) -> tuple[float, float
 
 @dataclass(frozen=True)
 class WinRate:
+    """Wins, ties and losses of the policy against the reference."""
+
     wins: int
     ties: int
     losses: int
@@ -102,19 +106,23 @@ class WinRate:
 
     @property
     def n(self) -> int:
+        """The number of comparisons."""
         return self.wins + self.ties + self.losses
 
     @property
     def win_rate(self) -> float:
+        """(W + T/2) / n; a ValueError when there are no comparisons."""
         if self.n == 0:
             raise ValueError("no comparisons: the win rate is undefined")
         return (self.wins + 0.5 * self.ties) / self.n
 
     @property
     def interval(self) -> tuple[float, float]:
+        """The Wilson 95% interval of the win rate."""
         return wilson_interval(self.win_rate, self.n)
 
     def to_dict(self) -> dict[str, float | int]:
+        """The win rate, its interval and the counts, as plain values."""
         low, high = self.interval
         return {"win_rate": self.win_rate, "ci_low": low, "ci_high": high, "wins": self.wins, "ties": self.ties,
                 "losses": self.losses, "n": self.n}
@@ -126,6 +134,8 @@ class WinRate:
 
 @dataclass
 class Comparison:
+    """One prompt's two answers, the judge's outcome for the policy and its scores and checks of each."""
+
     instruction: str
     category: str | None
     policy_output: str
@@ -139,6 +149,8 @@ class Comparison:
 
 @dataclass
 class LoadedModel:
+    """A model ready to generate: its display name, its resolved path, the model and its tokenizer."""
+
     name: str
     path: str
     model: Any
@@ -146,6 +158,7 @@ class LoadedModel:
 
 
 def load_model(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """A trained run's final/ (or any model) with its tokenizer, in eval mode on `device`."""
     path = resolve_run_model(name)
     tokenizer = load_checked_tokenizer(path)
     model = load_causal_lm(path, dtype=dtype, device=device).eval()
@@ -153,7 +166,7 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
 
 
 def compare_models(policy: LoadedModel, reference: LoadedModel, prompts: Sequence[dict[str, Any]], judge: Judge,
-                   decoding: DecodingConfig, *, batch_size: int = 32, progress: bool = False) -> list[Comparison]:
+                   decoding: DecodingSettings, *, batch_size: int = 32, progress: bool = False) -> list[Comparison]:
     """Both models answer every prompt (same seeded decoding); the judge compares each pair."""
     instructions = [row["instruction"] for row in prompts]
     # categories first: a prompt the judge cannot handle fails before any generation
@@ -182,6 +195,8 @@ def mean_lengths(texts: Sequence[str], tokenizer: Any) -> dict[str, float]:
 
 def win_rate_summary(comparisons: Sequence[Comparison], policy: LoadedModel,
                      reference: LoadedModel) -> dict[str, Any]:
+    """The overall and per-category win rates, mean answer lengths, mean judge scores and check rates of
+    both models."""
     overall = WinRate.from_outcomes([c.outcome for c in comparisons])
     summary: dict[str, Any] = overall.to_dict()
     for prefix, model, outputs in (("policy", policy, [c.policy_output for c in comparisons]),
@@ -232,6 +247,7 @@ def format_checks(summary: dict[str, Any]) -> str:
 
 
 def format_win_rate(summary: dict[str, Any], policy: str, reference: str) -> str:
+    """The win-rate table (per category, then all) and the mean output lengths, as text."""
     header = f"{'':14}{'n':>5}{'wins':>6}{'ties':>6}{'losses':>8}{'win rate':>10}   95% CI"
 
     def row(label: str, s: dict[str, Any]) -> str:
@@ -288,14 +304,14 @@ def implicit_reward_metrics(policy: Any, reference: Any, pairs: Sequence[Any], *
 
 def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: dict[str, Any],
                     max_pairs: int | None) -> tuple[list[Any], str]:
-    from dpo.pipeline import available_splits
-
+    """The tokenized pairs of a dataset's split, built with the run's settings (train.py's defaults where it
+    names none), and a line describing them."""
     splits = available_splits(dataset)
     if splits is not None and split not in splits:
         raise DataError(f"{dataset}: no split {split!r} (available: {', '.join(splits)}); set --split")
     records, description = load_records(dataset, split if splits is not None else None)
     records = select_subset(records, max_pairs)
-    run = {**TrainConfig().to_dict(), **settings}  # train.py's defaults where the run's settings are silent
+    run = {**TrainSettings().to_dict(), **settings}  # train.py's defaults where the run's settings are silent
     pairs, stats = build_pairs(records, tokenizer, max_length=run["max_length"],
                                max_prompt_length=run["max_prompt_length"], truncation_mode=run["truncation_mode"],
                                template=run["template"], source=description)
@@ -303,6 +319,7 @@ def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: d
 
 
 def format_implicit(metrics: dict[str, float]) -> str:
+    """The implicit-reward metrics in one line."""
     return (f"implicit reward on {metrics['pairs']} pairs (beta {metrics['beta']}): accuracy "
             f"{metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.4f}, chosen "
             f"{metrics['chosen_reward']:.4f}, rejected {metrics['rejected_reward']:.4f}, "
@@ -314,6 +331,7 @@ def format_implicit(metrics: dict[str, float]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of python -m dpo.evaluate."""
     parser = argparse.ArgumentParser(prog="python -m dpo.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="the policy: a trained final/ (or its run directory)")
@@ -366,8 +384,9 @@ def _prompts(args: argparse.Namespace, judge: Judge) -> list[dict[str, Any]]:
     return [{"instruction": text} for text in texts]
 
 
-def check_args(args: argparse.Namespace) -> DecodingConfig:
-    decoding = DecodingConfig.from_args(args)
+def check_args(args: argparse.Namespace) -> DecodingSettings:
+    """The decoding settings of the arguments; an EvaluationError for a value out of range."""
+    decoding = DecodingSettings.from_args(args)
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.samples < 0:
@@ -382,8 +401,7 @@ def check_args(args: argparse.Namespace) -> DecodingConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import transformers
-
+    """Evaluate as the arguments ask: the win rate, the implicit reward, or both; prints the report."""
     args = build_parser().parse_args(argv)
     decoding = check_args(args)
     transformers.utils.logging.disable_progress_bar()
@@ -425,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.implicit_reward:
         dataset = args.dataset or settings.get("dataset")
         split = args.split or settings.get("eval_split")
-        beta = args.beta or settings.get("beta") or LossConfig().beta
+        beta = args.beta or settings.get("beta") or LossSettings().beta
         if not dataset:
             raise EvaluationError("--implicit-reward needs --dataset (the run's settings name none)")
         if policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
@@ -441,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """`main` with user errors as one line and exit status 2."""
     return run_cli(main, argv)
 
 

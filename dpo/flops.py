@@ -76,6 +76,7 @@ class FlopCounter:
 
     @classmethod
     def of(cls, model: nn.Module, frozen_weights: bool = False) -> "FlopCounter":
+        """The counter of `model`: its decoder layers' weights and its d x V head."""
         config: Any = model.config
         return cls(block_weight_count(model), config.hidden_size * config.vocab_size, frozen_weights)
 

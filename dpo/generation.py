@@ -1,6 +1,6 @@
 """Decoding with the recipe's settings, shared by generate.py and dpo.evaluate.
 
-    DecodingConfig     how prompts are rendered and cut, and how responses are decoded
+    DecodingSettings     how prompts are rendered and cut, and how responses are decoded
     run_settings       a trained model's training settings (final/dpo_run.json): its template and prompt limits
     prompt_budget      the most prompt tokens a model is given
     left_pad           id lists -> input_ids, attention_mask (the mask comes from lengths: pad may equal EOS/BOS)
@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -63,7 +64,7 @@ class BatchFileError(GenerationError):
 
 
 @dataclass(frozen=True)
-class DecodingConfig:
+class DecodingSettings:
     """How prompts are rendered and cut, and how responses are decoded. greedy=True ignores temperature, top_p
     and top_k. The prompt settings left None are the trained run's (for_run), else the defaults noted."""
 
@@ -79,7 +80,7 @@ class DecodingConfig:
     truncation_mode: str | None = None  # None: keep_end
 
     @classmethod
-    def from_args(cls, args) -> "DecodingConfig":
+    def from_args(cls, args) -> "DecodingSettings":
         """From parsed command-line flags (--temperature, --top-p, --top-k, --greedy, --max-new-tokens, --seed,
         --chat-template, --max-prompt-length, --truncation-mode), validated."""
         decoding = cls(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
@@ -90,7 +91,7 @@ class DecodingConfig:
         decoding.validate()
         return decoding
 
-    def for_run(self, settings: dict[str, Any]) -> "DecodingConfig":
+    def for_run(self, settings: dict[str, Any]) -> "DecodingSettings":
         """The prompt settings left None taken from a run's training settings (run_settings): the chat template
         when it trained with template 'chat', and its max_prompt_length and truncation_mode."""
         chat = self.chat_template if self.chat_template is not None else settings.get("template") == "chat"
@@ -100,9 +101,11 @@ class DecodingConfig:
 
     @property
     def template(self) -> str:
+        """The prompt template: 'chat' with the tokenizer's chat template, else 'recipe'."""
         return "chat" if self.chat_template else "recipe"
 
     def validate(self) -> None:
+        """A GenerationError naming the first setting out of range."""
         if self.max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.greedy:
@@ -122,6 +125,7 @@ class DecodingConfig:
                                   f"got {self.truncation_mode!r}")
 
     def describe(self) -> str:
+        """The decoding in one line, for reports (e.g. "temperature 0.7, top-p 0.9, seed 0, ...")."""
         template = ", chat template" if self.chat_template else ""
         if self.greedy:
             return f"greedy, max {self.max_new_tokens} new tokens{template}"
@@ -133,7 +137,7 @@ class DecodingConfig:
 def add_prompt_arguments(parser: Any) -> None:
     """--chat-template / --no-chat-template, --max-prompt-length and --truncation-mode, shared by generate.py and
     dpo.evaluate. Left out, they are absent from the parsed arguments: the run's settings apply (for_run)."""
-    unset = argparse.SUPPRESS  # no "(default: None)" in --help; DecodingConfig.from_args reads absence as None
+    unset = argparse.SUPPRESS  # no "(default: None)" in --help; DecodingSettings.from_args reads absence as None
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=unset,
                         help="render prompts with the tokenizer's chat template (--no-chat-template: the recipe's "
                              f"'### Human:' template); default: as the run was trained ({RUN_SETTINGS_FILE}'s "
@@ -176,6 +180,7 @@ def run_settings(model_path: str | Path) -> dict[str, Any]:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """--device as a torch device: 'auto' is CUDA where available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -210,6 +215,7 @@ def load_checked_tokenizer(name: str) -> Any:
 
 
 def check_instruction(instruction: Any, where: str = "the instruction") -> str:
+    """`instruction` itself when it is a non-empty string, else a GenerationError naming `where`."""
     if not isinstance(instruction, str):
         raise GenerationError(f"{where} is a {type(instruction).__name__}, not a string")
     if not instruction.strip():
@@ -310,6 +316,7 @@ class StopAwareStreamer(BaseStreamer):
         self.reset()
 
     def reset(self) -> None:
+        """Forget the last response: ready for the next prompt."""
         self.tokens: list[int] = []
         self.written = ""
         self.text = ""
@@ -327,6 +334,7 @@ class StopAwareStreamer(BaseStreamer):
         return _TRAILING_UNSETTLED.sub("", cleaned[:len(cleaned) - hold])
 
     def put(self, value: Tensor) -> None:
+        """Take the next token (generate() passes the prompt first) and write what can no longer change."""
         if value.dim() > 1:
             if value.shape[0] > 1:
                 raise GenerationError("streaming needs a batch of one prompt")
@@ -346,6 +354,7 @@ class StopAwareStreamer(BaseStreamer):
             self.written = safe
 
     def end(self) -> None:
+        """Write the rest of the cleaned response and a newline; `text` holds the response."""
         self.text = clean_response(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
         if self.text.startswith(self.written):
             self.write(self.text[len(self.written):] + "\n")
@@ -359,7 +368,7 @@ class StopAwareStreamer(BaseStreamer):
 # Generation
 
 
-def _generation_config(decoding: DecodingConfig, max_new_tokens: int, pad_id: int,
+def _generation_config(decoding: DecodingSettings, max_new_tokens: int, pad_id: int,
                        eos_ids: list[int]) -> GenerationConfig:
     if decoding.greedy:  # neutral values, so a sampling generation_config.json of the model is not mixed in
         sampling = dict(temperature=1.0, top_p=1.0, top_k=50)
@@ -394,7 +403,7 @@ def own_rng(model: Any) -> Any:
 
 
 @torch.no_grad()
-def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingConfig | None = None,
+def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingSettings | None = None,
                    *, batch_size: int = 8, progress: bool = False, streamer: BaseStreamer | None = None,
                    description: str = "generating", warn: bool = True, precision: str = "fp32") -> list[str]:
     """One response per instruction, in the instructions' order.
@@ -406,7 +415,7 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
     max_position_embeddings, the new-token budget of that batch is lowered to fit. `precision`: the autocast the
     model runs under (a training run samples its fp32 policy in the run's precision).
     """
-    decoding = decoding or DecodingConfig()
+    decoding = decoding or DecodingSettings()
     decoding.validate()
     if batch_size < 1:
         raise GenerationError(f"--batch-size must be at least 1, got {batch_size}")
@@ -431,7 +440,6 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
         torch.manual_seed(decoding.seed)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True)
     outputs: list[str] = [""] * len(prompts)
     try:

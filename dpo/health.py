@@ -29,6 +29,8 @@ class HealthError(TrainingError):
 
 @dataclass(frozen=True)
 class Alert:
+    """A health check that fired: the check's name, the step, and the message."""
+
     name: str
     step: int
     message: str
@@ -50,9 +52,11 @@ class Check:
     state: tuple[str, ...] = ()
 
     def train(self, record: dict[str, Any]) -> str | None:
+        """A message when this train record shows the condition, else None."""
         return None
 
     def eval(self, record: dict[str, Any]) -> str | None:
+        """A message when this evaluation record shows the condition, else None."""
         return None
 
 
@@ -67,6 +71,7 @@ class NothingScored(Check):
         self.window, self.run = window, 0
 
     def train(self, record: dict[str, Any]) -> str | None:
+        """A message once the gradient has been zero with nothing scored for `window` steps."""
         no_tokens = _value(record, "logps/chosen") == 0.0 and _value(record, "logps/rejected") == 0.0
         stuck = abs(_value(record, "loss") - LN2) < 1e-6
         self.run = self.run + 1 if _value(record, "grad_norm") == 0.0 and (no_tokens or stuck) else 0
@@ -90,6 +95,8 @@ class LikelihoodDisplacement(Check):
         self.history: deque[tuple[float, float]] = deque(maxlen=window + 1)
 
     def eval(self, record: dict[str, Any]) -> str | None:
+        """A message once the chosen log-probs have fallen and the margins risen at each of the last `window`
+        evaluations."""
         self.history.append((_value(record, "logps/chosen"), _value(record, "rewards/margins")))
         if len(self.history) <= self.window:
             return None
@@ -113,6 +120,7 @@ class ExplodingLogRatios(Check):
         self.first: dict[str, float] = {}
 
     def train(self, record: dict[str, Any]) -> str | None:
+        """A message when the margins are not finite or a mean log-prob grows far beyond its first value."""
         if "rewards/margins" in record and not math.isfinite(_value(record, "rewards/margins")):
             return ("the reward margins are not finite: the log-ratios overflowed. Lower --lr, keep --max-grad-norm, "
                     "or use --precision bf16 / fp32")
@@ -139,6 +147,7 @@ class LossScaleCollapse(Check):
         self.highest = 0.0
 
     def train(self, record: dict[str, Any]) -> str | None:
+        """A message when the fp16 loss scale falls far below its highest value (or below 1)."""
         scale = _value(record, "loss_scale")
         if math.isnan(scale):
             return None
@@ -162,6 +171,7 @@ class HealthMonitor:
         self.raised: list[Alert] = []
 
     def observe(self, record: dict[str, Any]) -> list[Alert]:
+        """Run the checks on one metrics record; the new alerts (a HealthError under --health strict)."""
         split = record.get("split")
         alerts = []
         for check in self.checks:
@@ -181,6 +191,7 @@ class HealthMonitor:
         return {"raised": [[a.name, a.step, a.message] for a in self.raised], "checks": checks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the alerts raised and the checks' state from `state_dict()`'s dict."""
         self.raised = [Alert(*entry) for entry in state.get("raised", [])]
         for check in self.checks:
             for attribute, value in state.get("checks", {}).get(check.name, {}).items():
@@ -192,6 +203,7 @@ class HealthMonitor:
                     setattr(check, attribute, value)
 
     def stop(self, name: str, step: int, message: str) -> None:
+        """Raise the alert `name` and end the run with a HealthError."""
         alert = self._raise(Alert(name, step, message))
         raise HealthError(f"step {alert.step}: {alert.message}")
 

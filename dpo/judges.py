@@ -30,10 +30,15 @@ from functools import cached_property
 from typing import Any
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
 from dpo.errors import UserError, first_line
-from dpo.modeling import ModelLoadError, resolve_model_path
-from dpo.prompts import format_prompt, format_response
+from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
+from dpo.logprobs import sequence_logps
+from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
+from dpo.plugins import is_function_spec, load_function
+from dpo.prompts import format_prompt, format_response, render_prompt, render_response
 
 
 CACHE_LIMIT = 65_536  # scores a judge keeps (compare() and score() ask for the same ones); cleared when full
@@ -50,6 +55,7 @@ class Judge:
     name = "judge"
 
     def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        """1.0 when answer a is the better one, 0.0 when b is, 0.5 for a tie."""
         raise NotImplementedError
 
     def score(self, instruction: str, answer: str) -> float | None:
@@ -57,6 +63,7 @@ class Judge:
         return None
 
     def category(self, instruction: str) -> str | None:
+        """The instruction's category, for per-category tables; None when the judge has none."""
         return None
 
     def checks(self, instruction: str, answer: str) -> dict[str, bool] | None:
@@ -120,43 +127,46 @@ class DemoJudge(Judge):
     name = "demo"
 
     @cached_property
-    def _by_text(self) -> dict[str, Any]:
+    def _task(self) -> Any:
+        # imported when a demo judge is first used, not with dpo.judges: the demo's task loads only when asked for
         from dpo.demo import task
 
-        return {instr.text: instr for split in task.SPLITS for instr in task.instructions(split)}
+        return task
+
+    @cached_property
+    def _by_text(self) -> dict[str, Any]:
+        return {instr.text: instr for split in self._task.SPLITS for instr in self._task.instructions(split)}
 
     def instruction(self, text: str) -> Any:
+        """The demo's Instruction whose text this is; a JudgeError for text that is not a demo instruction."""
         try:
             return self._by_text[text.strip()]
         except KeyError:
             raise JudgeError(f"the demo judge only knows the demo's instructions, not {text[:80]!r}") from None
 
     def score(self, instruction: str, answer: str) -> float:
-        from dpo.demo import task
-
-        return task.judge(self.instruction(instruction), answer).score
+        """1.0 correct and concise, 0.5 correct only, 0.0 wrong."""
+        return self._task.judge(self.instruction(instruction), answer).score
 
     def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
-        from dpo.demo import task
-
-        return task.compare(self.instruction(instruction), answer_a, answer_b)
+        """The demo task's preference between the two answers (1.0, 0.5 or 0.0)."""
+        return self._task.compare(self.instruction(instruction), answer_a, answer_b)
 
     def category(self, instruction: str) -> str | None:
+        """The instruction's category: addition, opposite, next or capital."""
         return self.instruction(instruction).category
 
     def checks(self, instruction: str, answer: str) -> dict[str, bool]:
-        from dpo.demo import task
-
-        verdict = task.judge(self.instruction(instruction), answer)
+        """Whether the answer is correct, and whether it is concise."""
+        verdict = self._task.judge(self.instruction(instruction), answer)
         return {"correct": verdict.correct, "concise": verdict.concise}
 
     def default_prompts(self, n: int | None, seed: int) -> list[str]:
-        from dpo.demo import task
-
-        pool = len(task.instructions("test"))
+        """`n` of the demo's held-out instructions drawn with `seed` (all of them when `n` is None)."""
+        pool = len(self._task.instructions("test"))
         if n is not None and not 1 <= n <= pool:
             raise JudgeError(f"the demo judge has {pool} held-out instructions; {n} were asked for")
-        return [instr.text for instr in task.held_out_instructions(pool if n is None else n, seed=seed)]
+        return [instr.text for instr in self._task.held_out_instructions(pool if n is None else n, seed=seed)]
 
 
 class RewardModelJudge(Judge):
@@ -174,8 +184,6 @@ class RewardModelJudge(Judge):
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_length: int | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         resolved = resolve_model_path(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved)
@@ -197,6 +205,7 @@ class RewardModelJudge(Judge):
         self._rewards: dict[tuple[str, str], float] = {}
 
     def render(self, instruction: str, answer: str) -> str:
+        """The conversation the reward model scores, as text (no EOS appended)."""
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer.strip()}],
@@ -204,6 +213,7 @@ class RewardModelJudge(Judge):
         return format_prompt(instruction) + format_response(answer)
 
     def reward(self, instruction: str, answer: str) -> float:
+        """The reward model's logit on the answer to the instruction (cached)."""
         key = (instruction, answer)
         if key not in self._rewards:  # compare() and score() ask for the same rewards
             if len(self._rewards) >= CACHE_LIMIT:  # online DPO scores fresh answers every step
@@ -248,9 +258,11 @@ class RewardModelJudge(Judge):
         return [[self.reward(prompt, answer) for answer in answers] for prompt, answers in zip(prompts, responses)]
 
     def score(self, instruction: str, answer: str) -> float:
+        """The answer's reward."""
         return self.reward(instruction, answer)
 
     def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        """1.0, 0.5 or 0.0 as answer a's reward is above, equal to or below answer b's."""
         return _outcome(self.reward(instruction, answer_a), self.reward(instruction, answer_b))
 
 
@@ -260,9 +272,6 @@ class ImplicitRewardJudge(Judge):
     template, max_length, max_prompt_length and truncation). beta and the reference are the run's (dpo_run.json)."""
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
-        from dpo.modeling import load_causal_lm
-
         resolved = resolve_run_model(path)
         self.settings = run_settings(resolved)
         if not self.settings.get("reference_model") or not self.settings.get("beta"):
@@ -277,12 +286,9 @@ class ImplicitRewardJudge(Judge):
 
     @torch.no_grad()
     def rewards(self, instruction: str, answer_a: str, answer_b: str) -> tuple[float, float]:
+        """The implicit rewards of answers a and b, scored as one pair (cached)."""
         key = (instruction, answer_a, answer_b)
         if key not in self._rewards:
-            from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
-            from dpo.logprobs import sequence_logps
-            from dpo.prompts import render_prompt, render_response
-
             s, template = self.settings, self.settings.get("template", "recipe")
             prompt = render_prompt(instruction, template, self.tokenizer)
             example = PreferenceExample(
@@ -303,9 +309,11 @@ class ImplicitRewardJudge(Judge):
         return self._rewards[key]
 
     def score(self, instruction: str, answer: str) -> float:
+        """The answer's implicit reward."""
         return self.rewards(instruction, answer, answer)[0]
 
     def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        """1.0, 0.5 or 0.0 as answer a's implicit reward is above, equal to or below answer b's."""
         return _outcome(*self.rewards(instruction, answer_a, answer_b))
 
 
@@ -313,8 +321,6 @@ class FunctionJudge(Judge):
     """A user's judge function: fn(prompts, responses) -> scores (see the module docstring)."""
 
     def __init__(self, spec: str):
-        from dpo.plugins import load_function
-
         self.name = spec
         self.function = load_function(spec, "judge", JudgeError)
 
@@ -322,9 +328,11 @@ class FunctionJudge(Judge):
         return self.function(list(prompts), [list(r) for r in responses])
 
     def score(self, instruction: str, answer: str) -> float:
+        """The function's score of the one answer."""
         return self.score_batch([instruction], [[answer]])[0][0]
 
     def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        """1.0, 0.5 or 0.0 as the function scores answer a above, equal to or below answer b."""
         a, b = self.score_batch([instruction], [[answer_a, answer_b]])[0]
         return _outcome(a, b)
 
@@ -336,8 +344,6 @@ IMPLICIT_PREFIX = "implicit:"
 def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Judge:
     """'demo' -> DemoJudge; 'implicit:PATH' -> a DPO model's implicit reward; 'module:function' or
     'file.py:function' -> a user's function; anything else is a reward model's directory or hub name."""
-    from dpo.plugins import is_function_spec
-
     if spec in JUDGES:
         return JUDGES[spec]()
     if spec.startswith(IMPLICIT_PREFIX):

@@ -48,6 +48,7 @@ class SequenceLogps:
 
     @property
     def mean(self) -> Tensor:
+        """The mean log-prob over scored tokens (0 for a sequence with none)."""
         return self.sum / self.count.clamp(min=1)
 
 
@@ -96,7 +97,7 @@ def _reduce(num_rows: int, rows: Tensor, logps: Tensor, adjusted: Tensor | None)
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringSettings:
     """How log-probs are computed from hidden states (see the module docstring). Every choice computes the same
     numbers (to fp32 rounding), so a resumed run may change them; each field is a flag of train.py."""
 
@@ -116,8 +117,8 @@ class ScoringConfig:
         check_settings(self)
 
 
-def _settings(settings: ScoringConfig | None, overrides: dict) -> ScoringConfig:
-    return replace(settings or ScoringConfig(), **overrides)
+def _settings(settings: ScoringSettings | None, overrides: dict) -> ScoringSettings:
+    return replace(settings or ScoringSettings(), **overrides)
 
 
 def logit_softcap(model: nn.Module) -> float | None:
@@ -133,7 +134,7 @@ def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None) -> Tenso
     return torch.tanh(logits / cap) * cap
 
 
-def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, settings: ScoringConfig,
+def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, settings: ScoringSettings,
                   with_wpo: bool) -> tuple[Tensor, Tensor | None]:
     """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head."""
     lm_head = model.get_output_embeddings()
@@ -158,7 +159,7 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, sett
 
 
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                   settings: ScoringConfig | None = None, *, with_wpo: bool = False, **overrides) -> SequenceLogps:
+                   settings: ScoringSettings | None = None, *, with_wpo: bool = False, **overrides) -> SequenceLogps:
     """Summed response log-probs of each row of a right-padded batch (see the module docstring); keyword
     arguments override fields of `settings` (e.g. completion_only=False)."""
     settings = _settings(settings, overrides)
@@ -175,7 +176,7 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     return _reduce(num_rows, rows, logps, adjusted)
 
 
-def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: ScoringConfig,
+def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: ScoringSettings,
                           with_wpo: bool = False) -> SequenceLogps:
     """Summed response log-probs of each sequence of a packed batch (dpo.packing layouts)."""
     index, targets, rows = batch["score_index"], batch["score_target"], batch["score_row"]
@@ -195,7 +196,7 @@ class SequenceScorer(nn.Module):
     they expect. Keyword arguments override fields of `settings`; `with_wpo` also computes WPO's log-probs.
     """
 
-    def __init__(self, model: nn.Module, settings: ScoringConfig | None = None, *, with_wpo: bool = False,
+    def __init__(self, model: nn.Module, settings: ScoringSettings | None = None, *, with_wpo: bool = False,
                  **overrides):
         super().__init__()
         self.model = model
@@ -219,6 +220,7 @@ class SequenceScorer(nn.Module):
         return rows
 
     def forward(self, batch: dict[str, Tensor]) -> SequenceLogps:
+        """The log-prob statistics of every sequence of `batch` (padded or packed)."""
         if is_packed(batch):
             return packed_sequence_logps(self.model, batch, self.settings, self.with_wpo)
         return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],

@@ -4,7 +4,9 @@
     add_adapters   base model -> Adapters: new adapters, or an adapter directory (an SFT adapter to start from, a
                    checkpoint's) loaded trainable; with --adapter, that SFT adapter once more, frozen, as the reference
     Adapters       the policy under LoRA: the model the scorer runs, its reference mode, saving the adapter only
-    load_adapter_model   an adapter directory -> its base model with the adapter merged in (generation, evaluation)
+
+Reading an adapter directory (its base model, loading it with peft, merging it for generation and evaluation) is
+dpo.modeling's, which loads every model.
 
 The reference is never a second model in memory. Without --adapter it is the base with the adapters switched off
 (`peft`'s disable_adapter); with --adapter it is the base with the SFT adapter, kept as a frozen second adapter
@@ -16,8 +18,6 @@ adds exactly nothing), which train.py's step-0 check verifies.
 from __future__ import annotations
 
 import contextlib
-import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +25,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 
-from dpo.errors import UserError, first_line
-from dpo.modeling import ADAPTER_CONFIG, load_causal_lm
+from dpo.errors import first_line
+from dpo.modeling import DEFAULT_ADAPTER, LoraError, load_peft_adapter, quiet_peft
 from dpo.settings import ConfigError, check_settings, in_range, non_negative, positive, setting
 
 REFERENCE_ADAPTER = "reference"
-TRAINED_ADAPTER = "default"
+TRAINED_ADAPTER = DEFAULT_ADAPTER
 DOUBLE_RANK = "auto"  # --lora-alpha's default: 2 x --lora-r
-
-
-class LoraError(UserError):
-    """A LoRA setting or adapter that cannot work, in one line."""
 
 
 @dataclass(frozen=True)
@@ -76,31 +73,17 @@ class LoraSettings:
 
     @property
     def enabled(self) -> bool:
+        """Whether the run trains adapters (--lora-r or --adapter)."""
         return self.lora_r > 0 or self.adapter is not None
 
     @property
     def quantized(self) -> bool:
+        """Whether the frozen base is quantized (--load-in-4bit or --load-in-8bit)."""
         return self.load_in_4bit or self.load_in_8bit
 
 
 def _names(text: str | None) -> list[str] | None:
     return [name.strip() for name in text.split(",") if name.strip()] if text else None
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(path: str | Path) -> str:
-    """The base model an adapter directory was trained on (its adapter_config.json)."""
-    file = Path(path) / ADAPTER_CONFIG
-    try:
-        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoraError(f"{file}: cannot be read ({first_line(error)})") from None
-    if not base:
-        raise LoraError(f"{file}: names no base model (base_model_name_or_path)")
-    return base
 
 
 def quantization_config(settings: LoraSettings, device: torch.device, compute_dtype: torch.dtype) -> Any:
@@ -114,11 +97,9 @@ def quantization_config(settings: LoraSettings, device: torch.device, compute_dt
         raise LoraError(f"{flag} quantizes the base with bitsandbytes, which needs a CUDA device; this run is on "
                         f"{device.type} (train LoRA on the full-precision base instead)")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401 - optional (the [8bit] extra): only whether it is installed
     except ImportError:
         raise LoraError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
-
     if settings.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -135,6 +116,7 @@ class Adapters:
 
     @property
     def model(self) -> nn.Module:
+        """The causal LM with the adapters in its layers."""
         return self.peft_model.get_base_model()
 
     @contextlib.contextmanager
@@ -151,6 +133,7 @@ class Adapters:
             self.peft_model.set_adapter(TRAINED_ADAPTER)  # trainable again, the reference adapter frozen
 
     def trainable_parameters(self) -> int:
+        """The number of parameters that train: the adapters' (and --lora-modules-to-save's)."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def save(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -165,59 +148,31 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
     """`base` (frozen) with the adapter to train: loaded from `start` (a checkpoint's adapter, else --adapter) or
     new (--lora-r, --lora-alpha, ...; A drawn from `seed`, B = 0). With --adapter, also that adapter, frozen, as the
     reference."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model  # heavy (it imports bitsandbytes where installed): LoRA runs only
 
     start = start or settings.adapter
     if start is None:
         try:
-            with _quiet_peft(), torch.random.fork_rng(devices=[]):
+            with quiet_peft(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 peft_model = get_peft_model(base, peft_config(settings))
         except ValueError as error:  # e.g. "Target modules {...} not found in the base model"
             raise LoraError(f"--lora-target-modules {settings.lora_target_modules}: {first_line(error)}") from None
     else:
-        peft_model = _load_adapter(PeftModel, base, start, TRAINED_ADAPTER, trainable=True)
+        peft_model = load_peft_adapter(PeftModel, base, start, TRAINED_ADAPTER, trainable=True)
     if settings.adapter is not None:
-        _load_adapter(peft_model.load_adapter, None, settings.adapter, REFERENCE_ADAPTER, trainable=False)
+        load_peft_adapter(peft_model.load_adapter, None, settings.adapter, REFERENCE_ADAPTER, trainable=False)
         peft_model.set_adapter(TRAINED_ADAPTER)
     return Adapters(peft_model, with_reference_adapter=settings.adapter is not None)
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft asks transformers' deprecated is_gradient_checkpointing: a warning that is neither ours nor the user's."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def peft_config(settings: LoraSettings) -> Any:
     """peft's LoraConfig of new adapters (--lora-r, --lora-alpha, --lora-dropout, --lora-target-modules,
     --lora-modules-to-save)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy (it imports bitsandbytes where installed): LoRA runs only
 
     targets = settings.lora_target_modules.strip()
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules="all-linear" if targets == "all-linear" else _names(targets),
                       modules_to_save=_names(settings.lora_modules_to_save), task_type="CAUSAL_LM")
 
-
-def _load_adapter(loader: Any, base: nn.Module | None, path: str, name: str, *, trainable: bool) -> Any:
-    if not is_adapter_dir(path):
-        raise LoraError(f"adapter {path}: not an adapter directory (no {ADAPTER_CONFIG})")
-    try:
-        with _quiet_peft():
-            if base is not None:
-                return loader.from_pretrained(base, path, adapter_name=name, is_trainable=trainable)
-            return loader(path, adapter_name=name, is_trainable=trainable)
-    except Exception as error:  # peft raises RuntimeError (size mismatch), KeyError, ValueError...
-        raise LoraError(f"adapter {path} does not fit this base model, trained on {adapter_base(path)} "
-                        f"({first_line(error)})") from None
-
-
-def load_adapter_model(path: str, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """An adapter directory as a plain causal LM: its base (adapter_config.json) with the adapter merged in."""
-    from peft import PeftModel
-
-    base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
-    return _load_adapter(PeftModel, base, path, TRAINED_ADAPTER, trainable=False).merge_and_unload()

@@ -1,7 +1,7 @@
 """Preference losses: one short function per loss, chosen by name.
 
 Every loss reads a `PreferenceLogps` (summed response log-probs of a batch of B pairs under the policy and,
-optionally, the reference model) and a `LossConfig`, and returns B per-pair losses. `compute_loss` is the
+optionally, the reference model) and a `LossSettings`, and returns B per-pair losses. `compute_loss` is the
 only entry point the training loop uses; it casts everything to fp32, applies `reference_free`, mixes
 weighted losses, adds the RPO NLL term, applies WPO weights and computes the implicit rewards.
 
@@ -21,9 +21,9 @@ Write one function in your own file (examples/my_loss.py is this one):
 
     import torch.nn.functional as F
     from torch import Tensor
-    from dpo.loss import LossConfig, PreferenceLogps, preference_margin
+    from dpo.loss import LossSettings, PreferenceLogps, preference_margin
 
-    def my_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+    def my_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
         '''-log sigma(beta * h - 1): DPO that keeps pushing until the reward margin exceeds 1.'''
         return F.softplus(1.0 - cfg.beta * preference_margin(x, cfg))
 
@@ -59,8 +59,8 @@ from dpo.errors import UserError
 from dpo.plugins import load_function
 from dpo.settings import check_settings, finite, in_range, non_negative, positive, setting
 
-LossFunction = Callable[["PreferenceLogps", "LossConfig"], Tensor]
-RewardsFunction = Callable[["PreferenceLogps", "LossConfig"], "tuple[Tensor, Tensor]"]
+LossFunction = Callable[["PreferenceLogps", "LossSettings"], Tensor]
+RewardsFunction = Callable[["PreferenceLogps", "LossSettings"], "tuple[Tensor, Tensor]"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ class MissingFieldError(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# f-divergences (f-DPO): the transform of the log-ratios, selected by LossConfig.f_divergence
+# f-divergences (f-DPO): the transform of the log-ratios, selected by LossSettings.f_divergence
 
 # Exponents in the f-divergence transforms are capped at 40: exp(40)^2 ~ 5.5e34 keeps even the squared losses
 # (ipo, sppo_hard) finite in fp32 (max ~3.4e38). TRL caps the alpha-divergence exponent at 80 and forward_kl not
@@ -168,7 +168,7 @@ class PreferenceLogps:
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossSettings:
     """The loss and its hyper-parameters; each field is a flag of train.py (`loss_type` is `--loss`)."""
 
     loss_type: str = setting("sigmoid", "loss name, 'a:0.8,b:0.2' mix, 'module:function' or 'file.py:function'",
@@ -191,6 +191,8 @@ class LossConfig:
 
 
 class LossOutput(NamedTuple):
+    """What a loss returns: per-pair losses, the implicit rewards, and the statistics of its state."""
+
     losses: Tensor  # [B] per-pair loss (fp32), the trainer takes .mean()
     chosen_rewards: Tensor  # [B] detached
     rejected_rewards: Tensor  # [B] detached
@@ -210,7 +212,7 @@ class LossState:
 
     size: int
     initial: Callable[[], dict[str, float]]
-    batch_sums: Callable[["PreferenceLogps", "LossConfig"], Tensor]
+    batch_sums: Callable[["PreferenceLogps", "LossSettings"], Tensor]
     update: Callable[[dict[str, float], list[float]], None]
 
 
@@ -254,6 +256,7 @@ def register_loss(
 
 
 def available_losses() -> list[str]:
+    """The names of the registered losses, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -301,15 +304,16 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
 
 
 def is_reference_free(fn: LossFunction) -> bool:
+    """Whether the loss function needs no reference log-probs."""
     return bool(getattr(fn, "is_reference_free", False))
 
 
-def batch_coupled(config: LossConfig) -> bool:
+def batch_coupled(config: LossSettings) -> bool:
     """Whether some term compares the pairs of its batch, so that the micro-batch split is part of the method."""
     return any(getattr(resolve_loss(name), "is_batch_coupled", False) for name, _ in parse_loss_spec(config.loss_type))
 
 
-def needs_reference_model(config: LossConfig) -> bool:
+def needs_reference_model(config: LossSettings) -> bool:
     """Whether the run needs reference log-probs: some term reads them and reference_free is off."""
     if config.reference_free:
         return False
@@ -326,14 +330,14 @@ def log_ratios(x: PreferenceLogps) -> tuple[Tensor, Tensor]:
     return chosen, rejected
 
 
-def divergence_scores(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+def divergence_scores(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Tensor]:
     """(s_c, s_l) = (f(r_c), f(r_l)) for the configured f-divergence (the log-ratios for reverse_kl)."""
     transform = F_DIVERGENCES[cfg.f_divergence]
     chosen, rejected = log_ratios(x)
     return transform(chosen, cfg.f_alpha), transform(rejected, cfg.f_alpha)
 
 
-def preference_margin(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def preference_margin(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """h = s_c - s_l; for reverse_kl h = (pi_c - ref_c) - (pi_r - ref_r)."""
     chosen, rejected = divergence_scores(x, cfg)
     return chosen - rejected
@@ -360,13 +364,13 @@ def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
     return (1.0 - eps) * F.softplus(-z) + eps * F.softplus(z)
 
 
-def _mean_logp_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+def _mean_logp_rewards(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Tensor]:
     """beta * per-token mean log-prob, the reward of the reference-free length-normalised losses (TRL's CPO/ORPO)."""
     mean_c, mean_r = mean_logps(x)
     return cfg.beta * mean_c, cfg.beta * mean_r
 
 
-def _log_ratio_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+def _log_ratio_rewards(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Tensor]:
     """beta * (pi - ref), with ref = 0 when there are no reference log-probs."""
     ref_c = x.reference_chosen_logps if x.reference_chosen_logps is not None else 0.0
     ref_r = x.reference_rejected_logps if x.reference_rejected_logps is not None else 0.0
@@ -378,19 +382,19 @@ def _log_ratio_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Ten
 
 
 @register_loss("sigmoid")
-def sigmoid_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def sigmoid_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(1 - eps) * -log sigma(beta h) + eps * -log sigma(-beta h). DPO (Rafailov et al. 2023); eps > 0 is cDPO."""
     return smoothed_logistic(cfg.beta * preference_margin(x, cfg), cfg.label_smoothing)
 
 
 @register_loss("hinge")
-def hinge_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def hinge_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """relu(1 - beta h). SLiC-HF (Zhao et al. 2023)."""
     return torch.relu(1.0 - cfg.beta * preference_margin(x, cfg))
 
 
 @register_loss("ipo")
-def ipo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def ipo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(s_c / len_c - s_l / len_r - 1 / (2 beta))^2. IPO (Azar et al. 2023, eq. 17), beta = tau.
 
     As in TRL, the log-ratios are per-token means, which keeps 1 / (2 beta) on a length-independent scale
@@ -402,19 +406,19 @@ def ipo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("robust")
-def robust_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def robust_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """((1 - eps) * -log sigma(beta h) - eps * -log sigma(-beta h)) / (1 - 2 eps). rDPO (Chowdhury et al. 2024)."""
     z = cfg.beta * preference_margin(x, cfg)
     eps = cfg.label_smoothing
     return ((1.0 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1.0 - 2.0 * eps)
 
 
-def _bco_rewards(x: PreferenceLogps, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+def _bco_rewards(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Tensor]:
     chosen, rejected = divergence_scores(x, cfg)
     return cfg.beta * chosen, cfg.beta * rejected
 
 
-def _bco_reward_sums(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def _bco_reward_sums(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     chosen, rejected = _bco_rewards(x, cfg)
     return torch.stack([chosen.double().sum() + rejected.double().sum(),
                         chosen.new_tensor(2.0 * chosen.numel(), dtype=torch.float64)])
@@ -433,7 +437,7 @@ BCO_RUNNING_MEAN = LossState(size=2, initial=lambda: {"reward_mean": 0.0, "steps
 
 
 @register_loss("bco_pair", state=BCO_RUNNING_MEAN)
-def bco_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def bco_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigma(beta s_c - delta) - log sigma(-(beta s_l - delta)), delta = running mean of the rewards beta * s.
 
     BCO (Jung et al. 2024), paired form. delta is the mean, over the optimizer steps before this one, of each
@@ -447,7 +451,7 @@ def bco_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("exo_pair")
-def exo_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def exo_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """sigma(z) (log sigma(z) - log(1 - eps)) + sigma(-z) (log sigma(-z) - log eps), z = beta h.
 
     EXO (Ji et al. 2024, eq. 16): KL from the model's pair distribution to the label distribution (1 - eps, eps).
@@ -461,7 +465,7 @@ def exo_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("nca_pair")
-def nca_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def nca_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigma(beta s_c) - 1/2 log sigma(-beta s_c) - 1/2 log sigma(-beta s_l). NCA (Chen et al. 2024)."""
     chosen, rejected = divergence_scores(x, cfg)
     z_c, z_r = cfg.beta * chosen, cfg.beta * rejected
@@ -469,7 +473,7 @@ def nca_pair_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("sppo_hard")
-def sppo_hard_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def sppo_hard_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(s_c - 1/(2 beta))^2 + (s_l + 1/(2 beta))^2. SPPO (Wu et al. 2024, eq. 4.7) with hard win probabilities 1 / 0."""
     chosen, rejected = divergence_scores(x, cfg)
     half_inverse_beta = 0.5 / cfg.beta
@@ -477,7 +481,7 @@ def sppo_hard_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("aot", batch_coupled=True)
-def aot_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def aot_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """Smoothed logistic loss of beta * (sort_B(pi_c - pi_r) - sort_B(ref_c - ref_r)). AOT (Melnyk et al. 2024), paired.
 
     The two log-ratio differences are sorted independently over the batch, so the i-th loss belongs to the
@@ -489,28 +493,28 @@ def aot_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("aot_unpaired", batch_coupled=True)
-def aot_unpaired_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def aot_unpaired_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """Smoothed logistic loss of beta * (sort_B(r_c) - sort_B(r_l)). AOT (Melnyk et al. 2024), unpaired."""
     chosen, rejected = log_ratios(x)
     return smoothed_logistic(cfg.beta * (torch.sort(chosen).values - torch.sort(rejected).values), cfg.label_smoothing)
 
 
 @register_loss("apo_zero")
-def apo_zero_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def apo_zero_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """1 - sigma(beta r_c) + sigma(beta r_l). APO-zero (D'Oosterlinck et al. 2024, eq. 7): chosen up, rejected down."""
     chosen, rejected = log_ratios(x)
     return 1.0 - torch.sigmoid(cfg.beta * chosen) + torch.sigmoid(cfg.beta * rejected)
 
 
 @register_loss("apo_down")
-def apo_down_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def apo_down_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """sigma(beta r_c) + 1 - sigma(beta h). APO-down (D'Oosterlinck et al. 2024, eq. 8): both down, rejected more."""
     chosen, _ = log_ratios(x)
     return torch.sigmoid(cfg.beta * chosen) + 1.0 - torch.sigmoid(cfg.beta * preference_margin(x, cfg))
 
 
 @register_loss("discopop")
-def discopop_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def discopop_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(1 - m) * -log sigma(z) + m * exp(-z), z = beta h, m = sigma(z / tau). DiscoPOP (Chan et al. 2024, eq. 5).
 
     m * exp(-z) is computed as exp(log sigma(z / tau) - z), which stays finite where exp(-z) alone overflows.
@@ -521,7 +525,7 @@ def discopop_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("sigmoid_norm")
-def sigmoid_norm_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def sigmoid_norm_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigma(beta (s_c / len_c - s_l / len_r)). Length-normalised DPO (TRL's "sigmoid_norm")."""
     chosen, rejected = divergence_scores(x, cfg)
     len_c, len_r = lengths(x)
@@ -540,7 +544,7 @@ def _log1m_exp(a: Tensor) -> Tensor:
 
 
 @register_loss("simpo", reference_free=True, rewards=_mean_logp_rewards)
-def simpo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def simpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """Smoothed logistic loss of beta * (pi_c / len_c - pi_r / len_r) - gamma. SimPO (Meng et al. 2024, eq. 6).
 
     gamma = simpo_gamma, eps = label_smoothing, as TRL's CPOTrainer (loss_type="simpo"); no NLL term (add one
@@ -551,7 +555,7 @@ def simpo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("orpo", reference_free=True, rewards=_mean_logp_rewards)
-def orpo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def orpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-pi_c / len_c - beta * log sigma(log odds(p_c) - log odds(p_r)). ORPO (Hong et al. 2024), lambda = beta.
 
     p = exp(mean token log-prob) and log odds(p) = log p - log(1 - p), as TRL's ORPOTrainer.
@@ -562,7 +566,7 @@ def orpo_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 
 
 @register_loss("sft", reference_free=True)
-def sft_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def sft_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-pi_c / len_c: per-token negative log-likelihood of the chosen response (supervised fine-tuning)."""
     return chosen_nll(x)
 
@@ -573,7 +577,7 @@ def sft_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
 _TENSOR_FIELDS = [f.name for f in fields(PreferenceLogps) if f.name != "state"]
 
 
-def _prepare(logps: PreferenceLogps, config: LossConfig) -> PreferenceLogps:
+def _prepare(logps: PreferenceLogps, config: LossSettings) -> PreferenceLogps:
     """fp32 copies on the policy's device, shapes checked; reference log-probs of 0 when reference_free."""
     policy = logps.policy_chosen_logps
     if not isinstance(policy, Tensor) or policy.dim() != 1:
@@ -602,7 +606,7 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _term_losses(name: str, fn: LossFunction, x: PreferenceLogps, config: LossConfig) -> Tensor:
+def _term_losses(name: str, fn: LossFunction, x: PreferenceLogps, config: LossSettings) -> Tensor:
     try:
         losses = fn(x, config)
     except MissingFieldError as error:
@@ -626,11 +630,11 @@ def _wpo_weights(x: PreferenceLogps) -> Tensor:
     return torch.exp(chosen + rejected).clamp(max=1.0).detach()
 
 
-def _terms(config: LossConfig) -> list[tuple[str, LossFunction, float]]:
+def _terms(config: LossSettings) -> list[tuple[str, LossFunction, float]]:
     return [(name, resolve_loss(name), weight) for name, weight in parse_loss_spec(config.loss_type)]
 
 
-def compute_loss(logps: PreferenceLogps, config: LossConfig) -> LossOutput:
+def compute_loss(logps: PreferenceLogps, config: LossSettings) -> LossOutput:
     """Per-pair losses and implicit rewards of a batch.
 
     losses = w * (sum_i weight_i * loss_i + rpo_alpha * (-pi_c / len_c))
@@ -664,7 +668,7 @@ def compute_loss(logps: PreferenceLogps, config: LossConfig) -> LossOutput:
     return LossOutput(losses, chosen_rewards.detach().float(), rejected_rewards.detach().float(), state_sums)
 
 
-def update_loss_state(config: LossConfig, state: dict, sums: Tensor) -> None:
+def update_loss_state(config: LossSettings, state: dict, sums: Tensor) -> None:
     """Move the state of every stateful term once, by the `state_sums` added up over a whole optimizer step."""
     values = sums.tolist()
     for name, fn, _ in _terms(config):
@@ -688,11 +692,11 @@ def dpo_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(losses, chosen_rewards, rejected_rewards) with the DPO authors' `preference_loss` calling convention.
 
-    Extra keyword arguments are PreferenceLogps fields (chosen_lengths, ..., state) or LossConfig fields
+    Extra keyword arguments are PreferenceLogps fields (chosen_lengths, ..., state) or LossSettings fields
     (rpo_alpha, f_divergence, ...).
     """
     logps_fields = {f.name for f in fields(PreferenceLogps)}
-    config_fields = {f.name for f in fields(LossConfig)}
+    config_fields = {f.name for f in fields(LossSettings)}
     unknown = sorted(set(kwargs) - logps_fields - config_fields)
     if unknown:
         raise TypeError(f"dpo_loss() got unexpected keyword argument(s): {', '.join(unknown)}")
@@ -703,7 +707,7 @@ def dpo_loss(
         reference_rejected_logps,
         **{k: v for k, v in kwargs.items() if k in logps_fields},
     )
-    config = LossConfig(
+    config = LossSettings(
         loss_type=loss_type,
         beta=beta,
         label_smoothing=label_smoothing,

@@ -2,11 +2,13 @@
 
 A training step allocates and frees the same large buffers over and over (activations, gradients, the LM
 head's tiles). By default glibc hands every freed block of more than a few MB back to the kernel, and the
-next allocation of it maps fresh pages: each first touch is a page fault (tens of thousands per step at the
-benchmark sizes, ~15% of a step on the 2-core test machine). Two settings keep that memory instead:
+next allocation of it maps fresh pages: each first touch is a page fault (benchmarks/README.md has the cost).
+Two settings keep that memory instead:
 
 - `THP_MEM_ALLOC_ENABLE=1`: PyTorch's CPU allocator asks for 2 MB pages for tensors of 2 MB and more
-  (512 times fewer faults; fewer TLB misses in the matmuls). PyTorch reads it once, at its first allocation.
+  (512 times fewer faults; fewer TLB misses in the matmuls). PyTorch reads it once, at its first CPU tensor
+  (importing torch or transformers allocates none), so a program calls `tune_cpu_allocator` at its start:
+  train.py's command line does, importing train does not.
 - glibc `mallopt`: blocks of up to 32 MB (glibc's maximum) come from the heap, and up to 1 GB of freed heap
   is kept for reuse instead of being returned to the kernel.
 
@@ -29,11 +31,12 @@ TRIM_THRESHOLD = 2**30
 
 
 def tune_cpu_allocator() -> list[str]:
-    """Apply the settings above; returns what was set (for the log). Call before `import torch`."""
+    """Apply the settings above; returns what was set (for the log). Call at a program's start, before its first
+    tensor: after that PyTorch has read THP_MEM_ALLOC_ENABLE and setting it would change nothing."""
     applied: list[str] = []
     if os.environ.get("DPO_TUNE_ALLOCATOR", "1") == "0":
         return applied
-    if "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ:
+    if "THP_MEM_ALLOC_ENABLE" not in os.environ:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
         applied.append("THP_MEM_ALLOC_ENABLE=1")
     if not sys.platform.startswith("linux"):

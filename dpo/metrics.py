@@ -30,6 +30,7 @@ class PairMetrics:
 
     def add(self, losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
             chosen_logps: Tensor, rejected_logps: Tensor) -> None:
+        """Add a micro-batch's per-pair losses, rewards and log-probs to the sums."""
         losses, chosen_rewards, rejected_rewards = losses.detach(), chosen_rewards.detach(), rejected_rewards.detach()
         values = torch.stack([
             losses.sum(),
@@ -45,9 +46,11 @@ class PairMetrics:
 
     @property
     def num_pairs(self) -> int:
+        """The number of pairs added."""
         return int(self.sums[-1].item())
 
     def means(self) -> dict[str, float]:
+        """Each per-pair metric's mean over the pairs added."""
         count = max(self.sums[-1].item(), 1.0)
         return {name: self.sums[i].item() / count for i, name in enumerate(PAIR_METRICS)}
 

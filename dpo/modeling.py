@@ -1,13 +1,19 @@
 """Loading a causal LM and its tokenizer from a local directory, a hub name, the shipped demo model, or a LoRA
-adapter directory (its base model with the adapter merged in, dpo.lora)."""
+adapter directory (its base model with the adapter merged in). Every adapter directory is read here, also the ones
+dpo.lora trains from."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
                           PreTrainedTokenizerBase)
 
@@ -20,7 +26,12 @@ class ModelLoadError(UserError):
     """A model or tokenizer that cannot be loaded, named in one line."""
 
 
+class LoraError(UserError):
+    """A LoRA setting or adapter that cannot work, in one line."""
+
+
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a LoRA adapter (peft)
+DEFAULT_ADAPTER = "default"  # peft's name of a model's adapter: a loaded one, the one LoRA trains
 
 
 def resolve_model_path(name: str) -> str:
@@ -51,8 +62,6 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name)
     has_files = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
     if Path(path).is_dir() and not has_files and (Path(path) / ADAPTER_CONFIG).is_file():
-        from dpo.lora import adapter_base
-
         return load_tokenizer(adapter_base(path))
     if Path(path).is_dir() and not has_files:
         raise ModelLoadError(f"model {name}: no tokenizer files in this directory (expected one of "
@@ -86,8 +95,6 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: tor
     a transformers quantization config (bitsandbytes), the model then placed on `device` as it loads."""
     path = resolve_model_path(name)
     if Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file():
-        from dpo.lora import load_adapter_model
-
         return load_adapter_model(path, dtype=dtype, device=device)
     placement = {"quantization_config": quantization, "device_map": {"": torch.device(device)}} if quantization else {}
     try:
@@ -108,3 +115,51 @@ def enable_gradient_checkpointing(model: Any) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a LoRA adapter directory (it has an adapter_config.json)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter directory was trained on (its adapter_config.json)."""
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoraError(f"{file}: cannot be read ({first_line(error)})") from None
+    if not base:
+        raise LoraError(f"{file}: names no base model (base_model_name_or_path)")
+    return base
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft asks transformers' deprecated is_gradient_checkpointing: a warning that is neither ours nor the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_peft_adapter(loader: Any, base: nn.Module | None, path: str, name: str, *, trainable: bool) -> Any:
+    """The adapter directory `path` loaded as adapter `name` by peft's `loader`: PeftModel (onto `base`, giving the
+    PeftModel) or a PeftModel's load_adapter (`base` None). A LoraError where `path` is not an adapter directory or
+    does not fit the base."""
+    if not is_adapter_dir(path):
+        raise LoraError(f"adapter {path}: not an adapter directory (no {ADAPTER_CONFIG})")
+    try:
+        with quiet_peft():
+            if base is not None:
+                return loader.from_pretrained(base, path, adapter_name=name, is_trainable=trainable)
+            return loader(path, adapter_name=name, is_trainable=trainable)
+    except Exception as error:  # peft raises RuntimeError (size mismatch), KeyError, ValueError...
+        raise LoraError(f"adapter {path} does not fit this base model, trained on {adapter_base(path)} "
+                        f"({first_line(error)})") from None
+
+
+def load_adapter_model(path: str, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """An adapter directory as a plain causal LM: its base (adapter_config.json) with the adapter merged in."""
+    from peft import PeftModel  # heavy (it imports bitsandbytes where installed): only adapter directories need it
+
+    base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
+    return load_peft_adapter(PeftModel, base, path, DEFAULT_ADAPTER, trainable=False).merge_and_unload()

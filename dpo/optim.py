@@ -2,7 +2,7 @@
 
     adamw        torch's AdamW, its fused kernel on CPU and CUDA (one pass over every parameter)
     adamw_8bit   bitsandbytes' AdamW8bit: both moments kept in 8 bits, blockwise quantized (2 bytes a parameter
-                 instead of 8: 5.6 GB instead of 22.2 GB for phi-2's 2.78B parameters); CPU and CUDA
+                 instead of 8); CPU and CUDA
 """
 
 from __future__ import annotations

@@ -123,10 +123,12 @@ def collate_shared_prompt(pairs: Sequence[TokenizedPair]) -> dict[str, Tensor]:
 
 
 def is_packed(batch: dict[str, Tensor]) -> bool:
+    """Whether `batch` is a packed or shared-prompt layout (it has block lengths)."""
     return "block_lengths" in batch
 
 
 def num_sequences(batch: dict[str, Tensor]) -> int:
+    """The number of sequences `batch` scores (chosen and rejected responses counted apart)."""
     return int(batch["prompt_lengths"].shape[0])
 
 
@@ -142,6 +144,7 @@ class PackedBlocks:
 
     @classmethod
     def from_lengths(cls, block_lengths: Tensor) -> "PackedBlocks":
+        """The blocks of a row from its [num_blocks, 3] (prompt, first, second) lengths."""
         spans, masks, start = [], [], 0
         device = block_lengths.device
         for prefix, first, second in block_lengths.tolist():
@@ -215,6 +218,7 @@ def packing_problem(model: torch.nn.Module, longest_sequence: int) -> str | None
 
 
 def check_packable(model: torch.nn.Module, longest_sequence: int) -> None:
+    """A PackingError (use --layout padded) when `packing_problem` finds one."""
     problem = packing_problem(model, longest_sequence)
     if problem is not None:
         raise PackingError(f"{problem}; use --layout padded")
@@ -251,6 +255,7 @@ def packed_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
 # Length grouping
 
 def pair_length(pair: TokenizedPair) -> int:
+    """The tokens of a pair's longer sequence: its prompt and longer response."""
     return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 

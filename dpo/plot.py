@@ -35,6 +35,8 @@ class PlotInputError(UserError):
 
 @dataclass(frozen=True)
 class Panel:
+    """One panel of the training curves: its title, axis label, the metrics it draws and how."""
+
     title: str
     ylabel: str
     # (metric key, name in the legend, colour); a panel of one metric names and colours its lines by split instead

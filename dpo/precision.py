@@ -46,11 +46,10 @@ def matmul_precision(precision: str, device: torch.device) -> str:
 
 
 def use_fast_cuda_kernels(device: torch.device) -> None:
-    """On CUDA: fp32 matmuls through TF32 tensor cores (the master weights, the fp32 parts of autocast: about 7x an
-    fp32 step's rate on an H100, 10 mantissa bits per product, fp32 accumulation); and SDPA attention without the
-    cuDNN backend, which builds a graph for each new sequence width: profiled on an H200 (phi-2 size, padded
-    micro-batches of varying width), its calls took 5 ms of CPU each, 55% of the step's CPU time, leaving the GPU
-    idle. The flash and memory-efficient kernels remain."""
+    """On CUDA: fp32 matmuls through TF32 tensor cores (the master weights, the fp32 parts of autocast: 10 mantissa
+    bits per product, fp32 accumulation, at tensor-core rates); and SDPA attention without the cuDNN backend, which
+    builds a graph for each new sequence width: with padded micro-batches of varying width that CPU work takes
+    much of a step's CPU time and leaves the GPU idle. The flash and memory-efficient kernels remain."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cuda.enable_cudnn_sdp(False)

@@ -160,6 +160,8 @@ def render_response(prompt: Prompt, response: str, template: str = "recipe", tok
 
 @dataclass(frozen=True)
 class SpecialIds:
+    """The EOS id that ends every response, and the BOS id put in front of a prompt (or None)."""
+
     eos: int
     bos: int | None  # the BOS to put in front of a prompt, or None when the tokenizer adds none
 

@@ -31,6 +31,8 @@ class ReferenceLogpsError(UserError):
 
 @dataclass
 class ReferenceLogps:
+    """The frozen reference's summed log-probs of each pair's chosen and rejected responses."""
+
     chosen: Tensor  # [num_pairs] summed log-probs, fp32, on CPU; NaN for a pair that was not scored
     rejected: Tensor
 
@@ -42,10 +44,12 @@ class ReferenceLogps:
         return self
 
     def take(self, indices: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """The log-probs of pairs `indices`, on `device`: (chosen, rejected)."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
         return self.chosen[index].to(device), self.rejected[index].to(device)
 
     def select(self, indices: Sequence[int]) -> "ReferenceLogps":
+        """The log-probs of pairs `indices` only, in that order."""
         index = torch.as_tensor(list(indices), dtype=torch.long)
         return ReferenceLogps(self.chosen[index], self.rejected[index])
 
@@ -77,6 +81,7 @@ def _model_fingerprint(model_path: str) -> dict:
 
 
 def cache_key(model_path: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
+    """The cache file's key: the model's fingerprint, the scoring settings and every tokenized pair."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"model": _model_fingerprint(model_path), "settings": settings}, sort_keys=True).encode())
     for pair in pairs:
@@ -94,6 +99,8 @@ def compute_reference_logps(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
 ) -> ReferenceLogps:
+    """The reference's log-probs of every pair, scored by `scorer` in micro-batches (longest first), in eval
+    mode and without gradient."""
     was_training = scorer.training
     scorer.eval()
     chosen = torch.zeros(len(pairs), dtype=torch.float32)
@@ -114,6 +121,7 @@ def compute_reference_logps(
 
 
 def load_cached(cache_file: Path) -> ReferenceLogps:
+    """Reference log-probs read back from a cache file (`save_cached`'s)."""
     data = torch.load(cache_file, weights_only=True)
     return ReferenceLogps(chosen=data["chosen"], rejected=data["rejected"])
 

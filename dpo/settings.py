@@ -3,7 +3,7 @@
 A field declared with `setting(default, help, ...)` carries everything about that setting in one place: its
 default, its help text, its choices, the check of its value, and whether it is part of a run's identity (a
 setting that changes the data order or the math, so `--resume` refuses a different value). A settings class may
-hold another one (`nested(LossConfig)`): its fields become flags of their own, flat, so `LossConfig.beta` is
+hold another one (`nested(LossSettings)`): its fields become flags of their own, flat, so `LossSettings.beta` is
 `--beta` and the key `beta` in a config file.
 
 Each settings class calls `check_settings(self)` in `__post_init__`, so a bad value is rejected in one place
@@ -49,18 +49,22 @@ def nested(cls: type, title: str | None = None) -> Any:
 
 
 def positive(value: Any) -> str | None:
+    """A check: the value is a number above 0."""
     return None if _number(value) and value > 0 else "must be positive"
 
 
 def non_negative(value: Any) -> str | None:
+    """A check: the value is a number of at least 0."""
     return None if _number(value) and value >= 0 else "must be a non-negative number"
 
 
 def finite(value: Any) -> str | None:
+    """A check: the value is a finite number."""
     return None if _number(value) else "must be a finite number"
 
 
 def at_least(low: float) -> Check:
+    """A check: the value is a number of at least `low`."""
     return lambda value: None if _number(value) and value >= low else f"must be at least {low}"
 
 
@@ -79,6 +83,8 @@ def _number(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SettingField:
+    """One setting as the command line, config files and run_config.json see it."""
+
     name: str  # the flat name: flag without dashes, config-file key, run_config.json key
     path: tuple[str, ...]  # attribute path from the top settings object, e.g. ("loss", "beta")
     field: dataclasses.Field
@@ -86,22 +92,27 @@ class SettingField:
 
     @property
     def flag(self) -> str:
+        """Its command-line flag, e.g. --max-length."""
         return "--" + self.name.replace("_", "-")
 
     @property
     def type(self) -> str:
+        """Its declared type, as text."""
         return str(self.field.type)
 
     @property
     def help(self) -> str:
+        """Its help text."""
         return self.field.metadata["help"]
 
     @property
     def default(self) -> Any:
+        """Its default value."""
         return self.field.default
 
     @property
     def identity(self) -> bool:
+        """Whether it is part of the run's identity (`--resume` refuses another value)."""
         return self.field.metadata.get("identity", True)
 
 
@@ -117,7 +128,7 @@ def setting_fields(cls: type, path: tuple[str, ...] = (), title: str | None = No
 
 
 def flag_of(cls: type, field_name: str) -> str:
-    """'--beta' for LossConfig.beta, '--loss' for LossConfig.loss_type."""
+    """'--beta' for LossSettings.beta, '--loss' for LossSettings.loss_type."""
     metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}[field_name]
     return "--" + (metadata.get("flag") or field_name).replace("_", "-")
 
@@ -184,6 +195,7 @@ def _build(cls: type, tree: dict[str, Any]) -> Any:
 
 
 def parse_bool(text: str) -> bool:
+    """A command-line boolean: 1/true/yes/on or 0/false/no/off (any case)."""
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True

@@ -82,6 +82,7 @@ class Tracker(ABC):
 
     @classmethod
     def installed(cls) -> bool:
+        """Whether the tracker's library is installed (nothing is imported to find out)."""
         # find_spec imports nothing (trackio fixes its directory when imported); a None in sys.modules is missing
         try:
             return cls.module is None or importlib.util.find_spec(cls.module) is not None
@@ -128,13 +129,16 @@ class JsonlTracker(Tracker):
             tmp.replace(self.path)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append the record as one line."""
         self._append(record)
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Append the table as a record of split "samples"."""
         self._append({"split": "samples", "step": step, "name": name, "columns": list(columns),
                       "rows": [[_finite_or_none(value) for value in row] for row in rows]})
 
     def log_event(self, step: int, name: str, message: str) -> None:
+        """Append the alert as a record of split "alert"."""
         self._append({"split": "alert", "step": step, "alert": name, "message": message})
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -155,6 +159,7 @@ class TensorBoardTracker(Tracker):
 
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], resume_step: int):
         super().__init__(run_dir, run_name, config, resume_step)
+        # optional: the [tensorboard] extra
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -172,16 +177,20 @@ class TensorBoardTracker(Tracker):
                              global_step=resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Each scalar of the record at its step."""
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, global_step=record["step"])
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """The table as markdown text at `step`."""
         self.writer.add_text(name, markdown_table(columns, rows), global_step=step)
 
     def log_event(self, step: int, name: str, message: str) -> None:
+        """The alert as text under alerts/<name>."""
         self.writer.add_text(f"alerts/{name}", message, global_step=step)
 
     def close(self, failed: bool = False) -> None:
+        """Flush and close the event file."""
         self.writer.close()
 
 
@@ -204,7 +213,7 @@ class WandbTracker(Tracker):
 
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], resume_step: int):
         super().__init__(run_dir, run_name, config, resume_step)
-        import wandb
+        import wandb  # optional: the [wandb] extra
 
         self.wandb = wandb
         id_file = self.run_dir / "wandb_run_id"
@@ -218,20 +227,24 @@ class WandbTracker(Tracker):
         self.location = self.run.settings.sync_dir
 
     def log(self, record: dict[str, Any]) -> None:
+        """The record's scalars at its step."""
         metrics = scalars(record)
         if metrics:
             self.run.log(metrics, step=record["step"])
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """The table as a wandb.Table at `step`."""
         table = self.wandb.Table(columns=list(columns), data=[list(row) for row in rows], allow_mixed_types=True)
         self.run.log({name: table}, step=step)
 
     def log_event(self, step: int, name: str, message: str) -> None:
+        """A W&B alert, and the message in the run's summary under alerts/<name>."""
         # an alert notifies (email, Slack); the summary keeps the last one visible on the run's page
         self.run.alert(title=name[:63], text=f"step {step}: {message}", level=self.wandb.AlertLevel.WARN)
         self.run.summary[f"alerts/{name}"] = f"step {step}: {message}"
 
     def close(self, failed: bool = False) -> None:
+        """Finish the W&B run, with exit code 1 when `failed`."""
         self.run.finish(exit_code=1 if failed else 0)
 
 
@@ -260,6 +273,7 @@ class MlflowTracker(Tracker):
 
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], resume_step: int):
         super().__init__(run_dir, run_name, config, resume_step)
+        # optional: the [mlflow] extra
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 
@@ -297,20 +311,24 @@ class MlflowTracker(Tracker):
         return (re.sub(r"/+", "/", re.sub(r"[^\w./ -]", "_", name)).strip("/") or "_")[:MlflowTracker.MAX_KEY]
 
     def log(self, record: dict[str, Any]) -> None:
+        """The record's scalars at its step, in batches MLflow accepts."""
         now = int(time.time() * 1000)
         metrics = [self.Metric(self.key(key), value, now, record["step"]) for key, value in scalars(record).items()]
         for start in range(0, len(metrics), self.MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + self.MAX_BATCH])
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """The table as a JSON artifact <name>/step_<step>.json."""
         table = {"columns": list(columns), "data": [[_finite_or_none(value) for value in row] for row in rows]}
         self.client.log_dict(self.run_id, table, f"{self.key(name)}/step_{step}.json")
 
     def log_event(self, step: int, name: str, message: str) -> None:
+        """The alert as a tag alerts/<name> and a text artifact."""
         self.client.set_tag(self.run_id, f"alerts/{self.key(name)}", f"step {step}: {message}"[:self.MAX_TAG])
         self.client.log_text(self.run_id, message, f"alerts/{self.key(name)}/step_{step}.txt")
 
     def close(self, failed: bool = False) -> None:
+        """End the MLflow run as FINISHED, or FAILED when `failed`."""
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
@@ -323,7 +341,7 @@ class TrackioTracker(Tracker):
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], resume_step: int):
         super().__init__(run_dir, run_name, config, resume_step)
         wanted = os.environ.get("TRACKIO_DIR") or str(self.run_dir / "trackio")
-        with _environ(TRACKIO_DIR=wanted):  # trackio reads its directory once, when first imported
+        with _environ(TRACKIO_DIR=wanted):  # optional ([trackio]); it reads its directory once, when first imported
             import trackio
             from trackio import utils as trackio_utils
         self.trackio = trackio
@@ -335,18 +353,22 @@ class TrackioTracker(Tracker):
                                     resume="allow" if resume_step > 0 else "never")
 
     def log(self, record: dict[str, Any]) -> None:
+        """The record's scalars at its step."""
         metrics = scalars(record)
         if metrics:
             self.run.log(metrics, step=record["step"])
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """The table as a trackio.Table at `step`."""
         self.run.log({name: self.trackio.Table(columns=list(columns), data=[list(row) for row in rows])}, step=step)
 
     def log_event(self, step: int, name: str, message: str) -> None:
+        """A trackio alert at `step`."""
         with _quiet():
             self.run.alert(title=name, text=message, level=self.trackio.AlertLevel.WARN, step=step)
 
     def close(self, failed: bool = False) -> None:
+        """Finish the trackio run."""
         with _quiet():
             self.run.finish()
         if self.trackio.context_vars.current_run.get() is self.run:
@@ -388,20 +410,24 @@ class Trackers:
 
     @property
     def names(self) -> list[str]:
+        """The trackers' names, in order."""
         return [tracker.name for tracker in self.trackers]
 
     def __iter__(self) -> Iterator[Tracker]:
         return iter(self.trackers)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Log the record to every tracker."""
         for tracker in self.trackers:
             tracker.log(record)
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log the table to every tracker."""
         for tracker in self.trackers:
             tracker.log_table(step, name, columns, rows)
 
     def log_event(self, step: int, name: str, message: str) -> None:
+        """Log the alert to every tracker."""
         for tracker in self.trackers:
             tracker.log_event(step, name, message)
 

@@ -8,11 +8,11 @@ Select it with `--loss examples/my_loss.py:my_loss` (a file path) or, from the r
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo.loss import LossConfig, PreferenceLogps, preference_margin
+from dpo.loss import LossSettings, PreferenceLogps, preference_margin
 
 TARGET_MARGIN = 1.0
 
 
-def my_loss(x: PreferenceLogps, cfg: LossConfig) -> Tensor:
+def my_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigmoid(beta * h - TARGET_MARGIN): DPO that keeps pushing until the implicit reward margin exceeds 1."""
     return F.softplus(TARGET_MARGIN - cfg.beta * preference_margin(x, cfg))

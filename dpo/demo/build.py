@@ -40,7 +40,9 @@ MAX_NEW_TOKENS = 48
 
 
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildSettings:
+    """The demo model's size, tokenizer and SFT schedule (all seeded)."""
+
     seed: int = 0
     vocab_size: int = 768
     hidden_size: int = 128
@@ -59,6 +61,7 @@ class BuildConfig:
 
 
 def render(prompt: str, response: str) -> str:
+    """A prompt and its response in the recipe's template, as SFT trains on them."""
     return format_prompt(prompt) + format_response(response)
 
 
@@ -75,7 +78,8 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
                                    model_max_length=256)
 
 
-def make_model(cfg: BuildConfig, tokenizer: PreTrainedTokenizerFast) -> PhiForCausalLM:
+def make_model(cfg: BuildSettings, tokenizer: PreTrainedTokenizerFast) -> PhiForCausalLM:
+    """A new PhiForCausalLM of `cfg`'s size for `tokenizer` (its one special token as bos, eos and pad)."""
     eos_id = tokenizer.eos_token_id
     config = PhiConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -121,7 +125,7 @@ def sft_loss(model: PhiForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Ten
                            ignore_index=IGNORE_INDEX)
 
 
-def train_sft(model: PhiForCausalLM, examples: list[tuple[list[int], int]], cfg: BuildConfig,
+def train_sft(model: PhiForCausalLM, examples: list[tuple[list[int], int]], cfg: BuildSettings,
               pad_id: int, log_every: int = 100) -> None:
     """AdamW with linear warmup then cosine decay to 10% of the peak lr; one pass over `examples`."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -239,7 +243,9 @@ temperature {temperature}, top-p {top_p}, judged by `task.judge`:
 """
 
 
-def build(out: Path, cfg: BuildConfig) -> dict[str, float]:
+def build(out: Path, cfg: BuildSettings) -> dict[str, float]:
+    """Build the demo model into `out` (tokenizer, SFT model, model card); returns its quality on held-out
+    prompts."""
     start = time.time()
     random.seed(cfg.seed)
     n_records = cfg.sft_steps * cfg.sft_batch_size
@@ -268,12 +274,13 @@ def build(out: Path, cfg: BuildConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: python -m dpo.demo.build [--out DIR] [--seed 0] [--sft-steps N]."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model directory to write")
-    parser.add_argument("--seed", type=int, default=BuildConfig.seed)
-    parser.add_argument("--sft-steps", type=int, default=BuildConfig.sft_steps)
+    parser.add_argument("--seed", type=int, default=BuildSettings.seed)
+    parser.add_argument("--sft-steps", type=int, default=BuildSettings.sft_steps)
     args = parser.parse_args(argv)
-    build(args.out, BuildConfig(seed=args.seed, sft_steps=args.sft_steps))
+    build(args.out, BuildSettings(seed=args.seed, sft_steps=args.sft_steps))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,8 @@ SENTENCE_ENDS = ".!?\n"
 
 @dataclass(frozen=True)
 class Instruction:
+    """One (fact, phrasing) pair: the instruction's text, its correct answer and its category."""
+
     text: str
     answer: str
     category: str
@@ -128,6 +130,8 @@ class Instruction:
 
 @dataclass(frozen=True)
 class Verdict:
+    """The judge's verdict on an answer: correct, concise, its score (1.0, 0.5 or 0.0) and the category."""
+
     correct: bool
     concise: bool
     score: float
@@ -240,6 +244,7 @@ def _lookup(instr: Instruction) -> _Fact:
 
 
 def concise_answer(instr: Instruction) -> str:
+    """The correct answer and nothing more, e.g. "7."."""
     return f"{instr.answer}."
 
 

@@ -1,45 +1,15 @@
-"""Run set-up shared by train.py and the tools: the output directory and the train/eval pairs of a config."""
+"""A run's preference data: the train and eval splits its settings select, tokenized (`load_preference_pairs`)."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dpo.config import ConfigError, TrainConfig
-from dpo.errors import first_line
 from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, instructions_of, load_records,
                       select_subset, train_test_split)
-
-
-def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create --output-dir; never reuse a directory holding a run silently."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--output-dir {out_dir} is a file, not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise ConfigError(f"--output-dir {out_dir} already holds files; pass --resume to continue that run "
-                              f"or --overwrite to replace it")
-        shutil.rmtree(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"--output-dir {out_dir} is not writable ({error.strerror or error})") from None
-
-
-def check_disk_space(out_dir: Path, trained_params: int, final_params: int, keep: int,
-                     free_bytes: int | None = None) -> None:
-    """Fail before training when `keep` checkpoints (the trained weights and 2 AdamW moments each) and final/
-    (`final_params` weights) cannot fit."""
-    needed = trained_params * 4 * 3 * keep + final_params * 4
-    free = shutil.disk_usage(out_dir).free if free_bytes is None else free_bytes
-    if free < needed:
-        raise ConfigError(f"--output-dir {out_dir}: {free / 2**30:.2f} GiB free, but {keep} checkpoint(s) and "
-                          f"final/ need about {needed / 2**30:.2f} GiB; free space or lower --save-total-limit")
+from dpo.errors import first_line
+from dpo.train_settings import TrainSettings
 
 
 def available_splits(source: str) -> list[str] | None:
@@ -51,7 +21,7 @@ def available_splits(source: str) -> list[str] | None:
         return None
     if path.suffix in (".jsonl", ".json", ".parquet") or (source.startswith((".", "/", "~")) and not path.exists()):
         raise DataError(f"{source}: file not found")
-    import datasets
+    import datasets  # slow to import: only hub names and dataset directories need it
 
     try:
         return list(datasets.get_dataset_split_names(source))
@@ -61,13 +31,17 @@ def available_splits(source: str) -> list[str] | None:
 
 @dataclass
 class PreferenceData:
+    """A run's tokenized train and eval pairs, and the train records' instructions (what online DPO samples)."""
+
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
     instructions: list[str] = field(default_factory=list)  # the train records' distinct instructions (online DPO)
     instructions_left_out: int = 0  # multi-turn or unreadable records among them
 
 
-def load_preference_pairs(cfg: TrainConfig, tokenizer, log: Callable[..., None] = print) -> PreferenceData:
+def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None] = print) -> PreferenceData:
+    """The train and eval pairs --dataset and the split settings select (--train-split, --eval-split or
+    --test-size, --num-pairs, --max-eval-pairs), rendered and tokenized as --template and the lengths say."""
     splits = available_splits(cfg.dataset)
     if splits is not None and cfg.train_split not in splits:
         raise DataError(f"{cfg.dataset}: no split {cfg.train_split!r} (available: {', '.join(splits)}); "

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dpo.evaluate import WinRate, mean_lengths
-from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, own_rng, read_instructions
+from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, generate_batch, own_rng, read_instructions
 from dpo.judges import Judge, JudgeError, build_judge
 from dpo.precision import frozen_dtype, resolve_precision
 
@@ -31,10 +31,13 @@ OUTCOME_NAMES = {1.0: "policy wins", 0.5: "tie", 0.0: "reference wins"}
 
 
 @dataclass
-class GenerativeEval:
+class WinRateEval:
+    """The win rate against the reference at each evaluation: the judge, the prompts, the decoding and
+    the cache of the reference's answers."""
+
     judge: Judge
     prompts: list[str]
-    decoding: DecodingConfig
+    decoding: DecodingSettings
     tokenizer: Any
     batch_size: int
     cache_dir: Path
@@ -42,7 +45,7 @@ class GenerativeEval:
     reference_outputs: list[str] | None = None
 
     @classmethod
-    def build(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "GenerativeEval":
+    def build(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "WinRateEval":
         """The judge, the N prompts (--eval-prompts, else the judge's own held-out prompts) and the decoding."""
         precision = resolve_precision(cfg.precision, device)
         judge = build_judge(cfg.eval_judge, device=device, dtype=frozen_dtype(precision))
@@ -58,7 +61,7 @@ class GenerativeEval:
                 raise JudgeError(f"--eval-judge {cfg.eval_judge} has no prompts of its own: give --eval-prompts FILE")
         for text in prompts:
             judge.category(text)  # a prompt the judge cannot handle fails now, not at the first evaluation
-        decoding = DecodingConfig(temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=cfg.eval_max_new_tokens,
+        decoding = DecodingSettings(temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=cfg.eval_max_new_tokens,
                                   seed=cfg.seed, chat_template=cfg.template == "chat",
                                   max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode)
         return cls(judge, list(prompts), decoding, tokenizer, cfg.eval_generate_batch_size,
@@ -71,6 +74,7 @@ class GenerativeEval:
                                   precision=self.precision)
 
     def reference_file(self, model_key: str) -> Path:
+        """The cache file of the reference's answers for this model, prompts, decoding and precision."""
         key = {"model": model_key, "prompts": self.prompts, "decoding": repr(self.decoding)}
         if self.precision != "fp32":  # (fp32 keys stay those of the caches written before precision was keyed)
             key["precision"] = self.precision

@@ -31,7 +31,7 @@ import torch
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.distributed import DistInfo, barrier, gather
-from dpo.generation import TEMPERATURE, TOP_P, DecodingConfig, generate_batch, own_rng
+from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, generate_batch, own_rng
 from dpo.judges import Judge
 from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
@@ -43,7 +43,10 @@ SAMPLE_GROUP = 16  # prompts per generate call, each group with its own seed: th
 
 
 @dataclass
-class OnlineSettings:
+class OnPolicySettings:
+    """Online and iterative DPO (pairs sampled from the policy and judged): which one, the judge, and how responses
+    are sampled. Flat on the command line (`--online`, `--iterations`, `--num-samples`, `--judge`, ...)."""
+
     online: bool = setting(False, "online DPO: each step samples --num-samples responses per prompt from the current "
                                   "policy, the judge picks (best, worst)")
     iterations: int = setting(0, "iterative DPO in R rounds: each round samples every prompt once with its starting "
@@ -68,6 +71,7 @@ class OnlineSettings:
 
     @property
     def enabled(self) -> bool:
+        """Whether the run trains on sampled pairs (online or iterative DPO) instead of the preference set."""
         return self.online or self.iterations > 0
 
 
@@ -76,17 +80,19 @@ class Sampler:
     """Samples k responses per prompt from a model, scores them with the judge, and tokenizes (best, worst) pairs
     as the offline data path does (dpo.data.build_pairs with the run's template and lengths)."""
 
-    settings: OnlineSettings
+    settings: OnPolicySettings
     judge: Judge
     tokenizer: Any
     lengths: dict[str, Any]  # max_length, max_prompt_length, truncation_mode, template
     seed: int
     precision: str = "fp32"  # the run's (resolved): the policy samples under its autocast
 
-    def decoding(self, position: int, group: int = 0) -> DecodingConfig:
+    def decoding(self, position: int, group: int = 0) -> DecodingSettings:
+        """How the responses of step (or round) `position`, prompt group `group`, are sampled: the sampling settings
+        with a seed of their own, and the run's prompt rendering and truncation."""
         s = self.settings
         seed = ((self.seed * SEED_STRIDE + position) * GROUP_STRIDE + group) % 2 ** 63
-        return DecodingConfig(temperature=s.sample_temperature, top_p=s.sample_top_p,
+        return DecodingSettings(temperature=s.sample_temperature, top_p=s.sample_top_p,
                               max_new_tokens=s.sample_max_new_tokens, seed=seed,
                               chat_template=self.lengths["template"] == "chat",
                               max_prompt_length=self.lengths["max_prompt_length"],
@@ -152,61 +158,74 @@ def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]
 
 
 @dataclass
-class OnlinePairs:
-    """--online: the pair source whose step s samples the prompts of step s from the current policy."""
+class SampledPairs:
+    """What online and iterative DPO's pair sources share: prompts to sample, `batch_size` per step, and no pair of
+    the preference set to precompute reference log-probs for."""
 
     prompts: list[str]
-    batch_size: int  # prompts per optimizer step
+    batch_size: int
     seed: int
     sampler: Sampler
 
     @property
     def steps_per_epoch(self) -> int:
+        """Batches in one pass over the prompts (a round of iterative DPO has at most one pair per prompt)."""
         return len(self.prompts) // self.batch_size
 
     def used_ids(self, total_steps: int) -> list[int]:
-        return []  # no pair exists before its step: nothing to precompute
+        """None: the pairs are sampled during the run, their reference log-probs computed then."""
+        return []
+
+
+@dataclass
+class OnlinePairs(SampledPairs):
+    """--online: the pair source whose step s samples the prompts of step s from the current policy (batch_size:
+    prompts per optimizer step)."""
 
     def step_batch(self, step: int, reference: Any, policy: torch.nn.Module, dist: DistInfo) -> PairBatch:
+        """Step `step`'s prompts sampled from `policy` and judged into (best, worst) pairs, the same on every
+        process; their reference log-probs come at step time."""
         ids = step_ids(len(self.prompts), self.batch_size, self.seed, step)
         pairs, metrics = self.sampler.sample_pairs(policy, self.prompts, ids, step, dist)
         return PairBatch(pairs, None, metrics)
 
 
-@dataclass
-class IterativePairs:
-    """--iterations R: round r covers steps [r x steps_per_round, (r + 1) x steps_per_round); its pairs are sampled
-    once, at its first step, from every prompt, and its steps take batches of them like OfflinePairs."""
+RoundReference = Callable[[list[TokenizedPair], int], "ReferenceLogps | None"]
 
-    prompts: list[str]
-    batch_size: int  # pairs per optimizer step
-    seed: int
-    sampler: Sampler
+
+@dataclass
+class IterativePairs(SampledPairs):
+    """--iterations R: round r covers steps [r x steps_per_round, (r + 1) x steps_per_round); its pairs are sampled
+    once, at its first step, from every prompt, and its steps take batches of them like OfflinePairs (batch_size:
+    pairs per optimizer step)."""
+
     rounds: int
     round_dir: Path
-    identity: str = ""  # the run's settings: a round file written by a run with others is refused
-    total_steps: int = 0  # set once the run's length is known
-    # (policy, round) -> the round's reference log-probs of `pairs`, computed before the round's first update
-    reference: Callable[[list[TokenizedPair], int], ReferenceLogps | None] = lambda pairs, r: None
-    _round: int = -1
-    _pairs: list[TokenizedPair] = field(default_factory=list)
-    _reference: ReferenceLogps | None = None
+    total_steps: int  # the run's length, cut into `rounds` rounds
+    identity: str  # the run's settings: a round file written by a run with others is refused
+    # (pairs, round) -> the round's reference log-probs of `pairs`, computed before the round's first update
+    reference: RoundReference
+    _round: int = field(default=-1, init=False)
+    _pairs: list[TokenizedPair] = field(default_factory=list, init=False)
+    _reference: ReferenceLogps | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.total_steps < self.rounds:
+            raise ConfigError(f"--iterations {self.rounds} needs at least one step per round; the run has "
+                              f"{self.total_steps} (--max-steps / --epochs)")
 
     @property
     def steps_per_round(self) -> int:
+        """Optimizer steps of each round (the last round also takes the remainder)."""
         return max(1, self.total_steps // self.rounds)
 
     def round_of(self, step: int) -> int:
+        """The 0-based round that optimizer step `step` belongs to."""
         return min(step // self.steps_per_round, self.rounds - 1)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.prompts) // self.batch_size  # at most one pair per prompt and round
-
-    def used_ids(self, total_steps: int) -> list[int]:
-        return []  # a round's reference log-probs are computed when it starts
-
     def step_batch(self, step: int, reference: Any, policy: torch.nn.Module, dist: DistInfo) -> PairBatch:
+        """Step `step`'s batch of its round's pairs (sampled, judged and given reference log-probs at the round's
+        first step, or read back from rounds/ on resume)."""
         r = self.round_of(step)
         first = r * self.steps_per_round
         metrics = {}

@@ -1,15 +1,15 @@
-"""Training settings: `TrainConfig`, exposed as command-line flags and as `--config FILE` (JSON).
+"""Training settings: `TrainSettings`, exposed as command-line flags and as `--config FILE` (JSON).
 
 Every setting is a flag (`beta` -> `--beta`, `micro_batch_size` -> `--micro-batch-size`), declared once with
-its default, help, choices and check (dpo.settings). The loss's hyper-parameters are `LossConfig`'s fields
-(dpo.loss) and the log-prob computation's are `ScoringConfig`'s (dpo.logprobs), nested here and flat on the
+its default, help, choices and check (dpo.settings). The loss's hyper-parameters are `LossSettings`'s fields
+(dpo.loss) and the log-prob computation's are `ScoringSettings`'s (dpo.logprobs), nested here and flat on the
 command line. A config file holds the same keys (either spelling); flags given on the command line override it.
 The defaults are the phi-2-dpo recipe's hyper-parameters with the embedded demo's model and data, so
 `python train.py` alone trains the shipped tiny SFT model on the shipped synthetic preference set. When the
 model is the demo model, `DEMO_SETTINGS` (sizes and a learning rate fit for a tiny model on a CPU) are
 layered over the defaults, under any config file or flag.
 
-    python -m dpo.config     prints the flag tables of README.md, generated from the parser
+    python -m dpo.train_settings     prints the flag tables of docs/training.md, generated from the parser
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from dpo.logprobs import ScoringConfig
+from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
-from dpo.loss import LossConfig, batch_coupled
-from dpo.online import OnlineSettings
+from dpo.loss import LossSettings, batch_coupled, parse_loss_spec, resolve_loss
+from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
-from dpo.optim import OPTIMIZERS
+from dpo.optim import OPTIMIZERS, check_optimizer
 from dpo.precision import PRECISIONS
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
-from dpo.tracking import REPORT_TO_CHOICES
+from dpo.tracking import REPORT_TO_CHOICES, resolve_report_to
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
                           nested, non_negative, positive, setting, setting_fields, to_flat)
 
@@ -43,12 +43,10 @@ DEMO_SETTINGS: dict[str, Any] = {
     "eval_generate_batch_size": 32,
     "output_dir": "runs/demo",
 }
-# and with LoRA on the demo model (adapters learn at a higher rate; measured: the win rate against the SFT model
-# is 0.76 at 2e-4, 0.90 at 3e-4 and 4e-4, 0.86 at 5e-4, 0.73 at 1e-3)
+# and with LoRA on the demo model: adapters learn at a higher rate (the rates tried: docs/lora.md)
 DEMO_LORA_SETTINGS: dict[str, Any] = {"lr": 3e-4}
 # and with online or iterative DPO: the offline demo's 64 optimizer steps (its 791 instructions make 12 batches), and
-# the chosen answers' NLL (measured: plain sigmoid online DPO cut one capital short, "Belc" for "Belcarn", 0.96
-# correct against the SFT model's 1.00; with --rpo-alpha 1.0 every category stays at or above the SFT model's)
+# the chosen answers' NLL, which keeps online DPO from cutting answers short (docs/online.md)
 DEMO_ONLINE_SETTINGS: dict[str, Any] = {"max_steps": 64, "rpo_alpha": 1.0}
 HALF_OF_MAX_LENGTH = "auto"  # --max-prompt-length's default: derived from --max-length
 
@@ -65,7 +63,10 @@ def _betas(value: Any) -> str | None:
 
 
 @dataclass
-class TrainConfig:
+class TrainSettings:
+    """Every setting of a training run, each a flag and a config-file key (nested settings flat on the command line);
+    checked when built, whatever builds it."""
+
     # model and data
     model: str = setting(DEMO_MODEL, "SFT model: a local directory or hub name ('demo' = the shipped tiny model)")
     dataset: str = setting(DEMO_DATASET, "preference data: hub name, .jsonl/.json/.parquet file, dataset directory, "
@@ -88,11 +89,11 @@ class TrainConfig:
     truncation_mode: str = setting("keep_end", "which end of an over-long prompt is kept",
                                    choices=TRUNCATION_MODES)
     # the loss and its hyper-parameters
-    loss: LossConfig = nested(LossConfig, "loss")
+    loss: LossSettings = nested(LossSettings, "loss")
     # LoRA: adapters on a frozen base, the reference that base
     lora: LoraSettings = nested(LoraSettings, "LoRA")
     # online and iterative DPO: the pairs are the policy's own samples, judged
-    online_dpo: OnlineSettings = nested(OnlineSettings, "online and iterative DPO")
+    on_policy: OnPolicySettings = nested(OnPolicySettings, "online and iterative DPO")
     # optimisation
     lr: float = setting(3e-5, "peak learning rate", check=positive)
     warmup_ratio: float = setting(0.03, "fraction of the steps with linear warmup (then cosine decay)",
@@ -131,7 +132,7 @@ class TrainConfig:
     device: str = setting("auto", "cpu, cuda, cuda:N or auto", identity=False)
     precompute_ref: bool = setting(True, "compute reference log-probs once before training and free the reference "
                                          "model", identity=False)
-    scoring: ScoringConfig = nested(ScoringConfig)
+    scoring: ScoringSettings = nested(ScoringSettings)
     fused_gelu: bool = setting(True, "run gelu_new activations as one fused kernel (same formula, equal to fp32 "
                                      "rounding)", identity=False)
     layout: str = setting("auto", "micro-batch layout: padded rows, packed (padding-free), shared_prompt (prompt "
@@ -185,7 +186,7 @@ class TrainConfig:
                               f"({self.micro_batch_size})")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        if self.online_dpo.enabled and self.fsdp:
+        if self.on_policy.enabled and self.fsdp:
             raise ConfigError("--online / --iterations do not run under --fsdp (sampling would need every process in "
                               "each decoding step of the sharded model); use DDP")
         if self.optimizer == "adamw_8bit" and self.fsdp:
@@ -208,7 +209,7 @@ class TrainConfig:
         flat = self.to_dict()
         split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if batch_coupled(self.loss) \
             else ()
-        return {s.name: flat[s.name] for s in setting_fields(TrainConfig) if s.identity or s.name in split}
+        return {s.name: flat[s.name] for s in setting_fields(TrainSettings) if s.identity or s.name in split}
 
 
 _GROUPS = {"model": "model and data", "lr": "optimisation", "output_dir": "run management", "device": "speed",
@@ -229,33 +230,46 @@ def _lora_alpha(text: str) -> float | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's argument parser: --config and one flag per setting, in argument groups."""
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="DPO training. With no arguments: the embedded demo (tiny SFT model, synthetic preferences).",
     )
     parser.add_argument("--config", help="JSON file with any of the settings below (flags override it)")
-    add_flags(parser, TrainConfig, _GROUPS, converters={"max_prompt_length": _max_prompt_length,
+    add_flags(parser, TrainSettings, _GROUPS, converters={"max_prompt_length": _max_prompt_length,
                                                         "lora_alpha": _lora_alpha})
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_settings(argv: list[str] | None = None) -> TrainSettings:
     """Defaults, then DEMO_SETTINGS (and DEMO_LORA_SETTINGS under LoRA, DEMO_ONLINE_SETTINGS for online or
     iterative DPO) for the demo model, then the --config file, then flags; validated."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
-    values = load_config_file(config_file, TrainConfig) if config_file else {}
+    values = load_config_file(config_file, TrainSettings) if config_file else {}
     values.update(args)
     if values.get("model", DEMO_MODEL) == DEMO_MODEL:
         lora = values.get("lora_r") or values.get("adapter")
         sampled = values.get("online") or values.get("iterations")
         values = {**DEMO_SETTINGS, **(DEMO_LORA_SETTINGS if lora else {}), **(DEMO_ONLINE_SETTINGS if sampled else {}),
                   **values}
-    return from_flat(TrainConfig, values)
+    cfg = from_flat(TrainSettings, values)
+    check_requirements(cfg)
+    return cfg
+
+
+def check_requirements(cfg: TrainSettings) -> None:
+    """What a run needs beyond valid values, checked before any work: every term of --loss resolves (an unknown
+    name lists the known ones), and the libraries of --report-to's trackers and of --optimizer are installed (the
+    error names the pip extra)."""
+    for name, _ in parse_loss_spec(cfg.loss.loss_type):
+        resolve_loss(name)
+    resolve_report_to(cfg.report_to)
+    check_optimizer(cfg.optimizer)
 
 
 def flag_tables() -> str:
-    """The README's flag tables: one markdown table per argument group of the parser."""
+    """The flag tables of docs/training.md: one markdown table per argument group of the parser."""
     parser = build_parser()
     blocks = []
     for group in parser._action_groups:
@@ -265,7 +279,7 @@ def flag_tables() -> str:
             continue
         lines = [f"**{group.title[0].upper() + group.title[1:]}**", "", "| flag | default | meaning |",
                  "|---|---|---|"]
-        fields = {s.name: s for s in setting_fields(TrainConfig)}
+        fields = {s.name: s for s in setting_fields(TrainSettings)}
         for action in rows:
             s = fields[action.dest]
             choices = f" ({' / '.join(action.choices)})" if action.choices else ""
