@@ -14,11 +14,10 @@ import train
 from dpo import logprobs
 from dpo.data import collate_pairs
 from dpo.logprobs import SequenceScorer, disable_dropout
-from dpo.metrics import read_metrics
 from dpo.modeling import ModelLoadError, attention_implementation, load_causal_lm
 from dpo.packing import PackingError, collate_packed, collate_shared_prompt
 from test_speed_paths import dpo_loss_and_grads
-from tiny import random_pairs, tiny_tokenizer, write_pairs
+from harness import random_pairs, run_metrics, tiny_run_args, tiny_tokenizer, write_pairs
 
 VOCAB = 97
 LAYOUTS = {"padded": lambda pairs: collate_pairs(pairs, pad_id=0), "packed": collate_packed,
@@ -158,15 +157,14 @@ def test_soft_capped_attention_is_never_given_to_sdpa(monkeypatch):
 
 
 def train_args(root, out: str, *extra: str) -> list[str]:
-    return ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--output-dir", str(root / out),
-            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--batch-size", "8",
-            "--micro-batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "4", "--lr", "1e-3", "--seed", "0",
-            "--no-progress", "--no-plot", *extra]
+    return tiny_run_args(root, out, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
+                         "--max-eval-pairs", "4", "--lr", "1e-3", *extra)
 
 
+@pytest.mark.slow
 def test_gemma2_trains_end_to_end_with_the_defaults(gemma2_dir, capsys):
     assert train.main(train_args(gemma2_dir, "run")) == 0
-    records = [r for r in read_metrics(gemma2_dir / "run" / "metrics.jsonl") if r["split"] == "train"]
+    records = run_metrics(gemma2_dir / "run", "train")
     assert len(records) == 2
     assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in records)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as the reference

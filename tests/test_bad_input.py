@@ -1,19 +1,14 @@
 """The bad-input matrix: every case is one clear line (exit 2, nothing trained) or a counted, reported skip."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 import train
-from dpo.metrics import read_metrics
-from tiny import make_model_dir, write_pairs
+from harness import run_metrics, tiny_run_args, write_pairs
 
-GOOD_ROWS = 24
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("bad") / "model")
+GOOD_ROWS = 24  # model_dir: conftest's
 
 
 def dataset_with(tmp_path, bad_lines: list[str], name: str = "data.jsonl", good: int = GOOD_ROWS):
@@ -26,10 +21,10 @@ def dataset_with(tmp_path, bad_lines: list[str], name: str = "data.jsonl", good:
 
 
 def run_cli(model_dir, dataset, out, *extra):
-    argv = ["--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out), "--max-length", "48",
-            "--max-prompt-length", "24", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "1",
-            "--test-size", "4", "--max-eval-pairs", "4", "--no-progress", "--no-plot", *extra]
-    return train.cli(argv)
+    """train.cli on a one-step tiny run (seed: the default) of these absolute paths; its exit code."""
+    return train.cli(tiny_run_args(Path(out), out, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "1",
+                                   "--max-eval-pairs", "4", *extra, model=model_dir, dataset=dataset, test_size="4",
+                                   seed=None))
 
 
 def assert_one_line_error(capsys, code, *fragments):
@@ -89,7 +84,7 @@ def test_missing_model_directory(tmp_path, capsys):
 def test_model_directory_without_tokenizer(model_dir, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "config.json").write_text((model_dir / "config.json").read_text())
+    (bare / "config.json").write_text((Path(model_dir) / "config.json").read_text())
     data = dataset_with(tmp_path, [])
     assert_one_line_error(capsys, run_cli(bare, data, tmp_path / "out"), "tokenizer")
 
@@ -126,7 +121,7 @@ def test_bad_rows_are_counted_and_reported(model_dir, tmp_path, capsys, case):
     report = next(line for line in out.splitlines() if line.startswith("train:"))
     # 3 bad rows, one of which may have been split off into the held-out set
     assert f"skipped: {case} 3 (first: row " in report or f"skipped: {case} 2 (first: row " in report, report
-    assert [r["step"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["split"] == "train"] == [1]
+    assert [r["step"] for r in run_metrics(tmp_path / "out", "train")] == [1]
 
 
 def test_prompt_longer_than_max_length(model_dir, tmp_path, capsys):

@@ -16,6 +16,7 @@ import throughput  # noqa: E402
 from dpo.modeling import DEMO_MODEL_DIR  # noqa: E402
 
 
+@pytest.mark.slow
 def test_a_run_times_train_step_with_train_py_defaults_on_the_shipped_data(capsys):
     """With the demo's pairs and tokenizer (what a clone without ../shared has): the first step's loss is ln 2
     (policy == reference), the losses fall, and the settings differ from `python train.py`'s only by the
@@ -29,6 +30,7 @@ def test_a_run_times_train_step_with_train_py_defaults_on_the_shipped_data(capsy
     assert record["layout"] == "shared_prompt"  # what --layout auto picks for this Phi model
 
 
+@pytest.mark.slow
 def test_train_py_flags_select_the_techniques_and_bad_ones_fail_in_one_line():
     args, flags = throughput.parse_args(["--size", "M", "--preset", "plain", "--layout", "packed"])
     assert flags == throughput.PRESETS["plain"] + ["--layout", "packed"]

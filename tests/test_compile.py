@@ -6,8 +6,7 @@ from safetensors.torch import load_file
 
 import train
 from dpo.settings import ConfigError
-from dpo.metrics import read_metrics
-from tiny import make_run_dir, tiny_run_args
+from harness import make_run_dir, run_metrics, tiny_run_args
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +19,7 @@ def args(workdir, out, *extra):
                          "10", "--eval-steps", "5", "--max-eval-pairs", "8", *extra)
 
 
+@pytest.mark.slow
 def test_compiled_equals_eager_and_compiles_a_bounded_number_of_times(workdir):
     from torch._dynamo.utils import counters
 
@@ -34,7 +34,7 @@ def test_compiled_equals_eager_and_compiles_a_bounded_number_of_times(workdir):
     a, b = (load_file(workdir / run / "final" / "model.safetensors") for run in ("compiled", "eager"))
     for key in a:  # inductor orders the fp32 sums its own way: 10 Adam steps at lr 1e-2 move apart by ~3e-5
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
-    ma, mb = (read_metrics(workdir / run / "metrics.jsonl") for run in ("compiled", "eager"))
+    ma, mb = (run_metrics(workdir / run) for run in ("compiled", "eager"))
     assert [r.get("loss") for r in ma] == pytest.approx([r.get("loss") for r in mb], abs=1e-5)
 
 

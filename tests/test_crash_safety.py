@@ -1,10 +1,7 @@
 """Crash safety: SIGKILL at random points, SIGTERM, NaN losses; the last good checkpoint always survives."""
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,32 +11,20 @@ from safetensors.torch import load_file
 
 import train
 from dpo.checkpoint import latest_checkpoint, list_checkpoints
-from dpo.metrics import read_metrics
-from tiny import make_model_dir, write_pairs
+from harness import make_run_dir, run_metrics, start_train, tiny_run_args
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"pairs_per_s", "tokens_per_s"}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash")
-    make_model_dir(root / "model")
-    write_pairs(root / "pairs.jsonl", 56)
-    args = ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--max-length", "48",
-            "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0", "--no-progress",
-            "--no-plot", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "8", "--save-steps", "1",
-            "--eval-steps", "4", "--max-eval-pairs", "8"]
+    root = make_run_dir(tmp_path_factory.mktemp("crash"), 56)
+    args = tiny_run_args(root, None, "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps",
+                         "8", "--save-steps", "1", "--eval-steps", "4", "--max-eval-pairs", "8")
     # the uninterrupted run, in a process like the interrupted ones (same threads, so bitwise comparable)
-    process = start(args + ["--output-dir", str(root / "reference-run")])
+    process = start_train(args + ["--output-dir", str(root / "reference-run")])
     assert process.wait(timeout=600) == 0
     return root, args
-
-
-def start(args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def assert_identical_runs(a: Path, b: Path):
@@ -47,9 +32,10 @@ def assert_identical_runs(a: Path, b: Path):
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
     strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING} for r in records]  # noqa: E731
-    assert strip(read_metrics(a / "metrics.jsonl")) == strip(read_metrics(b / "metrics.jsonl"))
+    assert strip(run_metrics(a)) == strip(run_metrics(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sigkill_at_random_points_then_resume_is_identical(setup, seed):
     root, args = setup
@@ -58,7 +44,7 @@ def test_sigkill_at_random_points_then_resume_is_identical(setup, seed):
     kills = 0
     for attempt in range(12):
         run_args = args + ["--output-dir", str(out)] + (["--resume"] if out.exists() else [])
-        process = start(run_args)
+        process = start_train(run_args)
         if kills < 3:
             # a random point, defined by progress rather than time so it holds on fast and slow machines:
             # a few steps past the last checkpoint, then a random fraction of a step
@@ -86,10 +72,11 @@ def test_sigkill_at_random_points_then_resume_is_identical(setup, seed):
     assert_identical_runs(root / "reference-run", out)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(setup):
     root, args = setup
     out = root / "terminated"
-    process = start(args + ["--output-dir", str(out)])
+    process = start_train(args + ["--output-dir", str(out)])
     deadline = time.time() + 300
     while not list_checkpoints(out) and time.time() < deadline:  # wait until training is under way
         time.sleep(0.2)
@@ -98,7 +85,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(setup):
     assert process.returncode == 0, output[-3000:]
     if not (out / "final").is_dir():  # the signal arrived before the last step
         assert "SIGTERM received: checkpoint saved" in output
-        assert start(args + ["--output-dir", str(out), "--resume"]).wait(timeout=600) == 0
+        assert start_train(args + ["--output-dir", str(out), "--resume"]).wait(timeout=600) == 0
     assert_identical_runs(root / "reference-run", out)
 
 
@@ -116,6 +103,7 @@ def nan_at_third_call(x, cfg):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(setup, tmp_path, capsys, precision):
     root, args = setup
@@ -133,6 +121,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(setup, tmp_path
     assert not (out / "checkpoint-2").exists() and not (out / "final").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_skip_option_counts_and_continues(setup, tmp_path):
     root, args = setup
     loss_file = tmp_path / "nan_loss.py"
@@ -140,7 +129,7 @@ def test_nan_loss_skip_option_counts_and_continues(setup, tmp_path):
     out = tmp_path / "run"
     assert train.main(args + ["--output-dir", str(out), "--loss", f"{loss_file}:nan_at_third_call", "--on-nan",
                               "skip", "--max-steps", "3"]) == 0
-    train_records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    train_records = run_metrics(out, "train")
     assert [r["skipped_steps"] for r in train_records] == [0, 1, 1]
     assert train_records[1]["loss"] is None  # logged as null, never as a silent NaN
     # the skipped step left the weights as step 1 made them

@@ -37,8 +37,7 @@ from dpo.data import (  # noqa: E402
 from dpo.prompts import format_prompt, format_response  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GPT2_DIR = SHARED / "tokenizers" / "gpt2"
-PAIRS_DIR = SHARED / "data" / "alpacaeval-phi2-prefs"
+PAIRS_DIR = SHARED / "data" / "alpacaeval-phi2-prefs"  # its pairs.jsonl: conftest's pair_rows; GPT-2: its gpt2
 
 
 class CharTokenizer:
@@ -75,23 +74,6 @@ def char_ids(text: str) -> list[int]:
 
 EOS = 0
 BOS = 1
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    if not GPT2_DIR.is_dir():
-        pytest.skip("shared GPT-2 tokenizer not available")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(GPT2_DIR))
-
-
-@pytest.fixture(scope="module")
-def pair_rows():
-    path = PAIRS_DIR / "pairs.jsonl"
-    if not path.is_file():
-        pytest.skip("shared preference pairs not available")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def explicit(prompt="Say hi", chosen="Hi!", rejected="Go away.", **extra):

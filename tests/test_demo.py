@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoTokenizer, PhiConfig  # noqa: E402
 
 from dpo.demo import task  # noqa: E402
-from dpo.demo.build import (DEFAULT_OUT, IGNORE_INDEX, BuildConfig, collate_sft, make_model,  # noqa: E402
+from dpo.demo.build import (DEFAULT_OUT, IGNORE_INDEX, BuildSettings, collate_sft, make_model,  # noqa: E402
                             sft_loss, train_tokenizer)
 from dpo.demo.task import Instruction, compare, judge  # noqa: E402
 from dpo.prompts import format_prompt, format_response  # noqa: E402
@@ -203,7 +203,7 @@ def test_collate_sft_labels_only_response_and_eos():
 
 def test_sft_loss_is_mean_token_nll_over_labelled_positions():
     tokenizer = train_tokenizer(["### Human: hi\n\n### Assistant: ok"] * 4, 300)
-    cfg = BuildConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cfg = BuildSettings(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     model = make_model(cfg, tokenizer).eval()
     batch = collate_sft([([3, 4, 5, 6, 0], 2), ([7, 8, 0], 1)], pad_id=0)
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_shipped_model_config(shipped):
     tokenizer, model = shipped
     config = model.config
     assert isinstance(config, PhiConfig)
-    expected = BuildConfig()
+    expected = BuildSettings()
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (
         expected.hidden_size, expected.num_hidden_layers, expected.num_attention_heads, expected.intermediate_size)
     assert config.rope_parameters["partial_rotary_factor"] == pytest.approx(0.4)
@@ -281,6 +281,7 @@ def test_shipped_model_knows_the_facts_on_held_out_prompts(shipped):
     assert correct >= 0.9 * len(instrs), list(zip([i.text for i in instrs], answers))
 
 
+@pytest.mark.slow
 def test_demo_promise_dpo_beats_its_sft_reference_on_80_percent(tmp_path):
     """`python train.py` then `python -m dpo.evaluate --model <run>/final`, exactly as the README says, end to end:
     the DPO policy must win at least 80% of the held-out comparisons against the SFT model (ties half), as the

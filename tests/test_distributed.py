@@ -1,8 +1,5 @@
 """torchrun on CPU (gloo, 2 processes): the same weights as one process with the same effective batch."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,33 +7,19 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from dpo.metrics import read_metrics
-from tiny import make_model_dir, write_pairs
+from harness import make_run_dir, run_metrics, tiny_run_args, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PAIRS = 72
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    make_model_dir(root / "model")
-    write_pairs(root / "pairs.jsonl", TRAIN_PAIRS + 10)
-    args = ["--model", str(root / "model"), "--dataset", str(root / "pairs.jsonl"), "--max-length", "48",
-            "--max-prompt-length", "24", "--test-size", "10", "--lr", "1e-3", "--seed", "0", "--no-progress",
-            "--no-plot", "--batch-size", "16", "--micro-batch-size", "4", "--max-steps", "4", "--eval-steps", "2",
-            "--max-eval-pairs", "10", "--layout", "padded"]  # 3 eval micro-batches: uneven over 2 processes
+    root = make_run_dir(tmp_path_factory.mktemp("dist"), TRAIN_PAIRS + 10)
+    args = tiny_run_args(root, None, "--lr", "1e-3", "--batch-size", "16", "--micro-batch-size", "4", "--max-steps",
+                         "4", "--eval-steps", "2", "--max-eval-pairs", "10", "--layout", "padded",
+                         test_size="10")  # 3 eval micro-batches: uneven over 2 processes
     assert train.main(args + ["--output-dir", str(root / "single")]) == 0
     return root, args
-
-
-def torchrun(args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "train.py"), *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +33,7 @@ def assert_same_run(a: Path, b: Path):
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
-    ma, mb = ([r for r in read_metrics(run / "metrics.jsonl") if r["split"] in ("train", "eval")] for run in (a, b))
+    ma, mb = (run_metrics(run, "train", "eval") for run in (a, b))
     assert [(r["split"], r["step"]) for r in ma] == [(r["split"], r["step"]) for r in mb]
     for ra, rb in zip(ma, mb):
         for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
@@ -62,6 +45,7 @@ def assert_same_run(a: Path, b: Path):
     assert [r.get("pairs") for r in ma if r["split"] == "eval"] == [10, 10]  # eval shards reduced over ranks
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_match_one(setup):
     """Also with TensorBoard and --eval-generate on: only the main process logs and samples (the others wait),
     and neither changes the training."""
@@ -79,7 +63,7 @@ def test_ddp_two_processes_match_one(setup):
         for key in ("chosen", "rejected"):
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     # only rank 0 writes: one line per step, no duplicates
-    records = read_metrics(root / "ddp" / "metrics.jsonl")
+    records = run_metrics(root / "ddp")
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "generate/win_rate" in r] == [2, 4]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -92,6 +76,7 @@ def test_ddp_two_processes_match_one(setup):
     assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records if r["split"] == "train"]
 
 
+@pytest.mark.distributed
 def test_fsdp_checkpoint_resumes_at_another_world_size(setup):
     root, args = setup
     out = root / "fsdp"
@@ -101,6 +86,7 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(setup):
     assert_same_run(root / "single", out)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
 def test_ddp_with_packed_layouts_matches_one_padded_process(setup, layout):
     """Padding-free rows and shared prompts under DDP: the same weights and metrics as the single padded run."""
@@ -109,6 +95,7 @@ def test_ddp_with_packed_layouts_matches_one_padded_process(setup, layout):
     assert_same_run(root / "single", root / f"ddp-{layout}")
 
 
+@pytest.mark.distributed
 def test_ddp_stateful_loss_matches_one_process(setup):
     """bco_pair's running reward mean moves by whole global batches, all-reduced: 2 processes == 1."""
     root, args = setup
@@ -122,6 +109,7 @@ def test_ddp_stateful_loss_matches_one_process(setup):
     assert ddp["reward_mean"] == pytest.approx(single["reward_mean"], abs=1e-6)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_lora_under_torchrun_matches_one_process(setup, sharding):
     """LoRA adapters trained by 2 processes (DDP, or FSDP2 stopped at step 2 and resumed in 1 process) equal one
@@ -164,6 +152,7 @@ def test_process_group_waits_for_a_long_reference_pass_and_binds_the_gpu(monkeyp
     assert calls[0]["device_id"] == (torch.device("cuda", 1) if device_type == "cuda" else None)
 
 
+@pytest.mark.distributed
 def test_fsdp_with_a_token_budget_matches_one_process(setup):
     """--max-tokens-per-micro-batch cuts each process's slice into its own number of micro-batches; the processes
     still run the same number of passes (FSDP's collectives need it: a short process adds weight-0 passes), and
@@ -174,13 +163,14 @@ def test_fsdp_with_a_token_budget_matches_one_process(setup):
     assert_same_run(root / "single", out)
 
 
+@pytest.mark.distributed
 def test_fsdp_in_bf16_gathers_half_precision_and_matches_one_process(setup):
     """FSDP2 with a MixedPrecisionPolicy (bf16 gathers, fp32 gradient reduction) trains as one bf16 process does,
     to bf16 rounding, and its step-0 check passes against the reference computed before sharding."""
     root, args = setup
     assert train.main(args + ["--output-dir", str(root / "single-bf16"), "--precision", "bf16"]) == 0
     torchrun(args + ["--output-dir", str(root / "fsdp-bf16"), "--fsdp", "--precision", "bf16"])
-    la, lb = ([r["loss"] for r in read_metrics(root / run / "metrics.jsonl") if r["split"] in ("train", "eval")]
+    la, lb = ([r["loss"] for r in run_metrics(root / run, "train", "eval")]
               for run in ("single-bf16", "fsdp-bf16"))
     assert len(la) == len(lb) == 6 and lb == pytest.approx(la, abs=3e-4)  # measured: within 6e-5
     assert la[-1] < la[0] - 0.05

@@ -11,18 +11,12 @@ from dpo.data import build_pairs, load_records
 from dpo.demo import task
 from dpo.evaluate import (Comparison, LoadedModel, WinRate, compare_models, implicit_reward_metrics,
                           wilson_interval, win_rate_summary)
-from dpo.generation import DecodingConfig
+from dpo.generation import DecodingSettings
 from dpo.judges import DemoJudge, JudgeError, RewardModelJudge, build_judge
 from dpo.prompts import format_prompt, format_response
-from tiny import make_model_dir, tiny_phi, tiny_tokenizer, write_pairs
+from harness import make_model_dir, tiny_phi, tiny_tokenizer, write_pairs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------- arithmetic
@@ -205,7 +199,7 @@ def test_compare_models_scores_from_the_policy_side(monkeypatch):
     monkeypatch.setattr(evaluate, "generate_batch", lambda model, *args, **kwargs: answers[model])
     policy, reference = LoadedModel("p", "p", "policy", _Tok()), LoadedModel("r", "r", "reference", _Tok())
     comparisons = compare_models(policy, reference, [{"instruction": i.text} for i in held_out], DemoJudge(),
-                                 DecodingConfig())
+                                 DecodingSettings())
     assert [c.outcome for c in comparisons] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
     assert [c.category for c in comparisons] == [i.category for i in held_out]
     summary = win_rate_summary(comparisons, policy, reference)
@@ -227,7 +221,7 @@ def test_prompts_the_judge_cannot_handle_fail_before_generation(monkeypatch):
     monkeypatch.setattr(evaluate, "generate_batch", no_generation)
     model = LoadedModel("m", "m", None, _Tok())
     with pytest.raises(JudgeError):
-        compare_models(model, model, [{"instruction": "Write a haiku."}], DemoJudge(), DecodingConfig())
+        compare_models(model, model, [{"instruction": "Write a haiku."}], DemoJudge(), DecodingSettings())
 
 
 def test_samples_show_reference_before_and_policy_after():

@@ -8,30 +8,17 @@ import torch
 from torch import nn
 
 import generate
-from dpo.generation import (BatchFileError, DecodingConfig, GenerationError, StopAwareStreamer, StopOnStrings,
+from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, StopAwareStreamer, StopOnStrings,
                             clean_response, generate_batch, generator_name, left_pad, prompt_budget,
                             read_instructions, resolve_dtype, resolve_run_model, run_settings, side_by_side,
                             truncate_at_stop, write_outputs)
 from dpo.modeling import load_causal_lm, load_tokenizer
 from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
-from tiny import make_model_dir, tiny_tokenizer
+from harness import make_model_dir, tiny_tokenizer
 
-GREEDY = DecodingConfig(greedy=True, max_new_tokens=12)
-SAMPLED = DecodingConfig(max_new_tokens=12, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode token by token: one thread avoids contention with other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(make_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
+GREEDY = DecodingSettings(greedy=True, max_new_tokens=12)
+SAMPLED = DecodingSettings(max_new_tokens=12, seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's, as model_dir: tiny models decode token by token
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +189,7 @@ def test_generation_stops_at_the_marker_and_never_shows_it():
     model = ScriptedLM(continuation, tokenizer.eos_token_id)
     written = []
     streamer = StopAwareStreamer(tokenizer, write=written.append)
-    assert generate_batch(model, tokenizer, ["yes"], DecodingConfig(greedy=True, max_new_tokens=100),
+    assert generate_batch(model, tokenizer, ["yes"], DecodingSettings(greedy=True, max_new_tokens=100),
                           streamer=streamer) == ["yes"]
     marker_end = len(tokenizer(" yes\n\n### Human:", add_special_tokens=False)["input_ids"])
     assert model.steps == marker_end  # stopped as soon as the marker was complete
@@ -214,7 +201,7 @@ def test_generation_stops_at_eos_and_drops_what_follows():
     eos = tokenizer.eos_token_id
     red = tokenizer(" red", add_special_tokens=False)["input_ids"]
     model = ScriptedLM(red + [eos] + tokenizer(" blue", add_special_tokens=False)["input_ids"], eos)
-    assert generate_batch(model, tokenizer, ["yes"], DecodingConfig(greedy=True)) == ["red"]
+    assert generate_batch(model, tokenizer, ["yes"], DecodingSettings(greedy=True)) == ["red"]
     assert model.steps == len(red) + 1
 
 
@@ -260,7 +247,7 @@ def test_same_seed_same_samples_and_seeds_matter(lm):
     first = generate_batch(model, tokenizer, instructions, SAMPLED)
     torch.manual_seed(1234)  # the global RNG state before the call must not matter
     assert generate_batch(model, tokenizer, instructions, SAMPLED) == first
-    by_seed = {tuple(generate_batch(model, tokenizer, instructions, DecodingConfig(max_new_tokens=12, seed=s)))
+    by_seed = {tuple(generate_batch(model, tokenizer, instructions, DecodingSettings(max_new_tokens=12, seed=s)))
                for s in range(4)}
     assert len(by_seed) > 1
 
@@ -282,7 +269,7 @@ def test_streaming_prints_exactly_the_returned_response(lm):
 ])
 def test_bad_decoding_settings(change, message):
     with pytest.raises(GenerationError, match=message):
-        DecodingConfig(**change).validate()
+        DecodingSettings(**change).validate()
 
 
 def test_prompt_longer_than_the_model_is_cut_and_the_batch_completes(lm, capsys):
@@ -298,11 +285,11 @@ def test_prompt_longer_than_the_model_is_cut_and_the_batch_completes(lm, capsys)
 def test_run_settings_are_the_prompt_defaults(tmp_path):
     final = _run_with_settings(tmp_path, {"template": "chat", "max_prompt_length": 48, "truncation_mode": "keep_start"})
     settings = run_settings(final)
-    decoding = DecodingConfig().for_run(settings)
+    decoding = DecodingSettings().for_run(settings)
     assert (decoding.template, decoding.max_prompt_length, decoding.truncation_mode) == ("chat", 48, "keep_start")
-    chosen = DecodingConfig(chat_template=False, max_prompt_length=10, truncation_mode="keep_end").for_run(settings)
+    chosen = DecodingSettings(chat_template=False, max_prompt_length=10, truncation_mode="keep_end").for_run(settings)
     assert (chosen.template, chosen.max_prompt_length, chosen.truncation_mode) == ("recipe", 10, "keep_end")
-    assert DecodingConfig().for_run({}).template == "recipe" and run_settings(tmp_path) == {}
+    assert DecodingSettings().for_run({}).template == "recipe" and run_settings(tmp_path) == {}
     (final / "dpo_run.json").write_text(json.dumps({"max_prompt_length": 0}))
     with pytest.raises(GenerationError, match="max_prompt_length must be a positive integer"):
         run_settings(final)
@@ -343,7 +330,7 @@ def test_batch_file_round_trip_keeps_unicode_and_fields(tmp_path, model_dir, lm,
                          "--max-new-tokens", "6", "--batch-size", "2", "--no-progress"]) == 0
     records = json.loads(out.read_text(encoding="utf-8"))
     model, tokenizer = lm
-    expected = generate_batch(model, tokenizer, UNICODE, DecodingConfig(greedy=True, max_new_tokens=6))
+    expected = generate_batch(model, tokenizer, UNICODE, DecodingSettings(greedy=True, max_new_tokens=6))
     assert [set(r) for r in records] == [{"instruction", "output", "generator", "dataset"}] * 3
     assert [r["instruction"] for r in records] == UNICODE
     assert [r["output"] for r in records] == expected
@@ -388,7 +375,7 @@ def test_bad_batch_files(tmp_path, content, message):
 def test_cli_single_instruction_prints_the_response(model_dir, lm, capsys):
     assert generate.cli(["--model", model_dir, "--greedy", "--max-new-tokens", "8", "what color is the sun?"]) == 0
     model, tokenizer = lm
-    expected = generate_batch(model, tokenizer, ["what color is the sun?"], DecodingConfig(greedy=True,
+    expected = generate_batch(model, tokenizer, ["what color is the sun?"], DecodingSettings(greedy=True,
                                                                                           max_new_tokens=8))
     assert capsys.readouterr().out == expected[0] + "\n"
 

@@ -8,8 +8,7 @@ import pytest
 import train
 from dpo.health import (LN2, ExplodingLogRatios, HealthError, HealthMonitor, LikelihoodDisplacement,
                         LossScaleCollapse, NothingScored)
-from dpo.metrics import read_metrics
-from tiny import make_model_dir, write_pairs
+from harness import make_run_dir, run_metrics, train_tiny
 
 
 def train_record(step, **values):
@@ -109,24 +108,17 @@ def enormous(x, cfg):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("health")
-    make_model_dir(root / "model")
-    write_pairs(root / "pairs.jsonl", 48)
+    root = make_run_dir(tmp_path_factory.mktemp("health"), 48)
     (root / "user_losses.py").write_text(USER_LOSSES)
     return root
 
 
 def run(workdir, out, *extra):
-    out_dir = workdir / out
-    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out_dir),
-            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--seed", "0", "--batch-size", "8",
-            "--micro-batch-size", "4", "--no-progress", "--no-plot", *extra]
-    assert train.main(argv) == 0
-    return out_dir
+    return train_tiny(workdir, out, "--batch-size", "8", "--micro-batch-size", "4", *extra)
 
 
 def alerts(out_dir):
-    return [(r["alert"], r["step"]) for r in read_metrics(out_dir / "metrics.jsonl") if r.get("split") == "alert"]
+    return [(r["alert"], r["step"]) for r in run_metrics(out_dir, "alert")]
 
 
 def mask_every_response(monkeypatch):
@@ -141,6 +133,7 @@ def mask_every_response(monkeypatch):
     monkeypatch.setattr(train, "collate_pairs", masked)
 
 
+@pytest.mark.slow
 def test_a_run_that_scores_nothing_is_flagged_once_and_strict_stops_it(workdir, monkeypatch, capsys):
     mask_every_response(monkeypatch)
     out = run(workdir, "masked", "--layout", "padded", "--max-steps", "5", "--health-window", "3")
@@ -149,32 +142,35 @@ def test_a_run_that_scores_nothing_is_flagged_once_and_strict_stops_it(workdir, 
     assert printed.count("health alert [nothing_scored] at step 3") == 1
     with pytest.raises(HealthError, match=r"nothing_scored.*--health strict\)$"):
         run(workdir, "masked-strict", "--layout", "padded", "--max-steps", "5", "--health", "strict")
-    assert max(r["step"] for r in read_metrics(workdir / "masked-strict" / "metrics.jsonl")) == 3
+    assert max(r["step"] for r in run_metrics(workdir / "masked-strict")) == 3
     assert alerts(run(workdir, "masked-off", "--layout", "padded", "--max-steps", "4", "--health", "off")) == []
 
 
+@pytest.mark.slow
 def test_likelihood_displacement_run_and_the_flag_that_helps(workdir):
     """These pairs' rejected answers extend the chosen ones (a shared prefix): sigmoid DPO lowers the chosen
     log-probs while the margins grow, the classic displacement. --rpo-alpha 1.0, the flag the alert names, keeps
     the chosen answers up and the alert quiet."""
     flags = ("--lr", "1e-3", "--max-steps", "8", "--eval-steps", "2")
     out = run(workdir, "displaced", *flags)
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "eval"]
+    evals = run_metrics(out, "eval")
     assert evals[-1]["logps/chosen"] < evals[0]["logps/chosen"] and evals[-1]["rewards/margins"] > 0
     assert alerts(out) == [("likelihood_displacement", 8)]
     helped = run(workdir, "rpo", *flags, "--rpo-alpha", "1.0")
     assert alerts(helped) == []
 
 
+@pytest.mark.slow
 def test_exploding_run(workdir):
     out = run(workdir, "exploding", "--lr", "0.3", "--max-grad-norm", "none", "--max-steps", "6")
     assert ("exploding_log_ratios" in [name for name, _ in alerts(out)])
 
 
+@pytest.mark.slow
 def test_fp16_loss_scale_collapse_run(workdir):
     out = run(workdir, "overflow", "--loss", f"{workdir / 'user_losses.py'}:enormous", "--precision", "fp16",
               "--max-length", "32", "--max-prompt-length", "16", "--max-steps", "11", "--on-nan", "skip")
-    records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train"]
+    records = run_metrics(out, "train")
     assert records[-1]["loss_scale"] == 65536.0 / 2 ** 11 and records[-1]["skipped_steps"] == 11
     # the first record already shows the halved scale (32768): ten more halvings later, at step 11, the alert
     assert alerts(out) == [("loss_scale_collapse", 11)]
@@ -188,6 +184,7 @@ def test_exploding_baseline_skips_steps_without_log_probs():
     assert "rejected log-prob -41" in check.train(train_record(4, **{"logps/rejected": -41.0}))
 
 
+@pytest.mark.slow
 def test_alerts_and_windows_continue_across_a_resume(workdir, monkeypatch):
     """The window's count before a stop carries over (the alert comes at step 3, not 2 steps after the resume), and
     an alert raised before a stop is not raised again."""

@@ -3,7 +3,7 @@ import torch
 
 from dpo.data import collate_pairs
 from dpo.logprobs import SequenceScorer, disable_dropout, sequence_logps
-from tiny import random_pairs, tiny_phi
+from harness import random_pairs, tiny_phi
 
 
 def loop_logps(model, pairs):

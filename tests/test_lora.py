@@ -9,13 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from dpo.config import parse_config
+from dpo.train_settings import parse_settings
 from dpo.data import collate_pairs
 from dpo.logprobs import SequenceScorer
 from dpo.lora import REFERENCE_ADAPTER
-from dpo.metrics import read_metrics
 from dpo.modeling import load_causal_lm
-from tiny import make_model_dir, random_pairs, write_pairs
+from harness import make_model_dir, make_run_dir, random_pairs, run_metrics, tiny_run_args, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"pairs_per_s", "tokens_per_s"}
@@ -25,23 +24,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    make_model_dir(root / "model")
+    root = make_run_dir(tmp_path_factory.mktemp("lora"), 80)
     make_model_dir(root / "other", hidden_size=48)  # another base model: other shapes
-    write_pairs(root / "pairs.jsonl", 80)
     return root
 
 
+LORA_RUN = ("--lr", "1e-2", "--batch-size", "8", "--micro-batch-size", "4", "--max-eval-pairs", "4", "--warmup-ratio",
+            "0", "--lora-r", "4")
+
+
 def args(workdir: Path, out: str, *extra: str) -> list[str]:
-    return ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir",
-            str(workdir / out), "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-2",
-            "--seed", "0", "--no-progress", "--no-plot", "--batch-size", "8", "--micro-batch-size", "4",
-            "--max-eval-pairs", "4", "--warmup-ratio", "0", "--lora-r", "4", *extra]
+    return tiny_run_args(workdir, out, *LORA_RUN, *extra)
 
 
 def run(workdir: Path, out: str, *extra: str) -> Path:
-    assert train.main(args(workdir, out, *extra)) == 0
-    return workdir / out
+    return train_tiny(workdir, out, *LORA_RUN, *extra)
 
 
 def scored(model, pairs, adapters=None, reference=False):
@@ -54,7 +51,7 @@ def scored(model, pairs, adapters=None, reference=False):
 
 
 def policy_of(workdir: Path, *flags: str):
-    cfg = parse_config(args(workdir, "unused", *flags))
+    cfg = parse_settings(args(workdir, "unused", *flags))
     return train.build_policy(cfg, torch.device("cpu"))
 
 
@@ -69,8 +66,9 @@ def test_at_init_the_policy_is_the_reference_and_the_base(workdir):
     assert torch.equal(scored(policy, pairs, adapters, reference=True), want)
 
 
+@pytest.mark.slow
 def test_a_step_changes_only_the_adapters_and_the_reference_stays_the_base(workdir):
-    cfg = parse_config(args(workdir, "unused"))
+    cfg = parse_settings(args(workdir, "unused"))
     policy, adapters = train.build_policy(cfg, torch.device("cpu"))
     frozen = {name: p.detach().clone() for name, p in policy.named_parameters() if not p.requires_grad}
     trained = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
@@ -92,6 +90,7 @@ def test_a_step_changes_only_the_adapters_and_the_reference_stays_the_base(workd
                                rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_bit_exactly_from_adapter_only_checkpoints(workdir):
     common = ("--max-steps", "4", "--eval-steps", "2", "--loss", "sigmoid:0.7,bco_pair:0.3")
     straight = run(workdir, "straight", *common)
@@ -108,9 +107,10 @@ def test_lora_run_resumes_bit_exactly_from_adapter_only_checkpoints(workdir):
     b = load_file(split / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING} for r in records]  # noqa: E731
-    assert strip(read_metrics(straight / "metrics.jsonl")) == strip(read_metrics(split / "metrics.jsonl"))
+    assert strip(run_metrics(straight)) == strip(run_metrics(split))
 
 
+@pytest.mark.slow
 def test_final_is_an_adapter_directory_and_merging_gives_the_same_logits(workdir):
     out = run(workdir, "merged", "--max-steps", "3", "--merge-lora")
     from peft import AutoPeftModelForCausalLM
@@ -131,6 +131,7 @@ def test_final_is_an_adapter_directory_and_merging_gives_the_same_logits(workdir
     assert json.loads((out / "final" / "dpo_run.json").read_text())["lora_r"] == 4
 
 
+@pytest.mark.slow
 def test_generate_and_evaluate_take_an_adapter_directory(workdir, tmp_path, capsys):
     import generate
     from dpo import evaluate
@@ -149,6 +150,7 @@ def test_generate_and_evaluate_take_an_adapter_directory(workdir, tmp_path, caps
     assert implicit["pairs"] >= 1 and implicit["reward_margin"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sft_adapter_is_the_reference_not_the_bare_base(workdir):
     """--adapter: the policy trains a copy of the SFT adapter; the reference is base + that adapter."""
     sft = run(workdir, "sft", "--max-steps", "2")  # an adapter that differs from the bare base
@@ -184,6 +186,7 @@ def test_bad_lora_input_is_one_clear_line(workdir, tmp_path, capsys, flags, mess
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_an_adapter_of_another_base_model_is_one_clear_line(workdir, tmp_path, capsys):
     other = tmp_path / "other-run"
     argv = args(workdir, "unused") + ["--model", str(workdir / "other"), "--output-dir", str(other), "--max-steps", "1"]
@@ -198,9 +201,10 @@ def test_an_adapter_of_another_base_model_is_one_clear_line(workdir, tmp_path, c
     assert "not an adapter directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_lora_recipe_resolves_and_its_code_path_trains_a_tiny_phi(workdir, shared_dir):
-    cfg = parse_config(["--config", "configs/phi2_ultrafeedback_lora.json"])
-    recipe = parse_config(["--config", "configs/phi2_ultrafeedback.json"]).to_dict()
+    cfg = parse_settings(["--config", "configs/phi2_ultrafeedback_lora.json"])
+    recipe = parse_settings(["--config", "configs/phi2_ultrafeedback.json"]).to_dict()
     changed = {k for k, v in cfg.to_dict().items() if v != recipe[k]}
     assert changed == {"lora_r", "lora_alpha", "lora_dropout", "merge_lora", "gradient_checkpointing", "output_dir"}
     assert (cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.precision) == (16, 32.0, "fp16")
@@ -211,11 +215,12 @@ def test_the_lora_recipe_resolves_and_its_code_path_trains_a_tiny_phi(workdir, s
             "--max-steps", "2", "--max-length", "64", "--max-prompt-length", "32", "--max-eval-pairs", "4",
             "--no-progress", "--no-plot"]
     assert train.main(argv) == 0  # fp16 autocast on the fp16 base, GradScaler, LoRA, checkpointing, merge
-    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    records = run_metrics(out, "train")
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     assert (out / "final" / "adapter_config.json").is_file() and (out / "final" / "merged" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_step_0_check_stops_a_run_whose_reference_is_not_its_start(workdir, tmp_path, capsys, monkeypatch):
     """A wrong reference (here: the reference pass given another model) stops the run before any update."""
     real = train.reference_model
@@ -231,16 +236,17 @@ def test_the_step_0_check_stops_a_run_whose_reference_is_not_its_start(workdir, 
     assert "step 1: before any update the policy's log-probs must equal the reference's" in err and "\n" not in err
     assert not (tmp_path / "out" / "final").exists()
     # the health alerts' mechanism: printed once and logged as an event (an alert line in metrics.jsonl)
-    alerts = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["split"] == "alert"]
+    alerts = run_metrics(tmp_path / "out", "alert")
     assert [(r["alert"], r["step"]) for r in alerts] == [("reference_mismatch", 1)]
     monkeypatch.setattr(train, "reference_model", real)
     assert train.cli(argv[:-2] + ["--model", str(workdir / "model"), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_modules_to_save_train_in_full_and_the_reference_keeps_the_original(workdir):
     """--lora-modules-to-save lm_head: a trainable copy of the head is saved with the adapter; the fused LM head
     reads the copy in the policy and the original in the reference."""
-    cfg = parse_config(args(workdir, "unused", "--lora-modules-to-save", "lm_head"))
+    cfg = parse_settings(args(workdir, "unused", "--lora-modules-to-save", "lm_head"))
     policy, adapters = train.build_policy(cfg, torch.device("cpu"))
     head = policy.get_output_embeddings()
     assert head.weight.requires_grad
@@ -265,7 +271,7 @@ def test_modules_to_save_train_in_full_and_the_reference_keeps_the_original(work
 def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, precision):
     """Under LoRA the base loads in half precision; what trains in full (modules_to_save) gets an fp32 master copy,
     so the GradScaler can unscale its gradients (fp16) and its updates are not rounded to bf16."""
-    cfg = parse_config(args(workdir, "unused", "--precision", precision, "--lora-modules-to-save", "lm_head"))
+    cfg = parse_settings(args(workdir, "unused", "--precision", precision, "--lora-modules-to-save", "lm_head"))
     policy, adapters = train.build_policy(cfg, torch.device("cpu"))
     trained = {name: p for name, p in policy.named_parameters() if p.requires_grad}
     assert any("lm_head" in name and "lora_" not in name for name in trained)
@@ -304,4 +310,4 @@ def test_qlora_computes_in_the_runs_half_precision(monkeypatch, precision, dtype
 
 def test_quantized_base_under_fsdp_is_refused_in_one_line(workdir):
     with pytest.raises(train.ConfigError, match="--load-in-4bit / --load-in-8bit do not run under --fsdp"):
-        parse_config(args(workdir, "unused", "--load-in-4bit", "--fsdp"))
+        parse_settings(args(workdir, "unused", "--load-in-4bit", "--fsdp"))

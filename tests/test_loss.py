@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import dpo.loss as loss_module
 from dpo.loss import (
-    LossConfig,
+    LossSettings,
     LossSpecError,
     MissingFieldError,
     PreferenceLogps,
@@ -193,7 +193,7 @@ def test_every_registered_loss_has_a_reference():
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     logps = torch.tensor([-3.0, -40.0, -7.5])
-    out = compute_loss(PreferenceLogps(logps, logps - 1, logps, logps - 1), LossConfig())
+    out = compute_loss(PreferenceLogps(logps, logps - 1, logps, logps - 1), LossSettings())
     assert close(out.losses, [math.log(2)] * 3)
     assert close(out.chosen_rewards, [0.0] * 3) and close(out.rejected_rewards, [0.0] * 3)
 
@@ -201,27 +201,27 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
 def test_margins_0_10_20_with_beta_01():
     zeros = torch.zeros(3)
     x = PreferenceLogps(torch.tensor([0.0, 10.0, 20.0]), zeros, zeros, zeros)
-    out = compute_loss(x, LossConfig(beta=0.1))
+    out = compute_loss(x, LossSettings(beta=0.1))
     assert close(out.losses, [-log_sig(0.0), -log_sig(1.0), -log_sig(2.0)])
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.3])
 def test_label_smoothing_cdpo(eps):
-    out = compute_loss(batch(), LossConfig(beta=BETA, label_smoothing=eps))
+    out = compute_loss(batch(), LossSettings(beta=BETA, label_smoothing=eps))
     softplus = lambda z: math.log1p(math.exp(z))
     expected = [(1 - eps) * softplus(-BETA * h) + eps * softplus(BETA * h) for h in (2.0, -2.0, 3.0)]
     assert close(out.losses, expected)
 
 
 def test_hinge_closed_form():
-    out = compute_loss(batch(), LossConfig(loss_type="hinge", beta=BETA))
+    out = compute_loss(batch(), LossSettings(loss_type="hinge", beta=BETA))
     assert close(out.losses, [max(0.0, 1 - BETA * h) for h in (2.0, -2.0, 3.0)])
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_loss_matches_scalar_formula(name, eps):
-    out = compute_loss(batch(), LossConfig(loss_type=name, beta=BETA, label_smoothing=eps))
+    out = compute_loss(batch(), LossSettings(loss_type=name, beta=BETA, label_smoothing=eps))
     assert out.losses.shape == (3,)
     assert close(out.losses, REFERENCES[name](BETA, eps, F_TRANSFORMS["reverse_kl"]))
 
@@ -232,7 +232,7 @@ def test_loss_matches_scalar_formula(name, eps):
              "apo_down", "discopop", "sigmoid_norm"],
 )
 def test_f_divergence_reaches_every_margin_based_loss(name, f_divergence):
-    out = compute_loss(batch(), LossConfig(loss_type=name, beta=BETA, label_smoothing=0.1, f_divergence=f_divergence))
+    out = compute_loss(batch(), LossSettings(loss_type=name, beta=BETA, label_smoothing=0.1, f_divergence=f_divergence))
     assert close(out.losses, REFERENCES[name](BETA, 0.1, F_TRANSFORMS[f_divergence]))
 
 
@@ -249,20 +249,20 @@ def test_f_divergence_reaches_every_margin_based_loss(name, f_divergence):
 )
 def test_each_f_divergence_transforms_the_sigmoid_margin(f_divergence, f_alpha, transform):
     # f'(t) at t = pi / ref, additive constants dropped (they cancel in s_c - s_l)
-    out = compute_loss(batch(), LossConfig(beta=BETA, f_divergence=f_divergence, f_alpha=f_alpha))
+    out = compute_loss(batch(), LossSettings(beta=BETA, f_divergence=f_divergence, f_alpha=f_alpha))
     expected = [-log_sig(BETA * (transform(rc) - transform(rl))) for rc, rl, *_ in pairs()]
     assert close(out.losses, expected)
 
 
 def test_exo_pair_with_zero_smoothing_uses_eps_1e_3():
-    out = compute_loss(batch(), LossConfig(loss_type="exo_pair", beta=BETA))
+    out = compute_loss(batch(), LossSettings(loss_type="exo_pair", beta=BETA))
     assert close(out.losses, ref_exo_pair(BETA, 1e-3, F_TRANSFORMS["reverse_kl"]))
 
 
 def test_simpo_gamma_and_discopop_tau_are_used():
-    out = compute_loss(batch(), LossConfig(loss_type="simpo", beta=BETA, simpo_gamma=1.5))
+    out = compute_loss(batch(), LossSettings(loss_type="simpo", beta=BETA, simpo_gamma=1.5))
     assert close(out.losses, ref_simpo(BETA, 0.0, None, gamma=1.5))
-    out = compute_loss(batch(), LossConfig(loss_type="discopop", beta=BETA, discopop_tau=2.0))
+    out = compute_loss(batch(), LossSettings(loss_type="discopop", beta=BETA, discopop_tau=2.0))
     assert close(out.losses, ref_discopop(BETA, 0.0, F_TRANSFORMS["reverse_kl"], tau=2.0))
 
 
@@ -273,7 +273,7 @@ def test_sigmoid_gradient_wrt_margin():
     policy_chosen = torch.tensor(PC, requires_grad=True)
     policy_rejected = torch.tensor(PR, requires_grad=True)
     x = batch(policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected)
-    compute_loss(x, LossConfig(beta=BETA)).losses.sum().backward()
+    compute_loss(x, LossSettings(beta=BETA)).losses.sum().backward()
     expected = [-BETA * sig(-BETA * h) for h in (2.0, -2.0, 3.0)]
     assert close(policy_chosen.grad, expected)
     assert close(policy_rejected.grad, [-g for g in expected])
@@ -281,7 +281,7 @@ def test_sigmoid_gradient_wrt_margin():
 
 def test_rewards_are_beta_log_ratios_and_detached():
     policy_chosen = torch.tensor(PC, requires_grad=True)
-    out = compute_loss(batch(policy_chosen_logps=policy_chosen), LossConfig(beta=BETA))
+    out = compute_loss(batch(policy_chosen_logps=policy_chosen), LossSettings(beta=BETA))
     assert close(out.chosen_rewards, [BETA * (pc - rc) for pc, rc in zip(PC, RC)])
     assert close(out.rejected_rewards, [BETA * (pr - rr) for pr, rr in zip(PR, RR)])
     assert out.losses.requires_grad
@@ -290,24 +290,24 @@ def test_rewards_are_beta_log_ratios_and_detached():
 
 @pytest.mark.parametrize("name", ["simpo", "orpo"])
 def test_length_normalised_reference_free_rewards_are_beta_mean_logps(name):
-    out = compute_loss(batch(), LossConfig(loss_type=name, beta=BETA))
+    out = compute_loss(batch(), LossSettings(loss_type=name, beta=BETA))
     assert close(out.chosen_rewards, [BETA * pc / lc for pc, lc in zip(PC, LC)])
     assert close(out.rejected_rewards, [BETA * pr / lr for pr, lr in zip(PR, LR)])
 
 
 def test_mix_rewards_follow_the_first_term():
-    out = compute_loss(batch(), LossConfig(loss_type="sft,simpo", beta=BETA))
+    out = compute_loss(batch(), LossSettings(loss_type="sft,simpo", beta=BETA))
     assert close(out.chosen_rewards, [BETA * (pc - rc) for pc, rc in zip(PC, RC)])
-    out = compute_loss(batch(), LossConfig(loss_type="simpo,sft", beta=BETA))
+    out = compute_loss(batch(), LossSettings(loss_type="simpo,sft", beta=BETA))
     assert close(out.chosen_rewards, [BETA * pc / lc for pc, lc in zip(PC, LC)])
 
 
 def test_reference_free_uses_zero_reference():
-    with_reference = compute_loss(batch(), LossConfig(beta=BETA, reference_free=True))
+    with_reference = compute_loss(batch(), LossSettings(beta=BETA, reference_free=True))
     zeros = torch.zeros(3)
-    explicit_zero = compute_loss(batch(reference_chosen_logps=zeros, reference_rejected_logps=zeros), LossConfig(beta=BETA))
+    explicit_zero = compute_loss(batch(reference_chosen_logps=zeros, reference_rejected_logps=zeros), LossSettings(beta=BETA))
     no_reference = compute_loss(batch(reference_chosen_logps=None, reference_rejected_logps=None),
-                                LossConfig(beta=BETA, reference_free=True))
+                                LossSettings(beta=BETA, reference_free=True))
     expected = [-log_sig(BETA * (pc - pr)) for pc, pr in zip(PC, PR)]
     for out in (with_reference, explicit_zero, no_reference):
         assert close(out.losses, expected)
@@ -315,7 +315,7 @@ def test_reference_free_uses_zero_reference():
 
 
 def test_rpo_alpha_adds_chosen_nll():
-    out = compute_loss(batch(), LossConfig(beta=BETA, rpo_alpha=0.7))
+    out = compute_loss(batch(), LossSettings(beta=BETA, rpo_alpha=0.7))
     sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
     assert close(out.losses, [s + 0.7 * (-pc / lc) for s, pc, lc in zip(sigmoid, PC, LC)])
 
@@ -325,7 +325,7 @@ def test_wpo_weights_are_clamped_and_detached():
     rejected_wpo = torch.tensor([-0.5, -0.1, 0.3], requires_grad=True)
     policy_chosen = torch.tensor(PC, requires_grad=True)
     x = batch(policy_chosen_logps=policy_chosen, chosen_wpo_logps=chosen_wpo, rejected_wpo_logps=rejected_wpo)
-    out = compute_loss(x, LossConfig(beta=BETA, use_weighting=True, rpo_alpha=0.5))
+    out = compute_loss(x, LossSettings(beta=BETA, use_weighting=True, rpo_alpha=0.5))
     weights = [math.exp(-1.5), math.exp(-0.3), 1.0]  # exp(0.8) > 1 is clamped to 1
     sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
     expected = [w * (s + 0.5 * (-pc / lc)) for w, s, pc, lc in zip(weights, sigmoid, PC, LC)]
@@ -336,8 +336,8 @@ def test_wpo_weights_are_clamped_and_detached():
 
 
 def test_mix_is_the_weighted_sum():
-    mixed = compute_loss(batch(), LossConfig(loss_type="sigmoid:0.8,bco_pair:0.2,sft:1.0", beta=BETA))
-    parts = {name: compute_loss(batch(), LossConfig(loss_type=name, beta=BETA)).losses for name in ("sigmoid", "bco_pair", "sft")}
+    mixed = compute_loss(batch(), LossSettings(loss_type="sigmoid:0.8,bco_pair:0.2,sft:1.0", beta=BETA))
+    parts = {name: compute_loss(batch(), LossSettings(loss_type=name, beta=BETA)).losses for name in ("sigmoid", "bco_pair", "sft")}
     expected = 0.8 * parts["sigmoid"] + 0.2 * parts["bco_pair"] + 1.0 * parts["sft"]
     assert torch.allclose(mixed.losses, expected, atol=1e-6)
 
@@ -348,7 +348,7 @@ def test_half_precision_inputs_give_fp32_outputs(name, dtype):
     half = {k: torch.tensor(v, dtype=dtype) for k, v in dict(
         policy_chosen_logps=PC, policy_rejected_logps=PR, reference_chosen_logps=RC, reference_rejected_logps=RR,
         chosen_lengths=LC, rejected_lengths=LR).items()}
-    config = LossConfig(loss_type=name, beta=BETA)
+    config = LossSettings(loss_type=name, beta=BETA)
     out = compute_loss(PreferenceLogps(**half), config)
     assert all(t.dtype == torch.float32 for t in out[:3])
     # the hand-picked values are exact in fp16/bf16, so the result equals the fp32 one
@@ -361,12 +361,12 @@ def test_dpo_loss_matches_compute_loss():
         tensors.policy_chosen_logps, tensors.policy_rejected_logps, tensors.reference_chosen_logps,
         tensors.reference_rejected_logps, beta=BETA, label_smoothing=0.1,
     )
-    out = compute_loss(tensors, LossConfig(beta=BETA, label_smoothing=0.1))
+    out = compute_loss(tensors, LossSettings(beta=BETA, label_smoothing=0.1))
     assert torch.equal(losses, out.losses) and torch.equal(chosen, out.chosen_rewards) and torch.equal(rejected, out.rejected_rewards)
     ipo = dpo_loss(tensors.policy_chosen_logps, tensors.policy_rejected_logps, tensors.reference_chosen_logps,
                    tensors.reference_rejected_logps, beta=BETA, loss_type="ipo", chosen_lengths=tensors.chosen_lengths,
                    rejected_lengths=tensors.rejected_lengths, rpo_alpha=0.3)[0]
-    assert torch.equal(ipo, compute_loss(tensors, LossConfig(loss_type="ipo", beta=BETA, rpo_alpha=0.3)).losses)
+    assert torch.equal(ipo, compute_loss(tensors, LossSettings(loss_type="ipo", beta=BETA, rpo_alpha=0.3)).losses)
     with pytest.raises(TypeError, match="gamma"):
         dpo_loss(tensors.policy_chosen_logps, tensors.policy_rejected_logps, None, None, gamma=1.0)
 
@@ -405,7 +405,7 @@ def _train_steps(batches, config, state):
 
 
 def test_bco_pair_running_mean_across_steps_and_resume():
-    config = LossConfig(loss_type="bco_pair", beta=BETA)
+    config = LossSettings(loss_type="bco_pair", beta=BETA)
     batches = _bco_batches()
     expected = _bco_expected(batches, BETA)
     assert expected[1] != expected[0] and expected[2] != expected[1]  # delta does move
@@ -424,7 +424,7 @@ def test_bco_pair_running_mean_across_steps_and_resume():
 
 def test_bco_pair_state_moves_by_whole_steps_however_the_batch_is_split():
     """The sums of a step's micro-batches add up to the sums of the whole batch, so the update is the same."""
-    config = LossConfig(loss_type="sigmoid:0.5,bco_pair:0.5", beta=BETA)
+    config = LossSettings(loss_type="sigmoid:0.5,bco_pair:0.5", beta=BETA)
     first, second, third = _bco_batches()
     whole_state: dict = {}
     _train_steps([first], config, whole_state)
@@ -448,7 +448,7 @@ def _with_state(x, state, config):
 
 
 def test_compute_loss_only_reads_the_state():
-    config = LossConfig(loss_type="bco_pair", beta=BETA)
+    config = LossSettings(loss_type="bco_pair", beta=BETA)
     first, second, _ = _bco_batches()
     state: dict = {}
     _train_steps([first], config, state)
@@ -471,10 +471,10 @@ def test_user_loss_by_module_and_by_file(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.syspath_prepend(str(REPO_ROOT))
     for spec in ("examples.my_loss:my_loss", "examples/my_loss.py:my_loss", f"{REPO_ROOT / 'examples' / 'my_loss.py'}:my_loss"):
-        out = compute_loss(batch(), LossConfig(loss_type=spec, beta=BETA))
+        out = compute_loss(batch(), LossSettings(loss_type=spec, beta=BETA))
         assert close(out.losses, _example_expected()), spec
-    assert needs_reference_model(LossConfig(loss_type="examples/my_loss.py:my_loss"))
-    mixed = compute_loss(batch(), LossConfig(loss_type="sigmoid:1.0,examples/my_loss.py:my_loss:0.5", beta=BETA))
+    assert needs_reference_model(LossSettings(loss_type="examples/my_loss.py:my_loss"))
+    mixed = compute_loss(batch(), LossSettings(loss_type="sigmoid:1.0,examples/my_loss.py:my_loss:0.5", beta=BETA))
     sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
     assert close(mixed.losses, [s + 0.5 * e for s, e in zip(sigmoid, _example_expected())])
 
@@ -489,7 +489,7 @@ def test_user_file_with_reference_free_flag_and_rewards_hook(tmp_path):
     )
     path = tmp_path / "custom.py"
     path.write_text(source)
-    config = LossConfig(loss_type=f"{path}:length_loss", beta=BETA)
+    config = LossSettings(loss_type=f"{path}:length_loss", beta=BETA)
     assert not needs_reference_model(config)
     out = compute_loss(batch(reference_chosen_logps=None, reference_rejected_logps=None), config)
     assert close(out.losses, [-pc / lc for pc, lc in zip(PC, LC)])
@@ -500,12 +500,12 @@ def test_user_loss_with_wrong_shape_is_reported(tmp_path):
     path = tmp_path / "bad_shape.py"
     path.write_text("def scalar(x, cfg):\n    return x.policy_chosen_logps.mean()\n")
     with pytest.raises(ValueError, match=r"must return per-pair losses of shape \(3,\)"):
-        compute_loss(batch(), LossConfig(loss_type=f"{path}:scalar"))
+        compute_loss(batch(), LossSettings(loss_type=f"{path}:scalar"))
 
 
 def test_unknown_name_lists_available_losses():
     with pytest.raises(UnknownLossError) as error:
-        compute_loss(batch(), LossConfig(loss_type="sigmoidd"))
+        compute_loss(batch(), LossSettings(loss_type="sigmoidd"))
     message = str(error.value)
     assert "sigmoidd" in message
     assert all(name in message for name in available_losses())
@@ -540,8 +540,8 @@ def test_register_loss(monkeypatch):
         return 2.0 * -x.policy_chosen_logps / x.require("chosen_lengths")
 
     assert "doubled_sft" in available_losses() and resolve_loss("doubled_sft") is doubled_sft
-    assert not needs_reference_model(LossConfig(loss_type="doubled_sft"))
-    assert close(compute_loss(batch(), LossConfig(loss_type="doubled_sft")).losses, [-2 * pc / lc for pc, lc in zip(PC, LC)])
+    assert not needs_reference_model(LossSettings(loss_type="doubled_sft"))
+    assert close(compute_loss(batch(), LossSettings(loss_type="doubled_sft")).losses, [-2 * pc / lc for pc, lc in zip(PC, LC)])
     with pytest.raises(ValueError, match="already registered"):
         register_loss("doubled_sft")(lambda x, cfg: x.policy_chosen_logps)
     with pytest.raises(ValueError, match="without ':'"):
@@ -554,11 +554,11 @@ def test_register_loss(monkeypatch):
 @pytest.mark.parametrize(
     "overrides, config, field, needed_by",
     [
-        (dict(reference_chosen_logps=None, reference_rejected_logps=None), LossConfig(), "reference_chosen_logps", "'sigmoid'"),
-        (dict(chosen_lengths=None), LossConfig(loss_type="ipo"), "chosen_lengths", "'ipo'"),
-        (dict(rejected_lengths=None), LossConfig(loss_type="simpo"), "rejected_lengths", "'simpo'"),
-        (dict(chosen_lengths=None), LossConfig(rpo_alpha=1.0), "chosen_lengths", "rpo_alpha"),
-        ({}, LossConfig(use_weighting=True), "chosen_wpo_logps", "use_weighting"),
+        (dict(reference_chosen_logps=None, reference_rejected_logps=None), LossSettings(), "reference_chosen_logps", "'sigmoid'"),
+        (dict(chosen_lengths=None), LossSettings(loss_type="ipo"), "chosen_lengths", "'ipo'"),
+        (dict(rejected_lengths=None), LossSettings(loss_type="simpo"), "rejected_lengths", "'simpo'"),
+        (dict(chosen_lengths=None), LossSettings(rpo_alpha=1.0), "chosen_lengths", "rpo_alpha"),
+        ({}, LossSettings(use_weighting=True), "chosen_wpo_logps", "use_weighting"),
     ],
 )
 def test_missing_field_error_names_field_and_loss(overrides, config, field, needed_by):
@@ -570,9 +570,9 @@ def test_missing_field_error_names_field_and_loss(overrides, config, field, need
 
 def test_shape_mismatch_is_reported():
     with pytest.raises(ValueError, match="reference_rejected_logps must be a tensor of shape"):
-        compute_loss(batch(reference_rejected_logps=torch.zeros(2)), LossConfig())
+        compute_loss(batch(reference_rejected_logps=torch.zeros(2)), LossSettings())
     with pytest.raises(ValueError, match="1-D tensor"):
-        compute_loss(batch(policy_chosen_logps=torch.zeros(3, 1)), LossConfig())
+        compute_loss(batch(policy_chosen_logps=torch.zeros(3, 1)), LossSettings())
 
 
 @pytest.mark.parametrize(
@@ -591,7 +591,7 @@ def test_shape_mismatch_is_reported():
 )
 def test_bad_config_is_rejected(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
-        LossConfig(**kwargs)
+        LossSettings(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -616,11 +616,11 @@ def test_parse_loss_spec_rejects_a_weight_without_name():
 @pytest.mark.parametrize(
     "config, expected",
     [
-        (LossConfig(), True),
-        (LossConfig(reference_free=True), False),
-        (LossConfig(loss_type="simpo"), False),
-        (LossConfig(loss_type="orpo:1,sft:0.5"), False),
-        (LossConfig(loss_type="sigmoid,sft"), True),
+        (LossSettings(), True),
+        (LossSettings(reference_free=True), False),
+        (LossSettings(loss_type="simpo"), False),
+        (LossSettings(loss_type="orpo:1,sft:0.5"), False),
+        (LossSettings(loss_type="sigmoid,sft"), True),
     ],
 )
 def test_needs_reference_model(config, expected):
@@ -641,7 +641,7 @@ def test_extreme_inputs_give_finite_losses_and_gradients(name, f_divergence):
         reference_rejected_logps=torch.tensor([-2000.0, 0.0, -1.0, 0.0]),
         chosen_lengths=torch.tensor([1.0, 700.0, 1.0, 1.0]), rejected_lengths=torch.tensor([1.0, 1.0, 1.0, 0.0]),
     )
-    config = LossConfig(loss_type=name, beta=0.1, f_divergence=f_divergence, f_alpha=0.5, label_smoothing=0.1)
+    config = LossSettings(loss_type=name, beta=0.1, f_divergence=f_divergence, f_alpha=0.5, label_smoothing=0.1)
     out = compute_loss(x, config)
     assert torch.isfinite(out.losses).all(), out.losses
     grads = torch.autograd.grad(out.losses.sum(), [policy_chosen, policy_rejected], allow_unused=True)
@@ -653,13 +653,13 @@ def test_discopop_large_negative_margin_is_finite_where_naive_formula_overflows(
     z = torch.tensor([-200.0])
     naive = torch.sigmoid(z / 0.05) * torch.exp(-z)
     assert torch.isnan(naive).all()  # 0 * inf
-    out = compute_loss(x, LossConfig(loss_type="discopop", beta=0.1))
+    out = compute_loss(x, LossSettings(loss_type="discopop", beta=0.1))
     assert torch.allclose(out.losses, F.softplus(-z))
 
 
 def test_integer_lengths_and_reference_on_another_dtype_are_cast():
     x = batch(chosen_lengths=torch.tensor([5, 10, 2]), rejected_lengths=torch.tensor([6, 8, 3]),
               reference_chosen_logps=torch.tensor(RC, dtype=torch.float64))
-    out = compute_loss(x, LossConfig(loss_type="ipo", beta=BETA))
+    out = compute_loss(x, LossSettings(loss_type="ipo", beta=BETA))
     assert out.losses.dtype == torch.float32
     assert close(out.losses, ref_ipo(BETA, 0.0, F_TRANSFORMS["reverse_kl"]))

@@ -1,4 +1,5 @@
-"""The CPU allocator settings of dpo.memory are applied before torch starts, and the user's own win."""
+"""The CPU allocator settings of dpo.memory: applied by train.py's command line (not by importing it) before the
+first tensor, and the user's own win."""
 
 import json
 import os
@@ -36,12 +37,30 @@ def test_values_set_by_the_user_win():
     assert applied == ["mallopt malloc_mmap_threshold=33554432"]
 
 
-def test_thp_is_left_alone_once_torch_is_imported():
-    code = ("import os, torch; from dpo.memory import tune_cpu_allocator; tune_cpu_allocator(); "
-            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
-    clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "None"  # too late to matter: setting it would only mislead
+HUGE_PAGES_PROBE = (
+    "import os, sys, torch, transformers, train; from dpo.memory import tune_cpu_allocator\n"
+    "assert 'THP_MEM_ALLOC_ENABLE' not in os.environ, 'importing train tuned the allocator'\n"
+    "tune_cpu_allocator()\n"
+    "x = torch.ones(64 * 2**20 // 4)\n"
+    "print(sum(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))\n")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file()
+                    or "[never]" in (Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+                                     if Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file() else "[never]"),
+                    reason="needs Linux transparent huge pages")
+@pytest.mark.slow
+def test_importing_train_does_nothing_and_tuning_after_the_imports_still_takes_effect():
+    clean = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "DPO_TUNE_ALLOCATOR")}
+
+    def huge_kb(**env) -> int:
+        out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], cwd=ROOT, env={**clean, **env},
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert huge_kb() >= 32 * 1024  # the 64 MB tensor sits (mostly) in 2 MB pages
+    if "[always]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert huge_kb(DPO_TUNE_ALLOCATOR="0") == 0  # untuned, the same tensor does not: the setting is what did it
 
 
 def test_dpo_tune_allocator_0_leaves_everything_alone():

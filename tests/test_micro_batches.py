@@ -8,8 +8,7 @@ import torch
 import train
 from dpo.batches import layout_tokens, micro_batches, process_micro_batches
 from dpo.data import TokenizedPair
-from dpo.metrics import read_metrics
-from tiny import make_run_dir, tiny_run_args
+from harness import make_run_dir, run_metrics, tiny_run_args
 
 
 def random_length_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
@@ -61,6 +60,7 @@ def test_without_a_budget_micro_batches_are_rows_longest_first():
     assert process_micro_batches(pairs[:1], 1, 2, 4, True) == [([0], True)]
 
 
+@pytest.mark.slow
 def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path):
     make_run_dir(tmp_path, 40)
     common = ["--lr", "1e-2", "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3", "--layout", "padded"]
@@ -71,7 +71,7 @@ def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path):
     a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("rows", "tokens"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    ra, rb = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("rows", "tokens"))
+    ra, rb = (run_metrics(tmp_path / run) for run in ("rows", "tokens"))
     for x, y in zip(ra, rb):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             if key in x:

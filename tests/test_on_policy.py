@@ -3,26 +3,19 @@ ties are skipped and counted, resume is exact mid-round, DDP equals one process 
 that misbehave are one clear line."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
-from dpo import online
-from dpo.config import ConfigError, parse_config
+from dpo import on_policy
+from dpo.train_settings import ConfigError, parse_settings
 from dpo.judges import JudgeError, build_judge
-from dpo.metrics import read_metrics
 from dpo.modeling import load_causal_lm
-from dpo.online import OnlineSettings, Sampler, summarize
-from tiny import make_model_dir, tiny_tokenizer
+from dpo.on_policy import OnPolicySettings, Sampler, summarize
+from harness import make_model_dir, run_metrics, tiny_run_args, tiny_tokenizer, torchrun, train_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["what color is the sun?", "tell me about the moon", "is the cat big?", "what is a dog?",
            "one two three", "the blue cat", "what is fast?", "please tell me a small answer"]
 FIXED = ["yes", "the red cat", "no no", "a big slow green dog"]  # lengths 3, 11, 5, 20: never a tie
@@ -73,13 +66,11 @@ def workdir(tmp_path_factory):
     return root
 
 
+RUN = ("--micro-batch-size", "4", "--lr", "1e-3", "--warmup-ratio", "0")  # a dataset folder: its own test split
+
+
 def run(workdir, out, *extra, dataset="prompts"):
-    out_dir = workdir / out
-    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / dataset), "--output-dir", str(out_dir),
-            "--max-length", "48", "--max-prompt-length", "24", "--seed", "0", "--batch-size", "8",
-            "--micro-batch-size", "4", "--lr", "1e-3", "--no-progress", "--no-plot", "--warmup-ratio", "0", *extra]
-    assert train.main(argv) == 0
-    return out_dir
+    return train_tiny(workdir, out, "--batch-size", "8", *RUN, *extra, dataset=dataset, test_size=None)
 
 
 def weights(out_dir):
@@ -90,6 +81,7 @@ def fixed_samples(monkeypatch):
     monkeypatch.setattr(Sampler, "sample", lambda self, model, prompts, position, group=0: [list(FIXED) for _ in prompts])
 
 
+@pytest.mark.slow
 def test_an_online_step_on_fixed_samples_equals_an_offline_step_on_the_same_pairs(workdir, monkeypatch):
     fixed_samples(monkeypatch)
     judge = f"{workdir / 'judges.py'}:shorter"
@@ -100,16 +92,17 @@ def test_an_online_step_on_fixed_samples_equals_an_offline_step_on_the_same_pair
     assert any(not torch.equal(a[k], initial[k]) for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
-    record = read_metrics(live / "metrics.jsonl")[0]
+    record = run_metrics(live)[0]
     assert record["online/pairs"] == 8 and record["online/ties"] == 0.0
     assert record["online/score"] == -sum(len(r) for r in FIXED) / len(FIXED)
-    assert record["loss"] == pytest.approx(read_metrics(offline / "metrics.jsonl")[0]["loss"], abs=1e-7)
+    assert record["loss"] == pytest.approx(run_metrics(offline)[0]["loss"], abs=1e-7)
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_for_a_seed(workdir):
     model = load_causal_lm(str(workdir / "model"))
     lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
-    settings = OnlineSettings(online=True, num_samples=3, sample_max_new_tokens=6)
+    settings = OnPolicySettings(online=True, num_samples=3, sample_max_new_tokens=6)
     sampler = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=0)
     first = sampler.sample(model, PROMPTS[:3], position=5)
     assert len(first) == 3 and all(len(r) == 3 for r in first)
@@ -133,18 +126,18 @@ def test_ties_are_skipped_and_counted(workdir, monkeypatch):
         def score_batch(self, prompts, responses):
             return [[1.0, 1.0] if i % 2 else [2.0, 1.0] for i in range(len(prompts))]
 
-    sampler = Sampler(OnlineSettings(online=True, num_samples=2), HalfTies(), tiny_tokenizer(), lengths, 0)
+    sampler = Sampler(OnPolicySettings(online=True, num_samples=2), HalfTies(), tiny_tokenizer(), lengths, 0)
     pairs, stats = sampler.pairs(PROMPTS[:4], [["yes", "no"]] * 4, rows=[10, 11, 12, 13])
     assert [p.row for p in pairs] == [10, 12] and stats["ties"] == 2 and stats["pairs"] == 2
     metrics = summarize([stats, stats], seconds=1.5)
     assert metrics["online/ties"] == 0.5 and metrics["online/pairs"] == 4 and metrics["online/sample_s"] == 1.5
     fixed_samples(monkeypatch)  # in a run: when every prompt ties the step has nothing to learn: skipped, counted
     out = run(workdir, "all-ties", "--online", "--judge", f"{workdir / 'judges.py'}:constant", "--max-steps", "2")
-    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    records = run_metrics(out, "train")
     assert [(r["online/ties"], r["online/pairs"], r["skipped_steps"], "loss" in r) for r in records] == [
         (1.0, 0, 1, False), (1.0, 0, 2, False)]
     assert all(torch.equal(v, load_file(workdir / "model" / "model.safetensors")[k]) for k, v in weights(out).items())
-    assert not [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "alert"]
+    assert not run_metrics(out, "alert")
 
 
 @pytest.mark.parametrize("name,message", [
@@ -164,17 +157,18 @@ def test_a_judge_that_raises_or_returns_the_wrong_shape_is_one_line(workdir, mon
 
 def test_bad_online_settings_are_one_line(workdir):
     with pytest.raises(ConfigError, match="--online and --iterations exclude each other"):
-        parse_config(["--online", "--iterations", "2"])
+        parse_settings(["--online", "--iterations", "2"])
     with pytest.raises(ConfigError, match="--reference-update needs --iterations"):
-        parse_config(["--reference-update"])
+        parse_settings(["--reference-update"])
     with pytest.raises(ConfigError, match="--num-samples must be at least 2"):
-        parse_config(["--online", "--num-samples", "1"])
+        parse_settings(["--online", "--num-samples", "1"])
     with pytest.raises(ConfigError, match="do not run under --fsdp"):
-        parse_config(["--online", "--fsdp"])
+        parse_settings(["--online", "--fsdp"])
     with pytest.raises(JudgeError, match="no such file"):
         build_judge("nowhere/judges.py:shorter")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [("--online",), ("--iterations", "2"), ("--iterations", "2", "--reference-update")])
 def test_a_killed_run_resumes_where_it_stopped_sampling_included(workdir, mode):
     flags = (*mode, "--judge", f"{workdir / 'judges.py'}:shorter", "--num-samples", "3", "--sample-max-new-tokens",
@@ -187,8 +181,8 @@ def test_a_killed_run_resumes_where_it_stopped_sampling_included(workdir, mode):
     a, b = weights(whole), weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     keep = ("loss", "online/score", "online/pairs", "online/round")
-    ra = [{k: r.get(k) for k in keep} for r in read_metrics(whole / "metrics.jsonl") if r["split"] == "train"]
-    rb = [{k: r.get(k) for k in keep} for r in read_metrics(split / "metrics.jsonl") if r["split"] == "train"]
+    ra = [{k: r.get(k) for k in keep} for r in run_metrics(whole, "train")]
+    rb = [{k: r.get(k) for k in keep} for r in run_metrics(split, "train")]
     assert ra == rb
     if "--iterations" in mode:
         assert sorted(p.name for p in (whole / "rounds").iterdir()) == ["round-1.pt", "round-2.pt"]
@@ -196,6 +190,7 @@ def test_a_killed_run_resumes_where_it_stopped_sampling_included(workdir, mode):
         assert ra[0]["online/score"] is not None and ra[1]["online/score"] is None  # sampled once per round
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_equal_one_for_the_same_samples(workdir):
     """Iterative DPO under torchrun: given the same round of samples (copied from a one-process run), two
     processes train to the same weights."""
@@ -205,42 +200,25 @@ def test_ddp_two_processes_equal_one_for_the_same_samples(workdir):
     ddp = workdir / "ddp-two"
     (ddp / "rounds").mkdir(parents=True)
     shutil.copy(single / "rounds" / "round-1.pt", ddp / "rounds" / "round-1.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = ["--model", str(workdir / "model"), "--dataset", str(workdir / "prompts"), "--output-dir", str(ddp),
-            "--max-length", "48", "--max-prompt-length", "24", "--seed", "0", "--batch-size", "8",
-            "--micro-batch-size", "4", "--lr", "1e-3", "--no-progress", "--no-plot", "--warmup-ratio", "0",
-            "--resume", *flags]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(tiny_run_args(workdir, ddp, "--batch-size", "8", *RUN, "--resume", *flags, dataset="prompts",
+                           test_size=None))
     a, b = weights(single), weights(ddp)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_online_under_lora_samples_with_the_adapters_and_scores_the_reference_with_them_off(workdir):
     out = run(workdir, "online-lora", "--online", "--lora-r", "4", "--judge", f"{workdir / 'judges.py'}:shorter",
               "--num-samples", "3", "--sample-max-new-tokens", "6", "--max-steps", "2", "--sample-temperature", "1.0")
-    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    records = run_metrics(out, "train")
     assert len(records) == 2 and records[0]["online/pairs"] > 0  # the step-0 check passed: reference = adapters off
     assert records[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference at step 0
     assert records[0]["online/train_s"] > 0 and records[0]["online/sample_s"] > 0
     assert (out / "final" / "adapter_config.json").is_file()
 
 
-def torchrun(workdir, out, *flags):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = ["--model", str(workdir / "model"), "--dataset", str(workdir / "many"), "--output-dir", str(workdir / out),
-            "--max-length", "48", "--max-prompt-length", "24", "--seed", "0", "--micro-batch-size", "4", "--lr",
-            "1e-3", "--no-progress", "--no-plot", "--warmup-ratio", "0", *flags]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir / out
-
-
+@pytest.mark.distributed
 @pytest.mark.parametrize("judge,batch", [("shorter", "32"), ("first_prompt_only", "16")])
 def test_online_ddp_two_processes_equal_one(workdir, judge, batch):
     """Each sampling group has its own seed, so two processes sample what one does; with first_prompt_only a step
@@ -256,19 +234,21 @@ def test_online_ddp_two_processes_equal_one(workdir, judge, batch):
     flags = ("--online", "--judge", f"{workdir / 'judges.py'}:{judge}", "--num-samples", "3", "--sample-max-new-tokens",
              "6", "--sample-temperature", "1.0", "--batch-size", batch, "--max-steps", "2")
     single = run(workdir, f"online-single-{judge}", *flags, dataset="many")
-    ddp = torchrun(workdir, f"online-ddp-{judge}", *flags)
+    ddp = workdir / f"online-ddp-{judge}"
+    torchrun(tiny_run_args(workdir, ddp, *RUN, *flags, dataset="many", test_size=None))
     a, b = weights(single), weights(ddp)
     assert any(not torch.equal(a[k], load_file(workdir / "model" / "model.safetensors")[k]) for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    ra = [r for r in read_metrics(single / "metrics.jsonl") if r["split"] == "train"]
-    rb = [r for r in read_metrics(ddp / "metrics.jsonl") if r["split"] == "train"]
+    ra = run_metrics(single, "train")
+    rb = run_metrics(ddp, "train")
     assert [r["online/pairs"] for r in ra] == [r["online/pairs"] for r in rb]
     assert [r["online/score"] for r in ra] == [r["online/score"] for r in rb]
     if judge == "first_prompt_only":
         assert [r["online/pairs"] for r in ra] == [1, 1]
 
 
+@pytest.mark.slow
 def test_a_resumed_round_refuses_missing_or_foreign_samples(workdir):
     flags = ("--iterations", "2", "--judge", f"{workdir / 'judges.py'}:shorter", "--num-samples", "3",
              "--sample-max-new-tokens", "6", "--max-steps", "4", "--sample-temperature", "1.0")
@@ -276,12 +256,12 @@ def test_a_resumed_round_refuses_missing_or_foreign_samples(workdir):
     saved = out / "rounds" / "round-1.pt"
     moved = out / "round-1.pt.kept"
     saved.rename(moved)
-    with pytest.raises(online.DataError, match=r"--resume inside round 1, but .*round-1.pt is missing"):
+    with pytest.raises(on_policy.DataError, match=r"--resume inside round 1, but .*round-1.pt is missing"):
         run(workdir, "rounds-check", *flags, "--resume")
     moved.rename(saved)
     for checkpoint in out.glob("checkpoint-*"):  # no checkpoint to compare settings with: the round file is checked
         shutil.rmtree(checkpoint)
-    with pytest.raises(online.DataError, match="was sampled by a run with other settings"):
+    with pytest.raises(on_policy.DataError, match="was sampled by a run with other settings"):
         run(workdir, "rounds-check", *flags[:-1], "0.9", "--resume", "--max-steps", "4")
     with pytest.raises(ConfigError, match="--iterations 2 needs at least one step per round"):
         run(workdir, "rounds-short", "--iterations", "2", "--max-steps", "1", "--judge", flags[3])

@@ -7,10 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from dpo.config import ConfigError, parse_config
+from dpo.train_settings import ConfigError, parse_settings
 from dpo.data import collate_pairs
-from dpo.metrics import read_metrics
-from tiny import make_run_dir, random_pairs, tiny_run_args
+from harness import make_run_dir, random_pairs, run_metrics, tiny_run_args
 
 pytest.importorskip("bitsandbytes")
 
@@ -26,8 +25,9 @@ def args(workdir, out, *extra):
                          "6", "--eval-steps", "3", "--max-eval-pairs", "8", "--warmup-ratio", "0", *extra)
 
 
+@pytest.mark.slow
 def test_8bit_moments_take_a_quarter_of_the_memory_and_follow_adamw(workdir):
-    cfg = parse_config(args(workdir, "unused", "--optimizer", "adamw_8bit"))
+    cfg = parse_settings(args(workdir, "unused", "--optimizer", "adamw_8bit"))
     policy, adapters = train.build_policy(cfg, torch.device("cpu"))
     pairs = random_pairs(16, len(policy.get_input_embeddings().weight), seed=7)
     state = train.build_state(cfg, policy, adapters, device=torch.device("cpu"), dist=train.DistInfo(),
@@ -49,9 +49,10 @@ def test_8bit_moments_take_a_quarter_of_the_memory_and_follow_adamw(workdir):
 
 def run_and_read(workdir, out, *flags):
     assert train.main(args(workdir, out, *flags)) == 0
-    return [r["loss"] for r in read_metrics(workdir / out / "metrics.jsonl") if r["split"] in ("train", "eval")]
+    return [r["loss"] for r in run_metrics(workdir / out, "train", "eval")]
 
 
+@pytest.mark.slow
 def test_8bit_run_resumes_bit_exactly(workdir):
     straight = args(workdir, "straight", "--optimizer", "adamw_8bit")
     assert train.main(straight) == 0
@@ -64,7 +65,7 @@ def test_8bit_run_resumes_bit_exactly(workdir):
 
 def test_missing_bitsandbytes_and_fsdp_are_refused_in_one_line(workdir, monkeypatch):
     with pytest.raises(ConfigError, match="adamw_8bit does not run under --fsdp"):
-        parse_config(args(workdir, "x", "--optimizer", "adamw_8bit", "--fsdp"))
+        parse_settings(args(workdir, "x", "--optimizer", "adamw_8bit", "--fsdp"))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match="needs bitsandbytes: pip install bitsandbytes"):

@@ -6,7 +6,7 @@ import torch
 from dpo.data import TokenizedPair, collate_pairs
 from dpo.logprobs import SequenceScorer
 from dpo.packing import PACKED_ATTENTION, PackingError, collate_packed, collate_shared_prompt, enable_packed_attention
-from tiny import tiny_phi
+from harness import tiny_phi
 
 LAYOUTS = {"packed": collate_packed, "shared_prompt": collate_shared_prompt}
 

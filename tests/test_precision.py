@@ -9,7 +9,7 @@ from dpo import flops as flops_module
 from dpo import precision
 from dpo.flops import FlopCounter, block_weight_count, peak_tflops
 from dpo.precision import matmul_precision, resolve_precision, synced_clock
-from tiny import random_pairs, tiny_phi
+from harness import random_pairs, tiny_phi
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -82,11 +82,12 @@ def test_peak_table_matches_the_longest_name_first(monkeypatch):
         assert not any(earlier in key for earlier in names[:i]), key
 
 
+@pytest.mark.slow
 def test_a_step_reports_its_mfu_against_the_given_peak(tmp_path):
     import train
-    from dpo.config import parse_config
+    from dpo.train_settings import parse_settings
     from dpo.data import collate_pairs
-    from tiny import make_model_dir
+    from harness import make_model_dir
 
     make_model_dir(tmp_path / "model")
     pairs = random_pairs(8, 97, seed=5)
@@ -94,7 +95,7 @@ def test_a_step_reports_its_mfu_against_the_given_peak(tmp_path):
     for peak in (None, 0.5):
         flags = ["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run"), "--batch-size", "8",
                  "--micro-batch-size", "4", "--no-precompute-ref"] + (["--peak-tflops", str(peak)] if peak else [])
-        cfg = parse_config(flags)
+        cfg = parse_settings(flags)
         policy, adapters = train.build_policy(cfg, CPU)
         state = train.build_state(cfg, policy, adapters, device=CPU, dist=train.DistInfo(),
                                   collate=lambda p: collate_pairs(p, pad_id=0), workspace_pairs=pairs)
@@ -107,16 +108,17 @@ def test_a_step_reports_its_mfu_against_the_given_peak(tmp_path):
     assert records[0.5]["mfu"] == pytest.approx(useful / seconds / 0.5e12, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_step_time_reference_is_kept_in_half_precision(tmp_path):
     """--no-precompute-ref under bf16: the frozen reference model holds bf16 weights (half the memory of an fp32
     copy) while the policy keeps fp32 master weights; the step-0 check finds them equal within bf16 rounding."""
     import train
-    from dpo.config import parse_config
+    from dpo.train_settings import parse_settings
     from dpo.data import collate_pairs
-    from tiny import make_model_dir
+    from harness import make_model_dir
 
     make_model_dir(tmp_path / "model")
-    cfg = parse_config(["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run"), "--batch-size", "8",
+    cfg = parse_settings(["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run"), "--batch-size", "8",
                         "--micro-batch-size", "4", "--no-precompute-ref", "--precision", "bf16"])
     policy, adapters = train.build_policy(cfg, CPU)
     pairs = random_pairs(8, 97, seed=6)

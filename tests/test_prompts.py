@@ -16,10 +16,10 @@ from torch import nn
 
 import generate
 from dpo.data import DataError, build_pairs
-from dpo.generation import DecodingConfig, generate_batch, prompt_budget
+from dpo.generation import DecodingSettings, generate_batch, prompt_budget
 from dpo.prompts import (PromptError, SpecialIds, encode_prompts, encode_texts, format_prompt, format_response,
                          render_prompt, render_response, special_ids, truncate_prompt)
-from tiny import make_model_dir, tiny_tokenizer
+from harness import make_model_dir, tiny_tokenizer
 
 NUM_PAIRS = 300
 CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -27,22 +27,9 @@ CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{
 
 
 @pytest.fixture(scope="module")
-def gpt2(shared_dir):
-    from transformers import AutoTokenizer
-
-    path = shared_dir / "tokenizers" / "gpt2"
-    if not path.is_dir():
-        pytest.skip("shared GPT-2 tokenizer not available")
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-@pytest.fixture(scope="module")
-def pair_rows(shared_dir):
-    path = shared_dir / "data" / "alpacaeval-phi2-prefs" / "pairs.jsonl"
-    if not path.is_file():
-        pytest.skip("shared preference pairs not available")
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(next(handle)) for _ in range(NUM_PAIRS)]
+def pair_rows(pair_rows):
+    """conftest's real pairs, the first NUM_PAIRS."""
+    return pair_rows[:NUM_PAIRS]
 
 
 def adds_bos(tokenizer):
@@ -105,7 +92,7 @@ def test_generation_feeds_exactly_the_prompt_ids_training_masks(gpt2, pair_rows,
     pairs, stats = build_pairs(pair_rows, tokenizer, max_length=4096, max_prompt_length=limit, truncation_mode=mode,
                                template=template)
     assert stats.kept == NUM_PAIRS  # every real pair is usable, so each prompt is compared
-    decoding = DecodingConfig(greedy=True, max_new_tokens=4, chat_template=template == "chat",
+    decoding = DecodingSettings(greedy=True, max_new_tokens=4, chat_template=template == "chat",
                               max_prompt_length=limit, truncation_mode=mode)
     fed = fed_prompt_ids(tokenizer, [row["prompt"] for row in pair_rows], decoding)
     assert fed == [pair.prompt_ids for pair in pairs]
@@ -132,7 +119,7 @@ def test_generation_feeds_exactly_the_prompt_ids_training_masks(gpt2, pair_rows,
 
 def test_without_a_limit_the_recipe_prompt_is_the_template_tokenized(gpt2, pair_rows, capsys):
     instructions = [row["prompt"] for row in pair_rows]
-    fed = fed_prompt_ids(gpt2, instructions, DecodingConfig(greedy=True, max_new_tokens=4), positions=100_000)
+    fed = fed_prompt_ids(gpt2, instructions, DecodingSettings(greedy=True, max_new_tokens=4), positions=100_000)
     assert fed == gpt2([format_prompt(text) for text in instructions], add_special_tokens=False)["input_ids"]
     assert capsys.readouterr().err == ""  # nothing cut: no warning
 
@@ -146,7 +133,7 @@ LONG_BATCH = ["yes", "red " * 300, "what color is the sun?"]  # the second is lo
 def test_an_over_long_prompt_is_cut_as_build_pairs_cuts_it_and_the_batch_completes(limit, mode, capsys):
     tokenizer = tiny_tokenizer()
     instructions = LONG_BATCH
-    decoding = DecodingConfig(greedy=True, max_new_tokens=12, max_prompt_length=limit, truncation_mode=mode)
+    decoding = DecodingSettings(greedy=True, max_new_tokens=12, max_prompt_length=limit, truncation_mode=mode)
     fed = fed_prompt_ids(tokenizer, instructions, decoding, positions=256)
     budget = limit or 256 - 12  # without a run limit: what the new tokens leave of the 256 positions
     records = [{"prompt": text, "chosen": "yes", "rejected": "no"} for text in instructions]

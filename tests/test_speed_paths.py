@@ -9,9 +9,9 @@ from dpo.data import collate_pairs
 from dpo.lm_head import lm_head_logps
 from dpo.logprobs import SequenceScorer
 from dpo.modeling import enable_gradient_checkpointing
-from dpo.loss import LossConfig, PreferenceLogps, compute_loss
+from dpo.loss import LossSettings, PreferenceLogps, compute_loss
 from dpo.packing import collate_shared_prompt, group_by_length
-from tiny import random_pairs, tiny_phi
+from harness import random_pairs, tiny_phi
 
 
 def plain_head(hidden, weight, bias, targets):
@@ -150,7 +150,7 @@ def dpo_loss_and_grads(model, scorer, micro_batches, collate, pairs, reference):
         out = compute_loss(PreferenceLogps(policy_chosen_logps=logps.sum[:n], policy_rejected_logps=logps.sum[n:],
                                            reference_chosen_logps=reference[ids],
                                            reference_rejected_logps=reference[ids] - 1.0, state={}),
-                           LossConfig(loss_type="sigmoid", beta=0.1))
+                           LossSettings(loss_type="sigmoid", beta=0.1))
         loss = out.losses.sum() / len(pairs)
         loss.backward()
         total += loss.item()

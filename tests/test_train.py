@@ -11,29 +11,20 @@ from safetensors.torch import load_file
 
 import train
 from dpo.checkpoint import load_checkpoint
-from dpo.config import ConfigError, parse_config
+from dpo.train_settings import ConfigError, parse_settings
 from dpo.errors import UserError
-from dpo.metrics import read_metrics
-from tiny import make_model_dir, write_pairs
+from harness import make_run_dir, run_metrics, tiny_run_args, train_tiny
 
 TIMING_KEYS = {"pairs_per_s", "tokens_per_s"}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    make_model_dir(root / "model")
-    write_pairs(root / "pairs.jsonl", 80)
-    return root
+    return make_run_dir(tmp_path_factory.mktemp("train"), 80)
 
 
 def run(workdir: Path, out: str, *extra: str) -> Path:
-    out_dir = workdir / out
-    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out_dir),
-            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0",
-            "--no-progress", "--no-plot", *extra]
-    assert train.main(argv) == 0
-    return out_dir
+    return train_tiny(workdir, out, "--lr", "1e-3", *extra)
 
 
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -44,6 +35,7 @@ def without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+@pytest.mark.slow
 def test_accumulation_is_exact(workdir):
     """One step of micro 8 x accumulation 8 equals one step of micro 64."""
     common = ("--batch-size", "64", "--max-steps", "1", "--warmup-ratio", "0", "--max-eval-pairs", "4")
@@ -54,7 +46,7 @@ def test_accumulation_is_exact(workdir):
     assert any(not torch.equal(a[k], initial[k]) for k in a)  # the step did change the weights
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    ma, mb = read_metrics(accumulated / "metrics.jsonl")[0], read_metrics(whole / "metrics.jsonl")[0]
+    ma, mb = run_metrics(accumulated)[0], run_metrics(whole)[0]
     assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
     assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
     config = json.loads((accumulated / "run_config.json").read_text())
@@ -71,6 +63,7 @@ def mapped_file(address: int) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_resume_mid_run_is_identical(workdir):
     """6 steps straight == 3 steps, stop, --resume, 3 more: same weights and metrics (crossing an epoch)."""
     common = ("--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "6", "--eval-steps", "2",
@@ -86,16 +79,17 @@ def test_resume_mid_run_is_identical(workdir):
     a, b = final_weights(straight), final_weights(split)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    ma, mb = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    ma, mb = run_metrics(straight), run_metrics(split)
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     assert without_timing(ma) == without_timing(mb)
     assert max(r["epoch"] for r in ma) > 1.0  # 72 train pairs / 16 = 4 steps per epoch
 
 
+@pytest.mark.slow
 def test_fp16_autocast_trains_with_fp32_master_weights(workdir):
     out = run(workdir, "fp16", "--precision", "fp16", "--batch-size", "8", "--micro-batch-size", "4",
               "--max-steps", "2", "--warmup-ratio", "0", "--max-eval-pairs", "4")
-    records = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    records = run_metrics(out, "train")
     assert len(records) == 2
     # a NaN loss is written as null: the loss must be a finite number, near ln 2 at the first step
     assert all(r["loss_scale"] > 0 and isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in records)
@@ -111,7 +105,7 @@ def test_fp16_overflowing_step_is_skipped_without_touching_weights(workdir, monk
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 127))
     out = run(workdir, "overflow", "--precision", "fp16", "--batch-size", "8", "--micro-batch-size", "8",
               "--max-steps", "1", "--warmup-ratio", "0", "--max-eval-pairs", "4")
-    record = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][0]
+    record = run_metrics(out, "train")[0]
     assert record["skipped_steps"] == 1
     assert record["loss_scale"] == 2.0 ** 126  # halved after the overflow
     initial = load_file(workdir / "model" / "model.safetensors")
@@ -119,12 +113,13 @@ def test_fp16_overflowing_step_is_skipped_without_touching_weights(workdir, monk
         assert torch.equal(value, initial[key]), key
 
 
+@pytest.mark.slow
 def test_outputs_and_final_round_trip(workdir):
     out = run(workdir, "outputs", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3",
               "--save-steps", "1", "--save-total-limit", "2", "--eval-steps", "2", "--max-eval-pairs", "4", "--plot")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    records = read_metrics(out / "metrics.jsonl")
+    records = run_metrics(out)
     train_keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s", "tokens_per_s", "epoch", "step"}
     assert train_keys <= set(records[0])
@@ -149,7 +144,7 @@ def test_outputs_and_final_round_trip(workdir):
 
 
 def test_phi2_preset_resolves_to_the_recipe():
-    cfg = parse_config(["--config", "configs/phi2_ultrafeedback.json"])
+    cfg = parse_settings(["--config", "configs/phi2_ultrafeedback.json"])
     expected = {"model": "lxuechen/phi-2-sft", "dataset": "HuggingFaceH4/ultrafeedback_binarized",
                 "train_split": "train_prefs", "num_pairs": 10000, "template": "recipe", "loss": "sigmoid", "beta": 0.1,
                 "lr": 3e-5, "warmup_ratio": 0.03, "epochs": 2, "batch_size": 64, "max_length": 1024,
@@ -158,6 +153,7 @@ def test_phi2_preset_resolves_to_the_recipe():
     assert cfg.batch_size % cfg.micro_batch_size == 0
 
 
+@pytest.mark.slow
 def test_phi2_preset_trains_a_tiny_phi_on_the_ultrafeedback_schema(workdir, shared_dir):
     data = shared_dir / "data" / "alpacaeval-phi2-prefs" / "ultrafeedback_schema"
     out = workdir / "preset"
@@ -166,7 +162,7 @@ def test_phi2_preset_trains_a_tiny_phi_on_the_ultrafeedback_schema(workdir, shar
             "--max-steps", "2", "--max-length", "64", "--max-prompt-length", "32", "--max-eval-pairs", "4",
             "--precision", "fp32", "--no-progress", "--no-plot"]
     assert train.main(argv) == 0
-    records = read_metrics(out / "metrics.jsonl")
+    records = run_metrics(out)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     # 4 held-out rows, minus those whose responses become identical once cut to 64 tokens
     assert records[-1]["split"] == "eval" and 1 <= records[-1]["pairs"] <= 4
@@ -206,7 +202,7 @@ def test_output_dir_is_never_reused_silently(workdir, tmp_path, capsys):
 
 def test_unknown_flag_exits_before_training(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(["--no-such-flag", "1"])
+        parse_settings(["--no-such-flag", "1"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
@@ -214,16 +210,17 @@ def test_unknown_flag_exits_before_training(capsys):
 def test_config_file_keys_and_flag_override(tmp_path):
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"beta": 0.3, "micro-batch-size": 4, "model": "x"}))
-    cfg = parse_config(["--config", str(file), "--beta", "0.5"])
+    cfg = parse_settings(["--config", str(file), "--beta", "0.5"])
     assert (cfg.loss.beta, cfg.micro_batch_size, cfg.lr) == (0.5, 4, 3e-5)
     file.write_text(json.dumps({"betta": 0.3}))
     with pytest.raises(ConfigError, match="unknown setting 'betta'"):
-        parse_config(["--config", str(file)])
+        parse_settings(["--config", str(file)])
 
 
 @pytest.mark.parametrize("flags", [("--gradient-checkpointing",), ("--no-precompute-ref",), ("--no-completion-only",),
                                    ("--no-fused-lm-head",), ("--recompute-softmax",), ("--no-group-by-length",),
                                    ("--layout", "padded"), ("--layout", "packed"), ("--layout", "shared_prompt")])
+@pytest.mark.slow
 def test_memory_and_speed_switches_do_not_change_the_result(workdir, flags):
     """Each switch changes how the numbers are computed, never the numbers: losses and log-probs to 1e-5 (fp32; a
     sequence log-prob near -112 has an fp32 spacing of 7.6e-6, so sums also get 1e-6 relative); weights after two
@@ -237,7 +234,7 @@ def test_memory_and_speed_switches_do_not_change_the_result(workdir, flags):
     a, b = final_weights(base), final_weights(switched)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
-    la, lb = read_metrics(base / "metrics.jsonl"), read_metrics(switched / "metrics.jsonl")
+    la, lb = run_metrics(base), run_metrics(switched)
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert [r[key] for r in la] == pytest.approx([r[key] for r in lb], abs=1e-5, rel=1e-6), key
 
@@ -246,6 +243,7 @@ def loss_state_at(out_dir: Path, step: int) -> dict:
     return torch.load(out_dir / f"checkpoint-{step}" / "extra.pt", weights_only=True)["loss_state"]
 
 
+@pytest.mark.slow
 def test_bco_pair_micro_batch_8_equals_micro_2_times_accumulation_4(workdir):
     """bco_pair's running reward mean moves once per optimizer step from the whole batch: micro-batch 8 and
     micro-batch 2 x accumulation 4 give the same state, losses and weights."""
@@ -263,20 +261,19 @@ def test_bco_pair_micro_batch_8_equals_micro_2_times_accumulation_4(workdir):
     wa, wb = final_weights(whole), final_weights(split)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
-    ma, mb = read_metrics(whole / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    ma, mb = run_metrics(whole), run_metrics(split)
     for ra, rb in zip(ma, mb):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5), ra["step"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_run_settings_and_accepts_logging_changes(workdir, capsys):
     common = ("--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3", "--max-eval-pairs", "4")
     out = run(workdir, "resume-check", *common, "--stop-at-step", "1")
     # checkpoints hold tensors and plain values only: they load without unpickling code
     for name in ("extra.pt", "optimizer.pt"):
         torch.load(out / "checkpoint-1" / name, weights_only=True)
-    base = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out),
-            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0",
-            "--no-progress", "--no-plot", *common, "--resume"]
+    base = tiny_run_args(workdir, out, "--lr", "1e-3", *common, "--resume")
     assert train.cli(base + ["--beta", "0.2", "--seed", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --resume:") and "\n" not in err
@@ -298,9 +295,9 @@ def test_reference_log_probs_only_for_the_pairs_the_run_trains_on(workdir, capsy
 
 
 def test_auto_layout_is_shared_prompt_where_it_is_exact_else_padded():
-    from tiny import tiny_phi
+    from harness import tiny_phi
 
-    cfg = parse_config(["--model", "m", "--max-length", "48"])
+    cfg = parse_settings(["--model", "m", "--max-length", "48"])
     assert cfg.layout == "auto"
     model = tiny_phi()
     assert train.collator(cfg, 0, model)[0] == "shared_prompt"
@@ -310,15 +307,16 @@ def test_auto_layout_is_shared_prompt_where_it_is_exact_else_padded():
     model.config._attn_implementation = "eager"
     assert train.collator(cfg, 0, model)[0] == "padded"
     with pytest.raises(UserError, match="use --layout padded"):
-        train.collator(parse_config(["--model", "m", "--layout", "packed"]), 0, model)
+        train.collator(parse_settings(["--model", "m", "--layout", "packed"]), 0, model)
 
 
+@pytest.mark.slow
 def test_a_step_the_grad_scaler_skips_leaves_the_loss_state(workdir, monkeypatch):
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 127))
     out = run(workdir, "overflow-bco", "--precision", "fp16", "--loss", "bco_pair", "--batch-size", "8",
               "--micro-batch-size", "8", "--max-steps", "2", "--save-steps", "1", "--warmup-ratio", "0",
               "--max-eval-pairs", "4")
-    record = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][0]
+    record = run_metrics(out, "train")[0]
     assert record["skipped_steps"] == 1
     assert loss_state_at(out, 1)["bco_pair"]["steps"] == 0
 
@@ -333,13 +331,12 @@ def test_settings_differences_name_each_change_and_default_what_an_older_checkpo
         ["--beta 0.1 -> 0.2", "--discopop-tau 0.05 -> 0.1"]
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_is_one_line(workdir, capsys):
     common = ("--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "4")
     out = run(workdir, "corrupt", *common, "--stop-at-step", "1")
     (out / "checkpoint-1" / "extra.pt").write_bytes(b"not a torch file")
-    base = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out),
-            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--lr", "1e-3", "--seed", "0",
-            "--no-progress", "--no-plot", *common, "--resume"]
+    base = tiny_run_args(workdir, out, "--lr", "1e-3", *common, "--resume")
     assert train.cli(base) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "extra.pt: cannot be loaded as tensors" in err and "\n" not in err

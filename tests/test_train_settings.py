@@ -1,4 +1,4 @@
-"""Settings: declared once (flags, config keys, checks, README tables all come from the dataclasses)."""
+"""Settings: declared once (flags, config keys, checks, docs/training.md's flag tables come from the dataclasses)."""
 
 import dataclasses
 import json
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from dpo.config import DEMO_SETTINGS, TrainConfig, build_parser, flag_tables, parse_config
-from dpo.logprobs import ScoringConfig
-from dpo.loss import LossConfig
+from dpo.train_settings import DEMO_SETTINGS, TrainSettings, build_parser, flag_tables, parse_settings
+from dpo.logprobs import ScoringSettings
+from dpo.loss import LossSettings
 from dpo.settings import ConfigError, from_flat, setting_fields
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- flag tables: python -m dpo.config -->", "<!-- end of flag tables -->"
+BEGIN, END = "<!-- flag tables: python -m dpo.train_settings -->", "<!-- end of flag tables -->"
 
 
 def flags_of(parser) -> set[str]:
@@ -23,16 +23,16 @@ def flags_of(parser) -> set[str]:
 
 def test_every_field_of_every_settings_class_is_a_flag_and_a_config_key(tmp_path):
     flags = flags_of(build_parser())
-    for cls in (LossConfig, ScoringConfig):
+    for cls in (LossSettings, ScoringSettings):
         for f in dataclasses.fields(cls):
             flag = "--" + (f.metadata["flag"] or f.name).replace("_", "-")
             assert flag in flags, f"{cls.__name__}.{f.name} has no flag"
     assert {"--discopop-tau", "--simpo-gamma", "--f-alpha", "--loss", "--logps-chunk-size", "--vocab-chunk"} <= flags
-    names = [s.name for s in setting_fields(TrainConfig)]
+    names = [s.name for s in setting_fields(TrainSettings)]
     assert len(names) == len(set(names))
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"loss": "hinge", "discopop_tau": 0.2, "logps-chunk-size": 64, "model": "x"}))
-    cfg = parse_config(["--config", str(file), "--vocab-chunk", "512"])
+    cfg = parse_settings(["--config", str(file), "--vocab-chunk", "512"])
     assert (cfg.loss.loss_type, cfg.loss.discopop_tau, cfg.scoring.chunk_size, cfg.scoring.vocab_chunk) == \
         ("hinge", 0.2, 64, 512)
 
@@ -48,42 +48,42 @@ def test_every_field_of_every_settings_class_is_a_flag_and_a_config_key(tmp_path
 ])
 def test_a_bad_value_is_rejected_in_one_place_whatever_builds_the_config(argv, message):
     with pytest.raises(ConfigError) as from_flags:
-        parse_config(argv)
+        parse_settings(argv)
     assert str(from_flags.value).startswith(message)
     values = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "config"}
     with pytest.raises(ConfigError) as from_python:
-        from_flat(TrainConfig, values)
+        from_flat(TrainSettings, values)
     assert str(from_python.value) == str(from_flags.value)
 
 
 def test_loss_config_checks_itself_with_the_flag_names():
     with pytest.raises(ConfigError, match="--beta must be positive"):
-        LossConfig(beta=0.0)
+        LossSettings(beta=0.0)
     with pytest.raises(ConfigError, match="--f-divergence must be one of reverse_kl"):
-        LossConfig(f_divergence="kl")
+        LossSettings(f_divergence="kl")
 
 
 def test_max_prompt_length_follows_max_length_unless_given():
-    assert parse_config(["--model", "m", "--max-length", "128"]).max_prompt_length == 64
-    assert parse_config(["--model", "m"]).max_prompt_length == 512  # the recipe: 1024 -> 512
-    assert parse_config([]).max_prompt_length == DEMO_SETTINGS["max_length"] // 2  # the demo: 96 -> 48
-    assert parse_config(["--model", "m", "--max-length", "128", "--max-prompt-length", "100"]).max_prompt_length == 100
-    assert parse_config(["--model", "m", "--max-prompt-length", "none"]).max_prompt_length is None
-    assert TrainConfig(max_length=200).max_prompt_length == 100  # built in Python too
+    assert parse_settings(["--model", "m", "--max-length", "128"]).max_prompt_length == 64
+    assert parse_settings(["--model", "m"]).max_prompt_length == 512  # the recipe: 1024 -> 512
+    assert parse_settings([]).max_prompt_length == DEMO_SETTINGS["max_length"] // 2  # the demo: 96 -> 48
+    assert parse_settings(["--model", "m", "--max-length", "128", "--max-prompt-length", "100"]).max_prompt_length == 100
+    assert parse_settings(["--model", "m", "--max-prompt-length", "none"]).max_prompt_length is None
+    assert TrainSettings(max_length=200).max_prompt_length == 100  # built in Python too
     with pytest.raises(ConfigError, match=r"--max-prompt-length \(300\) must be below --max-length \(128\)"):
-        parse_config(["--model", "m", "--max-length", "128", "--max-prompt-length", "300"])
+        parse_settings(["--model", "m", "--max-length", "128", "--max-prompt-length", "300"])
 
 
 def test_run_config_round_trips_as_a_config_file(tmp_path):
-    cfg = parse_config(["--model", "m", "--loss", "ipo", "--beta", "0.3", "--adam-betas", "0.8,0.9",
+    cfg = parse_settings(["--model", "m", "--loss", "ipo", "--beta", "0.3", "--adam-betas", "0.8,0.9",
                         "--layout", "packed"])
     file = tmp_path / "run.json"
     file.write_text(json.dumps(cfg.to_dict()))
-    assert parse_config(["--config", str(file)]) == cfg
+    assert parse_settings(["--config", str(file)]) == cfg
 
 
 def test_run_identity_holds_what_changes_data_order_or_math():
-    identity = TrainConfig().run_identity()
+    identity = TrainSettings().run_identity()
     for name in ("model", "dataset", "train_split", "num_pairs", "subset", "seed", "batch_size", "max_length",
                  "max_prompt_length", "loss", "beta", "discopop_tau", "lr", "epochs", "max_steps", "precision"):
         assert name in identity, name
@@ -92,25 +92,25 @@ def test_run_identity_holds_what_changes_data_order_or_math():
         assert name not in identity, name
 
 
-def test_readme_flag_tables_are_the_generated_ones():
-    readme = (ROOT / "README.md").read_text()
-    assert BEGIN in readme and END in readme, "README.md lost the markers around its flag tables"
-    current = readme[readme.index(BEGIN) + len(BEGIN):readme.index(END)].strip()
-    assert current == flag_tables().strip(), "README.md's flag tables are stale: run `python -m dpo.config` and " \
-                                             "paste its output between the markers"
+def test_documented_flag_tables_are_the_generated_ones():
+    page = (ROOT / "docs" / "training.md").read_text()
+    assert BEGIN in page and END in page, "docs/training.md lost the markers around its flag tables"
+    current = page[page.index(BEGIN) + len(BEGIN):page.index(END)].strip()
+    assert current == flag_tables().strip(), \
+        "docs/training.md's flag tables are stale: put `python -m dpo.train_settings`'s output between the markers"
 
 
 def test_flag_tables_script_prints_every_flag():
-    done = subprocess.run([sys.executable, "-m", "dpo.config"], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "dpo.train_settings"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    for s in setting_fields(TrainConfig):
+    for s in setting_fields(TrainSettings):
         assert f"| `{s.flag}` |" in done.stdout, s.flag
 
 
 def test_a_loss_that_compares_the_pairs_of_a_micro_batch_makes_the_split_part_of_the_run():
     """AOT sorts over the batch it is given: micro-batch size and length grouping then change its math."""
-    sigmoid, aot = TrainConfig().run_identity(), TrainConfig(loss=LossConfig(loss_type="sigmoid:0.5,aot:0.5"))
+    sigmoid, aot = TrainSettings().run_identity(), TrainSettings(loss=LossSettings(loss_type="sigmoid:0.5,aot:0.5"))
     assert "micro_batch_size" not in sigmoid and "group_by_length" not in sigmoid
     assert {"micro_batch_size", "group_by_length"} <= set(aot.run_identity())
 
@@ -119,16 +119,16 @@ def test_the_demo_watches_its_win_rate_on_every_held_out_instruction():
     from dpo.demo import task
 
     assert DEMO_SETTINGS["eval_generate"] == len(task.instructions("test"))
-    assert parse_config([]).eval_generate == len(task.instructions("test"))
-    assert parse_config(["--model", "m"]).eval_generate == 0  # off by default anywhere else
-    assert parse_config(["--eval-generate", "0"]).eval_generate == 0
+    assert parse_settings([]).eval_generate == len(task.instructions("test"))
+    assert parse_settings(["--model", "m"]).eval_generate == 0  # off by default anywhere else
+    assert parse_settings(["--eval-generate", "0"]).eval_generate == 0
 
 
 def test_online_and_iterative_demo_train_the_offline_demos_number_of_steps():
-    assert parse_config([]).max_steps is None  # offline: 2 epochs of 2048 pairs = 64 steps
-    assert parse_config(["--online"]).max_steps == 64
-    assert parse_config(["--online"]).loss.rpo_alpha == 1.0 and parse_config([]).loss.rpo_alpha is None
-    assert parse_config(["--online", "--rpo-alpha", "none"]).loss.rpo_alpha is None
-    assert parse_config(["--iterations", "8"]).max_steps == 64
-    assert parse_config(["--online", "--max-steps", "10"]).max_steps == 10
-    assert parse_config(["--model", "m", "--online"]).max_steps is None
+    assert parse_settings([]).max_steps is None  # offline: 2 epochs of 2048 pairs = 64 steps
+    assert parse_settings(["--online"]).max_steps == 64
+    assert parse_settings(["--online"]).loss.rpo_alpha == 1.0 and parse_settings([]).loss.rpo_alpha is None
+    assert parse_settings(["--online", "--rpo-alpha", "none"]).loss.rpo_alpha is None
+    assert parse_settings(["--iterations", "8"]).max_steps == 64
+    assert parse_settings(["--online", "--max-steps", "10"]).max_steps == 10
+    assert parse_settings(["--model", "m", "--online"]).max_steps is None

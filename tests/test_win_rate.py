@@ -8,15 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
-from dpo.config import ConfigError, parse_config
-from dpo.generation import DecodingConfig
-from dpo.generative_eval import SAMPLE_COLUMNS, GenerativeEval
+from dpo.train_settings import ConfigError, parse_settings
+from dpo.generation import DecodingSettings
+from dpo.win_rate import SAMPLE_COLUMNS, WinRateEval
 from dpo.judges import ImplicitRewardJudge, Judge, JudgeError, build_judge
-from dpo.metrics import read_metrics
 from dpo.modeling import load_causal_lm
 from dpo.prompts import format_prompt, format_response
-from tiny import make_model_dir, tiny_tokenizer, write_pairs
+from harness import make_model_dir, make_run_dir, run_metrics, tiny_tokenizer, train_tiny
 
 PROMPTS = ["what color is the sun?", "tell me about the moon", "is the cat big?", "what is a dog?", "one two three"]
 
@@ -35,16 +33,14 @@ class LengthJudge(Judge):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("geneval")
-    make_model_dir(root / "model")
-    write_pairs(root / "pairs.jsonl", 48)
+    root = make_run_dir(tmp_path_factory.mktemp("geneval"), 48)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in PROMPTS))
     return root
 
 
 def sampler_for(tmp_path, judge, prompts=PROMPTS, seed=0):
     tokenizer = tiny_tokenizer()
-    return GenerativeEval(judge, list(prompts), DecodingConfig(max_new_tokens=8, seed=seed), tokenizer, 2,
+    return WinRateEval(judge, list(prompts), DecodingSettings(max_new_tokens=8, seed=seed), tokenizer, 2,
                           tmp_path / "eval_generate")
 
 
@@ -92,14 +88,10 @@ def test_sampling_leaves_the_training_rng_alone(workdir, tmp_path):
 
 
 def run(workdir, out, *extra):
-    out_dir = workdir / out
-    argv = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--output-dir", str(out_dir),
-            "--max-length", "48", "--max-prompt-length", "24", "--test-size", "8", "--seed", "0", "--batch-size", "8",
-            "--micro-batch-size", "4", "--lr", "1e-3", "--no-progress", "--no-plot", *extra]
-    assert train.main(argv) == 0
-    return out_dir
+    return train_tiny(workdir, out, "--batch-size", "8", "--micro-batch-size", "4", "--lr", "1e-3", *extra)
 
 
+@pytest.mark.slow
 def test_a_run_logs_win_rates_and_samples_and_trains_exactly_as_without(workdir, capsys):
     flags = ("--max-steps", "4", "--eval-steps", "2", "--save-steps", "2")
     plain = run(workdir, "plain", *flags)
@@ -107,7 +99,7 @@ def test_a_run_logs_win_rates_and_samples_and_trains_exactly_as_without(workdir,
                   "--eval-judge", "implicit:" + str(plain / "final"), "--eval-max-new-tokens", "6")
     a, b = load_file(plain / "final" / "model.safetensors"), load_file(watched / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # sampling moved no RNG the training reads
-    records = read_metrics(watched / "metrics.jsonl")
+    records = run_metrics(watched)
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
@@ -125,18 +117,20 @@ def test_a_run_logs_win_rates_and_samples_and_trains_exactly_as_without(workdir,
     run(workdir, "watched", *flags, "--eval-generate", "5", "--eval-prompts", str(workdir / "prompts.jsonl"),
         "--eval-judge", "implicit:" + str(plain / "final"), "--eval-max-new-tokens", "6", "--resume")
     assert "reference answers cached" in capsys.readouterr().out
-    again = [r for r in read_metrics(watched / "metrics.jsonl") if r["split"] == "eval"]
+    again = run_metrics(watched, "eval")
     assert again[-1]["generate/win_rate"] == evals[-1]["generate/win_rate"]
 
 
+@pytest.mark.slow
 def test_bad_settings_are_one_line(workdir):
     with pytest.raises(ConfigError, match="--eval-generate does not run under --fsdp"):
-        parse_config(["--eval-generate", "4", "--fsdp"])
+        parse_settings(["--eval-generate", "4", "--fsdp"])
     with pytest.raises(ConfigError, match="--eval-generate must be a non-negative"):
-        parse_config(["--eval-generate", "-1"])
+        parse_settings(["--eval-generate", "-1"])
+    trained = make_model_dir(workdir / "implicit-judge" / "final", seed=2)  # a DPO run's final/, judged implicitly
+    (trained / "dpo_run.json").write_text(json.dumps({"reference_model": str(workdir / "model"), "beta": 0.1}))
     with pytest.raises(JudgeError, match="has no prompts of its own: give --eval-prompts"):
-        run(workdir, "no-prompts", "--max-steps", "1", "--eval-generate", "2",
-            "--eval-judge", "implicit:" + str(workdir / "plain" / "final"))
+        run(workdir, "no-prompts", "--max-steps", "1", "--eval-generate", "2", "--eval-judge", f"implicit:{trained}")
     with pytest.raises(JudgeError, match="not a trained DPO model"):
         build_judge("implicit:" + str(workdir / "model"))
 
@@ -170,19 +164,19 @@ def test_implicit_reward_judge_matches_a_brute_force_computation(tmp_path):
 def test_generation_batch_and_precision_are_the_runs_own(workdir, tmp_path, monkeypatch):
     """The --eval-generate batch is its own setting, not the training micro-batch; sampling runs in the run's
     precision, and answers cached in one precision are not reused in another."""
-    import dpo.generative_eval
+    import dpo.win_rate
 
     judged_in = []
-    monkeypatch.setattr(dpo.generative_eval, "build_judge",
+    monkeypatch.setattr(dpo.win_rate, "build_judge",
                         lambda name, device, dtype: judged_in.append(dtype) or LengthJudge())
     flags = ["--model", str(workdir / "model"), "--output-dir", str(tmp_path / "run"), "--eval-generate", "5",
              "--eval-prompts", str(workdir / "prompts.jsonl"), "--micro-batch-size", "4", "--batch-size", "8"]
     cpu = torch.device("cpu")
-    built = {size: GenerativeEval.build(parse_config(flags + ["--eval-generate-batch-size", size]), tiny_tokenizer(),
+    built = {size: WinRateEval.build(parse_settings(flags + ["--eval-generate-batch-size", size]), tiny_tokenizer(),
                                         cpu) for size in ("3", "16")}
     assert (built["3"].batch_size, built["16"].batch_size) == (3, 16)
     assert built["3"].precision == "fp32"  # auto on a CPU
-    half = GenerativeEval.build(parse_config(flags + ["--precision", "bf16"]), tiny_tokenizer(), cpu)
+    half = WinRateEval.build(parse_settings(flags + ["--precision", "bf16"]), tiny_tokenizer(), cpu)
     assert half.precision == "bf16" and half.batch_size == 64
     assert judged_in == [torch.float32, torch.float32, torch.bfloat16]  # a judge model is frozen: autocast dtype
     assert half.reference_file("key") != built["3"].reference_file("key")
