@@ -32,8 +32,10 @@ importable, `--loss my_pkg.losses:my_loss`. It may be mixed with built-ins:
 `--loss sigmoid:1.0,path/to/my_loss.py:my_loss:0.5`. The building blocks of the built-in losses are public:
 log_ratios, divergence_scores, preference_margin, lengths, mean_logps, chosen_nll, smoothed_logistic.
 The contract:
-  * input: `x` holds fp32 tensors of shape [B] on one device (`x.require(name)` returns a field or raises a
-    clear error when it is None); `cfg` holds the hyper-parameters. `x.state` is the loss's own per-run state,
+  * input: `x` holds fp32 tensors of shape [B] on one device: policy_chosen_logps, policy_rejected_logps,
+    reference_chosen_logps, reference_rejected_logps (None without a reference), chosen_lengths, rejected_lengths
+    (scored tokens), chosen_wpo_logps, rejected_wpo_logps (None unless WPO weights are on); `x.require(name)`
+    returns a field or raises a clear error when it is None. `cfg` holds the hyper-parameters. `x.state` is the loss's own per-run state,
     a dict of plain numbers saved in checkpoints; a loss reads it, and declares how it changes with a
     `LossState` (`my_loss.loss_state = LossState(...)` or `@register_loss(..., state=...)`): the trainer then
     updates it once per optimizer step from the whole global batch, so it never depends on how the batch was
