@@ -88,11 +88,12 @@ class Generator:
         self.model = load_causal_lm(self.path, dtype=dtype, device=device)
 
     def answer(self, instructions: list[str], decoding: DecodingSettings, **kwargs) -> list[str]:
-        return generate_batch(self.model, self.tokenizer, instructions, decoding.for_run(self.settings), **kwargs)
+        return generate_batch(self.model, self.tokenizer, instructions, decoding.for_run(self.settings).for_tokenizer(self.tokenizer), **kwargs)
 
     def stream(self, instruction: str, decoding: DecodingSettings, write: Callable[[str], object]) -> str:
         streamer = StopAwareStreamer(self.tokenizer, decoding.stop_strings, write=write)
-        generate_batch(self.model, self.tokenizer, [instruction], decoding.for_run(self.settings), streamer=streamer)
+        generate_batch(self.model, self.tokenizer, [instruction], decoding.for_run(self.settings).for_tokenizer(self.tokenizer),
+                       streamer=streamer)
         return streamer.text
 
 
@@ -138,7 +139,8 @@ def print_compared(instructions: list[str], first: Generator, second: Generator,
 def interactive(generator: Generator, other: Generator | None, decoding: DecodingSettings, batch_size: int,
                 read: Callable[[str], str] = input, write: Callable[[str], object] = _write) -> None:
     """Read instructions until EOF or 'exit'; stream each answer (or print both with --compare)."""
-    write(f"{generator.name}: {decoding.describe()}. Empty line skips, Ctrl-D or 'exit' quits.\n")
+    write(f"{generator.name}: {decoding.for_run(generator.settings).for_tokenizer(generator.tokenizer).describe()}. "
+          "Empty line skips, Ctrl-D or 'exit' quits.\n")
     while True:
         try:
             instruction = read(f"{HUMAN_TURN_PREFIX} ")

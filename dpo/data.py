@@ -15,7 +15,12 @@ Record formats (field names as in TRL and the hub datasets):
                     the prompt is every message before the last (assistant) turn, identical in both.
                     If "prompt" is itself a message list, chosen/rejected hold only the continuation.
     implicit        {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...} (Anthropic/hh-rlhf):
-                    the prompt is the longest common prefix ending at the last "\\n\\nAssistant:".
+                    the prompt is the longest common prefix ending at the last "\\n\\nAssistant:"; each turn's
+                    text (the final answer's too) is what lies between the markers, stripped.
+Explicit and conversational texts are kept as they are (a chat template renders them so). A row is a counted
+skip: "empty_prompt" when its prompt says nothing (an empty explicit prompt, a prompt with no user turn, or any
+user turn, the last or an earlier one, that is empty or whitespace, in every format); "empty_response" when an
+answer is empty; "identical_responses" when chosen and rejected are the same text up to the whitespace around them.
 
 Rendering and tokenization are dpo.prompts' (see its docstring), the very functions generation uses, so a
 model is prompted at inference exactly as it was trained: the "recipe" template ("### Human: ...\\n\\n### Assistant:"
@@ -280,6 +285,18 @@ def _message_list(value: Any, key: str, row: int) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def _check_user_turns(messages: Sequence[dict[str, str]], row: int, where: str) -> None:
+    """A prompt must hold a user turn, and every user turn must say something: an empty or whitespace user turn
+    (the last one, or any earlier one in the history) makes the row an "empty_prompt" skip, as an empty explicit
+    prompt does. `where` names the field (and format) the messages came from."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise RowError("empty_prompt", row, f"{where}: no user turn before the last assistant turn")
+    for turn, i in enumerate(users, 1):
+        if not messages[i]["content"].strip():
+            raise RowError("empty_prompt", row, f"{where}: user turn {turn} of {len(users)} (message {i}) is empty")
+
+
 def _explicit(record: dict, row: int) -> _Dialogue:
     prompt = _text_field(record, "prompt", row, "empty_prompt")
     chosen = _text_field(record, "chosen", row, "empty_response")
@@ -302,6 +319,8 @@ def _conversational(record: dict, row: int) -> _Dialogue:
         raise RowError("prompt_mismatch", row, "chosen and rejected differ before their last assistant turn")
     if not chosen[:-1]:
         raise RowError("empty_prompt", row, "no messages before the last assistant turn")
+    _check_user_turns(chosen[:-1], row, "field 'prompt'" if isinstance(record.get("prompt"), list) else
+                      "field 'chosen'")
     return _Dialogue(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
 
 
@@ -314,15 +333,19 @@ def _implicit(record: dict, row: int) -> _Dialogue:
         raise RowError("no_assistant_turn", row, f"no shared prompt ending with {HH_ASSISTANT!r} "
                                                  "(and no 'prompt' field)")
     end += len(HH_ASSISTANT)
-    chosen_response, rejected_response = chosen[end:], rejected[end:]
+    # Every turn's text is what lies between the markers, stripped: the space after "Assistant:" / "Human:" and
+    # the line breaks around a turn belong to HH's text format, not to the message (the final answer is parsed
+    # as the same answer in a later row's history is).
+    chosen_response, rejected_response = chosen[end:].strip(), rejected[end:].strip()
     for key, text in (("chosen", chosen_response), ("rejected", rejected_response)):
-        if not text.strip():
+        if not text:
             raise RowError("empty_response", row, f"field '{key}' has an empty response after the prompt")
     # "lead\n\nHuman: u1\n\nAssistant: a1 ... \n\nHuman: un\n\nAssistant:" -> [lead, role, text, role, text, ...]
     parts = _HH_TURN.split(chosen[:end])
     lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
     messages = [{"role": "system", "content": lead}] if lead else []
     messages += [{"role": _HH_ROLES[role], "content": text.strip()} for role, text in turns[:-1]]
+    _check_user_turns(messages, row, "field 'chosen' (HH text)")
     return _Dialogue(messages, chosen_response, rejected_response)
 
 
@@ -333,23 +356,25 @@ _FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
 }
 
 
-def instructions_of(records: Sequence[Any]) -> tuple[list[str], int]:
-    """The distinct single-turn instructions of preference records (any format), in first-seen order, and how
-    many records were left out (a multi-turn history, or a row that cannot be read): online DPO's prompt set."""
-    seen: dict[str, None] = {}
+def instruction_records(records: Sequence[Any]) -> tuple[dict[str, tuple[int, Any]], int]:
+    """The distinct single-turn instructions of records, in first-seen order, each with the row and record it first
+    came from, and how many records were left out (a multi-turn history, or a row that cannot be read): online
+    DPO's prompt set. A record is a preference pair of any format, or a prompt alone (a "prompt" and no responses,
+    as in IFEval's input_data.jsonl, whose other fields its judge reads)."""
+    seen: dict[str, tuple[int, Any]] = {}
     left_out = 0
     for row, record in enumerate(records):
         try:
             prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
         except RowError:
-            prompt = None
+            prompt = record.get("prompt") if "chosen" not in record and "rejected" not in record else None
         if isinstance(prompt, list) and len(prompt) == 1 and prompt[0]["role"] == "user":
             prompt = prompt[0]["content"]
         if isinstance(prompt, str) and prompt.strip():
-            seen.setdefault(prompt, None)
+            seen.setdefault(prompt, (row, record))
         else:
             left_out += 1
-    return list(seen), left_out
+    return seen, left_out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,7 +409,9 @@ def to_example(record: Any, row: int, *, template: str = "recipe", tokenizer: An
         chosen = render_response(dialogue.prompt, dialogue.chosen, template, tokenizer, rendered_prompt=prompt)
         rejected = render_response(dialogue.prompt, dialogue.rejected, template, tokenizer, rendered_prompt=prompt)
     example = PreferenceExample(prompt, chosen, rejected, row)
-    if example.chosen == example.rejected:
+    # identical up to the whitespace around them, too: under a chat template (which keeps that whitespace) such a
+    # pair would teach only a preference for a leading space or a final newline
+    if example.chosen == example.rejected or dialogue.chosen.strip() == dialogue.rejected.strip():
         raise RowError("identical_responses", row, "chosen and rejected are identical")
     return example
 

@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from dpo.errors import UserError
 from dpo.modeling import ModelLoadError, load_tokenizer
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
-from dpo.prompts import HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts
+from dpo.prompts import HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts, resolve_template
 
 # The card's decoding.
 TEMPERATURE = 0.7
@@ -63,6 +63,12 @@ class BatchFileError(GenerationError):
     """An unusable batch file; the message names the file and the row."""
 
 
+def chat_template_flag(template: str | None) -> bool | None:
+    """DecodingSettings.chat_template of a training template: True for chat, False for recipe, None for auto (or no
+    run settings): the tokenizer decides."""
+    return {"chat": True, "recipe": False}.get(template)
+
+
 @dataclass(frozen=True)
 class DecodingSettings:
     """How prompts are rendered and cut, and how responses are decoded. greedy=True ignores temperature, top_p
@@ -75,7 +81,8 @@ class DecodingSettings:
     max_new_tokens: int = MAX_NEW_TOKENS
     seed: int | None = 0  # torch.manual_seed(seed) before the first batch; None leaves the RNG alone
     stop_strings: tuple[str, ...] = STOP_STRINGS
-    chat_template: bool | None = None  # the tokenizer's chat template instead of the recipe's; None: recipe
+    chat_template: bool | None = None  # the tokenizer's chat template (True), the recipe's (False); None: the chat
+    #                                    template when the tokenizer ships one (dpo.prompts.resolve_template)
     max_prompt_length: int | None = None  # None: room for new tokens (prompt_budget)
     truncation_mode: str | None = None  # None: keep_end
 
@@ -94,15 +101,21 @@ class DecodingSettings:
     def for_run(self, settings: dict[str, Any]) -> "DecodingSettings":
         """The prompt settings left None taken from a run's training settings (run_settings): the chat template
         when it trained with template 'chat', and its max_prompt_length and truncation_mode."""
-        chat = self.chat_template if self.chat_template is not None else settings.get("template") == "chat"
+        chat = self.chat_template if self.chat_template is not None else chat_template_flag(settings.get("template"))
         limit = self.max_prompt_length if self.max_prompt_length is not None else settings.get("max_prompt_length")
         mode = self.truncation_mode or settings.get("truncation_mode")
         return replace(self, chat_template=chat, max_prompt_length=limit, truncation_mode=mode)
 
+    def for_tokenizer(self, tokenizer: Any) -> "DecodingSettings":
+        """With the template decided: left to the model (None), the chat template when `tokenizer` ships one."""
+        if self.chat_template is not None:
+            return self
+        return replace(self, chat_template=resolve_template("auto", tokenizer) == "chat")
+
     @property
     def template(self) -> str:
-        """The prompt template: 'chat' with the tokenizer's chat template, else 'recipe'."""
-        return "chat" if self.chat_template else "recipe"
+        """The prompt template: 'chat', 'recipe', or 'auto' (the tokenizer's chat template when it has one)."""
+        return {True: "chat", False: "recipe", None: "auto"}[self.chat_template]
 
     def validate(self) -> None:
         """A GenerationError naming the first setting out of range."""
@@ -372,10 +385,42 @@ def _generation_config(decoding: DecodingSettings, max_new_tokens: int, pad_id: 
                        eos_ids: list[int]) -> GenerationConfig:
     if decoding.greedy:  # neutral values, so a sampling generation_config.json of the model is not mixed in
         sampling = dict(temperature=1.0, top_p=1.0, top_k=50)
-    else:
-        sampling = dict(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
+    else:  # top-p by TopP below, not transformers' (which sorts the whole vocabulary at every step)
+        sampling = dict(temperature=decoding.temperature, top_p=1.0, top_k=decoding.top_k)
     return GenerationConfig(do_sample=not decoding.greedy, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                             eos_token_id=eos_ids, num_beams=1, **sampling)
+
+
+class TopP(LogitsProcessor):
+    """Nucleus sampling's filter (Holtzman et al. 2020), the same tokens as transformers' TopPLogitsWarper: a token
+    is kept when the probability of the tokens above it is below p (so the top token always is). It sorts only the
+    `candidates` most likely tokens of a row, not the whole vocabulary: when they hold at least p of the mass, no
+    token below them can be kept; a row where they do not is sorted whole."""
+
+    def __init__(self, top_p: float, candidates: int = 1024):
+        self.top_p, self.candidates = top_p, candidates
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` with every token outside each row's nucleus set to -inf."""
+        if self.top_p >= 1.0:
+            return scores
+        k = min(self.candidates, scores.shape[-1])
+        probs = scores.double().softmax(dim=-1)  # fp64: the running sums decide the boundary token
+        top, index = probs.topk(k, dim=-1)  # descending
+        if k < scores.shape[-1]:
+            short = top.sum(dim=-1) < self.top_p
+            if short.any():  # the nucleus reaches below the candidates: sort these rows whole
+                full, full_index = probs[short].sort(dim=-1, descending=True)
+                keep_full = (full.cumsum(dim=-1) - full) < self.top_p
+                kept = torch.zeros_like(probs[short], dtype=torch.bool).scatter(-1, full_index, keep_full)
+                mask = torch.zeros_like(probs, dtype=torch.bool)
+                mask[short] = kept
+                mask[~short] = torch.zeros_like(probs[~short], dtype=torch.bool).scatter(
+                    -1, index[~short], (top[~short].cumsum(dim=-1) - top[~short]) < self.top_p)
+                return scores.masked_fill(~mask, -float("inf"))
+        keep = (top.cumsum(dim=-1) - top) < self.top_p
+        mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, keep)
+        return scores.masked_fill(~mask, -float("inf"))
 
 
 def _max_positions(model: Any) -> int | None:
@@ -457,6 +502,7 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
                 out = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     generation_config=_generation_config(decoding, max_new, pad_id, eos_ids),
+                    logits_processor=LogitsProcessorList([] if decoding.greedy else [TopP(decoding.top_p)]),
                     stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, decoding.stop_strings, width)]),
                     streamer=streamer)
             for row, ids in zip(rows, out[:, width:].tolist()):
@@ -477,7 +523,8 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
 
 def read_instructions(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSON array, a single JSON object, or JSON Lines, each an object with a non-empty
-    string "instruction" (AlpacaEval's format; other fields are kept)."""
+    string "instruction" (AlpacaEval's format) or, without one, "prompt" (IFEval's), which becomes its "instruction";
+    other fields are kept."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -509,8 +556,11 @@ def read_instructions(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise BatchFileError(f"{path}, row {i}: expected an object with an 'instruction' field, "
                                  f"got a {type(row).__name__}")
+        if "instruction" not in row and isinstance(row.get("prompt"), str):
+            rows[i] = row = {"instruction": row["prompt"], **row}
         if "instruction" not in row:
-            raise BatchFileError(f"{path}, row {i}: no 'instruction' field (fields: {', '.join(row) or 'none'})")
+            raise BatchFileError(f"{path}, row {i}: no 'instruction' or 'prompt' field (fields: "
+                                 f"{', '.join(row) or 'none'})")
         try:
             check_instruction(row["instruction"], "field 'instruction'")
         except GenerationError as error:

@@ -31,7 +31,7 @@ import torch
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.distributed import DistInfo, barrier, gather
-from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, generate_batch, own_rng
+from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch, own_rng
 from dpo.judges import Judge
 from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
@@ -94,7 +94,7 @@ class Sampler:
         seed = ((self.seed * SEED_STRIDE + position) * GROUP_STRIDE + group) % 2 ** 63
         return DecodingSettings(temperature=s.sample_temperature, top_p=s.sample_top_p,
                               max_new_tokens=s.sample_max_new_tokens, seed=seed,
-                              chat_template=self.lengths["template"] == "chat",
+                              chat_template=chat_template_flag(self.lengths["template"]),
                               max_prompt_length=self.lengths["max_prompt_length"],
                               truncation_mode=self.lengths["truncation_mode"])
 

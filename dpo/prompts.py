@@ -19,8 +19,15 @@ Templates:
             is taken as rendered and kept as it is. The prompt ends with the colon of "### Assistant:" and the
             response starts with a space: for byte-level BPE a space always starts a new token, so the token
             boundary between prompt and response is clean.
-    chat    the tokenizer's chat template: prompt = apply_chat_template(history, add_generation_prompt=True),
-            response = the rest of the full conversation's rendering, trailing whitespace removed.
+    chat    the tokenizer's chat template, exactly as it renders the conversation at inference:
+                prompt   = apply_chat_template(history, add_generation_prompt=True)
+                response = the rest of apply_chat_template(history + [assistant: text]), up to and including the
+                           template's end-of-turn text (e.g. "<|im_end|>")
+            The text goes into the template as it is, never stripped: an answer that starts with a space is scored
+            with that space (" According" -> "ĠAccording"), as the same message is rendered in a later turn's
+            history. Only the whitespace the template writes after its end-of-turn text (the "\n" between turns)
+            is left out, so prompt + response is the conversation's rendering less that separator. (A template that
+            rewrites the text, e.g. Llama-3's `| trim`, is followed too: the rendering is what it writes.)
 A bare instruction is a conversation of one user turn, in both templates.
 
 Encoding: prompt and response are encoded separately without special tokens, so no BPE merge crosses the
@@ -45,7 +52,7 @@ from dpo.errors import UserError, first_line
 
 PROMPT_TEMPLATE = "### Human: {instruction}\n\n### Assistant:"
 HUMAN_TURN_PREFIX = "### Human:"
-TEMPLATES = ("recipe", "chat")
+TEMPLATES = ("auto", "recipe", "chat")  # auto: the tokenizer's chat template when it ships one, else the recipe's
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # Recipe text is plain text; chat renderings hold special-token text.
 _SPLIT_SPECIAL_TOKENS = {"recipe": True, "chat": False}
@@ -83,6 +90,13 @@ def format_response(text: str) -> str:
 def _check_template_name(template: str) -> None:
     if template not in TEMPLATES:
         raise PromptError("bad_setting", f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
+
+
+def resolve_template(template: str, tokenizer: Any = None) -> str:
+    """"auto" -> "chat" when the tokenizer ships a chat template, else "recipe"; another name -> itself."""
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "recipe"
+    return template
 
 
 def check_template(template: str, tokenizer: Any = None) -> None:
@@ -130,6 +144,7 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[Message], **kwargs: A
 def render_prompt(prompt: Prompt, template: str = "recipe", tokenizer: Any = None) -> str:
     """The prompt text of an instruction or a history ending with a user turn (see the module docstring).
     The chat template needs the tokenizer that holds it."""
+    template = resolve_template(template, tokenizer)
     check_template(template, tokenizer)
     if template == "chat":
         return apply_chat_template(tokenizer, as_messages(prompt), add_generation_prompt=True)
@@ -142,16 +157,30 @@ def render_response(prompt: Prompt, response: str, template: str = "recipe", tok
                     rendered_prompt: str | None = None) -> str:
     """The text of `response` as it follows render_prompt(prompt) (pass that as rendered_prompt to save
     rendering it again). EOS is not added; a chat template may end the turn with its own EOS text."""
+    template = resolve_template(template, tokenizer)
     check_template(template, tokenizer)
     if template == "recipe":
         return format_response(response)
     if rendered_prompt is None:
         rendered_prompt = render_prompt(prompt, template, tokenizer)
-    full = apply_chat_template(tokenizer, as_messages(prompt) + [{"role": "assistant", "content": response.strip()}])
+    full = apply_chat_template(tokenizer, as_messages(prompt) + [{"role": "assistant", "content": response}])
     if not full.startswith(rendered_prompt):
         raise PromptError("chat_template_mismatch", "the chat template's rendering of the conversation does not start "
                                                     "with its rendering of the prompt (add_generation_prompt=True)")
-    return full[len(rendered_prompt):].rstrip()  # the whitespace between turns is not part of the answer
+    return _without_turn_separator(full[len(rendered_prompt):], response)
+
+
+def _without_turn_separator(tail: str, response: str) -> str:
+    """`tail` (a chat rendering after its prompt: the answer, then the template's end-of-turn text, then what
+    separates turns) without the whitespace after the end-of-turn text. The answer's own whitespace, leading or
+    trailing, is kept: only what follows its last occurrence in `tail` is cut. A template that rewrites the answer
+    (so it is found neither as it is nor stripped) loses only its trailing whitespace."""
+    for content in (response, response.strip()):
+        at = tail.rfind(content) if content else -1
+        if at >= 0:
+            end = at + len(content)
+            return tail[:end] + tail[end:].rstrip()
+    return tail.rstrip()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,7 +215,7 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], template: str = "recipe",
     template and encoded as the special token for the chat template; split_special_tokens overrides that."""
     if split_special_tokens is None:
         _check_template_name(template)
-        split_special_tokens = _SPLIT_SPECIAL_TOKENS[template]
+        split_special_tokens = _SPLIT_SPECIAL_TOKENS[resolve_template(template, tokenizer)]
     return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=split_special_tokens,
                      verbose=False)["input_ids"]
 

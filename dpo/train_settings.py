@@ -80,8 +80,8 @@ class TrainSettings:
     subset: str = setting("first", "how --num-pairs are chosen", choices=["first", "random"])
     max_eval_pairs: int | None = setting(256, "evaluate on at most this many held-out pairs (None: all)",
                                          check=positive)
-    template: str = setting("recipe", "prompt rendering: the recipe's '### Human:' template or the tokenizer's "
-                                      "chat template", choices=TEMPLATES)
+    template: str = setting("auto", "prompt rendering: the tokenizer's chat template when the model ships one, else "
+                                    "the recipe's '### Human:' template (auto), or either one", choices=TEMPLATES)
     max_length: int = setting(1024, "maximum tokens of prompt + response", check=at_least(2))
     max_prompt_length: int | None = setting(
         HALF_OF_MAX_LENGTH, "maximum prompt tokens, cut first ('auto': half of --max-length; none: no limit, a pair "

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from dpo.evaluate import WinRate, mean_lengths
-from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, generate_batch, own_rng, read_instructions
-from dpo.judges import Judge, JudgeError, build_judge
+from dpo.generation import (TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch, own_rng,
+                            read_instructions)
+from dpo.judges import Judge, JudgeError, build_judge, prompt_records
 from dpo.precision import frozen_dtype, resolve_precision
 
 SAMPLES_SHOWN = 4  # rows of the samples table logged at each evaluation
@@ -48,10 +49,12 @@ class WinRateEval:
     def build(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "WinRateEval":
         """The judge, the N prompts (--eval-prompts, else the judge's own held-out prompts) and the decoding."""
         precision = resolve_precision(cfg.precision, device)
-        judge = build_judge(cfg.eval_judge, device=device, dtype=frozen_dtype(precision))
+        rows = read_instructions(cfg.eval_prompts)[:cfg.eval_generate] if cfg.eval_prompts else []
+        judge = build_judge(cfg.eval_judge, device=device, dtype=frozen_dtype(precision),
+                            prompts=prompt_records(rows, cfg.eval_prompts))
         n = cfg.eval_generate
         if cfg.eval_prompts:
-            prompts = [row["instruction"] for row in read_instructions(cfg.eval_prompts)][:n]
+            prompts = [row["instruction"] for row in rows]
         else:
             try:
                 prompts = judge.default_prompts(n, cfg.seed)
@@ -62,7 +65,7 @@ class WinRateEval:
         for text in prompts:
             judge.category(text)  # a prompt the judge cannot handle fails now, not at the first evaluation
         decoding = DecodingSettings(temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=cfg.eval_max_new_tokens,
-                                  seed=cfg.seed, chat_template=cfg.template == "chat",
+                                  seed=cfg.seed, chat_template=chat_template_flag(cfg.template),
                                   max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode)
         return cls(judge, list(prompts), decoding, tokenizer, cfg.eval_generate_batch_size,
                    Path(cfg.output_dir) / "eval_generate", precision)

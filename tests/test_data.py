@@ -80,6 +80,10 @@ def explicit(prompt="Say hi", chosen="Hi!", rejected="Go away.", **extra):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
 
 
+def conversation(prompt: str, answer) -> list:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Real data: GPT-2 BPE on all pairs
 
@@ -233,7 +237,8 @@ def test_chat_template_rendering_and_single_eos(gpt2):
     tokenizer = copy.copy(gpt2)
     tokenizer.chat_template = CHAT_TEMPLATE
     e = to_example(explicit("q", " x ", "y"), 0, template="chat", tokenizer=tokenizer)
-    assert e == PreferenceExample("<|user|>q\n<|assistant|>", "x<|endoftext|>", "y<|endoftext|>", 0)
+    # the answer as the template renders it, its spaces kept; the "\n" after the end-of-turn text is not its own
+    assert e == PreferenceExample("<|user|>q\n<|assistant|>", " x <|endoftext|>", "y<|endoftext|>", 0)
     pairs, _ = build_pairs([explicit("q", "x", "y")], tokenizer, template="chat")
     eos = tokenizer.eos_token_id
     assert pairs[0].chosen_ids == tokenizer("x", add_special_tokens=False)["input_ids"] + [eos]  # not doubled
@@ -244,6 +249,137 @@ def test_chat_template_rendering_and_single_eos(gpt2):
         to_example(explicit(), 0, template="chat", tokenizer=tokenizer)
     with pytest.raises(DataError, match="chat template"):
         to_example(explicit(), 0, template="chat", tokenizer=CharTokenizer())
+
+
+# SmolLM2's ChatML template, as its tokenizer_config.json ships it
+SMOL_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+               "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+               "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml(gpt2):
+    """GPT-2's BPE set up as SmolLM2's is: <|im_start|> / <|im_end|> special tokens, <|im_end|> the EOS, ChatML."""
+    import copy
+
+    tokenizer = copy.deepcopy(gpt2)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = SMOL_CHATML
+    return tokenizer
+
+
+def chat_rendering(tokenizer, messages, **kwargs) -> list[int]:
+    """The chat template's rendering of `messages`, tokenized as a whole."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+HISTORY = [{"role": "system", "content": "Be brief."}, user("Who wrote it?"), assistant(" Ada did.\n"), user("When?")]
+
+
+@pytest.mark.parametrize("record, prompt", [
+    (explicit("Who wrote it?", " According to the text, Ada.", "Nobody."), [user("Who wrote it?")]),
+    (explicit("Who wrote it?", " According to the text:\n\nAda.\n", "Nobody."), [user("Who wrote it?")]),
+    ({"chosen": HISTORY + [assistant(" According to the text, 1843.")], "rejected": HISTORY + [assistant("1900")]},
+     HISTORY),
+])
+def test_chat_template_scores_exactly_the_conversations_rendering(chatml, record, prompt):
+    """A phi-2 answer starting with a space: its tokens are those the template renders for the conversation
+    ("ĠAccording"), not those of the stripped text ("According")."""
+    pairs, stats = build_pairs([record], chatml, template="chat", max_length=10_000, max_prompt_length=None)
+    assert stats.kept == 1
+    pair, eos, newline = pairs[0], chatml.eos_token_id, chatml("\n", add_special_tokens=False)["input_ids"]
+    assert pair.prompt_ids == chat_rendering(chatml, prompt, add_generation_prompt=True)
+    for ids, answer in ((pair.chosen_ids, record["chosen"]), (pair.rejected_ids, record["rejected"])):
+        answer = answer if isinstance(answer, str) else answer[-1]["content"]
+        # the whole conversation tokenized = prompt + response; only the "\n" after <|im_end|> is not scored
+        assert chat_rendering(chatml, prompt + [assistant(answer)]) == pair.prompt_ids + ids + newline
+        assert ids[-1] == eos == chatml.convert_tokens_to_ids("<|im_end|>") and ids.count(eos) == 1
+    assert chatml.convert_ids_to_tokens(pair.chosen_ids[0]) == "ĠAccording"
+    # the same answer in a later turn's history is rendered the same way
+    e = to_example(record, 0, template="chat", tokenizer=chatml)
+    later = prompt + [assistant(e.chosen[:-len("<|im_end|>")]), user("And?")]
+    assert chatml.apply_chat_template(later, tokenize=False).startswith(e.prompt + e.chosen + "\n")
+
+
+def test_chat_template_on_all_real_pairs_is_the_conversations_rendering(chatml, pair_rows):
+    pairs, stats = build_pairs(pair_rows, chatml, template="chat", max_length=100_000, max_prompt_length=None)
+    identical = sum(r["chosen"].strip() == r["rejected"].strip() for r in pair_rows)
+    assert stats.skipped == ({"identical_responses": identical} if identical else {})
+    newline = chatml("\n", add_special_tokens=False)["input_ids"]
+    leading_space = 0
+    for pair in pairs:
+        row = pair_rows[pair.row]
+        prompt = [user(row["prompt"])]
+        assert pair.prompt_ids == chat_rendering(chatml, prompt, add_generation_prompt=True)
+        for ids, answer in ((pair.chosen_ids, row["chosen"]), (pair.rejected_ids, row["rejected"])):
+            assert chat_rendering(chatml, prompt + [assistant(answer)]) == pair.prompt_ids + ids + newline
+            if answer.startswith(" "):
+                leading_space += 1
+                assert chatml.convert_ids_to_tokens(ids[0]).startswith("Ġ")
+    assert leading_space > 100  # phi-2's answers often start with a space
+
+
+def test_chat_template_skips_answers_identical_up_to_their_whitespace(chatml):
+    pairs, stats = build_pairs([explicit(chosen="Same answer", rejected=" Same answer\n"), explicit()], chatml,
+                               template="chat")
+    assert [p.row for p in pairs] == [1] and stats.skipped == {"identical_responses": 1}
+
+
+EMPTY_USER_TURNS = {  # rows whose prompt (or a user turn in it) says nothing: each is an "empty_prompt" skip
+    "explicit, whitespace": explicit(prompt=" \n\t"),
+    "conversational, final user turn empty": {"chosen": conversation("", "c"), "rejected": conversation("", "r")},
+    "conversational, final user turn whitespace": {"chosen": conversation("  \n", "c"),
+                                                   "rejected": conversation("  \n", "r")},
+    "conversational, prompt messages [user '']": {"prompt": [user("")], "chosen": [assistant("c")],
+                                                  "rejected": [assistant("r")]},
+    "conversational, an earlier user turn empty": {"chosen": [user(" "), assistant("a"), user("q"), assistant("c")],
+                                                   "rejected": [user(" "), assistant("a"), user("q"), assistant("r")]},
+    "conversational, no user turn": {"chosen": [{"role": "system", "content": "s"}, assistant("c")],
+                                     "rejected": [{"role": "system", "content": "s"}, assistant("r")]},
+    "ultrafeedback schema, empty prompt": {"prompt": "", "prompt_id": "0", "chosen": conversation("", "c"),
+                                           "rejected": conversation("", "r"), "messages": conversation("", "c"),
+                                           "score_chosen": 8.0, "score_rejected": 2.0},
+    "HH, final Human turn empty": {"chosen": "\n\nHuman: \n\nAssistant: x", "rejected": "\n\nHuman: \n\nAssistant: y"},
+    "HH, an earlier Human turn empty": {"chosen": "\n\nHuman:  \n\nAssistant: a\n\nHuman: q\n\nAssistant: x",
+                                       "rejected": "\n\nHuman:  \n\nAssistant: a\n\nHuman: q\n\nAssistant: y"},
+    "HH, no Human turn": {"chosen": "\n\nAssistant: x", "rejected": "\n\nAssistant: y"},
+}
+GOOD_ROWS = [  # one usable row of each format
+    explicit(),
+    {"chosen": conversation("q", "c"), "rejected": conversation("q", "r")},
+    {"prompt": [user("q")], "chosen": [assistant("c")], "rejected": [assistant("r")]},
+    {"prompt": "q", "prompt_id": "1", "chosen": conversation("q", "c"), "rejected": conversation("q", "r"),
+     "messages": conversation("q", "c"), "score_chosen": 8.0, "score_rejected": 2.0},
+    {"chosen": "\n\nHuman: q\n\nAssistant: x", "rejected": "\n\nHuman: q\n\nAssistant: y"},
+]
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_USER_TURNS))
+def test_an_empty_user_turn_is_an_empty_prompt_skip(case):
+    with pytest.raises(RowError) as err:
+        to_example(EMPTY_USER_TURNS[case], 7)
+    assert err.value.reason == "empty_prompt" and str(err.value).startswith("row 7: ")
+
+
+@pytest.mark.parametrize("template", ["recipe", "chat"])
+def test_empty_user_turns_are_counted_skips_and_the_other_rows_load(template, request):
+    tokenizer = request.getfixturevalue("chatml") if template == "chat" else CharTokenizer()
+    bad = list(EMPTY_USER_TURNS.values())
+    records = [row for pair in zip(GOOD_ROWS * 2, bad) for row in pair]  # good and bad rows interleaved
+    pairs, stats = build_pairs(records, tokenizer, template=template)
+    assert [p.row for p in pairs] == list(range(0, 2 * len(bad), 2))
+    assert (stats.rows, stats.kept, stats.skipped) == (2 * len(bad), len(bad), {"empty_prompt": len(bad)})
+    assert f"empty_prompt {len(bad)} (first: row 1: " in str(stats) and "\n" not in str(stats)
 
 
 def test_literal_special_token_text_in_recipe_response_stays_text(gpt2):
@@ -460,10 +596,6 @@ def test_dataset_dir_needs_a_split_when_it_has_several():
         pytest.skip("shared preference pairs not available")
     with pytest.raises(DataError, match="test_prefs, train_prefs"):
         load_records(str(schema_dir))
-
-
-def conversation(prompt: str, answer) -> list:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
 @pytest.mark.parametrize("record, reason, field", [

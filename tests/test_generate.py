@@ -167,7 +167,8 @@ class ScriptedLM(nn.Module):
         self.config = type("Config", (), {"max_position_embeddings": 4096})()
         self.steps = 0
 
-    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, streamer=None):
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, streamer=None,
+                 logits_processor=None):
         if streamer is not None:
             streamer.put(input_ids.cpu())
         for token in self.continuation[:generation_config.max_new_tokens]:
@@ -289,7 +290,13 @@ def test_run_settings_are_the_prompt_defaults(tmp_path):
     assert (decoding.template, decoding.max_prompt_length, decoding.truncation_mode) == ("chat", 48, "keep_start")
     chosen = DecodingSettings(chat_template=False, max_prompt_length=10, truncation_mode="keep_end").for_run(settings)
     assert (chosen.template, chosen.max_prompt_length, chosen.truncation_mode) == ("recipe", 10, "keep_end")
-    assert DecodingSettings().for_run({}).template == "recipe" and run_settings(tmp_path) == {}
+    assert run_settings(tmp_path) == {}
+    unset = DecodingSettings().for_run({})  # no run settings: the model decides, by whether it ships a chat template
+    assert unset.template == "auto"
+    plain, chat = tiny_tokenizer(), tiny_tokenizer()
+    chat.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    assert (unset.for_tokenizer(plain).template, unset.for_tokenizer(chat).template) == ("recipe", "chat")
+    assert chosen.for_tokenizer(chat).template == "recipe"  # a choice made stays made
     (final / "dpo_run.json").write_text(json.dumps({"max_prompt_length": 0}))
     with pytest.raises(GenerationError, match="max_prompt_length must be a positive integer"):
         run_settings(final)
@@ -354,8 +361,8 @@ def test_single_object_file_is_one_row(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("this is not json\n", "not JSON or JSON Lines (line 1"),
     ('{"instruction": "a"}\n{"instruction": \n', "not JSON or JSON Lines (line 2"),
-    ('[{"instruction": "a"}, {"prompt": "b"}]', "row 1: no 'instruction' field"),
-    ('{"instruction": "a"}\n{"input": "b"}\n', "row 1: no 'instruction' field"),
+    ('[{"instruction": "a"}, {"text": "b"}]', "row 1: no 'instruction' or 'prompt' field"),
+    ('{"instruction": "a"}\n{"input": "b"}\n', "row 1: no 'instruction' or 'prompt' field"),
     ('[{"instruction": "  "}]', "row 0: field 'instruction' is empty"),
     ('[{"instruction": 3}]', "row 0: field 'instruction' is a int"),
     ('["a"]', "row 0: expected an object"),
@@ -419,7 +426,7 @@ def _run_with_settings(tmp_path, settings):
     ("empty", "the instruction is empty"),
     ("blank", "the instruction is empty"),
     ("not_json", "not JSON or JSON Lines"),
-    ("no_instruction", "no 'instruction' field"),
+    ("no_instruction", "no 'instruction' or 'prompt' field"),
     ("no_tokenizer", "tokenizer"),
     ("zero_tokens", "--max-new-tokens must be at least 1"),
     ("negative_tokens", "--max-new-tokens must be at least 1"),
@@ -475,3 +482,26 @@ def test_side_by_side_wraps_each_answer_in_its_column():
     assert all(len(line.split("|")[0].rstrip()) <= 20 for line in lines)
     assert "".join(line.split("|")[0] for line in lines[2:]).replace(" ", "") == "a" * 40
     assert lines[2].endswith("| short")
+
+
+def test_top_p_keeps_exactly_the_nucleus_without_sorting_the_whole_vocabulary():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from dpo.generation import TopP
+
+    def nucleus(scores, p):  # the definition: a token stays when the tokens above it hold less than p
+        probs = scores.double().softmax(-1)
+        ordered, index = probs.sort(-1, descending=True)
+        return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, (ordered.cumsum(-1) - ordered) < p)
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.3, 3.0, 12.0):  # flat rows take the whole-sort path, peaked rows the candidates only
+        scores = torch.randn(24, 5000, generator=generator) * scale
+        scores[:3] = scores[:3] * 0.01  # nearly uniform: the nucleus reaches far below 64 candidates
+        for p in (0.3, 0.9, 0.97):
+            kept = TopP(p, candidates=64)(None, scores.clone()) != -float("inf")
+            assert torch.equal(kept, nucleus(scores, p))
+            assert kept.any(-1).all()  # never an empty row
+    peaked = torch.randn(8, 5000, generator=generator) * 12.0
+    assert torch.equal(TopP(0.9)(None, peaked.clone()), TopPLogitsWarper(0.9)(None, peaked.clone()))
+    assert TopP(1.0)(None, peaked) is peaked  # top-p 1 filters nothing

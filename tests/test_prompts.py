@@ -229,9 +229,33 @@ def test_render_prompt_and_response_recipe_and_chat():
     tokenizer.chat_template = CHATML.replace("{{ bos_token }}", "")
     prompt = render_prompt("q", "chat", tokenizer)
     assert prompt == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
-    assert render_response("q", " a ", "chat", tokenizer) == "a<|im_end|>"
+    assert render_response("q", " a ", "chat", tokenizer) == " a <|im_end|>"  # as the template renders it
     with pytest.raises(PromptError, match="unknown template"):
         render_prompt("q", "alpaca")
+
+
+@pytest.mark.parametrize("turn, cue, answer, response", [
+    # ChatML: the end-of-turn text is the response's, the "\n" after it separates turns
+    ("<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n", "<|im_start|>assistant\n", " a\n",
+     " a\n<|im_end|>"),
+    # no end-of-turn text, only a separator: the answer's own whitespace stays, the separator goes
+    ("{{ m['role'] }}: {{ m['content'] }}\n\n", "assistant: ", " a\n", " a\n"),
+    ("{{ m['role'] }}: {{ m['content'] }}\n\n", "assistant: ", "a", "a"),
+    # nothing after the answer: all of it is the answer's
+    ("{{ m['role'] }}: {{ m['content'] }}", "assistant: ", "a \n", "a \n"),
+    # a template that trims the answer (as Llama-3's does) is followed: what it renders is scored
+    ("<|start|>{{ m['role'] }}\n\n{{ m['content'] | trim }}<|eot|>\n", "<|start|>assistant\n\n", " a \n",
+     "a<|eot|>"),
+])
+def test_chat_response_is_the_rendering_up_to_the_turns_end(turn, cue, answer, response):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}" + turn + "{% endfor %}"
+                               "{% if add_generation_prompt %}" + cue + "{% endif %}")
+    prompt = render_prompt("q", "chat", tokenizer)
+    assert render_response("q", answer, "chat", tokenizer) == response
+    full = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+                                         tokenize=False)
+    assert full.startswith(prompt + response) and not full[len(prompt + response):].strip()
 
 
 def test_truncate_prompt_never_cuts_or_doubles_bos():

@@ -168,7 +168,7 @@ def test_generation_batch_and_precision_are_the_runs_own(workdir, tmp_path, monk
 
     judged_in = []
     monkeypatch.setattr(dpo.win_rate, "build_judge",
-                        lambda name, device, dtype: judged_in.append(dtype) or LengthJudge())
+                        lambda name, device, dtype, prompts=None: judged_in.append(dtype) or LengthJudge())
     flags = ["--model", str(workdir / "model"), "--output-dir", str(tmp_path / "run"), "--eval-generate", "5",
              "--eval-prompts", str(workdir / "prompts.jsonl"), "--micro-batch-size", "4", "--batch-size", "8"]
     cpu = torch.device("cpu")
