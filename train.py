@@ -198,7 +198,9 @@ def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy
         raise DataError(f"{cfg.dataset}: {len(data.instructions)} distinct single-turn instructions, fewer than one "
                         f"batch of --batch-size {cfg.batch_size} ({data.instructions_left_out} records multi-turn or "
                         "unreadable)")
-    judge = build_judge(settings.judge, device=device, dtype=frozen_dtype(resolve_precision(cfg.precision, device)))
+    records = {text: (f"{cfg.dataset}, row {row}", record) for text, (row, record) in data.instruction_rows.items()}
+    judge = build_judge(settings.judge, device=device, dtype=frozen_dtype(resolve_precision(cfg.precision, device)),
+                        prompts=records)
     for text in data.instructions:
         judge.category(text)  # an instruction the judge cannot handle fails now, not at the first step
     lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,

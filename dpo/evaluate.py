@@ -57,7 +57,7 @@ from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_
                             read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side)
 from dpo.errors import UserError
-from dpo.judges import Judge, JudgeError, build_judge
+from dpo.judges import IFEvalJudge, Judge, JudgeError, build_judge, prompt_records
 from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
 from dpo.modeling import load_causal_lm
@@ -277,6 +277,61 @@ def format_samples(comparisons: Sequence[Comparison], k: int, policy: str, refer
 
 
 # ---------------------------------------------------------------------------------------------------
+# IFEval's accuracies
+
+
+IFEVAL_METRICS = (("prompt_strict", "prompt-level strict"), ("prompt_loose", "prompt-level loose"),
+                  ("instruction_strict", "instruction-level strict"), ("instruction_loose", "instruction-level loose"))
+
+
+def proportion(passed: int, n: int) -> dict[str, float | int]:
+    """passed / n with its 95% Wilson interval."""
+    low, high = wilson_interval(passed / n, n) if n else (0.0, 1.0)
+    return {"rate": passed / n if n else 0.0, "low": low, "high": high, "passed": passed, "n": n}
+
+
+def ifeval_summary(judge: IFEvalJudge, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, Any]:
+    """IFEval's four accuracies of one model's answers, overall and per constraint type, each with its interval:
+    prompt level (a prompt counts when all its constraints pass; per type, over the prompts that have the type) and
+    instruction level (each constraint counts), strict and loose (dpo.ifeval)."""
+    counts: dict[str, dict[str, list[int]]] = {}  # type ("" overall) -> metric -> [passed, n]
+
+    def add(group: str, metric: str, passed: bool) -> None:
+        cell = counts.setdefault(group, {name: [0, 0] for name, _ in IFEVAL_METRICS})[metric]
+        cell[0], cell[1] = cell[0] + int(passed), cell[1] + 1
+
+    for text, answer in zip(instructions, answers):
+        strict, loose = judge.verdicts(text, answer)
+        types = judge.prompt(text).instruction_id_list
+        for group in ("", *dict.fromkeys(types)):
+            add(group, "prompt_strict", all(strict))
+            add(group, "prompt_loose", all(loose))
+        for group, passed_strict, passed_loose in zip(types, strict, loose):
+            for target in ("", group):
+                add(target, "instruction_strict", passed_strict)
+                add(target, "instruction_loose", passed_loose)
+    summary = {name: proportion(*counts.get("", {}).get(name, [0, 0])) for name, _ in IFEVAL_METRICS}
+    summary["types"] = {group: {name: proportion(*cells[name]) for name, _ in IFEVAL_METRICS}
+                        for group, cells in sorted(counts.items()) if group}
+    return summary
+
+
+def format_ifeval(policy: dict[str, Any], reference: dict[str, Any], policy_name: str, reference_name: str) -> str:
+    """IFEval's four accuracies of both models side by side, overall then per constraint type, with intervals."""
+    def cell(p: dict[str, Any]) -> str:
+        return f"{p['rate']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
+
+    lines = [f"{'IFEval':<38} {'':<24} {'n':>4}  {'reference ' + reference_name[:20]:<24}  policy {policy_name}"]
+    groups = [("all", reference, policy)] + [(group, reference["types"][group], policy["types"][group])
+                                             for group in policy["types"]]
+    for group, theirs, mine in groups:
+        for i, (name, label) in enumerate(IFEVAL_METRICS):
+            lines.append(f"{group if i == 0 else '':<38} {label:<24} {mine[name]['n']:>4}  {cell(theirs[name]):<24}  "
+                         f"{cell(mine[name])}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Implicit reward
 
 
@@ -288,18 +343,27 @@ def implicit_reward_metrics(policy: Any, reference: Any, pairs: Sequence[Any], *
         raise EvaluationError("no preference pairs to score")
     device = next(policy.parameters()).device
     chosen, rejected = [], []
+    chosen_logps = {"policy": 0.0, "reference": 0.0}
+    chosen_tokens = 0
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
         n = batch["input_ids"].shape[0] // 2
-        log_ratio = (sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum
-                     - sequence_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum)
+        mine = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        theirs = sequence_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        log_ratio = mine.sum - theirs.sum
         chosen.append(beta * log_ratio[:n])
         rejected.append(beta * log_ratio[n:])
+        chosen_logps["policy"] += mine.sum[:n].double().sum().item()
+        chosen_logps["reference"] += theirs.sum[:n].double().sum().item()
+        chosen_tokens += int(mine.count[:n].sum())
     chosen_rewards, rejected_rewards = torch.cat(chosen).double(), torch.cat(rejected).double()
     margins = chosen_rewards - rejected_rewards
     return {"reward_accuracy": (margins > 0).double().mean().item(), "reward_margin": margins.mean().item(),
             "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item(),
-            "dpo_loss": F.softplus(-margins).mean().item(), "pairs": len(pairs), "beta": beta}
+            "dpo_loss": F.softplus(-margins).mean().item(), "pairs": len(pairs), "beta": beta,
+            # per-token log-likelihood of the preferred answers: does the policy still write them as likely?
+            "policy_chosen_logp_per_token": chosen_logps["policy"] / max(chosen_tokens, 1),
+            "reference_chosen_logp_per_token": chosen_logps["reference"] / max(chosen_tokens, 1)}
 
 
 def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: dict[str, Any],
@@ -323,7 +387,8 @@ def format_implicit(metrics: dict[str, float]) -> str:
     return (f"implicit reward on {metrics['pairs']} pairs (beta {metrics['beta']}): accuracy "
             f"{metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.4f}, chosen "
             f"{metrics['chosen_reward']:.4f}, rejected {metrics['rejected_reward']:.4f}, "
-            f"DPO loss {metrics['dpo_loss']:.4f}")
+            f"DPO loss {metrics['dpo_loss']:.4f}; log-likelihood of the chosen answers per token: policy "
+            f"{metrics['policy_chosen_logp_per_token']:.4f}, reference {metrics['reference_chosen_logp_per_token']:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,15 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_prompt_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows of --prompts, --num-prompts of them drawn with --seed when it asks for fewer."""
+    rows = read_instructions(args.prompts)
+    if args.num_prompts is not None and args.num_prompts < len(rows):
+        keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.num_prompts))
+        rows = [rows[i] for i in keep]
+    return rows
+
+
 def _prompts(args: argparse.Namespace, judge: Judge) -> list[dict[str, Any]]:
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise EvaluationError(f"--num-prompts must be at least 1, got {args.num_prompts}")
-    if args.prompts:
-        rows = read_instructions(args.prompts)
-        if args.num_prompts is not None and args.num_prompts < len(rows):
-            keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.num_prompts))
-            rows = [rows[i] for i in keep]
-        return rows
+    """The judge's own held-out prompts, --num-prompts of them (drawn with --seed)."""
     try:
         texts = judge.default_prompts(args.num_prompts, args.seed)
     except JudgeError as error:
@@ -387,6 +454,8 @@ def _prompts(args: argparse.Namespace, judge: Judge) -> list[dict[str, Any]]:
 def check_args(args: argparse.Namespace) -> DecodingSettings:
     """The decoding settings of the arguments; an EvaluationError for a value out of range."""
     decoding = DecodingSettings.from_args(args)
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise EvaluationError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.samples < 0:
@@ -415,10 +484,13 @@ def main(argv: list[str] | None = None) -> int:
                               "model the run started from")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
-    judge = build_judge(args.judge, device=device, dtype=dtype) if not args.skip_win_rate else None
-    prompts = _prompts(args, judge) if judge is not None else []
+    rows = read_prompt_rows(args) if args.prompts and not args.skip_win_rate else None
+    judge = None if args.skip_win_rate else build_judge(args.judge, device=device, dtype=dtype,
+                                                        prompts=prompt_records(rows or [], args.prompts))
+    prompts = (rows if rows is not None else _prompts(args, judge)) if judge is not None else []
     policy = load_model(policy_path, dtype, device)
     reference = load_model(reference_name, dtype, device)
+    decoding = decoding.for_tokenizer(policy.tokenizer)  # the run's template, else the policy's chat template if any
     source = "" if args.reference else f" (the run's starting model, from {RUN_SETTINGS_FILE})"
     print(f"policy     {policy.path}\nreference  {reference_name}{source}")
     result: dict[str, Any] = {"policy": policy.name, "reference": reference.name}
@@ -432,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
         print(format_win_rate(summary, policy.name, reference.name))
         if checks := format_checks(summary):
             print("\n" + checks)
+        if isinstance(judge, IFEvalJudge):
+            texts = [c.instruction for c in comparisons]
+            summary["ifeval"] = {
+                "policy": ifeval_summary(judge, texts, [c.policy_output for c in comparisons]),
+                "reference": ifeval_summary(judge, texts, [c.reference_output for c in comparisons])}
+            print("\n" + format_ifeval(summary["ifeval"]["policy"], summary["ifeval"]["reference"], policy.name,
+                                       reference.name))
         if args.samples:
             print("\n" + format_samples(comparisons, args.samples, policy.name, reference.name))
         result.update(judge=judge.name, decoding=asdict(decoding), **summary)

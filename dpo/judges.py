@@ -15,6 +15,9 @@ and, optionally, `default_prompts(n, seed)`: the held-out instructions it knows 
                       the answer with the higher reward wins, equal rewards tie
     ImplicitRewardJudge  a trained DPO model's implicit reward, beta (log pi(y|x) - log ref(y|x)) with the
                       run's beta, reference, template and lengths (its final/dpo_run.json): 'implicit:RUN/final'
+    IFEvalJudge       'ifeval': IFEval's own checkers (dpo.ifeval) on prompts that carry IFEval's fields
+                      (prompt, instruction_id_list, kwargs); a response scores the mean of its constraints'
+                      verdicts (1 strict, 0.5 loose only), its checks are IFEval's prompt-level strict and loose
     FunctionJudge     a user's function, 'pkg.module:function' or 'file.py:function' (dpo.plugins), called as
                       fn(prompts: list[str], responses: list[list[str]]) -> list[list[float]]: a score for each
                       response to each prompt, higher is better
@@ -26,6 +29,7 @@ has it, checked: one finite number per response, or a JudgeError naming the judg
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any
 
@@ -35,6 +39,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
 from dpo.errors import UserError, first_line
 from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
+from dpo.ifeval import IFEvalError, IFEvalPrompt, parse_prompt, verdicts
 from dpo.logprobs import sequence_logps
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.plugins import is_function_spec, load_function
@@ -337,15 +342,84 @@ class FunctionJudge(Judge):
         return _outcome(a, b)
 
 
+class IFEvalJudge(Judge):
+    """IFEval's checkers: a response scores the mean over its prompt's constraints of 1 (followed strictly), 0.5
+    (followed loosely only: IFEval's loose variants pass) or 0, so that among samples that all miss strictly, the
+    one nearest to following still wins (online DPO skips a prompt whose samples all score alike); the category of a
+    prompt is its constraint types; checks are IFEval's prompt-level verdicts, strict and loose."""
+
+    name = "ifeval"
+
+    def __init__(self, prompts: Iterable[IFEvalPrompt]):
+        self.by_text = {p.prompt.strip(): p for p in prompts}
+        self._verdicts: dict[tuple[str, str], tuple[list[bool], list[bool]]] = {}
+
+    @classmethod
+    def from_records(cls, records: Mapping[str, tuple[str, Any]] | None) -> "IFEvalJudge":
+        """The judge of `records` (prompt text -> (where it comes from, the record with IFEval's fields))."""
+        if not records:
+            raise JudgeError("--judge ifeval needs prompts that carry IFEval's fields (prompt, instruction_id_list, "
+                             "kwargs): a dataset or prompts file such as IFEval's input_data.jsonl")
+        try:
+            return cls([parse_prompt(record, where) for where, record in records.values()])
+        except IFEvalError as error:
+            raise JudgeError(str(error)) from None
+
+    def prompt(self, instruction: str) -> IFEvalPrompt:
+        """The IFEval prompt whose text this is; a JudgeError for text the judge has no constraints for."""
+        try:
+            return self.by_text[instruction.strip()]
+        except KeyError:
+            raise JudgeError(f"the ifeval judge has no constraints for {instruction[:80]!r}: its prompts come with "
+                             "their IFEval fields") from None
+
+    def verdicts(self, instruction: str, answer: str) -> tuple[list[bool], list[bool]]:
+        """(strict, loose) verdict of each of the prompt's constraints on `answer`."""
+        key = (instruction, answer)
+        if key not in self._verdicts:
+            if len(self._verdicts) >= CACHE_LIMIT:
+                self._verdicts.clear()
+            self._verdicts[key] = verdicts(self.prompt(instruction), answer)
+        return self._verdicts[key]
+
+    def score(self, instruction: str, answer: str) -> float:
+        """The mean over the prompt's constraints of 1 followed strictly, 0.5 loosely only, 0 not at all."""
+        strict, loose = self.verdicts(instruction, answer)
+        return sum(1.0 if s else 0.5 if l else 0.0 for s, l in zip(strict, loose)) / len(strict)
+
+    def compare(self, instruction: str, answer_a: str, answer_b: str) -> float:
+        """The answer with the higher score wins; equal scores tie."""
+        return _outcome(self.score(instruction, answer_a), self.score(instruction, answer_b))
+
+    def category(self, instruction: str) -> str | None:
+        """The prompt's constraint types, comma-joined."""
+        return ",".join(self.prompt(instruction).instruction_id_list)
+
+    def checks(self, instruction: str, answer: str) -> dict[str, bool]:
+        """IFEval's prompt-level verdicts: every constraint followed, strictly and loosely."""
+        strict, loose = self.verdicts(instruction, answer)
+        return {"strict": all(strict), "loose": all(loose)}
+
+
 JUDGES = {"demo": DemoJudge}
+IFEVAL = "ifeval"
+
+
+def prompt_records(rows: Iterable[dict[str, Any]], source: str) -> dict[str, tuple[str, Any]]:
+    """Instruction rows (dpo.generation.read_instructions) as build_judge's `prompts`: text -> (file and row, row)."""
+    return {row["instruction"]: (f"{source}, row {i}", row) for i, row in enumerate(rows)}
 IMPLICIT_PREFIX = "implicit:"
 
 
-def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Judge:
-    """'demo' -> DemoJudge; 'implicit:PATH' -> a DPO model's implicit reward; 'module:function' or
-    'file.py:function' -> a user's function; anything else is a reward model's directory or hub name."""
+def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                prompts: Mapping[str, tuple[str, Any]] | None = None) -> Judge:
+    """'demo' -> DemoJudge; 'ifeval' -> IFEvalJudge of `prompts` (prompt text -> (where it comes from, its record));
+    'implicit:PATH' -> a DPO model's implicit reward; 'module:function' or 'file.py:function' -> a user's function;
+    anything else is a reward model's directory or hub name."""
     if spec in JUDGES:
         return JUDGES[spec]()
+    if spec == IFEVAL:
+        return IFEvalJudge.from_records(prompts)
     if spec.startswith(IMPLICIT_PREFIX):
         return ImplicitRewardJudge(spec[len(IMPLICIT_PREFIX):], device=device, dtype=dtype)
     if is_function_spec(spec):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, instructions_of, load_records,
+from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, instruction_records, load_records,
                       select_subset, train_test_split)
 from dpo.errors import first_line
 from dpo.train_settings import TrainSettings
@@ -35,8 +35,15 @@ class PreferenceData:
 
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
-    instructions: list[str] = field(default_factory=list)  # the train records' distinct instructions (online DPO)
+    # the train records' distinct instructions (online DPO), each with the row and record it came from (a judge
+    # such as IFEval's reads the record's other fields)
+    instruction_rows: dict[str, tuple[int, Any]] = field(default_factory=dict)
     instructions_left_out: int = 0  # multi-turn or unreadable records among them
+
+    @property
+    def instructions(self) -> list[str]:
+        """The train records' distinct single-turn instructions, in first-seen order."""
+        return list(self.instruction_rows)
 
 
 def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None] = print) -> PreferenceData:
@@ -57,8 +64,10 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
     eval_records = select_subset(eval_records, cfg.max_eval_pairs)
     common = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   truncation_mode=cfg.truncation_mode, template=cfg.template)
+    # online and iterative DPO sample their pairs: prompt-only records (IFEval's) are enough for them
+    common["allow_empty"] = cfg.on_policy.enabled
     train, stats = build_pairs(records, tokenizer, source=description, **common)
     log(f"train: {description}: {stats}")
     evaluation, eval_stats = build_pairs(eval_records, tokenizer, source=eval_description, **common)
     log(f"eval: {eval_description}: {eval_stats}")
-    return PreferenceData(train, evaluation, *instructions_of(records))
+    return PreferenceData(train, evaluation, *instruction_records(records))

@@ -332,7 +332,7 @@ def test_cli_a_model_against_itself_ties_everywhere(run_dir, capsys):
     ("no_reference", "--reference is required"),
     ("zero_tokens", "--max-new-tokens must be at least 1"),
     ("foreign_prompts", "only knows the demo's instructions"),
-    ("prompts_without_instruction", "no 'instruction' field"),
+    ("prompts_without_instruction", "no 'instruction' or 'prompt' field"),
     ("reward_model_without_prompts", "has no prompts of its own"),
     ("bad_settings", "dpo_run.json: not valid JSON"),
 ])

@@ -1,0 +1,269 @@
+"""IFEval, verifiable instruction following (Zhou et al. 2023, "Instruction-Following Evaluation for Large Language
+Models"), judged by Google's own checkers as the `if-verifiable` package ships them.
+
+An IFEval prompt carries three fields, so that IFEval's own input_data.jsonl works as it is:
+
+    prompt               the instruction with its constraints written out ("... Do not use any commas.")
+    instruction_id_list  the constraint types, e.g. ["punctuation:no_comma"]
+    kwargs               one dict of the checker's arguments per type (None values are left out, as IFEval does)
+
+A response is checked against each constraint of its prompt:
+
+    strict   the checker passes on the response as it is (an empty response follows nothing)
+    loose    the checker passes on the response or one of IFEval's variants of it: without its first line, its
+             last line or both, each also with every '*' removed
+    prompt level        a prompt counts when every one of its constraints passes
+    instruction level   every constraint counts on its own
+
+`constrained_prompts` builds such prompts from plain instructions with the checkers' own descriptions and
+sampled arguments, and `split_instructions` keeps evaluation instructions apart from training ones:
+
+    python -m dpo.ifeval --instructions PAIRS_OR_PROMPTS_FILE --out-dir runs/ifeval-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from dpo.cli import run_cli
+from dpo.data import instruction_records, load_records
+from dpo.errors import UserError
+
+# The constraint types the builder uses by default: the ten of IFEval's types a 135M-parameter instruct model can
+# follow at all, each checkable offline (no language detection, no sentence splitting model)
+DEFAULT_TYPES = (
+    "detectable_content:postscript",
+    "detectable_format:title",
+    "length_constraints:number_words",
+    "startend:end_checker",
+    "change_case:english_lowercase",
+    "punctuation:no_comma",
+    "startend:quotation",
+    "detectable_format:number_bullet_lists",
+    "change_case:english_capital",
+    "keywords:existence",
+)
+# checkers that need nltk data the package does not ship, and the resource each loads
+NLTK_RESOURCES = {"length_constraints:number_sentences": "tokenizers/punkt",
+                  "change_case:capital_word_frequency": "tokenizers/punkt_tab"}
+FIELDS = ("prompt", "instruction_id_list", "kwargs")
+
+
+class IFEvalError(UserError):
+    """An IFEval prompt that cannot be checked, or a builder setting that cannot work, in one line."""
+
+
+@dataclass(frozen=True)
+class IFEvalPrompt:
+    """One IFEval prompt: the text the model answers, and the constraints its answer is checked against."""
+
+    prompt: str
+    instruction_id_list: tuple[str, ...]
+    kwargs: tuple[dict[str, Any], ...]
+    key: Any = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # other fields of the row, kept when written
+
+    def to_row(self) -> dict[str, Any]:
+        """The prompt as a row of IFEval's input_data.jsonl (key first, as IFEval writes it)."""
+        return {"key": self.key, "prompt": self.prompt, "instruction_id_list": list(self.instruction_id_list),
+                "kwargs": [dict(k) for k in self.kwargs], **self.extra}
+
+
+@cache
+def registry() -> dict[str, type]:
+    """IFEval's checkers by type (`if_verifiable.ifeval`)."""
+    try:  # optional: the [ifeval] extra
+        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+    except ImportError:
+        raise IFEvalError("the ifeval judge needs IFEval's checkers: pip install if-verifiable") from None
+    return dict(INSTRUCTION_DICT)
+
+
+def has_ifeval_fields(record: Any) -> bool:
+    """Whether a record carries IFEval's constraint fields (instruction_id_list and kwargs)."""
+    return isinstance(record, dict) and "instruction_id_list" in record and "kwargs" in record
+
+
+def parse_prompt(record: Any, where: str) -> IFEvalPrompt:
+    """A record with IFEval's fields as an IFEvalPrompt; IFEvalError naming `where` (file and row) and the field."""
+    if not isinstance(record, dict):
+        raise IFEvalError(f"{where}: not an object with IFEval's fields ({', '.join(FIELDS)})")
+    missing = [name for name in FIELDS if name not in record]
+    if missing:
+        raise IFEvalError(f"{where}: no field {missing[0]!r} (an IFEval prompt has {', '.join(FIELDS)})")
+    prompt, ids, kwargs = record["prompt"], record["instruction_id_list"], record["kwargs"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise IFEvalError(f"{where}: field 'prompt' must be non-empty text")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise IFEvalError(f"{where}: field 'instruction_id_list' must be a non-empty list of constraint types")
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
+        raise IFEvalError(f"{where}: field 'kwargs' must be a list of {len(ids)} objects, one per constraint type")
+    known = registry()
+    for type_id in ids:
+        if type_id not in known:
+            raise IFEvalError(f"{where}: unknown constraint type {type_id!r} in 'instruction_id_list' (IFEval's "
+                              f"types: {', '.join(sorted(known))})")
+        if type_id in NLTK_RESOURCES and not nltk_has(NLTK_RESOURCES[type_id]):
+            raise IFEvalError(f"{where}: the {type_id} checker needs nltk's {NLTK_RESOURCES[type_id]} data: python "
+                              f"-m nltk.downloader {NLTK_RESOURCES[type_id].split('/')[-1]}")
+    clean = tuple({k: v for k, v in args.items() if v is not None} for args in kwargs)
+    extra = {k: v for k, v in record.items() if k not in (*FIELDS, "key")}
+    return IFEvalPrompt(prompt, tuple(ids), clean, record.get("key"), extra)
+
+
+@cache
+def nltk_has(resource: str) -> bool:
+    """Whether nltk finds `resource` (a checker's tokenizer data) on this machine."""
+    import nltk  # installed with if-verifiable, imported only for the two checkers that need its data
+
+    try:
+        nltk.data.find(resource)
+    except LookupError:
+        return False
+    return True
+
+
+def loose_variants(response: str) -> list[str]:
+    """The response and IFEval's loose variants of it: first, last, or both lines dropped, each also without '*'."""
+    lines = response.split("\n")
+    cut = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [response, response.replace("*", ""), *cut, *(text.replace("*", "") for text in cut)]
+
+
+def verdicts(prompt: IFEvalPrompt, response: str) -> tuple[list[bool], list[bool]]:
+    """(strict, loose) verdict of each constraint of `prompt` on `response`, in instruction_id_list order."""
+    variants = loose_variants(response)
+    strict, loose = [], []
+    for type_id, args in zip(prompt.instruction_id_list, prompt.kwargs):
+        checker = registry()[type_id](type_id)
+        checker.build_description(**args)
+        if "prompt" in (checker.get_instruction_args() or {}):
+            checker.build_description(prompt=prompt.prompt)
+        strict.append(bool(response.strip()) and bool(checker.check_following(response)))
+        loose.append(any(text.strip() and checker.check_following(text) for text in variants))
+    return strict, loose
+
+
+# ---------------------------------------------------------------------------------------------------
+# building constrained prompts from plain instructions
+
+
+def split_instructions(instructions: Sequence[str], eval_count: int, seed: int) -> tuple[list[str], list[str]]:
+    """Distinct instructions shuffled with `seed` and cut into (train, eval): no instruction is in both."""
+    distinct = list(dict.fromkeys(text.strip() for text in instructions if text.strip()))
+    if not 0 < eval_count < len(distinct):
+        raise IFEvalError(f"--eval-instructions must be between 1 and {len(distinct) - 1} (there are {len(distinct)} "
+                          f"distinct instructions), got {eval_count}")
+    order = list(range(len(distinct)))
+    random.Random(seed).shuffle(order)
+    return [distinct[i] for i in order[eval_count:]], [distinct[i] for i in order[:eval_count]]
+
+
+def constrained_prompts(instructions: Sequence[str], types: Sequence[str], seed: int,
+                        per_instruction: int = 1) -> list[IFEvalPrompt]:
+    """`per_instruction` prompts for each instruction, each with one constraint type (the types dealt in turn over a
+    seeded order, so they are balanced) whose arguments and description the checker itself samples."""
+    known = registry()
+    unknown = [t for t in types if t not in known]
+    if unknown:
+        raise IFEvalError(f"unknown constraint type {unknown[0]!r} (IFEval's types: {', '.join(sorted(known))})")
+    rng = random.Random(seed)
+    prompts: list[IFEvalPrompt] = []
+    deal = list(types)
+    for text in instructions:
+        for _ in range(per_instruction):
+            if len(prompts) % len(deal) == 0:
+                rng.shuffle(deal)
+            type_id = deal[len(prompts) % len(deal)]
+            description, args = sampled_constraint(type_id, rng.randrange(2 ** 32))
+            separator = "\n\n" if "\n" in text else " "  # after a multi-line instruction, a paragraph of its own
+            prompts.append(IFEvalPrompt(f"{text}{separator}{description}", (type_id,), (args,), key=len(prompts),
+                                        extra={"source_instruction": text}))
+    return prompts
+
+
+def sampled_constraint(type_id: str, seed: int) -> tuple[str, dict[str, Any]]:
+    """A checker's own description of its constraint with arguments it samples (from Python's global `random`,
+    seeded here and restored after)."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        checker = registry()[type_id](type_id)
+        description = checker.build_description()
+        args = checker.get_instruction_args() or {}
+    finally:
+        random.setstate(state)
+    return description, {k: v for k, v in args.items() if v is not None}
+
+
+def write_jsonl(path: Path, prompts: Iterable[IFEvalPrompt]) -> int:
+    """Write prompts as IFEval rows, atomically; returns how many."""
+    rows = [json.dumps(p.to_row(), ensure_ascii=False) for p in prompts]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+    return len(rows)
+
+
+def is_pair(record: Any) -> bool:
+    """Whether a record is a preference pair with an explicit prompt (as the source's pairs are written back)."""
+    return isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "chosen", "rejected"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of python -m dpo.ifeval."""
+    parser = argparse.ArgumentParser(prog="python -m dpo.ifeval", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--instructions", required=True, help="a file of instructions (any preference or prompt "
+                                                                "format train.py reads)")
+    parser.add_argument("--out-dir", required=True, help="writes train.jsonl and eval.jsonl here")
+    parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help="comma list of IFEval constraint types")
+    parser.add_argument("--eval-instructions", type=int, default=200, help="instructions held out for eval.jsonl")
+    parser.add_argument("--per-instruction", type=int, default=1, help="training prompts per training instruction, "
+                                                                       "each with its own constraint")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build train.jsonl and eval.jsonl of constrained prompts from a file of instructions."""
+    args = build_parser().parse_args(argv)
+    if args.per_instruction < 1:
+        raise IFEvalError(f"--per-instruction must be at least 1, got {args.per_instruction}")
+    records, description = load_records(args.instructions, None)
+    found, left_out = instruction_records(records)
+    instructions = list(found)
+    train, evaluation = split_instructions(instructions, args.eval_instructions, args.seed)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    out = Path(args.out_dir)
+    n_train = write_jsonl(out / "train.jsonl", constrained_prompts(train, types, args.seed, args.per_instruction))
+    n_eval = write_jsonl(out / "eval.jsonl", constrained_prompts(evaluation, types, args.seed + 1))
+    print(f"{description}: {len(instructions)} distinct single-turn instructions ({left_out} records left out), "
+          f"{len(types)} constraint types\n{out / 'train.jsonl'}: {n_train} prompts from {len(train)} instructions\n"
+          f"{out / 'eval.jsonl'}: {n_eval} prompts from {len(evaluation)} held-out instructions")
+    held_out = set(evaluation)
+    pairs = [record for record in records if isinstance(record, dict) and is_pair(record)
+             and isinstance(record.get("prompt"), str) and record["prompt"].strip() in held_out]
+    if pairs:  # the source's own pairs of the held-out instructions: what the trained model must still write
+        path = out / "heldout_pairs.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs), encoding="utf-8")
+        print(f"{path}: the source's {len(pairs)} pairs of the held-out instructions")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with user errors as one line and exit status 2."""
+    return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,200 @@
+"""IFEval: the judge's verdicts are IFEval's own (if-verifiable's evaluate_instructions), the loose variants are
+IFEval's, prompts with IFEval's fields load from IFEval's own format with one-line errors, the builder keeps
+evaluation instructions out of training, and the report's accuracies and intervals are counted right."""
+
+import json
+import random
+
+import pytest
+
+from dpo.data import instruction_records, load_records
+from dpo.evaluate import format_ifeval, ifeval_summary, proportion, wilson_interval
+from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constrained_prompts, loose_variants, main,
+                        parse_prompt, sampled_constraint, split_instructions, verdicts)
+from dpo.judges import IFEvalJudge, JudgeError, build_judge
+from harness import make_model_dir, run_metrics, train_tiny
+
+common = pytest.importorskip("if_verifiable.common")
+registry = pytest.importorskip("if_verifiable.ifeval.instructions_registry")
+
+# (type, kwargs, a response that follows it, one that does not)
+CASES = [
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Paris is big.\n\nP.S. I love it.",
+     "Paris is big."),
+    ("detectable_format:title", {}, "<<On Paris>>\nParis is big.", "On Paris\nParis is big."),
+    ("length_constraints:number_words", {"num_words": 5, "relation": "less than"}, "Paris is big.",
+     "Paris is a very big and old city."),
+    ("startend:end_checker", {"end_phrase": "Any other questions?"}, "Paris is big. Any other questions?",
+     "Any other questions? Paris is big."),
+    ("change_case:english_lowercase", {}, "paris is the capital of france.", "Paris is the capital of France."),
+    ("punctuation:no_comma", {}, "Paris is big and old.", "Paris is big, and old."),
+    ("startend:quotation", {}, '"Paris is big."', "Paris is big."),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* Paris\n* Lyon", "* Paris\n* Lyon\n* Nice"),
+    ("change_case:english_capital", {}, "PARIS IS THE CAPITAL OF FRANCE.", "PARIS is the capital of France."),
+    ("keywords:existence", {"keywords": ["river", "bridge"]}, "A bridge over the river.", "A bridge in Paris."),
+    ("keywords:forbidden_words", {"forbidden_words": ["city"]}, "Paris is big.", "Paris is a big city."),
+    ("detectable_format:json_format", {}, '{"capital": "Paris"}', "The capital is Paris."),
+]
+
+
+def prompt(type_id, kwargs, text="What is the capital of France?"):
+    return IFEvalPrompt(text, (type_id,), (kwargs,))
+
+
+def ifeval_own(p: IFEvalPrompt, response: str):
+    results, _ = common.evaluate_instructions(response, list(p.instruction_id_list), [dict(k) for k in p.kwargs],
+                                              p.prompt, registry.INSTRUCTION_DICT)
+    return [r.strict_pass for r in results], [r.loose_pass for r in results]
+
+
+@pytest.mark.parametrize("type_id, kwargs, follows, breaks", CASES, ids=[c[0] for c in CASES])
+def test_each_type_agrees_with_ifeval_own_checker(type_id, kwargs, follows, breaks):
+    p = prompt(type_id, kwargs)
+    assert verdicts(p, follows) == ifeval_own(p, follows) and verdicts(p, follows)[0] == [True]
+    assert verdicts(p, breaks) == ifeval_own(p, breaks) and verdicts(p, breaks)[0] == [False]
+
+
+def test_loose_forgives_a_first_line_and_asterisks_as_ifeval_does():
+    p = prompt("startend:quotation", {})
+    response = 'Sure, here it is:\n"Paris is big."'
+    assert verdicts(p, response) == ([False], [True]) == ifeval_own(p, response)
+    lowercase = prompt("change_case:english_lowercase", {})
+    answer = "**Answer**\nthe capital of france is paris, a large and beautiful city on the river."
+    assert verdicts(lowercase, answer) == ([False], [True]) == ifeval_own(lowercase, answer)
+    assert loose_variants("a\n*b*\nc") == ["a\n*b*\nc", "a\nb\nc", "*b*\nc", "a\n*b*", "*b*", "b\nc", "a\nb", "b"]
+    assert verdicts(p, "   ") == ([False], [False])  # an empty answer follows nothing
+
+
+def test_multiple_constraints_and_prompt_level_verdicts():
+    p = IFEvalPrompt("Q", ("punctuation:no_comma", "change_case:english_lowercase"), ({}, {}))
+    judge = IFEvalJudge([p])
+    comma = "the capital of france is paris, a large and beautiful city on the river."
+    both = "the capital of france is paris and it is a large and beautiful city on the river."
+    neither, shouted = "The capital of France is Paris, a large city.", "THE CAPITAL OF FRANCE IS PARIS, A LARGE CITY."
+    assert judge.verdicts("Q", comma) == ([False, True], [False, True])
+    assert judge.score("Q", comma) == 0.5 and judge.score("Q", both) == 1.0
+    loosely = "**Title**\nthe capital of france is paris and it is a large and beautiful city on the river."
+    assert judge.verdicts("Q", loosely) == ([True, False], [True, True]) and judge.score("Q", loosely) == 0.75
+    assert judge.checks("Q", comma) == {"strict": False, "loose": False}
+    assert judge.compare("Q", both, neither) == 1.0
+    assert judge.compare("Q", neither, shouted) == 0.5
+    assert judge.category("Q") == "punctuation:no_comma,change_case:english_lowercase"
+    with pytest.raises(JudgeError, match="no constraints for 'other'"):
+        judge.score("other", "x")
+
+
+def test_ifeval_input_data_rows_load_as_they_are(tmp_path):
+    rows = [{"key": 1000, "prompt": "Write a haiku about Paris. Do not use any commas.",
+             "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+            {"key": 1001, "prompt": "Describe Lyon. Answer with less than 20 words.",
+             "instruction_id_list": ["length_constraints:number_words"],
+             "kwargs": [{"num_words": 20, "relation": "less than", "num_highlights": None}]}]
+    path = tmp_path / "input_data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, _ = load_records(str(path), None)
+    found, left_out = instruction_records(records)
+    assert list(found) == [r["prompt"] for r in rows] and left_out == 0
+    judge = build_judge("ifeval", prompts={text: (f"{path}, row {row}", record) for text, (row, record) in found.items()})
+    p = judge.prompt(rows[1]["prompt"])
+    assert p.kwargs == ({"num_words": 20, "relation": "less than"},) and p.key == 1001  # None arguments dropped
+    assert judge.score(rows[0]["prompt"], "Paris in spring") == 1.0
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "Q", "instruction_id_list": ["punctuation:no_comma"]}, "no field 'kwargs'"),
+    ({"prompt": " ", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}, "'prompt' must be non-empty"),
+    ({"prompt": "Q", "instruction_id_list": ["punctuation:no_comas"], "kwargs": [{}]},
+     "unknown constraint type 'punctuation:no_comas'"),
+    ({"prompt": "Q", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}, {}]},
+     "'kwargs' must be a list of 1 objects"),
+    ({"prompt": "Q", "instruction_id_list": [], "kwargs": []}, "'instruction_id_list' must be a non-empty list"),
+])
+def test_bad_prompts_are_one_line_errors_naming_file_row_and_field(record, message):
+    with pytest.raises(IFEvalError, match=message) as error:
+        parse_prompt(record, "data.jsonl, row 7")
+    assert str(error.value).startswith("data.jsonl, row 7: ") and "\n" not in str(error.value)
+    with pytest.raises(JudgeError, match=message):
+        build_judge("ifeval", prompts={"Q": ("data.jsonl, row 7", record)})
+
+
+def test_the_ifeval_judge_needs_prompts_with_ifeval_fields():
+    with pytest.raises(JudgeError, match="needs prompts that carry IFEval's fields"):
+        build_judge("ifeval")
+
+
+def test_the_builder_keeps_evaluation_instructions_out_of_training_and_uses_the_checkers_descriptions(tmp_path):
+    instructions = [f"Tell me about city number {i}." for i in range(60)] + ["Tell me about city number 3."]
+    train, evaluation = split_instructions(instructions, 12, seed=5)
+    assert len(train) == 48 and len(evaluation) == 12 and not set(train) & set(evaluation)
+    assert split_instructions(instructions, 12, seed=5) == (train, evaluation)  # seeded
+    prompts = constrained_prompts(train, DEFAULT_TYPES, seed=1, per_instruction=2)
+    assert len(prompts) == 96 and prompts == constrained_prompts(train, DEFAULT_TYPES, seed=1, per_instruction=2)
+    counts = {t: sum(p.instruction_id_list == (t,) for p in prompts) for t in DEFAULT_TYPES}
+    assert max(counts.values()) - min(counts.values()) <= 1  # the types dealt in turn
+    for p in prompts[:20]:
+        type_id, args = p.instruction_id_list[0], p.kwargs[0]
+        checker = registry.INSTRUCTION_DICT[type_id](type_id)
+        assert p.prompt == f"{p.extra['source_instruction']} {checker.build_description(**args)}"
+    state = random.getstate()
+    sampled_constraint("keywords:existence", 3)
+    assert random.getstate() == state  # the checkers' use of the global RNG is undone
+    with pytest.raises(IFEvalError, match="--eval-instructions must be between 1 and 59"):
+        split_instructions(instructions, 60, seed=0)
+
+
+def test_the_builder_command_writes_ifeval_rows_split_by_instruction(tmp_path, capsys):
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Name thing {i}.", "chosen": "a", "rejected": "b"}) + "\n"
+                              for i in range(30)))
+    assert main(["--instructions", str(source), "--out-dir", str(tmp_path / "out"), "--eval-instructions", "10"]) == 0
+    train = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    evaluation = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    assert (len(train), len(evaluation)) == (20, 10)
+    assert not {r["source_instruction"] for r in train} & {r["source_instruction"] for r in evaluation}
+    assert all(set(r) >= {"key", "prompt", "instruction_id_list", "kwargs"} for r in train + evaluation)
+    assert all(parse_prompt(r, "row") for r in train + evaluation)
+    assert "20 prompts from 20 instructions" in capsys.readouterr().out
+    held_out = [json.loads(line) for line in (tmp_path / "out" / "heldout_pairs.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in held_out) == sorted(r["source_instruction"] for r in evaluation)
+
+
+def test_the_report_counts_prompt_and_instruction_level_per_type_with_wilson_intervals():
+    prompts = [IFEvalPrompt("a", ("punctuation:no_comma",), ({},)),
+               IFEvalPrompt("b", ("punctuation:no_comma", "change_case:english_lowercase"), ({}, {})),
+               IFEvalPrompt("c", ("change_case:english_lowercase",), ({},))]
+    judge = IFEvalJudge(prompts)
+    answers = ["the capital of france is paris, a large and beautiful city.",  # fails
+               "the capital of france is paris and it is a large and beautiful city.",  # both pass
+               "**Title**\nthe capital of france is paris and it is a large and beautiful city."]  # loose only
+    summary = ifeval_summary(judge, ["a", "b", "c"], answers)
+    assert (summary["prompt_strict"]["passed"], summary["prompt_strict"]["n"]) == (1, 3)
+    assert (summary["prompt_loose"]["passed"], summary["instruction_strict"]["passed"]) == (2, 2)
+    assert (summary["instruction_strict"]["n"], summary["instruction_loose"]["passed"]) == (4, 3)
+    lowercase = summary["types"]["change_case:english_lowercase"]
+    assert (lowercase["prompt_strict"]["passed"], lowercase["prompt_loose"]["passed"], lowercase["prompt_strict"]["n"]) \
+        == (1, 2, 2)
+    assert summary["types"]["punctuation:no_comma"]["instruction_strict"]["passed"] == 1
+    low, high = wilson_interval(1 / 3, 3)
+    assert summary["prompt_strict"]["low"] == low and summary["prompt_strict"]["high"] == high
+    assert proportion(0, 0) == {"rate": 0.0, "low": 0.0, "high": 1.0, "passed": 0, "n": 0}
+    table = format_ifeval(summary, summary, "after", "before")
+    assert "prompt-level strict" in table and "change_case:english_lowercase" in table
+    assert f"{1 / 3:.3f} [{low:.3f}, {high:.3f}]" in table
+
+
+@pytest.mark.slow
+def test_online_dpo_trains_on_ifeval_prompts_judged_by_ifeval(tmp_path):
+    """IFEval's input_data format as the dataset of an online run: every prompt is an instruction (no pairs needed),
+    the judge's pairs are (most constraints followed, fewest) and a prompt whose samples tie is skipped."""
+    make_model_dir(tmp_path / "model")
+    rows = [{"key": i, "prompt": f"what color is the {word}? Do not use any commas.",
+             "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+            for i, word in enumerate(["sun", "moon", "cat", "dog", "sun please", "moon please", "cat please",
+                                      "dog please", "big cat", "small dog", "fast cat", "slow dog"])]
+    (tmp_path / "ifeval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = train_tiny(tmp_path, "run", "--online", "--judge", "ifeval", "--num-samples", "4",
+                     "--sample-max-new-tokens", "8", "--batch-size", "4", "--micro-batch-size", "4",
+                     "--max-steps", "2", "--eval-generate", "0", dataset="ifeval.jsonl", test_size="4")
+    records = run_metrics(out, "train")
+    assert len(records) == 2 and all("online/pairs" in r and "online/ties" in r for r in records)
+    assert all(r["online/pairs"] + 4 * r["online/ties"] == 4 for r in records)  # each prompt: a pair or a tie
