@@ -67,7 +67,10 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
     # online and iterative DPO sample their pairs: prompt-only records (IFEval's) are enough for them
     common["allow_empty"] = cfg.on_policy.enabled
     train, stats = build_pairs(records, tokenizer, source=description, **common)
-    log(f"train: {description}: {stats}")
     evaluation, eval_stats = build_pairs(eval_records, tokenizer, source=eval_description, **common)
-    log(f"eval: {eval_description}: {eval_stats}")
+    for split, where, pairs, rows, counts in (("train", description, train, records, stats),
+                                              ("eval", eval_description, evaluation, eval_records, eval_stats)):
+        sampled = cfg.on_policy.enabled and not pairs  # prompts only: the run samples its pairs
+        log(f"{split}: {where}: " + (f"{len(rows)} prompts, no pairs (the run samples its own)" if sampled else
+                                     str(counts)))
     return PreferenceData(train, evaluation, *instruction_records(records))
