@@ -37,8 +37,8 @@ from dpo.cli import run_cli
 from dpo.data import instruction_records, load_records
 from dpo.errors import UserError
 
-# The constraint types the builder uses by default: the ten of IFEval's types a 135M-parameter instruct model can
-# follow at all, each checkable offline (no language detection, no sentence splitting model)
+# The constraint types the builder uses by default: ten of IFEval's types that a 135M-parameter instruct model
+# follows at least sometimes, none of them needing nltk data (NLTK_RESOURCES) or a language other than English
 DEFAULT_TYPES = (
     "detectable_content:postscript",
     "detectable_format:title",
