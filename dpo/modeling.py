@@ -109,7 +109,7 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: tor
     except Exception as error:
         raise ModelLoadError(f"model {name}: could not be loaded ({first_line(error)})") from None
     if is_gguf(name):  # what an adapter trained on it records as its base: the name, not the cache directory
-        model.config._name_or_path = gguf_source(name)
+        model.name_or_path = model.config._name_or_path = gguf_source(name)
     return model if quantization else model.to(device)
 
 
