@@ -4,7 +4,8 @@
     run_settings       a trained model's training settings (final/dpo_run.json): its template and prompt limits
     prompt_budget      the most prompt tokens a model is given
     left_pad           id lists -> input_ids, attention_mask (the mask comes from lengths: pad may equal EOS/BOS)
-    generate_batch     model + instructions -> one response text each, in left-padded batches
+    generate_batch     model + instructions -> one response text each (or k samples each), in left-padded batches
+    shared_prompt_cache  a batch's prompts computed once, their KV cache repeated for k samples of each
     truncate_at_stop   the text before the first stop string ("### Human:" by default)
     StopOnStrings      a StoppingCriteria: a row is finished once its generated text holds a stop string
     StopAwareStreamer  prints a response as it is generated, never printing a stop string
@@ -25,6 +26,7 @@ warning on stderr; it never fails the batch.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import shutil
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from dpo.errors import UserError
@@ -448,10 +450,38 @@ def own_rng(model: Any) -> Any:
 
 
 @torch.no_grad()
+def shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, copies: int) -> DynamicCache | None:
+    """The KV cache of a left-padded batch of prompts without their last token, computed once and repeated `copies`
+    times along the batch (prompt-major), for `model.generate` on the prompts repeated the same way: generate then
+    runs only the last prompt token and the new ones, and samples what it samples from the repeated prompts. On a
+    CPU a prompt token costs as much as a sampled one, so k samples of a P-token prompt save (k - 1) P tokens of
+    forward. The positions are generate's own for a left-padded mask (cumulative count of real tokens). None where
+    there is nothing to share (prompts of one token)."""
+    if input_ids.shape[1] < 2:
+        return None
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+          use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which this model's forward and generate take a KV cache: `cache` since transformers renamed
+    `past_key_values` (5.2x), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model forwards kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingSettings | None = None,
-                   *, batch_size: int = 8, progress: bool = False, streamer: BaseStreamer | None = None,
-                   description: str = "generating", warn: bool = True, precision: str = "fp32") -> list[str]:
-    """One response per instruction, in the instructions' order.
+                   *, batch_size: int = 8, num_samples: int = 1, progress: bool = False,
+                   streamer: BaseStreamer | None = None, description: str = "generating", warn: bool = True,
+                   precision: str = "fp32") -> list[str]:
+    """One response per instruction, in the instructions' order; with `num_samples` k, k responses per instruction
+    (instruction-major: k for the first, then k for the second, ...), each prompt's forward computed once
+    (shared_prompt_cache) and `batch_size` counting prompts. The samples are those of the instructions repeated k
+    times.
 
     Prompts are encoded by dpo.prompts.encode_prompts with decoding's template, cut to prompt_budget (as
     training cuts them; one warning line on stderr counts them), sorted by length (longest first) into batches
@@ -464,6 +494,8 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
     decoding.validate()
     if batch_size < 1:
         raise GenerationError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_samples < 1 or (num_samples > 1 and streamer is not None):
+        raise GenerationError(f"num_samples must be at least 1 (and 1 when streaming), got {num_samples}")
     for i, text in enumerate(instructions):
         check_instruction(text, f"instruction {i}" if len(instructions) > 1 else "the instruction")
     if streamer is not None and len(instructions) != 1:
@@ -486,7 +518,7 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
     bar = None
     if progress:
         bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True)
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[str] = [""] * (len(prompts) * num_samples)
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -498,16 +530,24 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
                     raise GenerationError(f"a prompt of {width} tokens does not fit the model's "
                                           f"{limit} positions")
                 max_new = min(max_new, limit - width)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             with autocast(precision, device):
+                shared = {}
+                if num_samples > 1:
+                    cache = shared_prompt_cache(model, input_ids, attention_mask, num_samples)
+                    shared = {cache_argument(model): cache} if cache is not None else {}
+                    input_ids = input_ids.repeat_interleave(num_samples, dim=0)
+                    attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
                 out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    input_ids=input_ids, attention_mask=attention_mask, **shared,
                     generation_config=_generation_config(decoding, max_new, pad_id, eos_ids),
                     logits_processor=LogitsProcessorList([] if decoding.greedy else [TopP(decoding.top_p)]),
                     stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, decoding.stop_strings, width)]),
                     streamer=streamer)
-            for row, ids in zip(rows, out[:, width:].tolist()):
+            slots = [row * num_samples + s for row in rows for s in range(num_samples)]
+            for slot, ids in zip(slots, out[:, width:].tolist()):
                 text = tokenizer.decode(_cut_at_eos(ids, eos_ids), skip_special_tokens=True)
-                outputs[row] = clean_response(text, decoding.stop_strings)
+                outputs[slot] = clean_response(text, decoding.stop_strings)
             if bar is not None:
                 bar.update(len(rows))
     finally:

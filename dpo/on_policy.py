@@ -103,9 +103,8 @@ class Sampler:
         (the step, or the round) and `group`; the training RNG is left as it was."""
         k = self.settings.num_samples
         with own_rng(model):
-            flat = generate_batch(model, self.tokenizer, [p for p in prompts for _ in range(k)],
-                                  self.decoding(position, group), batch_size=len(prompts) * k, warn=False,
-                                  precision=self.precision)
+            flat = generate_batch(model, self.tokenizer, prompts, self.decoding(position, group),
+                                  batch_size=len(prompts), num_samples=k, warn=False, precision=self.precision)
         return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def sample_pairs(self, model: torch.nn.Module, prompts: list[str], ids: list[int], position: int,

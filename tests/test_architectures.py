@@ -195,3 +195,22 @@ def test_packed_layouts_refuse_a_sliding_window_shorter_than_the_sequences():
     with torch.no_grad():
         plain, fast = plain_and_fast(model, "packed", pairs)
     torch.testing.assert_close(fast.sum, plain.sum, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_k_samples_from_one_prompt_forward_are_the_repeated_prompts_samples(arch, greedy):
+    """generate_batch(num_samples=k) computes each prompt once and repeats its KV cache: the responses are those of
+    the prompts repeated k times (left padding, positions and every architecture's cache included)."""
+    from dpo.generation import DecodingSettings, generate_batch
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, vocab_size=len(tokenizer)).eval()
+    prompts = ["what color is the sun?", "yes", "tell me about the big blue moon please"]
+    decoding = DecodingSettings(greedy=greedy, max_new_tokens=10, seed=3)
+    shared = generate_batch(model, tokenizer, prompts, decoding, batch_size=3, num_samples=4)
+    repeated = generate_batch(model, tokenizer, [p for p in prompts for _ in range(4)], decoding, batch_size=12)
+    assert shared == repeated
+    assert len(shared) == 12 and sum(map(len, shared)) > 0
+    if not greedy:
+        assert len(set(shared[:4])) > 1  # the k samples of a prompt are distinct draws

@@ -505,3 +505,17 @@ def test_top_p_keeps_exactly_the_nucleus_without_sorting_the_whole_vocabulary():
     peaked = torch.randn(8, 5000, generator=generator) * 12.0
     assert torch.equal(TopP(0.9)(None, peaked.clone()), TopPLogitsWarper(0.9)(None, peaked.clone()))
     assert TopP(1.0)(None, peaked) is peaked  # top-p 1 filters nothing
+
+
+def test_k_samples_per_prompt_in_batches_of_prompts(lm):
+    """num_samples: k responses per instruction, instruction-major, equal to the instructions repeated k times, also
+    when the prompts are split over several batches."""
+    model, tokenizer = lm
+    instructions = ["what color is the sun?", "yes", "tell me about the moon", "two"]
+    repeated = generate_batch(model, tokenizer, [t for t in instructions for _ in range(3)], SAMPLED, batch_size=12)
+    assert generate_batch(model, tokenizer, instructions, SAMPLED, batch_size=4, num_samples=3) == repeated
+    by_two = generate_batch(model, tokenizer, instructions, SAMPLED, batch_size=2, num_samples=3)
+    assert by_two == generate_batch(model, tokenizer, [t for t in instructions for _ in range(3)], SAMPLED,
+                                    batch_size=6)
+    with pytest.raises(GenerationError, match="num_samples must be at least 1"):
+        generate_batch(model, tokenizer, instructions, SAMPLED, num_samples=0)
