@@ -6,6 +6,8 @@
     python benchmarks/throughput.py --size S --impl trl                # TRL's DPOTrainer (benchmarks/requirements.txt)
     python benchmarks/throughput.py --size S --alternate 3 --runs trl dpo "dpo --layout packed" "dpo:plain"
                                     # each run in its own process, alternating; prints the medians
+    python benchmarks/throughput.py --model smollm2-135m-instruct --alternate 2 --runs trl dpo
+                                    # a real model, as `python train.py --model NAME` loads it (MODEL_SIZE)
 
 This library's runs build the model, the reference log-probs, the optimizer and the step with train.py's
 functions (`build_policy`, `reference_logps`, `build_state`, `train_step`) and train.py's settings: its defaults,
@@ -22,6 +24,13 @@ useful / (time x peak).
 --dataset takes any preference file or source train.py reads (default: the AlpacaEval pairs of ../shared where
 present, else the demo's pairs); --tokenizer any tokenizer directory (default: ../shared's GPT-2 where present,
 else the demo model's).
+
+--model NAME (any model train.py's --model takes: a shipped GGUF model's name, a GGUF file, a directory) runs the
+real-model workload instead of the synthetic Phi model: the model and its tokenizer loaded by train.py's loaders,
+the pairs made by train.py's build_pairs with train.py's defaults (--template auto: the model's chat template when
+it ships one; --max-length MODEL_SIZE's, --max-prompt-length half of it, keep_end), the first ones in file order.
+TRL gets the same rendered texts and the same model; a TRL run checks that its tokenization gives the same ids.
+--steps N overrides the number of timed steps (a smoke run: --steps 1).
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ import transformers  # noqa: E402
 
 from dpo.batches import PairBatch  # noqa: E402
 from dpo.train_settings import TrainSettings, build_parser, parse_settings  # noqa: E402
-from dpo.data import BUILTIN_SOURCES, DataError, RowError, TokenizedPair, load_records, to_example  # noqa: E402
+from dpo.data import (BUILTIN_SOURCES, DataError, RowError, TokenizedPair, build_pairs, load_records,  # noqa: E402
+                      to_example)
 from dpo.distributed import DistInfo  # noqa: E402
 from dpo.errors import UserError  # noqa: E402
 from dpo.flops import FlopCounter  # noqa: E402
@@ -58,7 +68,8 @@ from dpo.logprobs import ScoringSettings  # noqa: E402
 from dpo.lora import peft_config  # noqa: E402
 from dpo.loss import LossSettings  # noqa: E402
 from dpo.memory import tune_cpu_allocator  # noqa: E402
-from dpo.modeling import DEMO_MODEL_DIR  # noqa: E402
+from dpo.modeling import DEMO_MODEL_DIR, load_causal_lm  # noqa: E402
+from dpo.modeling import load_tokenizer as load_model_tokenizer  # noqa: E402
 from dpo.splits import PreferenceData  # noqa: E402
 from dpo.prompts import encode_texts, special_ids  # noqa: E402
 from dpo.settings import setting_fields  # noqa: E402
@@ -68,6 +79,8 @@ SIZES = {  # hidden, layers, max_length, micro, accum, timed steps (benchmarks/R
     "S": dict(hidden=128, layers=2, max_length=256, micro=4, accum=4, steps=2),
     "M": dict(hidden=256, layers=4, max_length=512, micro=4, accum=8, steps=2),
 }
+# --model: a real model's workload (benchmarks/README.md, "SmolLM2-135M-Instruct"): max_length, micro, accum, timed steps
+MODEL_SIZE = dict(max_length=512, micro=2, accum=2, steps=2)
 VOCAB = 51200
 LR = 3e-5
 # named sets of train.py flags; "plain" is the loop without the exact speed-ups
@@ -132,6 +145,31 @@ def tokenized_pairs(texts: list[dict], tokenizer, max_length: int) -> list[Token
     return pairs
 
 
+def model_workload(size: dict, dataset: str, model: str) -> tuple[list[dict], list[TokenizedPair], object]:
+    """The real-model workload (--model): the first micro x accum x (steps + 1) pairs that train.py's build_pairs
+    keeps of `dataset`, in file order, made as `python train.py --model MODEL` makes them (the model's tokenizer,
+    train.py's template and truncation settings at the workload's max_length); their rendered texts (TRL's input);
+    the tokenizer."""
+    cfg = workload_config(size, model, Path("out"), [])
+    tokenizer = load_model_tokenizer(model)
+    count = size["micro"] * size["accum"] * (size["steps"] + 1)
+    records, description = load_records(dataset, "train" if dataset in BUILTIN_SOURCES else None)
+    lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                   truncation_mode=cfg.truncation_mode, template=cfg.template)
+    end = count
+    while True:  # the first rows only: rendering and encoding all of a large file would take longer than a step
+        pairs, _ = build_pairs(records[:end], tokenizer, source=description, **lengths)
+        if len(pairs) >= count or end >= len(records):
+            break
+        end *= 2
+    if len(pairs) < count:
+        raise DataError(f"{description}: {len(pairs)} usable pairs, the workload needs {count}")
+    pairs = pairs[:count]
+    examples = [to_example(records[p.row], p.row, template=cfg.template, tokenizer=tokenizer) for p in pairs]
+    texts = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples]
+    return texts, pairs, tokenizer
+
+
 def build_model(size: dict, eos: int):
     from transformers import PhiConfig, PhiForCausalLM
 
@@ -169,7 +207,7 @@ def peak_rss_mb() -> float:
 # This library: train.py's parts
 
 
-def workload_config(size: dict, model_dir: Path, out_dir: Path, train_flags: list[str]) -> TrainSettings:
+def workload_config(size: dict, model_dir: Path | str, out_dir: Path, train_flags: list[str]) -> TrainSettings:
     """train.py's settings: its defaults, the workload's sizes, then the given train.py flags."""
     workload = ["--model", str(model_dir), "--output-dir", str(out_dir), "--batch-size",
                 str(size["micro"] * size["accum"]), "--micro-batch-size", str(size["micro"]), "--lr", str(LR),
@@ -177,17 +215,19 @@ def workload_config(size: dict, model_dir: Path, out_dir: Path, train_flags: lis
     return parse_settings(workload + train_flags)
 
 
-def run_dpo(size: dict, pairs: list[TokenizedPair], eos: int, train_flags: list[str]) -> dict:
+def run_dpo(size: dict, pairs: list[TokenizedPair], pad_id: int, train_flags: list[str], model: str = "") -> dict:
+    """train.py's step on `model` (a name train.py's --model takes), or on the workload's Phi model (saved here)."""
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, out_dir = Path(tmp) / "model", Path(tmp) / "run"
-        build_model(size, eos).save_pretrained(model_dir)
+        model_dir, out_dir = model or Path(tmp) / "model", Path(tmp) / "run"
+        if not model:
+            build_model(size, pad_id).save_pretrained(model_dir)
         cfg = workload_config(size, model_dir, out_dir, train_flags)
         out_dir.mkdir()
         device, dist = torch.device("cpu"), DistInfo()
         start = time.perf_counter()
         policy, adapters = train.build_policy(cfg, device)
-        layout, collate = train.collator(cfg, eos, policy)
+        layout, collate = train.collator(cfg, pad_id, policy)
         every = list(range(len(pairs)))
         reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]), every,
                                           device=device, dist=dist, collate=collate, resumed=False,
@@ -222,15 +262,16 @@ def changed_settings(cfg: TrainSettings) -> dict:
 
 
 def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair], eos: int,
-            train_flags: list[str]) -> dict:
-    """TRL's DPOTrainer on the workload; with --lora-* flags, given the same peft.LoraConfig this library builds
-    (its reference is then the base with the adapters off, as here)."""
+            train_flags: list[str], model_name: str = "") -> dict:
+    """TRL's DPOTrainer on the workload (`model_name`: the real model, loaded as train.py loads it); with --lora-*
+    flags, given the same peft.LoraConfig this library builds (its reference is then the base with the adapters
+    off, as here). It must train on this library's token ids (check_trl_ids)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    model = build_model(size, eos)
-    cfg = workload_config(size, Path("model"), Path("out"), train_flags)
+    model = load_causal_lm(model_name) if model_name else build_model(size, eos)
+    cfg = workload_config(size, model_name or Path("model"), Path("out"), train_flags)
     if cfg.lora.enabled:  # the adapters this library starts from: the same config, the same seed
         from peft import get_peft_model
 
@@ -263,6 +304,7 @@ def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair]
         start = time.perf_counter()  # the trainer precomputes the reference log-probs from here on
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(texts),
                              processing_class=tokenizer, callbacks=[Clock()])
+        check_trl_ids(trainer.train_dataset, pairs, size["max_length"])
         trainer.train()
     # step k (k >= 1) runs from the end of step k - 1 to its own end; step 0 from its beginning
     step_s = [ends[0] - marks["first_step"]] + [b - a for a, b in zip(ends, ends[1:])]
@@ -270,6 +312,18 @@ def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair]
     return dict(step_s=step_s, losses=losses, reference_s=marks["first_step"] - start,
                 useful_flops=useful_flops(pairs[batch:], model.get_base_model() if lora.enabled else model, True,
                                           lora.enabled), timed_pairs=len(pairs) - batch)
+
+
+def check_trl_ids(dataset, pairs: list[TokenizedPair], max_length: int) -> None:
+    """DataError unless TRL trains on this library's token ids: its tokenization of the texts, cut as its collator
+    cuts them (prompt + response keeps its first max_length tokens), equals the workload's pairs."""
+    if len(dataset) != len(pairs):
+        raise DataError(f"TRL kept {len(dataset)} of the workload's {len(pairs)} pairs")
+    for index, (row, pair) in enumerate(zip(dataset, pairs)):
+        budget = max_length - len(row["prompt_ids"])
+        theirs = (row["prompt_ids"], row["chosen_ids"][:budget], row["rejected_ids"][:budget])
+        if theirs != (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            raise DataError(f"pair {index} (row {pair.row}): TRL's token ids differ from this library's")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,28 +334,33 @@ def run_once(args: argparse.Namespace, train_flags: list[str]) -> dict:
     allocator = tune_cpu_allocator()  # as train.py's command line does, before the first tensor
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES[args.size]
-    tokenizer = load_tokenizer(args.tokenizer)
-    texts = workload_texts(size, args.dataset, tokenizer)
-    pairs = tokenized_pairs(texts, tokenizer, size["max_length"])
+    size = workload_size(args)
+    if args.model:
+        texts, pairs, tokenizer = model_workload(size, args.dataset, args.model)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+        texts = workload_texts(size, args.dataset, tokenizer)
+        pairs = tokenized_pairs(texts, tokenizer, size["max_length"])
     eos = special_ids(tokenizer).eos
     peak_before = matmul_peak_gflops()
     if args.impl == "trl":
-        result = run_trl(size, texts, tokenizer, pairs, eos, train_flags)
+        result = run_trl(size, texts, tokenizer, pairs, eos, train_flags, args.model)
     else:
-        result = run_dpo(size, pairs, eos, train_flags)
+        result = run_dpo(size, pairs, tokenizer.pad_token_id if args.model else eos, train_flags, args.model)
     peak_after = matmul_peak_gflops()
     timed = sum(result["step_s"][1:])
     peak = max(peak_before, peak_after)
     achieved = result["useful_flops"] / timed / 1e9
-    record = {"impl": args.impl, "size": args.size, "config": args.label or " ".join([args.impl, *train_flags]),
+    record = {"impl": args.impl, "size": args.size, "model": args.model or "phi (random init, --size)",
+              "config": args.label or " ".join([args.impl, *train_flags]),
               "pairs_per_s": result["timed_pairs"] / timed, "peak_rss_mb": round(peak_rss_mb(), 1),
               "step_s": [round(s, 3) for s in result["step_s"]], "losses": result["losses"],
               "reference_s": round(result["reference_s"], 3), "useful_gflop": round(result["useful_flops"] / 1e9, 2),
               "useful_gflops": round(achieved, 2), "matmul_peak_gflops": round(peak, 2),
               "matmul_peak_gflops_before_after": [round(peak_before, 2), round(peak_after, 2)],
               "utilisation": round(achieved / peak, 4), "threads": torch.get_num_threads(),
-              "dataset": args.dataset, "tokenizer": args.tokenizer,
+              "timed_pairs": result["timed_pairs"], "dataset": args.dataset,
+              "tokenizer": args.model or args.tokenizer,
               "allocator": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
                             "set_here": allocator}}
     if "settings" in result:
@@ -309,6 +368,18 @@ def run_once(args: argparse.Namespace, train_flags: list[str]) -> dict:
         record["layout"] = result["layout"]
         record["settings"] = result["settings"]
     return record
+
+
+def workload_size(args: argparse.Namespace) -> dict:
+    """The workload's sizes: --model's (MODEL_SIZE) or --size's, with --steps timed steps if given."""
+    size = dict(MODEL_SIZE if args.model else SIZES[args.size])
+    return {**size, "steps": args.steps or size["steps"]}
+
+
+def workload_argv(args: argparse.Namespace) -> list[str]:
+    """This script's options that define the workload, for the runs --alternate starts."""
+    argv = ["--model", args.model] if args.model else ["--size", args.size, "--tokenizer", args.tokenizer]
+    return argv + ["--dataset", args.dataset] + (["--steps", str(args.steps)] if args.steps else [])
 
 
 def run_spec(spec: str) -> tuple[str, list[str]]:
@@ -330,8 +401,7 @@ def alternate(args: argparse.Namespace) -> None:
     sink = open(args.results, "a") if args.results else None
     for round_index in range(args.alternate):
         for label, argv in specs:
-            command = [sys.executable, str(Path(__file__).resolve()), "--size", args.size, "--label", label,
-                       "--dataset", args.dataset, "--tokenizer", args.tokenizer, *argv]
+            command = [sys.executable, str(Path(__file__).resolve()), *workload_argv(args), "--label", label, *argv]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True)
@@ -346,7 +416,7 @@ def alternate(args: argparse.Namespace) -> None:
             if sink:
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
-    print(f"\nmedians over {args.alternate} alternating rounds, size {args.size}:")
+    print(f"\nmedians over {args.alternate} alternating rounds, {args.model or 'size ' + args.size}:")
     print(f"{'config':44} {'pairs/s':>9} {'peak RSS MB':>12} {'util':>7} {'peak GF/s':>10} {'runs':>5}")
     for label, records in results.items():
         if not records:
@@ -355,17 +425,25 @@ def alternate(args: argparse.Namespace) -> None:
         median = lambda key: statistics.median(r[key] for r in records)  # noqa: E731
         print(f"{label:44} {median('pairs_per_s'):9.3f} {median('peak_rss_mb'):12.0f} {median('utilisation'):7.3f} "
               f"{median('matmul_peak_gflops'):10.1f} {len(records):5d}")
+    print("\nlosses of each step, first round (every implementation trains on the same pairs and ids):")
+    for label, records in results.items():
+        if records:
+            print(f"{label:44} {' '.join(f'{loss:.6f}' for loss in records[0]['losses'])}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """This script's own options, and the rest: train.py flags (checked by train.py's parser)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Any other option is a train.py flag (python train.py --help).")
-    parser.add_argument("--size", choices=sorted(SIZES), default="S")
+    parser.add_argument("--size", choices=sorted(SIZES), help="the synthetic Phi model's workload (default: S)")
+    parser.add_argument("--model", default="",
+                        help="a real model, any name train.py's --model takes (smollm2-135m-instruct): its workload")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (0: the workload's)")
     parser.add_argument("--impl", choices=("dpo", "trl"), default="dpo")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of train.py flags, before the others")
     parser.add_argument("--dataset", default=default_dataset(), help="preference data (default: %(default)s)")
-    parser.add_argument("--tokenizer", default=default_tokenizer(), help="tokenizer directory (default: %(default)s)")
+    parser.add_argument("--tokenizer", help=f"tokenizer directory of the Phi workload (default: {default_tokenizer()}; "
+                                            "--model: the model's own)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--label", default="", help="name of this configuration in the output")
     parser.add_argument("--alternate", type=int, default=0,
@@ -374,8 +452,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         help="configurations for --alternate: 'trl', 'dpo', 'dpo:plain', 'dpo --layout packed'")
     parser.add_argument("--results", default="", help="--alternate: append every JSON line to this file")
     args, train_flags = parser.parse_known_args(argv)
-    if args.threads < 0 or args.alternate < 0:
-        parser.error("--threads and --alternate must be >= 0")
+    if args.threads < 0 or args.alternate < 0 or args.steps < 0:
+        parser.error("--threads, --alternate and --steps must be >= 0")
+    if args.model and (args.size or args.tokenizer):
+        parser.error("--size and --tokenizer define the Phi workload; --model runs the model's own (MODEL_SIZE)")
+    if not args.model:
+        args.size, args.tokenizer = args.size or "S", args.tokenizer or default_tokenizer()
     if args.impl == "trl" and args.preset:
         parser.error(f"--preset applies to --impl dpo only, got {args.preset}")
     train_flags = (PRESETS[args.preset] if args.preset else []) + train_flags
@@ -388,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in sorted(given - allowed))}: {what}")
     if train_flags:
         try:
-            workload_config(SIZES[args.size], Path("model"), Path("out"), train_flags)  # bad values fail before work
+            workload_config(workload_size(args), args.model or Path("model"), Path("out"), train_flags)  # fail early
         except UserError as error:
             parser.error(str(error))
     return args, train_flags
