@@ -453,8 +453,8 @@ def own_rng(model: Any) -> Any:
 def shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, copies: int) -> DynamicCache | None:
     """The KV cache of a left-padded batch of prompts without their last token, computed once and repeated `copies`
     times along the batch (prompt-major), for `model.generate` on the prompts repeated the same way: generate then
-    runs only the last prompt token and the new ones, and samples what it samples from the repeated prompts. On a
-    CPU a prompt token costs as much as a sampled one, so k samples of a P-token prompt save (k - 1) P tokens of
+    runs only the last prompt token and the new ones, and samples what it samples from the repeated prompts. A prompt
+    token costs about the compute of a sampled one, so k samples of a P-token prompt save (k - 1) P tokens of
     forward. The positions are generate's own for a left-padded mask (cumulative count of real tokens). None where
     there is nothing to share (prompts of one token)."""
     if input_ids.shape[1] < 2:
