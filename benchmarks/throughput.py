@@ -79,7 +79,8 @@ SIZES = {  # hidden, layers, max_length, micro, accum, timed steps (benchmarks/R
     "S": dict(hidden=128, layers=2, max_length=256, micro=4, accum=4, steps=2),
     "M": dict(hidden=256, layers=4, max_length=512, micro=4, accum=8, steps=2),
 }
-# --model: a real model's workload (benchmarks/README.md, "SmolLM2-135M-Instruct"): max_length, micro, accum, timed steps
+# --model: a real model's workload (benchmarks/README.md, "SmolLM2-135M-Instruct"):
+# max_length, micro, accum, timed steps
 MODEL_SIZE = dict(max_length=512, micro=2, accum=2, steps=2)
 VOCAB = 51200
 LR = 3e-5
