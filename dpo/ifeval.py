@@ -82,8 +82,12 @@ def registry() -> dict[str, type]:
     """IFEval's checkers by type (`if_verifiable.ifeval`)."""
     try:  # optional: the [ifeval] extra
         from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+        from langdetect import DetectorFactory
     except ImportError:
         raise IFEvalError("the ifeval judge needs IFEval's checkers: pip install if-verifiable") from None
+    # the case checkers ask langdetect whether a response is English; unseeded, it answers at random on short or
+    # mixed text, and the same response could pass and then fail
+    DetectorFactory.seed = 0
     return dict(INSTRUCTION_DICT)
 
 
