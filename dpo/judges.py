@@ -40,6 +40,7 @@ from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
 from dpo.errors import UserError, first_line
 from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
 from dpo.ifeval import IFEvalError, IFEvalPrompt, parse_prompt, verdicts
+from dpo.ifeval_repair import repair
 from dpo.logprobs import sequence_logps
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.plugins import is_function_spec, load_function
@@ -77,6 +78,12 @@ class Judge:
 
     def default_prompts(self, n: int | None, seed: int) -> list[str] | None:
         """Instructions to evaluate on when none are given; None when the judge has no own prompts."""
+        return None
+
+    can_repair = False  # whether `repair` can rewrite an answer (online and iterative DPO's --repair-ties)
+
+    def repair(self, instruction: str, answer: str) -> str | None:
+        """The answer rewritten so that the judge scores it higher, where the judge knows how; else None."""
         return None
 
     def score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
@@ -345,8 +352,9 @@ class FunctionJudge(Judge):
 class IFEvalJudge(Judge):
     """IFEval's checkers: a response scores the mean over its prompt's constraints of 1 (followed strictly), 0.5
     (followed loosely only: IFEval's loose variants pass) or 0, so that among samples that all miss strictly, the
-    one nearest to following still wins (online DPO skips a prompt whose samples all score alike); the category of a
-    prompt is its constraint types; checks are IFEval's prompt-level verdicts, strict and loose."""
+    one nearest to following still wins (online DPO skips a prompt whose samples all score alike, or with
+    --repair-ties trains on `repair`'s rewrite of one); the category of a prompt is its constraint types; checks are
+    IFEval's prompt-level verdicts, strict and loose."""
 
     name = "ifeval"
 
@@ -399,6 +407,12 @@ class IFEvalJudge(Judge):
         """IFEval's prompt-level verdicts: every constraint followed, strictly and loosely."""
         strict, loose = self.verdicts(instruction, answer)
         return {"strict": all(strict), "loose": all(loose)}
+
+    can_repair = True
+
+    def repair(self, instruction: str, answer: str) -> str | None:
+        """The answer rewritten to follow every constraint strictly (dpo.ifeval_repair), or None."""
+        return repair(self.prompt(instruction), answer)
 
 
 JUDGES = {"demo": DemoJudge}

@@ -12,6 +12,9 @@
                     reference log-probs are written to --output-dir/rounds/ before its first step, so a resumed
                     run continues the round where it stopped.
 
+In both, a prompt whose samples tie is skipped and counted, or with --repair-ties trains on the pair (the judge's
+repair of a sample, that sample), where the judge can rewrite an answer to score higher (the ifeval judge).
+
 Sampling is a pure function of the policy's weights, the seed and the step (or round): a resumed run samples
 what an uninterrupted one would, and sampling never moves the training RNG. Under torchrun each process samples
 and judges its slice of the prompts; the pairs are gathered in process order, so every process trains on the
@@ -60,6 +63,8 @@ class OnPolicySettings:
                                         check=positive)
     sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=in_range(1e-9, 1.000001))
     sample_max_new_tokens: int = setting(64, "new tokens per sampled response", check=positive)
+    repair_ties: bool = setting(False, "a prompt whose samples all score alike trains on (the judge's repair of a "
+                                       "sample, that sample) instead of being skipped (judges that repair: ifeval)")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -86,6 +91,11 @@ class Sampler:
     lengths: dict[str, Any]  # max_length, max_prompt_length, truncation_mode, template
     seed: int
     precision: str = "fp32"  # the run's (resolved): the policy samples under its autocast
+
+    def __post_init__(self) -> None:
+        if self.settings.repair_ties and not getattr(self.judge, "can_repair", False):
+            raise ConfigError(f"--repair-ties needs a judge that can repair an answer (ifeval); judge "
+                              f"{self.judge.name} cannot")
 
     def decoding(self, position: int, group: int = 0) -> DecodingSettings:
         """How the responses of step (or round) `position`, prompt group `group`, are sampled: the sampling settings
@@ -125,33 +135,49 @@ class Sampler:
 
     def pairs(self, prompts: list[str], responses: list[list[str]], rows: list[int]) -> tuple[list[TokenizedPair],
                                                                                                dict[str, float]]:
-        """(best, worst) pairs by the judge's scores (a prompt whose best and worst tie is skipped) and the
-        statistics: sums of scores, tokens and counts, to be added over processes."""
+        """(best, worst) pairs by the judge's scores and the statistics: sums of scores, tokens and counts, to be
+        added over processes. A prompt whose best and worst tie is skipped, or with --repair-ties trains on the
+        judge's repair of a sample against that sample."""
         scores = self.judge.score_batch(prompts, responses)
-        records, kept_rows, ties = [], [], 0
+        records, kept_rows, ties, repaired = [], [], 0, 0
         for prompt, answers, row_scores, row in zip(prompts, responses, scores, rows):
             best = max(range(len(answers)), key=lambda i: row_scores[i])
             worst = min(range(len(answers)), key=lambda i: row_scores[i])
-            if row_scores[best] == row_scores[worst]:
-                ties += 1
+            if row_scores[best] != row_scores[worst]:
+                records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
+                kept_rows.append(row)
                 continue
-            records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
-            kept_rows.append(row)
+            ties += 1
+            fixed = self.repaired(prompt, answers, row_scores[best]) if self.settings.repair_ties else None
+            if fixed is not None:
+                records.append({"prompt": prompt, **fixed})
+                kept_rows.append(row)
+                repaired += 1
         built, _ = build_pairs(records, self.tokenizer, source="online samples", allow_empty=True, **self.lengths)
         pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, kept_rows[p.row]) for p in built]
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
         stats = {"score_sum": sum(sum(row) for row in scores), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
-                 "unusable": len(records) - len(pairs), "pairs": len(pairs)}
+                 "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs)}
         return pairs, stats
+
+    def repaired(self, prompt: str, answers: list[str], tied_score: float) -> dict[str, str] | None:
+        """(chosen, rejected) = (the judge's repair, the answer) for the first answer, in sampling order, that the
+        judge repairs into one it scores above the tie; None when it repairs none."""
+        for answer in answers:
+            fixed = self.judge.repair(prompt, answer)
+            if fixed is not None and fixed != answer and self.judge.score_batch([prompt], [[fixed]])[0][0] > tied_score:
+                return {"chosen": fixed, "rejected": answer}
+        return None
 
 
 def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]:
     """The logged sampling metrics from the processes' statistics."""
-    keys = ("score_sum", "samples", "tokens", "prompts", "ties", "unusable", "pairs")
+    keys = ("score_sum", "samples", "tokens", "prompts", "ties", "repaired", "unusable", "pairs")
     total = {key: sum(s[key] for s in stats) for key in keys}
     samples, prompts = max(total["samples"], 1), max(total["prompts"], 1)
     return {"online/score": total["score_sum"] / samples, "online/ties": total["ties"] / prompts,
+            "online/repaired": total["repaired"] / prompts,
             "online/unusable": total["unusable"] / prompts, "online/pairs": total["pairs"],
             "online/mean_length": total["tokens"] / samples, "online/sample_s": seconds}
 

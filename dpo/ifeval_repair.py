@@ -1,0 +1,107 @@
+"""Repairs of IFEval responses: a response rewritten so that it follows its prompt's constraints, for online and
+iterative DPO's `--repair-ties`. When every sample of a prompt misses, no pair can be ranked out of them; the pair
+(a sample repaired, the same sample) still teaches the constraint, and differs from the sample only where the
+constraint asks it to.
+
+Each rewrite changes the response the least it can; it adds only the constraint's own words (and, for a postscript,
+the one sentence POSTSCRIPT):
+
+    change_case:english_lowercase / english_capital   the response lower- / upper-cased
+    punctuation:no_comma                              its commas dropped
+    startend:quotation                                the response wrapped in double quotation marks
+    startend:end_checker                              the end phrase appended, as a paragraph of its own
+    detectable_content:postscript                     a postscript with the asked marker appended (POSTSCRIPT)
+    detectable_format:title                           the words of its first sentence of 3 or more words
+                                                      (up to TITLE_WORDS) as a <<title>>
+    detectable_format:number_bullet_lists             its list of that length with '*' markers, or else its
+                                                      sentences, in order, cut into that many bullets
+    length_constraints:number_words ("less than")     its leading sentences (or words) that stay under the count
+
+Other types (keywords, at least N words, ...) have no repair: they would need new content. A repair counts only
+when IFEval's own checkers pass it strictly on every constraint of the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from dpo.ifeval import IFEvalPrompt, verdicts
+
+POSTSCRIPT = "I hope this helps."
+TITLE_WORDS = 8
+TITLE_MIN_WORDS = 3
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+LIST_MARKER = re.compile(r"^[ \t]*(?:[*\-+•]|\d+[.)])[ \t]+", flags=re.MULTILINE)
+WORD = re.compile(r"\w+")  # IFEval's word count (instructions_util.count_words: RegexpTokenizer(r"\w+"))
+
+Repair = Callable[[str, dict[str, Any]], "str | None"]
+
+
+def sentences(text: str) -> list[str]:
+    """The text's sentences and lines, in order, list markers removed."""
+    return [s.strip() for s in SENTENCE_END.split(LIST_MARKER.sub("", text)) if s.strip()]
+
+
+def title(text: str, args: dict[str, Any]) -> str | None:
+    candidates = [WORD.findall(part) for part in sentences(text)] or [[]]
+    words = next((w for w in candidates if len(w) >= TITLE_MIN_WORDS), candidates[0])  # not "Sure!"
+    if not words:
+        return None
+    return f"<<{' '.join(words[:TITLE_WORDS])}>>\n\n{text.lstrip()}"
+
+
+def bullets(text: str, args: dict[str, Any]) -> str | None:
+    n = args["num_bullets"]
+    items = LIST_MARKER.findall(text)
+    if len(items) == n:  # a list of the asked length already: its markers made '*' bullets
+        return LIST_MARKER.sub("* ", text)
+    parts = sentences(text)
+    if len(parts) < n:
+        return None
+    cuts = [round(i * len(parts) / n) for i in range(n + 1)]
+    return "\n".join("* " + " ".join(parts[cuts[i]:cuts[i + 1]]).lstrip("*-").strip() for i in range(n))
+
+
+def fewer_words(text: str, args: dict[str, Any]) -> str | None:
+    if args.get("relation") != "less than":
+        return None  # "at least" N words would need words the response does not have
+    limit, kept = args["num_words"], ""
+    for part in sentences(text):
+        longer = f"{kept} {part}".strip()
+        if len(WORD.findall(longer)) >= limit:
+            break
+        kept = longer
+    if not kept:  # the first sentence alone is too long: its first words
+        kept = " ".join(text.split()[:max(limit - 1, 0)])
+        while kept and len(WORD.findall(kept)) >= limit:
+            kept = kept.rsplit(" ", 1)[0] if " " in kept else ""
+    return kept or None
+
+
+REPAIRS: dict[str, Repair] = {
+    "change_case:english_lowercase": lambda text, args: text.lower(),
+    "change_case:english_capital": lambda text, args: text.upper(),
+    "punctuation:no_comma": lambda text, args: text.replace(",", ""),
+    "startend:quotation": lambda text, args: f'"{text.strip().strip(chr(34)).strip()}"',
+    "startend:end_checker": lambda text, args: f"{text.rstrip()}\n\n{args['end_phrase']}",
+    "detectable_content:postscript": lambda text, args: f"{text.rstrip()}\n\n{args['postscript_marker']} {POSTSCRIPT}",
+    "detectable_format:title": title,
+    "detectable_format:number_bullet_lists": bullets,
+    "length_constraints:number_words": fewer_words,
+}
+
+
+def repair(prompt: IFEvalPrompt, response: str) -> str | None:
+    """`response` rewritten to follow every constraint of `prompt`, or None: a constraint with no repair, a repair
+    that the checkers still fail, or a response that already follows them all."""
+    if not response.strip() or all(verdicts(prompt, response)[0]):
+        return None
+    text: str | None = response
+    for type_id, args in zip(prompt.instruction_id_list, prompt.kwargs):
+        rewrite = REPAIRS.get(type_id)
+        text = rewrite(text, dict(args)) if rewrite is not None and text is not None else None
+        if text is None:
+            return None
+    return text if text.strip() and all(verdicts(prompt, text)[0]) else None

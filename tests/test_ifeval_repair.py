@@ -1,0 +1,134 @@
+"""Repairs of IFEval responses: every repair passes IFEval's own checkers, changes the response only where its
+constraint asks, gives up where the constraint would need new content, and --repair-ties turns a tie into the pair
+(repair, sample) and counts it."""
+
+import random
+
+import pytest
+
+from dpo.ifeval import DEFAULT_TYPES, IFEvalPrompt, sampled_constraint
+from dpo.ifeval_repair import POSTSCRIPT, REPAIRS, repair
+from dpo.judges import IFEvalJudge, build_judge
+from dpo.on_policy import OnPolicySettings, Sampler, summarize
+from dpo.settings import ConfigError
+from harness import tiny_tokenizer
+
+common = pytest.importorskip("if_verifiable.common")
+registry = pytest.importorskip("if_verifiable.ifeval.instructions_registry")
+
+LISTED = ("Sure! Here are three ways to stay healthy, in order of importance:\n\n1. Drink water, often.\n"
+          "2. Sleep well. It helps a lot!\n3. Exercise daily.\n\nIn summary, small habits add up.")
+PLAIN = "The capital of France is Paris, a large city on the Seine. It is known for art, food and history."
+LONG = " ".join([PLAIN] * 20)  # 400 words
+RESPONSES = [LISTED, PLAIN, LONG, "Paris.", "* one\n* two\n* three\n* four", "Well, it depends; ask again later, please!"]
+
+
+def ifeval_strict(p: IFEvalPrompt, response: str) -> bool:
+    results, _ = common.evaluate_instructions(response, list(p.instruction_id_list), [dict(k) for k in p.kwargs],
+                                              p.prompt, registry.INSTRUCTION_DICT)
+    return all(r.strict_pass for r in results)
+
+
+def one(type_id, **kwargs):
+    return IFEvalPrompt("Tell me about Paris.", (type_id,), (kwargs,))
+
+
+@pytest.mark.parametrize("type_id, kwargs, expected", [
+    ("change_case:english_lowercase", {}, PLAIN.lower()),
+    ("change_case:english_capital", {}, PLAIN.upper()),
+    ("punctuation:no_comma", {}, PLAIN.replace(",", "")),
+    ("startend:quotation", {}, f'"{PLAIN}"'),
+    ("startend:end_checker", {"end_phrase": "Is there anything else I can help with?"},
+     f"{PLAIN}\n\nIs there anything else I can help with?"),
+    ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, f"{PLAIN}\n\nP.P.S {POSTSCRIPT}"),
+    ("detectable_format:title", {}, f"<<The capital of France is Paris a large>>\n\n{PLAIN}"),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2},
+     "* The capital of France is Paris, a large city on the Seine.\n* It is known for art, food and history."),
+    ("length_constraints:number_words", {"num_words": 15, "relation": "less than"},
+     "The capital of France is Paris, a large city on the Seine."),
+])
+def test_each_repair_is_the_least_change_that_ifeval_passes(type_id, kwargs, expected):
+    p = one(type_id, **kwargs)
+    assert not ifeval_strict(p, PLAIN)
+    assert repair(p, PLAIN) == expected and ifeval_strict(p, expected)
+
+
+def test_a_list_of_the_asked_length_keeps_its_items_and_a_title_skips_a_short_opening():
+    assert repair(one("detectable_format:number_bullet_lists", num_bullets=3), LISTED) == LISTED.replace(
+        "1. ", "* ").replace("2. ", "* ").replace("3. ", "* ")
+    assert repair(one("detectable_format:title"), LISTED).startswith("<<Here are three ways to stay healthy in>>")
+    words = repair(one("length_constraints:number_words", num_words=4, relation="less than"), PLAIN)
+    assert words == "The capital of" and ifeval_strict(one("length_constraints:number_words", num_words=4,
+                                                           relation="less than"), words)
+
+
+@pytest.mark.parametrize("p, response", [
+    (one("keywords:existence", keywords=["river"]), PLAIN),  # would need new content
+    (one("length_constraints:number_words", num_words=500, relation="at least"), PLAIN),
+    (one("detectable_format:number_bullet_lists", num_bullets=5), PLAIN),  # two sentences cannot make five bullets
+    (one("punctuation:no_comma"), "Paris is big."),  # already followed: nothing to repair
+    (one("change_case:english_lowercase"), "   "),
+    (IFEvalPrompt("Q", ("change_case:english_lowercase", "keywords:existence"), ({}, {"keywords": ["river"]})), PLAIN),
+])
+def test_no_repair_where_it_would_need_new_content_or_nothing_is_missed(p, response):
+    assert repair(p, response) is None
+
+
+def test_several_constraints_are_repaired_together():
+    p = IFEvalPrompt("Q", ("change_case:english_lowercase", "startend:quotation", "punctuation:no_comma"), ({}, {}, {}))
+    fixed = repair(p, PLAIN)
+    assert fixed == f'"{PLAIN.lower().replace(",", "")}"' and ifeval_strict(p, fixed)
+
+
+ALWAYS = ("change_case:english_lowercase", "change_case:english_capital", "punctuation:no_comma", "startend:quotation",
+          "startend:end_checker", "detectable_content:postscript", "detectable_format:title")
+
+
+def test_every_repair_of_sampled_constraints_passes_ifeval_own_checkers():
+    """Brute force: each default type with 12 argument draws of the checkers' own, on five responses; every repair
+    given passes IFEval's evaluate_instructions, and every type the module repairs is repaired at least once."""
+    repaired_types = set()
+    rng = random.Random(0)
+    for type_id in DEFAULT_TYPES:
+        for _ in range(12):
+            description, args = sampled_constraint(type_id, rng.randrange(2 ** 32))
+            p = IFEvalPrompt(f"Tell me about Paris. {description}", (type_id,), (args,))
+            for response in RESPONSES:
+                fixed = repair(p, response)
+                if fixed is not None:
+                    assert ifeval_strict(p, fixed), (type_id, args, response, fixed)
+                    repaired_types.add(type_id)
+                elif response in (PLAIN, LISTED) and type_id in ALWAYS:
+                    assert ifeval_strict(p, response), (type_id, args, response)  # only a followed one has none
+    assert repaired_types == set(REPAIRS)
+
+
+LENGTHS = dict(max_length=96, max_prompt_length=48, truncation_mode="keep_end", template="recipe")
+
+
+def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
+    prompts = [IFEvalPrompt("is the sun red? Do not use any commas.", ("punctuation:no_comma",), ({},)),
+               IFEvalPrompt("is the moon red? Use at least 300 words.", ("length_constraints:number_words",),
+                            ({"num_words": 300, "relation": "at least"},)),
+               IFEvalPrompt("is the cat red? Do not use any commas.", ("punctuation:no_comma",), ({},))]
+    judge = IFEvalJudge(prompts)
+    texts = [p.prompt for p in prompts]
+    samples = [["no, it is yellow", "yes, it is red"], ["no", "yes"], ["no it is black", "yes, red"]]
+    off = Sampler(OnPolicySettings(online=True, num_samples=2), judge, tiny_tokenizer(), LENGTHS, 0)
+    pairs, stats = off.pairs(texts, samples, rows=[0, 1, 2])
+    assert [p.row for p in pairs] == [2] and (stats["ties"], stats["repaired"]) == (2, 0)
+    on = Sampler(OnPolicySettings(online=True, num_samples=2, repair_ties=True), judge, tiny_tokenizer(), LENGTHS, 0)
+    assert on.repaired(texts[0], samples[0], 0.0) == {"chosen": "no it is yellow", "rejected": "no, it is yellow"}
+    assert on.repaired(texts[1], samples[1], 0.0) is None  # "at least 300 words" cannot be repaired: still a tie
+    pairs, stats = on.pairs(texts, samples, rows=[0, 1, 2])
+    assert [p.row for p in pairs] == [0, 2] and (stats["ties"], stats["repaired"], stats["pairs"]) == (2, 1, 2)
+    tokenizer = tiny_tokenizer()
+    assert pairs[0].chosen_ids[:len(tokenizer(" no it is yellow", add_special_tokens=False)["input_ids"])] == \
+        tokenizer(" no it is yellow", add_special_tokens=False)["input_ids"]
+    metrics = summarize([stats], seconds=1.0)
+    assert metrics["online/repaired"] == pytest.approx(1 / 3) and metrics["online/ties"] == pytest.approx(2 / 3)
+
+
+def test_repair_ties_needs_a_judge_that_repairs():
+    with pytest.raises(ConfigError, match="--repair-ties needs a judge that can repair"):
+        Sampler(OnPolicySettings(online=True, repair_ties=True), build_judge("demo"), tiny_tokenizer(), LENGTHS, 0)
