@@ -45,6 +45,7 @@ def sentences(text: str) -> list[str]:
 
 
 def title(text: str, args: dict[str, Any]) -> str | None:
+    """detectable_format:title: a <<title>> line of the response's own words put before it."""
     candidates = [WORD.findall(part) for part in sentences(text)] or [[]]
     words = next((w for w in candidates if len(w) >= TITLE_MIN_WORDS), candidates[0])  # not "Sure!"
     if not words:
@@ -53,6 +54,7 @@ def title(text: str, args: dict[str, Any]) -> str | None:
 
 
 def bullets(text: str, args: dict[str, Any]) -> str | None:
+    """detectable_format:number_bullet_lists: the response as exactly `num_bullets` '*' bullets, or None."""
     n = args["num_bullets"]
     items = LIST_MARKER.findall(text)
     if len(items) == n:  # a list of the asked length already: its markers made '*' bullets
@@ -65,6 +67,7 @@ def bullets(text: str, args: dict[str, Any]) -> str | None:
 
 
 def fewer_words(text: str, args: dict[str, Any]) -> str | None:
+    """length_constraints:number_words, "less than": the response's leading part under the count, or None."""
     if args.get("relation") != "less than":
         return None  # "at least" N words would need words the response does not have
     limit, kept = args["num_words"], ""
