@@ -17,8 +17,9 @@ the one sentence POSTSCRIPT):
                                                       sentences, in order, cut into that many bullets
     length_constraints:number_words ("less than")     its leading sentences (or words) that stay under the count
 
-Other types (keywords, at least N words, ...) have no repair: they would need new content. A repair counts only
-when IFEval's own checkers pass it strictly on every constraint of the prompt.
+Other types (keywords, at least N words, ...) have no repair: they would need new content. Only the constraints a
+response misses are rewritten, and a repair counts only when IFEval's own checkers pass it strictly on every
+constraint of the prompt.
 """
 
 from __future__ import annotations
@@ -83,11 +84,16 @@ def fewer_words(text: str, args: dict[str, Any]) -> str | None:
     return kept or None
 
 
+def quoted(text: str, args: dict[str, Any]) -> str:
+    """startend:quotation: the response wrapped in double quotation marks (its own outer ones dropped first)."""
+    return '"' + text.strip().strip('"').strip() + '"'
+
+
 REPAIRS: dict[str, Repair] = {
     "change_case:english_lowercase": lambda text, args: text.lower(),
     "change_case:english_capital": lambda text, args: text.upper(),
     "punctuation:no_comma": lambda text, args: text.replace(",", ""),
-    "startend:quotation": lambda text, args: f'"{text.strip().strip(chr(34)).strip()}"',
+    "startend:quotation": quoted,
     "startend:end_checker": lambda text, args: f"{text.rstrip()}\n\n{args['end_phrase']}",
     "detectable_content:postscript": lambda text, args: f"{text.rstrip()}\n\n{args['postscript_marker']} {POSTSCRIPT}",
     "detectable_format:title": title,
@@ -97,14 +103,17 @@ REPAIRS: dict[str, Repair] = {
 
 
 def repair(prompt: IFEvalPrompt, response: str) -> str | None:
-    """`response` rewritten to follow every constraint of `prompt`, or None: a constraint with no repair, a repair
-    that the checkers still fail, or a response that already follows them all."""
+    """`response` rewritten to follow every constraint of `prompt` (each one it misses rewritten in turn), or None: a
+    missed constraint with no repair, a repair that the checkers still fail, or a response that follows them all."""
     if not response.strip() or all(verdicts(prompt, response)[0]):
         return None
-    text: str | None = response
-    for type_id, args in zip(prompt.instruction_id_list, prompt.kwargs):
+    text = response
+    for i, (type_id, args) in enumerate(zip(prompt.instruction_id_list, prompt.kwargs)):
+        if verdicts(prompt, text)[0][i]:
+            continue  # followed already (a keyword that is there needs no rewrite)
         rewrite = REPAIRS.get(type_id)
-        text = rewrite(text, dict(args)) if rewrite is not None and text is not None else None
-        if text is None:
+        fixed = rewrite(text, dict(args)) if rewrite is not None else None
+        if fixed is None:
             return None
+        text = fixed
     return text if text.strip() and all(verdicts(prompt, text)[0]) else None

@@ -78,6 +78,9 @@ def test_several_constraints_are_repaired_together():
     p = IFEvalPrompt("Q", ("change_case:english_lowercase", "startend:quotation", "punctuation:no_comma"), ({}, {}, {}))
     fixed = repair(p, PLAIN)
     assert fixed == f'"{PLAIN.lower().replace(",", "")}"' and ifeval_strict(p, fixed)
+    # a constraint followed already needs no rewrite, even one that has none: only the missed one is rewritten
+    keyword = IFEvalPrompt("Q", ("keywords:existence", "punctuation:no_comma"), ({"keywords": ["Seine"]}, {}))
+    assert repair(keyword, PLAIN) == PLAIN.replace(",", "") and ifeval_strict(keyword, PLAIN.replace(",", ""))
 
 
 ALWAYS = ("change_case:english_lowercase", "change_case:english_capital", "punctuation:no_comma", "startend:quotation",
