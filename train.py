@@ -17,12 +17,14 @@ The parts, in the order a run uses them:
                       clipping, the NaN policy; returns the step's metrics (benchmarks/throughput.py times it)
     evaluate          loss and reward metrics on the held-out pairs
     save / save_final checkpoints and the final model
-    main              settings -> data -> models -> loop { batch -> train_step -> evaluate? -> log -> save? }
+    run_training      data -> models -> loop { batch -> train_step -> evaluate? -> log -> save? } -> final/
+    main              settings -> processes -> run_training -> the process group closed
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import shutil
@@ -701,6 +703,18 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     device, dist = start_processes(cfg)
+    run_training(cfg, device, dist)
+    # The wrapped model keeps the process group alive through reference cycles. Collect them while the interpreter
+    # is whole: left to its shutdown, gloo's threads can abort a process that has finished its work.
+    gc.collect()
+    barrier(dist)
+    shutdown_distributed()
+    return 0
+
+
+def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> None:
+    """The run itself, top to bottom: data, models, reference log-probs, the loop, final/. Its models and
+    optimizer live in this frame only, so they are gone when it returns."""
     cfg.precision = resolve_precision(cfg.precision, device)  # what ran is recorded, checked on resume and cached
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     if batch_coupled(cfg.loss):
@@ -789,9 +803,6 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         if state.step == total_steps:
             finish(state, tokenizer, run_config, train_record, eval_record, log)
-    barrier(dist)
-    shutdown_distributed()
-    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
