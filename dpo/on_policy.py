@@ -65,6 +65,9 @@ class OnPolicySettings:
     sample_max_new_tokens: int = setting(64, "new tokens per sampled response", check=positive)
     repair_ties: bool = setting(False, "a prompt whose samples all score alike trains on (the judge's repair of a "
                                        "sample, that sample) instead of being skipped (judges that repair: ifeval)")
+    longest_first: bool = setting(False, "among answers the judge scores alike, the chosen is the longest of the best, "
+                                         "the rejected the shortest of the worst, and ties repair the longest answer "
+                                         "first (else the first in sampling order): counters a drift to short answers")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -141,14 +144,16 @@ class Sampler:
         scores = self.judge.score_batch(prompts, responses)
         records, kept_rows, ties, repaired = [], [], 0, 0
         for prompt, answers, row_scores, row in zip(prompts, responses, scores, rows):
-            best = max(range(len(answers)), key=lambda i: row_scores[i])
-            worst = min(range(len(answers)), key=lambda i: row_scores[i])
+            chosen_order, rejected_order = self.preference_orders(answers)
+            best = max(chosen_order, key=lambda i: row_scores[i])  # max and min keep the first of equals
+            worst = min(rejected_order, key=lambda i: row_scores[i])
             if row_scores[best] != row_scores[worst]:
                 records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
                 kept_rows.append(row)
                 continue
             ties += 1
-            fixed = self.repaired(prompt, answers, row_scores[best]) if self.settings.repair_ties else None
+            fixed = self.repaired(prompt, [answers[i] for i in chosen_order], row_scores[best]) \
+                if self.settings.repair_ties else None
             if fixed is not None:
                 records.append({"prompt": prompt, **fixed})
                 kept_rows.append(row)
@@ -161,8 +166,18 @@ class Sampler:
                  "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs)}
         return pairs, stats
 
+    def preference_orders(self, answers: list[str]) -> tuple[list[int], list[int]]:
+        """The orders in which equally scored answers are taken, for the chosen (and the answer a tie repairs) and
+        for the rejected: the first of the best, the first of the worst. Sampling order; with --longest-first, the
+        longest first for the chosen and the shortest first for the rejected, by characters (sampling order among
+        equal lengths)."""
+        if self.settings.longest_first:
+            longest = sorted(range(len(answers)), key=lambda i: -len(answers[i]))
+            return longest, sorted(range(len(answers)), key=lambda i: len(answers[i]))
+        return list(range(len(answers))), list(range(len(answers)))
+
     def repaired(self, prompt: str, answers: list[str], tied_score: float) -> dict[str, str] | None:
-        """(chosen, rejected) = (the judge's repair, the answer) for the first answer, in sampling order, that the
+        """(chosen, rejected) = (the judge's repair, the answer) for the first answer, in the order given, that the
         judge repairs into one it scores above the tie; None when it repairs none."""
         for answer in answers:
             fixed = self.judge.repair(prompt, answer)

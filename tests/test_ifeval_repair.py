@@ -135,3 +135,60 @@ def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
 def test_repair_ties_needs_a_judge_that_repairs():
     with pytest.raises(ConfigError, match="--repair-ties needs a judge that can repair"):
         Sampler(OnPolicySettings(online=True, repair_ties=True), build_judge("demo"), tiny_tokenizer(), LENGTHS, 0)
+
+
+class ScoreTable:
+    """A judge that gives each answer the score listed for it."""
+
+    name = "table"
+    can_repair = False
+
+    def __init__(self, scores: dict[str, float]):
+        self.scores = scores
+
+    def score_batch(self, prompts, responses):
+        return [[self.scores[a] for a in answers] for answers in responses]
+
+
+@pytest.mark.parametrize("longest_first", [False, True])
+def test_longest_first_takes_the_longest_best_and_the_shortest_worst(longest_first):
+    """Brute force over 200 draws of 4 answers (lengths 1-6, scores 0 / 0.5 / 1): the chosen and rejected are those
+    their definition names, ties among equal lengths broken by sampling order."""
+    rng = random.Random(0)
+    settings = OnPolicySettings(online=True, num_samples=4, longest_first=longest_first)
+    prompts, samples, expected, scores = [], [], [], {}
+    for row in range(200):
+        answers = [f"r{row}a{i}" + "x" * rng.randint(1, 6) for i in range(4)]
+        scores.update({a: rng.choice([0.0, 0.5, 1.0]) for a in answers})
+        top, bottom = max(scores[a] for a in answers), min(scores[a] for a in answers)
+        if top == bottom:
+            continue
+        best = [i for i, a in enumerate(answers) if scores[a] == top]
+        worst = [i for i, a in enumerate(answers) if scores[a] == bottom]
+        if longest_first:
+            best.sort(key=lambda i: -len(answers[i]))
+            worst.sort(key=lambda i: len(answers[i]))
+        prompts.append(f"question {row}")
+        samples.append(answers)
+        expected.append((answers[best[0]], answers[worst[0]]))
+    sampler = Sampler(settings, ScoreTable(scores), tiny_tokenizer(), LENGTHS, 0)
+    pairs, stats = sampler.pairs(prompts, samples, rows=list(range(len(prompts))))
+    tokenizer = tiny_tokenizer()
+    assert stats["pairs"] == len(expected) > 100
+    for pair, (chosen, rejected) in zip(pairs, expected):
+        assert tokenizer.decode(pair.chosen_ids, skip_special_tokens=True).strip() == chosen
+        assert tokenizer.decode(pair.rejected_ids, skip_special_tokens=True).strip() == rejected
+    if longest_first:  # and it differs from sampling order on some draws
+        plain = Sampler(OnPolicySettings(online=True, num_samples=4), ScoreTable(scores), tokenizer, LENGTHS, 0)
+        assert [p.chosen_ids for p in plain.pairs(prompts, samples, rows=list(range(len(prompts))))[0]] != \
+            [p.chosen_ids for p in pairs]
+
+
+def test_longest_first_repairs_the_longest_tied_answer():
+    prompt = IFEvalPrompt("is the sun red? Do not use any commas.", ("punctuation:no_comma",), ({},))
+    samples = ["no, it is yellow", "well, no, it is yellow, and hot"]
+    settings = OnPolicySettings(online=True, num_samples=2, repair_ties=True, longest_first=True)
+    pairs, stats = Sampler(settings, IFEvalJudge([prompt]), tiny_tokenizer(), LENGTHS, 0).pairs(
+        [prompt.prompt], [samples], rows=[0])
+    decoded = tiny_tokenizer().decode(pairs[0].chosen_ids, skip_special_tokens=True).strip()
+    assert stats["repaired"] == 1 and decoded == "well no it is yellow and hot"
