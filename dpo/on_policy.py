@@ -65,9 +65,10 @@ class OnPolicySettings:
     sample_max_new_tokens: int = setting(64, "new tokens per sampled response", check=positive)
     repair_ties: bool = setting(False, "a prompt whose samples all score alike trains on (the judge's repair of a "
                                        "sample, that sample) instead of being skipped (judges that repair: ifeval)")
-    longest_first: bool = setting(False, "among answers the judge scores alike, the chosen is the longest of the best, "
-                                         "the rejected the shortest of the worst, and ties repair the longest answer "
-                                         "first (else the first in sampling order): counters a drift to short answers")
+    pair_choice: str = setting("first", "which of the answers the judge scores alike make a pair: first (in sampling "
+                                        "order), longest (the longest best, the shortest worst; a tie repairs its "
+                                        "longest answer), matched (the best and worst closest in length); the last "
+                                        "two counter a drift to short answers", choices=("first", "longest", "matched"))
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -81,6 +82,26 @@ class OnPolicySettings:
     def enabled(self) -> bool:
         """Whether the run trains on sampled pairs (online or iterative DPO) instead of the preference set."""
         return self.online or self.iterations > 0
+
+
+def first_pair(lengths: list[int], best: list[int], worst: list[int]) -> tuple[int, int]:
+    """--pair-choice first: the first of the best and the first of the worst, in sampling order."""
+    return best[0], worst[0]
+
+
+def longest_pair(lengths: list[int], best: list[int], worst: list[int]) -> tuple[int, int]:
+    """--pair-choice longest: the longest of the best and the shortest of the worst (sampling order among equals)."""
+    return min(best, key=lambda i: -lengths[i]), min(worst, key=lambda i: lengths[i])
+
+
+def matched_pair(lengths: list[int], best: list[int], worst: list[int]) -> tuple[int, int]:
+    """--pair-choice matched: the (best, worst) pair whose lengths differ least, so that the pair teaches what the
+    judge scores and as little as it can about length (the first such pair in sampling order)."""
+    return min(((b, w) for b in best for w in worst), key=lambda bw: abs(lengths[bw[0]] - lengths[bw[1]]))
+
+
+PAIR_CHOICES: dict[str, Callable[[list[int], list[int], list[int]], tuple[int, int]]] = {
+    "first": first_pair, "longest": longest_pair, "matched": matched_pair}
 
 
 @dataclass
@@ -144,15 +165,15 @@ class Sampler:
         scores = self.judge.score_batch(prompts, responses)
         records, kept_rows, ties, repaired = [], [], 0, 0
         for prompt, answers, row_scores, row in zip(prompts, responses, scores, rows):
-            chosen_order, rejected_order = self.preference_orders(answers)
-            best = max(chosen_order, key=lambda i: row_scores[i])  # max and min keep the first of equals
-            worst = min(rejected_order, key=lambda i: row_scores[i])
-            if row_scores[best] != row_scores[worst]:
+            top, bottom = max(row_scores), min(row_scores)
+            if top != bottom:
+                best, worst = self.choose(answers, [i for i, x in enumerate(row_scores) if x == top],
+                                          [i for i, x in enumerate(row_scores) if x == bottom])
                 records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
                 kept_rows.append(row)
                 continue
             ties += 1
-            fixed = self.repaired(prompt, [answers[i] for i in chosen_order], row_scores[best]) \
+            fixed = self.repaired(prompt, [answers[i] for i in self.repair_order(answers)], top) \
                 if self.settings.repair_ties else None
             if fixed is not None:
                 records.append({"prompt": prompt, **fixed})
@@ -166,15 +187,18 @@ class Sampler:
                  "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs)}
         return pairs, stats
 
-    def preference_orders(self, answers: list[str]) -> tuple[list[int], list[int]]:
-        """The orders in which equally scored answers are taken, for the chosen (and the answer a tie repairs) and
-        for the rejected: the first of the best, the first of the worst. Sampling order; with --longest-first, the
-        longest first for the chosen and the shortest first for the rejected, by characters (sampling order among
-        equal lengths)."""
-        if self.settings.longest_first:
-            longest = sorted(range(len(answers)), key=lambda i: -len(answers[i]))
-            return longest, sorted(range(len(answers)), key=lambda i: len(answers[i]))
-        return list(range(len(answers))), list(range(len(answers)))
+    def choose(self, answers: list[str], best: list[int], worst: list[int]) -> tuple[int, int]:
+        """(chosen, rejected): the indices --pair-choice takes from the best and the worst answers (each list in
+        sampling order); lengths are counted in characters."""
+        return PAIR_CHOICES[self.settings.pair_choice]([len(a) for a in answers], best, worst)
+
+    def repair_order(self, answers: list[str]) -> list[int]:
+        """The order in which a tie's answers are offered to the judge's repair: the chosen's order of
+        --pair-choice, that is the longest first for `longest`, else sampling order."""
+        everyone = list(range(len(answers)))
+        if self.settings.pair_choice != "longest":
+            return everyone
+        return sorted(everyone, key=lambda i: -len(answers[i]))
 
     def repaired(self, prompt: str, answers: list[str], tied_score: float) -> dict[str, str] | None:
         """(chosen, rejected) = (the judge's repair, the answer) for the first answer, in the order given, that the

@@ -150,12 +150,24 @@ class ScoreTable:
         return [[self.scores[a] for a in answers] for answers in responses]
 
 
-@pytest.mark.parametrize("longest_first", [False, True])
-def test_longest_first_takes_the_longest_best_and_the_shortest_worst(longest_first):
+def by_definition(choice: str, answers: list[str], best: list[int], worst: list[int]) -> tuple[int, int]:
+    """The pair --pair-choice names, by brute force over every (best, worst) pair in sampling order."""
+    candidates = [(b, w) for b in best for w in worst]
+    if choice == "first":
+        return candidates[0]
+    if choice == "longest":
+        longest, shortest = max(len(answers[b]) for b in best), min(len(answers[w]) for w in worst)
+        return next((b, w) for b, w in candidates if len(answers[b]) == longest and len(answers[w]) == shortest)
+    gap = min(abs(len(answers[b]) - len(answers[w])) for b, w in candidates)
+    return next((b, w) for b, w in candidates if abs(len(answers[b]) - len(answers[w])) == gap)
+
+
+@pytest.mark.parametrize("choice", ["first", "longest", "matched"])
+def test_pair_choice_takes_the_pair_its_definition_names(choice):
     """Brute force over 200 draws of 4 answers (lengths 1-6, scores 0 / 0.5 / 1): the chosen and rejected are those
-    their definition names, ties among equal lengths broken by sampling order."""
+    the definition of --pair-choice names, ties broken by sampling order."""
     rng = random.Random(0)
-    settings = OnPolicySettings(online=True, num_samples=4, longest_first=longest_first)
+    settings = OnPolicySettings(online=True, num_samples=4, pair_choice=choice)
     prompts, samples, expected, scores = [], [], [], {}
     for row in range(200):
         answers = [f"r{row}a{i}" + "x" * rng.randint(1, 6) for i in range(4)]
@@ -165,12 +177,10 @@ def test_longest_first_takes_the_longest_best_and_the_shortest_worst(longest_fir
             continue
         best = [i for i, a in enumerate(answers) if scores[a] == top]
         worst = [i for i, a in enumerate(answers) if scores[a] == bottom]
-        if longest_first:
-            best.sort(key=lambda i: -len(answers[i]))
-            worst.sort(key=lambda i: len(answers[i]))
+        b, w = by_definition(choice, answers, best, worst)
         prompts.append(f"question {row}")
         samples.append(answers)
-        expected.append((answers[best[0]], answers[worst[0]]))
+        expected.append((answers[b], answers[w]))
     sampler = Sampler(settings, ScoreTable(scores), tiny_tokenizer(), LENGTHS, 0)
     pairs, stats = sampler.pairs(prompts, samples, rows=list(range(len(prompts))))
     tokenizer = tiny_tokenizer()
@@ -178,16 +188,35 @@ def test_longest_first_takes_the_longest_best_and_the_shortest_worst(longest_fir
     for pair, (chosen, rejected) in zip(pairs, expected):
         assert tokenizer.decode(pair.chosen_ids, skip_special_tokens=True).strip() == chosen
         assert tokenizer.decode(pair.rejected_ids, skip_special_tokens=True).strip() == rejected
-    if longest_first:  # and it differs from sampling order on some draws
+    if choice != "first":  # and it differs from sampling order on some draws
         plain = Sampler(OnPolicySettings(online=True, num_samples=4), ScoreTable(scores), tokenizer, LENGTHS, 0)
         assert [p.chosen_ids for p in plain.pairs(prompts, samples, rows=list(range(len(prompts))))[0]] != \
             [p.chosen_ids for p in pairs]
 
 
-def test_longest_first_repairs_the_longest_tied_answer():
+def test_matched_pairs_differ_less_in_length_than_the_other_choices():
+    """Over the same draws, the matched pairs' mean length gap is the smallest of the three choices, and longest's
+    chosen-minus-rejected length is the largest."""
+    rng = random.Random(1)
+    samples = [[f"r{row}a{i}" + "x" * rng.randint(1, 30) for i in range(4)] for row in range(100)]
+    scores = {a: rng.choice([0.0, 1.0]) for answers in samples for a in answers}
+    prompts = [f"question {row}" for row in range(100)]
+    gaps, signed = {}, {}
+    for choice in ("first", "longest", "matched"):
+        sampler = Sampler(OnPolicySettings(online=True, num_samples=4, pair_choice=choice), ScoreTable(scores),
+                          tiny_tokenizer(), LENGTHS, 0)
+        pairs, _ = sampler.pairs(prompts, samples, rows=list(range(100)))
+        differences = [len(p.chosen_ids) - len(p.rejected_ids) for p in pairs]
+        gaps[choice] = sum(abs(d) for d in differences) / len(pairs)
+        signed[choice] = sum(differences) / len(pairs)
+    assert gaps["matched"] < gaps["first"] and gaps["matched"] < gaps["longest"]
+    assert signed["longest"] > signed["first"] and signed["longest"] > signed["matched"]
+
+
+def test_pair_choice_longest_repairs_the_longest_tied_answer():
     prompt = IFEvalPrompt("is the sun red? Do not use any commas.", ("punctuation:no_comma",), ({},))
     samples = ["no, it is yellow", "well, no, it is yellow, and hot"]
-    settings = OnPolicySettings(online=True, num_samples=2, repair_ties=True, longest_first=True)
+    settings = OnPolicySettings(online=True, num_samples=2, repair_ties=True, pair_choice="longest")
     pairs, stats = Sampler(settings, IFEvalJudge([prompt]), tiny_tokenizer(), LENGTHS, 0).pairs(
         [prompt.prompt], [samples], rows=[0])
     decoded = tiny_tokenizer().decode(pairs[0].chosen_ids, skip_special_tokens=True).strip()
