@@ -353,7 +353,8 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
 
 def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
                 reference: ReferenceLogps | None) -> PreferenceLogps:
-    """Policy log-probs of pairs[ids] (one micro-batch) and the reference's, as the loss reads them."""
+    """Policy log-probs of pairs[ids] (one micro-batch of the step's batch `pairs`) and the reference's, as the
+    loss reads them."""
     batch = {k: v.to(state.device) for k, v in state.collate([pairs[i] for i in ids]).items()}
     n = len(ids)
     policy = state.scorer(batch)
@@ -366,10 +367,12 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
         ref_chosen, ref_rejected = ref.sum[:n], ref.sum[n:]
         ReferenceLogps(ref_chosen.detach(), ref_rejected.detach()).require_finite(f"step {state.step + 1}")
     wpo = policy.wpo
+    chosen_length = sum(len(p.chosen_ids) for p in pairs) / max(len(pairs), 1)  # the whole step's, as the loss reads
     return PreferenceLogps(
         policy_chosen_logps=policy.sum[:n], policy_rejected_logps=policy.sum[n:],
         reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected,
         chosen_lengths=policy.count[:n], rejected_lengths=policy.count[n:],
+        batch_chosen_length=torch.full((n,), chosen_length, device=state.device),
         chosen_wpo_logps=None if wpo is None else wpo[:n], rejected_wpo_logps=None if wpo is None else wpo[n:],
         state=state.loss_state)
 

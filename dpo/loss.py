@@ -30,11 +30,13 @@ Write one function in your own file (examples/my_loss.py is this one):
 and select it with `--loss path/to/my_loss.py:my_loss` (relative to the working directory) or, when
 importable, `--loss my_pkg.losses:my_loss`. It may be mixed with built-ins:
 `--loss sigmoid:1.0,path/to/my_loss.py:my_loss:0.5`. The building blocks of the built-in losses are public:
-log_ratios, divergence_scores, preference_margin, lengths, mean_logps, chosen_nll, smoothed_logistic.
+log_ratios, divergence_scores, preference_margin, lengths, mean_logps, chosen_nll, chosen_token_nll,
+smoothed_logistic.
 The contract:
   * input: `x` holds fp32 tensors of shape [B] on one device: policy_chosen_logps, policy_rejected_logps,
     reference_chosen_logps, reference_rejected_logps (None without a reference), chosen_lengths, rejected_lengths
-    (scored tokens), chosen_wpo_logps, rejected_wpo_logps (None unless WPO weights are on); `x.require(name)`
+    (scored tokens), batch_chosen_length (their mean chosen_lengths over the whole step), chosen_wpo_logps,
+    rejected_wpo_logps (None unless WPO weights are on); `x.require(name)`
     returns a field or raises a clear error when it is None. `cfg` holds the hyper-parameters. `x.state` is the loss's own per-run state,
     a dict of plain numbers saved in checkpoints; a loss reads it, and declares how it changes with a
     `LossState` (`my_loss.loss_state = LossState(...)` or `@register_loss(..., state=...)`): the trainer then
@@ -154,6 +156,9 @@ class PreferenceLogps:
     reference_rejected_logps: Tensor | None = None
     chosen_lengths: Tensor | None = None  # number of scored response tokens (length-normalised losses, NLL)
     rejected_lengths: Tensor | None = None
+    # the mean of chosen_lengths over the optimizer step's whole batch (every micro-batch and process), the same
+    # value for each pair: a term divided by it averages over the step's chosen tokens (--rpo-normalize tokens)
+    batch_chosen_length: Tensor | None = None
     # WPO: mean over response tokens of (log p_t - logsumexp_v(2 log p_v)), no grad
     chosen_wpo_logps: Tensor | None = None
     rejected_wpo_logps: Tensor | None = None
@@ -181,6 +186,10 @@ class LossSettings:
     reference_free: bool = setting(False, "treat the reference log-probs as 0 (no reference model)")
     rpo_alpha: float | None = setting(None, "weight of an NLL term on the chosen response, added to every loss (RPO)",
                                       check=non_negative)
+    rpo_normalize: str = setting("sequence", "how the RPO term averages the chosen NLL: over each answer's own tokens "
+                                             "(sequence, the RPO paper; a short answer's tokens weigh more) or over "
+                                             "every chosen token of the step (tokens, as TRL)",
+                                 choices=("sequence", "tokens"))
     f_divergence: str = setting("reverse_kl", "f-divergence regulariser (f-DPO)", choices=tuple(F_DIVERGENCES))
     f_alpha: float = setting(1.0, "alpha of the alpha-divergence", check=finite)
     use_weighting: bool = setting(False, "WPO weighting of each pair's loss")
@@ -359,6 +368,15 @@ def mean_logps(x: PreferenceLogps) -> tuple[Tensor, Tensor]:
 def chosen_nll(x: PreferenceLogps) -> Tensor:
     """Per-token negative log-likelihood of the chosen response: -pi_c / len_c."""
     return -x.policy_chosen_logps / x.require("chosen_lengths").clamp(min=1)
+
+
+def chosen_token_nll(x: PreferenceLogps) -> Tensor:
+    """-pi_c / mean(len_c) over the step: its mean over the step's pairs is the NLL per chosen token of the step,
+    sum(-pi_c) / sum(len_c), whatever the split into micro-batches and processes."""
+    return -x.policy_chosen_logps / x.require("batch_chosen_length").clamp(min=1)
+
+
+RPO_NLL = {"sequence": chosen_nll, "tokens": chosen_token_nll}
 
 
 def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
@@ -640,6 +658,7 @@ def compute_loss(logps: PreferenceLogps, config: LossSettings) -> LossOutput:
     """Per-pair losses and implicit rewards of a batch.
 
     losses = w * (sum_i weight_i * loss_i + rpo_alpha * (-pi_c / len_c))
+      (with rpo_normalize 'tokens': -pi_c / the mean len_c of the step's batch)
       w = WPO weight when use_weighting (applied to the whole per-pair loss, RPO term included, as TRL), else 1.
     rewards = beta * (pi - ref) (ref = 0 when reference-free), or the first term's `rewards` hook
       (simpo, orpo: beta * per-token mean log-prob, as TRL's CPO/ORPO trainers); always detached.
@@ -659,9 +678,9 @@ def compute_loss(logps: PreferenceLogps, config: LossSettings) -> LossOutput:
                 sums.append(spec.batch_sums(term_x, config).to(torch.float64).reshape(spec.size))
     if config.rpo_alpha is not None:
         try:
-            losses = losses + config.rpo_alpha * chosen_nll(x)
+            losses = losses + config.rpo_alpha * RPO_NLL[config.rpo_normalize](x)
         except MissingFieldError as error:
-            raise MissingFieldError(error.field_name, needed_by="rpo_alpha (RPO)") from None
+            raise MissingFieldError(error.field_name, needed_by=f"rpo_alpha (RPO, {config.rpo_normalize})") from None
     if config.use_weighting:
         losses = losses * _wpo_weights(x)
     rewards_fn = getattr(terms[0][1], "rewards", None) or _log_ratio_rewards

@@ -320,6 +320,20 @@ def test_rpo_alpha_adds_chosen_nll():
     assert close(out.losses, [s + 0.7 * (-pc / lc) for s, pc, lc in zip(sigmoid, PC, LC)])
 
 
+def test_rpo_normalize_tokens_averages_the_nll_over_the_steps_chosen_tokens():
+    """Closed form: each pair's NLL is -pi_c / mean(len_c), so the batch mean is sum(-pi_c) / sum(len_c), the NLL
+    per chosen token; 'sequence' keeps -pi_c / len_c."""
+    mean_length = torch.full((3,), sum(LC) / 3)
+    x = batch(batch_chosen_length=mean_length)
+    sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
+    tokens = compute_loss(x, LossSettings(beta=BETA, rpo_alpha=0.7, rpo_normalize="tokens"))
+    assert close(tokens.losses, [s + 0.7 * (-pc / (sum(LC) / 3)) for s, pc in zip(sigmoid, PC)])
+    assert tokens.losses.mean().item() - sum(sigmoid) / 3 == pytest.approx(0.7 * -sum(PC) / sum(LC), rel=1e-6)
+    sequence = compute_loss(x, LossSettings(beta=BETA, rpo_alpha=0.7))
+    assert close(sequence.losses, [s + 0.7 * (-pc / lc) for s, pc, lc in zip(sigmoid, PC, LC)])
+    assert not close(tokens.losses, sequence.losses.tolist())
+
+
 def test_wpo_weights_are_clamped_and_detached():
     chosen_wpo = torch.tensor([-1.0, -0.2, 0.5], requires_grad=True)
     rejected_wpo = torch.tensor([-0.5, -0.1, 0.3], requires_grad=True)
@@ -558,6 +572,7 @@ def test_register_loss(monkeypatch):
         (dict(chosen_lengths=None), LossSettings(loss_type="ipo"), "chosen_lengths", "'ipo'"),
         (dict(rejected_lengths=None), LossSettings(loss_type="simpo"), "rejected_lengths", "'simpo'"),
         (dict(chosen_lengths=None), LossSettings(rpo_alpha=1.0), "chosen_lengths", "rpo_alpha"),
+        ({}, LossSettings(rpo_alpha=1.0, rpo_normalize="tokens"), "batch_chosen_length", "rpo_alpha (RPO, tokens)"),
         ({}, LossSettings(use_weighting=True), "chosen_wpo_logps", "use_weighting"),
     ],
 )

@@ -284,6 +284,23 @@ def test_bco_pair_micro_batch_8_equals_micro_2_times_accumulation_4(workdir):
 
 
 @pytest.mark.slow
+def test_rpo_normalize_tokens_is_the_same_however_the_step_is_split(workdir):
+    """--rpo-normalize tokens divides by the whole step's mean chosen length: micro-batch 8 and micro-batch 2 x
+    accumulation 4 train the same weights, and they differ from the per-answer mean's."""
+    common = ("--rpo-alpha", "1.0", "--batch-size", "8", "--max-steps", "2", "--warmup-ratio", "0", "--lr", "1e-4",
+              "--max-eval-pairs", "4")
+    whole = run(workdir, "rpo-tokens-micro8", *common, "--rpo-normalize", "tokens", "--micro-batch-size", "8")
+    split = run(workdir, "rpo-tokens-micro2", *common, "--rpo-normalize", "tokens", "--micro-batch-size", "2")
+    sequence = run(workdir, "rpo-sequence-micro8", *common, "--micro-batch-size", "8")
+    wa, wb, ws = final_weights(whole), final_weights(split), final_weights(sequence)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
+    assert max((wa[k] - ws[k]).abs().max().item() for k in wa) > 1e-5
+    for ra, rb in zip(run_metrics(whole), run_metrics(split)):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5), ra["step"]
+
+
+@pytest.mark.slow
 def test_resume_refuses_other_run_settings_and_accepts_logging_changes(workdir, capsys):
     common = ("--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3", "--max-eval-pairs", "4")
     out = run(workdir, "resume-check", *common, "--stop-at-step", "1")
