@@ -214,3 +214,125 @@ def test_k_samples_from_one_prompt_forward_are_the_repeated_prompts_samples(arch
     assert len(shared) == 12 and sum(map(len, shared)) > 0
     if not greedy:
         assert len(set(shared[:4])) > 1  # the k samples of a prompt are distinct draws
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_preallocated_cache_samples_what_the_dynamic_cache_samples(arch, monkeypatch):
+    """generate_batch writes each new token's keys and values in place (PreallocatedLayer): its samples, one and k
+    per prompt, are token for token those of transformers' DynamicCache, and a prompt longer than the room left
+    for it (the buffers double) as well."""
+    from transformers import DynamicCache
+
+    from dpo import generation
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, vocab_size=len(tokenizer)).eval()
+    prompts = ["what color is the sun?", "yes", "tell me about the big blue moon please"]
+    decoding = generation.DecodingSettings(max_new_tokens=10, seed=3)
+
+    def samples():
+        return [generation.generate_batch(model, tokenizer, prompts, decoding, batch_size=3, num_samples=k)
+                for k in (1, 4)]
+
+    preallocated = generation.preallocated_cache
+    if arch in ("llama", "qwen2", "gpt2"):  # full attention only; sliding-window layers keep DynamicCache's
+        assert all(isinstance(layer, generation.PreallocatedLayer) for layer in preallocated(model, 16).layers)
+    in_place = samples()
+    monkeypatch.setattr(generation, "preallocated_cache", lambda model, capacity: DynamicCache(config=model.config))
+    assert samples() == in_place
+    monkeypatch.setattr(generation, "preallocated_cache", lambda model, capacity: preallocated(model, 3))
+    assert samples() == in_place
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_decode_gives_what_transformers_generate_gives(arch, greedy):
+    """dpo.generation.decode takes finished rows out of the batch and draws tokens by the exponential race: its
+    tokens are those of transformers' generate (temperature 0.7, top-k off, top-p 0.9 by TopP as a logits
+    processor), row for row, for a left-padded batch whose rows end at different steps, decoded from the prompts or
+    from a shared prompt cache."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from dpo.generation import (DecodingSettings, TopP, decode, left_pad, preallocated_cache, sampling_processors,
+                                shared_prompt_cache)
+    from dpo.prompts import encode_prompts
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, vocab_size=len(tokenizer)).eval()
+    prompts = ["what color is the sun?", "yes", "tell me about the big blue moon please", "why", "a b c d e f",
+               "the moon is made of cheese, is it not?"]
+    ids, mask = left_pad(encode_prompts(tokenizer, prompts, "recipe")[0], 0)
+    width, new = ids.shape[1], 20
+    decoding = DecodingSettings(greedy=greedy, temperature=0.7, top_p=0.9, max_new_tokens=new)
+
+    def generate(eos: list[int]) -> torch.Tensor:
+        sampling = {} if greedy else dict(temperature=0.7, top_p=1.0, top_k=0)
+        config = GenerationConfig(do_sample=not greedy, max_new_tokens=new, pad_token_id=0, eos_token_id=eos,
+                                  **sampling)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                  logits_processor=LogitsProcessorList([] if greedy else [TopP(0.9)]))[:, width:]
+
+    endless = generate([len(tokenizer)])  # an id no row draws: every row runs to the end
+    first_drawn: dict[int, tuple[int, int]] = {}  # token -> (step, row) of its first draw
+    for step in range(endless.shape[1]):
+        for row, token in enumerate(endless[:, step].tolist()):
+            first_drawn.setdefault(token, (step, row))
+
+    def ends(eos: set[int]) -> list[int]:  # the step after a row's first EOS (its tokens are the same until then)
+        return [next((step + 1 for step, token in enumerate(row) if token in eos), new) for row in endless.tolist()]
+
+    # as EOS, tokens first drawn late (later for later rows, or just late): rows that end at different steps
+    candidates = [{token for token, (step, row) in first_drawn.items() if step >= 2 + 3 * row}] + [
+        {token for token, (step, _) in first_drawn.items() if step >= late} for late in (2, 4, 8)]
+    eos = next((c for c in candidates if min(ends(c)) < new and len(set(ends(c))) > 1), set())
+    if len(set(map(tuple, endless.tolist()))) > 1:  # (a tiny Gemma-2 repeats one token in every row)
+        assert eos, "no tokens end the rows at different steps"
+    want = generate(sorted(eos))
+    want = torch.nn.functional.pad(want, (0, new - want.shape[1]), value=0)
+    torch.manual_seed(5)
+    got = decode(model, ids, mask, preallocated_cache(model, width + new), new, sampling_processors(decoding), greedy,
+                 sorted(eos), 0)
+    assert torch.equal(got, want)
+
+    torch.manual_seed(5)
+    got_shared = decode(model, ids, mask, shared_prompt_cache(model, ids, mask, 1, width + new), new,
+                        sampling_processors(decoding), greedy, sorted(eos), 0)
+    assert torch.equal(got_shared, want)
+
+
+def test_the_preallocated_layer_holds_what_a_dynamic_layer_holds():
+    """PreallocatedLayer against DynamicLayer through a prefill, repeats, steps within and past its capacity, a
+    selection of rows and a crop: the same keys and values at every step, and no new buffer within the capacity."""
+    from transformers.cache_utils import DynamicLayer
+
+    from dpo.generation import PreallocatedLayer
+
+    torch.manual_seed(0)
+    fast, plain = PreallocatedLayer(capacity=8), DynamicLayer()
+
+    def step(new: int, batch: int) -> None:
+        keys, values = torch.randn(batch, 2, new, 4), torch.randn(batch, 2, new, 4)
+        for got, want in zip(fast.update(keys, values), plain.update(keys, values), strict=True):
+            assert torch.equal(got, want)
+        assert fast.get_seq_length() == plain.get_seq_length()
+
+    step(5, 2)
+    for layer in (fast, plain):
+        layer.batch_repeat_interleave(3)
+    step(1, 6)
+    buffer = fast._buffers[0]
+    assert buffer.shape == (6, 2, 8, 4)
+    step(1, 6)
+    step(1, 6)
+    assert fast._buffers[0] is buffer  # 8 positions: written in place
+    step(1, 6)
+    assert fast._buffers[0].shape[-2] == 16  # the ninth doubled the buffers
+    for layer in (fast, plain):
+        layer.batch_select_indices(torch.tensor([0, 2, 5]))
+    step(2, 3)
+    for layer in (fast, plain):
+        layer.crop(-3)
+    step(1, 3)
+    assert fast.get_seq_length() == 9

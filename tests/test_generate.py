@@ -2,10 +2,12 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig
 
 import generate
 from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, StopAwareStreamer, StopOnStrings,
@@ -157,37 +159,30 @@ def test_stop_criterion_decoding_a_window_stops_where_whole_decoding_does(tokeni
 
 
 class ScriptedLM(nn.Module):
-    """Stands in for a causal LM: generate() emits a fixed continuation token by token, honouring the
-    stopping criteria, EOS and the streamer like transformers' loop does."""
+    """Stands in for a causal LM of one row: each forward makes the next token of a fixed continuation the most
+    likely one (greedy decoding emits it); `steps` counts the forwards, one per emitted token."""
 
-    def __init__(self, continuation: list[int], eos_id: int):
+    def __init__(self, continuation: list[int], eos_id: int, vocab_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
-        self.continuation, self.eos_id = continuation, eos_id
-        self.config = type("Config", (), {"max_position_embeddings": 4096})()
+        self.continuation, self.eos_id, self.vocab_size = continuation, eos_id, vocab_size
+        self.config = LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1,
+                                  vocab_size=vocab_size, max_position_embeddings=4096)
         self.steps = 0
 
-    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, streamer=None,
-                 logits_processor=None):
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        for token in self.continuation[:generation_config.max_new_tokens]:
-            self.steps += 1
-            input_ids = torch.cat([input_ids, torch.full((input_ids.shape[0], 1), token)], dim=1)
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if token == self.eos_id or bool(stopping_criteria(input_ids, None).all()):
-                break
-        if streamer is not None:
-            streamer.end()
-        return input_ids
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=None,
+                cache=None):
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab_size)
+        logits[:, :, self.continuation[min(self.steps, len(self.continuation) - 1)]] = 1.0
+        self.steps += 1
+        return SimpleNamespace(logits=logits)
 
 
 def test_generation_stops_at_the_marker_and_never_shows_it():
     tokenizer = tiny_tokenizer()
     continuation = tokenizer(" yes\n\n### Human: tell me more\n\n### Assistant: no",
                              add_special_tokens=False)["input_ids"]
-    model = ScriptedLM(continuation, tokenizer.eos_token_id)
+    model = ScriptedLM(continuation, tokenizer.eos_token_id, len(tokenizer))
     written = []
     streamer = StopAwareStreamer(tokenizer, write=written.append)
     assert generate_batch(model, tokenizer, ["yes"], DecodingSettings(greedy=True, max_new_tokens=100),
@@ -201,7 +196,7 @@ def test_generation_stops_at_eos_and_drops_what_follows():
     tokenizer = tiny_tokenizer()
     eos = tokenizer.eos_token_id
     red = tokenizer(" red", add_special_tokens=False)["input_ids"]
-    model = ScriptedLM(red + [eos] + tokenizer(" blue", add_special_tokens=False)["input_ids"], eos)
+    model = ScriptedLM(red + [eos] + tokenizer(" blue", add_special_tokens=False)["input_ids"], eos, len(tokenizer))
     assert generate_batch(model, tokenizer, ["yes"], DecodingSettings(greedy=True)) == ["red"]
     assert model.steps == len(red) + 1
 

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig
 
 import generate
 from dpo.data import DataError, build_pairs
@@ -50,26 +51,36 @@ def variant(tokenizer, template: str, bos: bool):
 
 
 class IndexEchoLM(nn.Module):
-    """Stands in for a causal LM: records the prompt ids generate_batch passes to generate() (left padding
-    dropped by the attention mask) and answers each row with the index of its record, so every response names
-    the ids its prompt was fed as."""
+    """Stands in for a causal LM under greedy decoding: records the prompt ids generate_batch feeds it (left padding
+    dropped by the attention mask) and answers each row with the index of its record, so every response names the
+    ids its prompt was fed as. A row leaves the batch once it has answered (decode drops all finished rows at once)."""
 
     def __init__(self, tokenizer, positions: int = 4096):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(max_position_embeddings=positions)
+        self.config = LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1,
+                                  vocab_size=len(tokenizer), max_position_embeddings=positions)
         self.tokenizer = tokenizer
         self.fed: list[list[int]] = []
 
-    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
-        answers = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            self.fed.append([token for token, keep in zip(ids, mask) if keep])
-            answers.append(self.tokenizer(f" {len(self.fed) - 1}", add_special_tokens=False)["input_ids"])
-        eos = generation_config.eos_token_id[0]
-        width = max(len(a) for a in answers) + 1
-        tail = torch.tensor([a + [eos] * (width - len(a)) for a in answers], dtype=torch.long)
-        return torch.cat([input_ids, tail], dim=1)
+    def forward(self, input_ids, attention_mask, position_ids=None, use_cache=None, logits_to_keep=None, cache=None):
+        eos = self.tokenizer.eos_token_id
+        if attention_mask.shape[1] == input_ids.shape[1]:  # a new batch's prompts
+            self.answers, self.rows, self.ended, self.step = [], list(range(len(input_ids))), set(), 0
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                self.fed.append([token for token, keep in zip(ids, mask) if keep])
+                self.answers.append(self.tokenizer(f" {len(self.fed) - 1}", add_special_tokens=False)["input_ids"])
+        elif len(input_ids) < len(self.rows):
+            self.rows = [row for row in self.rows if row not in self.ended]
+        logits = torch.zeros(len(input_ids), 1, len(self.tokenizer))
+        for i, row in enumerate(self.rows):
+            answer = self.answers[row]
+            token = answer[self.step] if self.step < len(answer) else eos
+            logits[i, 0, token] = 1.0
+            if token == eos:
+                self.ended.add(row)
+        self.step += 1
+        return SimpleNamespace(logits=logits)
 
 
 def fed_prompt_ids(tokenizer, instructions, decoding, positions: int = 4096) -> list[list[int]]:
