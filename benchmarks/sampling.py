@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList  # noqa: E402
 
-from dpo import generation  # noqa: E402
+from dpo.errors import UserError  # noqa: E402
 from dpo.generation import (DecodingSettings, StopOnStrings, TopP, _cut_at_eos, _eos_ids, cache_argument,  # noqa: E402
                             clean_response, generate_batch, left_pad, read_instructions)
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
@@ -105,4 +105,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # a missing or malformed file, an unknown model: one line
+        sys.exit(f"error: {error}")
