@@ -57,7 +57,7 @@ from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_
                             read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side)
 from dpo.errors import UserError
-from dpo.judges import IFEvalJudge, Judge, JudgeError, build_judge, prompt_records
+from dpo.judges import JUDGE_HELP, IFEvalJudge, Judge, JudgeError, build_judge, prompt_records
 from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
 from dpo.modeling import load_causal_lm
@@ -402,8 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="the policy: a trained final/ (or its run directory)")
     parser.add_argument("--reference", help=f"the reference model (default: the run's starting model, "
                                             f"from {RUN_SETTINGS_FILE})")
-    parser.add_argument("--judge", default="demo", help="'demo', a sequence-classification reward model, or "
-                                                      "'implicit:RUN/final' (a DPO model's implicit reward)")
+    parser.add_argument("--judge", default="demo", help=JUDGE_HELP)
     parser.add_argument("--prompts", metavar="FILE", help="JSON / JSONL with 'instruction' fields "
                                                           "(default: the judge's held-out prompts)")
     parser.add_argument("--num-prompts", type=int, help="evaluate on this many prompts, drawn with --seed "

@@ -417,12 +417,15 @@ class IFEvalJudge(Judge):
 
 JUDGES = {"demo": DemoJudge}
 IFEVAL = "ifeval"
+IMPLICIT_PREFIX = "implicit:"
+JUDGE_HELP = ("demo (the demo's task), ifeval (IFEval's checkers; prompts with IFEval's fields), a reward model "
+              "(directory or hub name), implicit:RUN/final (a DPO model's implicit reward), or your own "
+              "'module:function' / 'file.py:function' (prompts, responses) -> scores")
 
 
 def prompt_records(rows: Iterable[dict[str, Any]], source: str) -> dict[str, tuple[str, Any]]:
     """Instruction rows (dpo.generation.read_instructions) as build_judge's `prompts`: text -> (file and row, row)."""
     return {row["instruction"]: (f"{source}, row {i}", row) for i, row in enumerate(rows)}
-IMPLICIT_PREFIX = "implicit:"
 
 
 def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

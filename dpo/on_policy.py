@@ -35,7 +35,7 @@ from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch, own_rng
-from dpo.judges import Judge
+from dpo.judges import JUDGE_HELP, Judge
 from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
 
@@ -57,8 +57,7 @@ class OnPolicySettings:
     reference_update: bool = setting(False, "iterative DPO: each round's reference is its starting policy (else the "
                                             "SFT model throughout)")
     num_samples: int = setting(4, "responses sampled per prompt (online and iterative DPO)", check=at_least(2))
-    judge: str = setting("demo", "judge of the samples: demo, a reward model, implicit:RUN/final, or your own "
-                                 "'module:function' / 'file.py:function' (prompts, responses) -> scores")
+    judge: str = setting("demo", f"judge of the samples: {JUDGE_HELP}")
     sample_temperature: float = setting(TEMPERATURE, "sampling temperature of online / iterative DPO",
                                         check=positive)
     sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=in_range(1e-9, 1.000001))

@@ -25,6 +25,7 @@ from dpo.loss import LossSettings, batch_coupled, parse_loss_spec, resolve_loss
 from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
+from dpo.judges import JUDGE_HELP
 from dpo.optim import OPTIMIZERS, check_optimizer
 from dpo.precision import PRECISIONS
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
@@ -161,8 +162,7 @@ class TrainSettings:
     eval_generate: int = setting(0, "at every evaluation the policy answers N held-out prompts, judged against the "
                                     "reference's answers: win rate, lengths, samples (0: off)", check=non_negative,
                                  identity=False)
-    eval_judge: str = setting("demo", "judge of --eval-generate: demo, a reward model (directory or hub name), or "
-                                      "implicit:RUN/final (a DPO model's implicit reward)", identity=False)
+    eval_judge: str = setting("demo", f"judge of --eval-generate: {JUDGE_HELP}", identity=False)
     eval_prompts: str | None = setting(None, "JSON / JSONL instructions for --eval-generate (default: the judge's "
                                              "own held-out prompts)", identity=False)
     eval_generate_batch_size: int = setting(64, "prompts per generate call of --eval-generate", check=positive,
