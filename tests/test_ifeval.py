@@ -17,7 +17,7 @@ from harness import make_model_dir, run_metrics, train_tiny
 common = pytest.importorskip("if_verifiable.common")
 registry = pytest.importorskip("if_verifiable.ifeval.instructions_registry")
 
-# (type, kwargs, a response that follows it, one that does not)
+# (type, kwargs, a response that follows it, one that does not): every type but the two that need nltk data
 CASES = [
     ("detectable_content:postscript", {"postscript_marker": "P.S."}, "Paris is big.\n\nP.S. I love it.",
      "Paris is big."),
@@ -34,7 +34,29 @@ CASES = [
     ("keywords:existence", {"keywords": ["river", "bridge"]}, "A bridge over the river.", "A bridge in Paris."),
     ("keywords:forbidden_words", {"forbidden_words": ["city"]}, "Paris is big.", "Paris is a big city."),
     ("detectable_format:json_format", {}, '{"capital": "Paris"}', "The capital is Paris."),
+    ("keywords:frequency", {"keyword": "seine", "frequency": 2, "relation": "at least"},
+     "The Seine runs through Paris; the seine is long.", "The Seine runs through Paris."),
+    ("keywords:letter_frequency", {"letter": "z", "let_frequency": 2, "let_relation": "less than"},
+     "Paris is big.", "Paris has a zoo and a plaza."),
+    ("language:response_language", {"language": "fr"},
+     "Paris est la capitale de la France et la plus grande ville du pays.",
+     "Paris is the capital of France and the largest city of the country."),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "Paris is big.\n***\nIt is old.",
+     "Paris is big. It is old."),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "it"},
+     "Paris is big.\n\nIt is old.", "Paris is big.\n\nParis is old."),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2}, "Meet at [address] on [date].",
+     "Meet at [address] tomorrow."),
+    ("detectable_format:constrained_response", {}, "My answer is yes.", "Yes, it is."),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*Paris* is *big*.",
+     "*Paris* is big."),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2},
+     "Section 1\nParis is big.\nSection 2\nIt is old.", "Section 1\nParis is big and old."),
+    ("combination:two_responses", {}, "Paris.\n******\nThe capital is Paris.", "Paris.\n******\nParis."),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "What is the capital of France?"},
+     "What is the capital of France? Paris.", "Paris is the capital of France."),
 ]
+NEED_NLTK_DATA = {"length_constraints:number_sentences", "change_case:capital_word_frequency"}
 
 
 def prompt(type_id, kwargs, text="What is the capital of France?"):
@@ -45,6 +67,10 @@ def ifeval_own(p: IFEvalPrompt, response: str):
     results, _ = common.evaluate_instructions(response, list(p.instruction_id_list), [dict(k) for k in p.kwargs],
                                               p.prompt, registry.INSTRUCTION_DICT)
     return [r.strict_pass for r in results], [r.loose_pass for r in results]
+
+
+def test_the_cases_cover_every_type_that_runs_without_nltk_data():
+    assert {c[0] for c in CASES} == set(registry.INSTRUCTION_DICT) - NEED_NLTK_DATA
 
 
 @pytest.mark.parametrize("type_id, kwargs, follows, breaks", CASES, ids=[c[0] for c in CASES])
@@ -183,18 +209,74 @@ def test_the_report_counts_prompt_and_instruction_level_per_type_with_wilson_int
 
 
 @pytest.mark.slow
-def test_online_dpo_trains_on_ifeval_prompts_judged_by_ifeval(tmp_path):
-    """IFEval's input_data format as the dataset of an online run: every prompt is an instruction (no pairs needed),
-    the judge's pairs are (most constraints followed, fewest) and a prompt whose samples tie is skipped."""
+@pytest.mark.parametrize("mode, sampled", [(("--online",), 4), (("--iterations", "2"), 8)], ids=["online", "iterative"])
+def test_online_and_iterative_dpo_train_on_ifeval_prompts_judged_by_ifeval(tmp_path, mode, sampled):
+    """IFEval's input_data format as the dataset of an online or iterative run and as --eval-prompts of --eval-judge
+    ifeval: every prompt is an instruction (no pairs needed), the judge's pairs are (most constraints followed,
+    fewest), a prompt whose samples tie is skipped, and the win rate while training is IFEval's."""
     make_model_dir(tmp_path / "model")
     rows = [{"key": i, "prompt": f"what color is the {word}? Do not use any commas.",
              "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
             for i, word in enumerate(["sun", "moon", "cat", "dog", "sun please", "moon please", "cat please",
                                       "dog please", "big cat", "small dog", "fast cat", "slow dog"])]
     (tmp_path / "ifeval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = train_tiny(tmp_path, "run", "--online", "--judge", "ifeval", "--num-samples", "4",
+    out = train_tiny(tmp_path, "run", *mode, "--judge", "ifeval", "--num-samples", "4",
                      "--sample-max-new-tokens", "8", "--batch-size", "4", "--micro-batch-size", "4",
-                     "--max-steps", "2", "--eval-generate", "0", dataset="ifeval.jsonl", test_size="4")
-    records = run_metrics(out, "train")
-    assert len(records) == 2 and all("online/pairs" in r and "online/ties" in r for r in records)
-    assert all(r["online/pairs"] + 4 * r["online/ties"] == 4 for r in records)  # each prompt: a pair or a tie
+                     "--max-steps", "2", "--eval-steps", "2", "--eval-generate", "3", "--eval-judge", "ifeval",
+                     "--eval-prompts", str(tmp_path / "ifeval.jsonl"), "--eval-max-new-tokens", "8",
+                     dataset="ifeval.jsonl", test_size="4")
+    records = [r for r in run_metrics(out, "train") if "online/pairs" in r]
+    assert len(records) == 2  # each step (online) or each round (iterative) samples and judges
+    assert all(r["online/pairs"] + sampled * r["online/ties"] == sampled for r in records)  # a pair or a tie each
+    evals = [r for r in run_metrics(out, "eval") if "generate/win_rate" in r]
+    assert len(evals) == 1 and evals[0]["generate/win_rate_low"] <= evals[0]["generate/win_rate"] \
+        <= evals[0]["generate/win_rate_high"]
+    [shown] = run_metrics(out, "samples")
+    assert len(shown["rows"]) == 3
+    own = [ifeval_own(prompt("punctuation:no_comma", {}, text), policy) for text, _, policy, _ in shown["rows"]]
+    # the judge's score from IFEval's own verdicts on the 3 answers: 1 strict, 0.5 loose only
+    expected = sum(1.0 if strict[0] else 0.5 if loose[0] else 0.0 for strict, loose in own) / 3
+    assert evals[0]["generate/score"] == pytest.approx(expected)
+
+
+def test_the_evaluate_cli_reports_ifeval_for_both_models_and_writes_the_json(tmp_path, capsys, monkeypatch):
+    """`python -m dpo.evaluate --judge ifeval --prompts FILE --output F.json` on IFEval rows: the four accuracies of
+    each model counted from its answers, per type, with Wilson intervals, in the table, the JSON line and the file."""
+    from dpo import evaluate
+
+    make_model_dir(tmp_path / "policy", seed=1)
+    make_model_dir(tmp_path / "reference", seed=2)
+    rows = [{"key": 1, "prompt": "Name a fruit. Do not use any commas.",
+             "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+            {"key": 2, "prompt": "Name a color. Your entire response should be in English, and in all lowercase "
+             "letters. No capital letters are allowed.", "instruction_id_list": ["change_case:english_lowercase"],
+             "kwargs": [{}]},
+            {"key": 3, "prompt": "Name a city. Do not use any commas. Your entire response should be in English, and "
+             "in all lowercase letters. No capital letters are allowed.",
+             "instruction_id_list": ["punctuation:no_comma", "change_case:english_lowercase"], "kwargs": [{}, {}]}]
+    (tmp_path / "input_data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = {"policy": ["An apple.", "**Red**\nred is a color.", "paris is a city."],  # 2 strict, 3 loose
+               "reference": ["Apple, pear.", "Red.", "Paris, France."]}  # none
+    monkeypatch.setattr(evaluate, "generate_batch", lambda model, tokenizer, instructions, decoding, **kwargs:
+                        answers[kwargs["description"].split()[0]])
+    out_file = tmp_path / "eval" / "ifeval.json"
+    assert evaluate.cli(["--model", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"),
+                         "--judge", "ifeval", "--prompts", str(tmp_path / "input_data.jsonl"), "--samples", "0",
+                         "--no-progress", "--output", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert json.loads(out_file.read_text())["summary"] == result
+    assert [c["policy_output"] for c in json.loads(out_file.read_text())["comparisons"]] == answers["policy"]
+    policy, reference = result["ifeval"]["policy"], result["ifeval"]["reference"]
+    counted = {level: (policy[level]["passed"], policy[level]["n"]) for level in
+               ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")}
+    assert counted == {"prompt_strict": (2, 3), "prompt_loose": (3, 3), "instruction_strict": (3, 4),
+                       "instruction_loose": (4, 4)}
+    assert all(reference[level]["passed"] == 0 for level in counted)
+    assert (policy["prompt_strict"]["low"], policy["prompt_strict"]["high"]) == pytest.approx(wilson_interval(2 / 3, 3))
+    lowercase = policy["types"]["change_case:english_lowercase"]
+    assert [lowercase[level]["passed"] for level in ("prompt_strict", "prompt_loose")] == [1, 2]
+    assert set(policy["types"]) == {"punctuation:no_comma", "change_case:english_lowercase"}
+    assert (result["policy_strict"], result["reference_strict"]) == pytest.approx((2 / 3, 0.0))
+    table = out[out.index("IFEval"):]
+    assert f"{2 / 3:.3f} [{wilson_interval(2 / 3, 3)[0]:.3f}," in table and "instruction-level loose" in table
