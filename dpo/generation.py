@@ -298,11 +298,12 @@ def _cut_at_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
 class StopOnStrings(StoppingCriteria):
     """A row is finished once the text generated after position `prompt_width` contains a stop string.
 
-    Each step decodes only the continuation's last `window` tokens: a stop string that first appears at this step
-    takes in the newest token, and its n characters are at most 4n bytes, so at most 4n tokens (each adds a byte
-    or more); the margin keeps a decoder's handling of a window's first token (a dropped leading space, half a
-    character) away from it. The result equals decoding the whole continuation at every step, at a cost that does
-    not grow with its length.
+    Each step decodes only a window of the continuation's last tokens: a stop string that first appears at this
+    step takes in the newest token, and its n characters are at most 4n bytes, so at most 4n tokens that decoding
+    keeps (each adds a byte or more; special tokens add nothing, so the window takes 4n + MARGIN tokens that are
+    not special, and every special token among them); the margin keeps a decoder's handling of a window's first
+    token (a dropped leading space, half a character) away from it. The result equals decoding the whole
+    continuation at every step, while the text decoded does not grow with the continuation's length.
     """
 
     MARGIN = 8
@@ -312,10 +313,20 @@ class StopOnStrings(StoppingCriteria):
         self.stop_strings = tuple(stop_strings)
         self.prompt_width = prompt_width
         self.window = 4 * max((len(stop) for stop in self.stop_strings), default=0) + self.MARGIN
+        self.special_ids = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", None) or [])),
+                                        dtype=torch.long)
 
     def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
-        start = max(self.prompt_width, input_ids.shape[1] - self.window)
-        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        continuation = input_ids[:, self.prompt_width:]
+        if continuation.shape[1] == 0:
+            return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        # per row: the first position from which `window` tokens that decoding keeps are left (0: fewer are)
+        kept = ~torch.isin(continuation, self.special_ids.to(continuation.device))
+        left = kept.flip(1).cumsum(1).flip(1)  # kept tokens from each position to the end
+        positions = torch.arange(continuation.shape[1], device=continuation.device)
+        starts = torch.where(left >= self.window, positions, -1).amax(dim=1).clamp(min=0).tolist()
+        texts = self.tokenizer.batch_decode([row[start:].tolist() for row, start in zip(continuation, starts)],
+                                            skip_special_tokens=True)
         done = [any(stop in text for stop in self.stop_strings) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -410,7 +421,9 @@ def decode(model: Any, input_ids: Tensor, attention_mask: Tensor, cache: Dynamic
            processors: LogitsProcessorList, greedy: bool, eos_ids: Sequence[int], pad_id: int,
            stop: StopOnStrings | None = None, streamer: BaseStreamer | None = None) -> Tensor:
     """The new tokens of a left-padded batch, [rows, max_new_tokens], pad after a row's end: what transformers'
-    generate samples (the same draws from the same RNG), with finished rows taken out of the batch.
+    generate samples (the same draws from the same RNG), with finished rows taken out of the batch. Equal up to float
+    rounding: a smaller batch (3 rows or fewer on CPU) runs other matmul kernels, whose logits differ by ~1e-6 from
+    the full batch's, so two tokens that close can swap.
 
     `cache` holds the prompts' first cache.get_seq_length() positions (none, or all but the last: shared_prompt_cache).
     A row ends at an EOS (which it keeps), at a stop string (`stop`, on the row's new tokens) or after max_new_tokens.

@@ -124,7 +124,8 @@ def whole_continuation_stops(tokenizer, stop_strings, prompt_width):
 @pytest.mark.parametrize("tokenizer_name", ["tiny", "demo", "gpt2"])
 def test_stop_criterion_decoding_a_window_stops_where_whole_decoding_does(tokenizer_name):
     """Brute force over random continuations (random tokens, stop strings, multi-byte characters cut between
-    tokens): the windowed criterion stops at the same step as decoding the whole continuation each step."""
+    tokens, long runs of special tokens, which decode to nothing): the windowed criterion stops at the same step as
+    decoding the whole continuation each step."""
     import random
 
     from dpo.generation import STOP_STRINGS
@@ -150,12 +151,19 @@ def test_stop_criterion_decoding_a_window_stops_where_whole_decoding_does(tokeni
         while len(ids) < rng.randint(5, 90):
             if rng.random() < 0.5:
                 ids += tokenizer(rng.choice(pieces), add_special_tokens=False)["input_ids"]
+            elif rng.random() < 0.2:
+                ids += [rng.choice(tokenizer.all_special_ids)] * rng.randint(1, 80)
             else:
                 ids.append(rng.randrange(len(tokenizer)))
         want = first_stop(whole_continuation_stops(tokenizer, stops, len(prompt)), prompt, ids)
         assert first_stop(StopOnStrings(tokenizer, stops, len(prompt)), prompt, ids) == want
         stopped += want is not None
     assert 10 < stopped < 60  # both outcomes were exercised
+    # a stop string cut in two by more special tokens than the window holds
+    split = (tokenizer(" yes\n\n### Hum", add_special_tokens=False)["input_ids"] + [tokenizer.all_special_ids[0]] * 200
+             + tokenizer("an: no", add_special_tokens=False)["input_ids"])
+    want = first_stop(whole_continuation_stops(tokenizer, stops, len(prompt)), prompt, split)
+    assert want is not None and first_stop(StopOnStrings(tokenizer, stops, len(prompt)), prompt, split) == want
 
 
 class ScriptedLM(nn.Module):
