@@ -39,6 +39,7 @@ import json
 import math
 import random
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,10 +194,31 @@ def mean_lengths(texts: Sequence[str], tokenizer: Any) -> dict[str, float]:
             "tokens": sum(len(ids) for ids in tokens) / len(texts)}
 
 
+REPEAT_RUN = 6  # words
+REPEAT_TIMES = 3
+
+
+def repeats_itself(text: str, run: int = REPEAT_RUN, times: int = REPEAT_TIMES) -> bool:
+    """Whether some `run` consecutive words occur `times` times or more in `text` (overlapping occurrences count):
+    the loops a small model falls into ("the beauty and the beauty and ...")."""
+    words = text.split()
+    counts = Counter(tuple(words[i:i + run]) for i in range(len(words) - run + 1))
+    return max(counts.values(), default=0) >= times
+
+
+def format_repetition(summary: dict[str, Any]) -> str:
+    """One line with the share of each model's answers that repeat themselves; empty when none does."""
+    policy, reference = summary["policy_repeating"], summary["reference_repeating"]
+    if not policy and not reference:
+        return ""
+    return (f"answers repeating {REPEAT_RUN} words {REPEAT_TIMES}+ times: policy {policy:.3f}, "
+            f"reference {reference:.3f}")
+
+
 def win_rate_summary(comparisons: Sequence[Comparison], policy: LoadedModel,
                      reference: LoadedModel) -> dict[str, Any]:
-    """The overall and per-category win rates, mean answer lengths, mean judge scores and check rates of
-    both models."""
+    """The overall and per-category win rates, mean answer lengths, mean judge scores, check rates and shares of
+    answers that repeat themselves, of both models."""
     overall = WinRate.from_outcomes([c.outcome for c in comparisons])
     summary: dict[str, Any] = overall.to_dict()
     for prefix, model, outputs in (("policy", policy, [c.policy_output for c in comparisons]),
@@ -204,6 +226,7 @@ def win_rate_summary(comparisons: Sequence[Comparison], policy: LoadedModel,
         lengths = mean_lengths(outputs, model.tokenizer)
         summary[f"{prefix}_mean_words"] = lengths["words"]
         summary[f"{prefix}_mean_tokens"] = lengths["tokens"]
+        summary[f"{prefix}_repeating"] = sum(map(repeats_itself, outputs)) / len(outputs) if outputs else 0.0
         scores = [getattr(c, f"{prefix}_score") for c in comparisons]
         if all(score is not None for score in scores):
             summary[f"{prefix}_mean_score"] = sum(scores) / len(scores)
@@ -236,7 +259,7 @@ def check_rates(comparisons: Sequence[Comparison]) -> dict[str, float]:
 def format_checks(summary: dict[str, Any]) -> str:
     """Per category and overall: the share of policy and reference answers with each yes/no property."""
     names = [key[len("policy_"):] for key in summary if key.startswith("policy_") and f"reference_{key[7:]}" in summary
-             and key[7:] not in ("mean_words", "mean_tokens", "mean_score")]
+             and key[7:] not in ("mean_words", "mean_tokens", "mean_score", "repeating")]
     if not names:
         return ""
     header = f"{'':14}" + "".join(f"{name + ' policy':>18}{'reference':>11}" for name in names)
@@ -503,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_win_rate(summary, policy.name, reference.name))
         if checks := format_checks(summary):
             print("\n" + checks)
+        if repetition := format_repetition(summary):
+            print("\n" + repetition)
         if isinstance(judge, IFEvalJudge):
             texts = [c.instruction for c in comparisons]
             summary["ifeval"] = {

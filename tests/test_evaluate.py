@@ -395,3 +395,22 @@ def test_reward_model_scores_a_batch_as_it_scores_each_text_alone(tmp_path):
     for got_row, want_row in zip(batched, want):
         assert got_row == pytest.approx(want_row, abs=1e-5)
     assert len({round(v, 6) for row in want for v in row}) > 5  # the texts' rewards differ: the check can fail
+
+
+def test_repetition_counts_answers_that_loop():
+    """An answer repeats itself when some 6 consecutive words occur 3 times or more (overlaps count); the summary
+    gives each model's share and the report prints it only when some answer repeats."""
+    loop = "Paris is a city that has the beauty and the beauty and the beauty and the beauty and"
+    assert evaluate.repeats_itself(loop)
+    assert evaluate.repeats_itself("go " * 8)  # one word 8 times: the same 6 words 3 times, overlapping
+    assert not evaluate.repeats_itself("go " * 7)  # twice only
+    assert not evaluate.repeats_itself("one two three four five six one two three four five six")  # twice
+    assert evaluate.repeats_itself("one two three four five six " * 3)
+    assert not evaluate.repeats_itself("") and not evaluate.repeats_itself("a b c d e f g h i j k l")
+    comparisons = [Comparison("q", None, answer, "fine answer.", 0.5) for answer in (loop, "4.", "go " * 8, "ok")]
+    model = LoadedModel("m", "m", None, _Tok())
+    summary = win_rate_summary(comparisons, model, model)
+    assert (summary["policy_repeating"], summary["reference_repeating"]) == (0.5, 0.0)
+    assert evaluate.format_repetition(summary) == "answers repeating 6 words 3+ times: policy 0.500, reference 0.000"
+    assert evaluate.format_repetition({**summary, "policy_repeating": 0.0}) == ""
+    assert "repeating" not in evaluate.format_checks(summary)
