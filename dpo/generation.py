@@ -321,7 +321,9 @@ class StopOnStrings(StoppingCriteria):
         if continuation.shape[1] == 0:
             return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         # per row: the first position from which `window` tokens that decoding keeps are left (0: fewer are)
-        kept = ~torch.isin(continuation, self.special_ids.to(continuation.device))
+        if self.special_ids.device != continuation.device:
+            self.special_ids = self.special_ids.to(continuation.device)  # once, not at every step
+        kept = ~torch.isin(continuation, self.special_ids)
         left = kept.flip(1).cumsum(1).flip(1)  # kept tokens from each position to the end
         positions = torch.arange(continuation.shape[1], device=continuation.device)
         starts = torch.where(left >= self.window, positions, -1).amax(dim=1).clamp(min=0).tolist()
@@ -596,8 +598,8 @@ def preallocated_cache(model: Any, capacity: int) -> DynamicCache:
 def shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, copies: int,
                         capacity: int = 0) -> DynamicCache | None:
     """The KV cache of a left-padded batch of prompts without their last token, computed once and repeated `copies`
-    times along the batch (prompt-major), for `model.generate` on the prompts repeated the same way: generate then
-    runs only the last prompt token and the new ones, and samples what it samples from the repeated prompts. A prompt
+    times along the batch (prompt-major), for `decode` on the prompts repeated the same way: it then runs only the
+    last prompt token and the new ones, and samples what it samples from the repeated prompts. A prompt
     token costs about the compute of a sampled one, so k samples of a P-token prompt save (k - 1) P tokens of
     forward. The positions are generate's own for a left-padded mask (cumulative count of real tokens). None where
     there is nothing to share (prompts of one token). `capacity`: the positions the cache will hold (prompt and new
