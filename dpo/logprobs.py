@@ -158,6 +158,14 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, sett
     return logps, adjusted
 
 
+def causal_attention_mask(attention_mask: Tensor) -> Tensor | None:
+    """None where `attention_mask` only pads rows on the right: causal attention then gives every real token what
+    the mask gives it (a row's padding comes after all its tokens), and the model's SDPA attention takes its
+    mask-free causal case, which can run the flash kernel on CUDA. Any other mask is returned as it is."""
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return None if right_padded else attention_mask
+
+
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                    settings: ScoringSettings | None = None, *, with_wpo: bool = False, **overrides) -> SequenceLogps:
     """Summed response log-probs of each row of a right-padded batch (see the module docstring); keyword
@@ -165,6 +173,7 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     settings = _settings(settings, overrides)
     rows, positions, targets = _scored_positions(labels)
     num_rows = input_ids.shape[0]
+    attention_mask = causal_attention_mask(attention_mask)
     if not settings.completion_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logps, adjusted = _token_logps(logits[rows, positions], targets, with_wpo)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -137,26 +138,28 @@ def num_sequences(batch: dict[str, Tensor]) -> int:
 
 @dataclass
 class PackedBlocks:
-    """Where the blocks of a packed row lie, with the mask of every shared block's second branch."""
+    """Where the blocks of a packed row lie."""
 
     spans: list[tuple[int, int, int, int]]  # (start, prefix, first, second) token counts
-    second_masks: list[Tensor | None]  # [second, prefix + second] bool, True = may attend
 
     @classmethod
     def from_lengths(cls, block_lengths: Tensor) -> "PackedBlocks":
         """The blocks of a row from its [num_blocks, 3] (prompt, first, second) lengths."""
-        spans, masks, start = [], [], 0
-        device = block_lengths.device
+        spans, start = [], 0
         for prefix, first, second in block_lengths.tolist():
             spans.append((start, prefix, first, second))
             start += prefix + first + second
-            if second:
-                keys = torch.arange(prefix + second, device=device)
-                queries = torch.arange(second, device=device)
-                masks.append((keys[None, :] < prefix) | (keys[None, :] - prefix <= queries[:, None]))
-            else:
-                masks.append(None)
-        return cls(spans, masks)
+        return cls(spans)
+
+
+def _autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on: what SDPA's own autocast does to its inputs, which
+    an attention bias's dispatch runs before (it requires one dtype, and Phi's rotary leaves q, k in fp32)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -165,7 +168,9 @@ def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     """SDPA block by block over a packed row ([1, heads, N, head_dim]); plain SDPA when not packed.
 
     Block (start, P, C, R): queries of [P][C] attend causally to [P][C]; queries of [R] attend to all of
-    [P] and causally to [R] (R = 0: an ordinary causal sequence of P + C tokens)."""
+    [P] and causally to [R] (R = 0: an ordinary causal sequence of P + C tokens). No call passes a mask
+    tensor: the first is SDPA's causal case, the second its bottom-right-aligned causal case (R queries over
+    P + R keys, query i seeing keys up to P + i), so on CUDA both can run the flash kernel."""
     if packed_blocks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -177,14 +182,14 @@ def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     segments = [n for _, prefix, first, second in packed_blocks.spans for n in (prefix + first, second)]
     pieces = [t.split(segments, dim=2) for t in (query, key, value)]
     outputs = []
-    for block, ((_, prefix, _, second), second_mask) in enumerate(zip(packed_blocks.spans,
-                                                                       packed_blocks.second_masks)):
+    for block, (_, prefix, _, second) in enumerate(packed_blocks.spans):
         (q, q2), (k, k2), (v, v2) = (p[2 * block:2 * block + 2] for p in pieces)
         outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True))
         if second:
             keys, values = torch.cat((k[:, :, :prefix], k2), dim=2), torch.cat((v[:, :, :prefix], v2), dim=2)
-            outputs.append(F.scaled_dot_product_attention(q2, keys, values, attn_mask=second_mask,
-                                                          dropout_p=dropout, scale=scaling))
+            q2, keys, values = _autocast_inputs(q2, keys, values)
+            outputs.append(F.scaled_dot_product_attention(q2, keys, values, dropout_p=dropout, scale=scaling,
+                                                          attn_mask=causal_lower_right(second, prefix + second)))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -2,6 +2,7 @@
 
 Skipped without a GPU; benchmarks/gpu_check.sh runs them (with -s, the figures are printed)."""
 
+import contextlib
 import json
 import math
 import sys
@@ -30,6 +31,39 @@ def test_cuda_equals_cpu_on_the_demo(precision):
     assert result["same_parameters"]
     assert result["grad_rel_error"] < grad_tolerance and result["grad_cosine"] > 1 - grad_tolerance
     assert result["logps_max_rel_diff"] < logps_tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_layout_runs_on_the_flash_kernel_alone(dtype):
+    """With SDPA restricted to the flash kernel, which takes no mask tensor, each layout's forward and backward
+    run (a masked call would find no kernel) and agree with the padded layout under the default kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dpo.data import collate_pairs
+    from dpo.logprobs import SequenceScorer
+    from dpo.packing import collate_packed, collate_shared_prompt
+    from harness import tiny_phi
+    from test_packing import random_pairs
+
+    model = tiny_phi(hidden_size=128, heads=4).cuda()  # head_dim 32: flash needs a multiple of 8
+    pairs = random_pairs(4, 97, seed=7)
+    device = torch.device("cuda")
+
+    def scored(collate, restrict):
+        model.zero_grad()
+        batch = {k: v.to(device) for k, v in collate(pairs).items()}
+        with torch.autocast("cuda", dtype=dtype), (sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if restrict
+                                                     else contextlib.nullcontext()):
+            logps = SequenceScorer(model, fused_lm_head=False)(batch).sum
+            logps.sum().backward()
+        return logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    padded = lambda p: collate_pairs(p, pad_id=0)  # noqa: E731
+    want, want_grad = scored(padded, restrict=False)
+    for collate in (padded, collate_packed, collate_shared_prompt):
+        got, grad = scored(collate, restrict=True)
+        torch.testing.assert_close(got, want, atol=0.1, rtol=0.01)
+        assert torch.nn.functional.cosine_similarity(grad, want_grad, dim=0) > 0.999
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp16"])

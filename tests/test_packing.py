@@ -122,3 +122,68 @@ def test_packed_attention_needs_sdpa_and_leaves_unpacked_calls_unchanged():
         assert model.config._attn_implementation == PACKED_ATTENTION
         after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+class SDPAMasks(torch.overrides.TorchFunctionMode):
+    """Records (attn_mask, is_causal) of every SDPA call made under it; each call still runs as it would."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal", False)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["padded", *sorted(LAYOUTS)])
+def test_every_layout_attends_without_a_mask_tensor(layout):
+    """Flash kernels take no mask tensor: every layout's SDPA calls are plain causal, or (shared prompt's rejected
+    branch) bottom-right causal, never a materialized mask."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+    model = tiny_phi().eval()
+    pairs = random_pairs(4, 97, seed=5)
+    collate = LAYOUTS.get(layout, lambda p: collate_pairs(p, pad_id=0))
+    batch = collate(pairs)
+    if layout == "padded":
+        assert (batch["attention_mask"] == 0).any()  # rows of different lengths
+    with torch.no_grad(), SDPAMasks() as recorder:
+        SequenceScorer(model)(batch)
+    masks = recorder.calls
+    assert len(masks) >= model.config.num_hidden_layers
+    for mask, is_causal in masks:
+        if isinstance(mask, CausalBias):
+            assert layout == "shared_prompt" and mask.variant == CausalVariant.LOWER_RIGHT and not is_causal
+        else:
+            assert mask is None and is_causal
+    bias_calls = sum(isinstance(mask, CausalBias) for mask, _ in masks)
+    assert bias_calls == (4 * model.config.num_hidden_layers if layout == "shared_prompt" else 0)
+
+
+def test_a_left_padded_mask_is_kept():
+    from dpo.logprobs import causal_attention_mask
+    right = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    left = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    assert causal_attention_mask(right) is None
+    assert causal_attention_mask(left) is left
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shared_prompt_under_autocast_equals_padded(dtype):
+    """Under autocast Phi hands attention fp32 queries and keys with half values; the bottom-right causal call
+    casts them as SDPA's autocast does, so the layout runs and agrees with padded rows in forward and backward."""
+    model = tiny_phi()
+    pairs = random_pairs(4, 97, seed=6)
+    upstream = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, batch in (("padded", collate_pairs(pairs, pad_id=0)), ("shared", collate_shared_prompt(pairs))):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            logps = SequenceScorer(model, fused_lm_head=False)(batch).sum
+        (logps * upstream).sum().backward()
+        results[name] = (logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    (a, grad_a), (b, grad_b) = results["padded"], results["shared"]
+    torch.testing.assert_close(a, b, atol=0.1, rtol=0.01)
+    assert torch.nn.functional.cosine_similarity(grad_a, grad_b, dim=0) > 0.999
