@@ -177,3 +177,28 @@ def test_fsdp_in_bf16_gathers_half_precision_and_matches_one_process(setup):
     wa, wb = final_weights(root / "single-bf16"), final_weights(root / "fsdp-bf16")
     for key in wa:  # Adam's sign-like updates turn bf16 rounding into differences of a few lr-sized steps
         torch.testing.assert_close(wa[key], wb[key], atol=5e-3, rtol=0)
+
+
+def test_a_model_for_a_gpu_loads_straight_onto_it(monkeypatch):
+    """Under torchrun every process loads the model: on a GPU the weights go from the file to the device (a device
+    map), not through a full copy in host memory per process. On the CPU nothing changes."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from dpo.modeling import DEMO_MODEL_DIR, load_causal_lm, model_placement
+
+    gpu = torch.device("cuda", 1)
+    assert model_placement("cpu") == {}
+    assert model_placement(gpu) == {"device_map": {"": gpu}}
+    assert model_placement("cpu", quantization="q") == {"device_map": {"": torch.device("cpu")},
+                                                        "quantization_config": "q"}
+    # the placement is the one transformers takes: on the CPU it loads the same weights as the plain load
+    placed = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, device_map={"": torch.device("cpu")})
+    plain = load_causal_lm("demo").state_dict()
+    assert placed.state_dict().keys() == plain.keys()
+    assert all(torch.equal(value, plain[key]) for key, value in placed.state_dict().items())
+    # device maps need accelerate: without it the model loads on the host and moves, as before
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    assert model_placement(gpu) == {}
