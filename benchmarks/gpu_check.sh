@@ -4,8 +4,8 @@
 #     bash benchmarks/gpu_check.sh [REPORT_DIR]        (default: gpu_check_report/)
 #
 # Runs, each part in its own process and time limit: the CUDA tests (CPU vs CUDA equality of log-probs, loss and
-# gradients; demo steps in bf16 and fp16 + GradScaler), the phi-2-sized model through train_step per layout with
-# and without gradient checkpointing (step time, tokens/s, MFU, peak CUDA memory), the LoRA recipe's peak memory,
+# gradients; demo steps in bf16 and fp16 + GradScaler), the phi-2-sized model through train_step per layout (with
+# gradient checkpointing; padded also without) (step time, tokens/s, MFU, peak CUDA memory), the LoRA recipe's peak memory,
 # sampling tokens/s, the demo end to end, and a profile of one step (where its time goes). Every part's output goes to REPORT_DIR/<part>.log; the JSON lines
 # of the measurements to REPORT_DIR/results.jsonl; a summary is printed at the end.
 set -uo pipefail
@@ -30,12 +30,12 @@ part() {  # part NAME SECONDS COMMAND...
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"; } 2>&1 | tee -a "$REPORT/summary.txt"
-part phi2 150 $PY benchmarks/gpu_check.py phi2
+part phi2 170 $PY benchmarks/gpu_check.py phi2
 part lora 70 $PY benchmarks/gpu_check.py lora
-part cuda_tests 100 $PY -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py
-part generate 40 $PY benchmarks/gpu_check.py generate
-part demo 80 $PY train.py --output-dir "${TMPDIR:-/tmp}/dpo-gpu-demo" --overwrite --no-progress
-part profile 45 $PY benchmarks/gpu_check.py profile
+part cuda_tests 90 $PY -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py
+part generate 35 $PY benchmarks/gpu_check.py generate
+part demo 75 $PY train.py --output-dir "${TMPDIR:-/tmp}/dpo-gpu-demo" --overwrite --no-progress
+part profile 40 $PY benchmarks/gpu_check.py profile
 tail -n 25 "$REPORT/demo.log" >> "$REPORT/summary.txt"
 $PY - "$REPORT/results.jsonl" <<'PYEOF' | tee -a "$REPORT/summary.txt"
 import json, sys
