@@ -15,9 +15,8 @@
 
 Decoding is the phi-2-dpo card's: sampling with temperature 0.7 and nucleus top-p 0.9 (transformers'
 implicit top-k of 50 is switched off, top_k=0, so the distribution is exactly temperature + top-p), or
-greedy. The nucleus is taken on the untempered distribution, then the temperature applied (sampling_processors:
-the order of a top-p processor passed to transformers' generate, which this code used; the card's generate call
-applies the temperature first, a smaller nucleus). A response ends at EOS, or where the model starts a new
+greedy. The temperature is applied first and the nucleus taken on the tempered distribution, as the card's
+`generate(temperature=0.7, top_p=0.9)` does (sampling_processors). A response ends at EOS, or where the model starts a new
 "### Human:" turn (the verbosity failure the Phi-2 card describes); the stop string and everything after it are
 dropped, then surrounding whitespace (the response starts with the space after "### Assistant:").
 
@@ -403,14 +402,15 @@ class StopAwareStreamer(BaseStreamer):
 
 
 def sampling_processors(decoding: DecodingSettings) -> LogitsProcessorList:
-    """What turns a step's logits into the scores a token is drawn from: top-p on the logits, then temperature and
-    top-k (when set), none for greedy decoding. (The order in which transformers' generate applies a top-p passed
-    as a logits processor: before its own temperature and top-k.)"""
+    """What turns a step's logits into the scores a token is drawn from: the temperature, then top-k (when set), then
+    top-p on the tempered scores; none for greedy decoding. The order of transformers' generate(temperature=...,
+    top_k=..., top_p=...): a temperature below 1 sharpens the distribution, so its nucleus holds fewer tokens."""
     if decoding.greedy:
         return LogitsProcessorList()
-    processors = [TopP(decoding.top_p), TemperatureLogitsWarper(decoding.temperature)]
+    processors: list[LogitsProcessor] = [TemperatureLogitsWarper(decoding.temperature)]
     if decoding.top_k > 0:
         processors.append(TopKLogitsWarper(decoding.top_k))
+    processors.append(TopP(decoding.top_p))
     return LogitsProcessorList(processors)
 
 

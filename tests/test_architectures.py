@@ -248,12 +248,11 @@ def test_the_preallocated_cache_samples_what_the_dynamic_cache_samples(arch, mon
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 def test_decode_gives_what_transformers_generate_gives(arch, greedy):
     """dpo.generation.decode takes finished rows out of the batch and draws tokens by the exponential race: its
-    tokens are those of transformers' generate (temperature 0.7, top-k off, top-p 0.9 by TopP as a logits
-    processor), row for row, for a left-padded batch whose rows end at different steps, decoded from the prompts or
+    tokens are those of transformers' own sampling, generate(temperature=0.7, top_k=0, top_p=0.9), row for row, for a left-padded batch whose rows end at different steps, decoded from the prompts or
     from a shared prompt cache."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig
 
-    from dpo.generation import (DecodingSettings, TopP, decode, left_pad, preallocated_cache, sampling_processors,
+    from dpo.generation import (DecodingSettings, decode, left_pad, preallocated_cache, sampling_processors,
                                 shared_prompt_cache)
     from dpo.prompts import encode_prompts
 
@@ -266,13 +265,12 @@ def test_decode_gives_what_transformers_generate_gives(arch, greedy):
     decoding = DecodingSettings(greedy=greedy, temperature=0.7, top_p=0.9, max_new_tokens=new)
 
     def generate(eos: list[int]) -> torch.Tensor:
-        sampling = {} if greedy else dict(temperature=0.7, top_p=1.0, top_k=0)
+        sampling = {} if greedy else dict(temperature=0.7, top_p=0.9, top_k=0)
         config = GenerationConfig(do_sample=not greedy, max_new_tokens=new, pad_token_id=0, eos_token_id=eos,
                                   **sampling)
         torch.manual_seed(5)
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                  logits_processor=LogitsProcessorList([] if greedy else [TopP(0.9)]))[:, width:]
+            return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:]
 
     endless = generate([len(tokenizer)])  # an id no row draws: every row runs to the end
     first_drawn: dict[int, tuple[int, int]] = {}  # token -> (step, row) of its first draw
