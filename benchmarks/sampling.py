@@ -30,7 +30,7 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList  #
 
 from dpo.errors import UserError  # noqa: E402
 from dpo.generation import (DecodingSettings, StopOnStrings, _cut_at_eos, _eos_ids, cache_argument,  # noqa: E402
-                            clean_response, generate_batch, left_pad, read_instructions)
+                            clean_response, generate_batch, left_pad, read_instructions, sampling_processors)
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from dpo.prompts import encode_prompts, resolve_template  # noqa: E402
 
@@ -49,11 +49,14 @@ def transformers_generate(model, tokenizer, prompts: list[str], decoding: Decodi
         model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
               use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         cache.batch_repeat_interleave(k)
-        config = GenerationConfig(do_sample=True, temperature=decoding.temperature, top_p=decoding.top_p, top_k=0,
+        # the same temperature and top-p filter as generate_batch (transformers' own top-p warper sorts the whole
+        # vocabulary: a cost of the filter, not of the loop this compares), so no warpers of generate's own
+        config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                   max_new_tokens=decoding.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
         out = model.generate(input_ids=input_ids.repeat_interleave(k, dim=0),
                              attention_mask=attention_mask.repeat_interleave(k, dim=0),
                              **{cache_argument(model): cache}, generation_config=config,
+                             logits_processor=sampling_processors(decoding),
                              stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, decoding.stop_strings,
                                                                                    width)]))
     return [clean_response(tokenizer.decode(_cut_at_eos(row, eos_ids), skip_special_tokens=True),
