@@ -16,9 +16,9 @@
 Decoding is the phi-2-dpo card's: sampling with temperature 0.7 and nucleus top-p 0.9 (transformers'
 implicit top-k of 50 is switched off, top_k=0, so the distribution is exactly temperature + top-p), or
 greedy. The temperature is applied first and the nucleus taken on the tempered distribution, as the card's
-`generate(temperature=0.7, top_p=0.9)` does (sampling_processors). A response ends at EOS, or where the model starts a new
-"### Human:" turn (the verbosity failure the Phi-2 card describes); the stop string and everything after it are
-dropped, then surrounding whitespace (the response starts with the space after "### Assistant:").
+`generate(temperature=0.7, top_p=0.9)` does (sampling_processors). A response ends at EOS, or where the model
+starts a new "### Human:" turn (the verbosity failure the Phi-2 card describes); the stop string and everything
+after it are dropped, then surrounding whitespace (the response starts with the space after "### Assistant:").
 
 Prompts are rendered, encoded and cut by dpo.prompts, the functions training uses (dpo.data), so a model sees
 the prompt it was trained on: a trained run's template, max_prompt_length and truncation_mode (dpo_run.json)

@@ -248,8 +248,9 @@ def test_the_preallocated_cache_samples_what_the_dynamic_cache_samples(arch, mon
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 def test_decode_gives_what_transformers_generate_gives(arch, greedy):
     """dpo.generation.decode takes finished rows out of the batch and draws tokens by the exponential race: its
-    tokens are those of transformers' own sampling, generate(temperature=0.7, top_k=0, top_p=0.9), row for row, for a left-padded batch whose rows end at different steps, decoded from the prompts or
-    from a shared prompt cache."""
+    tokens are those of transformers' own sampling, generate(temperature=0.7, top_k=0, top_p=0.9), row for row,
+    for a left-padded batch whose rows end at different steps, decoded from the prompts or from a shared prompt
+    cache."""
     from transformers import GenerationConfig
 
     from dpo.generation import (DecodingSettings, decode, left_pad, preallocated_cache, sampling_processors,

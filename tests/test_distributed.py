@@ -200,5 +200,6 @@ def test_a_model_for_a_gpu_loads_straight_onto_it(monkeypatch):
     assert all(torch.equal(value, plain[key]) for key, value in placed.state_dict().items())
     # device maps need accelerate: without it the model loads on the host and moves, as before
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
     assert model_placement(gpu) == {}
