@@ -58,6 +58,7 @@ from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_
                             read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side)
 from dpo.errors import UserError
+from dpo.ifeval import echoed_constraint
 from dpo.judges import JUDGE_HELP, IFEvalJudge, Judge, JudgeError, build_judge, prompt_records
 from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
@@ -316,16 +317,22 @@ def proportion(passed: int, n: int) -> dict[str, float | int]:
 def ifeval_summary(judge: IFEvalJudge, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, Any]:
     """IFEval's four accuracies of one model's answers, overall and per constraint type, each with its interval:
     prompt level (a prompt counts when all its constraints pass; per type, over the prompts that have the type) and
-    instruction level (each constraint counts), strict and loose (dpo.ifeval)."""
+    instruction level (each constraint counts), strict and loose (dpo.ifeval); and the share of answers that copy
+    a constraint's description (dpo.ifeval.echoed_constraint), with prompt-level strict counting such a copy as a
+    miss."""
     counts: dict[str, dict[str, list[int]]] = {}  # type ("" overall) -> metric -> [passed, n]
 
     def add(group: str, metric: str, passed: bool) -> None:
         cell = counts.setdefault(group, {name: [0, 0] for name, _ in IFEVAL_METRICS})[metric]
         cell[0], cell[1] = cell[0] + int(passed), cell[1] + 1
 
+    copies = strict_without_copies = 0
     for text, answer in zip(instructions, answers):
         strict, loose = judge.verdicts(text, answer)
         types = judge.prompt(text).instruction_id_list
+        copied = echoed_constraint(judge.prompt(text), answer) is not None
+        copies += copied
+        strict_without_copies += all(strict) and not copied
         for group in ("", *dict.fromkeys(types)):
             add(group, "prompt_strict", all(strict))
             add(group, "prompt_loose", all(loose))
@@ -334,6 +341,8 @@ def ifeval_summary(judge: IFEvalJudge, instructions: Sequence[str], answers: Seq
                 add(target, "instruction_strict", passed_strict)
                 add(target, "instruction_loose", passed_loose)
     summary = {name: proportion(*counts.get("", {}).get(name, [0, 0])) for name, _ in IFEVAL_METRICS}
+    summary["copies_constraint"] = proportion(copies, len(answers))
+    summary["prompt_strict_no_copy"] = proportion(strict_without_copies, len(answers))
     summary["types"] = {group: {name: proportion(*cells[name]) for name, _ in IFEVAL_METRICS}
                         for group, cells in sorted(counts.items()) if group}
     return summary
@@ -351,6 +360,10 @@ def format_ifeval(policy: dict[str, Any], reference: dict[str, Any], policy_name
         for i, (name, label) in enumerate(IFEVAL_METRICS):
             lines.append(f"{group if i == 0 else '':<38} {label:<24} {mine[name]['n']:>4}  {cell(theirs[name]):<24}  "
                          f"{cell(mine[name])}")
+    for name, label in (("copies_constraint", "answers copying a constraint's description"),
+                        ("prompt_strict_no_copy", "prompt-level strict, a copy counted as a miss")):
+        if name in policy and name in reference:
+            lines.append(f"{label}: policy {cell(policy[name])}, reference {cell(reference[name])}")
     return "\n".join(lines)
 
 

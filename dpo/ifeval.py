@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -154,6 +155,38 @@ def verdicts(prompt: IFEvalPrompt, response: str) -> tuple[list[bool], list[bool
         strict.append(bool(response.strip()) and bool(checker.check_following(response)))
         loose.append(any(text.strip() and checker.check_following(text) for text in variants))
     return strict, loose
+
+
+ASKS_FOR_REPETITION = ("combination:repeat_prompt",)  # types whose answer must repeat the prompt
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def constraint_descriptions(prompt: IFEvalPrompt) -> list[str]:
+    """The checkers' own descriptions of the prompt's constraints (build_description with the prompt's arguments),
+    those that the prompt states word for word (case and spacing ignored): what the builder appends."""
+    found = []
+    for type_id, args in zip(prompt.instruction_id_list, prompt.kwargs):
+        state = random.getstate()  # a checker samples any argument it is not given; keep the caller's random
+        try:
+            description = registry()[type_id](type_id).build_description(**args)
+        finally:
+            random.setstate(state)
+        if _normalized(description) and _normalized(description) in _normalized(prompt.prompt):
+            found.append(description)
+    return found
+
+
+def echoed_constraint(prompt: IFEvalPrompt, response: str) -> str | None:
+    """The description of one of the prompt's constraints that the response copies (case and spacing ignored), or
+    None; also None when a constraint asks the answer to repeat the prompt. Copying the constraint passes some
+    checkers without answering: the keywords are in it, and quoted it is a "response wrapped in quotation marks"."""
+    if any(type_id in ASKS_FOR_REPETITION for type_id in prompt.instruction_id_list):
+        return None
+    answer = _normalized(response)
+    return next((d for d in constraint_descriptions(prompt) if _normalized(d) in answer), None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ and, optionally, `default_prompts(n, seed)`: the held-out instructions it knows 
     IFEvalJudge       'ifeval': IFEval's own checkers (dpo.ifeval) on prompts that carry IFEval's fields
                       (prompt, instruction_id_list, kwargs); a response scores the mean of its constraints'
                       verdicts (1 strict, 0.5 loose only), its checks are IFEval's prompt-level strict and loose
+    IFEvalNoEchoJudge 'ifeval-no-echo': the same, but an answer that copies a constraint of its prompt scores 0
     FunctionJudge     a user's function, 'pkg.module:function' or 'file.py:function' (dpo.plugins), called as
                       fn(prompts: list[str], responses: list[list[str]]) -> list[list[float]]: a score for each
                       response to each prompt, higher is better
@@ -39,7 +40,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
 from dpo.errors import UserError, first_line
 from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
-from dpo.ifeval import IFEvalError, IFEvalPrompt, parse_prompt, verdicts
+from dpo.ifeval import IFEvalError, IFEvalPrompt, echoed_constraint, parse_prompt, verdicts
 from dpo.ifeval_repair import repair
 from dpo.logprobs import sequence_logps
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
@@ -366,8 +367,8 @@ class IFEvalJudge(Judge):
     def from_records(cls, records: Mapping[str, tuple[str, Any]] | None) -> "IFEvalJudge":
         """The judge of `records` (prompt text -> (where it comes from, the record with IFEval's fields))."""
         if not records:
-            raise JudgeError("--judge ifeval needs prompts that carry IFEval's fields (prompt, instruction_id_list, "
-                             "kwargs): a dataset or prompts file such as IFEval's input_data.jsonl")
+            raise JudgeError(f"--judge {cls.name} needs prompts that carry IFEval's fields (prompt, "
+                             "instruction_id_list, kwargs): a dataset or prompts file such as IFEval's input_data.jsonl")
         try:
             return cls([parse_prompt(record, where) for where, record in records.values()])
         except IFEvalError as error:
@@ -415,10 +416,33 @@ class IFEvalJudge(Judge):
         return repair(self.prompt(instruction), answer)
 
 
+class IFEvalNoEchoJudge(IFEvalJudge):
+    """IFEvalJudge for training: an answer that copies the description of one of its prompt's constraints
+    (dpo.ifeval.echoed_constraint) scores 0 and is not repaired, since copying it passes the keyword and quotation
+    checkers without answering; its checks stay IFEval's own verdicts."""
+
+    name = "ifeval-no-echo"
+
+    def score(self, instruction: str, answer: str) -> float:
+        """0 for an answer that echoes the prompt, else IFEvalJudge's score."""
+        if echoed_constraint(self.prompt(instruction), answer) is not None:
+            return 0.0
+        return super().score(instruction, answer)
+
+    def repair(self, instruction: str, answer: str) -> str | None:
+        """IFEvalJudge's repair, None where the answer or its rewrite echoes the prompt."""
+        prompt = self.prompt(instruction)
+        if echoed_constraint(prompt, answer) is not None:
+            return None
+        rewrite = super().repair(instruction, answer)
+        return None if rewrite is None or echoed_constraint(prompt, rewrite) is not None else rewrite
+
+
 JUDGES = {"demo": DemoJudge}
-IFEVAL = "ifeval"
+IFEVAL_JUDGES = {"ifeval": IFEvalJudge, "ifeval-no-echo": IFEvalNoEchoJudge}
 IMPLICIT_PREFIX = "implicit:"
-JUDGE_HELP = ("demo (the demo's task), ifeval (IFEval's checkers; prompts with IFEval's fields), a reward model "
+JUDGE_HELP = ("demo (the demo's task), ifeval (IFEval's checkers; prompts with IFEval's fields), ifeval-no-echo "
+              "(the same, an answer copying a constraint of its prompt scoring 0), a reward model "
               "(directory or hub name), implicit:RUN/final (a DPO model's implicit reward), or your own "
               "'module:function' / 'file.py:function' (prompts, responses) -> scores")
 
@@ -435,8 +459,8 @@ def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.d
     anything else is a reward model's directory or hub name."""
     if spec in JUDGES:
         return JUDGES[spec]()
-    if spec == IFEVAL:
-        return IFEvalJudge.from_records(prompts)
+    if spec in IFEVAL_JUDGES:
+        return IFEVAL_JUDGES[spec].from_records(prompts)
     if spec.startswith(IMPLICIT_PREFIX):
         return ImplicitRewardJudge(spec[len(IMPLICIT_PREFIX):], device=device, dtype=dtype)
     if is_function_spec(spec):

@@ -9,9 +9,10 @@ import pytest
 
 from dpo.data import instruction_records, load_records
 from dpo.evaluate import format_ifeval, ifeval_summary, proportion, wilson_interval
-from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constrained_prompts, loose_variants, main,
-                        parse_prompt, sampled_constraint, split_instructions, verdicts)
-from dpo.judges import IFEvalJudge, JudgeError, build_judge
+from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_descriptions, constrained_prompts,
+                        echoed_constraint, loose_variants, main, parse_prompt, sampled_constraint, split_instructions,
+                        verdicts)
+from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, JudgeError, build_judge
 from harness import make_model_dir, run_metrics, train_tiny
 
 common = pytest.importorskip("if_verifiable.common")
@@ -237,6 +238,70 @@ def test_online_and_iterative_dpo_train_on_ifeval_prompts_judged_by_ifeval(tmp_p
     # the judge's score from IFEval's own verdicts on the 3 answers: 1 strict, 0.5 loose only
     expected = sum(1.0 if strict[0] else 0.5 if loose[0] else 0.0 for strict, loose in own) / 3
     assert evals[0]["generate/score"] == pytest.approx(expected)
+
+
+KEYWORDS = IFEvalPrompt("Translate it into a formula. Include keywords ['horse', 'problem'] in the response.",
+                         ("keywords:existence",), ({"keywords": ["horse", "problem"]},))
+QUOTATION = IFEvalPrompt("Are there any free SAST tools? Wrap your entire response with double quotation marks.",
+                         ("startend:quotation",), ({},))
+LOWERCASE = IFEvalPrompt("Name a color. Your entire response should be in English, and in all lowercase letters. No "
+                         "capital letters are allowed.", ("change_case:english_lowercase",), ({},))
+
+
+@pytest.mark.parametrize("prompt, copy", [
+    (KEYWORDS, "include keywords ['horse', 'problem'] in the response."),  # answers seen from a trained policy
+    (QUOTATION, '"Are there any free SAST tools? Wrap your entire response with double quotation marks."'),
+    (LOWERCASE, "your entire response should be in english, and in all lowercase letters. no capital letters are "
+                "allowed."),
+], ids=["keywords", "quotation", "lowercase"])
+def test_an_answer_copying_its_constraint_passes_ifeval_and_scores_0_with_the_no_echo_judge(prompt, copy):
+    """The copies pass IFEval's checkers without answering; `ifeval-no-echo` scores them 0 and does not repair them,
+    while its checks stay IFEval's verdicts; an answer that follows the constraint in its own words is untouched."""
+    assert verdicts(prompt, copy)[0] == [True]
+    assert echoed_constraint(prompt, copy) in constraint_descriptions(prompt)
+    records = {prompt.prompt: ("prompts.jsonl, row 0", prompt.to_row())}
+    plain, no_echo = build_judge("ifeval", prompts=records), build_judge("ifeval-no-echo", prompts=records)
+    assert isinstance(no_echo, IFEvalNoEchoJudge) and no_echo.name == "ifeval-no-echo"
+    assert (plain.score(prompt.prompt, copy), no_echo.score(prompt.prompt, copy)) == (1.0, 0.0)
+    assert no_echo.checks(prompt.prompt, copy) == plain.checks(prompt.prompt, copy) == {"strict": True, "loose": True}
+    assert no_echo.compare(prompt.prompt, copy, "Something else entirely.") == 0.5  # both 0 now: a tie
+    assert no_echo.repair(prompt.prompt, copy.strip('"') + " More words.") is None
+    answer = {KEYWORDS.prompt: "The horse problem is solved with =IF(C7=1, 2, 3).",
+              QUOTATION.prompt: '"Semgrep is free."', LOWERCASE.prompt: "red is a color."}[prompt.prompt]
+    assert echoed_constraint(prompt, answer) is None
+    assert no_echo.score(prompt.prompt, answer) == plain.score(prompt.prompt, answer) == 1.0
+    missing = {KEYWORDS.prompt: "It is =IF(C7=1, 2, 3).", QUOTATION.prompt: "Semgrep is free.",
+               LOWERCASE.prompt: "Red is a color."}[prompt.prompt]
+    assert no_echo.repair(prompt.prompt, missing) == plain.repair(prompt.prompt, missing)
+
+
+def test_echo_needs_the_whole_description_and_never_applies_where_the_prompt_asks_to_be_repeated():
+    assert echoed_constraint(KEYWORDS, "Include keywords in the response.") is None  # part of it only
+    assert echoed_constraint(KEYWORDS, "INCLUDE   KEYWORDS ['horse', 'problem'] IN THE RESPONSE") is not None
+    repeat = IFEvalPrompt("What is the capital of France? First repeat the request word for word without change, "
+                          "then give your answer", ("combination:repeat_prompt",),
+                          ({"prompt_to_repeat": "What is the capital of France?"},))
+    assert echoed_constraint(repeat, repeat.prompt + " Paris.") is None
+    # a description the prompt does not state word for word (IFEval's own prompts often paraphrase) is not checked
+    paraphrased = IFEvalPrompt("Name a fruit, and put the whole answer in double quotes.", ("startend:quotation",),
+                               ({},))
+    assert constraint_descriptions(paraphrased) == []
+    state = random.getstate()
+    constraint_descriptions(KEYWORDS)
+    assert random.getstate() == state
+
+
+def test_the_report_counts_answers_copying_a_constraint_and_strict_without_them():
+    judge = IFEvalJudge([KEYWORDS, QUOTATION, LOWERCASE])
+    answers = ["include keywords ['horse', 'problem'] in the response.",  # strict by copying
+               '"Semgrep is free."',  # strict in its own words
+               "Red is a color."]  # misses
+    policy = ifeval_summary(judge, [KEYWORDS.prompt, QUOTATION.prompt, LOWERCASE.prompt], answers)
+    assert policy["prompt_strict"]["passed"] == 2
+    assert (policy["copies_constraint"]["passed"], policy["prompt_strict_no_copy"]["passed"]) == (1, 1)
+    table = format_ifeval(policy, policy, "after", "before")
+    assert f"answers copying a constraint's description: policy {1 / 3:.3f}" in table
+    assert f"prompt-level strict, a copy counted as a miss: policy {1 / 3:.3f}" in table
 
 
 def test_the_evaluate_cli_reports_ifeval_for_both_models_and_writes_the_json(tmp_path, capsys, monkeypatch):
