@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -157,6 +157,16 @@ def verdicts(prompt: IFEvalPrompt, response: str) -> tuple[list[bool], list[bool
     return strict, loose
 
 
+@contextmanager
+def caller_random_kept() -> Iterator[None]:
+    """Python's global `random` state as it was before the block, whatever the checkers draw inside it."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 ASKS_FOR_REPETITION = ("combination:repeat_prompt",)  # types whose answer must repeat the prompt
 
 
@@ -169,11 +179,8 @@ def constraint_descriptions(prompt: IFEvalPrompt) -> list[str]:
     those that the prompt states word for word (case and spacing ignored): what the builder appends."""
     found = []
     for type_id, args in zip(prompt.instruction_id_list, prompt.kwargs):
-        state = random.getstate()  # a checker samples any argument it is not given; keep the caller's random
-        try:
+        with caller_random_kept():  # a checker samples any argument it is not given
             description = registry()[type_id](type_id).build_description(**args)
-        finally:
-            random.setstate(state)
         if _normalized(description) and _normalized(description) in _normalized(prompt.prompt):
             found.append(description)
     return found
@@ -230,14 +237,11 @@ def constrained_prompts(instructions: Sequence[str], types: Sequence[str], seed:
 def sampled_constraint(type_id: str, seed: int) -> tuple[str, dict[str, Any]]:
     """A checker's own description of its constraint with arguments it samples (from Python's global `random`,
     seeded here and restored after)."""
-    state = random.getstate()
-    random.seed(seed)
-    try:
+    with caller_random_kept():
+        random.seed(seed)
         checker = registry()[type_id](type_id)
         description = checker.build_description()
         args = checker.get_instruction_args() or {}
-    finally:
-        random.setstate(state)
     return description, {k: v for k, v in args.items() if v is not None}
 
 
