@@ -12,9 +12,14 @@
     python benchmarks/gpu_check.py profile        where a padded bf16 step of the phi-2-sized model spends its time
                                                   (torch.profiler), then its gradient-checkpointed step and the LoRA
                                                   recipe's step, the model built in GPU memory (no save and load)
+    python benchmarks/gpu_check.py summary FILE   the table of a report's results.jsonl
 
 Each measurement prints one JSON line. A step's figures are train_step's own metrics (tokens/s and MFU over a
 synced step time, the step's peak CUDA memory); benchmarks/gpu_check.sh runs every part and writes the report.
+
+`--smoke` runs a part on the CPU with a tiny model of Phi's architecture (2 layers, width 64, a 512-token
+vocabulary) and short pairs at batch 8: the same code paths in a few seconds, to check the script before a GPU is
+at hand (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +61,54 @@ PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hid
 EOS = 50256
 MODEL = Path("phi2-sized-random-init")  # what train.py's loader is asked for: in_memory_phi2 answers
 STEPS = 3  # the first is a warm-up (allocator, kernel choice); the others are timed
+
+
+@dataclass
+class Target:
+    """Where and at what size the parts run: phi-2's sizes on CUDA, or --smoke's tiny sizes on the CPU."""
+    device: torch.device
+    model: dict  # PhiConfig arguments
+    eos: int
+    batch: int  # pairs per step (the recipe's 64)
+    flags: tuple[str, ...] = ()  # train.py flags over the recipe's config
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    prompt_tokens: float = 150  # the log-normal medians of ultrafeedback_like_pairs
+    response_tokens: float = 260
+    generate_shape: tuple[int, int, int] = (64, 128, 128)  # rows, prompt tokens, new tokens
+
+
+GPU = Target(torch.device("cuda"), PHI2, EOS, batch=64)
+SMOKE = Target(torch.device("cpu"), {**PHI2, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                     "num_hidden_layers": 2, "num_attention_heads": 4, "bos_token_id": 511,
+                                     "eos_token_id": 511},
+               eos=511, batch=8, max_length=64, max_prompt_length=32, prompt_tokens=12, response_tokens=20,
+               flags=("--batch-size", "8", "--micro-batch-size", "4", "--max-length", "64",
+                      "--max-prompt-length", "32"), generate_shape=(4, 8, 8))
+target = GPU
+
+
+def reset_peak_memory() -> None:
+    """Start the device's peak memory count afresh (CUDA only)."""
+    if target.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target.device)
+
+
+def release_memory() -> None:
+    """Free what the last run left: Python's garbage and, on CUDA, the allocator's cached blocks."""
+    gc.collect()
+    if target.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_memory_gb() -> float | None:
+    """The peak memory allocated on the CUDA device since the last reset (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(target.device) / 1e9 if target.device.type == "cuda" else None
+
+
+def device_name() -> str:
+    """The GPU's name, or 'cpu'."""
+    return torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else "cpu"
 
 
 def emit(record: dict) -> None:
@@ -94,7 +148,7 @@ def compare_cpu_cuda(precision: str, num_pairs: int = 16) -> dict:
     """One micro-batch of demo pairs on the CPU in fp32 and on CUDA in `precision` (fp32 with TF32 off): the
     largest log-prob difference, the loss difference and the relative gradient error (norm of the difference over
     the CPU gradient's norm), with the cosine between the two gradients."""
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda = torch.device("cpu"), target.device
     with tempfile.TemporaryDirectory() as out:
         cfg = parse_settings(["--output-dir", out])
         pairs = load_preference_pairs(cfg, load_tokenizer(cfg.model), log=lambda *a, **k: None).train[:num_pairs]
@@ -121,28 +175,28 @@ def compare_cpu_cuda(precision: str, num_pairs: int = 16) -> dict:
 # ---------------------------------------------------------------------------------------------------- phi-2 sized
 
 
-def ultrafeedback_like_pairs(count: int, max_length: int = 1024, max_prompt_length: int = 512,
-                             seed: int = 0) -> list[TokenizedPair]:
+def ultrafeedback_like_pairs(count: int, seed: int = 0) -> list[TokenizedPair]:
     """Random token ids with UltraFeedback-like lengths (phi-2 tokenizer): prompts log-normal around 150 tokens,
     responses around 260, cut as train.py cuts them (prompt to max_prompt_length, each sequence to max_length)."""
     rng = np.random.default_rng(seed)
     pairs = []
     for row in range(count):
-        prompt = int(np.clip(rng.lognormal(math.log(150), 0.9), 8, max_prompt_length))
-        budget = max_length - prompt
-        chosen, rejected = (int(np.clip(rng.lognormal(math.log(260), 0.6), 4, budget)) for _ in range(2))
-        ids = [rng.integers(0, EOS, n).tolist() for n in (prompt, chosen - 1, rejected - 1)]
-        pairs.append(TokenizedPair(ids[0], ids[1] + [EOS], ids[2] + [EOS], row))
+        prompt = int(np.clip(rng.lognormal(math.log(target.prompt_tokens), 0.9), 8, target.max_prompt_length))
+        budget = target.max_length - prompt
+        chosen, rejected = (int(np.clip(rng.lognormal(math.log(target.response_tokens), 0.6), 4, budget))
+                            for _ in range(2))
+        ids = [rng.integers(0, target.eos, n).tolist() for n in (prompt, chosen - 1, rejected - 1)]
+        pairs.append(TokenizedPair(ids[0], ids[1] + [target.eos], ids[2] + [target.eos], row))
     return pairs
 
 
 def time_steps(cfg, policy, adapters, pairs: list[TokenizedPair], label: str, extra: dict, steps: int = STEPS) -> dict:
     """train.py's reference pass and `steps` optimizer steps on `pairs`: the timed steps' metrics (the first step is
     a warm-up)."""
-    device = torch.device("cuda")
-    layout, collate = train.collator(cfg, EOS, policy)
+    device = target.device
+    layout, collate = train.collator(cfg, target.eos, policy)
     every = list(range(len(pairs)))
-    torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory()
     start = train.synced_clock(device)
     reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]), every,
                                       device=device, dist=DistInfo(), collate=collate, resumed=False,
@@ -162,29 +216,29 @@ def time_steps(cfg, policy, adapters, pairs: list[TokenizedPair], label: str, ex
               "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in timed),
               "pairs_per_s": statistics.mean(r["pairs_per_s"] for r in timed),
               "mfu": statistics.mean(r["mfu"] for r in timed) if "mfu" in timed[0] else None,
-              "peak_memory_gb": max(r["cuda_peak_memory_gb"] for r in records),
+              "peak_memory_gb": max(r["cuda_peak_memory_gb"] for r in records) if "cuda_peak_memory_gb" in records[0]
+              else None,
               "reference_pass_s": round(reference_s, 2), "losses": [r["loss"] for r in records],
               "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
-              "device": torch.cuda.get_device_name(device)}
+              "device": device_name()}
     del state
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_memory()
     return result
 
 
 def recipe_config(config: str, model_dir: Path, out_dir: str, *flags: str):
     return parse_settings(["--config", str(CONFIGS / config), "--model", str(model_dir), "--output-dir", out_dir,
-                         "--device", "cuda", "--no-progress", "--no-plot", *flags])
+                         "--device", target.device.type, "--no-progress", "--no-plot", *target.flags, *flags])
 
 
 def phi2(args: argparse.Namespace) -> None:
     """Full fine-tuning: the first layout in bf16 and as the recipe's card has it (fp16 + GradScaler), then every
     layout in bf16 with gradient checkpointing. One model load: the runs reuse it (a reference pass per run)."""
     in_memory_phi2()
-    pairs = ultrafeedback_like_pairs(64 * STEPS)
+    pairs = ultrafeedback_like_pairs(target.batch * STEPS)
     with tempfile.TemporaryDirectory() as out:
         cfg = recipe_config("phi2_ultrafeedback.json", MODEL, out, "--precision", "bf16")
-        policy, adapters = train.build_policy(cfg, torch.device("cuda"))
+        policy, adapters = train.build_policy(cfg, target.device)
         # gradient checkpointing, once on, stays on: the other layouts run last, with it, against the first's
         first = args.layouts[0]
         runs = [(first, False, "bf16"), (first, False, "fp16")] + [(layout, True, "bf16") for layout in args.layouts]
@@ -202,18 +256,17 @@ def phi2(args: argparse.Namespace) -> None:
             except torch.OutOfMemoryError as error:
                 emit({"part": "phi2", "layout": layout, "precision": precision,
                       "gradient_checkpointing": with_checkpointing, "error": f"out of memory: {str(error)[:200]}"})
-                gc.collect()
-                torch.cuda.empty_cache()
+                release_memory()
 
 
 def lora(args: argparse.Namespace) -> None:
     """The LoRA recipe as its config has it: fp16 base, rank 16 on every linear layer, gradient checkpointing."""
     in_memory_phi2()
-    pairs = ultrafeedback_like_pairs(64 * STEPS)
+    pairs = ultrafeedback_like_pairs(target.batch * STEPS)
     with tempfile.TemporaryDirectory() as out:
         cfg = recipe_config("phi2_ultrafeedback_lora.json", MODEL, out)
-        torch.cuda.reset_peak_memory_stats()
-        policy, adapters = train.build_policy(cfg, torch.device("cuda"))
+        reset_peak_memory()
+        policy, adapters = train.build_policy(cfg, target.device)
         emit(time_steps(cfg, policy, adapters, pairs, "lora", {"config": "phi2_ultrafeedback_lora.json"}))
 
 
@@ -221,12 +274,12 @@ def generate(args: argparse.Namespace) -> None:
     """Sampling tokens/s of the phi-2-sized model: the fp32 policy under the run's autocast (what online DPO and
     --eval-generate run) and bf16 weights (what generate.py loads on such a GPU)."""
     in_memory_phi2()
-    device = torch.device("cuda")
+    device = target.device
     policy = train.load_model(parse_settings(["--model", str(MODEL)]), str(MODEL), device).eval()
-    rows, prompt_length, new_tokens = 64, 128, 128
-    input_ids = torch.randint(0, EOS, (rows, prompt_length), device=device, generator=None)
+    rows, prompt_length, new_tokens = target.generate_shape
+    input_ids = torch.randint(0, target.eos, (rows, prompt_length), device=device)
     settings = dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                    pad_token_id=EOS, eos_token_id=EOS)
+                    pad_token_id=target.eos, eos_token_id=target.eos)
     for label, dtype, context in (("fp32 weights, bf16 autocast", torch.float32, "bf16"),
                                   ("bf16 weights", torch.bfloat16, "fp32")):
         model = policy.to(dtype)
@@ -237,74 +290,114 @@ def generate(args: argparse.Namespace) -> None:
             seconds = train.synced_clock(device) - start
         emit({"part": "generate", "model": label, "rows": rows, "prompt_tokens": prompt_length,
               "new_tokens": int(out.shape[1] - prompt_length), "seconds": round(seconds, 3),
-              "tokens_per_s": rows * (out.shape[1] - prompt_length) / seconds,
-              "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9})
+              "tokens_per_s": rows * (out.shape[1] - prompt_length) / seconds, "peak_memory_gb": peak_memory_gb()})
 
 
 def in_memory_phi2() -> None:
-    """train.py's loader hands out a random-init phi-2-sized model built on the GPU (in the dtype train.py asks
+    """train.py's loader hands out a random-init phi-2-sized model built on the device (in the dtype train.py asks
     for) instead of reading one from disk: what follows the load (dropout off, fused GELU, LoRA) is train.py's."""
     torch.manual_seed(0)
-    config = transformers.PhiConfig(**PHI2, attn_implementation="sdpa")
-    with torch.device("cuda"):
+    config = transformers.PhiConfig(**target.model, attn_implementation="sdpa")
+    with target.device:
         model = transformers.PhiForCausalLM(config)
-    train.load_causal_lm = lambda name, *, dtype=torch.float32, device="cuda", quantization=None: model.to(dtype)
+    train.load_causal_lm = lambda name, *, dtype=torch.float32, device=None, quantization=None: model.to(dtype)
 
 
 def profile(args: argparse.Namespace) -> None:
+    """A padded bf16 step under torch.profiler (its tables printed), then the gradient-checkpointed step and the
+    LoRA recipe's step, timed."""
     in_memory_phi2()
-    pairs = ultrafeedback_like_pairs(64 * 2)
-    device = torch.device("cuda")
+    pairs = ultrafeedback_like_pairs(target.batch * 2)
+    device, cuda = target.device, target.device.type == "cuda"
     with tempfile.TemporaryDirectory() as out:
         cfg = recipe_config("phi2_ultrafeedback.json", MODEL, f"{out}/a", "--precision", "bf16",
                             "--layout", "padded")
         policy, adapters = train.build_policy(cfg, device)
-        layout, collate = train.collator(cfg, EOS, policy)
+        layout, collate = train.collator(cfg, target.eos, policy)
         reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]),
                                           list(range(len(pairs))), device=device, dist=DistInfo(), collate=collate,
                                           resumed=False, log=lambda *a, **k: None)["train"]
         state = train.build_state(cfg, policy, adapters, device=device, dist=DistInfo(), collate=collate,
                                   workspace_pairs=pairs, layout=layout)
-        batches = [PairBatch(pairs[i * 64:(i + 1) * 64], reference.select(range(i * 64, (i + 1) * 64)))
+        batch = target.batch
+        batches = [PairBatch(pairs[i * batch:(i + 1) * batch], reference.select(range(i * batch, (i + 1) * batch)))
                    for i in range(2)]
         emit({"part": "profile", "warmup_step": train.train_step(state, batches[0], cfg.lr)})
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as prof:
             record = train.train_step(state, batches[1], cfg.lr)
         emit({"part": "profile", "profiled_step": record})
         table = prof.key_averages()
-        print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
+        if cuda:
+            print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
         print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
         del state
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_memory()
         enable_gradient_checkpointing(policy)
         cfg = recipe_config("phi2_ultrafeedback.json", MODEL, f"{out}/b", "--precision", "bf16",
                             "--layout", "padded", "--gradient-checkpointing")
         emit(time_steps(cfg, policy, adapters, pairs, "phi2", {"config": "phi2_ultrafeedback.json"}, steps=2))
         del policy
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_memory()
         cfg = recipe_config("phi2_ultrafeedback_lora.json", MODEL, f"{out}/c", "--layout", "padded")
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory()
         policy, adapters = train.build_policy(cfg, device)
         emit(time_steps(cfg, policy, adapters, pairs, "lora", {"config": "phi2_ultrafeedback_lora.json"}, steps=2))
 
 
+def summary_lines(records: list[dict]) -> list[str]:
+    """The report's table: one line per step measurement (phi2, lora), sampling run and equality check."""
+    def gb(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} GB"
+
+    lines = []
+    for r in records:
+        if r.get("part") in ("phi2", "lora"):
+            head = f"{r['part']:5} {r['layout']:13} {r['precision']:4} gc={r['gradient_checkpointing']!s:5}"
+            if "error" in r:
+                lines.append(f"{head} {r['error']}")
+                continue
+            mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
+            lines.append(f"{head} step {statistics.mean(r['step_s'][1:]):6.2f} s  {r['tokens_per_s']:9.0f} tok/s  "
+                         f"MFU {mfu}  peak {gb(r['peak_memory_gb']):>8}  reference pass {r['reference_pass_s']} s")
+        elif r.get("part") == "generate":
+            lines.append(f"generate {r['model']:28} {r['tokens_per_s']:9.0f} new tok/s ({r['rows']} rows x "
+                         f"{r['new_tokens']})  peak {gb(r['peak_memory_gb'])}")
+        elif r.get("part") == "equality":
+            lines.append(f"equality {r['precision']:4} loss diff {r['loss_abs_diff']:.2e}  log-prob rel diff "
+                         f"{r['logps_max_rel_diff']:.2e}  grad rel error {r['grad_rel_error']:.2e}  cosine "
+                         f"{r['grad_cosine']:.6f}")
+    return lines
+
+
+PARTS = ("equality", "phi2", "lora", "generate", "profile")
+
+
 def main(argv: list[str] | None = None) -> None:
+    global target
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["equality", "phi2", "lora", "generate", "profile"])
+    parser.add_argument("part", choices=[*PARTS, "summary"])
+    parser.add_argument("results", nargs="?", help="summary: the report's results.jsonl")
     parser.add_argument("--layouts", nargs="+", default=["padded", "shared_prompt"],
                         choices=["padded", "packed", "shared_prompt"],
                         help="phi2: the layouts to time in bf16 with gradient checkpointing (the first also "
-                             "without it, in bf16 and fp16). Every layout's attention is mask-free (flash-capable); the packed ones "
-                             "still call it pair by pair: one H200 measurement, before that change and with cuDNN's "
-                             "attention, put shared_prompt at 21 s a step against padded's 5.5 s")
+                             "without it, in bf16 and fp16). Every layout's attention is mask-free (flash-capable); "
+                             "the packed ones still call it pair by pair: one H200 measurement, before that change "
+                             "and with cuDNN's attention, put shared_prompt at 21 s a step against padded's 5.5 s")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run the part on the CPU with a tiny model and short pairs (the code paths only)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: the GPU check needs a CUDA device")
+    if args.part == "summary":
+        if not args.results:
+            parser.error("summary needs the report's results.jsonl")
+        with open(args.results) as lines:
+            print("\n".join(summary_lines([json.loads(line) for line in lines if line.strip()])))
+        return
+    target = SMOKE if args.smoke else GPU
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("error: the GPU check needs a CUDA device (--smoke runs its code paths on the CPU)")
     transformers.utils.logging.disable_progress_bar()
-    train.use_fast_cuda_kernels(torch.device("cuda"))  # as train.py's start (TF32, SDPA kernels)
+    train.use_fast_cuda_kernels(target.device)  # as train.py's start (TF32, SDPA kernels)
     if args.part == "equality":
         for precision in ("fp32", "bf16", "fp16"):
             emit(compare_cpu_cuda(precision))
