@@ -17,9 +17,9 @@
 Each measurement prints one JSON line. A step's figures are train_step's own metrics (tokens/s and MFU over a
 synced step time, the step's peak CUDA memory); benchmarks/gpu_check.sh runs every part and writes the report.
 
-`--smoke` runs a part on the CPU with a tiny model of Phi's architecture (2 layers, width 64, a 512-token
-vocabulary) and short pairs at batch 8: the same code paths in a few seconds, to check the script before a GPU is
-at hand (its figures mean nothing).
+`--smoke` runs a part (not equality, which compares the CPU with CUDA) on the CPU with a tiny model of Phi's
+architecture (2 layers, width 64, a 512-token vocabulary) and short pairs at batch 8: the same code paths in a few
+seconds, to check the script before a GPU is at hand (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -387,9 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="run the part on the CPU with a tiny model and short pairs (the code paths only)")
     args = parser.parse_args(argv)
+    if (args.part == "summary") != (args.results is not None):
+        parser.error("summary takes the report's results.jsonl, and only summary takes a file")
+    if args.smoke and args.part == "equality":
+        parser.error("equality compares the CPU with a CUDA device: it has no --smoke")
     if args.part == "summary":
-        if not args.results:
-            parser.error("summary needs the report's results.jsonl")
         with open(args.results) as lines:
             print("\n".join(summary_lines([json.loads(line) for line in lines if line.strip()])))
         return

@@ -3,6 +3,7 @@
 #
 #     bash benchmarks/gpu_check.sh [REPORT_DIR]           (default: gpu_check_report/)
 #     bash benchmarks/gpu_check.sh --smoke [REPORT_DIR]   the same code paths on the CPU, tiny sizes, in about a minute
+#                                                         (default: gpu_check_smoke/)
 #
 # Runs, each part in its own process and time limit: the CUDA tests (CPU vs CUDA equality of log-probs, loss and
 # gradients; demo steps in bf16 and fp16 + GradScaler), the phi-2-sized model through train_step per layout (with
@@ -14,12 +15,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=()
 DEMO=()
+REPORT_DEFAULT=gpu_check_report
 if [[ ${1:-} == --smoke ]]; then  # the parts on the CPU at tiny sizes, the demo for 2 steps: checks the script
   SMOKE=(--smoke)
   DEMO=(--max-steps 2 --eval-steps 2 --eval-generate 0 --device cpu)
+  REPORT_DEFAULT=gpu_check_smoke  # never over a GPU's report
   shift
 fi
-REPORT=${1:-gpu_check_report}
+REPORT=${1:-$REPORT_DEFAULT}
 mkdir -p "$REPORT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}

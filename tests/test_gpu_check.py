@@ -104,3 +104,13 @@ def test_without_a_gpu_the_check_says_so_in_one_line():
     with pytest.raises(SystemExit) as stop:
         gpu_check.main(["phi2"])
     assert str(stop.value) == "error: the GPU check needs a CUDA device (--smoke runs its code paths on the CPU)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["summary"], "summary takes the report's results.jsonl"),
+    (["phi2", "results.jsonl"], "only summary takes a file"),
+    (["equality", "--smoke"], "equality compares the CPU with a CUDA device: it has no --smoke")])
+def test_misused_parts_fail_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
