@@ -39,7 +39,6 @@ import json
 import math
 import random
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ from dpo.judges import JUDGE_HELP, IFEvalJudge, Judge, JudgeError, build_judge, 
 from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
 from dpo.modeling import load_causal_lm
+from dpo.repetition import REPEAT_RUN, REPEAT_TIMES, repeats_itself
 from dpo.splits import available_splits
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
@@ -195,18 +195,6 @@ def mean_lengths(texts: Sequence[str], tokenizer: Any) -> dict[str, float]:
             "tokens": sum(len(ids) for ids in tokens) / len(texts)}
 
 
-REPEAT_RUN = 6  # words
-REPEAT_TIMES = 3
-
-
-def repeats_itself(text: str, run: int = REPEAT_RUN, times: int = REPEAT_TIMES) -> bool:
-    """Whether some `run` consecutive words occur `times` times or more in `text` (overlapping occurrences count):
-    the loops a small model falls into ("the beauty and the beauty and ...")."""
-    words = text.split()
-    counts = Counter(tuple(words[i:i + run]) for i in range(len(words) - run + 1))
-    return max(counts.values(), default=0) >= times
-
-
 def format_repetition(summary: dict[str, Any]) -> str:
     """One line with the share of each model's answers that repeat themselves; empty when none does."""
     policy, reference = summary["policy_repeating"], summary["reference_repeating"]
@@ -317,22 +305,25 @@ def proportion(passed: int, n: int) -> dict[str, float | int]:
 def ifeval_summary(judge: IFEvalJudge, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, Any]:
     """IFEval's four accuracies of one model's answers, overall and per constraint type, each with its interval:
     prompt level (a prompt counts when all its constraints pass; per type, over the prompts that have the type) and
-    instruction level (each constraint counts), strict and loose (dpo.ifeval); and the share of answers that copy
-    a constraint's description (dpo.ifeval.echoed_constraint), with prompt-level strict counting such a copy as a
-    miss."""
+    instruction level (each constraint counts), strict and loose (dpo.ifeval); the share of answers that copy a
+    constraint's description (dpo.ifeval.echoed_constraint); prompt-level strict with copies counted as misses, and
+    with copies or loops (dpo.repetition.repeats_itself) counted as misses: both pass format checkers without
+    answering."""
     counts: dict[str, dict[str, list[int]]] = {}  # type ("" overall) -> metric -> [passed, n]
 
     def add(group: str, metric: str, passed: bool) -> None:
         cell = counts.setdefault(group, {name: [0, 0] for name, _ in IFEVAL_METRICS})[metric]
         cell[0], cell[1] = cell[0] + int(passed), cell[1] + 1
 
-    copies = strict_without_copies = 0
+    copies = strict_without_copies = strict_without_copies_or_loops = 0
     for text, answer in zip(instructions, answers):
         strict, loose = judge.verdicts(text, answer)
-        types = judge.prompt(text).instruction_id_list
-        copied = echoed_constraint(judge.prompt(text), answer) is not None
+        prompt = judge.prompt(text)
+        types = prompt.instruction_id_list
+        copied = echoed_constraint(prompt, answer) is not None
         copies += copied
         strict_without_copies += all(strict) and not copied
+        strict_without_copies_or_loops += all(strict) and not (copied or repeats_itself(answer))
         for group in ("", *dict.fromkeys(types)):
             add(group, "prompt_strict", all(strict))
             add(group, "prompt_loose", all(loose))
@@ -343,6 +334,7 @@ def ifeval_summary(judge: IFEvalJudge, instructions: Sequence[str], answers: Seq
     summary = {name: proportion(*counts.get("", {}).get(name, [0, 0])) for name, _ in IFEVAL_METRICS}
     summary["copies_constraint"] = proportion(copies, len(answers))
     summary["prompt_strict_no_copy"] = proportion(strict_without_copies, len(answers))
+    summary["prompt_strict_no_copy_or_loop"] = proportion(strict_without_copies_or_loops, len(answers))
     summary["types"] = {group: {name: proportion(*cells[name]) for name, _ in IFEVAL_METRICS}
                         for group, cells in sorted(counts.items()) if group}
     return summary
@@ -361,7 +353,8 @@ def format_ifeval(policy: dict[str, Any], reference: dict[str, Any], policy_name
             lines.append(f"{group if i == 0 else '':<38} {label:<24} {mine[name]['n']:>4}  {cell(theirs[name]):<24}  "
                          f"{cell(mine[name])}")
     for name, label in (("copies_constraint", "answers copying a constraint's description"),
-                        ("prompt_strict_no_copy", "prompt-level strict, a copy counted as a miss")):
+                        ("prompt_strict_no_copy", "prompt-level strict, a copy counted as a miss"),
+                        ("prompt_strict_no_copy_or_loop", "prompt-level strict, a copy or a loop counted as a miss")):
         if name in policy and name in reference:
             lines.append(f"{label}: policy {cell(policy[name])}, reference {cell(reference[name])}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from dpo.evaluate import (Comparison, LoadedModel, WinRate, compare_models, impl
 from dpo.generation import DecodingSettings
 from dpo.judges import DemoJudge, JudgeError, RewardModelJudge, build_judge
 from dpo.prompts import format_prompt, format_response
+from dpo.repetition import repeats_itself
 from harness import make_model_dir, tiny_phi, tiny_tokenizer, write_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -401,12 +402,12 @@ def test_repetition_counts_answers_that_loop():
     """An answer repeats itself when some 6 consecutive words occur 3 times or more (overlaps count); the summary
     gives each model's share and the report prints it only when some answer repeats."""
     loop = "Paris is a city that has the beauty and the beauty and the beauty and the beauty and"
-    assert evaluate.repeats_itself(loop)
-    assert evaluate.repeats_itself("go " * 8)  # one word 8 times: the same 6 words 3 times, overlapping
-    assert not evaluate.repeats_itself("go " * 7)  # twice only
-    assert not evaluate.repeats_itself("one two three four five six one two three four five six")  # twice
-    assert evaluate.repeats_itself("one two three four five six " * 3)
-    assert not evaluate.repeats_itself("") and not evaluate.repeats_itself("a b c d e f g h i j k l")
+    assert repeats_itself(loop)
+    assert repeats_itself("go " * 8)  # one word 8 times: the same 6 words 3 times, overlapping
+    assert not repeats_itself("go " * 7)  # twice only
+    assert not repeats_itself("one two three four five six one two three four five six")  # twice
+    assert repeats_itself("one two three four five six " * 3)
+    assert not repeats_itself("") and not repeats_itself("a b c d e f g h i j k l")
     comparisons = [Comparison("q", None, answer, "fine answer.", 0.5) for answer in (loop, "4.", "go " * 8, "ok")]
     model = LoadedModel("m", "m", None, _Tok())
     summary = win_rate_summary(comparisons, model, model)

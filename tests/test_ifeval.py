@@ -13,6 +13,7 @@ from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_des
                         echoed_constraint, loose_variants, main, parse_prompt, sampled_constraint, split_instructions,
                         verdicts)
 from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, JudgeError, build_judge
+from dpo.repetition import repeats_itself
 from harness import make_model_dir, run_metrics, train_tiny
 
 common = pytest.importorskip("if_verifiable.common")
@@ -275,6 +276,10 @@ def test_an_answer_copying_its_constraint_passes_ifeval_and_scores_0_with_the_no
     assert no_echo.repair(prompt.prompt, missing) == plain.repair(prompt.prompt, missing)
 
 
+TITLE = IFEvalPrompt("Suggest some audiobooks. Your answer must contain a title, wrapped in double angular brackets, "
+                      "such as <<poem of joy>>.", ("detectable_format:title",), ({},))
+
+
 def test_echo_needs_the_whole_description_and_never_applies_where_the_prompt_asks_to_be_repeated():
     assert echoed_constraint(KEYWORDS, "Include keywords in the response.") is None  # part of it only
     assert echoed_constraint(KEYWORDS, "INCLUDE   KEYWORDS ['horse', 'problem'] IN THE RESPONSE") is not None
@@ -291,17 +296,21 @@ def test_echo_needs_the_whole_description_and_never_applies_where_the_prompt_ask
     assert random.getstate() == state
 
 
-def test_the_report_counts_answers_copying_a_constraint_and_strict_without_them():
-    judge = IFEvalJudge([KEYWORDS, QUOTATION, LOWERCASE])
+def test_the_report_counts_answers_copying_a_constraint_and_strict_without_copies_or_loops():
+    judge = IFEvalJudge([KEYWORDS, QUOTATION, LOWERCASE, TITLE])
     answers = ["include keywords ['horse', 'problem'] in the response.",  # strict by copying
                '"Semgrep is free."',  # strict in its own words
-               "Red is a color."]  # misses
-    policy = ifeval_summary(judge, [KEYWORDS.prompt, QUOTATION.prompt, LOWERCASE.prompt], answers)
-    assert policy["prompt_strict"]["passed"] == 2
-    assert (policy["copies_constraint"]["passed"], policy["prompt_strict_no_copy"]["passed"]) == (1, 1)
+               "Red is a color.",  # misses
+               "<<poem of joy>>\n\n" + '"<<poem of joy>>"\n\n' * 12]  # strict by looping
+    assert repeats_itself(answers[3]) and echoed_constraint(TITLE, answers[3]) is None and verdicts(TITLE, answers[3])[0]
+    policy = ifeval_summary(judge, [KEYWORDS.prompt, QUOTATION.prompt, LOWERCASE.prompt, TITLE.prompt], answers)
+    assert policy["prompt_strict"]["passed"] == 3
+    assert (policy["copies_constraint"]["passed"], policy["prompt_strict_no_copy"]["passed"]) == (1, 2)
+    assert policy["prompt_strict_no_copy_or_loop"]["passed"] == 1
     table = format_ifeval(policy, policy, "after", "before")
-    assert f"answers copying a constraint's description: policy {1 / 3:.3f}" in table
-    assert f"prompt-level strict, a copy counted as a miss: policy {1 / 3:.3f}" in table
+    assert f"answers copying a constraint's description: policy {1 / 4:.3f}" in table
+    assert f"prompt-level strict, a copy counted as a miss: policy {2 / 4:.3f}" in table
+    assert f"prompt-level strict, a copy or a loop counted as a miss: policy {1 / 4:.3f}" in table
 
 
 def test_the_evaluate_cli_reports_ifeval_for_both_models_and_writes_the_json(tmp_path, capsys, monkeypatch):
