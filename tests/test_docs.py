@@ -152,3 +152,11 @@ def test_readme_is_a_short_front_page_that_indexes_the_docs():
     linked = {target.partition("#")[0] for _, target in links(readme)}
     for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"docs/{page.name}" in linked, f"README.md does not link docs/{page.name}"
+
+
+def test_the_layout_page_names_every_module():
+    """docs/layout.md's module table has a row for every module of the package and every top-level script."""
+    page = (ROOT / "docs" / "layout.md").read_text()
+    modules = [f"dpo/{p.name}" for p in (ROOT / "dpo").glob("*.py") if p.name != "__init__.py"]
+    missing = [m for m in modules + ["train.py", "generate.py"] if f"`{m}`" not in page]
+    assert not missing, f"docs/layout.md does not describe {missing}"
