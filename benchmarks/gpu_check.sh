@@ -39,7 +39,8 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 : > "$REPORT/summary.txt"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+{ if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader; else echo "no nvidia-smi"; fi
   $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"; } 2>&1 | tee -a "$REPORT/summary.txt"
 part phi2 170 $PY benchmarks/gpu_check.py phi2 ${SMOKE[@]+"${SMOKE[@]}"}
