@@ -370,6 +370,22 @@ def summary_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def read_results(path: str) -> list[dict]:
+    """The records of a report's results.jsonl; a missing file or a line that is not JSON stops with one line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise SystemExit(f"error: {path}: cannot read it ({error.strerror})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"error: {path}, line {number}: not JSON ({error.msg})") from None
+    return records
+
+
 PARTS = ("equality", "phi2", "lora", "generate", "profile")
 
 
@@ -392,8 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke and args.part == "equality":
         parser.error("equality compares the CPU with a CUDA device: it has no --smoke")
     if args.part == "summary":
-        with open(args.results) as lines:
-            print("\n".join(summary_lines([json.loads(line) for line in lines if line.strip()])))
+        print("\n".join(summary_lines(read_results(args.results))))
         return
     target = SMOKE if args.smoke else GPU
     if not args.smoke and not torch.cuda.is_available():

@@ -114,3 +114,14 @@ def test_misused_parts_fail_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         gpu_check.main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_missing_or_broken_results_file_stops_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["summary", str(tmp_path / "absent.jsonl")])
+    assert str(stop.value) == f"error: {tmp_path / 'absent.jsonl'}: cannot read it (No such file or directory)"
+    broken = tmp_path / "results.jsonl"
+    broken.write_text('{"part": "generate"}\n\n{"part": \n')
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["summary", str(broken)])
+    assert str(stop.value).startswith(f"error: {broken}, line 3: not JSON")
