@@ -257,9 +257,14 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             buffer = workspace[num_tiles * start * vocab_chunk:] if store else None
             target, total, sq, shift, ew = _forward_rows(ops, start, end, targets[start:end], vocab_chunk,
                                                          with_wpo, buffer, scratch, None, with_ew)
-            if not bool(torch.isfinite(total).all()):
-                # a later tile exceeded the first tile's maxima by ~2^128: redo the block shifted by the
-                # exact row maxima, so that every 2^(y - shift) <= 1 and every sum >= 1
+            finite = torch.isfinite(total).all()
+            for extra in (sq, ew):
+                if extra is not None:
+                    finite &= torch.isfinite(extra).all()
+            if not bool(finite):
+                # a later tile exceeded the first tile's maxima by ~2^128 (by ~2^64 for WPO's sum of squares, less
+                # for E W with large weights): redo the block shifted by the exact row maxima, so that every
+                # 2^(y - shift) <= 1 and every sum >= 1
                 shift = _row_maxima(ops, start, end, vocab_chunk, scratch)
                 target, total, sq, shift, ew = _forward_rows(ops, start, end, targets[start:end], vocab_chunk,
                                                              with_wpo, buffer, scratch, shift, with_ew)

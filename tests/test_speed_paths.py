@@ -213,13 +213,15 @@ def test_gradient_checkpointing_with_shared_prompts_equals_plain():
 
 
 @pytest.mark.parametrize("store", [True, False])
-def test_fused_head_survives_a_later_tile_far_above_the_first(store, monkeypatch):
-    """The shift comes from the first vocabulary tile; a logit 300 above it in a later tile would overflow 2^(y - m)
-    and forces the exact-maximum pass. Values and gradients must still equal the plain computation."""
+@pytest.mark.parametrize("gap", [300.0, 60.0])
+def test_fused_head_survives_a_later_tile_far_above_the_first(store, gap, monkeypatch):
+    """The shift comes from the first vocabulary tile; a logit 300 above it in a later tile would overflow 2^(y - m),
+    one 60 above it only WPO's sum of 4^(y - m) (the log-probs alone would stay finite), and either forces the
+    exact-maximum pass. Values, WPO log-probs and gradients must still equal the plain computation."""
     hidden, weight, bias, targets, upstream = head_inputs(n=6, d=4, vocab=96)
     with torch.no_grad():
-        bias[70] = 300.0  # far above every logit of the first tile (vocabulary 0..31)
-        bias[5] = -300.0
+        bias[70] = gap  # far above every logit of the first tile (vocabulary 0..31)
+        bias[5] = -gap
     targets[:2] = torch.tensor([70, 5])
     want = values_and_grads(plain_head, hidden, weight, bias, targets, upstream)
     import dpo.lm_head
