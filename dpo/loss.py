@@ -10,7 +10,7 @@ Notation used in the docstrings (all per pair):
     ref_c, ref_r   reference log-probs (0 when reference_free)
     len_c, len_r   number of scored response tokens
     r_c = pi_c - ref_c, r_l = pi_r - ref_r            log-ratios
-    s_c = f(r_c), s_l = f(r_l)                        log-ratios through the f-divergence transform
+    s_c = f(r_c), s_l = f(r_l)                        log-ratios through the f-divergence transform (f(0) = 0)
     h = s_c - s_l                                     the preference margin ("logits" in TRL);
                                                       for reverse_kl, h = (pi_c - ref_c) - (pi_r - ref_r)
     beta, eps = label_smoothing, sigma = logistic sigmoid, softplus(z) = -log sigma(-z)
@@ -30,8 +30,8 @@ Write one function in your own file (examples/my_loss.py is this one):
 and select it with `--loss path/to/my_loss.py:my_loss` (relative to the working directory) or, when
 importable, `--loss my_pkg.losses:my_loss`. It may be mixed with built-ins:
 `--loss sigmoid:1.0,path/to/my_loss.py:my_loss:0.5`. The building blocks of the built-in losses are public:
-log_ratios, divergence_scores, preference_margin, lengths, mean_logps, chosen_nll, chosen_token_nll,
-smoothed_logistic.
+log_ratios, divergence_scores, mean_divergence_scores, preference_margin, lengths, mean_logps, chosen_nll,
+chosen_token_nll, smoothed_logistic.
 The contract:
   * input: `x` holds fp32 tensors of shape [B] on one device: policy_chosen_logps, policy_rejected_logps,
     reference_chosen_logps, reference_rejected_logps (None without a reference), chosen_lengths, rejected_lengths
@@ -114,26 +114,28 @@ def _reverse_kl(log_ratio: Tensor, alpha: float) -> Tensor:
 
 
 def _forward_kl(log_ratio: Tensor, alpha: float) -> Tensor:
-    """f'(t) = 1 - 1/t, constant dropped: -exp(-r) (exponent capped, see _EXP_CAP)."""
-    return -torch.exp((-log_ratio).clamp(max=_EXP_CAP))
+    """f'(t) = 1 - 1/t = 1 - exp(-r) (exponent capped, see _EXP_CAP)."""
+    return -torch.expm1((-log_ratio).clamp(max=_EXP_CAP))
 
 
 def _js_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
-    """f'(t) = log(2t / (1 + t)), constant dropped: log sigma(r)."""
-    return F.logsigmoid(log_ratio)
+    """f'(t) = log(2t / (1 + t)) = log 2 + log sigma(r)."""
+    return math.log(2.0) + F.logsigmoid(log_ratio)
 
 
 def _alpha_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
-    """f'(t) = (t^(alpha-1) - 1) / (alpha-1), constant dropped: exp((alpha-1) r) / (alpha-1), exponent capped.
-
-    alpha -> 1 is the limit f'(t) = log t (reverse KL).
-    """
-    if abs(alpha - 1.0) < 1e-6:
+    """f'(t) = (1 - t^-alpha) / alpha = -expm1(-alpha r) / alpha, exponent capped; alpha -> 0 is log t (reverse KL),
+    alpha = 1 is forward KL. The paper's and TRL's alpha (`f_alpha_divergence_coef`)."""
+    if alpha == 0.0:
         return log_ratio
-    return torch.exp(((alpha - 1.0) * log_ratio).clamp(max=_EXP_CAP)) / (alpha - 1.0)
+    return -torch.expm1((-alpha * log_ratio).clamp(max=_EXP_CAP)) / alpha
 
 
-# f-DPO (Wang et al. 2023, "Beyond Reverse KL"): the log-ratio r is replaced by f'(exp r), as TRL's DPOTrainer does
+# f-DPO (Wang et al. 2023, "Beyond Reverse KL"): the log-ratio r is replaced by f'(exp r), as TRL's DPOTrainer does.
+# Each f' is written with f'(1) = 0, so every transform is 0 where the policy equals the reference: an unchanged
+# model has zero reward and the same loss under every f, also in the losses that read s_c and s_l on their own
+# (nca_pair, sppo_hard, bco_pair, apo_zero) or divide them by different lengths (ipo, sigmoid_norm), where an
+# additive constant would not cancel.
 F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
     "reverse_kl": _reverse_kl,
     "forward_kl": _forward_kl,
@@ -191,7 +193,8 @@ class LossSettings:
                                              "every chosen token of the step (tokens, as TRL)",
                                  choices=("sequence", "tokens"))
     f_divergence: str = setting("reverse_kl", "f-divergence regulariser (f-DPO)", choices=tuple(F_DIVERGENCES))
-    f_alpha: float = setting(1.0, "alpha of the alpha-divergence", check=finite)
+    f_alpha: float = setting(1.0, "alpha of the alpha-divergence, f'(t) = (1 - t^-alpha) / alpha as in the f-DPO paper "
+                                  "and TRL: 0 is reverse KL, 1 (TRL's default) forward KL", check=finite)
     use_weighting: bool = setting(False, "WPO weighting of each pair's loss")
     simpo_gamma: float = setting(0.5, "SimPO target reward margin (TRL's CPOConfig default)", check=finite)
     discopop_tau: float = setting(0.05, "DiscoPOP temperature (TRL's DPOConfig default)", check=positive)
@@ -235,7 +238,7 @@ _REGISTRY: dict[str, LossFunction] = {}
 
 def register_loss(
     name: str, *, reference_free: bool = False, rewards: RewardsFunction | None = None, state: LossState | None = None,
-    batch_coupled: bool = False,
+    batch_coupled: bool = False, reads_f_divergence: bool = True,
 ) -> Callable[[LossFunction], LossFunction]:
     """Decorator: make `fn` selectable as `loss_type=name`.
 
@@ -244,6 +247,8 @@ def register_loss(
     state: how the loss's per-run state starts and is updated (see LossState).
     batch_coupled: a pair's loss depends on the other pairs of its batch (AOT sorts over it), so by definition
     the result depends on how an optimizer step is split into micro-batches.
+    reads_f_divergence: False for a loss that never passes a log-ratio through the f-divergence (then
+    --f-divergence is refused rather than silently ignored).
     """
     if not name or any(char in name for char in ":,") or name != name.strip():
         raise ValueError(f"loss name {name!r} must be non-empty, without ':' ',' or surrounding spaces")
@@ -256,6 +261,7 @@ def register_loss(
             raise ValueError(f"loss name {name!r} is already registered by {owner}")
         fn.is_reference_free = reference_free
         fn.is_batch_coupled = batch_coupled
+        fn.reads_f_divergence = reads_f_divergence
         if rewards is not None:
             fn.rewards = rewards
         if state is not None:
@@ -324,6 +330,11 @@ def batch_coupled(config: LossSettings) -> bool:
     return any(getattr(resolve_loss(name), "is_batch_coupled", False) for name, _ in parse_loss_spec(config.loss_type))
 
 
+def reads_f_divergence(config: LossSettings) -> bool:
+    """Whether some term passes log-ratios through the f-divergence (a custom loss is assumed to)."""
+    return any(getattr(resolve_loss(name), "reads_f_divergence", True) for name, _ in parse_loss_spec(config.loss_type))
+
+
 def needs_reference_model(config: LossSettings) -> bool:
     """Whether the run needs reference log-probs: some term reads them and reference_free is off."""
     if config.reference_free:
@@ -346,6 +357,14 @@ def divergence_scores(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Te
     transform = F_DIVERGENCES[cfg.f_divergence]
     chosen, rejected = log_ratios(x)
     return transform(chosen, cfg.f_alpha), transform(rejected, cfg.f_alpha)
+
+
+def mean_divergence_scores(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Tensor]:
+    """(f(r_c / len_c), f(r_l / len_r)): the f-divergence transform of the per-token mean log-ratios."""
+    transform = F_DIVERGENCES[cfg.f_divergence]
+    chosen, rejected = log_ratios(x)
+    len_c, len_r = lengths(x)
+    return transform(chosen / len_c, cfg.f_alpha), transform(rejected / len_r, cfg.f_alpha)
 
 
 def preference_margin(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
@@ -415,14 +434,13 @@ def hinge_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
 
 @register_loss("ipo")
 def ipo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
-    """(s_c / len_c - s_l / len_r - 1 / (2 beta))^2. IPO (Azar et al. 2023, eq. 17), beta = tau.
+    """(f(r_c / len_c) - f(r_l / len_r) - 1 / (2 beta))^2. IPO (Azar et al. 2023, eq. 17), beta = tau.
 
     As in TRL, the log-ratios are per-token means, which keeps 1 / (2 beta) on a length-independent scale
     (the form the IPO authors' reported results use).
     """
-    chosen, rejected = divergence_scores(x, cfg)
-    len_c, len_r = lengths(x)
-    return (chosen / len_c - rejected / len_r - 1.0 / (2.0 * cfg.beta)) ** 2
+    chosen, rejected = mean_divergence_scores(x, cfg)
+    return (chosen - rejected - 1.0 / (2.0 * cfg.beta)) ** 2
 
 
 @register_loss("robust")
@@ -500,7 +518,7 @@ def sppo_hard_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return (chosen - half_inverse_beta) ** 2 + (rejected + half_inverse_beta) ** 2
 
 
-@register_loss("aot", batch_coupled=True)
+@register_loss("aot", batch_coupled=True, reads_f_divergence=False)
 def aot_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """Smoothed logistic loss of beta * (sort_B(pi_c - pi_r) - sort_B(ref_c - ref_r)). AOT (Melnyk et al. 2024), paired.
 
@@ -514,23 +532,23 @@ def aot_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
 
 @register_loss("aot_unpaired", batch_coupled=True)
 def aot_unpaired_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
-    """Smoothed logistic loss of beta * (sort_B(r_c) - sort_B(r_l)). AOT (Melnyk et al. 2024), unpaired."""
-    chosen, rejected = log_ratios(x)
+    """Smoothed logistic loss of beta * (sort_B(s_c) - sort_B(s_l)). AOT (Melnyk et al. 2024), unpaired."""
+    chosen, rejected = divergence_scores(x, cfg)
     return smoothed_logistic(cfg.beta * (torch.sort(chosen).values - torch.sort(rejected).values), cfg.label_smoothing)
 
 
 @register_loss("apo_zero")
 def apo_zero_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
-    """1 - sigma(beta r_c) + sigma(beta r_l). APO-zero (D'Oosterlinck et al. 2024, eq. 7): chosen up, rejected down."""
-    chosen, rejected = log_ratios(x)
+    """1 - sigma(beta s_c) + sigma(beta s_l). APO-zero (D'Oosterlinck et al. 2024, eq. 7): chosen up, rejected down."""
+    chosen, rejected = divergence_scores(x, cfg)
     return 1.0 - torch.sigmoid(cfg.beta * chosen) + torch.sigmoid(cfg.beta * rejected)
 
 
 @register_loss("apo_down")
 def apo_down_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
-    """sigma(beta r_c) + 1 - sigma(beta h). APO-down (D'Oosterlinck et al. 2024, eq. 8): both down, rejected more."""
-    chosen, _ = log_ratios(x)
-    return torch.sigmoid(cfg.beta * chosen) + 1.0 - torch.sigmoid(cfg.beta * preference_margin(x, cfg))
+    """sigma(beta s_c) + 1 - sigma(beta h). APO-down (D'Oosterlinck et al. 2024, eq. 8): both down, rejected more."""
+    chosen, rejected = divergence_scores(x, cfg)
+    return torch.sigmoid(cfg.beta * chosen) + 1.0 - torch.sigmoid(cfg.beta * (chosen - rejected))
 
 
 @register_loss("discopop")
@@ -546,10 +564,9 @@ def discopop_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
 
 @register_loss("sigmoid_norm")
 def sigmoid_norm_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
-    """-log sigma(beta (s_c / len_c - s_l / len_r)). Length-normalised DPO (TRL's "sigmoid_norm")."""
-    chosen, rejected = divergence_scores(x, cfg)
-    len_c, len_r = lengths(x)
-    return F.softplus(-cfg.beta * (chosen / len_c - rejected / len_r))
+    """-log sigma(beta (f(r_c / len_c) - f(r_l / len_r))). Length-normalised DPO (TRL's "sigmoid_norm")."""
+    chosen, rejected = mean_divergence_scores(x, cfg)
+    return F.softplus(-cfg.beta * (chosen - rejected))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -563,7 +580,7 @@ def _log1m_exp(a: Tensor) -> Tensor:
     return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
 
 
-@register_loss("simpo", reference_free=True, rewards=_mean_logp_rewards)
+@register_loss("simpo", reference_free=True, rewards=_mean_logp_rewards, reads_f_divergence=False)
 def simpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """Smoothed logistic loss of beta * (pi_c / len_c - pi_r / len_r) - gamma. SimPO (Meng et al. 2024, eq. 6).
 
@@ -574,7 +591,7 @@ def simpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return smoothed_logistic(cfg.beta * (mean_c - mean_r) - cfg.simpo_gamma, cfg.label_smoothing)
 
 
-@register_loss("orpo", reference_free=True, rewards=_mean_logp_rewards)
+@register_loss("orpo", reference_free=True, rewards=_mean_logp_rewards, reads_f_divergence=False)
 def orpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-pi_c / len_c - beta * log sigma(log odds(p_c) - log odds(p_r)). ORPO (Hong et al. 2024), lambda = beta.
 
@@ -585,7 +602,7 @@ def orpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return chosen_nll(x) + cfg.beta * F.softplus(-log_odds)
 
 
-@register_loss("sft", reference_free=True)
+@register_loss("sft", reference_free=True, reads_f_divergence=False)
 def sft_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-pi_c / len_c: per-token negative log-likelihood of the chosen response (supervised fine-tuning)."""
     return chosen_nll(x)

@@ -21,7 +21,7 @@ from typing import Any
 
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
-from dpo.loss import LossSettings, batch_coupled, parse_loss_spec, resolve_loss
+from dpo.loss import LossSettings, batch_coupled, parse_loss_spec, reads_f_divergence, resolve_loss
 from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
@@ -260,10 +260,14 @@ def parse_settings(argv: list[str] | None = None) -> TrainSettings:
 
 def check_requirements(cfg: TrainSettings) -> None:
     """What a run needs beyond valid values, checked before any work: every term of --loss resolves (an unknown
-    name lists the known ones), and the libraries of --report-to's trackers and of --optimizer are installed (the
-    error names the pip extra)."""
+    name lists the known ones), some term reads --f-divergence, and the libraries of --report-to's trackers and of
+    --optimizer are installed (the error names the pip extra)."""
     for name, _ in parse_loss_spec(cfg.loss.loss_type):
         resolve_loss(name)
+    if cfg.loss.f_divergence != "reverse_kl" and not reads_f_divergence(cfg.loss):
+        raise ConfigError(f"--f-divergence {cfg.loss.f_divergence} changes nothing for --loss {cfg.loss.loss_type}: "
+                          "no term of it reads a log-ratio (aot sorts log-ratio differences; simpo, orpo and sft "
+                          "have no reference)")
     resolve_report_to(cfg.report_to)
     check_optimizer(cfg.optimizer)
 

@@ -38,6 +38,8 @@ RR = [-11.0, -19.0, -7.0]
 LC = [5.0, 10.0, 2.0]
 LR = [6.0, 8.0, 3.0]
 BETA = 0.5
+# 0.5 makes 1 / (2 beta) = 2 beta = 1, which hides a misplaced beta; closed-form tests run at both
+BETAS = [0.1, 0.5]
 
 
 def batch(**overrides) -> PreferenceLogps:
@@ -64,10 +66,11 @@ def log_sig(z: float) -> float:
     return math.log(sig(z))
 
 
+# f'(t) at t = exp(r), from the f-DPO paper's table, shifted so that f'(1) = 0
 F_TRANSFORMS = {
-    "reverse_kl": lambda r: r,
-    "forward_kl": lambda r: -math.exp(-r),
-    "js_divergence": lambda r: log_sig(r),
+    "reverse_kl": lambda r: math.log(math.exp(r)),
+    "forward_kl": lambda r: 1 - 1 / math.exp(r),
+    "js_divergence": lambda r: math.log(2 * math.exp(r) / (1 + math.exp(r))),
 }
 
 
@@ -88,7 +91,7 @@ def ref_hinge(b, eps, f):
 
 
 def ref_ipo(b, eps, f):
-    return [(sc / lc - sl / lr - 1 / (2 * b)) ** 2 for _, _, sc, sl, lc, lr, *_ in pairs(f)]
+    return [(f(rc / lc) - f(rl / lr) - 1 / (2 * b)) ** 2 for rc, rl, _, _, lc, lr, *_ in pairs()]
 
 
 def ref_robust(b, eps, f):
@@ -128,17 +131,17 @@ def ref_aot(b, eps, f):
 
 
 def ref_aot_unpaired(b, eps, f):
-    chosen = sorted(p[0] for p in pairs())
-    rejected = sorted(p[1] for p in pairs())
+    chosen = sorted(p[2] for p in pairs(f))
+    rejected = sorted(p[3] for p in pairs(f))
     return [-(1 - eps) * log_sig(b * (c - r)) - eps * log_sig(-b * (c - r)) for c, r in zip(chosen, rejected)]
 
 
 def ref_apo_zero(b, eps, f):
-    return [1 - sig(b * rc) + sig(b * rl) for rc, rl, *_ in pairs(f)]
+    return [1 - sig(b * sc) + sig(b * sl) for _, _, sc, sl, *_ in pairs(f)]
 
 
 def ref_apo_down(b, eps, f):
-    return [sig(b * rc) + 1 - sig(b * (sc - sl)) for rc, rl, sc, sl, *_ in pairs(f)]
+    return [sig(b * sc) + 1 - sig(b * (sc - sl)) for _, _, sc, sl, *_ in pairs(f)]
 
 
 def ref_discopop(b, eps, f, tau=0.05):
@@ -151,7 +154,7 @@ def ref_discopop(b, eps, f, tau=0.05):
 
 
 def ref_sigmoid_norm(b, eps, f):
-    return [-log_sig(b * (sc / lc - sl / lr)) for _, _, sc, sl, lc, lr, *_ in pairs(f)]
+    return [-log_sig(b * (f(rc / lc) - f(rl / lr))) for rc, rl, _, _, lc, lr, *_ in pairs()]
 
 
 def ref_simpo(b, eps, f, gamma=0.5):
@@ -220,37 +223,69 @@ def test_hinge_closed_form():
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_loss_matches_scalar_formula(name, eps):
-    out = compute_loss(batch(), LossSettings(loss_type=name, beta=BETA, label_smoothing=eps))
+@pytest.mark.parametrize("beta", BETAS)
+def test_loss_matches_scalar_formula(name, eps, beta):
+    out = compute_loss(batch(), LossSettings(loss_type=name, beta=beta, label_smoothing=eps))
     assert out.losses.shape == (3,)
-    assert close(out.losses, REFERENCES[name](BETA, eps, F_TRANSFORMS["reverse_kl"]))
+    assert close(out.losses, REFERENCES[name](beta, eps, F_TRANSFORMS["reverse_kl"]))
+
+
+READS_F = ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "bco_pair", "aot_unpaired",
+           "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
 
 
 @pytest.mark.parametrize("f_divergence", ["forward_kl", "js_divergence"])
-@pytest.mark.parametrize(
-    "name", ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "bco_pair", "apo_zero",
-             "apo_down", "discopop", "sigmoid_norm"],
-)
-def test_f_divergence_reaches_every_margin_based_loss(name, f_divergence):
-    out = compute_loss(batch(), LossSettings(loss_type=name, beta=BETA, label_smoothing=0.1, f_divergence=f_divergence))
-    assert close(out.losses, REFERENCES[name](BETA, 0.1, F_TRANSFORMS[f_divergence]))
+@pytest.mark.parametrize("name", READS_F)
+@pytest.mark.parametrize("beta", BETAS)
+def test_f_divergence_reaches_every_margin_based_loss(name, f_divergence, beta):
+    config = LossSettings(loss_type=name, beta=beta, label_smoothing=0.1, f_divergence=f_divergence)
+    assert close(compute_loss(batch(), config).losses, REFERENCES[name](beta, 0.1, F_TRANSFORMS[f_divergence]))
+
+
+def test_the_losses_that_ignore_the_f_divergence_say_so():
+    from dpo.loss import reads_f_divergence
+
+    assert {name for name in available_losses() if reads_f_divergence(LossSettings(loss_type=name))} == set(READS_F)
+    assert reads_f_divergence(LossSettings(loss_type="sft,sigmoid"))
+    assert reads_f_divergence(LossSettings(loss_type="examples/my_loss.py:my_loss"))  # a custom loss may read it
+
+
+@pytest.mark.parametrize("f_divergence, f_alpha", [("forward_kl", 1.0), ("js_divergence", 1.0),
+                                                   ("alpha_divergence", 0.3), ("alpha_divergence", -0.5)])
+@pytest.mark.parametrize("name", READS_F)
+def test_policy_equal_to_reference_gives_the_same_loss_under_every_f(name, f_divergence, f_alpha):
+    """f(0) = 0 for every f: the losses that read s_c, s_l on their own or over unequal lengths see no constant."""
+    logps = torch.tensor([-3.0, -40.0, -7.5])
+    x = PreferenceLogps(logps, logps - 1, logps, logps - 1, torch.tensor([5.0, 10.0, 2.0]),
+                        torch.tensor([6.0, 8.0, 3.0]))
+    plain = compute_loss(x, LossSettings(loss_type=name, beta=0.1))
+    other = compute_loss(x, LossSettings(loss_type=name, beta=0.1, f_divergence=f_divergence, f_alpha=f_alpha))
+    torch.testing.assert_close(other.losses, plain.losses, rtol=0, atol=1e-6)
+
+
+def alpha_f_prime(alpha):
+    """The f-DPO paper's alpha-divergence (its Table 1, as TRL): f'(u) = (1 - u^-alpha) / alpha."""
+    return lambda r: (1 - math.exp(r) ** -alpha) / alpha
 
 
 @pytest.mark.parametrize(
     "f_divergence, f_alpha, transform",
     [
         ("reverse_kl", 1.0, lambda r: r),
-        ("forward_kl", 1.0, lambda r: -math.exp(-r)),
-        ("js_divergence", 1.0, lambda r: math.log(2 * math.exp(r) / (1 + math.exp(r))) - math.log(2)),
-        ("alpha_divergence", 0.5, lambda r: (math.exp(r) ** -0.5 - 1) / -0.5 + 1 / -0.5),
-        ("alpha_divergence", 2.0, lambda r: math.exp(r) - 1 + 1),
-        ("alpha_divergence", 1.0, lambda r: r),
+        ("forward_kl", 1.0, F_TRANSFORMS["forward_kl"]),
+        ("js_divergence", 1.0, F_TRANSFORMS["js_divergence"]),
+        ("alpha_divergence", 0.3, alpha_f_prime(0.3)),
+        ("alpha_divergence", 0.7, alpha_f_prime(0.7)),
+        ("alpha_divergence", 1.0, F_TRANSFORMS["forward_kl"]),  # TRL's default alpha is forward KL
+        ("alpha_divergence", 2.0, alpha_f_prime(2.0)),
+        ("alpha_divergence", 1e-7, lambda r: r),  # alpha -> 0: reverse KL
+        ("alpha_divergence", 0.0, lambda r: r),
     ],
 )
-def test_each_f_divergence_transforms_the_sigmoid_margin(f_divergence, f_alpha, transform):
-    # f'(t) at t = pi / ref, additive constants dropped (they cancel in s_c - s_l)
-    out = compute_loss(batch(), LossSettings(beta=BETA, f_divergence=f_divergence, f_alpha=f_alpha))
-    expected = [-log_sig(BETA * (transform(rc) - transform(rl))) for rc, rl, *_ in pairs()]
+@pytest.mark.parametrize("beta", BETAS)
+def test_each_f_divergence_transforms_the_sigmoid_margin(f_divergence, f_alpha, transform, beta):
+    out = compute_loss(batch(), LossSettings(beta=beta, f_divergence=f_divergence, f_alpha=f_alpha))
+    expected = [-log_sig(beta * (transform(rc) - transform(rl))) for rc, rl, *_ in pairs()]
     assert close(out.losses, expected)
 
 

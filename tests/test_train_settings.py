@@ -56,6 +56,14 @@ def test_a_bad_value_is_rejected_in_one_place_whatever_builds_the_config(argv, m
     assert str(from_python.value) == str(from_flags.value)
 
 
+@pytest.mark.parametrize("loss", ["aot", "simpo", "orpo,sft"])
+def test_an_f_divergence_no_term_reads_is_refused(loss):
+    with pytest.raises(ConfigError, match=f"--f-divergence js_divergence changes nothing for --loss {loss}: "):
+        parse_settings(["--loss", loss, "--f-divergence", "js_divergence"])
+    assert parse_settings(["--loss", f"{loss},sigmoid", "--f-divergence", "js_divergence"]).loss.f_divergence == \
+        "js_divergence"
+
+
 def test_loss_config_checks_itself_with_the_flag_names():
     with pytest.raises(ConfigError, match="--beta must be positive"):
         LossSettings(beta=0.0)
