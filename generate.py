@@ -36,9 +36,9 @@ import transformers
 from dpo.cli import run_cli
 from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, DecodingSettings, GenerationError,
-                            StopAwareStreamer, add_prompt_arguments, check_instruction, generate_batch, generator_name,
-                            load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype, resolve_run_model,
-                            run_settings, side_by_side, write_outputs)
+                            StopAwareStreamer, add_prompt_arguments, check_instruction, check_output_file,
+                            generate_batch, generator_name, load_checked_tokenizer, read_instructions, resolve_device,
+                            resolve_dtype, resolve_run_model, run_settings, side_by_side, write_outputs)
 from dpo.modeling import load_causal_lm
 from dpo.prompts import HUMAN_TURN_PREFIX
 
@@ -117,6 +117,8 @@ def check_args(args: argparse.Namespace) -> DecodingSettings:
         raise GenerationError("--instructions needs --output FILE.json (or --compare to print side by side)")
     if args.output and args.compare:
         raise GenerationError("--compare prints answers side by side; run each model with --output separately")
+    if args.output:
+        check_output_file(args.output)  # a path that cannot be written fails now, not after every answer
     return decoding
 
 

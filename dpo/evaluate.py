@@ -53,15 +53,16 @@ from dpo.train_settings import TrainSettings
 from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
 from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingSettings,
-                            add_prompt_arguments, generate_batch, generator_name, load_checked_tokenizer,
-                            read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
-                            side_by_side)
+                            add_prompt_arguments, check_output_file, generate_batch, generator_name,
+                            load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype,
+                            resolve_run_model, run_settings, side_by_side, write_text_atomically)
 from dpo.errors import UserError
+from dpo.gguf import is_gguf
 from dpo.ifeval import echoed_constraint
 from dpo.judges import JUDGE_HELP, IFEvalJudge, Judge, JudgeError, build_judge, prompt_records
 from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
-from dpo.modeling import load_causal_lm
+from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.repetition import REPEAT_RUN, REPEAT_TIMES, repeats_itself
 from dpo.splits import available_splits
 
@@ -157,6 +158,14 @@ class LoadedModel:
     path: str
     model: Any
     tokenizer: Any
+
+
+def check_model(name: str) -> None:
+    """A ModelLoadError when `name` (a model, or a run directory standing for its final/) is a local model that is
+    missing or unusable (dpo.modeling's checks: a directory that does not exist, a file, no config.json), before
+    anything is loaded. A hub name is left to loading; so is a GGUF file, which loading converts."""
+    if not is_gguf(name):
+        resolve_model_path(resolve_run_model(name))
 
 
 def load_model(name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -504,12 +513,26 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     policy_path = resolve_run_model(args.model)
+    check_model(policy_path)  # a missing model is named before anything else
+    if args.reference:
+        check_model(args.reference)
+    if args.output:
+        check_output_file(args.output)  # a path that cannot be written fails now, not after every comparison
     settings = run_settings(policy_path)
     decoding = decoding.for_run(settings)  # the reference is prompted as the policy was trained
     reference_name = args.reference or settings.get("reference_model")
+    if not reference_name and not Path(policy_path).is_dir():
+        raise EvaluationError(f"--reference is required: {args.model} is not a local model directory, so no "
+                              f"{RUN_SETTINGS_FILE} names the model the run started from")
     if not reference_name:
         raise EvaluationError(f"--reference is required: {args.model} has no {RUN_SETTINGS_FILE} naming the "
                               "model the run started from")
+    if not args.reference:
+        try:
+            check_model(reference_name)
+        except ModelLoadError as error:
+            raise EvaluationError(f"{Path(policy_path) / RUN_SETTINGS_FILE}: its reference_model: {error}; pass "
+                                  "--reference MODEL") from None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     rows = read_prompt_rows(args) if args.prompts and not args.skip_win_rate else None
@@ -545,9 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + format_samples(comparisons, args.samples, policy.name, reference.name))
         result.update(judge=judge.name, decoding=asdict(decoding), **summary)
         if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps({"summary": result, "comparisons": [
-                asdict(c) for c in comparisons]}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            write_text_atomically(args.output, json.dumps({"summary": result, "comparisons": [
+                asdict(c) for c in comparisons]}, ensure_ascii=False, indent=2) + "\n")
 
     if args.implicit_reward:
         dataset = args.dataset or settings.get("dataset")

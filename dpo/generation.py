@@ -12,6 +12,7 @@
     StopOnStrings      a StoppingCriteria: a row is finished once its generated text holds a stop string
     StopAwareStreamer  prints a response as it is generated, never printing a stop string
     read_instructions / write_outputs   batch files (AlpacaEval's format)
+    check_output_file / write_text_atomically   an output path checked before any work, and written all at once
 
 Decoding is the phi-2-dpo card's: sampling with temperature 0.7 and nucleus top-p 0.9 (transformers'
 implicit top-k of 50 is switched off, top_k=0, so the distribution is exactly temperature + top-p), or
@@ -29,11 +30,16 @@ warning on stderr; it never fails the batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import inspect
 import json
+import os
 import re
 import shutil
+import stat
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -48,7 +54,7 @@ from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, St
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
-from dpo.errors import UserError
+from dpo.errors import UserError, first_line
 from dpo.modeling import ModelLoadError, load_tokenizer
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
 from dpo.prompts import HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts, resolve_template
@@ -757,9 +763,72 @@ def write_outputs(path: str | Path, rows: Sequence[dict[str, Any]], outputs: Seq
     """A JSON list of {"instruction", "output", "generator"} (plus the rows' other fields), UTF-8."""
     records = [{**row, "instruction": row["instruction"], "output": output, "generator": generator}
                for row, output in zip(rows, outputs, strict=True)]
+    write_text_atomically(path, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+
+
+def _written_path(path: Path) -> Path:
+    """The file a write to `path` replaces: the target of a symbolic link, else `path`."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def check_output_file(path: str | Path, flag: str = "--output") -> None:
+    """A GenerationError naming `flag` and `path` when no file can be written there: `path` is a directory, a parent
+    on its way is a file, or the nearest existing directory refuses a new entry (tried with a temporary file or
+    directory, removed at once). Called before any model is loaded, so that no work is lost at the end."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    try:
+        if path.is_dir():
+            raise GenerationError(f"{flag} {path}: is a directory")
+        if path.exists() and not path.is_file():  # a device or a pipe (/dev/stdout), written directly
+            if not os.access(path, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return
+        target = _written_path(path)
+        existing = target.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise GenerationError(f"{flag} {path}: its parent {existing} is not a directory")
+        if existing == target.parent:
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        else:  # the missing directories are made when the file is written
+            os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=existing))
+    except OSError as error:
+        raise GenerationError(f"{flag} {path}: cannot write there ({error.strerror or first_line(error)})") from None
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """`text` as UTF-8 at `path` (its missing parent directories made), written to a temporary file beside it and
+    renamed over it: a failure while writing leaves no partial file, and a file already at `path` stays as it was.
+    A symbolic link is followed; a path that is not a regular file (/dev/stdout, a pipe) is written directly. A
+    failure is a GenerationError naming the path."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_file() and not path.is_dir():
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            return
+        path = _written_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise GenerationError(f"{path}: cannot be written ({error.strerror or first_line(error)})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp makes the file private: an existing file keeps its mode, a new one is an ordinary output file
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644)
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise GenerationError(f"{path}: cannot be written ({error.strerror or first_line(error)})") from None
+        raise
 
 
 def generator_name(model: str) -> str:

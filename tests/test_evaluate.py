@@ -1,7 +1,9 @@
 """dpo.evaluate and dpo.judges: win-rate arithmetic and interval, judges, implicit reward, the CLI."""
 
+import errno
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -357,6 +359,76 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, run_dir, capsys, ca
     assert evaluate.cli(args + ["--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def _refuse_to_load(monkeypatch):
+    """Loading a model or a judge fails the test: paths are checked before anything is loaded."""
+    def load(*args, **kwargs):
+        raise AssertionError("something was loaded before the paths were checked")
+    monkeypatch.setattr(evaluate, "load_model", load)
+    monkeypatch.setattr(evaluate, "build_judge", load)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_model", "model directory {tmp}/nope does not exist"),
+    ("missing_model_with_reference", "model directory {tmp}/nope does not exist"),
+    ("missing_reference", "model directory {tmp}/gone does not exist"),
+    ("runs_reference_missing", "{tmp}/moved/dpo_run.json: its reference_model: model directory {tmp}/gone does not "
+                               "exist; pass --reference MODEL"),
+    ("output_directory", "--output {tmp}: is a directory"),
+    ("output_under_a_file", "--output {tmp}/file.json/o.json: its parent {tmp}/file.json is not a directory"),
+    ("output_not_writable", "--output {tmp}/o.json: cannot write there (Permission denied)"),
+])
+def test_cli_missing_models_and_unwritable_output_fail_before_loading(tmp_path, run_dir, monkeypatch, capsys, case,
+                                                                      message):
+    sft, run, missing = str(run_dir / "sft"), str(run_dir / "run"), str(tmp_path / "nope")
+    (tmp_path / "file.json").write_text("{}")
+    if case == "runs_reference_missing":
+        moved = make_model_dir(tmp_path / "moved")
+        (moved / "dpo_run.json").write_text(json.dumps({"reference_model": str(tmp_path / "gone")}))
+    if case == "output_not_writable":  # a directory that refuses new files, also where the tests run as root
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        monkeypatch.setattr("tempfile.mkstemp", refuse)
+    args = {
+        "missing_model": ["--model", missing],
+        "missing_model_with_reference": ["--model", missing, "--reference", sft],
+        "missing_reference": ["--model", run, "--reference", str(tmp_path / "gone")],
+        "runs_reference_missing": ["--model", str(tmp_path / "moved")],
+        "output_directory": ["--model", run, "--output", str(tmp_path)],
+        "output_under_a_file": ["--model", run, "--output", str(tmp_path / "file.json" / "o.json")],
+        "output_not_writable": ["--model", run, "--output", str(tmp_path / "o.json")],
+    }[case]
+    _refuse_to_load(monkeypatch)
+    capsys.readouterr()  # drop what building the test models printed
+    assert evaluate.cli(args + ["--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(tmp=tmp_path)}\n"
+    assert not (tmp_path / "o.json").exists() and (tmp_path / "file.json").read_text() == "{}"
+
+
+def test_a_run_directory_is_a_model_to_check(run_dir, tmp_path):
+    for name in (run_dir / "run", run_dir / "run" / "final", run_dir / "sft"):
+        evaluate.check_model(str(name))  # a run directory stands for its final/, as when it is loaded
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(evaluate.ModelLoadError, match="no config.json"):
+        evaluate.check_model(str(tmp_path / "empty"))
+
+
+def test_cli_output_failing_while_written_leaves_the_earlier_file(tmp_path, run_dir, monkeypatch, capsys):
+    output = tmp_path / "report.json"
+    output.write_text("earlier report\n")
+
+    def disk_full(fd):  # after the report went into the temporary file, before it replaces the output
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert evaluate.cli(["--model", str(run_dir / "run"), "--num-prompts", "2", "--max-new-tokens", "2",
+                         "--samples", "0", "--no-progress", "--output", str(output)]) == 2
+    assert capsys.readouterr().err == f"error: {output}: cannot be written (No space left on device)\n"
+    assert output.read_text() == "earlier report\n" and os.listdir(tmp_path) == ["report.json"]
+    monkeypatch.undo()
+    assert evaluate.cli(["--model", str(run_dir / "run"), "--num-prompts", "2", "--max-new-tokens", "2",
+                         "--samples", "0", "--no-progress", "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["summary"]["n"] == 2 and os.listdir(tmp_path) == ["report.json"]
 
 
 def test_correct_and_concise_rates_per_category():

@@ -1,6 +1,8 @@
 """generate.py and dpo.generation: template, stop strings, left padding, seeding, streaming, batch files, CLI errors."""
 
+import errno
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,7 @@ import generate
 from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, StopAwareStreamer, StopOnStrings,
                             clean_response, generate_batch, generator_name, left_pad, prompt_budget,
                             read_instructions, resolve_dtype, resolve_run_model, run_settings, side_by_side,
-                            truncate_at_stop, write_outputs)
+                            truncate_at_stop, write_outputs, write_text_atomically)
 from dpo.modeling import load_causal_lm, load_tokenizer
 from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
 from harness import make_model_dir, tiny_tokenizer
@@ -462,6 +464,81 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, 
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert message in captured.err
     assert not (tmp_path / "o.json").exists()
+
+
+def _refuse_to_load(monkeypatch):
+    """Loading a model fails the test: an output path is checked before any model is loaded."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output path was checked")
+    monkeypatch.setattr(generate, "Generator", load)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("directory", "--output {tmp}/outputs: is a directory"),
+    ("under_a_file", "--output {tmp}/batch.jsonl/o.json: its parent {tmp}/batch.jsonl is not a directory"),
+    ("deep_under_a_file", "--output {tmp}/batch.jsonl/a/b/o.json: its parent {tmp}/batch.jsonl is not a directory"),
+    ("not_writable", "--output {tmp}/o.json: cannot write there (Permission denied)"),
+])
+def test_cli_output_that_cannot_be_written_fails_before_loading(tmp_path, monkeypatch, capsys, case, message):
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"instruction": "a"}\n')
+    (tmp_path / "outputs").mkdir()
+    output = {"directory": tmp_path / "outputs", "under_a_file": batch / "o.json",
+              "deep_under_a_file": batch / "a" / "b" / "o.json", "not_writable": tmp_path / "o.json"}[case]
+    if case == "not_writable":  # a directory that refuses new files, also where the tests run as root
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        monkeypatch.setattr("tempfile.mkstemp", refuse)
+    _refuse_to_load(monkeypatch)
+    assert generate.cli(["--model", "demo", "--instructions", str(batch), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(tmp=tmp_path)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.jsonl", "outputs"]  # nothing left behind
+    assert not any((tmp_path / "outputs").iterdir())
+
+
+def test_cli_output_in_new_directories_is_checked_and_written(tmp_path, model_dir):
+    output = tmp_path / "new" / "dirs" / "o.json"
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"instruction": "a"}\n')
+    assert generate.cli(["--model", model_dir, "--instructions", str(batch), "--output", str(output), "--greedy",
+                         "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert [r["instruction"] for r in json.loads(output.read_text())] == ["a"]
+    assert os.listdir(output.parent) == ["o.json"] and (output.stat().st_mode & 0o777) == 0o644
+
+
+def test_cli_output_failing_while_written_leaves_the_earlier_file(tmp_path, model_dir, monkeypatch, capsys):
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"instruction": "a"}\n{"instruction": "b"}\n')
+    output = tmp_path / "o.json"
+    output.write_text("earlier outputs\n")
+
+    def disk_full(fd):  # after the text went into the temporary file, before it replaces the output
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert generate.cli(["--model", model_dir, "--instructions", str(batch), "--output", str(output), "--greedy",
+                         "--max-new-tokens", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {output}: cannot be written (No space left on device)\n"
+    assert output.read_text() == "earlier outputs\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.jsonl", "o.json"]  # no partial temporary file
+
+
+def test_write_text_atomically_interrupted_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "o.json"
+    path.write_text("earlier")
+    path.chmod(0o600)
+
+    def interrupt(fd):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            write_text_atomically(path, "new text")
+    assert path.read_text() == "earlier" and os.listdir(tmp_path) == ["o.json"]
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    write_text_atomically(link, "new text")  # through a link: the link stays, its target is replaced
+    assert link.is_symlink() and path.read_text() == "new text" and (path.stat().st_mode & 0o777) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "o.json"]
 
 
 # ---------------------------------------------------------------------------------------------------- names, display
