@@ -133,8 +133,44 @@ def flag_of(cls: type, field_name: str) -> str:
     return "--" + (metadata.get("flag") or field_name).replace("_", "-")
 
 
+_TYPE_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
+               "None": "null", "tuple[float, float]": "two numbers"}
+
+
+def _has_type(value: Any, declared: str) -> bool:
+    if declared == "None":
+        return value is None
+    if declared == "bool":
+        return isinstance(value, bool)
+    if declared == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if declared == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if declared == "str":
+        return isinstance(value, str)
+    if declared.startswith("tuple"):
+        return isinstance(value, (tuple, list))  # the field's own check looks inside
+    return True
+
+
+def type_problem(value: Any, declared: str) -> str | None:
+    """What is wrong with the type of `value` for a field declared as `declared` ("int | None"), or None: a config
+    file's "false" for a bool, 8.0 for an int or "3e-5" for a float is refused rather than misread."""
+    alternatives = [part.strip() for part in declared.split("|")]
+    if any(_has_type(value, part) for part in alternatives):
+        return None
+    return "must be " + " or ".join(_TYPE_WORDS.get(part, part) for part in alternatives)
+
+
 def check_settings(obj: Any) -> None:
-    """Run every field's check (None passes when the type admits None); ConfigError names the flag."""
+    """Check every field's type, then run its check (None passes when the type admits None); ConfigError names
+    the flag."""
+    for f in dataclasses.fields(obj):
+        if "help" not in f.metadata:
+            continue
+        problem = type_problem(getattr(obj, f.name), str(f.type))
+        if problem:
+            raise ConfigError(f"{flag_of(type(obj), f.name)} {problem}, got {getattr(obj, f.name)!r}")
     for f in dataclasses.fields(obj):
         check = f.metadata.get("check")
         value = getattr(obj, f.name)

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
 from dpo.loss import LossSettings, batch_coupled, parse_loss_spec, reads_f_divergence, resolve_loss
@@ -56,6 +58,16 @@ def _report_to(value: Any) -> str | None:
     names = [name.strip() for name in str(value).split(",")]
     unknown = [name for name in names if name not in REPORT_TO_CHOICES]
     return f"must be a comma list of {', '.join(REPORT_TO_CHOICES)}" if unknown else None
+
+
+def _device(value: Any) -> str | None:
+    if value == "auto":
+        return None
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return "must be cpu, cuda, cuda:N or auto"
+    return None
 
 
 def _betas(value: Any) -> str | None:
@@ -115,7 +127,7 @@ class TrainSettings:
     precision: str = setting("auto", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler), fp32 master weights "
                                      "in each; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU",
                              choices=list(PRECISIONS))
-    seed: int = setting(42, "seed for initialisation order, shuffling and subsets")
+    seed: int = setting(42, "seed for initialisation order, shuffling and subsets", check=non_negative)
     # run management: none of these changes the numbers of a run
     output_dir: str = setting("runs/dpo", "where metrics, checkpoints and final/ are written", identity=False)
     stop_at_step: int | None = setting(None, "checkpoint and stop after this step, schedule unchanged (split a run "
@@ -130,7 +142,7 @@ class TrainSettings:
     on_nan: str = setting("stop", "a NaN/inf loss stops the run, or skips the batch and counts it",
                           choices=["stop", "skip"], identity=False)
     # speed: exact (the same numbers to rounding), so they may change when a run is resumed
-    device: str = setting("auto", "cpu, cuda, cuda:N or auto", identity=False)
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto", check=_device, identity=False)
     precompute_ref: bool = setting(True, "compute reference log-probs once before training and free the reference "
                                          "model", identity=False)
     scoring: ScoringSettings = nested(ScoringSettings)

@@ -64,6 +64,35 @@ def test_an_f_divergence_no_term_reads_is_refused(loss):
         "js_divergence"
 
 
+@pytest.mark.parametrize("values,message", [
+    ({"overwrite": "false"}, "--overwrite must be true or false, got 'false'"),  # a non-empty string is truthy
+    ({"resume": "no"}, "--resume must be true or false, got 'no'"),
+    ({"seed": "abc"}, "--seed must be a whole number, got 'abc'"),
+    ({"max_length": 48.5}, "--max-length must be a whole number, got 48.5"),
+    ({"batch_size": 8.0}, "--batch-size must be a whole number, got 8.0"),
+    ({"lr": "3e-5"}, "--lr must be a number, got '3e-5'"),
+    ({"model": 5}, "--model must be a string, got 5"),
+    ({"dataset": None}, "--dataset must be a string, got None"),
+    ({"loss": 5}, "--loss must be a string, got 5"),
+    ({"max_prompt_length": "none"}, "--max-prompt-length must be a whole number or null, got 'none'"),
+    ({"eval_split": 5}, "--eval-split must be a string or null, got 5"),
+    ({"seed": -1}, "--seed must be a non-negative number, got -1"),
+    ({"device": "foo"}, "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
+])
+def test_a_config_value_of_the_wrong_type_is_refused_naming_its_flag(tmp_path, values, message):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps(values))
+    with pytest.raises(ConfigError) as error:
+        parse_settings(["--config", str(file)])
+    assert str(error.value) == message
+
+
+def test_values_of_the_declared_types_pass():
+    cfg = parse_settings(["--max-prompt-length", "none", "--eval-split", "none", "--lr", "1", "--device", "cuda:1"])
+    assert (cfg.max_prompt_length, cfg.eval_split, cfg.lr, cfg.device) == (None, None, 1.0, "cuda:1")
+    assert from_flat(TrainSettings, {"lr": 1, "adam_betas": [0.8, 0.9]}).adam_betas == (0.8, 0.9)
+
+
 def test_loss_config_checks_itself_with_the_flag_names():
     with pytest.raises(ConfigError, match="--beta must be positive"):
         LossSettings(beta=0.0)
