@@ -43,10 +43,10 @@ from tqdm.auto import tqdm
 
 from dpo.activations import fuse_gelu
 from dpo.batches import OfflinePairs, PairBatch, PairSource, process_micro_batches
-from dpo.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, prepare_output_dir,
-                            read_trainer_state, save_checkpoint, set_rng_state, settings_differences)
+from dpo.checkpoint import (ReplacedRun, check_disk_space, latest_checkpoint, load_checkpoint, prepare_output_dir,
+                            read_trainer_state, replacing, save_checkpoint, set_rng_state, settings_differences)
 from dpo.cli import run_cli
-from dpo.data import DataError, TokenizedPair, collate_pairs
+from dpo.data import DataError, TokenizedPair, collate_pairs, pairs_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
@@ -94,25 +94,44 @@ def start_processes(cfg: TrainSettings) -> tuple[torch.device, DistInfo]:
     return device, dist
 
 
-def open_run_dir(cfg: TrainSettings, dist: DistInfo, log: Callable[..., None]) -> dict[str, Any] | None:
-    """Create --output-dir; with --resume, the latest complete checkpoint, refused when it belongs to a run
-    whose data order or math differ from these settings."""
+def open_run_dir(cfg: TrainSettings, dist: DistInfo,
+                 log: Callable[..., None]) -> tuple[dict[str, Any] | None, ReplacedRun | None]:
+    """Create --output-dir: (with --resume, the latest complete checkpoint, refused when it belongs to a run whose
+    data order or math differ from these settings; with --overwrite, the old run, set aside until the new one is
+    set up)."""
     out_dir = Path(cfg.output_dir)
+    replaced = None
     if dist.is_main:
-        prepare_output_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        inputs = {f"--{name.replace('_', '-')}": value for name, value in cfg.to_dict().items()
+                  if isinstance(value, str) and name != "output_dir"}
+        replaced = prepare_output_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs)
     barrier(dist)
     path = latest_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and path is None and (out_dir / "final").is_dir():
+        raise ConfigError(f"--resume: {out_dir} holds a finished run (final/) and no checkpoint to continue from; "
+                          "--overwrite to train it again")
     if cfg.resume and path is None:
         log(f"--resume: no complete checkpoint in {out_dir}, starting from step 0")
     if path is None:
-        return None
+        return None, replaced
     saved = read_trainer_state(path).get("settings")
     if saved is None:
         log(f"--resume: {path} records no settings of its run; they are not checked")
     elif changes := settings_differences(saved, cfg.run_identity(), TrainSettings().to_dict()):
         raise ConfigError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changes)}); use "
                           f"its settings, or --overwrite to start afresh")
-    return load_checkpoint(path)
+    return load_checkpoint(path), replaced
+
+
+def check_resumed_data(resume: dict[str, Any] | None, pairs: list[TokenizedPair]) -> str:
+    """The training pairs' fingerprint; a resumed run must train on the pairs it started on."""
+    digest = pairs_digest(pairs)
+    saved = resume["trainer_state"].get("data") if resume else None
+    if saved is not None and saved["digest"] != digest:
+        raise DataError(f"--resume: the training pairs are not the ones the run started on ({len(pairs)} pairs now, "
+                        f"{saved['pairs']} then, or the same number with other text): --dataset changed; restore it, "
+                        "or --overwrite to start afresh")
+    return digest
 
 
 def load_model(cfg: TrainSettings, name: str, device: torch.device, frozen: bool = False) -> nn.Module:
@@ -307,6 +326,7 @@ class TrainState:
     peak_tflops: float | None = None  # the device's dense peak in this precision (None: unknown, no MFU)
     step: int = 0
     skipped_steps: int = 0
+    data: dict | None = None  # the training pairs' count and fingerprint, checked when a checkpoint is resumed
 
 
 def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
@@ -478,8 +498,8 @@ def apply_gradients(state: TrainState, step_loss: float) -> tuple[torch.Tensor, 
     stepped = True
     if not finite and state.scaler is None:
         if cfg.on_nan == "stop":
-            raise TrainingError(f"step {state.step + 1}: loss is {step_loss} (not finite); stopping. The last good "
-                                f"checkpoint in {cfg.output_dir} is intact; lower --lr or use --on-nan skip")
+            raise TrainingError(f"step {state.step + 1}: loss is {step_loss} (not finite); stopping. "
+                                f"{last_good_checkpoint(cfg)}; lower --lr or use --on-nan skip")
         stepped = False
     elif state.scaler is not None:
         scale_before = state.scaler.get_scale()
@@ -583,10 +603,28 @@ def save_weights(state: TrainState, directory: Path, weights: dict[str, torch.Te
         state.policy.save_pretrained(directory, state_dict=weights)
 
 
+def last_good_checkpoint(cfg: TrainSettings) -> str:
+    """Where a stopped run can resume from, for its error message."""
+    path = latest_checkpoint(Path(cfg.output_dir))
+    return f"The last good checkpoint, {path}, is intact" if path else "No checkpoint was saved before it"
+
+
+def refuse_non_finite(state: TrainState, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Stop every process before `what` is written from weights that hold NaN or inf: a checkpoint or final/ never
+    does (the loss of the last step can be finite while the update it made is not)."""
+    bad = next((name for name, tensor in weights.items()
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if broadcast_flag(bad is not None, state.dist, state.device):
+        raise TrainingError(f"step {state.step}: the weights are not finite ({bad or 'on another process'}), so "
+                            f"{what} is not written. {last_good_checkpoint(state.cfg)}; lower --lr or keep "
+                            "--max-grad-norm")
+
+
 def save(state: TrainState, total_steps: int) -> Path | None:
     """checkpoint-<step>/ in --output-dir (collective under torchrun; the main process writes). Under LoRA it
     holds the adapter and its optimizer state only."""
     weights = full_model_state(state.scorer, trainable_only=state.adapters is not None)
+    refuse_non_finite(state, weights, f"checkpoint-{state.step}")
     optimizer_state = full_optimizer_state(state.scorer, state.optimizer)
     path = None
     if state.dist.is_main:
@@ -595,7 +633,8 @@ def save(state: TrainState, total_steps: int) -> Path | None:
             save_model=lambda directory: save_weights(state, directory, weights),
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
-                           "settings": state.cfg.run_identity(), "health": state.health.state_dict()},
+                           "settings": state.cfg.run_identity(), "health": state.health.state_dict(),
+                           "data": state.data},
             loss_state=state.loss_state, keep=state.cfg.save_total_limit)
     barrier(state.dist)
     return path
@@ -605,6 +644,7 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
     """final/: the policy with the card's decoding defaults, its tokenizer and the run's settings (collective).
     Under LoRA a peft adapter directory, and with --merge-lora final/merged/, the base with the adapter merged."""
     weights = full_model_state(state.scorer, trainable_only=state.adapters is not None)
+    refuse_non_finite(state, weights, "final/")
     if not state.dist.is_main:
         return
     out_dir = Path(state.cfg.output_dir)
@@ -724,41 +764,45 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         log(f"note: --loss {cfg.loss.loss_type} compares the pairs of each micro-batch, so its result depends on "
             "--micro-batch-size, --group-by-length and the number of processes")
     out_dir = Path(cfg.output_dir)
-    resume = open_run_dir(cfg, dist, log)
-    torch.manual_seed(cfg.seed)
+    resume, replaced = open_run_dir(cfg, dist, log)
+    with replacing(replaced, log):  # a bad input restores the run --overwrite replaces
+        torch.manual_seed(cfg.seed)
 
-    # ------------------------------------------------ data, models, and what the steps train on
-    tokenizer = load_tokenizer(cfg.model)
-    data = load_preference_pairs(cfg, tokenizer, log=log)
-    policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
-    if dist.is_main:
-        check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None, keep=cfg.save_total_limit)
-    layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
-    source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
-    total_steps = run_length(cfg, source.steps_per_epoch)
-    used = source.used_ids(total_steps)
+        # ------------------------------------------------ data, models, and what the steps train on
+        tokenizer = load_tokenizer(cfg.model)
+        data = load_preference_pairs(cfg, tokenizer, log=log)
+        data_digest = check_resumed_data(resume, data.train)
+        policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
+        if dist.is_main:
+            check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None,
+                             keep=cfg.save_total_limit)
+        layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
+        source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
+        total_steps = run_length(cfg, source.steps_per_epoch)
+        used = source.used_ids(total_steps)
 
-    # ------------------------------------------------ reference log-probs, the run's record, optimizer
-    reference = reference_logps(cfg, policy, adapters, data, used, device=device, dist=dist, collate=collate,
-                                resumed=resume is not None, log=log)
-    win_rate = build_win_rate_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist,
-                                   resumed=resume is not None, log=log)
-    run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
-                  "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
-                  "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}
-    if dist.is_main:
-        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    first_step = resume["trainer_state"]["step"] if resume else 0
-    trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, first_step, enabled=dist.is_main)
+        # ------------------------------------------------ reference log-probs, the run's record, optimizer
+        reference = reference_logps(cfg, policy, adapters, data, used, device=device, dist=dist, collate=collate,
+                                    resumed=resume is not None, log=log)
+        win_rate = build_win_rate_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist,
+                                       resumed=resume is not None, log=log)
+        run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
+                      "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
+                      "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}
+        if dist.is_main:
+            (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        first_step = resume["trainer_state"]["step"] if resume else 0
+        trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, first_step, enabled=dist.is_main)
 
-    def alert(event: Alert) -> None:
-        log(str(event))
-        trackers.log_event(event.step, event.name, event.message)
+        def alert(event: Alert) -> None:
+            log(str(event))
+            trackers.log_event(event.step, event.name, event.message)
 
-    state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate, on_alert=alert,
-                        workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout)
-    if resume:
-        log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
+        state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate, on_alert=alert,
+                            workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout)
+        state.data = {"pairs": len(data.train), "digest": data_digest}
+        if resume:
+            log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
 
     # ------------------------------------------------ the loop
     pairs = f"{len(data.instructions)} instructions" if cfg.on_policy.enabled else f"{len(data.train)} pairs"
@@ -793,6 +837,10 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                     eval_record = {"split": "eval", "step": state.step, "epoch": epoch, **record}
                     trackers.log(eval_record)
                     progress.write(eval_line(eval_record))
+                    if cfg.on_nan == "stop" and not math.isfinite(eval_record.get("loss", 0.0)):
+                        raise TrainingError(f"step {state.step}: the held-out loss is {eval_record['loss']} (not "
+                                            f"finite); stopping. {last_good_checkpoint(cfg)}; lower --lr or use "
+                                            "--on-nan skip")
                     state.health.observe(eval_record)
             stop_now = broadcast_flag(stop.signal_name is not None, dist, device)
             planned_stop = cfg.stop_at_step == state.step and state.step < total_steps

@@ -15,12 +15,14 @@ the run (`TrainSettings.run_identity`): `--resume` compares them with its own (`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -33,22 +35,79 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create --output-dir; never reuse a directory holding a run silently."""
+# what train.py writes into --output-dir: a directory holding one of them (or a checkpoint-N) holds a run
+RUN_ENTRIES = ("run_config.json", "metrics.jsonl", "final", "final.tmp", "reference_cache", "rounds", "eval_generate")
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    """Whether the directory holds (part of) a run of train.py."""
+    return any(CHECKPOINT_PATTERN.match(entry.name) or entry.name in RUN_ENTRIES for entry in out_dir.iterdir())
+
+
+class ReplacedRun:
+    """The run --overwrite replaces, moved aside (to .NAME.replaced beside it) until the new run has loaded its data
+    and models: `restore` puts it back when that set-up fails, `discard` deletes it once the new run is set up."""
+
+    def __init__(self, out_dir: Path, aside: Path):
+        self.out_dir, self.aside = out_dir, aside
+
+    def discard(self) -> None:
+        """Delete the replaced run (the new one is set up)."""
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+    def restore(self) -> None:
+        """Put the replaced run back, over what the failed set-up wrote."""
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        self.aside.rename(self.out_dir)
+
+
+@contextlib.contextmanager
+def replacing(replaced: ReplacedRun | None, log: Callable[..., None]) -> Iterator[None]:
+    """Around a new run's set-up: a failure puts the run --overwrite replaces back, success deletes it."""
+    try:
+        yield
+    except BaseException:
+        if replaced is not None:
+            replaced.restore()
+            log(f"--overwrite: the new run did not start; {replaced.out_dir} is restored as it was")
+        raise
+    if replaced is not None:
+        replaced.discard()
+
+
+def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool,
+                       inputs: dict[str, str] | None = None) -> ReplacedRun | None:
+    """Create --output-dir; never reuse a directory holding a run silently. With --overwrite, the old run is moved
+    aside (returned, to be discarded or restored), never a directory that holds no run or one of the run's
+    `inputs` ({flag: path})."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-dir {out_dir} is a file, not a directory")
+    replaced = None
     if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
         if not overwrite:
             raise ConfigError(f"--output-dir {out_dir} already holds files; pass --resume to continue that run "
                               f"or --overwrite to replace it")
-        shutil.rmtree(out_dir)
+        if not holds_a_run(out_dir):
+            raise ConfigError(f"--output-dir {out_dir} holds files but no run of train.py (no run_config.json, "
+                              "metrics.jsonl, checkpoint-N or final/): --overwrite replaces only a run")
+        for flag, value in (inputs or {}).items():
+            if Path(value).exists() and Path(value).resolve().is_relative_to(out_dir.resolve()):
+                raise ConfigError(f"--overwrite would delete {flag} {value}: it is inside --output-dir {out_dir}")
+        aside = out_dir.with_name(f".{out_dir.name}.replaced")
+        if aside.exists():  # left by a set-up killed before it could restore or discard: an older run, replaced
+            shutil.rmtree(aside)
+        out_dir.rename(aside)
+        replaced = ReplacedRun(out_dir, aside)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
+        if replaced is not None:
+            replaced.restore()
         raise ConfigError(f"--output-dir {out_dir} is not writable ({error.strerror or error})") from None
+    return replaced
 
 
 def check_disk_space(out_dir: Path, model: torch.nn.Module, *, merged: bool, keep: int,

@@ -31,6 +31,8 @@ leaves.
 
 from __future__ import annotations
 
+import array
+import hashlib
 import json
 import math
 import os
@@ -104,6 +106,16 @@ class TokenizedPair:
     chosen_ids: list[int]  # ends with exactly one EOS unless cut by truncation
     rejected_ids: list[int]
     row: int
+
+
+def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
+    """A fingerprint of tokenized pairs, in order: equal exactly when every pair's token ids are."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(len(ids).to_bytes(8, "little"))
+            digest.update(array.array("q", ids).tobytes())
+    return digest.hexdigest()[:20]
 
 
 @dataclass

@@ -135,6 +135,13 @@ class ExplodingLogRatios(Check):
                         "or keep --max-grad-norm")
         return None
 
+    def eval(self, record: dict[str, Any]) -> str | None:
+        """A message when the held-out loss is not finite (the last updates broke the model's numbers)."""
+        if "loss" in record and not math.isfinite(_value(record, "loss")):
+            return (f"the held-out loss is {_value(record, 'loss')}: the policy's log-probs are no longer finite. Lower "
+                    "--lr, keep --max-grad-norm, or use --precision bf16 / fp32")
+        return None
+
 
 class LossScaleCollapse(Check):
     """The fp16 GradScaler's scale LOSS_SCALE_DROP below its highest value, or below 1: gradients overflow at

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dpo.data import TokenizedPair
+from dpo.data import TokenizedPair, pairs_digest
 from dpo.errors import UserError
 from dpo.logprobs import SequenceScorer
 from dpo.packing import pair_length
@@ -84,8 +84,7 @@ def cache_key(model_path: str, pairs: Sequence[TokenizedPair], settings: dict) -
     """The cache file's key: the model's fingerprint, the scoring settings and every tokenized pair."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"model": _model_fingerprint(model_path), "settings": settings}, sort_keys=True).encode())
-    for pair in pairs:
-        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    digest.update(pairs_digest(pairs).encode())
     return digest.hexdigest()[:20]
 
 

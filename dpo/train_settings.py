@@ -133,7 +133,8 @@ class TrainSettings:
     stop_at_step: int | None = setting(None, "checkpoint and stop after this step, schedule unchanged (split a run "
                                              "into jobs)", check=positive, identity=False)
     resume: bool = setting(False, "continue from the latest complete checkpoint in --output-dir", identity=False)
-    overwrite: bool = setting(False, "delete an existing --output-dir and start afresh", identity=False)
+    overwrite: bool = setting(False, "replace the run in --output-dir (it is deleted once the new run is set up)",
+                              identity=False)
     eval_steps: int | None = setting(None, "evaluate every N optimizer steps (and always at the end)", check=positive,
                                      identity=False)
     save_steps: int | None = setting(None, "checkpoint every N optimizer steps", check=positive, identity=False)

@@ -217,6 +217,78 @@ def test_output_dir_is_never_reused_silently(workdir, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err and (busy / "metrics.jsonl").read_text() == "{}\n"
 
 
+def test_overwrite_replaces_a_run_only_once_the_new_one_is_set_up(workdir, tmp_path, capsys):
+    base = ["--model", str(workdir / "model"), "--dataset", str(workdir / "pairs.jsonl"), "--no-progress"]
+    old = run(workdir, str(tmp_path / "old"), "--max-steps", "1")
+    weights = (old / "final" / "model.safetensors").read_bytes()
+    listing = sorted(p.name for p in old.iterdir())
+    # a bad model, bad data, an input inside the run: the old run is still there, whole
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    for extra in (["--model", str(tmp_path / "no-model")], ["--dataset", str(tmp_path / "bad.jsonl")],
+                  ["--dataset", str(old / "metrics.jsonl")]):
+        assert train.cli(base + extra + ["--output-dir", str(old), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        assert sorted(p.name for p in old.iterdir()) == listing
+        assert (old / "final" / "model.safetensors").read_bytes() == weights
+    assert "it is inside --output-dir" in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".replaced")] == []
+    # a directory that holds no run is never deleted
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("x")
+    assert train.cli(base + ["--output-dir", str(other), "--overwrite"]) == 2
+    assert "holds files but no run of train.py" in capsys.readouterr().err and (other / "todo.txt").exists()
+    # a good run replaces it, and nothing of the old one is left beside it
+    assert train.cli(base + ["--output-dir", str(old), "--overwrite", "--max-steps", "2", "--lr", "1e-3"]) == 0
+    assert json.loads((old / "run_config.json").read_text())["max_steps"] == 2
+    assert (old / "final" / "model.safetensors").read_bytes() != weights
+    assert [p.name for p in tmp_path.iterdir() if "replaced" in p.name] == []
+
+
+def test_resume_refuses_changed_data_and_a_finished_run_without_checkpoints(workdir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(workdir / "pairs.jsonl", data)
+    args = ["--dataset", str(data), "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "4"]
+    out = run(workdir, str(tmp_path / "out"), *args, "--stop-at-step", "2")
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:-10]))  # the same path, fewer pairs
+    argv = tiny_run_args(workdir, out, *args, "--lr", "1e-3", "--resume")
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the training pairs are not the ones the run started on (62 pairs now, "
+                          "72 then") and err.count("\n") == 1
+    data.write_text("".join(reversed(lines)))  # as many pairs, in another order
+    assert train.cli(argv) == 2 and "--dataset changed" in capsys.readouterr().err
+    data.write_text("".join(lines))
+    assert train.cli(argv) == 0 and (out / "final").is_dir()
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    assert train.cli(argv) == 2
+    assert "holds a finished run (final/) and no checkpoint to continue from" in capsys.readouterr().err
+
+
+def test_an_update_that_breaks_the_model_is_never_saved(workdir, tmp_path, capsys):
+    """The loss of a step is computed before its update: a finite loss can leave weights or log-probs that are not.
+    Neither a checkpoint nor final/ is then written, and the message says what can be resumed."""
+    base = ["--warmup-ratio", "0", "--batch-size", "16", "--micro-batch-size", "8"]
+    # lr 1e39 overflows fp32: the weights become inf at the first update, and checkpoint-1 is refused
+    out = tmp_path / "inf"
+    assert train.cli(tiny_run_args(workdir, out, *base, "--lr", "1e39", "--max-steps", "2", "--save-steps", "1",
+                                   "--eval-steps", "5")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: step 1: the weights are not finite (") and "so checkpoint-1 is not written" in err
+    assert "No checkpoint was saved before it" in err and not list(out.glob("checkpoint-*"))
+    # lr 1e30 keeps the weights finite but the held-out loss is NaN: stopped before final/
+    out = tmp_path / "nan"
+    assert train.cli(tiny_run_args(workdir, out, *base, "--lr", "1e30", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: step 1: the held-out loss is nan (not finite); stopping.")
+    assert not (out / "final").exists()
+
+
 def test_unknown_flag_exits_before_training(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_settings(["--no-such-flag", "1"])
