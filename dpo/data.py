@@ -49,7 +49,7 @@ from torch import Tensor
 
 from dpo.errors import UserError, first_line
 from dpo.prompts import (Prompt, PromptError, SpecialIds, check_template, check_truncation, encode_texts,
-                         render_prompt, render_response, special_ids, truncate_prompt, with_bos)
+                         lone_surrogate, render_prompt, render_response, special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 HH_ASSISTANT = "\n\nAssistant:"
@@ -174,6 +174,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+            if (where := lone_surrogate(record)) is not None:
+                raise DataError(f"{path}, line {lineno}: not Unicode text (a lone surrogate {where})")
             records.append(record)
     return records
 
@@ -189,6 +191,9 @@ def _read_json(path: Path, split: str | None) -> list[dict]:
     if not isinstance(data, list):
         hint = f" (no list under key '{split}')" if split is not None else ""
         raise DataError(f"{path}: expected a JSON array of records{hint}")
+    for index, record in enumerate(data):
+        if (where := lone_surrogate(record)) is not None:
+            raise DataError(f"{path}, record {index}: not Unicode text (a lone surrogate {where})")
     return data
 
 

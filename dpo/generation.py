@@ -57,7 +57,8 @@ from transformers.generation.streamers import BaseStreamer
 from dpo.errors import UserError, first_line
 from dpo.modeling import ModelLoadError, load_tokenizer
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
-from dpo.prompts import HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts, resolve_template
+from dpo.prompts import (HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts, lone_surrogate,
+                         resolve_template)
 
 # The card's decoding.
 TEMPERATURE = 0.7
@@ -246,6 +247,8 @@ def check_instruction(instruction: Any, where: str = "the instruction") -> str:
         raise GenerationError(f"{where} is a {type(instruction).__name__}, not a string")
     if not instruction.strip():
         raise GenerationError(f"{where} is empty")
+    if (surrogate := lone_surrogate(instruction)) is not None:
+        raise GenerationError(f"{where} is not Unicode text (a lone surrogate {surrogate})")
     return instruction
 
 

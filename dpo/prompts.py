@@ -209,6 +209,23 @@ def special_ids(tokenizer: Any) -> SpecialIds:
     return SpecialIds(eos=eos, bos=bos if adds_bos else None)
 
 
+def lone_surrogate(value: Any) -> str | None:
+    """Where a string in `value` (a str, or lists and dicts of them) holds a lone UTF-16 surrogate, which JSON's \\u
+    escapes and undecodable command-line bytes can produce and no tokenizer encodes ("'\\ud800' at character 4"),
+    else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return f"{value[error.start]!r} at character {error.start + 1}"
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        if (found := lone_surrogate(item)) is not None:
+            return found
+    return None
+
+
 def encode_texts(tokenizer: Any, texts: Sequence[str], template: str = "recipe", *,
                  split_special_tokens: bool | None = None) -> list[list[int]]:
     """Token ids of each text, without special tokens. Special-token text is kept as text for the recipe

@@ -53,6 +53,19 @@ def test_non_utf8_bytes(model_dir, tmp_path, capsys):
                           "0xe9")
 
 
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])
+def test_a_lone_surrogate_escape(model_dir, tmp_path, capsys, name):
+    """JSON's \\ud800 parses to a string no tokenizer can encode: the line (or record) is named, not a TypeError."""
+    bad = '{"prompt": "x", "chosen": [{"role": "assistant", "content": "a\\ud800b"}], "rejected": "c"}'
+    if name == "data.jsonl":
+        data, where = dataset_with(tmp_path, [bad]), f"line {GOOD_ROWS + 1}"
+    else:
+        data, where = tmp_path / name, "record 1"
+        data.write_text(f'[{{"prompt": "x", "chosen": "a", "rejected": "b"}}, {bad}]')
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), f"{name}, {where}: not Unicode text",
+                          "a lone surrogate '\\ud800' at character 2")
+
+
 def test_unknown_loss_name(model_dir, tmp_path, capsys):
     data = dataset_with(tmp_path, [])
     assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", "--loss", "sigmod"), "sigmod", "sigmoid")

@@ -370,6 +370,8 @@ def test_single_object_file_is_one_row(tmp_path):
     ('{"instruction": "a"}\n{"input": "b"}\n', "row 1: no 'instruction' or 'prompt' field"),
     ('[{"instruction": "  "}]', "row 0: field 'instruction' is empty"),
     ('[{"instruction": 3}]', "row 0: field 'instruction' is a int"),
+    ('[{"instruction": "a\\ud800"}]', "row 0: field 'instruction' is not Unicode text (a lone surrogate '\\\\ud800' at "
+                                    "character 2"),
     ('["a"]', "row 0: expected an object"),
     ('"a string"', "expected a list of objects"),
     ("[]", "no rows"),
@@ -430,6 +432,7 @@ def _run_with_settings(tmp_path, settings):
 @pytest.mark.parametrize("case, message", [
     ("empty", "the instruction is empty"),
     ("blank", "the instruction is empty"),
+    ("undecodable", "the instruction is not Unicode text (a lone surrogate '\\udcff' at character 2)"),
     ("not_json", "not JSON or JSON Lines"),
     ("no_instruction", "no 'instruction' or 'prompt' field"),
     ("no_tokenizer", "tokenizer"),
@@ -446,6 +449,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, 
     args = {
         "empty": ["--model", model_dir, ""],
         "blank": ["--model", model_dir, "   "],
+        "undecodable": ["--model", model_dir, b"a\xffb".decode("utf-8", "surrogateescape")],  # as sys.argv has it
         "not_json": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],
         "no_instruction": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],
         "no_tokenizer": ["--model", _model_without_tokenizer(tmp_path), "yes"],
