@@ -373,14 +373,15 @@ _FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
 }
 
 
-def instruction_records(records: Sequence[Any]) -> tuple[dict[str, tuple[int, Any]], int]:
+def instruction_records(records: Sequence[Any],
+                        rows: Sequence[int] | None = None) -> tuple[dict[str, tuple[int, Any]], int]:
     """The distinct single-turn instructions of records, in first-seen order, each with the row and record it first
     came from, and how many records were left out (a multi-turn history, or a row that cannot be read): online
     DPO's prompt set. A record is a preference pair of any format, or a prompt alone (a "prompt" and no responses,
-    as in IFEval's input_data.jsonl, whose other fields its judge reads)."""
+    as in IFEval's input_data.jsonl, whose other fields its judge reads). `rows`: as build_pairs'."""
     seen: dict[str, tuple[int, Any]] = {}
     left_out = 0
-    for row, record in enumerate(records):
+    for row, record in zip(range(len(records)) if rows is None else rows, records):
         try:
             prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
         except RowError:
@@ -479,14 +480,15 @@ def tokenize_pair(example: PreferenceExample, tokenizer: Any, *, max_length: int
 
 def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 1024, max_prompt_length: int | None = 512,
                 truncation_mode: str = "keep_end", template: str = "recipe", source: str = "preference data",
-                allow_empty: bool = False) -> tuple[list[TokenizedPair], DataStats]:
+                allow_empty: bool = False, rows: Sequence[int] | None = None) -> tuple[list[TokenizedPair], DataStats]:
     """All usable records as TokenizedPairs (source order) and the counts of skipped rows by reason.
-    Raises DataError when none is usable, unless `allow_empty` (online DPO's samples of a step)."""
+    `rows`: each record's row in its source (messages and TokenizedPair.row), when `records` is a split or subset
+    of it. Raises DataError when none is usable, unless `allow_empty` (online DPO's samples of a step)."""
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     special = _special_ids(tokenizer)
     stats = DataStats(rows=len(records))
     examples = []
-    for row, record in enumerate(records):
+    for row, record in zip(range(len(records)) if rows is None else rows, records):
         try:
             examples.append(to_example(record, row, template=template, tokenizer=tokenizer))
         except RowError as err:

@@ -54,23 +54,28 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
         raise DataError(f"{cfg.dataset}: no split {cfg.train_split!r} (available: {', '.join(splits)}); "
                         f"set --train-split")
     records, description = load_records(cfg.dataset, cfg.train_split if splits is not None else None)
+    # (row in the source, record): a skipped row is named by its place in the file, not in the split
+    indexed = list(enumerate(records))
     if cfg.eval_split and splits is not None and cfg.eval_split in splits:
         eval_records, eval_description = load_records(cfg.dataset, cfg.eval_split)
+        eval_indexed = list(enumerate(eval_records))
     else:
-        records, eval_records = train_test_split(records, cfg.test_size if cfg.test_size < 1 else int(cfg.test_size),
+        indexed, eval_indexed = train_test_split(indexed, cfg.test_size if cfg.test_size < 1 else int(cfg.test_size),
                                                  seed=cfg.seed)
-        eval_description = f"{len(eval_records)} pairs split off {cfg.dataset} (--test-size {cfg.test_size})"
-    records = select_subset(records, cfg.num_pairs, seed=cfg.seed if cfg.subset == "random" else None)
-    eval_records = select_subset(eval_records, cfg.max_eval_pairs)
+        eval_description = f"{len(eval_indexed)} pairs split off {cfg.dataset} (--test-size {cfg.test_size})"
+    indexed = select_subset(indexed, cfg.num_pairs, seed=cfg.seed if cfg.subset == "random" else None)
+    eval_indexed = select_subset(eval_indexed, cfg.max_eval_pairs)
+    records, eval_records = [record for _, record in indexed], [record for _, record in eval_indexed]
     common = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   truncation_mode=cfg.truncation_mode, template=cfg.template)
     # online and iterative DPO sample their pairs: prompt-only records (IFEval's) are enough for them
     common["allow_empty"] = cfg.on_policy.enabled
-    train, stats = build_pairs(records, tokenizer, source=description, **common)
-    evaluation, eval_stats = build_pairs(eval_records, tokenizer, source=eval_description, **common)
+    train, stats = build_pairs(records, tokenizer, source=description, rows=[row for row, _ in indexed], **common)
+    evaluation, eval_stats = build_pairs(eval_records, tokenizer, source=eval_description,
+                                         rows=[row for row, _ in eval_indexed], **common)
     for split, where, pairs, rows, counts in (("train", description, train, records, stats),
                                               ("eval", eval_description, evaluation, eval_records, eval_stats)):
         sampled = cfg.on_policy.enabled and not pairs  # prompts only: the run samples its pairs
         log(f"{split}: {where}: " + (f"{len(rows)} prompts, no pairs (the run samples its own)" if sampled else
                                      str(counts)))
-    return PreferenceData(train, evaluation, *instruction_records(records))
+    return PreferenceData(train, evaluation, *instruction_records(records, [row for row, _ in indexed]))

@@ -132,9 +132,20 @@ def test_bad_rows_are_counted_and_reported(model_dir, tmp_path, capsys, case):
     assert run_cli(model_dir, data, tmp_path / "out", "--test-size", "0.01") == 0
     out = capsys.readouterr().out
     report = next(line for line in out.splitlines() if line.startswith("train:"))
-    # 3 bad rows, one of which may have been split off into the held-out set
-    assert f"skipped: {case} 3 (first: row " in report or f"skipped: {case} 2 (first: row " in report, report
+    # 3 bad rows (source rows 24-26), one of which may have been split off into the held-out set; the first is named
+    # by its row in the file, not in the split
+    assert f"skipped: {case} 3 (first: row {GOOD_ROWS}:" in report or \
+        f"skipped: {case} 2 (first: row {GOOD_ROWS}:" in report or \
+        f"skipped: {case} 2 (first: row {GOOD_ROWS + 1}:" in report, report
     assert [r["step"] for r in run_metrics(tmp_path / "out", "train")] == [1]
+
+
+def test_a_skipped_row_is_named_by_its_row_in_the_file_not_in_the_split(model_dir, tmp_path, capsys):
+    data = dataset_with(tmp_path, [SKIPPED_ROWS["missing_field"]])
+    # 8 of the 25 rows split off: in either split, the bad row's place in it is not its row in the file
+    assert run_cli(model_dir, data, tmp_path / "out", "--test-size", "8", "--max-eval-pairs", "100") == 0
+    out = capsys.readouterr().out
+    assert f"missing_field 1 (first: row {GOOD_ROWS}: field 'rejected' is missing)" in out, out
 
 
 def test_prompt_longer_than_max_length(model_dir, tmp_path, capsys):
