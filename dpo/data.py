@@ -169,7 +169,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # a line cut short: its own column, not the newline's
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
             if not isinstance(record, dict):

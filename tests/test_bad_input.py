@@ -40,7 +40,7 @@ def assert_one_line_error(capsys, code, *fragments):
 def test_malformed_jsonl_line(model_dir, tmp_path, capsys):
     data = dataset_with(tmp_path, ['{"prompt": "x", "chosen": "a", "rejected": '])
     assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), "data.jsonl", f"line {GOOD_ROWS + 1}",
-                          "not valid JSON")
+                          "not valid JSON (Expecting value, column 44)")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
