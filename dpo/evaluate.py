@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=3, help="before/after samples to print")
-    parser.add_argument("--output", metavar="FILE.json", help="also write every comparison and the summary here")
+    parser.add_argument("--output", metavar="FILE.json", help="also write the summary (with the implicit reward) and "
+                                                              "every comparison here")
     parser.add_argument("--implicit-reward", action="store_true",
                         help="also measure reward accuracy and margins on a preference split")
     parser.add_argument("--dataset", help="preference data for --implicit-reward (default: the run's dataset)")
@@ -545,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     source = "" if args.reference else f" (the run's starting model, from {RUN_SETTINGS_FILE})"
     print(f"policy     {policy.path}\nreference  {reference_name}{source}")
     result: dict[str, Any] = {"policy": policy.name, "reference": reference.name}
+    comparisons: list = []
+
+    def write_output() -> None:  # after each part, so that a later failure keeps the earlier part's work
+        if args.output:
+            write_text_atomically(args.output, json.dumps({"summary": result, "comparisons": [
+                asdict(c) for c in comparisons]}, ensure_ascii=False, indent=2) + "\n")
 
     if judge is not None:
         origin = args.prompts or "held-out"
@@ -567,9 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples:
             print("\n" + format_samples(comparisons, args.samples, policy.name, reference.name))
         result.update(judge=judge.name, decoding=asdict(decoding), **summary)
-        if args.output:
-            write_text_atomically(args.output, json.dumps({"summary": result, "comparisons": [
-                asdict(c) for c in comparisons]}, ensure_ascii=False, indent=2) + "\n")
+        write_output()
 
     if args.implicit_reward:
         dataset = args.dataset or settings.get("dataset")
@@ -585,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                                           pad_id=policy.tokenizer.pad_token_id, batch_size=args.batch_size)
         print(format_implicit(metrics))
         result["implicit_reward"] = {**metrics, "dataset": dataset, "split": split}
+        write_output()
     print(json.dumps(result, ensure_ascii=False))
     return 0
 

@@ -314,13 +314,15 @@ def test_cli_win_rate_defaults_to_the_runs_reference(run_dir, capsys):
     assert _json_line(capsys.readouterr().out) == result
 
 
-def test_cli_implicit_reward_only(run_dir, capsys):
+def test_cli_implicit_reward_only(run_dir, capsys, tmp_path):
+    output = tmp_path / "report.json"
     assert evaluate.cli(["--model", str(run_dir / "run" / "final"), "--skip-win-rate", "--implicit-reward",
-                         "--max-pairs", "8", "--batch-size", "4"]) == 0
+                         "--max-pairs", "8", "--batch-size", "4", "--output", str(output)]) == 0
     result = _json_line(capsys.readouterr().out)
     assert "win_rate" not in result
     assert result["implicit_reward"]["pairs"] == 8 and result["implicit_reward"]["beta"] == 0.1
     assert result["implicit_reward"]["split"] == "test" and result["implicit_reward"]["dataset"] == "demo"
+    assert json.loads(output.read_text()) == {"summary": result, "comparisons": []}  # --output is written too
 
 
 def test_cli_a_model_against_itself_ties_everywhere(run_dir, capsys):
