@@ -409,6 +409,13 @@ def _mean_logp_rewards(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, T
     return cfg.beta * mean_c, cfg.beta * mean_r
 
 
+def _mean_log_ratio_rewards(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Tensor]:
+    """beta * per-token mean log-ratio, the scale the length-normalised losses compare (TRL's ipo, sigmoid_norm)."""
+    chosen, rejected = log_ratios(x)
+    len_c, len_r = lengths(x)
+    return cfg.beta * chosen / len_c, cfg.beta * rejected / len_r
+
+
 def _log_ratio_rewards(x: PreferenceLogps, cfg: LossSettings) -> tuple[Tensor, Tensor]:
     """beta * (pi - ref), with ref = 0 when there are no reference log-probs."""
     ref_c = x.reference_chosen_logps if x.reference_chosen_logps is not None else 0.0
@@ -432,7 +439,7 @@ def hinge_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return torch.relu(1.0 - cfg.beta * preference_margin(x, cfg))
 
 
-@register_loss("ipo")
+@register_loss("ipo", rewards=_mean_log_ratio_rewards)
 def ipo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(f(r_c / len_c) - f(r_l / len_r) - 1 / (2 beta))^2. IPO (Azar et al. 2023, eq. 17), beta = tau.
 
@@ -562,7 +569,7 @@ def discopop_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return (1.0 - modulation) * F.softplus(-z) + torch.exp(F.logsigmoid(z / cfg.discopop_tau) - z)
 
 
-@register_loss("sigmoid_norm")
+@register_loss("sigmoid_norm", rewards=_mean_log_ratio_rewards)
 def sigmoid_norm_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigma(beta (f(r_c / len_c) - f(r_l / len_r))). Length-normalised DPO (TRL's "sigmoid_norm")."""
     chosen, rejected = mean_divergence_scores(x, cfg)
@@ -678,7 +685,8 @@ def compute_loss(logps: PreferenceLogps, config: LossSettings) -> LossOutput:
       (with rpo_normalize 'tokens': -pi_c / the mean len_c of the step's batch)
       w = WPO weight when use_weighting (applied to the whole per-pair loss, RPO term included, as TRL), else 1.
     rewards = beta * (pi - ref) (ref = 0 when reference-free), or the first term's `rewards` hook
-      (simpo, orpo: beta * per-token mean log-prob, as TRL's CPO/ORPO trainers); always detached.
+      (simpo, orpo: beta * per-token mean log-prob, as TRL's CPO/ORPO trainers; ipo, sigmoid_norm: beta * per-token
+      mean log-ratio, the scale they compare, as TRL); always detached.
     Each term sees its own part of the run's state, `logps.state[name]`, and never changes it; the statistics
     of the stateful terms come back in `state_sums` for `update_loss_state`.
     """

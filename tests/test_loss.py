@@ -330,6 +330,13 @@ def test_length_normalised_reference_free_rewards_are_beta_mean_logps(name):
     assert close(out.rejected_rewards, [BETA * pr / lr for pr, lr in zip(PR, LR)])
 
 
+@pytest.mark.parametrize("name", ["ipo", "sigmoid_norm"])
+def test_length_normalised_rewards_are_beta_mean_log_ratios(name):
+    out = compute_loss(batch(), LossSettings(loss_type=name, beta=BETA))
+    assert close(out.chosen_rewards, [BETA * (pc - rc) / lc for pc, rc, lc in zip(PC, RC, LC)])
+    assert close(out.rejected_rewards, [BETA * (pr - rr) / lr for pr, rr, lr in zip(PR, RR, LR)])
+
+
 def test_mix_rewards_follow_the_first_term():
     out = compute_loss(batch(), LossSettings(loss_type="sft,simpo", beta=BETA))
     assert close(out.chosen_rewards, [BETA * (pc - rc) for pc, rc in zip(PC, RC)])
