@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,7 @@ def available_splits(source: str) -> list[str] | None:
         return list(BUILTIN_SOURCES[source].splits)
     path = Path(source)
     if path.is_file():
-        return None
+        return _json_object_splits(path) if path.suffix == ".json" else None
     if path.suffix in (".jsonl", ".json", ".parquet") or (source.startswith((".", "/", "~")) and not path.exists()):
         raise DataError(f"{source}: file not found")
     import datasets  # slow to import: only hub names and dataset directories need it
@@ -27,6 +28,17 @@ def available_splits(source: str) -> list[str] | None:
         return list(datasets.get_dataset_split_names(source))
     except Exception as error:
         raise DataError(f"{source}: cannot read the dataset's splits ({first_line(error)})") from None
+
+
+def _json_object_splits(path: Path) -> list[str] | None:
+    """The keys of a .json file that is an object of record lists ({"train": [...], "test": [...]}), else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # JSON Lines saved as .json, or a broken file: load_records reads or reports it
+    if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
+        return list(data)
+    return None
 
 
 @dataclass

@@ -289,6 +289,18 @@ def test_an_update_that_breaks_the_model_is_never_saved(workdir, tmp_path, capsy
     assert not (out / "final").exists()
 
 
+def test_a_json_object_of_record_lists_is_a_dataset_with_splits(workdir, tmp_path, capsys):
+    rows = [json.loads(line) for line in (workdir / "pairs.jsonl").read_text().splitlines()]
+    data = tmp_path / "splits.json"
+    data.write_text(json.dumps({"train": rows[:40], "test": rows[40:46]}))
+    run(workdir, str(tmp_path / "out"), "--dataset", str(data), "--max-steps", "1", "--batch-size", "8",
+        "--micro-batch-size", "4")
+    out = capsys.readouterr().out
+    assert f"train: {data} (40 records): 40 rows" in out and f"eval: {data} (6 records): 6 rows" in out
+    assert train.cli(tiny_run_args(workdir, tmp_path / "out2", "--dataset", str(data), "--train-split", "x")) == 2
+    assert "no split 'x' (available: train, test)" in capsys.readouterr().err
+
+
 def test_unknown_flag_exits_before_training(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_settings(["--no-such-flag", "1"])
