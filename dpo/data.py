@@ -327,6 +327,11 @@ def _conversational(record: dict, row: int) -> _Dialogue:
     if isinstance(record.get("prompt"), list):  # TRL style: prompt messages + continuations
         prompt = _message_list(record["prompt"], "prompt", row)
         chosen, rejected = prompt + chosen, prompt + rejected
+    elif isinstance(record.get("prompt"), str) and len(chosen) == len(rejected) == 1 and record["prompt"].strip():
+        # a prompt string and the two answers as one assistant message each (ultrafeedback_binarized's full
+        # conversations carry the user turn themselves: their "prompt" is then a copy, left unread)
+        prompt = [{"role": "user", "content": record["prompt"]}]
+        chosen, rejected = prompt + chosen, prompt + rejected
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages or messages[-1]["role"] != "assistant":
             raise RowError("no_assistant_turn", row, f"field '{key}' does not end with an assistant message")

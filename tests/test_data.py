@@ -204,6 +204,15 @@ def test_conversational_with_separate_prompt_messages():
     assert to_example(record, 0) == PreferenceExample(format_prompt("q"), " x", " y", 0)
 
 
+def test_a_prompt_string_with_one_assistant_message_each_is_that_prompt():
+    record = {"prompt": "q", "chosen": [{"role": "assistant", "content": "x"}],
+              "rejected": [{"role": "assistant", "content": "y"}]}
+    assert to_example(record, 0) == to_example(explicit("q", "x", "y"), 0)
+    # full conversations carry their user turn: the prompt string is not read twice (ultrafeedback_binarized)
+    full = {"prompt": "q", "chosen": conversation("q", "x"), "rejected": conversation("q", "y")}
+    assert to_example(full, 0) == to_example(explicit("q", "x", "y"), 0)
+
+
 def test_hh_implicit_prompt_is_common_prefix_up_to_last_assistant_marker():
     history = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
     record = {"chosen": history + " Fine, thanks.", "rejected": history + " Fine."}  # responses share " Fine"
