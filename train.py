@@ -650,7 +650,8 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
     out_dir = Path(state.cfg.output_dir)
     final_dir, tmp_dir = out_dir / "final", out_dir / "final.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    decoding = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, pad_token_id=tokenizer.pad_token_id,
+    # top_k=0: transformers would fill an unset top-k with 50, which the card's decoding does not have
+    decoding = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0, pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id)
     state.policy.generation_config.update(**decoding)
     save_weights(state, tmp_dir, weights)

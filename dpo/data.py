@@ -471,14 +471,17 @@ def _assemble(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[i
 
 
 def tokenize_pair(example: PreferenceExample, tokenizer: Any, *, max_length: int, max_prompt_length: int | None,
-                  truncation_mode: str = "keep_end", split_special_tokens: bool = True) -> TokenizedPair | None:
+                  truncation_mode: str = "keep_end", template: str = "recipe",
+                  split_special_tokens: bool | None = None) -> TokenizedPair | None:
     """prompt_ids = [BOS]? + tok(prompt), responses = tok(response) + [EOS], then truncated:
     the prompt to max_prompt_length (keep_end / keep_start), each response to max_length - len(prompt_ids).
+    Special-token text is encoded as build_pairs encodes it for `template` (split_special_tokens overrides).
     None when the prompt leaves no room for a single response token."""
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     special = _special_ids(tokenizer)
     prompt_ids, chosen_ids, rejected_ids = encode_texts(
-        tokenizer, [example.prompt, example.chosen, example.rejected], split_special_tokens=split_special_tokens)
+        tokenizer, [example.prompt, example.chosen, example.rejected], template,
+        split_special_tokens=split_special_tokens)
     return _assemble(prompt_ids, chosen_ids, rejected_ids, example.row, special,
                      max_length, max_prompt_length, truncation_mode)
 

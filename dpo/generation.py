@@ -631,10 +631,17 @@ def cache_argument(model: Any) -> str:
 
 
 def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingSettings | None = None,
-                   *, batch_size: int = 8, num_samples: int = 1, progress: bool = False,
-                   streamer: BaseStreamer | None = None, description: str = "generating", warn: bool = True,
-                   precision: str = "fp32") -> list[str]:
-    """One response per instruction, in the instructions' order; with `num_samples` k, k responses per instruction
+                   **options: Any) -> list[str]:
+    """One response per instruction (k with num_samples), as generate_batch_ended, without whether each ended."""
+    return generate_batch_ended(model, tokenizer, instructions, decoding, **options)[0]
+
+
+def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str],
+                         decoding: DecodingSettings | None = None, *, batch_size: int = 8, num_samples: int = 1,
+                         progress: bool = False, streamer: BaseStreamer | None = None, description: str = "generating",
+                         warn: bool = True, precision: str = "fp32") -> tuple[list[str], list[bool]]:
+    """(responses, ended): one response per instruction, and whether it ended (at an EOS or a stop string) rather
+    than being cut at max_new_tokens; in the instructions' order; with `num_samples` k, k responses per instruction
     (instruction-major: k for the first, then k for the second, ...), each prompt's forward computed once
     (shared_prompt_cache) and `batch_size` counting prompts. The samples are those of the instructions repeated k
     times.
@@ -675,6 +682,7 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
     if progress:
         bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True)
     outputs: list[str] = [""] * (len(prompts) * num_samples)
+    ended: list[bool] = [False] * len(outputs)
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -700,15 +708,17 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
                              streamer)
             slots = [row * num_samples + s for row in rows for s in range(num_samples)]
             for slot, ids in zip(slots, out.tolist()):
-                text = tokenizer.decode(_cut_at_eos(ids, eos_ids), skip_special_tokens=True)
+                answer = _cut_at_eos(ids, eos_ids)
+                text = tokenizer.decode(answer, skip_special_tokens=True)
                 outputs[slot] = clean_response(text, decoding.stop_strings)
+                ended[slot] = len(answer) < len(ids) or truncate_at_stop(text, decoding.stop_strings) != text
             if bar is not None:
                 bar.update(len(rows))
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
-    return outputs
+    return outputs, ended
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -309,7 +309,7 @@ class ImplicitRewardJudge(Judge):
                           for answer in (answer_a, answer_b)), row=0)
             pair = tokenize_pair(example, self.tokenizer, max_length=s.get("max_length", 1024),
                                  max_prompt_length=s.get("max_prompt_length"),
-                                 truncation_mode=s.get("truncation_mode", "keep_end"))
+                                 truncation_mode=s.get("truncation_mode", "keep_end"), template=template)
             if pair is None:
                 raise JudgeError(f"{self.name}: the instruction leaves no room for an answer within max_length")
             device = next(self.model.parameters()).device

@@ -33,16 +33,22 @@ import torch
 
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
+from dpo.prompts import special_ids
 from dpo.distributed import DistInfo, barrier, gather
-from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch, own_rng
+from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch_ended, own_rng
 from dpo.judges import JUDGE_HELP, Judge
 from dpo.reference import ReferenceLogps
-from dpo.settings import ConfigError, at_least, check_settings, in_range, non_negative, positive, setting
+from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, setting
 
 SEED_STRIDE = 1_000_003  # sampling seeds: ((seed * SEED_STRIDE + step or round) * GROUP_STRIDE + group) mod 2^63
 GROUP_STRIDE = 65_537
 SAMPLE_GROUP = 16  # prompts per generate call, each group with its own seed: the samples of a prompt do not depend
 #                    on how the prompts are split over processes or micro-batches
+
+
+def _probability(value: Any) -> str | None:
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1 \
+        else "must be in (0, 1]"
 
 
 @dataclass
@@ -60,7 +66,7 @@ class OnPolicySettings:
     judge: str = setting("demo", f"judge of the samples: {JUDGE_HELP}")
     sample_temperature: float = setting(TEMPERATURE, "sampling temperature of online / iterative DPO",
                                         check=positive)
-    sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=in_range(1e-9, 1.000001))
+    sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=_probability)
     sample_max_new_tokens: int = setting(64, "new tokens per sampled response", check=positive)
     repair_ties: bool = setting(False, "a prompt whose samples all score alike trains on (the judge's repair of a "
                                        "sample, that sample) instead of being skipped (judges that repair: ifeval)")
@@ -131,14 +137,18 @@ class Sampler:
                               max_prompt_length=self.lengths["max_prompt_length"],
                               truncation_mode=self.lengths["truncation_mode"])
 
-    def sample(self, model: torch.nn.Module, prompts: list[str], position: int, group: int = 0) -> list[list[str]]:
-        """k responses to each prompt in one generate call, a pure function of the model, the prompts, `position`
-        (the step, or the round) and `group`; the training RNG is left as it was."""
+    def sample(self, model: torch.nn.Module, prompts: list[str], position: int,
+               group: int = 0) -> tuple[list[list[str]], list[list[bool]]]:
+        """k responses to each prompt in one generate call, and whether each was cut at --sample-max-new-tokens: a
+        pure function of the model, the prompts, `position` (the step, or the round) and `group`; the training RNG is
+        left as it was."""
         k = self.settings.num_samples
         with own_rng(model):
-            flat = generate_batch(model, self.tokenizer, prompts, self.decoding(position, group),
-                                  batch_size=len(prompts), num_samples=k, warn=False, precision=self.precision)
-        return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+            flat, ended = generate_batch_ended(model, self.tokenizer, prompts, self.decoding(position, group),
+                                               batch_size=len(prompts), num_samples=k, warn=False,
+                                               precision=self.precision)
+        return ([flat[i * k:(i + 1) * k] for i in range(len(prompts))],
+                [[not e for e in ended[i * k:(i + 1) * k]] for i in range(len(prompts))])
 
     def sample_pairs(self, model: torch.nn.Module, prompts: list[str], ids: list[int], position: int,
                      dist: DistInfo) -> tuple[list[TokenizedPair], dict[str, float]]:
@@ -151,35 +161,43 @@ class Sampler:
         stats: list[dict[str, float]] = []
         for g in process_slice(len(groups), dist.rank, dist.world_size):
             texts = [prompts[i] for i in groups[g]]
-            group_pairs, group_stats = self.pairs(texts, self.sample(model, texts, position, g), groups[g])
+            responses, cut = self.sample(model, texts, position, g)
+            group_pairs, group_stats = self.pairs(texts, responses, groups[g], cut)
             pairs += group_pairs
             stats.append(group_stats)
         return gather(pairs, dist), summarize(gather(stats, dist), time.perf_counter() - start)
 
-    def pairs(self, prompts: list[str], responses: list[list[str]], rows: list[int]) -> tuple[list[TokenizedPair],
-                                                                                               dict[str, float]]:
+    def pairs(self, prompts: list[str], responses: list[list[str]], rows: list[int],
+              cut: list[list[bool]] | None = None) -> tuple[list[TokenizedPair], dict[str, float]]:
         """(best, worst) pairs by the judge's scores and the statistics: sums of scores, tokens and counts, to be
         added over processes. A prompt whose best and worst tie is skipped, or with --repair-ties trains on the
-        judge's repair of a sample against that sample."""
+        judge's repair of a sample against that sample. `cut`: which samples ran out of new tokens; as a response
+        cut by --max-length, such a sample keeps no EOS (the policy is not taught to stop where it did not)."""
         scores = self.judge.score_batch(prompts, responses)
-        records, kept_rows, ties, repaired = [], [], 0, 0
-        for prompt, answers, row_scores, row in zip(prompts, responses, scores, rows):
+        cut = cut or [[False] * len(answers) for answers in responses]
+        records, kept_rows, ends, ties, repaired = [], [], [], 0, 0
+        for prompt, answers, row_scores, row, row_cut in zip(prompts, responses, scores, rows, cut):
             top, bottom = max(row_scores), min(row_scores)
             if top != bottom:
                 best, worst = self.choose(answers, [i for i, x in enumerate(row_scores) if x == top],
                                           [i for i, x in enumerate(row_scores) if x == bottom])
                 records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
                 kept_rows.append(row)
+                ends.append((row_cut[best], row_cut[worst]))
                 continue
             ties += 1
-            fixed = self.repaired(prompt, [answers[i] for i in self.repair_order(answers)], top) \
-                if self.settings.repair_ties else None
+            order = self.repair_order(answers)
+            fixed = self.repaired(prompt, [answers[i] for i in order], top) if self.settings.repair_ties else None
             if fixed is not None:
+                ends.append((False, row_cut[order[fixed.pop("index")]]))  # a repair is a whole answer
                 records.append({"prompt": prompt, **fixed})
                 kept_rows.append(row)
                 repaired += 1
         built, _ = build_pairs(records, self.tokenizer, source="online samples", allow_empty=True, **self.lengths)
-        pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, kept_rows[p.row]) for p in built]
+        eos = special_ids(self.tokenizer).eos
+        pairs = [TokenizedPair(p.prompt_ids, _without_eos(p.chosen_ids, eos) if ends[p.row][0] else p.chosen_ids,
+                               _without_eos(p.rejected_ids, eos) if ends[p.row][1] else p.rejected_ids,
+                               kept_rows[p.row]) for p in built]
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
         stats = {"score_sum": sum(sum(row) for row in scores), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
@@ -199,14 +217,18 @@ class Sampler:
             return everyone
         return sorted(everyone, key=lambda i: -len(answers[i]))
 
-    def repaired(self, prompt: str, answers: list[str], tied_score: float) -> dict[str, str] | None:
-        """(chosen, rejected) = (the judge's repair, the answer) for the first answer, in the order given, that the
-        judge repairs into one it scores above the tie; None when it repairs none."""
-        for answer in answers:
+    def repaired(self, prompt: str, answers: list[str], tied_score: float) -> dict[str, Any] | None:
+        """(chosen, rejected) = (the judge's repair, the answer) and the answer's index, for the first answer, in the
+        order given, that the judge repairs into one it scores above the tie; None when it repairs none."""
+        for index, answer in enumerate(answers):
             fixed = self.judge.repair(prompt, answer)
             if fixed is not None and fixed != answer and self.judge.score_batch([prompt], [[fixed]])[0][0] > tied_score:
-                return {"chosen": fixed, "rejected": answer}
+                return {"chosen": fixed, "rejected": answer, "index": index}
         return None
+
+
+def _without_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:-1] if ids[-1:] == [eos] else ids
 
 
 def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]:

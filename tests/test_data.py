@@ -320,6 +320,15 @@ def test_chat_template_scores_exactly_the_conversations_rendering(chatml, record
     assert chatml.apply_chat_template(later, tokenize=False).startswith(e.prompt + e.chosen + "\n")
 
 
+def test_tokenize_pair_encodes_a_chat_rendering_as_build_pairs_does(chatml):
+    """The implicit-reward judge scores one pair with tokenize_pair: <|im_start|> must stay one special token."""
+    record = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    (built,), _ = build_pairs([record], chatml, max_length=256, max_prompt_length=128, template="chat")
+    example = to_example(record, 0, template="chat", tokenizer=chatml)
+    assert tokenize_pair(example, chatml, max_length=256, max_prompt_length=128, template="chat") == built
+    assert chatml.convert_tokens_to_ids("<|im_start|>") in built.prompt_ids
+
+
 def test_chat_template_on_all_real_pairs_is_the_conversations_rendering(chatml, pair_rows):
     pairs, stats = build_pairs(pair_rows, chatml, template="chat", max_length=100_000, max_prompt_length=None)
     identical = sum(r["chosen"].strip() == r["rejected"].strip() for r in pair_rows)

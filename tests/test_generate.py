@@ -13,9 +13,9 @@ from transformers import LlamaConfig
 
 import generate
 from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, StopAwareStreamer, StopOnStrings,
-                            clean_response, generate_batch, generator_name, left_pad, prompt_budget,
-                            read_instructions, resolve_dtype, resolve_run_model, run_settings, side_by_side,
-                            truncate_at_stop, write_outputs, write_text_atomically)
+                            clean_response, generate_batch, generate_batch_ended, generator_name, left_pad,
+                            prompt_budget, read_instructions, resolve_dtype, resolve_run_model, run_settings,
+                            side_by_side, truncate_at_stop, write_outputs, write_text_atomically)
 from dpo.modeling import load_causal_lm, load_tokenizer
 from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
 from harness import make_model_dir, tiny_tokenizer
@@ -209,6 +209,20 @@ def test_generation_stops_at_eos_and_drops_what_follows():
     model = ScriptedLM(red + [eos] + tokenizer(" blue", add_special_tokens=False)["input_ids"], eos, len(tokenizer))
     assert generate_batch(model, tokenizer, ["yes"], DecodingSettings(greedy=True)) == ["red"]
     assert model.steps == len(red) + 1
+
+
+def test_a_response_ends_at_eos_or_a_stop_string_and_is_cut_at_the_token_budget():
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    red = tokenizer(" red", add_special_tokens=False)["input_ids"]
+    marker = tokenizer(" red\n\n### Human: more", add_special_tokens=False)["input_ids"]
+    for continuation, budget, ended in ((red + [eos], 20, True), (red + [eos], len(red), False),
+                                        (marker, 40, True), (red * 30, 10, False)):
+        model = ScriptedLM(continuation, eos, len(tokenizer))
+        texts, ends = generate_batch_ended(model, tokenizer, ["yes"], DecodingSettings(greedy=True,
+                                                                                       max_new_tokens=budget))
+        assert ends == [ended], (continuation, budget)
+        assert texts[0].startswith("red")
 
 
 def test_streamer_holds_back_a_possible_marker_and_flushes_it_at_the_end():

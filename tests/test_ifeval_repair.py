@@ -109,6 +109,25 @@ def test_every_repair_of_sampled_constraints_passes_ifeval_own_checkers():
 LENGTHS = dict(max_length=96, max_prompt_length=48, truncation_mode="keep_end", template="recipe")
 
 
+def test_a_sample_cut_at_the_token_budget_keeps_no_eos():
+    """As a response cut by --max-length: the policy is not taught to stop where it did not. A repair is whole."""
+    prompts = [IFEvalPrompt("is the sun red? Do not use any commas.", ("punctuation:no_comma",), ({},)),
+               IFEvalPrompt("is the cat red? Do not use any commas.", ("punctuation:no_comma",), ({},))]
+    samples = [["no, it is yellow", "yes, it is red"], ["no it is black", "yes, red"]]
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    sampler = Sampler(OnPolicySettings(online=True, num_samples=2, repair_ties=True), IFEvalJudge(prompts), tokenizer,
+                      LENGTHS, 0)
+    texts = [p.prompt for p in prompts]
+    whole, _ = sampler.pairs(texts, samples, rows=[0, 1])
+    assert all(p.chosen_ids[-1] == eos and p.rejected_ids[-1] == eos for p in whole)
+    pairs, _ = sampler.pairs(texts, samples, rows=[0, 1], cut=[[True, True], [True, False]])
+    # row 0 ties (both use commas): its repair (chosen) ends, the cut sample it repaired (rejected) does not
+    assert (pairs[0].chosen_ids, pairs[0].rejected_ids) == (whole[0].chosen_ids, whole[0].rejected_ids[:-1])
+    # row 1: the chosen "no it is black" was cut, the rejected "yes, red" ended
+    assert (pairs[1].chosen_ids, pairs[1].rejected_ids) == (whole[1].chosen_ids[:-1], whole[1].rejected_ids)
+
+
 def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
     prompts = [IFEvalPrompt("is the sun red? Do not use any commas.", ("punctuation:no_comma",), ({},)),
                IFEvalPrompt("is the moon red? Use at least 300 words.", ("length_constraints:number_words",),
@@ -121,7 +140,8 @@ def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
     pairs, stats = off.pairs(texts, samples, rows=[0, 1, 2])
     assert [p.row for p in pairs] == [2] and (stats["ties"], stats["repaired"]) == (2, 0)
     on = Sampler(OnPolicySettings(online=True, num_samples=2, repair_ties=True), judge, tiny_tokenizer(), LENGTHS, 0)
-    assert on.repaired(texts[0], samples[0], 0.0) == {"chosen": "no it is yellow", "rejected": "no, it is yellow"}
+    assert on.repaired(texts[0], samples[0], 0.0) == {"chosen": "no it is yellow", "rejected": "no, it is yellow",
+                                                      "index": samples[0].index("no, it is yellow")}
     assert on.repaired(texts[1], samples[1], 0.0) is None  # "at least 300 words" cannot be repaired: still a tie
     pairs, stats = on.pairs(texts, samples, rows=[0, 1, 2])
     assert [p.row for p in pairs] == [0, 2] and (stats["ties"], stats["repaired"], stats["pairs"]) == (2, 1, 2)

@@ -142,6 +142,9 @@ def test_outputs_and_final_round_trip(workdir):
     assert train_keys <= set(records[0])
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 3]
     assert json.loads((out / "final" / "dpo_run.json").read_text())["reference_model"] == str(workdir / "model")
+    # the card's decoding, top-k off (unset, transformers would fill in 50)
+    config = json.loads((out / "final" / "generation_config.json").read_text())
+    assert (config["do_sample"], config["temperature"], config["top_p"], config["top_k"]) == (True, 0.7, 0.9, 0)
 
     # the phi-2-dpo model card's own snippet, on final/ (device_map="auto" needs accelerate)
     pytest.importorskip("accelerate")

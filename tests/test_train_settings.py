@@ -78,6 +78,7 @@ def test_an_f_divergence_no_term_reads_is_refused(loss):
     ({"eval_split": 5}, "--eval-split must be a string or null, got 5"),
     ({"seed": -1}, "--seed must be a non-negative number, got -1"),
     ({"device": "foo"}, "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
+    ({"sample_top_p": 1.0000005}, "--sample-top-p must be in (0, 1], got 1.0000005"),
 ])
 def test_a_config_value_of_the_wrong_type_is_refused_naming_its_flag(tmp_path, values, message):
     file = tmp_path / "c.json"
