@@ -78,7 +78,8 @@ def weights(out_dir):
 
 
 def fixed_samples(monkeypatch):
-    monkeypatch.setattr(Sampler, "sample", lambda self, model, prompts, position, group=0: [list(FIXED) for _ in prompts])
+    monkeypatch.setattr(Sampler, "sample", lambda self, model, prompts, position, group=0: (
+        [list(FIXED) for _ in prompts], [[False] * len(FIXED) for _ in prompts]))  # every sample ended
 
 
 @pytest.mark.slow
@@ -104,12 +105,13 @@ def test_sampling_is_deterministic_for_a_seed(workdir):
     lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
     settings = OnPolicySettings(online=True, num_samples=3, sample_max_new_tokens=6)
     sampler = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=0)
-    first = sampler.sample(model, PROMPTS[:3], position=5)
+    first, cut = sampler.sample(model, PROMPTS[:3], position=5)
     assert len(first) == 3 and all(len(r) == 3 for r in first)
-    assert sampler.sample(model, PROMPTS[:3], position=5) == first
-    assert sampler.sample(model, PROMPTS[:3], position=6) != first  # each step samples afresh
+    assert cut == [[True] * 3] * 3  # 6 new tokens of a random model: none reaches its EOS
+    assert sampler.sample(model, PROMPTS[:3], position=5)[0] == first
+    assert sampler.sample(model, PROMPTS[:3], position=6)[0] != first  # each step samples afresh
     other = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=1)
-    assert other.sample(model, PROMPTS[:3], position=5) != first
+    assert other.sample(model, PROMPTS[:3], position=5)[0] != first
     torch.manual_seed(7)
     expected = torch.rand(2)
     torch.manual_seed(7)
