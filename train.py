@@ -356,7 +356,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
         model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
         state.reference_scorer = SequenceScorer(model, cfg.scoring)
     if resume is not None:
-        load_full_optimizer_state(scorer, optimizer, resume.pop("optimizer"))  # copied in; the mapped file let go
+        load_full_optimizer_state(scorer, optimizer, resume.pop("optimizer"))  # copied: the mapped file let go
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])

@@ -150,6 +150,12 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimizer state (`full_optimizer_state`'s) into the possibly sharded optimizer."""
+    """Load a full optimizer state (`full_optimizer_state`'s) into the possibly sharded optimizer. On the CPU the
+    optimizer would keep the loaded tensors themselves: they are copied, so that a memory-mapped checkpoint file
+    is let go (its disk space freed once the checkpoint rotates out)."""
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
+    for parameter_state in optimizer.state.values():
+        for key, value in parameter_state.items():
+            if torch.is_tensor(value) and value.device.type == "cpu":
+                parameter_state[key] = value.clone()

@@ -70,6 +70,9 @@ class LoraSettings:
             raise ConfigError(f"{flag} needs LoRA: set --lora-r (or --adapter)")
         if not self.lora_target_modules.strip():
             raise ConfigError("--lora-target-modules is empty")
+        if self.adapter is not None and self.lora_dropout > 0:
+            raise ConfigError("--lora-dropout with --adapter: the loaded adapter would be stochastic from the first "
+                              "step, so the policy could not start as the reference; leave --lora-dropout at 0")
 
     @property
     def enabled(self) -> bool:
@@ -163,6 +166,13 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
     if settings.adapter is not None:
         load_peft_adapter(peft_model.load_adapter, None, settings.adapter, REFERENCE_ADAPTER, trainable=False)
         peft_model.set_adapter(TRAINED_ADAPTER)
+    # a loaded adapter brings its own lora_dropout: --lora-dropout decides, and the reference adapter has none
+    for module in peft_model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if isinstance(dropout, nn.Dropout):
+                    dropout.p = settings.lora_dropout if name == TRAINED_ADAPTER else 0.0
     return Adapters(peft_model, with_reference_adapter=settings.adapter is not None)
 
 

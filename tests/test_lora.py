@@ -173,6 +173,20 @@ def test_sft_adapter_is_the_reference_not_the_bare_base(workdir):
     assert any(not torch.equal(trained[k], start[k]) for k in start)
 
 
+def test_an_sft_adapter_saved_with_dropout_trains_deterministically(workdir, tmp_path):
+    """peft adapters are often saved with lora_dropout 0.05-0.1: loaded with --adapter, its dropout would make the
+    policy's first log-probs differ from the reference's and stop the run at the step-0 check."""
+    sft = run(workdir, "sft-dropout", "--max-steps", "2")
+    config = json.loads((sft / "final" / "adapter_config.json").read_text())
+    (sft / "final" / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.1}))
+    policy, adapters = policy_of(workdir, "--adapter", str(sft / "final"))
+    probabilities = [m.p for m in policy.modules() if isinstance(m, torch.nn.Dropout)]
+    assert probabilities and set(probabilities) == {0.0}
+    run(workdir, str(tmp_path / "from-sft"), "--adapter", str(sft / "final"), "--max-steps", "2")  # step-0 check passes
+    with pytest.raises(train.ConfigError, match="--lora-dropout with --adapter"):
+        parse_settings(args(workdir, "unused", "--adapter", str(sft / "final"), "--lora-dropout", "0.1"))
+
+
 @pytest.mark.parametrize("flags,message", [
     (("--lora-r", "-1"), "--lora-r must be a non-negative number"),
     (("--lora-target-modules", "no_such_proj"), "--lora-target-modules no_such_proj:"),

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import train
 from dpo.checkpoint import load_checkpoint
+from dpo.data import collate_pairs
 from dpo.train_settings import ConfigError, parse_settings
 from dpo.errors import UserError
 from harness import make_run_dir, run_metrics, tiny_run_args, train_tiny
@@ -85,6 +86,21 @@ def test_resume_mid_run_is_identical(workdir):
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     assert without_timing(ma) == without_timing(mb)
     assert max(r["epoch"] for r in ma) > 1.0  # 72 train pairs / 16 = 4 steps per epoch
+
+
+def test_a_resumed_optimizer_state_is_copied_out_of_the_checkpoint_file(workdir, tmp_path):
+    """The checkpoint's optimizer.pt is memory-mapped; kept as the optimizer's state on the CPU, the file would stay
+    mapped (its disk space held after the checkpoint rotates out) for the whole run."""
+    out = run(workdir, str(tmp_path / "r"), "--max-steps", "4", "--stop-at-step", "2")
+    cfg = parse_settings(tiny_run_args(workdir, out, "--lr", "1e-3", "--max-steps", "4", "--resume"))
+    resume = load_checkpoint(out / "checkpoint-2")
+    cpu = torch.device("cpu")
+    policy, adapters = train.build_policy(cfg, cpu, weights=str(resume["model_dir"]))
+    state = train.build_state(cfg, policy, adapters, device=cpu, dist=train.DistInfo(),
+                              collate=lambda pairs: collate_pairs(pairs, pad_id=0), workspace_pairs=[], resume=resume)
+    moments = [t for s in state.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    file = str((out / "checkpoint-2" / "optimizer.pt").resolve())
+    assert moments and all(mapped_file(t.data_ptr()) != file for t in moments)
 
 
 @pytest.mark.slow
