@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from dpo.cli import run_cli
+from dpo.cli import DefaultsHelpFormatter, run_cli
 from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, DecodingSettings, GenerationError,
                             StopAwareStreamer, add_prompt_arguments, check_instruction, check_output_file,
@@ -47,7 +47,7 @@ DEMO_RUN_MODEL = Path("runs") / "demo" / "final"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("instruction", nargs="?", help="one instruction (omit for interactive mode)")
     parser.add_argument("--model", help=f"model directory, hub name, 'demo' or a run directory "
                                         f"(default: {DEMO_RUN_MODEL} when it exists)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -15,3 +16,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> 
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except a None one and where the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
