@@ -489,3 +489,12 @@ def test_repetition_counts_answers_that_loop():
     assert evaluate.format_repetition(summary) == "answers repeating 6 words 3+ times: policy 0.500, reference 0.000"
     assert evaluate.format_repetition({**summary, "policy_repeating": 0.0}) == ""
     assert "repeating" not in evaluate.format_checks(summary)
+
+
+def test_help_shows_each_default_once():
+    import generate
+
+    for parser in (evaluate.build_parser(), generate.build_parser()):
+        text = " ".join(parser.format_help().split())
+        assert "(default: None)" not in text and ") (default:" not in text
+    assert "samples to print (default: 3)" in " ".join(evaluate.build_parser().format_help().split())
