@@ -93,10 +93,16 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool,
         for flag, value in (inputs or {}).items():
             if Path(value).exists() and Path(value).resolve().is_relative_to(out_dir.resolve()):
                 raise ConfigError(f"--overwrite would delete {flag} {value}: it is inside --output-dir {out_dir}")
+        if Path.cwd().resolve().is_relative_to(out_dir.resolve()):
+            raise ConfigError(f"--overwrite cannot replace --output-dir {out_dir}: it holds the working directory; "
+                              "run from outside it")
         aside = out_dir.with_name(f".{out_dir.name}.replaced")
-        if aside.exists():  # left by a set-up killed before it could restore or discard: an older run, replaced
-            shutil.rmtree(aside)
-        out_dir.rename(aside)
+        try:
+            if aside.exists():  # left by a set-up killed before it could restore or discard: an older run, replaced
+                shutil.rmtree(aside)
+            out_dir.rename(aside)
+        except OSError as error:
+            raise ConfigError(f"--overwrite: cannot move {out_dir} aside ({error.strerror or error})") from None
         replaced = ReplacedRun(out_dir, aside)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

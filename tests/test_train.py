@@ -258,6 +258,11 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_is_set_up(workdir, tmp_p
     (other / "todo.txt").write_text("x")
     assert train.cli(base + ["--output-dir", str(other), "--overwrite"]) == 2
     assert "holds files but no run of train.py" in capsys.readouterr().err and (other / "todo.txt").exists()
+    # nor the working directory (moved aside, the new run would write into the old one)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(old / "final")
+        assert train.cli(base + ["--output-dir", str(old), "--overwrite"]) == 2
+    assert "it holds the working directory" in capsys.readouterr().err and (old / "final").is_dir()
     # a good run replaces it, and nothing of the old one is left beside it
     assert train.cli(base + ["--output-dir", str(old), "--overwrite", "--max-steps", "2", "--lr", "1e-3"]) == 0
     assert json.loads((old / "run_config.json").read_text())["max_steps"] == 2
