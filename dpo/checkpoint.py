@@ -214,6 +214,8 @@ def save_checkpoint(
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+    for directory in [*(d for d in tmp.rglob("*") if d.is_dir()), tmp]:  # their entries, before the rename
+        _fsync_dir(directory)
     if final.exists():  # a re-save of the same step (e.g. after a signal)
         _discard(final)
     os.replace(tmp, final)
