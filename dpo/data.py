@@ -34,6 +34,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -206,10 +207,28 @@ def _read_parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: cannot read parquet ({type(err).__name__}: {first_line(err)})") from None
 
 
+class _Collected(logging.Handler):
+    """Keeps the last error a library logs, to put in a one-line message instead of on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last_error: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = record.getMessage().strip().splitlines()
+        self.last_error = lines[0][:300] if lines else None
+
+
 def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str]:
     """A dataset directory with splits or a hub name, through datasets.load_dataset."""
     import datasets  # heavy: only hub names and dataset directories need it
 
+    logged = _Collected()
+    library_logger = logging.getLogger("datasets")
+    handlers, propagate, bars_off = library_logger.handlers, library_logger.propagate, \
+        datasets.are_progress_bars_disabled()
+    library_logger.handlers, library_logger.propagate = [logged], False  # an error is one line, not its log
+    datasets.disable_progress_bars()
     try:
         if split is None:
             splits = datasets.get_dataset_split_names(source)
@@ -220,7 +239,16 @@ def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str
     except DataError:
         raise
     except Exception as err:  # network, missing split, bad files: all reported as one line
-        raise DataError(f"{source}: cannot load dataset ({type(err).__name__}: {first_line(err)})") from None
+        # datasets wraps what went wrong; its log names the file ("Failed to load JSON from file '...' with
+        # error ...: JSON parse error: Invalid value. in row 10")
+        detail = logged.last_error or (f"{type(err.__cause__).__name__}: {first_line(err.__cause__)}"
+                                       if err.__cause__ is not None else "")
+        raise DataError(f"{source}: cannot load dataset ({type(err).__name__}: {first_line(err)}"
+                        + (f"; {detail}" if detail else "") + ")") from None
+    finally:
+        library_logger.handlers, library_logger.propagate = handlers, propagate
+        if not bars_off:
+            datasets.enable_progress_bars()
     return dataset.to_list(), f"{source} [{split}]"
 
 

@@ -66,6 +66,15 @@ def test_a_lone_surrogate_escape(model_dir, tmp_path, capsys, name):
                           "a lone surrogate '\\ud800' at character 2")
 
 
+def test_a_bad_line_in_a_dataset_directory_names_what_went_wrong(model_dir, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    dataset_with(folder, ['{"prompt": "x", "chosen": '], name="train.jsonl")
+    assert_one_line_error(capsys, run_cli(model_dir, folder, tmp_path / "out"), "cannot load dataset",
+                          f"from file '{folder / 'train.jsonl'}'",
+                          f"JSON parse error: Invalid value. in row {GOOD_ROWS}")
+
+
 def test_unknown_loss_name(model_dir, tmp_path, capsys):
     data = dataset_with(tmp_path, [])
     assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", "--loss", "sigmod"), "sigmod", "sigmoid")
