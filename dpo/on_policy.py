@@ -38,17 +38,12 @@ from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch_ended, own_rng
 from dpo.judges import JUDGE_HELP, Judge
 from dpo.reference import ReferenceLogps
-from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, setting
+from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, probability, setting
 
 SEED_STRIDE = 1_000_003  # sampling seeds: ((seed * SEED_STRIDE + step or round) * GROUP_STRIDE + group) mod 2^63
 GROUP_STRIDE = 65_537
 SAMPLE_GROUP = 16  # prompts per generate call, each group with its own seed: the samples of a prompt do not depend
 #                    on how the prompts are split over processes or micro-batches
-
-
-def _probability(value: Any) -> str | None:
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1 \
-        else "must be in (0, 1]"
 
 
 @dataclass
@@ -66,7 +61,7 @@ class OnPolicySettings:
     judge: str = setting("demo", f"judge of the samples: {JUDGE_HELP}")
     sample_temperature: float = setting(TEMPERATURE, "sampling temperature of online / iterative DPO",
                                         check=positive)
-    sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=_probability)
+    sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=probability)
     sample_max_new_tokens: int = setting(64, "new tokens per sampled response", check=positive)
     repair_ties: bool = setting(False, "a prompt whose samples all score alike trains on (the judge's repair of a "
                                        "sample, that sample) instead of being skipped (judges that repair: ifeval)")
