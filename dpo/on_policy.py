@@ -167,7 +167,9 @@ class Sampler:
         """(best, worst) pairs by the judge's scores and the statistics: sums of scores, tokens and counts, to be
         added over processes. A prompt whose best and worst tie is skipped, or with --repair-ties trains on the
         judge's repair of a sample against that sample. `cut`: which samples ran out of new tokens; as a response
-        cut by --max-length, such a sample keeps no EOS (the policy is not taught to stop where it did not)."""
+        cut by --max-length, such a sample keeps no EOS (the policy is not taught to stop where it did not), nor
+        does a repair of it that keeps its end (the judge's `repair_keeps_end`: lower-cased, say, not a postscript
+        appended)."""
         scores = self.judge.score_batch(prompts, responses)
         cut = cut or [[False] * len(answers) for answers in responses]
         records, kept_rows, ends, ties, repaired = [], [], [], 0, 0
@@ -184,7 +186,8 @@ class Sampler:
             order = self.repair_order(answers)
             fixed = self.repaired(prompt, [answers[i] for i in order], top) if self.settings.repair_ties else None
             if fixed is not None:
-                ends.append((False, row_cut[order[fixed.pop("index")]]))  # a repair is a whole answer
+                source = order[fixed.pop("index")]  # a repair keeping a cut sample's end is cut as well
+                ends.append((row_cut[source] and self.judge.repair_keeps_end(prompt, answers[source]), row_cut[source]))
                 records.append({"prompt": prompt, **fixed})
                 kept_rows.append(row)
                 repaired += 1

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from dpo.ifeval import DEFAULT_TYPES, IFEvalPrompt, sampled_constraint
-from dpo.ifeval_repair import POSTSCRIPT, REPAIRS, repair
-from dpo.judges import IFEvalJudge, build_judge
+from dpo.ifeval_repair import ENDS_THE_ANSWER, POSTSCRIPT, REPAIRS, keeps_end, repair, rewritten
+from dpo.judges import IFEvalJudge, Judge, build_judge
 from dpo.on_policy import OnPolicySettings, Sampler, summarize
 from dpo.settings import ConfigError
 from harness import tiny_tokenizer
@@ -110,22 +110,49 @@ LENGTHS = dict(max_length=96, max_prompt_length=48, truncation_mode="keep_end", 
 
 
 def test_a_sample_cut_at_the_token_budget_keeps_no_eos():
-    """As a response cut by --max-length: the policy is not taught to stop where it did not. A repair is whole."""
+    """As a response cut by --max-length: the policy is not taught to stop where it did not. A repair of a cut sample
+    that keeps its end (commas dropped) is cut as well; one that writes the end (an end phrase appended) is whole."""
+    ending = {"end_phrase": "Any other questions?"}
     prompts = [IFEvalPrompt("is the sun red? Do not use any commas.", ("punctuation:no_comma",), ({},)),
-               IFEvalPrompt("is the cat red? Do not use any commas.", ("punctuation:no_comma",), ({},))]
-    samples = [["no, it is yellow", "yes, it is red"], ["no it is black", "yes, red"]]
+               IFEvalPrompt("is the cat red? Do not use any commas.", ("punctuation:no_comma",), ({},)),
+               IFEvalPrompt("is the sky red? End with Any other questions?", ("startend:end_checker",), (ending,))]
+    samples = [["no, it is yellow", "yes, it is red"], ["no it is black", "yes, red"], ["no it is blue", "yes"]]
     tokenizer = tiny_tokenizer()
     eos = tokenizer.eos_token_id
-    sampler = Sampler(OnPolicySettings(online=True, num_samples=2, repair_ties=True), IFEvalJudge(prompts), tokenizer,
-                      LENGTHS, 0)
+    judge = IFEvalJudge(prompts)
+    sampler = Sampler(OnPolicySettings(online=True, num_samples=2, repair_ties=True), judge, tokenizer, LENGTHS, 0)
     texts = [p.prompt for p in prompts]
-    whole, _ = sampler.pairs(texts, samples, rows=[0, 1])
+    whole, _ = sampler.pairs(texts, samples, rows=[0, 1, 2])
+    assert [p.row for p in whole] == [0, 1, 2]
     assert all(p.chosen_ids[-1] == eos and p.rejected_ids[-1] == eos for p in whole)
-    pairs, _ = sampler.pairs(texts, samples, rows=[0, 1], cut=[[True, True], [True, False]])
-    # row 0 ties (both use commas): its repair (chosen) ends, the cut sample it repaired (rejected) does not
-    assert (pairs[0].chosen_ids, pairs[0].rejected_ids) == (whole[0].chosen_ids, whole[0].rejected_ids[:-1])
+    pairs, _ = sampler.pairs(texts, samples, rows=[0, 1, 2], cut=[[True, True], [True, False], [True, True]])
+    # row 0 ties (both use commas): its repair drops the cut sample's commas and keeps its end: both are cut
+    assert judge.repair_keeps_end(texts[0], samples[0][0]) and not judge.repair_keeps_end(texts[2], samples[2][0])
+    assert (pairs[0].chosen_ids, pairs[0].rejected_ids) == (whole[0].chosen_ids[:-1], whole[0].rejected_ids[:-1])
     # row 1: the chosen "no it is black" was cut, the rejected "yes, red" ended
     assert (pairs[1].chosen_ids, pairs[1].rejected_ids) == (whole[1].chosen_ids[:-1], whole[1].rejected_ids)
+    # row 2 ties (neither ends with the phrase): the repair appends it, which ends the answer; the sample was cut
+    assert (pairs[2].chosen_ids, pairs[2].rejected_ids) == (whole[2].chosen_ids, whole[2].rejected_ids[:-1])
+    assert not Judge().repair_keeps_end("any", "answer")  # a judge that does not say: a repair is whole
+
+
+def test_keeps_end_names_the_rewrites_that_write_the_end():
+    """Each repairable type, brute force on its own: the case, comma, title and bullet rewrites keep the response's
+    last words; quotation, end phrase, postscript and word count write the end. The text is repair's own."""
+    rng = random.Random(1)
+    for type_id in REPAIRS:
+        description, args = sampled_constraint(type_id, rng.randrange(2 ** 32))
+        if type_id == "length_constraints:number_words":
+            args = {"num_words": 5, "relation": "less than"}
+        p = IFEvalPrompt(f"Tell me about Paris. {description}", (type_id,), (args,))
+        response = ("Paris is the capital of France, on the Seine.\n1. It has the Louvre, a museum.\n2. It has cafes, "
+                    "many of them.\n3. It has parks. It is large, old and busy, with six bridges and ten")
+        result = rewritten(p, response)
+        assert result is not None and result[0] == repair(p, response) and result[1] == (type_id,), type_id
+        assert keeps_end(p, response) == result[0].lower().endswith("s and ten"), (type_id, result[0])
+        assert keeps_end(p, response) == (type_id not in ENDS_THE_ANSWER), type_id
+    plain = IFEvalPrompt("Tell me about Paris. Do not use any commas.", ("punctuation:no_comma",), ({},))
+    assert not keeps_end(plain, "Paris is big.")  # nothing to repair: no repair, so nothing kept
 
 
 def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
