@@ -28,7 +28,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from dpo.errors import first_line
-from dpo.modeling import DEFAULT_ADAPTER, LoraError, load_peft_adapter, quiet_peft
+from dpo.modeling import DEFAULT_ADAPTER, LoraError, import_peft, load_peft_adapter, quiet_peft
 from dpo.settings import ConfigError, check_settings, in_range, non_negative, positive, setting
 
 REFERENCE_ADAPTER = "reference"
@@ -151,18 +151,17 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
     """`base` (frozen) with the adapter to train: loaded from `start` (a checkpoint's adapter, else --adapter) or
     new (--lora-r, --lora-alpha, ...; A drawn from `seed`, B = 0). With --adapter, also that adapter, frozen, as the
     reference."""
-    from peft import PeftModel, get_peft_model  # heavy (it imports bitsandbytes where installed): LoRA runs only
-
+    peft = import_peft()
     start = start or settings.adapter
     if start is None:
         try:
             with quiet_peft(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                peft_model = get_peft_model(base, peft_config(settings))
+                peft_model = peft.get_peft_model(base, peft_config(settings))
         except ValueError as error:  # e.g. "Target modules {...} not found in the base model"
             raise LoraError(f"--lora-target-modules {settings.lora_target_modules}: {first_line(error)}") from None
     else:
-        peft_model = load_peft_adapter(PeftModel, base, start, TRAINED_ADAPTER, trainable=True)
+        peft_model = load_peft_adapter(peft.PeftModel, base, start, TRAINED_ADAPTER, trainable=True)
     if settings.adapter is not None:
         load_peft_adapter(peft_model.load_adapter, None, settings.adapter, REFERENCE_ADAPTER, trainable=False)
         peft_model.set_adapter(TRAINED_ADAPTER)
@@ -179,10 +178,8 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
 def peft_config(settings: LoraSettings) -> Any:
     """peft's LoraConfig of new adapters (--lora-r, --lora-alpha, --lora-dropout, --lora-target-modules,
     --lora-modules-to-save)."""
-    from peft import LoraConfig  # heavy (it imports bitsandbytes where installed): LoRA runs only
-
-    targets = settings.lora_target_modules.strip()
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules="all-linear" if targets == "all-linear" else _names(targets),
-                      modules_to_save=_names(settings.lora_modules_to_save), task_type="CAUSAL_LM")
+    peft, targets = import_peft(), settings.lora_target_modules.strip()
+    return peft.LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                           target_modules="all-linear" if targets == "all-linear" else _names(targets),
+                           modules_to_save=_names(settings.lora_modules_to_save), task_type="CAUSAL_LM")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -153,6 +154,19 @@ def adapter_base(path: str | Path) -> str:
     return base
 
 
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def import_peft() -> Any:
+    """peft, imported where a run needs it (it is heavy). peft imports bitsandbytes where it is installed, whose CPU
+    backend logs a warning at import when it cannot fetch an optional hub kernel for 4-bit matmuls on the CPU; no run
+    of this project uses one (a 4-bit base needs CUDA), so that logger keeps only its errors."""
+    logging.getLogger(BITSANDBYTES_CPU_LOGGER).setLevel(logging.ERROR)
+    import peft  # heavy: only LoRA runs and adapter directories need it
+
+    return peft
+
+
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """peft asks transformers' deprecated is_gradient_checkpointing: a warning that is neither ours nor the user's."""
@@ -179,7 +193,5 @@ def load_peft_adapter(loader: Any, base: nn.Module | None, path: str, name: str,
 
 def load_adapter_model(path: str, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """An adapter directory as a plain causal LM: its base (adapter_config.json) with the adapter merged in."""
-    from peft import PeftModel  # heavy (it imports bitsandbytes where installed): only adapter directories need it
-
     base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
-    return load_peft_adapter(PeftModel, base, path, DEFAULT_ADAPTER, trainable=False).merge_and_unload()
+    return load_peft_adapter(import_peft().PeftModel, base, path, DEFAULT_ADAPTER, trainable=False).merge_and_unload()

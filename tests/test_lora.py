@@ -325,3 +325,22 @@ def test_qlora_computes_in_the_runs_half_precision(monkeypatch, precision, dtype
 def test_quantized_base_under_fsdp_is_refused_in_one_line(workdir):
     with pytest.raises(train.ConfigError, match="--load-in-4bit / --load-in-8bit do not run under --fsdp"):
         parse_settings(args(workdir, "unused", "--load-in-4bit", "--fsdp"))
+
+
+def test_peft_is_imported_without_bitsandbytes_cpu_kernel_warning():
+    """peft imports bitsandbytes where installed, whose CPU backend warns at import that it cannot fetch a hub kernel
+    no run uses: import_peft keeps that logger to errors. Where bitsandbytes warns on a plain import (in a fresh
+    interpreter), import_peft's import does not."""
+    import logging
+    import subprocess
+    import sys
+
+    from dpo.modeling import BITSANDBYTES_CPU_LOGGER, import_peft
+
+    assert import_peft().LoraConfig is not None
+    assert logging.getLogger(BITSANDBYTES_CPU_LOGGER).getEffectiveLevel() == logging.ERROR
+    plain = subprocess.run([sys.executable, "-c", "import peft"], capture_output=True, text=True, cwd=ROOT)
+    quiet = subprocess.run([sys.executable, "-c", "from dpo.modeling import import_peft; import_peft()"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert plain.returncode == 0 and quiet.returncode == 0, plain.stderr + quiet.stderr
+    assert "gemm_4bit_forward" not in quiet.stderr
