@@ -20,7 +20,7 @@ from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForC
                           PreTrainedTokenizerBase)
 
 from dpo.errors import UserError, first_line
-from dpo.gguf import gguf_source, is_gguf, resolve_gguf
+from dpo.gguf import SHIPPED_GGUF, gguf_source, is_gguf, resolve_gguf
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo" / "assets" / "sft"
 
@@ -35,6 +35,12 @@ class LoraError(UserError):
 
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a LoRA adapter (peft)
 DEFAULT_ADAPTER = "default"  # peft's name of a model's adapter: a loaded one, the one LoRA trains
+
+
+def names_shipped_model(name: str) -> bool:
+    """Whether --model is a name this package ships a model under ('demo', a shipped GGUF model's): it stands for
+    that model, also where the working directory holds a directory of that name (`./demo` reaches the directory)."""
+    return name == "demo" or name in SHIPPED_GGUF
 
 
 def resolve_model_path(name: str) -> str:

@@ -16,7 +16,7 @@ from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, S
                             clean_response, generate_batch, generate_batch_ended, generator_name, left_pad,
                             prompt_budget, read_instructions, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side, truncate_at_stop, write_outputs, write_text_atomically)
-from dpo.modeling import load_causal_lm, load_tokenizer
+from dpo.modeling import DEMO_MODEL_DIR, load_causal_lm, load_tokenizer, resolve_model_path
 from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
 from harness import make_model_dir, tiny_tokenizer
 
@@ -571,6 +571,16 @@ def test_generator_names_and_run_directories(tmp_path):
     assert generator_name("lxuechen/phi-2-dpo") == "lxuechen/phi-2-dpo"
     plain = make_model_dir(tmp_path / "plain")
     assert generator_name(str(plain)) == "plain" and resolve_run_model(str(plain)) == str(plain)
+
+
+def test_demo_names_the_shipped_model_beside_a_run_directory_called_demo(tmp_path, monkeypatch):
+    """`--compare demo` in a directory holding a run `demo/` (train.py --output-dir demo) is the shipped SFT model,
+    as `--model demo` is for every tool; `./demo` is the run."""
+    make_model_dir(tmp_path / "demo" / "final")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_model("demo") == "demo"
+    assert resolve_model_path(resolve_run_model("demo")) == str(DEMO_MODEL_DIR)
+    assert resolve_run_model("./demo") == str(Path("demo") / "final")
 
 
 def test_side_by_side_wraps_each_answer_in_its_column():
