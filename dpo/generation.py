@@ -636,6 +636,13 @@ def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], deco
     return generate_batch_ended(model, tokenizer, instructions, decoding, **options)[0]
 
 
+def without_partial_character(text: str) -> str:
+    """A response cut at max_new_tokens may stop inside a character (byte-level BPE): the bytes of that character
+    decode to U+FFFD, dropped here, since encoded again (online DPO trains on the text) they would be bytes the model
+    never sampled."""
+    return text.rstrip("\ufffd")
+
+
 def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str],
                          decoding: DecodingSettings | None = None, *, batch_size: int = 8, num_samples: int = 1,
                          progress: bool = False, streamer: BaseStreamer | None = None, description: str = "generating",
@@ -710,8 +717,10 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
             for slot, ids in zip(slots, out.tolist()):
                 answer = _cut_at_eos(ids, eos_ids)
                 text = tokenizer.decode(answer, skip_special_tokens=True)
-                outputs[slot] = clean_response(text, decoding.stop_strings)
                 ended[slot] = len(answer) < len(ids) or truncate_at_stop(text, decoding.stop_strings) != text
+                if not ended[slot]:
+                    text = without_partial_character(text)
+                outputs[slot] = clean_response(text, decoding.stop_strings)
             if bar is not None:
                 bar.update(len(rows))
     finally:

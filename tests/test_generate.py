@@ -225,6 +225,24 @@ def test_a_response_ends_at_eos_or_a_stop_string_and_is_cut_at_the_token_budget(
         assert texts[0].startswith("red")
 
 
+def test_a_response_cut_inside_a_character_drops_its_partial_bytes():
+    """Byte-level BPE: a budget that ends after 2 of the 3 bytes of a CJK character decodes to U+FFFD; the cut
+    response drops it. A response that ends (EOS) keeps its text as decoded."""
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(" café 日本", add_special_tokens=False)["input_ids"]
+    partial = next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    assert tokenizer.decode(ids[:partial]).startswith(" café 日")
+    texts, ends = generate_batch_ended(ScriptedLM(ids, eos, len(tokenizer)), tokenizer, ["yes"],
+                                       DecodingSettings(greedy=True, max_new_tokens=partial))
+    assert ends == [False] and texts == [tokenizer.decode(ids[:partial]).rstrip("\ufffd").strip()]
+    assert "\ufffd" not in texts[0] and texts[0].endswith("café 日")
+    whole = ids[:partial] + [eos]
+    texts, ends = generate_batch_ended(ScriptedLM(whole, eos, len(tokenizer)), tokenizer, ["yes"],
+                                       DecodingSettings(greedy=True, max_new_tokens=partial + 5))
+    assert ends == [True] and texts[0].endswith("\ufffd")  # it ended there: the model's own text, as it is
+
+
 def test_streamer_holds_back_a_possible_marker_and_flushes_it_at_the_end():
     tokenizer = tiny_tokenizer()
     text = " yes\n\n### Hum"
