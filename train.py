@@ -724,8 +724,10 @@ def finish(state: TrainState, tokenizer: Any, run_config: dict[str, Any], last: 
 
 
 def summary(first: dict, last: dict, evaluation: dict, out_dir: Path, skipped: int) -> str:
-    """The table printed at the end: the first and last steps' and the last evaluation's metrics, and the outputs."""
-    lines = ["", f"{'':24}{'first step':>12}{'last step':>12}{'eval':>12}"]
+    """The table printed at the end: the first and last logged steps' and the last evaluation's metrics, and the
+    outputs; each step's column is headed by its number (with --log-steps N the first logged step is N)."""
+    steps = [f"step {record['step']}" if "step" in record else "-" for record in (first, last)]
+    lines = ["", f"{'':24}{steps[0]:>12}{steps[1]:>12}{'eval':>12}"]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                 "generate/win_rate"):
         if key.startswith("generate/") and key not in evaluation:

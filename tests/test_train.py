@@ -482,3 +482,11 @@ def test_an_unreadable_checkpoint_is_one_line(workdir, capsys):
     assert train.cli(base) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "extra.pt: cannot be loaded as tensors" in err and "\n" not in err
+
+
+def test_summary_table_heads_each_column_with_its_step():
+    """With --log-steps 2 the first logged step is 2: the table says so rather than "first step"."""
+    table = train.summary({"step": 2, "loss": 0.69}, {"step": 8, "loss": 0.5}, {"loss": 0.4}, Path("out"), 0)
+    header, loss = table.splitlines()[1:3]
+    assert header.split() == ["step", "2", "step", "8", "eval"]
+    assert loss.split() == ["loss", "0.6900", "0.5000", "0.4000"]
