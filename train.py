@@ -46,7 +46,7 @@ from dpo.batches import OfflinePairs, PairBatch, PairSource, process_micro_batch
 from dpo.checkpoint import (ReplacedRun, check_disk_space, latest_checkpoint, load_checkpoint, prepare_output_dir,
                             read_trainer_state, replacing, save_checkpoint, set_rng_state, settings_differences)
 from dpo.cli import run_cli
-from dpo.data import DataError, TokenizedPair, collate_pairs, pairs_digest
+from dpo.data import DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
@@ -123,15 +123,22 @@ def open_run_dir(cfg: TrainSettings, dist: DistInfo,
     return load_checkpoint(path), replaced
 
 
-def check_resumed_data(resume: dict[str, Any] | None, pairs: list[TokenizedPair]) -> str:
-    """The training pairs' fingerprint; a resumed run must train on the pairs it started on."""
-    digest = pairs_digest(pairs)
+def training_data(cfg: TrainSettings, data: PreferenceData) -> dict[str, Any]:
+    """What the steps train on, counted and fingerprinted for --resume: the tokenized pairs (offline DPO), or the
+    instructions the policy samples (online and iterative DPO)."""
+    if cfg.on_policy.enabled:
+        return {"instructions": len(data.instructions), "digest": texts_digest(data.instructions)}
+    return {"pairs": len(data.train), "digest": pairs_digest(data.train)}
+
+
+def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resumed run must train on the pairs (or sample the instructions) it started on."""
     saved = resume["trainer_state"].get("data") if resume else None
-    if saved is not None and saved["digest"] != digest:
-        raise DataError(f"--resume: the training pairs are not the ones the run started on ({len(pairs)} pairs now, "
-                        f"{saved['pairs']} then, or the same number with other text): --dataset changed; restore it, "
+    kind = "instructions" if "instructions" in now else "pairs"
+    if saved is not None and kind in saved and saved["digest"] != now["digest"]:
+        raise DataError(f"--resume: the training {kind} are not the ones the run started on ({now[kind]} {kind} now, "
+                        f"{saved[kind]} then, or the same number with other text): --dataset changed; restore it, "
                         "or --overwrite to start afresh")
-    return digest
 
 
 def load_model(cfg: TrainSettings, name: str, device: torch.device, frozen: bool = False) -> nn.Module:
@@ -326,7 +333,7 @@ class TrainState:
     peak_tflops: float | None = None  # the device's dense peak in this precision (None: unknown, no MFU)
     step: int = 0
     skipped_steps: int = 0
-    data: dict | None = None  # the training pairs' count and fingerprint, checked when a checkpoint is resumed
+    data: dict | None = None  # training_data: what the steps train on, checked when a checkpoint is resumed
 
 
 def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
@@ -774,7 +781,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         # ------------------------------------------------ data, models, and what the steps train on
         tokenizer = load_tokenizer(cfg.model)
         data = load_preference_pairs(cfg, tokenizer, log=log)
-        data_digest = check_resumed_data(resume, data.train)
+        state_data = training_data(cfg, data)
+        check_resumed_data(resume, state_data)
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
         if dist.is_main:
             check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None,
@@ -803,7 +811,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
 
         state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate, on_alert=alert,
                             workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout)
-        state.data = {"pairs": len(data.train), "digest": data_digest}
+        state.data = state_data
         if resume:
             log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
 

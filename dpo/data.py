@@ -119,6 +119,16 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     return digest.hexdigest()[:20]
 
 
+def texts_digest(texts: Sequence[str]) -> str:
+    """A fingerprint of texts, in order: equal exactly when every text is (online DPO's instructions)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:20]
+
+
 @dataclass
 class DataStats:
     """Rows read, pairs kept and skips counted by reason (with the first skip's message per reason)."""

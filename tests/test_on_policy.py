@@ -270,3 +270,25 @@ def test_a_resumed_round_refuses_missing_or_foreign_samples(workdir):
     with pytest.raises(JudgeError, match="the demo judge only knows the demo's instructions"):  # before any model
         run(workdir, "demo-judge", "--online", "--max-steps", "1")
 
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_instructions_to_sample(workdir, capsys):
+    """Online DPO trains on no pairs of the dataset: --resume checks the instructions it samples instead."""
+    import train
+
+    data = workdir / "prompts-resume"
+    shutil.copytree(workdir / "prompts", data)
+    flags = ("--online", "--judge", f"{workdir / 'judges.py'}:shorter", "--num-samples", "2",
+             "--sample-max-new-tokens", "4", "--max-steps", "2", "--save-steps", "1")
+    out = run(workdir, "resume-instructions", *flags, "--stop-at-step", "1", dataset=data.name)
+    lines = (data / "train.jsonl").read_text().splitlines(keepends=True)
+    (data / "train.jsonl").write_text("".join(lines[:-1]) + lines[-1].replace("small answer", "long answer"))
+    argv = tiny_run_args(workdir, out, "--batch-size", "8", *RUN, *flags, "--resume", dataset=data.name,
+                         test_size=None)
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the training instructions are not the ones the run started on (8 "
+                          "instructions now, 8 then") and err.count("\n") == 1
+    (data / "train.jsonl").write_text("".join(lines))
+    assert train.cli(argv) == 0 and (out / "final").is_dir()
