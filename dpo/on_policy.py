@@ -199,7 +199,10 @@ class Sampler:
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
         stats = {"score_sum": sum(sum(row) for row in scores), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
-                 "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs)}
+                 "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs),
+                 "cut": sum(sum(row) for row in cut),
+                 "chosen_tokens": sum(len(_without_eos(p.chosen_ids, eos)) for p in pairs),
+                 "rejected_tokens": sum(len(_without_eos(p.rejected_ids, eos)) for p in pairs)}
         return pairs, stats
 
     def choose(self, answers: list[str], best: list[int], worst: list[int]) -> tuple[int, int]:
@@ -231,13 +234,16 @@ def _without_eos(ids: list[int], eos: int) -> list[int]:
 
 def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]:
     """The logged sampling metrics from the processes' statistics."""
-    keys = ("score_sum", "samples", "tokens", "prompts", "ties", "repaired", "unusable", "pairs")
+    keys = ("score_sum", "samples", "tokens", "prompts", "ties", "repaired", "unusable", "pairs", "cut",
+            "chosen_tokens", "rejected_tokens")
     total = {key: sum(s[key] for s in stats) for key in keys}
-    samples, prompts = max(total["samples"], 1), max(total["prompts"], 1)
+    samples, prompts, pairs = max(total["samples"], 1), max(total["prompts"], 1), max(total["pairs"], 1)
     return {"online/score": total["score_sum"] / samples, "online/ties": total["ties"] / prompts,
             "online/repaired": total["repaired"] / prompts,
             "online/unusable": total["unusable"] / prompts, "online/pairs": total["pairs"],
-            "online/mean_length": total["tokens"] / samples, "online/sample_s": seconds}
+            "online/mean_length": total["tokens"] / samples, "online/cut": total["cut"] / samples,
+            "online/chosen_length": total["chosen_tokens"] / pairs,
+            "online/rejected_length": total["rejected_tokens"] / pairs, "online/sample_s": seconds}
 
 
 @dataclass

@@ -125,7 +125,12 @@ def test_a_sample_cut_at_the_token_budget_keeps_no_eos():
     whole, _ = sampler.pairs(texts, samples, rows=[0, 1, 2])
     assert [p.row for p in whole] == [0, 1, 2]
     assert all(p.chosen_ids[-1] == eos and p.rejected_ids[-1] == eos for p in whole)
-    pairs, _ = sampler.pairs(texts, samples, rows=[0, 1, 2], cut=[[True, True], [True, False], [True, True]])
+    pairs, stats = sampler.pairs(texts, samples, rows=[0, 1, 2], cut=[[True, True], [True, False], [True, True]])
+    metrics = summarize([stats], seconds=1.0)  # lengths of the pairs' responses, EOS or not: the same either way
+    assert metrics["online/cut"] == pytest.approx(5 / 6)
+    assert metrics["online/chosen_length"] == pytest.approx(sum(len(p.chosen_ids) - 1 for p in whole) / 3)
+    assert metrics["online/rejected_length"] == pytest.approx(sum(len(p.rejected_ids) - 1 for p in whole) / 3)
+    assert metrics["online/chosen_length"] != metrics["online/rejected_length"]
     # row 0 ties (both use commas): its repair drops the cut sample's commas and keeps its end: both are cut
     assert judge.repair_keeps_end(texts[0], samples[0][0]) and not judge.repair_keeps_end(texts[2], samples[2][0])
     assert (pairs[0].chosen_ids, pairs[0].rejected_ids) == (whole[0].chosen_ids[:-1], whole[0].rejected_ids[:-1])
