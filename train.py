@@ -125,9 +125,11 @@ def open_run_dir(cfg: TrainSettings, dist: DistInfo,
 
 def training_data(cfg: TrainSettings, data: PreferenceData) -> dict[str, Any]:
     """What the steps train on, counted and fingerprinted for --resume: the tokenized pairs (offline DPO), or the
-    instructions the policy samples (online and iterative DPO)."""
+    instructions the policy samples with the records they come from (online and iterative DPO: a judge such as
+    IFEval's reads a record's other fields)."""
     if cfg.on_policy.enabled:
-        return {"instructions": len(data.instructions), "digest": texts_digest(data.instructions)}
+        records = [json.dumps(record, sort_keys=True, default=str) for _, record in data.instruction_rows.values()]
+        return {"instructions": len(data.instructions), "digest": texts_digest(data.instructions + records)}
     return {"pairs": len(data.train), "digest": pairs_digest(data.train)}
 
 

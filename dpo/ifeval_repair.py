@@ -20,10 +20,6 @@ the one sentence POSTSCRIPT):
 Other types (keywords, at least N words, ...) have no repair: they would need new content. Only the constraints a
 response misses are rewritten, and a repair counts only when IFEval's own checkers pass it strictly on every
 constraint of the prompt.
-
-The case, comma, title and bullet rewrites keep the response's own last words; the quotation, end
-phrase, postscript and word count rewrites write its end (ENDS_THE_ANSWER). So the repair of a sample cut at the token
-budget is itself cut unless one of those wrote its end (`keeps_end`): online DPO then keeps no EOS after it.
 """
 
 from __future__ import annotations
@@ -106,15 +102,12 @@ REPAIRS: dict[str, Repair] = {
 }
 
 
-ENDS_THE_ANSWER = frozenset({"startend:quotation", "startend:end_checker", "detectable_content:postscript",
-                             "length_constraints:number_words"})
-
-
-def rewritten(prompt: IFEvalPrompt, response: str) -> tuple[str, tuple[str, ...]] | None:
-    """`repair`'s text and the constraint types it rewrote, in order, or None where `repair` gives None."""
+def repair(prompt: IFEvalPrompt, response: str) -> str | None:
+    """`response` rewritten to follow every constraint of `prompt` (each one it misses rewritten in turn), or None: a
+    missed constraint with no repair, a repair that the checkers still fail, or a response that follows them all."""
     if not response.strip() or all(verdicts(prompt, response)[0]):
         return None
-    text, rewrites = response, []
+    text = response
     for i, (type_id, args) in enumerate(zip(prompt.instruction_id_list, prompt.kwargs)):
         if verdicts(prompt, text)[0][i]:
             continue  # followed already (a keyword that is there needs no rewrite)
@@ -123,19 +116,4 @@ def rewritten(prompt: IFEvalPrompt, response: str) -> tuple[str, tuple[str, ...]
         if fixed is None:
             return None
         text = fixed
-        rewrites.append(type_id)
-    return (text, tuple(rewrites)) if text.strip() and all(verdicts(prompt, text)[0]) else None
-
-
-def repair(prompt: IFEvalPrompt, response: str) -> str | None:
-    """`response` rewritten to follow every constraint of `prompt` (each one it misses rewritten in turn), or None: a
-    missed constraint with no repair, a repair that the checkers still fail, or a response that follows them all."""
-    result = rewritten(prompt, response)
-    return None if result is None else result[0]
-
-
-def keeps_end(prompt: IFEvalPrompt, response: str) -> bool:
-    """Whether the repair of `response` ends as the response does (no rewrite of ENDS_THE_ANSWER in it): the repair
-    of a response cut at the token budget is then cut as well. False where there is no repair."""
-    result = rewritten(prompt, response)
-    return result is not None and not ENDS_THE_ANSWER.intersection(result[1])
+    return text if text.strip() and all(verdicts(prompt, text)[0]) else None

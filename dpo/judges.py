@@ -41,7 +41,7 @@ from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
 from dpo.errors import UserError, first_line
 from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
 from dpo.ifeval import IFEvalError, IFEvalPrompt, echoed_constraint, parse_prompt, verdicts
-from dpo.ifeval_repair import keeps_end, repair
+from dpo.ifeval_repair import repair
 from dpo.logprobs import sequence_logps
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.plugins import is_function_spec, load_function
@@ -86,11 +86,6 @@ class Judge:
     def repair(self, instruction: str, answer: str) -> str | None:
         """The answer rewritten so that the judge scores it higher, where the judge knows how; else None."""
         return None
-
-    def repair_keeps_end(self, instruction: str, answer: str) -> bool:
-        """Whether `repair(instruction, answer)` ends as the answer does, so that the repair of an answer cut at the
-        token budget is cut as well. False here: a repair is a whole answer unless its judge says otherwise."""
-        return False
 
     def score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
         """A score for each response to each prompt (higher is better), checked: finite numbers, one per response."""
@@ -419,10 +414,6 @@ class IFEvalJudge(Judge):
     def repair(self, instruction: str, answer: str) -> str | None:
         """The answer rewritten to follow every constraint strictly (dpo.ifeval_repair), or None."""
         return repair(self.prompt(instruction), answer)
-
-    def repair_keeps_end(self, instruction: str, answer: str) -> bool:
-        """True where no rewrite of the repair writes the answer's end (dpo.ifeval_repair.keeps_end)."""
-        return keeps_end(self.prompt(instruction), answer)
 
 
 class IFEvalNoEchoJudge(IFEvalJudge):

@@ -23,6 +23,7 @@ same global batch.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,8 +169,7 @@ class Sampler:
         added over processes. A prompt whose best and worst tie is skipped, or with --repair-ties trains on the
         judge's repair of a sample against that sample. `cut`: which samples ran out of new tokens; as a response
         cut by --max-length, such a sample keeps no EOS (the policy is not taught to stop where it did not), nor
-        does a repair of it that keeps its end (the judge's `repair_keeps_end`: lower-cased, say, not a postscript
-        appended)."""
+        does a repair of it that ends as it does (`keeps_end`: lower-cased, say, not a postscript appended)."""
         scores = self.judge.score_batch(prompts, responses)
         cut = cut or [[False] * len(answers) for answers in responses]
         records, kept_rows, ends, ties, repaired = [], [], [], 0, 0
@@ -187,7 +187,7 @@ class Sampler:
             fixed = self.repaired(prompt, [answers[i] for i in order], top) if self.settings.repair_ties else None
             if fixed is not None:
                 source = order[fixed.pop("index")]  # a repair keeping a cut sample's end is cut as well
-                ends.append((row_cut[source] and self.judge.repair_keeps_end(prompt, answers[source]), row_cut[source]))
+                ends.append((row_cut[source] and keeps_end(answers[source], fixed["chosen"]), row_cut[source]))
                 records.append({"prompt": prompt, **fixed})
                 kept_rows.append(row)
                 repaired += 1
@@ -228,6 +228,21 @@ class Sampler:
         return None
 
 
+KEPT_END_CHARACTERS = 8  # how much of a sample's end (past a list marker of its last line) a repair must keep
+
+
+def keeps_end(sample: str, repair: str) -> bool:
+    """Whether `repair` ends as `sample` does: with its last KEPT_END_CHARACTERS characters, case, commas and white
+    space ignored. A repair lower-cased, without commas, with a title put before it or cut into bullets keeps a cut
+    sample's end; one with an end phrase, a postscript, a closing quotation mark or fewer sentences ends anew."""
+    tail = _ending(sample)[-KEPT_END_CHARACTERS:]
+    return bool(tail) and _ending(repair).endswith(tail)
+
+
+def _ending(text: str) -> str:
+    return re.sub(r"[\s,]+", "", text.casefold())
+
+
 def _without_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:-1] if ids[-1:] == [eos] else ids
 
@@ -237,13 +252,14 @@ def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]
     keys = ("score_sum", "samples", "tokens", "prompts", "ties", "repaired", "unusable", "pairs", "cut",
             "chosen_tokens", "rejected_tokens")
     total = {key: sum(s[key] for s in stats) for key in keys}
-    samples, prompts, pairs = max(total["samples"], 1), max(total["prompts"], 1), max(total["pairs"], 1)
+    samples, prompts, pairs = max(total["samples"], 1), max(total["prompts"], 1), total["pairs"]
+    lengths = {"online/chosen_length": total["chosen_tokens"] / pairs,
+               "online/rejected_length": total["rejected_tokens"] / pairs} if pairs else {}  # no pair: no length
     return {"online/score": total["score_sum"] / samples, "online/ties": total["ties"] / prompts,
             "online/repaired": total["repaired"] / prompts,
-            "online/unusable": total["unusable"] / prompts, "online/pairs": total["pairs"],
-            "online/mean_length": total["tokens"] / samples, "online/cut": total["cut"] / samples,
-            "online/chosen_length": total["chosen_tokens"] / pairs,
-            "online/rejected_length": total["rejected_tokens"] / pairs, "online/sample_s": seconds}
+            "online/unusable": total["unusable"] / prompts, "online/pairs": pairs,
+            "online/mean_length": total["tokens"] / samples, "online/cut": total["cut"] / samples, **lengths,
+            "online/sample_s": seconds}
 
 
 @dataclass

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from dpo.ifeval import DEFAULT_TYPES, IFEvalPrompt, sampled_constraint
-from dpo.ifeval_repair import ENDS_THE_ANSWER, POSTSCRIPT, REPAIRS, keeps_end, repair, rewritten
-from dpo.judges import IFEvalJudge, Judge, build_judge
-from dpo.on_policy import OnPolicySettings, Sampler, summarize
+from dpo.ifeval_repair import POSTSCRIPT, REPAIRS, repair
+from dpo.judges import IFEvalJudge, build_judge
+from dpo.on_policy import OnPolicySettings, Sampler, keeps_end, summarize
 from dpo.settings import ConfigError
 from harness import tiny_tokenizer
 
@@ -132,32 +132,40 @@ def test_a_sample_cut_at_the_token_budget_keeps_no_eos():
     assert metrics["online/rejected_length"] == pytest.approx(sum(len(p.rejected_ids) - 1 for p in whole) / 3)
     assert metrics["online/chosen_length"] != metrics["online/rejected_length"]
     # row 0 ties (both use commas): its repair drops the cut sample's commas and keeps its end: both are cut
-    assert judge.repair_keeps_end(texts[0], samples[0][0]) and not judge.repair_keeps_end(texts[2], samples[2][0])
     assert (pairs[0].chosen_ids, pairs[0].rejected_ids) == (whole[0].chosen_ids[:-1], whole[0].rejected_ids[:-1])
     # row 1: the chosen "no it is black" was cut, the rejected "yes, red" ended
     assert (pairs[1].chosen_ids, pairs[1].rejected_ids) == (whole[1].chosen_ids[:-1], whole[1].rejected_ids)
     # row 2 ties (neither ends with the phrase): the repair appends it, which ends the answer; the sample was cut
     assert (pairs[2].chosen_ids, pairs[2].rejected_ids) == (whole[2].chosen_ids, whole[2].rejected_ids[:-1])
-    assert not Judge().repair_keeps_end("any", "answer")  # a judge that does not say: a repair is whole
 
 
-def test_keeps_end_names_the_rewrites_that_write_the_end():
-    """Each repairable type, brute force on its own: the case, comma, title and bullet rewrites keep the response's
-    last words; quotation, end phrase, postscript and word count write the end. The text is repair's own."""
+ENDS_ANEW = {"startend:quotation", "startend:end_checker", "detectable_content:postscript",
+             "length_constraints:number_words"}
+
+
+def test_a_repair_keeps_a_samples_end_unless_it_writes_one():
+    """Each repairable type, on a sample cut mid-sentence: the case, comma, title and bullet rewrites keep its end;
+    a closing quotation mark, an end phrase, a postscript and fewer sentences end it anew. Where a rewrite leaves the
+    end as it was (a quoted last word, every sentence under the word limit), the end is kept."""
     rng = random.Random(1)
+    cut = ("Paris is the capital of France, on the Seine.\n1. It has the Louvre, a museum.\n2. It has cafes, many "
+           "of them.\n3. It has parks. It is large, old and busy, with six bridges and ten")
     for type_id in REPAIRS:
         description, args = sampled_constraint(type_id, rng.randrange(2 ** 32))
         if type_id == "length_constraints:number_words":
             args = {"num_words": 5, "relation": "less than"}
         p = IFEvalPrompt(f"Tell me about Paris. {description}", (type_id,), (args,))
-        response = ("Paris is the capital of France, on the Seine.\n1. It has the Louvre, a museum.\n2. It has cafes, "
-                    "many of them.\n3. It has parks. It is large, old and busy, with six bridges and ten")
-        result = rewritten(p, response)
-        assert result is not None and result[0] == repair(p, response) and result[1] == (type_id,), type_id
-        assert keeps_end(p, response) == result[0].lower().endswith("s and ten"), (type_id, result[0])
-        assert keeps_end(p, response) == (type_id not in ENDS_THE_ANSWER), type_id
-    plain = IFEvalPrompt("Tell me about Paris. Do not use any commas.", ("punctuation:no_comma",), ({},))
-    assert not keeps_end(plain, "Paris is big.")  # nothing to repair: no repair, so nothing kept
+        fixed = repair(p, cut)
+        assert fixed is not None and keeps_end(cut, fixed) == (type_id not in ENDS_ANEW), (type_id, fixed)
+    quotation = IFEvalPrompt('Say it. Wrap your entire response with double quotation marks.', ("startend:quotation",),
+                             ({},))
+    quoted_end = 'He said hello and then "bye"'
+    assert repair(quotation, quoted_end) == '"He said hello and then "bye"' and keeps_end(quoted_end, '"' + quoted_end)
+    listed = "1. one two three\n2. four five six\n3. seven eigh"  # its markers' digits make it 12 words, not 9
+    limit = IFEvalPrompt("Count. Answer with less than 10 words.", ("length_constraints:number_words",),
+                         ({"num_words": 10, "relation": "less than"},))
+    assert repair(limit, listed) == "one two three four five six seven eigh" and keeps_end(listed, repair(limit, listed))
+    assert not keeps_end("", "anything") and keeps_end("Straße ist lang", "STRASSE IST LANG")
 
 
 def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():

@@ -138,6 +138,8 @@ def test_ties_are_skipped_and_counted(workdir, monkeypatch):
     records = run_metrics(out, "train")
     assert [(r["online/ties"], r["online/pairs"], r["skipped_steps"], "loss" in r) for r in records] == [
         (1.0, 0, 1, False), (1.0, 0, 2, False)]
+    assert not any("online/chosen_length" in r for r in records)  # no pair: no length logged (not 0)
+    assert "online/chosen_length" in metrics
     assert all(torch.equal(v, load_file(workdir / "model" / "model.safetensors")[k]) for k, v in weights(out).items())
     assert not run_metrics(out, "alert")
 
@@ -274,7 +276,8 @@ def test_a_resumed_round_refuses_missing_or_foreign_samples(workdir):
 
 @pytest.mark.slow
 def test_resume_refuses_other_instructions_to_sample(workdir, capsys):
-    """Online DPO trains on no pairs of the dataset: --resume checks the instructions it samples instead."""
+    """Online DPO trains on no pairs of the dataset: --resume checks the instructions it samples, and their records,
+    instead."""
     import train
 
     data = workdir / "prompts-resume"
@@ -290,5 +293,9 @@ def test_resume_refuses_other_instructions_to_sample(workdir, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: the training instructions are not the ones the run started on (8 "
                           "instructions now, 8 then") and err.count("\n") == 1
+    changed = json.loads(lines[0])
+    changed["chosen"] = "another field of the record"  # a judge may read it (IFEval reads its constraints)
+    (data / "train.jsonl").write_text("".join([json.dumps(changed) + "\n", *lines[1:]]))
+    assert train.cli(argv) == 2 and "(8 instructions now, 8 then" in capsys.readouterr().err
     (data / "train.jsonl").write_text("".join(lines))
     assert train.cli(argv) == 0 and (out / "final").is_dir()
