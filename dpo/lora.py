@@ -28,7 +28,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from dpo.errors import first_line
-from dpo.modeling import DEFAULT_ADAPTER, LoraError, import_peft, load_peft_adapter, quiet_peft
+from dpo.modeling import DEFAULT_ADAPTER, LoraError, import_peft, load_peft_adapter, quiet_bitsandbytes, quiet_peft
 from dpo.settings import ConfigError, check_settings, in_range, non_negative, positive, setting
 
 REFERENCE_ADAPTER = "reference"
@@ -99,6 +99,7 @@ def quantization_config(settings: LoraSettings, device: torch.device, compute_dt
     if device.type != "cuda":
         raise LoraError(f"{flag} quantizes the base with bitsandbytes, which needs a CUDA device; this run is on "
                         f"{device.type} (train LoRA on the full-precision base instead)")
+    quiet_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401 - optional (the [8bit] extra): only whether it is installed
     except ImportError:

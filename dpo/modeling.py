@@ -163,11 +163,16 @@ def adapter_base(path: str | Path) -> str:
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 
-def import_peft() -> Any:
-    """peft, imported where a run needs it (it is heavy). peft imports bitsandbytes where it is installed, whose CPU
-    backend logs a warning at import when it cannot fetch an optional hub kernel for 4-bit matmuls on the CPU; no run
-    of this project uses one (a 4-bit base needs CUDA), so that logger keeps only its errors."""
+def quiet_bitsandbytes() -> None:
+    """Call before anything imports bitsandbytes (peft does, where it is installed): its CPU backend logs a warning
+    at import when it cannot fetch an optional hub kernel for 4-bit matmuls on the CPU, also on a CUDA machine; no
+    run of this project uses one, so that logger keeps only its errors."""
     logging.getLogger(BITSANDBYTES_CPU_LOGGER).setLevel(logging.ERROR)
+
+
+def import_peft() -> Any:
+    """peft, imported where a run needs it (it is heavy), bitsandbytes' CPU-kernel warning kept out."""
+    quiet_bitsandbytes()
     import peft  # heavy: only LoRA runs and adapter directories need it
 
     return peft

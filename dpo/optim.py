@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
+from dpo.modeling import quiet_bitsandbytes
 from dpo.settings import ConfigError
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -28,6 +29,7 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: floa
     """`fused`: torch's fused AdamW kernel (not for FSDP2's sharded parameters)."""
     check_optimizer(name)
     if name == "adamw_8bit":
+        quiet_bitsandbytes()
         import bitsandbytes  # an optional dependency, imported only when asked for
 
         return bitsandbytes.optim.AdamW8bit(list(params), lr=lr, betas=betas, weight_decay=weight_decay)
