@@ -396,8 +396,12 @@ class StopAwareStreamer(BaseStreamer):
             self.written = safe
 
     def end(self) -> None:
-        """Write the rest of the cleaned response and a newline; `text` holds the response."""
-        self.text = clean_response(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
+        """Write the rest of the cleaned response and a newline; `text` holds the response (as generate_batch_ended
+        gives it: a response cut at the token budget drops a partial last character)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not self._finished and truncate_at_stop(text, self.stop_strings) == text:
+            text = without_partial_character(text)
+        self.text = clean_response(text, self.stop_strings)
         if self.text.startswith(self.written):
             self.write(self.text[len(self.written):] + "\n")
         else:  # cannot happen for a prefix-stable decoder; never print a wrong continuation silently
@@ -868,7 +872,9 @@ def resolve_run_model(name: str) -> str:
     """A training run's directory stands for the model in its final/ subdirectory; a shipped model's name ('demo')
     for the shipped model, not for a run directory of that name (reached as ./demo)."""
     path = Path(name)
-    if not names_shipped_model(name) and path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").is_file():
+    if names_shipped_model(name):
+        return name
+    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").is_file():
         return str(path / "final")
     return name
 

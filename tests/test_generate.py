@@ -237,6 +237,10 @@ def test_a_response_cut_inside_a_character_drops_its_partial_bytes():
                                        DecodingSettings(greedy=True, max_new_tokens=partial))
     assert ends == [False] and texts == [tokenizer.decode(ids[:partial]).rstrip("\ufffd").strip()]
     assert "\ufffd" not in texts[0] and texts[0].endswith("café 日")
+    streamer = StopAwareStreamer(tokenizer, write=lambda text: None)  # generate.py's streamed answer: the same
+    assert generate_batch(ScriptedLM(ids, eos, len(tokenizer)), tokenizer, ["yes"],
+                          DecodingSettings(greedy=True, max_new_tokens=partial), streamer=streamer) == texts
+    assert streamer.text == texts[0]
     whole = ids[:partial] + [eos]
     texts, ends = generate_batch_ended(ScriptedLM(whole, eos, len(tokenizer)), tokenizer, ["yes"],
                                        DecodingSettings(greedy=True, max_new_tokens=partial + 5))
