@@ -241,9 +241,14 @@ def test_online_ddp_two_processes_equal_one(workdir, judge, batch):
     ddp = workdir / f"online-ddp-{judge}"
     torchrun(tiny_run_args(workdir, ddp, *RUN, *flags, dataset="many", test_size=None))
     a, b = weights(single), weights(ddp)
-    assert any(not torch.equal(a[k], load_file(workdir / "model" / "model.safetensors")[k]) for k in a)
+    initial = load_file(workdir / "model" / "model.safetensors")
+    moved = max((a[k] - initial[k]).abs().max().item() for k in a)
+    assert moved > 0
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+        # AdamW's step is scale-free: at an element whose gradient is at rounding level, the processes' other
+        # summation order (and torchrun's one thread each) can move it by a part of the lr (seen: 1.25e-5 of 2e-3
+        # under load); another sample or pair moves many elements by whole updates
+        torch.testing.assert_close(a[key], b[key], atol=max(1e-5, moved / 20), rtol=0)
     ra = run_metrics(single, "train")
     rb = run_metrics(ddp, "train")
     assert [r["online/pairs"] for r in ra] == [r["online/pairs"] for r in rb]
