@@ -228,7 +228,7 @@ class Sampler:
         return None
 
 
-KEPT_END_CHARACTERS = 8  # how much of a sample's end (past a list marker of its last line) a repair must keep
+KEPT_END_CHARACTERS = 8  # few enough that a list marker of the last line, which a rewrite may drop, is not in them
 
 
 def keeps_end(sample: str, repair: str) -> bool:
