@@ -70,6 +70,9 @@ class OnPolicySettings:
                                         "order), longest (the longest best, the shortest worst; a tie repairs its "
                                         "longest answer), matched (the best and worst closest in length); the last "
                                         "two counter a drift to short answers", choices=("first", "longest", "matched"))
+    missing_eos_penalty: float = setting(0.0, "subtracted from the judge's score of a sample that ran out of "
+                                              "--sample-max-new-tokens before its EOS, before the pair is chosen "
+                                              "(TRL's name): the policy learns to end its answers", check=non_negative)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -169,11 +172,14 @@ class Sampler:
         added over processes. A prompt whose best and worst tie is skipped, or with --repair-ties trains on the
         judge's repair of a sample against that sample. `cut`: which samples ran out of new tokens; as a response
         cut by --max-length, such a sample keeps no EOS (the policy is not taught to stop where it did not), nor
-        does a repair of it that ends as it does (`keeps_end`: lower-cased, say, not a postscript appended)."""
-        scores = self.judge.score_batch(prompts, responses)
+        does a repair of it that ends as it does (`keeps_end`: lower-cased, say, not a postscript appended). With
+        --missing-eos-penalty P the best and worst are chosen by the judge's score minus P for a cut sample."""
+        judged = self.judge.score_batch(prompts, responses)
         cut = cut or [[False] * len(answers) for answers in responses]
+        penalty = self.settings.missing_eos_penalty
+        scores = [[x - penalty * c for x, c in zip(row, row_cut)] for row, row_cut in zip(judged, cut)]
         records, kept_rows, ends, ties, repaired = [], [], [], 0, 0
-        for prompt, answers, row_scores, row, row_cut in zip(prompts, responses, scores, rows, cut):
+        for prompt, answers, row_scores, row, row_cut, row_judged in zip(prompts, responses, scores, rows, cut, judged):
             top, bottom = max(row_scores), min(row_scores)
             if top != bottom:
                 best, worst = self.choose(answers, [i for i, x in enumerate(row_scores) if x == top],
@@ -184,7 +190,8 @@ class Sampler:
                 continue
             ties += 1
             order = self.repair_order(answers)
-            fixed = self.repaired(prompt, [answers[i] for i in order], top) if self.settings.repair_ties else None
+            fixed = (self.repaired(prompt, [answers[i] for i in order], [row_judged[i] for i in order])
+                     if self.settings.repair_ties else None)
             if fixed is not None:
                 source = order[fixed.pop("index")]  # a repair keeping a cut sample's end is cut as well
                 ends.append((row_cut[source] and keeps_end(answers[source], fixed["chosen"]), row_cut[source]))
@@ -197,7 +204,7 @@ class Sampler:
                                _without_eos(p.rejected_ids, eos) if ends[p.row][1] else p.rejected_ids,
                                kept_rows[p.row]) for p in built]
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
-        stats = {"score_sum": sum(sum(row) for row in scores), "samples": sum(len(r) for r in responses),
+        stats = {"score_sum": sum(sum(row) for row in judged), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
                  "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs),
                  "cut": sum(sum(row) for row in cut),
@@ -218,12 +225,13 @@ class Sampler:
             return everyone
         return sorted(everyone, key=lambda i: -len(answers[i]))
 
-    def repaired(self, prompt: str, answers: list[str], tied_score: float) -> dict[str, Any] | None:
+    def repaired(self, prompt: str, answers: list[str], scores: list[float]) -> dict[str, Any] | None:
         """(chosen, rejected) = (the judge's repair, the answer) and the answer's index, for the first answer, in the
-        order given, that the judge repairs into one it scores above the tie; None when it repairs none."""
-        for index, answer in enumerate(answers):
+        order given, that the judge repairs into one it scores above the answer's own score (`scores`, the judge's);
+        None when it repairs none."""
+        for index, (answer, score) in enumerate(zip(answers, scores)):
             fixed = self.judge.repair(prompt, answer)
-            if fixed is not None and fixed != answer and self.judge.score_batch([prompt], [[fixed]])[0][0] > tied_score:
+            if fixed is not None and fixed != answer and self.judge.score_batch([prompt], [[fixed]])[0][0] > score:
                 return {"chosen": fixed, "rejected": answer, "index": index}
         return None
 

@@ -180,9 +180,9 @@ def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
     pairs, stats = off.pairs(texts, samples, rows=[0, 1, 2])
     assert [p.row for p in pairs] == [2] and (stats["ties"], stats["repaired"]) == (2, 0)
     on = Sampler(OnPolicySettings(online=True, num_samples=2, repair_ties=True), judge, tiny_tokenizer(), LENGTHS, 0)
-    assert on.repaired(texts[0], samples[0], 0.0) == {"chosen": "no it is yellow", "rejected": "no, it is yellow",
+    assert on.repaired(texts[0], samples[0], [0.0, 0.0]) == {"chosen": "no it is yellow", "rejected": "no, it is yellow",
                                                       "index": samples[0].index("no, it is yellow")}
-    assert on.repaired(texts[1], samples[1], 0.0) is None  # "at least 300 words" cannot be repaired: still a tie
+    assert on.repaired(texts[1], samples[1], [0.0, 0.0]) is None  # "at least 300 words" cannot be repaired: still a tie
     pairs, stats = on.pairs(texts, samples, rows=[0, 1, 2])
     assert [p.row for p in pairs] == [0, 2] and (stats["ties"], stats["repaired"], stats["pairs"]) == (2, 1, 2)
     tokenizer = tiny_tokenizer()
@@ -281,3 +281,57 @@ def test_pair_choice_longest_repairs_the_longest_tied_answer():
         [prompt.prompt], [samples], rows=[0])
     decoded = tiny_tokenizer().decode(pairs[0].chosen_ids, skip_special_tokens=True).strip()
     assert stats["repaired"] == 1 and decoded == "well no it is yellow and hot"
+
+
+def test_missing_eos_penalty_ranks_a_cut_sample_below_its_score():
+    """--missing-eos-penalty P: the pair is chosen by the judge's score minus P for a sample cut at the token budget.
+    Brute force over 200 draws of 4 answers (scores 0 / 0.5 / 1, cut or not) against that definition; at P = 0.25
+    the judge's score comes first and ending breaks its ties, at P = 1 a cut answer that passes ties one that ended
+    and failed. online/score stays the judge's mean."""
+    rng = random.Random(2)
+    prompts, samples, cut, scores = [], [], [], {}
+    for row in range(200):
+        answers = [f"r{row}a{i}" + "x" * rng.randint(1, 6) for i in range(4)]
+        scores.update({a: rng.choice([0.0, 0.5, 1.0]) for a in answers})
+        prompts.append(f"question {row}")
+        samples.append(answers)
+        cut.append([rng.random() < 0.5 for _ in answers])
+    tokenizer = tiny_tokenizer()
+    judged_mean = sum(scores.values()) / len(scores)
+    chosen = {}
+    for penalty in (0.0, 0.25, 1.0):
+        expected = []
+        for answers, row_cut in zip(samples, cut):
+            ranked = [scores[a] - penalty * c for a, c in zip(answers, row_cut)]
+            if max(ranked) != min(ranked):
+                expected.append((answers[ranked.index(max(ranked))], answers[ranked.index(min(ranked))]))
+        settings = OnPolicySettings(online=True, num_samples=4, missing_eos_penalty=penalty)
+        pairs, stats = Sampler(settings, ScoreTable(scores), tokenizer, LENGTHS, 0).pairs(
+            prompts, samples, rows=list(range(200)), cut=cut)
+        assert [(tokenizer.decode(p.chosen_ids, skip_special_tokens=True).strip(),
+                 tokenizer.decode(p.rejected_ids, skip_special_tokens=True).strip()) for p in pairs] == expected
+        assert stats["score_sum"] / stats["samples"] == pytest.approx(judged_mean)
+        if penalty == 0.25:  # the judge first: no pair puts a lower-scored answer first
+            assert all(scores[c] >= scores[r] for c, r in expected)
+            assert sum(scores[c] == scores[r] for c, r in expected) > 5  # and ending decides some pairs
+        chosen[penalty] = expected
+    assert chosen[0.0] != chosen[0.25] != chosen[1.0]
+
+
+def test_missing_eos_penalty_repairs_a_tie_of_cut_samples_by_the_judge():
+    """Samples that tie after the penalty (both cut) are repaired as without it: a repair must score above its own
+    sample by the judge, not above the penalized tie (a rewrite scoring as its sample teaches nothing)."""
+
+    class Rewriter(ScoreTable):
+        can_repair = True
+
+        def repair(self, prompt, answer):
+            return answer + " indeed"
+
+    scores = {"no": 0.5, "yes": 0.5, "no indeed": 0.5, "yes indeed": 0.5, "maybe": 0.0, "maybe indeed": 1.0}
+    settings = OnPolicySettings(online=True, num_samples=2, repair_ties=True, missing_eos_penalty=1.0)
+    sampler = Sampler(settings, Rewriter(scores), tiny_tokenizer(), LENGTHS, 0)
+    pairs, stats = sampler.pairs(["q0", "q1"], [["no", "yes"], ["maybe", "maybe"]], rows=[0, 1],
+                                 cut=[[True, True], [True, True]])
+    assert (stats["ties"], stats["repaired"], [p.row for p in pairs]) == (2, 1, [1])
+    assert tiny_tokenizer().decode(pairs[0].chosen_ids, skip_special_tokens=True).strip() == "maybe indeed"
