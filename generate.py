@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     add_prompt_arguments(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="model weights; auto = fp16 on CUDA, fp32 on CPU")
+                        help="model weights; auto = bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar for --instructions")

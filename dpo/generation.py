@@ -59,10 +59,12 @@ from dpo.modeling import ModelLoadError, load_tokenizer, names_shipped_model
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
 from dpo.prompts import (HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts, lone_surrogate,
                          resolve_template)
+from dpo.settings import seed_range
 
 # The card's decoding.
 TEMPERATURE = 0.7
 TOP_P = 0.9
+MIN_TEMPERATURE = 1e-5  # below it sampling is argmax in all but name, and logits / T can overflow to inf
 MAX_NEW_TOKENS = 256
 STOP_STRINGS = (HUMAN_TURN_PREFIX,)
 _TRAILING_UNSETTLED = re.compile(r"[\s\ufffd]+$")  # whitespace and incomplete UTF-8 at the end
@@ -136,13 +138,15 @@ class DecodingSettings:
         if self.max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.greedy:
-            if not self.temperature > 0:
-                raise GenerationError(f"--temperature must be positive (use --greedy for argmax), "
+            if not self.temperature >= MIN_TEMPERATURE:
+                raise GenerationError(f"--temperature must be at least {MIN_TEMPERATURE} (use --greedy for argmax), "
                                       f"got {self.temperature}")
             if not 0 < self.top_p <= 1:
                 raise GenerationError(f"--top-p must be in (0, 1], got {self.top_p}")
             if self.top_k < 0:
                 raise GenerationError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if self.seed is not None and seed_range(self.seed):
+            raise GenerationError(f"--seed {seed_range(self.seed)}, got {self.seed}")
         if any(not s for s in self.stop_strings):
             raise GenerationError("stop strings must be non-empty")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
@@ -434,14 +438,16 @@ COMPACT_FRACTION = 8  # finished rows leave the batch once they are an eighth of
 @torch.no_grad()
 def decode(model: Any, input_ids: Tensor, attention_mask: Tensor, cache: DynamicCache, max_new_tokens: int,
            processors: LogitsProcessorList, greedy: bool, eos_ids: Sequence[int], pad_id: int,
-           stop: StopOnStrings | None = None, streamer: BaseStreamer | None = None) -> Tensor:
+           stop: StopOnStrings | None = None, streamer: BaseStreamer | None = None,
+           budgets: Tensor | None = None) -> Tensor:
     """The new tokens of a left-padded batch, [rows, max_new_tokens], pad after a row's end: what transformers'
     generate samples (the same draws from the same RNG), with finished rows taken out of the batch. Equal up to float
     rounding: a smaller batch (3 rows or fewer on CPU) runs other matmul kernels, whose logits differ by ~1e-6 from
     the full batch's, so two tokens that close can swap.
 
     `cache` holds the prompts' first cache.get_seq_length() positions (none, or all but the last: shared_prompt_cache).
-    A row ends at an EOS (which it keeps), at a stop string (`stop`, on the row's new tokens) or after max_new_tokens.
+    A row ends at an EOS (which it keeps), at a stop string (`stop`, on the row's new tokens) or after max_new_tokens
+    (or `budgets[row]`, its own limit, where given).
     generate computes every row until the last one ends; here a finished row leaves the batch (its KV cache rows with
     it) once the finished rows are 1/COMPACT_FRACTION of the batch, which saves a third of the compute of a batch of
     answers that vary in length. Drawing a token is multinomial sampling as torch.multinomial draws it (an
@@ -477,6 +483,8 @@ def decode(model: Any, input_ids: Tensor, attention_mask: Tensor, cache: Dynamic
         ended = torch.isin(chosen, eos)
         if stop is not None:
             ended |= stop(new_tokens[rows, :step + 1])
+        if budgets is not None:
+            ended |= budgets[rows] <= step + 1
         live &= ~ended
         if not live.any():
             break
@@ -661,7 +669,8 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
     training cuts them; one warning line on stderr counts them), sorted by length (longest first) into batches
     of `batch_size`, left-padded, and decoded with `decoding`; the seed is set once, before the first batch, so
     a call is a pure function of its arguments. When a prompt plus max_new_tokens would exceed the model's
-    max_position_embeddings, the new-token budget of that batch is lowered to fit. `precision`: the autocast the
+    max_position_embeddings, that prompt's new-token budget is lowered to fit (its own: the other prompts of its batch
+    keep theirs; an answer stopped there is cut, not ended). `precision`: the autocast the
     model runs under (a training run samples its fp32 policy in the run's precision).
     """
     decoding = decoding or DecodingSettings()
@@ -699,12 +708,12 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
             rows = order[start:start + batch_size]
             input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad_id)
             width = input_ids.shape[1]
-            max_new = decoding.max_new_tokens
-            if limit is not None:
-                if width >= limit:
-                    raise GenerationError(f"a prompt of {width} tokens does not fit the model's "
-                                          f"{limit} positions")
-                max_new = min(max_new, limit - width)
+            if limit is not None and width >= limit:
+                raise GenerationError(f"a prompt of {width} tokens does not fit the model's {limit} positions")
+            own = [min(decoding.max_new_tokens, limit - len(prompts[i])) if limit is not None
+                   else decoding.max_new_tokens for i in rows for _ in range(num_samples)]
+            max_new = max(own)
+            budgets = torch.tensor(own, device=device) if min(own) < max_new else None
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             with autocast(precision, device):
                 cache = None
@@ -716,9 +725,10 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
                     cache = preallocated_cache(model, width + max_new)
                 out = decode(model, input_ids, attention_mask, cache, max_new, sampling_processors(decoding),
                              decoding.greedy, eos_ids, pad_id, StopOnStrings(tokenizer, decoding.stop_strings, 0),
-                             streamer)
+                             streamer, budgets)
             slots = [row * num_samples + s for row in rows for s in range(num_samples)]
-            for slot, ids in zip(slots, out.tolist()):
+            for slot, ids, budget in zip(slots, out.tolist(), own):
+                ids = ids[:budget]  # past a row's own budget: padding (which may be the EOS)
                 answer = _cut_at_eos(ids, eos_ids)
                 text = tokenizer.decode(answer, skip_special_tokens=True)
                 ended[slot] = len(answer) < len(ids) or truncate_at_stop(text, decoding.stop_strings) != text

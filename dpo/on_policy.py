@@ -36,7 +36,7 @@ from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.prompts import special_ids
 from dpo.distributed import DistInfo, barrier, gather
-from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch_ended, own_rng
+from dpo.generation import MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch_ended, own_rng
 from dpo.judges import JUDGE_HELP, Judge
 from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, probability, setting
@@ -61,7 +61,7 @@ class OnPolicySettings:
     num_samples: int = setting(4, "responses sampled per prompt (online and iterative DPO)", check=at_least(2))
     judge: str = setting("demo", f"judge of the samples: {JUDGE_HELP}")
     sample_temperature: float = setting(TEMPERATURE, "sampling temperature of online / iterative DPO",
-                                        check=positive)
+                                        check=at_least(MIN_TEMPERATURE))
     sample_top_p: float = setting(TOP_P, "sampling top-p of online / iterative DPO", check=probability)
     sample_max_new_tokens: int = setting(64, "new tokens per sampled response", check=positive)
     repair_ties: bool = setting(False, "a prompt whose samples all score alike trains on (the judge's repair of a "

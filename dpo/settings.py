@@ -63,6 +63,15 @@ def finite(value: Any) -> str | None:
     return None if _number(value) else "must be a finite number"
 
 
+SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64 bits; seeds derived from a seed stay below 2**63
+
+
+def seed_range(value: Any) -> str | None:
+    """A check: an integer seed in [0, 2**63)."""
+    return None if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT else \
+        "must be an integer in [0, 2**63)"
+
+
 def at_least(low: float) -> Check:
     """A check: the value is a number of at least `low`."""
     return lambda value: None if _number(value) and value >= low else f"must be at least {low}"

@@ -33,7 +33,7 @@ from dpo.precision import PRECISIONS
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
 from dpo.tracking import REPORT_TO_CHOICES, resolve_report_to
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
-                          nested, non_negative, positive, setting, setting_fields, to_flat)
+                          nested, non_negative, positive, seed_range, setting, setting_fields, to_flat)
 
 DEMO_MODEL = "demo"  # resolved to the SFT model shipped inside the package
 DEMO_DATASET = "demo"
@@ -127,7 +127,7 @@ class TrainSettings:
     precision: str = setting("auto", "fp32, bf16 (autocast) or fp16 (autocast + GradScaler), fp32 master weights "
                                      "in each; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU",
                              choices=list(PRECISIONS))
-    seed: int = setting(42, "seed for initialisation order, shuffling and subsets", check=non_negative)
+    seed: int = setting(42, "seed for initialisation order, shuffling and subsets", check=seed_range)
     # run management: none of these changes the numbers of a run
     output_dir: str = setting("runs/dpo", "where metrics, checkpoints and final/ are written", identity=False)
     stop_at_step: int | None = setting(None, "checkpoint and stop after this step, schedule unchanged (split a run "

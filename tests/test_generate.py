@@ -306,7 +306,10 @@ def test_streaming_prints_exactly_the_returned_response(lm):
 @pytest.mark.parametrize("change, message", [
     (dict(max_new_tokens=0), "--max-new-tokens must be at least 1"),
     (dict(max_new_tokens=-3), "--max-new-tokens must be at least 1"),
-    (dict(temperature=0.0), "--temperature must be positive"),
+    (dict(temperature=0.0), "--temperature must be at least 1e-05"),
+    (dict(temperature=1e-38), "--temperature must be at least 1e-05"),  # logits / T overflowed: NaN, token 0
+    (dict(seed=10 ** 20), r"--seed must be an integer in \[0, 2\*\*63\), got 100000000000000000000"),
+    (dict(seed=-1), "--seed must be an integer"),
     (dict(top_p=1.5), "--top-p must be in"),
 ])
 def test_bad_decoding_settings(change, message):
@@ -322,6 +325,20 @@ def test_prompt_longer_than_the_model_is_cut_and_the_batch_completes(lm, capsys)
     assert capsys.readouterr().err == ("warning: 1 of 2 prompts longer than 244 tokens were cut (keep_end), "
                                        "as training cuts them\n")
     assert outputs[1] == generate_batch(model, tokenizer, ["yes"], GREEDY)[0]  # the other prompt is untouched
+
+
+def test_each_prompt_keeps_its_own_new_token_budget_beside_a_longer_one(lm):
+    """Left-padded rows start at position 0: a short prompt may write up to the model's positions minus its own
+    length, whatever the longest prompt of its batch; a row stopped there is cut (not ended)."""
+    model, tokenizer = lm  # 256 positions
+    decoding = DecodingSettings(greedy=True, max_new_tokens=256, stop_strings=())
+    short, long = "what color", "red " * 100
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    alone, alone_ended = generate_batch_ended(model, tokenizer, [short], decoding)
+    both, both_ended = generate_batch_ended(model, tokenizer, [short, long], decoding)
+    assert not alone_ended[0] and len(ids(alone[0])) > 256 - len(ids(long))  # cut at the positions, not the batch's
+    assert (both[0], both_ended[0]) == (alone[0], alone_ended[0])
+    assert both[1] == generate_batch_ended(model, tokenizer, [long], decoding)[0][0]
 
 
 def test_run_settings_are_the_prompt_defaults(tmp_path):

@@ -76,7 +76,10 @@ def test_an_f_divergence_no_term_reads_is_refused(loss):
     ({"loss": 5}, "--loss must be a string, got 5"),
     ({"max_prompt_length": "none"}, "--max-prompt-length must be a whole number or null, got 'none'"),
     ({"eval_split": 5}, "--eval-split must be a string or null, got 5"),
-    ({"seed": -1}, "--seed must be a non-negative number, got -1"),
+    ({"seed": -1}, "--seed must be an integer in [0, 2**63), got -1"),
+    ({"seed": 2 ** 63}, "--seed must be an integer in [0, 2**63), got 9223372036854775808"),  # torch.manual_seed's
+    ({"sample_temperature": 1e-38}, "--sample-temperature must be at least 1e-05, got 1e-38"),
+    ({"missing_eos_penalty": -0.5}, "--missing-eos-penalty must be a non-negative number, got -0.5"),
     ({"device": "foo"}, "--device must be cpu, cuda, cuda:N or auto, got 'foo'"),
     ({"sample_top_p": 1.0000005}, "--sample-top-p must be in (0, 1], got 1.0000005"),
 ])
