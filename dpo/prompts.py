@@ -15,8 +15,8 @@ Templates:
                 prompt   = "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
                 response = " " + text.strip()        (EOS is added as a token id, never as text)
             A single-turn prompt is exactly format_prompt(instruction); a leading "system" message is prepended
-            to the first human turn (system + "\\n\\n" + u1). A bare instruction that already holds "### Human:"
-            is taken as rendered and kept as it is. The prompt ends with the colon of "### Assistant:" and the
+            to the first human turn (system + "\\n\\n" + u1). A bare instruction that is already rendered (starts
+            with "### Human:", ends with "### Assistant:") is kept as it is. The prompt ends with the colon of "### Assistant:" and the
             response starts with a space: for byte-level BPE a space always starts a new token, so the token
             boundary between prompt and response is clean.
     chat    the tokenizer's chat template, exactly as it renders the conversation at inference:
@@ -52,6 +52,7 @@ from dpo.errors import UserError, first_line
 
 PROMPT_TEMPLATE = "### Human: {instruction}\n\n### Assistant:"
 HUMAN_TURN_PREFIX = "### Human:"
+ASSISTANT_CUE = "### Assistant:"
 TEMPLATES = ("auto", "recipe", "chat")  # auto: the tokenizer's chat template when it ships one, else the recipe's
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # Recipe text is plain text; chat renderings hold special-token text.
@@ -80,6 +81,12 @@ class PromptError(UserError):
 def format_prompt(instruction: str) -> str:
     """One instruction in the recipe template: "### Human: {instruction}\\n\\n### Assistant:"."""
     return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def is_rendered_recipe_prompt(text: str) -> bool:
+    """Whether `text` is a prompt already in the recipe template: it starts with "### Human:" and ends with the
+    assistant cue (white space after it aside). An instruction that only mentions "### Human:" is not one."""
+    return text.lstrip().startswith(HUMAN_TURN_PREFIX) and text.rstrip().endswith(ASSISTANT_CUE)
 
 
 def format_response(text: str) -> str:
@@ -149,7 +156,7 @@ def render_prompt(prompt: Prompt, template: str = "recipe", tokenizer: Any = Non
     if template == "chat":
         return apply_chat_template(tokenizer, as_messages(prompt), add_generation_prompt=True)
     if isinstance(prompt, str):
-        return prompt if HUMAN_TURN_PREFIX in prompt else format_prompt(prompt)
+        return prompt if is_rendered_recipe_prompt(prompt) else format_prompt(prompt)
     return render_recipe_prompt(prompt)
 
 

@@ -96,7 +96,8 @@ class WinRateEval:
             self.reference_outputs = self._generate(model)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompts": self.prompts, "outputs": self.reference_outputs}, ensure_ascii=False))
+        tmp.write_text(json.dumps({"prompts": self.prompts, "outputs": self.reference_outputs}, ensure_ascii=False),
+                       encoding="utf-8")
         tmp.replace(path)
         return True
 

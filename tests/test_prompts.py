@@ -231,6 +231,11 @@ def test_render_prompt_and_response_recipe_and_chat():
                                       "### Human: u2\n\n### Assistant:")
     assert render_prompt("q") == format_prompt("q") == render_prompt([{"role": "user", "content": "q"}])
     assert render_prompt(format_prompt("q")) == format_prompt("q")  # already rendered: kept as it is
+    two_turns = render_prompt(history)
+    assert render_prompt(two_turns) == two_turns and render_prompt(two_turns + " ") == two_turns + " "
+    mention = 'In a chat log, what does the line "### Human:" mark?'  # mentioned, not rendered: rendered
+    assert render_prompt(mention) == format_prompt(mention)
+    assert render_prompt("### Human: q") == format_prompt("### Human: q")  # no assistant cue: not a prompt yet
     assert render_response("q", "  a \n") == format_response("a") == " a"
     with pytest.raises(PromptError, match="not user/assistant turns") as err:
         render_prompt([{"role": "assistant", "content": "a"}])

@@ -3,6 +3,9 @@
 import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,3 +183,24 @@ def test_generation_batch_and_precision_are_the_runs_own(workdir, tmp_path, monk
     assert half.precision == "bf16" and half.batch_size == 64
     assert judged_in == [torch.float32, torch.float32, torch.bfloat16]  # a judge model is frozen: autocast dtype
     assert half.reference_file("key") != built["3"].reference_file("key")
+
+
+def test_the_reference_cache_is_utf8_whatever_the_locale(tmp_path):
+    """Written and read back as UTF-8 under the C locale (no UTF-8 mode), where the locale's encoding is ASCII."""
+    script = """
+import contextlib, json, sys
+from pathlib import Path
+from dpo.generation import DecodingSettings
+from dpo.win_rate import WinRateEval
+answers = ["Un caf\\u00e9, s'il vous pla\\u00eet."]  # ASCII source: the C locale cannot read it otherwise
+cached = WinRateEval(None, ["Qu'est-ce qu'un caf\\u00e9 ?"], DecodingSettings(), None, 1, Path(sys.argv[1]))
+cached._generate = lambda model: answers
+assert cached.prepare_reference("key", lambda: (None, contextlib.nullcontext)) is True
+again = WinRateEval(None, ["Qu'est-ce qu'un caf\\u00e9 ?"], DecodingSettings(), None, 1, Path(sys.argv[1]))
+assert again.prepare_reference("key", lambda: 1 / 0) is False and again.reference_outputs == answers
+print(json.dumps(again.reference_outputs))
+"""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert json.loads(done.stdout) == ["Un café, s'il vous plaît."]
