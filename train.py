@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from dpo.activations import fuse_gelu
 from dpo.batches import OfflinePairs, PairBatch, PairSource, process_micro_batches
 from dpo.checkpoint import (ReplacedRun, check_disk_space, latest_checkpoint, load_checkpoint, prepare_output_dir,
-                            read_trainer_state, replacing, save_checkpoint, set_rng_state, settings_differences)
+                            publish, read_trainer_state, replacing, save_checkpoint, set_rng_state, settings_differences)
 from dpo.cli import run_cli
 from dpo.data import DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
@@ -212,7 +212,8 @@ def collator(cfg: TrainSettings, pad_id: int, model: nn.Module) -> tuple[str, Ca
 
 def run_length(cfg: TrainSettings, steps_per_epoch: int) -> int:
     """The run's optimizer steps: --max-steps, else --epochs passes over the pair source."""
-    return cfg.max_steps or max(1, math.floor(cfg.epochs * steps_per_epoch))
+    # rounded first: 0.57 epochs of 100 steps is 57 steps, though 0.57 * 100 == 56.99999999999999
+    return cfg.max_steps or max(1, math.floor(round(cfg.epochs * steps_per_epoch, 6)))
 
 
 def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy: nn.Module,
@@ -443,7 +444,7 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
         if not counted:
             continue
         stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
-                  logps.policy_rejected_logps)
+                  logps.policy_rejected_logps, logps.chosen_lengths, logps.rejected_lengths)
         check.add(logps)
         state_sums = out.state_sums if state_sums is None else state_sums + out.state_sums
         chunk = [batch.pairs[i] for i in ids]
@@ -553,7 +554,7 @@ def evaluate_pairs(state: TrainState, batch: PairBatch) -> dict[str, Any]:
             out = compute_loss(logps, cfg.loss)
         if index < len(chunks):
             stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
-                      logps.policy_rejected_logps)
+                      logps.policy_rejected_logps, logps.chosen_lengths, logps.rejected_lengths)
     state.scorer.train()
     all_reduce_sum(stats.sums, dist)
     return {**stats.means(), "pairs": stats.num_pairs}
@@ -671,8 +672,7 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
         merged.generation_config.update(**decoding)
         merged.save_pretrained(tmp_dir / "merged")
         tokenizer.save_pretrained(tmp_dir / "merged")
-    shutil.rmtree(final_dir, ignore_errors=True)
-    tmp_dir.rename(final_dir)
+    publish(tmp_dir, final_dir)
 
 
 class StopRequest:

@@ -210,21 +210,35 @@ def save_checkpoint(
     torch.save({"scaler": scaler_state, "rng": rng_state(), "loss_state": loss_state}, tmp / "extra.pt")
     # the state file goes last: its presence marks the directory as complete
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    publish(tmp, final)  # a re-save of the same step (e.g. after a signal) replaces it
+    for _, old in list_checkpoints(root)[:-keep]:
+        _discard(old)
+    for stale in [*root.glob("checkpoint-*.tmp"), *root.glob("checkpoint-*.discarded")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Put the complete directory `tmp` in place of `final`: its files and entries are synced to disk first, and a
+    `final` already there is renamed to `<final>.discarded` and deleted only once the new one is in place: a crash at
+    any point leaves both whole (the old one as `final` or `<final>.discarded`, the new one as `tmp` or `final`),
+    never a part of either."""
     for file in tmp.rglob("*"):
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
     for directory in [*(d for d in tmp.rglob("*") if d.is_dir()), tmp]:  # their entries, before the rename
         _fsync_dir(directory)
-    if final.exists():  # a re-save of the same step (e.g. after a signal)
-        _discard(final)
+    aside = final.with_name(final.name + ".discarded")
+    if aside.exists():  # left by a crash; `final` is whole
+        shutil.rmtree(aside)
+    replacing = final.exists()
+    if replacing:
+        os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    for _, old in list_checkpoints(root)[:-keep]:
-        _discard(old)
-    for stale in [*root.glob("checkpoint-*.tmp"), *root.glob("checkpoint-*.discarded")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
+    if replacing:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _discard(checkpoint: Path) -> None:

@@ -18,8 +18,8 @@ from dpo.errors import TrainingError
 
 HEALTH_MODES = ("warn", "strict", "off")
 LN2 = math.log(2.0)
-EXPLODING_FACTOR = 3.0  # mean log-prob beyond 3x its first-step value (+ EXPLODING_SLACK nats): exploding
-EXPLODING_SLACK = 10.0
+EXPLODING_FACTOR = 3.0  # mean per-token log-prob beyond 3x its first-step value (+ EXPLODING_SLACK nats): exploding
+EXPLODING_SLACK = 1.0
 LOSS_SCALE_DROP = 2.0 ** 10  # ten net halvings of the fp16 loss scale below its highest value: collapsing
 
 
@@ -110,8 +110,9 @@ class LikelihoodDisplacement(Check):
 
 
 class ExplodingLogRatios(Check):
-    """Non-finite margins, or a mean log-prob beyond EXPLODING_FACTOR x its first-step value (when the policy was
-    the reference) + EXPLODING_SLACK nats: the log-ratios are running away."""
+    """Non-finite margins, or a mean per-token log-prob beyond EXPLODING_FACTOR x its first-step value (when the
+    policy was the reference) + EXPLODING_SLACK nats: the log-ratios are running away. Per token, since a step of
+    longer pairs has a larger summed log-prob with the policy unmoved."""
 
     name = "exploding_log_ratios"
     state = ("first",)
@@ -124,13 +125,14 @@ class ExplodingLogRatios(Check):
         if "rewards/margins" in record and not math.isfinite(_value(record, "rewards/margins")):
             return ("the reward margins are not finite: the log-ratios overflowed. Lower --lr, keep --max-grad-norm, "
                     "or use --precision bf16 / fp32")
-        for key in ("logps/chosen", "logps/rejected"):
+        for key in ("logps/chosen_per_token", "logps/rejected_per_token"):
             value = abs(_value(record, key))
             if not math.isfinite(value):  # a step without pairs, or skipped: no baseline, nothing to compare
                 continue
             first = self.first.setdefault(key, value)
             if value > EXPLODING_FACTOR * first + EXPLODING_SLACK:
-                return (f"mean {key.split('/')[1]} log-prob {-value:.4g} is beyond {EXPLODING_FACTOR:g}x its "
+                side = key.split('/')[1].split('_')[0]
+                return (f"mean {side} log-prob per token {-value:.4g} is beyond {EXPLODING_FACTOR:g}x its "
                         f"first-step value ({-first:.4g}): the log-ratios are exploding. Lower --lr, raise --beta, "
                         "or keep --max-grad-norm")
         return None

@@ -19,6 +19,8 @@ PAIR_METRICS = (
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "logps/chosen_per_token",  # each pair's summed log-prob over its scored tokens: a mean that length cannot move
+    "logps/rejected_per_token",
 )
 
 
@@ -29,8 +31,9 @@ class PairMetrics:
         self.sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64, device=device)
 
     def add(self, losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
-            chosen_logps: Tensor, rejected_logps: Tensor) -> None:
-        """Add a micro-batch's per-pair losses, rewards and log-probs to the sums."""
+            chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor) -> None:
+        """Add a micro-batch's per-pair losses, rewards and log-probs (and the responses' scored tokens) to the
+        sums."""
         losses, chosen_rewards, rejected_rewards = losses.detach(), chosen_rewards.detach(), rejected_rewards.detach()
         values = torch.stack([
             losses.sum(),
@@ -40,6 +43,8 @@ class PairMetrics:
             (chosen_rewards - rejected_rewards).sum(),
             chosen_logps.detach().sum(),
             rejected_logps.detach().sum(),
+            (chosen_logps.detach() / chosen_lengths.clamp(min=1)).sum(),
+            (rejected_logps.detach() / rejected_lengths.clamp(min=1)).sum(),
             torch.tensor(float(losses.numel()), device=losses.device),
         ])
         self.sums += values.to(self.sums.device, torch.float64)

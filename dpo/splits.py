@@ -65,6 +65,9 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
     if splits is not None and cfg.train_split not in splits:
         raise DataError(f"{cfg.dataset}: no split {cfg.train_split!r} (available: {', '.join(splits)}); "
                         f"set --train-split")
+    if splits is not None and cfg.eval_split == cfg.train_split:
+        raise DataError(f"{cfg.dataset}: --eval-split {cfg.eval_split!r} is the training split: the held-out pairs "
+                        "would be pairs the run trains on; name another split")
     records, description = load_records(cfg.dataset, cfg.train_split if splits is not None else None)
     # (row in the source, record): a skipped row is named by its place in the file, not in the split
     indexed = list(enumerate(records))

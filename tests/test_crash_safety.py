@@ -170,3 +170,36 @@ def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_only_complete_ones(tm
         assert (path / "model" / "config.json").is_file() and (path / "optimizer.pt").is_file()
     save(4)  # the next save clears what the crash left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """final/ is published as checkpoints are: a crash between moving the old one aside and renaming the new one in
+    leaves both whole (was: the old final/ deleted file by file first)."""
+    import os
+
+    import dpo.checkpoint as checkpoint
+
+    def write(directory, text):
+        (directory / "model").mkdir(parents=True)
+        (directory / "model" / "weights").write_text(text)
+
+    final, tmp = tmp_path / "final", tmp_path / "final.tmp"
+    write(tmp, "old")
+    checkpoint.publish(tmp, final)
+    write(tmp, "new")
+    real_replace = os.replace
+
+    def dies_at_the_second_rename(source, target):
+        if Path(source) == tmp:
+            raise SystemExit("killed")
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", dies_at_the_second_rename)
+    with pytest.raises(SystemExit):
+        checkpoint.publish(tmp, final)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert (tmp_path / "final.discarded" / "model" / "weights").read_text() == "old"
+    assert (tmp / "model" / "weights").read_text() == "new"
+    checkpoint.publish(tmp, final)  # the next save clears what the crash left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (final / "model" / "weights").read_text() == "new"

@@ -13,7 +13,8 @@ from harness import make_run_dir, run_metrics, train_tiny
 
 def train_record(step, **values):
     base = {"split": "train", "step": step, "loss": 0.6, "grad_norm": 0.5, "logps/chosen": -20.0,
-            "logps/rejected": -25.0, "rewards/margins": 0.1}
+            "logps/rejected": -25.0, "logps/chosen_per_token": -1.0, "logps/rejected_per_token": -1.25,
+            "rewards/margins": 0.1}
     return {**base, **values}
 
 
@@ -54,10 +55,13 @@ def test_likelihood_displacement_needs_window_falls_with_rising_margins():
 
 def test_exploding_log_ratios():
     check = ExplodingLogRatios()
-    assert check.train(train_record(1, **{"logps/rejected": -10.0})) is None
-    assert check.train(train_record(2, **{"logps/rejected": -40.0})) is None  # 3 x 10 + 10: at the bound
-    message = check.train(train_record(3, **{"logps/rejected": -40.5}))
-    assert "rejected log-prob -40.5" in message and "--lr" in message
+    assert check.train(train_record(1, **{"logps/rejected_per_token": -1.5})) is None
+    assert check.train(train_record(2, **{"logps/rejected_per_token": -5.5})) is None  # 3 x 1.5 + 1: at the bound
+    message = check.train(train_record(3, **{"logps/rejected_per_token": -5.6}))
+    assert "rejected log-prob per token -5.6" in message and "--lr" in message
+    longer = ExplodingLogRatios()  # a step of longer pairs: its sums are 20x the first's, the policy unmoved
+    assert longer.train(train_record(1, **{"logps/chosen": -36.5})) is None
+    assert longer.train(train_record(2, **{"logps/chosen": -869.0, "logps/rejected": -900.0})) is None
     nan = ExplodingLogRatios()
     assert "not finite" in nan.train(train_record(1, **{"rewards/margins": math.nan}))
 
@@ -179,9 +183,9 @@ def test_fp16_loss_scale_collapse_run(workdir):
 def test_exploding_baseline_skips_steps_without_log_probs():
     check = ExplodingLogRatios()
     assert check.train({"split": "train", "step": 1, "lr": 1e-4}) is None  # online DPO: a step without pairs
-    assert check.train(train_record(2, **{"logps/rejected": math.nan})) is None
-    assert check.train(train_record(3, **{"logps/rejected": -10.0})) is None  # the first finite value: baseline
-    assert "rejected log-prob -41" in check.train(train_record(4, **{"logps/rejected": -41.0}))
+    assert check.train(train_record(2, **{"logps/rejected_per_token": math.nan})) is None
+    assert check.train(train_record(3, **{"logps/rejected_per_token": -2.0})) is None  # the first finite value
+    assert "rejected log-prob per token -7.1" in check.train(train_record(4, **{"logps/rejected_per_token": -7.1}))
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def test_outputs_and_final_round_trip(workdir):
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = run_metrics(out)
     train_keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                  "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s", "tokens_per_s", "epoch", "step"}
+                  "logps/chosen", "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token", "lr", "grad_norm", "pairs_per_s", "tokens_per_s", "epoch", "step"}
     assert train_keys <= set(records[0])
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 3]
     assert json.loads((out / "final" / "dpo_run.json").read_text())["reference_model"] == str(workdir / "model")
@@ -323,6 +323,15 @@ def test_a_json_object_of_record_lists_is_a_dataset_with_splits(workdir, tmp_pat
     assert f"train: {data} (40 records): 40 rows" in out and f"eval: {data} (6 records): 6 rows" in out
     assert train.cli(tiny_run_args(workdir, tmp_path / "out2", "--dataset", str(data), "--train-split", "x")) == 2
     assert "no split 'x' (available: train, test)" in capsys.readouterr().err
+    assert train.cli(tiny_run_args(workdir, tmp_path / "out3", "--dataset", str(data), "--eval-split", "train")) == 2
+    assert "--eval-split 'train' is the training split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch, steps", [(0.57, 100, 57), (1.15, 20, 23), (2, 7, 14), (0.5, 3, 1),
+                                                            (0.01, 10, 1)])
+def test_epochs_give_the_steps_they_name(epochs, steps_per_epoch, steps):
+    """--epochs x steps per epoch, floored after rounding away float error (0.57 * 100 is 56.99999999999999)."""
+    assert train.run_length(parse_settings(["--epochs", str(epochs)]), steps_per_epoch) == steps
 
 
 def test_unknown_flag_exits_before_training(capsys):
