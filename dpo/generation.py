@@ -792,6 +792,9 @@ def read_instructions(path: str | Path) -> list[dict[str, Any]]:
             check_instruction(row["instruction"], "field 'instruction'")
         except GenerationError as error:
             raise BatchFileError(f"{path}, row {i}: {error}") from None
+        if isinstance(row.get("input"), str) and row["input"].strip():  # Alpaca's format: it would be left out
+            raise BatchFileError(f"{path}, row {i}: a non-empty 'input' field, which the prompt would leave out: put "
+                                 "it in the 'instruction' (as the instruction's text should read)")
     return rows
 
 

@@ -414,6 +414,8 @@ def test_single_object_file_is_one_row(tmp_path):
     path = tmp_path / "one.json"
     path.write_text('{"instruction": "yes"}')
     assert read_instructions(path) == [{"instruction": "yes"}]
+    path.write_text('{"instruction": "yes", "input": " "}')  # an empty Alpaca input leaves nothing out
+    assert read_instructions(path) == [{"instruction": "yes", "input": " "}]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -422,6 +424,8 @@ def test_single_object_file_is_one_row(tmp_path):
     ('[{"instruction": "a"}, {"text": "b"}]', "row 1: no 'instruction' or 'prompt' field"),
     ('{"instruction": "a"}\n{"input": "b"}\n', "row 1: no 'instruction' or 'prompt' field"),
     ('[{"instruction": "  "}]', "row 0: field 'instruction' is empty"),
+    ('[{"instruction": "a", "input": ""}, {"instruction": "Sum these.", "input": "2, 3"}]',
+     "row 1: a non-empty 'input' field, which the prompt would leave out"),
     ('[{"instruction": 3}]', "row 0: field 'instruction' is a int"),
     ('[{"instruction": "a\\ud800"}]', "row 0: field 'instruction' is not Unicode text (a lone surrogate '\\\\ud800' at "
                                     "character 2"),
