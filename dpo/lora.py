@@ -145,7 +145,10 @@ class Adapters:
         weights gathered from all processes, keyed as `model` names them (peft's names add a prefix)."""
         if state_dict is not None:
             state_dict = {f"base_model.model.{name}": tensor for name, tensor in state_dict.items()}
-        self.peft_model.save_pretrained(directory, selected_adapters=[TRAINED_ADAPTER], state_dict=state_dict)
+        # save_embedding_layers: no run resizes the vocabulary, so the base's embeddings are never saved; peft's
+        # "auto" would look the base up on the hub to find out, and warn where it cannot (offline, a GGUF model)
+        self.peft_model.save_pretrained(directory, selected_adapters=[TRAINED_ADAPTER], state_dict=state_dict,
+                                        save_embedding_layers=False)
 
 
 def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = None, seed: int = 0) -> Adapters:

@@ -12,7 +12,7 @@ import train
 from dpo.train_settings import parse_settings
 from dpo.data import collate_pairs
 from dpo.logprobs import SequenceScorer
-from dpo.lora import REFERENCE_ADAPTER
+from dpo.lora import REFERENCE_ADAPTER, LoraSettings, add_adapters
 from dpo.modeling import load_causal_lm
 from harness import make_model_dir, make_run_dir, random_pairs, run_metrics, tiny_run_args, train_tiny
 
@@ -344,3 +344,16 @@ def test_peft_is_imported_without_bitsandbytes_cpu_kernel_warning():
                            capture_output=True, text=True, cwd=ROOT)
     assert plain.returncode == 0 and quiet.returncode == 0, plain.stderr + quiet.stderr
     assert "gemm_4bit_forward" not in quiet.stderr
+
+
+def test_saving_an_adapter_looks_nothing_up_and_warns_nothing(workdir, tmp_path, recwarn):
+    """peft's default checks on the hub whether the base's vocabulary changed (warning where it cannot: offline, a
+    model from a GGUF file); no run resizes it, so the adapter is saved without that check."""
+    base = load_causal_lm(str(workdir / "model"))
+    base.config.name_or_path = "no-such-org/no-such-model"  # not a directory: peft would ask the hub
+    adapters = add_adapters(base, LoraSettings(lora_r=4))
+    for config in adapters.peft_model.peft_config.values():
+        config.base_model_name_or_path = "no-such-org/no-such-model"
+    adapters.save(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert [str(w.message)[:80] for w in recwarn if "peft" in w.filename] == []
