@@ -19,7 +19,7 @@ PAIR_METRICS = (
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
-    "logps/chosen_per_token",  # each pair's summed log-prob over its scored tokens: a mean that length cannot move
+    "logps/chosen_per_token",  # each response's log-prob divided by its scored tokens: a mean length cannot move
     "logps/rejected_per_token",
 )
 

@@ -36,7 +36,8 @@ from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.prompts import special_ids
 from dpo.distributed import DistInfo, barrier, gather
-from dpo.generation import MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch_ended, own_rng
+from dpo.generation import (MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag,
+                            generate_batch_ended, own_rng)
 from dpo.judges import JUDGE_HELP, Judge
 from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, probability, setting

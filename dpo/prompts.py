@@ -15,10 +15,10 @@ Templates:
                 prompt   = "### Human: u1\\n\\n### Assistant: a1\\n\\n### Human: u2\\n\\n### Assistant:"
                 response = " " + text.strip()        (EOS is added as a token id, never as text)
             A single-turn prompt is exactly format_prompt(instruction); a leading "system" message is prepended
-            to the first human turn (system + "\\n\\n" + u1). A bare instruction that is already rendered (starts
-            with "### Human:", ends with "### Assistant:") is kept as it is. The prompt ends with the colon of "### Assistant:" and the
-            response starts with a space: for byte-level BPE a space always starts a new token, so the token
-            boundary between prompt and response is clean.
+            to the first human turn (system + "\\n\\n" + u1). A bare instruction that is already rendered
+            (starts with "### Human:", ends with "### Assistant:") is kept as it is. The prompt ends with the colon
+            of "### Assistant:" and the response starts with a space: for byte-level BPE a space always starts a
+            new token, so the token boundary between prompt and response is clean.
     chat    the tokenizer's chat template, exactly as it renders the conversation at inference:
                 prompt   = apply_chat_template(history, add_generation_prompt=True)
                 response = the rest of apply_chat_template(history + [assistant: text]), up to and including the
@@ -50,9 +50,9 @@ from typing import Any
 
 from dpo.errors import UserError, first_line
 
-PROMPT_TEMPLATE = "### Human: {instruction}\n\n### Assistant:"
 HUMAN_TURN_PREFIX = "### Human:"
 ASSISTANT_CUE = "### Assistant:"
+PROMPT_TEMPLATE = HUMAN_TURN_PREFIX + " {instruction}\n\n" + ASSISTANT_CUE
 TEMPLATES = ("auto", "recipe", "chat")  # auto: the tokenizer's chat template when it ships one, else the recipe's
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # Recipe text is plain text; chat renderings hold special-token text.
