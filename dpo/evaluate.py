@@ -54,8 +54,8 @@ from dpo.data import DataError, build_pairs, collate_pairs, load_records, select
 from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingSettings,
                             add_prompt_arguments, check_output_file, generate_batch, generator_name,
-                            load_checked_tokenizer, read_instructions, resolve_device, resolve_dtype,
-                            resolve_run_model, run_settings, side_by_side, write_text_atomically)
+                            load_checked_tokenizer, model_prompt_budget, read_instructions, resolve_device,
+                            resolve_dtype, resolve_run_model, run_settings, side_by_side, write_text_atomically)
 from dpo.errors import UserError
 from dpo.gguf import is_gguf
 from dpo.ifeval import echoed_constraint
@@ -573,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
                                        reference.name))
         if args.samples:
             print("\n" + format_samples(comparisons, args.samples, policy.name, reference.name))
-        result.update(judge=judge.name, decoding=asdict(decoding), **summary)
+        budgets = {"policy": model_prompt_budget(policy.model, decoding),
+                   "reference": model_prompt_budget(reference.model, decoding)}  # null: no limit
+        result.update(judge=judge.name, decoding=asdict(decoding), prompt_budget=budgets, **summary)
         write_output()
 
     if args.implicit_reward:

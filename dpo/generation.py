@@ -551,6 +551,11 @@ def prompt_budget(positions: int | None, max_new_tokens: int, max_prompt_length:
     return max(min(max_prompt_length, positions - 1), 1)
 
 
+def model_prompt_budget(model: Any, decoding: DecodingSettings) -> int | None:
+    """The most prompt tokens `model` is given under `decoding` (None: no limit): prompt_budget of its positions."""
+    return prompt_budget(_max_positions(model), decoding.max_new_tokens, decoding.max_prompt_length)
+
+
 def own_rng(model: Any) -> Any:
     """A context in which sampling with `model` draws from a copy of the RNG state (CPU, and the model's GPU), so
     that evaluating or sampling while training leaves the training's random numbers as they were."""
@@ -687,7 +692,7 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     limit = _max_positions(model)
-    budget = prompt_budget(limit, decoding.max_new_tokens, decoding.max_prompt_length)
+    budget = model_prompt_budget(model, decoding)
     mode = decoding.truncation_mode or "keep_end"
     prompts, cut = encode_prompts(tokenizer, instructions, decoding.template, budget, mode)
     if cut and warn:  # online DPO samples every step: it passes warn=False (training reports the cut prompts)

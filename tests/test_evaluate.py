@@ -308,6 +308,7 @@ def test_cli_win_rate_defaults_to_the_runs_reference(run_dir, capsys):
     assert result["n"] == 6 and result["wins"] + result["ties"] + result["losses"] == 6
     assert result["win_rate"] == pytest.approx((result["wins"] + 0.5 * result["ties"]) / 6)
     assert (result["ci_low"], result["ci_high"]) == pytest.approx(wilson_interval(result["win_rate"], 6))
+    assert result["prompt_budget"] == {"policy": 48, "reference": 48}  # the run's max_prompt_length
     assert sum(c["n"] for c in result["categories"].values()) == 6
     assert out.count("before: sft") == 2
     assert evaluate.cli(args) == 0  # seeded: the same numbers again
@@ -498,3 +499,12 @@ def test_help_shows_each_default_once():
         text = " ".join(parser.format_help().split())
         assert "(default: None)" not in text and ") (default:" not in text
     assert "samples to print (default: 3)" in " ".join(evaluate.build_parser().format_help().split())
+
+
+def test_the_report_names_the_prompt_budget_the_model_positions_set(run_dir, capsys):
+    # no dpo_run.json: room for the new tokens in the model's 256 positions, as generation computed it
+    assert evaluate.cli(["--model", str(run_dir / "sft"), "--reference", str(run_dir / "sft"), "--num-prompts", "2",
+                         "--max-new-tokens", "6", "--samples", "0", "--no-progress"]) == 0
+    result = _json_line(capsys.readouterr().out)
+    assert result["decoding"]["max_prompt_length"] is None
+    assert result["prompt_budget"] == {"policy": 250, "reference": 250}
