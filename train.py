@@ -404,7 +404,7 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
         chosen_lengths=policy.count[:n], rejected_lengths=policy.count[n:],
         batch_chosen_length=torch.full((n,), chosen_length, device=state.device),
         chosen_wpo_logps=None if wpo is None else wpo[:n], rejected_wpo_logps=None if wpo is None else wpo[n:],
-        state=state.loss_state)
+        policy_chosen_logits=policy.logits[:n], policy_rejected_logits=policy.logits[n:], state=state.loss_state)
 
 
 # The step-0 check's relative tolerance, keyed by what the matmuls compute in (dpo.precision.matmul_precision):
@@ -443,8 +443,7 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
             (state.scaler.scale(loss) if state.scaler else loss).backward()
         if not counted:
             continue
-        stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
-                  logps.policy_rejected_logps, logps.chosen_lengths, logps.rejected_lengths)
+        stats.add(out, logps)
         check.add(logps)
         state_sums = out.state_sums if state_sums is None else state_sums + out.state_sums
         chunk = [batch.pairs[i] for i in ids]
@@ -553,8 +552,7 @@ def evaluate_pairs(state: TrainState, batch: PairBatch) -> dict[str, Any]:
             logps = score_pairs(state, batch.pairs, ids, batch.reference)
             out = compute_loss(logps, cfg.loss)
         if index < len(chunks):
-            stats.add(out.losses, out.chosen_rewards, out.rejected_rewards, logps.policy_chosen_logps,
-                      logps.policy_rejected_logps, logps.chosen_lengths, logps.rejected_lengths)
+            stats.add(out, logps)
     state.scorer.train()
     all_reduce_sum(stats.sums, dist)
     return {**stats.means(), "pairs": stats.num_pairs}

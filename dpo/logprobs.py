@@ -45,6 +45,7 @@ class SequenceLogps:
     sum: Tensor  # sum of log p over scored tokens
     count: Tensor  # number of scored tokens
     wpo: Tensor | None = None  # mean over scored tokens of log p_t - logsumexp_v(2 log p_v) (WPO eq. 2), no grad
+    logits: Tensor | None = None  # sum over scored tokens of the token's mean logit over the vocabulary, no grad
 
     @property
     def mean(self) -> Tensor:
@@ -62,8 +63,9 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def _token_logps(logits: Tensor, targets: Tensor, with_wpo: bool) -> tuple[Tensor, Tensor | None]:
-    """log p of `targets` under `logits` [n, vocab], in fp32; optionally the WPO-adjusted values."""
+def _token_logps(logits: Tensor, targets: Tensor, with_wpo: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """log p of `targets` under `logits` [n, vocab], in fp32; optionally the WPO-adjusted values; each row's mean
+    logit (no grad)."""
     logits = logits.float()
     log_normalizer = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
@@ -73,7 +75,15 @@ def _token_logps(logits: Tensor, targets: Tensor, with_wpo: bool) -> tuple[Tenso
             # log sum_v p_v^2 = logsumexp(2 * log p) over the vocabulary
             log_sum_sq = torch.logsumexp(2.0 * (logits - log_normalizer.unsqueeze(-1)), dim=-1)
             adjusted = logps.detach() - log_sum_sq
-    return logps, adjusted
+    return logps, adjusted, logits.detach().mean(-1)
+
+
+def _mean_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Each row's mean logit over the vocabulary, mean_v (W h + b)_v = h . mean_v W_v + mean_v b_v, in fp32
+    without forming the logits (no grad)."""
+    with torch.no_grad():
+        means = hidden.float() @ weight.mean(0, dtype=torch.float32)
+        return means if bias is None else means + bias.mean(dtype=torch.float32)
 
 
 def _scored_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,17 +93,15 @@ def _scored_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rows, positions, targets[rows, positions]
 
 
-def _reduce(num_rows: int, rows: Tensor, logps: Tensor, adjusted: Tensor | None) -> SequenceLogps:
+def _reduce(num_rows: int, rows: Tensor, logps: Tensor, adjusted: Tensor | None, mean_logits: Tensor) -> SequenceLogps:
     device = logps.device
-    total = torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(0, rows, logps)
-    count = torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(
-        0, rows, torch.ones_like(logps)
-    )
-    wpo = None
-    if adjusted is not None:
-        wpo_sum = torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(0, rows, adjusted)
-        wpo = wpo_sum / count.clamp(min=1)
-    return SequenceLogps(sum=total, count=count, wpo=wpo)
+
+    def per_row(values: Tensor) -> Tensor:
+        return torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(0, rows, values)
+
+    count = per_row(torch.ones_like(logps))
+    wpo = None if adjusted is None else per_row(adjusted) / count.clamp(min=1)
+    return SequenceLogps(sum=per_row(logps), count=count, wpo=wpo, logits=per_row(mean_logits.float()))
 
 
 @dataclass(frozen=True)
@@ -135,27 +143,31 @@ def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None) -> Tenso
 
 
 def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, settings: ScoringSettings,
-                  with_wpo: bool) -> tuple[Tensor, Tensor | None]:
-    """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head."""
+                  with_wpo: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head; WPO's
+    values (with_wpo) and each row's mean logit as _token_logps returns them."""
     lm_head = model.get_output_embeddings()
     cap = logit_softcap(model)
     if settings.fused_lm_head and cap is None:
         # keeping the softmax, the head holds all rows' tiles anyway: one block of rows is then the fastest
         # (dW is made in one pass); chunk_size bounds the recomputing head's scratch
         row_chunk = settings.chunk_size if settings.recompute_softmax else max(settings.chunk_size, len(targets))
-        return lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=row_chunk,
-                             vocab_chunk=settings.vocab_chunk, with_wpo=with_wpo,
-                             store=not settings.recompute_softmax)
-    pieces, adjusted_pieces = [], []
+        logps, adjusted = lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=row_chunk,
+                                        vocab_chunk=settings.vocab_chunk, with_wpo=with_wpo,
+                                        store=not settings.recompute_softmax)
+        return logps, adjusted, _mean_logits(scored_hidden, lm_head.weight, lm_head.bias)
+    pieces, adjusted_pieces, mean_pieces = [], [], []
     for start in range(0, scored_hidden.shape[0], settings.chunk_size):
         rows = slice(start, start + settings.chunk_size)
-        chunk_logps, chunk_adjusted = _token_logps(_head_logits(lm_head, scored_hidden[rows], cap), targets[rows],
-                                                   with_wpo)
+        chunk_logps, chunk_adjusted, chunk_means = _token_logps(_head_logits(lm_head, scored_hidden[rows], cap),
+                                                                targets[rows], with_wpo)
         pieces.append(chunk_logps)
         adjusted_pieces.append(chunk_adjusted)
-    logps = torch.cat(pieces) if pieces else scored_hidden.new_zeros(0, dtype=torch.float32)
+        mean_pieces.append(chunk_means)
+    empty = scored_hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(pieces) if pieces else empty
     adjusted = torch.cat(adjusted_pieces) if with_wpo and pieces else None
-    return logps, adjusted
+    return logps, adjusted, torch.cat(mean_pieces) if mean_pieces else empty
 
 
 def causal_attention_mask(attention_mask: Tensor) -> Tensor | None:
@@ -176,13 +188,11 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     attention_mask = causal_attention_mask(attention_mask)
     if not settings.completion_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logps, adjusted = _token_logps(logits[rows, positions], targets, with_wpo)
-        return _reduce(num_rows, rows, logps, adjusted)
+        return _reduce(num_rows, rows, *_token_logps(logits[rows, positions], targets, with_wpo))
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    logps, adjusted = _scored_logps(model, hidden[rows, positions], targets, settings, with_wpo)
-    return _reduce(num_rows, rows, logps, adjusted)
+    return _reduce(num_rows, rows, *_scored_logps(model, hidden[rows, positions], targets, settings, with_wpo))
 
 
 def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: ScoringSettings,
@@ -190,10 +200,10 @@ def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: 
     """Summed response log-probs of each sequence of a packed batch (dpo.packing layouts)."""
     index, targets, rows = batch["score_index"], batch["score_target"], batch["score_row"]
     if not settings.completion_only:
-        logps, adjusted = _token_logps(packed_logits(model, batch)[index], targets, with_wpo)
+        scored = _token_logps(packed_logits(model, batch)[index], targets, with_wpo)
     else:
-        logps, adjusted = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings, with_wpo)
-    return _reduce(num_sequences(batch), rows, logps, adjusted)
+        scored = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings, with_wpo)
+    return _reduce(num_sequences(batch), rows, *scored)
 
 
 class SequenceScorer(nn.Module):

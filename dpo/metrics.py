@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpo.loss import LossOutput, PreferenceLogps
+
 # Per-pair quantities summed over a step (then divided by the number of pairs).
 PAIR_METRICS = (
     "loss",
@@ -22,42 +24,62 @@ PAIR_METRICS = (
     "logps/chosen_per_token",  # each response's log-prob divided by its scored tokens: a mean length cannot move
     "logps/rejected_per_token",
 )
+# Per-token quantities summed over a step's scored tokens of one side (then divided by those tokens): TRL's mean
+# logit over the vocabulary at the response's positions, weighted by tokens as TRL weighs a micro-batch's.
+TOKEN_METRICS = ("logits/chosen", "logits/rejected")
 
 
 class PairMetrics:
-    """Running sums of the per-pair metrics; `reduce` turns them into means (after an all-reduce)."""
+    """Running sums of the step's metrics; `means` turns them into means (after an all-reduce of `sums`)."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.sums = torch.zeros(len(PAIR_METRICS) + 1, dtype=torch.float64, device=device)
+        # the pair sums, the pair count, then each token metric's sum and its token count
+        self.sums = torch.zeros(len(PAIR_METRICS) + 1 + 2 * len(TOKEN_METRICS), dtype=torch.float64, device=device)
 
-    def add(self, losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
-            chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor) -> None:
-        """Add a micro-batch's per-pair losses, rewards and log-probs (and the responses' scored tokens) to the
+    def add(self, out: LossOutput, logps: PreferenceLogps) -> None:
+        """Add a micro-batch's per-pair losses and rewards (`out`) and its log-probs and lengths (`logps`) to the
         sums."""
-        losses, chosen_rewards, rejected_rewards = losses.detach(), chosen_rewards.detach(), rejected_rewards.detach()
-        values = torch.stack([
+        losses, chosen_rewards, rejected_rewards = (x.detach() for x in out[:3])
+        chosen_logps, rejected_logps = logps.policy_chosen_logps.detach(), logps.policy_rejected_logps.detach()
+        chosen_lengths, rejected_lengths = logps.require("chosen_lengths"), logps.require("rejected_lengths")
+        pair_sums = torch.stack([
             losses.sum(),
             chosen_rewards.sum(),
             rejected_rewards.sum(),
             (chosen_rewards > rejected_rewards).float().sum(),
             (chosen_rewards - rejected_rewards).sum(),
-            chosen_logps.detach().sum(),
-            rejected_logps.detach().sum(),
-            (chosen_logps.detach() / chosen_lengths.clamp(min=1)).sum(),
-            (rejected_logps.detach() / rejected_lengths.clamp(min=1)).sum(),
-            torch.tensor(float(losses.numel()), device=losses.device),
-        ])
-        self.sums += values.to(self.sums.device, torch.float64)
+            chosen_logps.sum(),
+            rejected_logps.sum(),
+            (chosen_logps / chosen_lengths.clamp(min=1)).sum(),
+            (rejected_logps / rejected_lengths.clamp(min=1)).sum(),
+            losses.new_tensor(float(losses.numel())),
+        ]).double()
+        token_sums = [_token_sums(logits, lengths) for logits, lengths in (
+            (logps.policy_chosen_logits, chosen_lengths), (logps.policy_rejected_logits, rejected_lengths))]
+        self.sums += torch.cat([pair_sums.to(self.sums.device), *(t.to(self.sums.device) for t in token_sums)])
 
     @property
     def num_pairs(self) -> int:
         """The number of pairs added."""
-        return int(self.sums[-1].item())
+        return int(self.sums[len(PAIR_METRICS)].item())
 
     def means(self) -> dict[str, float]:
-        """Each per-pair metric's mean over the pairs added."""
-        count = max(self.sums[-1].item(), 1.0)
-        return {name: self.sums[i].item() / count for i, name in enumerate(PAIR_METRICS)}
+        """Each per-pair metric's mean over the pairs added, and each per-token metric's over its tokens (a token
+        metric without tokens is left out)."""
+        count = max(self.sums[len(PAIR_METRICS)].item(), 1.0)
+        result = {name: self.sums[i].item() / count for i, name in enumerate(PAIR_METRICS)}
+        for k, name in enumerate(TOKEN_METRICS):
+            total, tokens = self.sums[len(PAIR_METRICS) + 1 + 2 * k:len(PAIR_METRICS) + 3 + 2 * k].tolist()
+            if tokens > 0:
+                result[name] = total / tokens
+        return result
+
+
+def _token_sums(values: Tensor | None, lengths: Tensor) -> Tensor:
+    """(sum of the per-sequence sums `values`, their tokens) in fp64; (0, 0) when the scorer gave none."""
+    if values is None:
+        return torch.zeros(2, dtype=torch.float64)
+    return torch.stack([values.detach().double().sum(), lengths.double().sum()])
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

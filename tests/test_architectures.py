@@ -80,6 +80,7 @@ def test_fast_paths_equal_the_plain_path(arch, path):
     torch.testing.assert_close(fast.sum, plain.sum, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.count, plain.count, atol=0, rtol=0)
     torch.testing.assert_close(fast.wpo, plain.wpo, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=1e-5)  # the mean logit, from W's mean
 
     layout, overrides = FAST_PATHS[path]
     steps, reference = [[0, 1, 2], [3, 4, 5]], -torch.arange(6, dtype=torch.float32)

@@ -6,34 +6,40 @@ from dpo.logprobs import SequenceScorer, disable_dropout, sequence_logps
 from harness import random_pairs, tiny_phi
 
 
-def loop_logps(model, pairs):
-    """One sequence at a time, no padding, full log-softmax: the definition."""
-    sums, counts = [], []
+def loop_logps(model, pairs, with_logits=False):
+    """One sequence at a time, no padding, full log-softmax: the definition. With `with_logits`, also each
+    sequence's sum over its response tokens of the mean logit over the vocabulary (TRL's logits/chosen)."""
+    sums, counts, logit_sums = [], [], []
     for responses in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]):
         for pair, response in zip(pairs, responses):
             ids = torch.tensor([pair.prompt_ids + response])
-            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+            logits = model(input_ids=ids).logits.double()[0]
+            logp = logits.log_softmax(-1)
             start = len(pair.prompt_ids)
-            total = sum(logp[start + j - 1, tok] for j, tok in enumerate(response))
-            sums.append(total)
+            sums.append(sum(logp[start + j - 1, tok] for j, tok in enumerate(response)))
             counts.append(len(response))
-    return torch.stack(sums), torch.tensor(counts, dtype=torch.float32)
+            logit_sums.append(sum(logits[start + j - 1].mean() for j in range(len(response))))
+    result = torch.stack(sums).float(), torch.tensor(counts, dtype=torch.float32)
+    return (*result, torch.stack(logit_sums).float()) if with_logits else result
 
 
-@pytest.mark.parametrize("completion_only", [True, False])
+@pytest.mark.parametrize("completion_only,fused_lm_head", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("chunk_size", [3, 1024])
-def test_batched_masked_logps_equal_per_example_loop(completion_only, chunk_size):
+def test_batched_masked_logps_equal_per_example_loop(completion_only, fused_lm_head, chunk_size):
     model = tiny_phi().eval()
+    assert model.get_output_embeddings().bias is not None  # the mean logit's bias term is exercised
     pairs = random_pairs(5, 97)
     batch = collate_pairs(pairs, pad_id=0)
     with torch.no_grad():
         got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                             completion_only=completion_only, chunk_size=chunk_size)
-        want_sum, want_count = loop_logps(model, pairs)
+                             completion_only=completion_only, chunk_size=chunk_size, fused_lm_head=fused_lm_head)
+        want_sum, want_count, want_logits = loop_logps(model, pairs, with_logits=True)
     torch.testing.assert_close(got.sum, want_sum, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.count, want_count)
     torch.testing.assert_close(got.mean, want_sum / want_count, atol=1e-5, rtol=0)
-    assert got.sum.dtype == torch.float32
+    torch.testing.assert_close(got.logits, want_logits, atol=1e-5, rtol=1e-5)
+    assert want_logits.abs().min() > 1e-3  # not trivially zero
+    assert got.sum.dtype == got.logits.dtype == torch.float32
 
 
 def test_padding_and_prompt_positions_get_zero_gradient():

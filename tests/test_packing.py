@@ -75,6 +75,7 @@ def test_packed_logps_equal_definition_and_padded(layout, completion_only, empty
     torch.testing.assert_close(got.sum, padded.sum, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.count, padded.count, atol=0, rtol=0)
     torch.testing.assert_close(got.wpo, padded.wpo, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.logits, padded.logits, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
