@@ -356,7 +356,44 @@ def _explicit(record: dict, row: int) -> _Dialogue:
     prompt = _text_field(record, "prompt", row, "empty_prompt")
     chosen = _text_field(record, "chosen", row, "empty_response")
     rejected = _text_field(record, "rejected", row, "empty_response")
-    return _Dialogue(prompt, chosen, rejected)
+    if not _is_hh_prompt(prompt):
+        return _Dialogue(prompt, chosen, rejected)
+    # an HH conversation in the prompt field (Dahoas/full-hh-rlhf, rm-static): read as the implicit format reads
+    # the shared prefix, not wrapped in the template a second time
+    responses = _hh_responses(chosen, rejected, row)
+    return _Dialogue(_hh_messages(prompt, row, "field 'prompt' (HH text)"), *responses)
+
+
+def _is_hh_prompt(text: str) -> bool:
+    """Whether `text` is an HH conversation up to its last assistant cue: "...\n\nHuman: ...\n\nAssistant:"."""
+    return "\n\nHuman:" in text and text.rstrip().endswith(HH_ASSISTANT)
+
+
+def _hh_messages(prompt: str, row: int, where: str) -> list[dict[str, str]]:
+    """The messages of an HH text "lead\n\nHuman: u1\n\nAssistant: a1 ... \n\nHuman: un\n\nAssistant:".
+
+    Every turn's text is what lies between the markers, stripped: the space after "Assistant:" / "Human:" and the
+    line breaks around a turn belong to HH's text format, not to the message (the final answer is parsed as the
+    same answer in a later row's history is). A text before the first marker is a system message."""
+    parts = _HH_TURN.split(prompt.rstrip() + " ")
+    lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
+    messages = [{"role": "system", "content": lead}] if lead else []
+    messages += [{"role": _HH_ROLES[role], "content": text.strip()} for role, text in turns[:-1]]
+    _check_user_turns(messages, row, where)
+    return messages
+
+
+def _hh_responses(chosen: str, rejected: str, row: int) -> tuple[str, str]:
+    """The two final answers of an HH row, stripped; a response that goes on with another turn after its answer
+    is a "multi_turn_response" skip (its later turns would be scored as the answer's text)."""
+    responses = chosen.strip(), rejected.strip()
+    for key, text in zip(("chosen", "rejected"), responses):
+        if not text:
+            raise RowError("empty_response", row, f"field '{key}' has an empty response after the prompt")
+        if turn := _HH_TURN.search(text):
+            raise RowError("multi_turn_response", row, f"field '{key}' goes on after its answer with another "
+                                                       f"{turn.group(1)} turn")
+    return responses
 
 
 def _conversational(record: dict, row: int) -> _Dialogue:
@@ -364,7 +401,9 @@ def _conversational(record: dict, row: int) -> _Dialogue:
     rejected = _message_list(_get(record, "rejected", row), "rejected", row)
     if isinstance(record.get("prompt"), list):  # TRL style: prompt messages + continuations
         prompt = _message_list(record["prompt"], "prompt", row)
-        chosen, rejected = prompt + chosen, prompt + rejected
+        # or whole conversations that repeat the prompt (ultrafeedback_binarized's shape with a message prompt)
+        if not (chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt):
+            chosen, rejected = prompt + chosen, prompt + rejected
     elif isinstance(record.get("prompt"), str) and len(chosen) == len(rejected) == 1 and record["prompt"].strip():
         # a prompt string and the two answers as one assistant message each (ultrafeedback_binarized's full
         # conversations carry the user turn themselves: their "prompt" is then a copy, left unread)
@@ -393,20 +432,8 @@ def _implicit(record: dict, row: int) -> _Dialogue:
         raise RowError("no_assistant_turn", row, f"no shared prompt ending with {HH_ASSISTANT!r} "
                                                  "(and no 'prompt' field)")
     end += len(HH_ASSISTANT)
-    # Every turn's text is what lies between the markers, stripped: the space after "Assistant:" / "Human:" and
-    # the line breaks around a turn belong to HH's text format, not to the message (the final answer is parsed
-    # as the same answer in a later row's history is).
-    chosen_response, rejected_response = chosen[end:].strip(), rejected[end:].strip()
-    for key, text in (("chosen", chosen_response), ("rejected", rejected_response)):
-        if not text:
-            raise RowError("empty_response", row, f"field '{key}' has an empty response after the prompt")
-    # "lead\n\nHuman: u1\n\nAssistant: a1 ... \n\nHuman: un\n\nAssistant:" -> [lead, role, text, role, text, ...]
-    parts = _HH_TURN.split(chosen[:end])
-    lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
-    messages = [{"role": "system", "content": lead}] if lead else []
-    messages += [{"role": _HH_ROLES[role], "content": text.strip()} for role, text in turns[:-1]]
-    _check_user_turns(messages, row, "field 'chosen' (HH text)")
-    return _Dialogue(messages, chosen_response, rejected_response)
+    responses = _hh_responses(chosen[end:], rejected[end:], row)
+    return _Dialogue(_hh_messages(chosen[:end], row, "field 'chosen' (HH text)"), *responses)
 
 
 _FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
@@ -553,6 +580,9 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
             if pair is None:
                 stats.count_skip("prompt_too_long", f"row {example.row}: prompt of {len(ids[i])} tokens leaves no "
                                                     f"room for a response within max_length={max_length}")
+            elif not pair.prompt_ids:  # no position would predict the first response token: it goes unscored
+                stats.count_skip("empty_prompt", f"row {example.row}: the prompt is no tokens (rendered "
+                                                 f"{example.prompt!r}, and the tokenizer adds no BOS)")
             elif pair.chosen_ids == pair.rejected_ids:
                 stats.count_skip("identical_after_truncation", f"row {example.row}: chosen and rejected are "
                                                                f"identical within max_length={max_length}")

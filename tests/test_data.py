@@ -672,3 +672,56 @@ def test_data_stats_str_is_one_line():
     stats.count_skip("empty_response", "row 5: field 'chosen' is empty")
     assert stats.skipped == {"empty_response": 2} and stats.num_skipped == 2
     assert str(stats) == "10 rows, 8 pairs kept, 2 skipped: empty_response 2 (first: row 3: field 'chosen' is empty)"
+
+
+HH_HISTORY = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
+
+
+@pytest.mark.parametrize("template", ["recipe", "chat"])
+def test_an_hh_conversation_in_the_prompt_field_is_read_as_the_implicit_row(gpt2, template):
+    """Dahoas/full-hh-rlhf's layout: the HH text up to the last `Assistant:` in `prompt`, the answers apart. It is
+    the conversation the implicit row holds, not an instruction to wrap in the template once more."""
+    import copy
+
+    tokenizer = copy.copy(gpt2)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    implicit = {"chosen": HH_HISTORY + " Fine, thanks.", "rejected": HH_HISTORY + " Fine."}
+    explicit_hh = {"prompt": HH_HISTORY, "chosen": " Fine, thanks.", "rejected": " Fine."}
+    a, b = (to_example(r, 0, template=template, tokenizer=tokenizer) for r in (implicit, explicit_hh))
+    assert a == b and "Human:" not in a.prompt.replace("### Human:", "")
+    assert to_example(explicit("What is 2+2?\n\nAssistant: says", "4", "5"), 0).prompt == format_prompt(
+        "What is 2+2?\n\nAssistant: says")  # no "\n\nHuman:" turn: a plain instruction
+
+
+@pytest.mark.parametrize("record", [
+    {"chosen": HH_HISTORY + " Fine.\n\nHuman: And you?\n\nAssistant: Good.", "rejected": HH_HISTORY + " Bad."},
+    {"prompt": HH_HISTORY, "chosen": " Fine.", "rejected": " Bad.\n\nHuman: Why?\n\nAssistant: Because."},
+])
+def test_an_hh_answer_going_on_with_more_turns_is_a_counted_skip(record):
+    with pytest.raises(RowError, match="row 3: field '(chosen|rejected)' goes on after its answer") as err:
+        to_example(record, 3)
+    assert err.value.reason == "multi_turn_response"
+    pairs, stats = build_pairs([record, explicit()], CharTokenizer(), max_length=256)
+    assert len(pairs) == 1 and "multi_turn_response 1" in stats.reasons()
+
+
+def test_a_message_prompt_with_whole_conversations_is_not_repeated():
+    """prompt as messages, chosen/rejected as whole conversations that start with it: read once, as the
+    continuation layout is."""
+    prompt = [{"role": "user", "content": "q"}]
+    continuation = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "x"}],
+                    "rejected": [{"role": "assistant", "content": "y"}]}
+    whole = {"prompt": prompt, "chosen": conversation("q", "x"), "rejected": conversation("q", "y")}
+    assert to_example(whole, 0) == to_example(continuation, 0) == to_example(explicit("q", "x", "y"), 0)
+
+
+def test_a_prompt_of_no_tokens_is_a_counted_skip(gpt2):
+    """A chat template that renders no prompt text, with a tokenizer that adds no BOS: no position would predict
+    the first answer token, which would go unscored."""
+    import copy
+
+    tokenizer = copy.copy(gpt2)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+                               "<|endoftext|>{% endif %}{% endfor %}")
+    pairs, stats = build_pairs([explicit("q", "x", "y")] * 2, tokenizer, template="chat", allow_empty=True)
+    assert pairs == [] and stats.reasons().startswith("empty_prompt 2 (first: row 0: the prompt is no tokens")
