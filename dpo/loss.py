@@ -125,7 +125,8 @@ def _js_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
 
 def _alpha_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
     """f'(t) = (1 - t^-alpha) / alpha = -expm1(-alpha r) / alpha, exponent capped; alpha -> 0 is log t (reverse KL),
-    alpha = 1 is forward KL. The paper's and TRL's alpha (`f_alpha_divergence_coef`)."""
+    alpha = 1 is forward KL. The paper's alpha, and TRL 0.x's `f_alpha_divergence_coef`; TRL 1.x writes
+    (t^(a-1) - 1) / (a - 1), whose a is 1 - alpha here."""
     if alpha == 0.0:
         return log_ratio
     return -torch.expm1((-alpha * log_ratio).clamp(max=_EXP_CAP)) / alpha
@@ -194,11 +195,12 @@ class LossSettings:
                                       check=non_negative)
     rpo_normalize: str = setting("sequence", "how the RPO term averages the chosen NLL: over each answer's own tokens "
                                              "(sequence, the RPO paper; a short answer's tokens weigh more) or over "
-                                             "every chosen token of the step (tokens, as TRL)",
+                                             "every chosen token of the step (tokens, as TRL 0.x)",
                                  choices=("sequence", "tokens"))
     f_divergence: str = setting("reverse_kl", "f-divergence regulariser (f-DPO)", choices=tuple(F_DIVERGENCES))
     f_alpha: float = setting(1.0, "alpha of the alpha-divergence, f'(t) = (1 - t^-alpha) / alpha as in the f-DPO paper "
-                                  "and TRL: 0 is reverse KL, 1 (TRL's default) forward KL", check=finite)
+                                  "(and TRL 0.x): 0 is reverse KL, 1 forward KL; TRL 1.x's coefficient is 1 - alpha",
+                             check=finite)
     use_weighting: bool = setting(False, "WPO weighting of each pair's loss")
     simpo_gamma: float = setting(0.5, "SimPO target reward margin (TRL's CPOConfig default)", check=finite)
     discopop_tau: float = setting(0.05, "DiscoPOP temperature (TRL's DPOConfig default)", check=positive)
@@ -474,7 +476,7 @@ def _bco_reward_sums(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
 
 
 def _bco_update(state: dict[str, float], sums: list[float]) -> None:
-    """Cumulative mean of the steps' mean rewards (TRL's RunningMoments.mean with one update per batch)."""
+    """Cumulative mean of the steps' mean rewards (TRL 0.x's RunningMoments.mean with one update per batch)."""
     total, count = sums
     if count > 0:
         state["steps"] += 1
@@ -491,8 +493,8 @@ def bco_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
 
     BCO (Jung et al. 2024), paired form. delta is the mean, over the optimizer steps before this one, of each
     step's mean reward (chosen and rejected, whole global batch); 0 at the first step. It is the same whatever the
-    micro-batch size, accumulation and number of processes (TRL moves it per micro-batch and process, this batch
-    included, which makes the result depend on how a batch is split).
+    micro-batch size, accumulation and number of processes (TRL 0.x moved it per micro-batch and process, this
+    batch included, which made the result depend on how a batch is split; TRL 1.x has no delta).
     """
     chosen_rewards, rejected_rewards = _bco_rewards(x, cfg)
     delta = x.state.get("reward_mean", 0.0)
@@ -504,7 +506,7 @@ def exo_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """sigma(z) (log sigma(z) - log(1 - eps)) + sigma(-z) (log sigma(-z) - log eps), z = beta h.
 
     EXO (Ji et al. 2024, eq. 16): KL from the model's pair distribution to the label distribution (1 - eps, eps).
-    eps = label_smoothing, or 1e-3 when that is 0 (as TRL, since log 0 is undefined).
+    eps = label_smoothing, or 1e-3 when that is 0 (as TRL 0.x, since log 0 is undefined; TRL 1.x refuses 0).
     """
     eps = cfg.label_smoothing if cfg.label_smoothing > 0 else 1e-3
     z = cfg.beta * preference_margin(x, cfg)
@@ -670,7 +672,7 @@ def _term_losses(name: str, fn: LossFunction, x: PreferenceLogps, config: LossSe
 
 
 def _wpo_weights(x: PreferenceLogps) -> Tensor:
-    """clamp(exp(wpo_c + wpo_r), max=1), detached. WPO (Zhou et al. 2024, eq. 2), as TRL."""
+    """clamp(exp(wpo_c + wpo_r), max=1), detached. WPO (Zhou et al. 2024, eq. 2), as TRL 0.x (TRL 1.x: unclamped)."""
     try:
         chosen, rejected = x.require("chosen_wpo_logps"), x.require("rejected_wpo_logps")
     except MissingFieldError as error:
@@ -682,19 +684,30 @@ def _terms(config: LossSettings) -> list[tuple[str, LossFunction, float]]:
     return [(name, resolve_loss(name), weight) for name, weight in parse_loss_spec(config.loss_type)]
 
 
+def check_weighting(config: LossSettings) -> None:
+    """A LossSpecError for use_weighting with a batch-coupled term: WPO weighs pair i's loss, but such a term's i-th
+    loss belongs to the i-th quantile of the batch (aot sorts over it), not to pair i."""
+    if config.use_weighting and batch_coupled(config):
+        coupled = [name for name, _ in parse_loss_spec(config.loss_type)
+                   if getattr(resolve_loss(name), "is_batch_coupled", False)]
+        raise LossSpecError(f"--use-weighting cannot weigh --loss {config.loss_type}: {', '.join(coupled)} sorts over "
+                            "the batch, so its i-th loss is not pair i's")
+
+
 def compute_loss(logps: PreferenceLogps, config: LossSettings) -> LossOutput:
     """Per-pair losses and implicit rewards of a batch.
 
     losses = w * (sum_i weight_i * loss_i + rpo_alpha * (-pi_c / len_c))
       (with rpo_normalize 'tokens': -pi_c / the mean len_c of the step's batch)
-      w = WPO weight when use_weighting (applied to the whole per-pair loss, RPO term included, as TRL), else 1.
+      w = WPO weight when use_weighting (applied to the whole per-pair loss, RPO term included, as TRL 0.x), else 1.
     rewards = beta * (pi - ref) (ref = 0 when reference-free), or the first term's `rewards` hook
       (simpo, orpo: beta * per-token mean log-prob, as TRL's CPO/ORPO trainers; ipo, sigmoid_norm: beta * per-token
-      mean log-ratio, the scale they compare, as TRL); always detached.
+      mean log-ratio, the scale they compare, as TRL 0.x; TRL 1.x logs beta * the summed log-ratio); always detached.
     Each term sees its own part of the run's state, `logps.state[name]`, and never changes it; the statistics
     of the stateful terms come back in `state_sums` for `update_loss_state`.
     """
     terms = _terms(config)
+    check_weighting(config)
     x = _prepare(logps, config)
     losses = torch.zeros_like(x.policy_chosen_logps)
     sums = []

@@ -23,7 +23,8 @@ import torch
 
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
-from dpo.loss import LossSettings, batch_coupled, parse_loss_spec, reads_f_divergence, resolve_loss
+from dpo.loss import (LossSettings, batch_coupled, check_weighting, parse_loss_spec, reads_f_divergence,
+                      resolve_loss)
 from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
@@ -277,6 +278,7 @@ def check_requirements(cfg: TrainSettings) -> None:
     --optimizer are installed (the error names the pip extra)."""
     for name, _ in parse_loss_spec(cfg.loss.loss_type):
         resolve_loss(name)
+    check_weighting(cfg.loss)
     if cfg.loss.f_divergence != "reverse_kl" and not reads_f_divergence(cfg.loss):
         raise ConfigError(f"--f-divergence {cfg.loss.f_divergence} changes nothing for --loss {cfg.loss.loss_type}: "
                           "no term of it reads a log-ratio (aot sorts log-ratio differences; simpo, orpo and sft "

@@ -720,3 +720,14 @@ def test_integer_lengths_and_reference_on_another_dtype_are_cast():
     out = compute_loss(x, LossSettings(loss_type="ipo", beta=BETA))
     assert out.losses.dtype == torch.float32
     assert close(out.losses, ref_ipo(BETA, 0.0, F_TRANSFORMS["reverse_kl"]))
+
+
+@pytest.mark.parametrize("spec", ["aot", "aot_unpaired", "sigmoid:0.5,aot:0.5"])
+def test_wpo_weighting_of_a_batch_sorting_loss_is_refused(spec):
+    """Weighting pair i's loss by pair i's WPO weight is meaningless where the i-th loss is the batch's i-th
+    quantile: without the refusal, the step's loss depended on the order of the pairs in the batch."""
+    x = batch(chosen_wpo_logps=torch.tensor([-1.0, -0.2, -3.0]), rejected_wpo_logps=torch.tensor([-0.5, -2.0, -0.1]))
+    with pytest.raises(LossSpecError, match=r"--use-weighting cannot weigh --loss .*aot\S* sorts over the batch"):
+        compute_loss(x, LossSettings(loss_type=spec, use_weighting=True))
+    assert compute_loss(x, LossSettings(loss_type=spec)).losses.shape == (3,)  # unweighted: still a loss
+    assert compute_loss(x, LossSettings(loss_type="sigmoid", use_weighting=True)).losses.shape == (3,)
