@@ -146,8 +146,9 @@ class ExplodingLogRatios(Check):
 
 
 class LossScaleCollapse(Check):
-    """The fp16 GradScaler's scale LOSS_SCALE_DROP below its highest value, or below 1: gradients overflow at
-    (nearly) every step and those steps are skipped."""
+    """The fp16 GradScaler's scale LOSS_SCALE_DROP (2^10) below its highest value, or below 1: at least ten steps
+    since the highest had gradients that overflowed, each skipped, and a scale below 1 lets small gradients
+    underflow."""
 
     name = "loss_scale_collapse"
     state = ("highest",)
@@ -162,9 +163,17 @@ class LossScaleCollapse(Check):
             return None
         self.highest = max(self.highest, scale)
         if scale < 1.0 or scale <= self.highest / LOSS_SCALE_DROP:
-            return (f"the fp16 loss scale fell to {scale:g} (from {self.highest:g}); {record.get('skipped_steps', '?')} "
-                    "steps skipped: gradients overflow at nearly every step. Use --precision bf16 (or fp32), lower "
-                    "--lr, or look for activations beyond fp16's range")
+            # GradScaler halves the scale at each step whose gradients overflow (and skips it), and doubles it only
+            # after a long run of clean steps: a net drop of 2^n means at least n overflowing steps since the highest
+            halvings = round(math.log2(self.highest / scale)) if scale > 0 else 0
+            message = f"the fp16 loss scale fell to {scale:g}"
+            if halvings >= 1:
+                message += (f", 2^{halvings:g} below its highest {self.highest:g}: at least {halvings:g} steps overflowed "
+                            "since, each skipped")
+            message += f" ({record.get('skipped_steps', '?')} skipped in all)"
+            if scale < 1.0:
+                message += "; below 1 it scales the gradients down, and small ones underflow"
+            return message + ". Use --precision bf16 (or fp32), lower --lr, or look for activations beyond fp16's range"
         return None
 
 

@@ -72,9 +72,11 @@ def test_loss_scale_collapse():
     scales = [65536.0 / 2 ** k for k in range(11)]
     results = [check.train(train_record(k + 1, loss_scale=s, skipped_steps=k)) for k, s in enumerate(scales)]
     assert results[:10] == [None] * 10  # 65536 .. 128
-    assert "loss scale fell to 64" in results[10] and "bf16" in results[10]
+    assert "loss scale fell to 64, 2^10 below its highest 65536: at least 10 steps overflowed" in results[10]
+    assert "(10 skipped in all)" in results[10] and "bf16" in results[10] and "underflow" not in results[10]
     low = LossScaleCollapse()
-    assert "0.5" in low.train(train_record(1, loss_scale=0.5))
+    message = low.train(train_record(1, loss_scale=0.5))
+    assert message.startswith("the fp16 loss scale fell to 0.5 (") and "small ones underflow" in message
 
 
 def test_monitor_raises_each_alert_once_strict_stops_off_is_silent():
