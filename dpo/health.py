@@ -168,8 +168,8 @@ class LossScaleCollapse(Check):
             halvings = round(math.log2(self.highest / scale)) if scale > 0 else 0
             message = f"the fp16 loss scale fell to {scale:g}"
             if halvings >= 1:
-                message += (f", 2^{halvings:g} below its highest {self.highest:g}: at least {halvings:g} steps overflowed "
-                            "since, each skipped")
+                message += (f", 2^{halvings:g} below its highest {self.highest:g}: at least {halvings:g} steps "
+                            "overflowed since, each skipped")
             message += f" ({record.get('skipped_steps', '?')} skipped in all)"
             if scale < 1.0:
                 message += "; below 1 it scales the gradients down, and small ones underflow"
