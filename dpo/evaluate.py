@@ -311,21 +311,41 @@ def proportion(passed: int, n: int) -> dict[str, float | int]:
     return {"rate": passed / n if n else 0.0, "low": low, "high": high, "passed": passed, "n": n}
 
 
+def clustered_proportion(clusters: Sequence[tuple[int, int]]) -> dict[str, float | int]:
+    """sum(passed) / sum(n) over clusters (passed, n) that need not be independent inside (a prompt's constraints
+    pass or fail together more often than apart), with a Wilson interval over the effective number of trials:
+    n_eff = p (1 - p) / V, V = sum_i (passed_i - p n_i)^2 / (sum_i n_i)^2 the ratio estimator's linearized variance
+    (Kish's design effect), at most sum(n). Clusters of one trial give n_eff = n: the plain Wilson interval."""
+    passed, n = sum(c[0] for c in clusters), sum(c[1] for c in clusters)
+    result = proportion(passed, n)
+    if n and any(m > 1 for _, m in clusters):
+        p = passed / n
+        variance = sum((y - p * m) ** 2 for y, m in clusters) / n ** 2
+        effective = min(float(n), p * (1.0 - p) / variance) if variance > 0 else float(n)
+        result["low"], result["high"] = wilson_interval(p, effective)
+        result["effective_n"] = effective
+    else:
+        result["effective_n"] = float(n)
+    return result
+
+
 def ifeval_summary(judge: IFEvalJudge, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, Any]:
     """IFEval's four accuracies of one model's answers, overall and per constraint type, each with its interval:
     prompt level (a prompt counts when all its constraints pass; per type, over the prompts that have the type) and
-    instruction level (each constraint counts), strict and loose (dpo.ifeval); the share of answers that copy a
+    instruction level (each constraint counts; its interval allows for the constraints of one prompt passing or
+    failing together: clustered_proportion), strict and loose (dpo.ifeval); the share of answers that copy a
     constraint's description (dpo.ifeval.echoed_constraint); prompt-level strict with copies counted as misses, and
     with copies or loops (dpo.repetition.repeats_itself) counted as misses: both pass format checkers without
     answering."""
-    counts: dict[str, dict[str, list[int]]] = {}  # type ("" overall) -> metric -> [passed, n]
+    # type ("" overall) -> metric -> prompt index -> [passed, n]: a prompt's constraints are one cluster
+    counts: dict[str, dict[str, dict[int, list[int]]]] = {}
 
     def add(group: str, metric: str, passed: bool) -> None:
-        cell = counts.setdefault(group, {name: [0, 0] for name, _ in IFEVAL_METRICS})[metric]
+        cell = counts.setdefault(group, {name: {} for name, _ in IFEVAL_METRICS})[metric].setdefault(index, [0, 0])
         cell[0], cell[1] = cell[0] + int(passed), cell[1] + 1
 
     copies = strict_without_copies = strict_without_copies_or_loops = 0
-    for text, answer in zip(instructions, answers):
+    for index, (text, answer) in enumerate(zip(instructions, answers)):
         strict, loose = judge.verdicts(text, answer)
         prompt = judge.prompt(text)
         types = prompt.instruction_id_list
@@ -340,11 +360,12 @@ def ifeval_summary(judge: IFEvalJudge, instructions: Sequence[str], answers: Seq
             for target in ("", group):
                 add(target, "instruction_strict", passed_strict)
                 add(target, "instruction_loose", passed_loose)
-    summary = {name: proportion(*counts.get("", {}).get(name, [0, 0])) for name, _ in IFEVAL_METRICS}
+    summary = {name: clustered_proportion(list(counts.get("", {}).get(name, {}).values()))
+               for name, _ in IFEVAL_METRICS}
     summary["copies_constraint"] = proportion(copies, len(answers))
     summary["prompt_strict_no_copy"] = proportion(strict_without_copies, len(answers))
     summary["prompt_strict_no_copy_or_loop"] = proportion(strict_without_copies_or_loops, len(answers))
-    summary["types"] = {group: {name: proportion(*cells[name]) for name, _ in IFEVAL_METRICS}
+    summary["types"] = {group: {name: clustered_proportion(list(cells[name].values())) for name, _ in IFEVAL_METRICS}
                         for group, cells in sorted(counts.items()) if group}
     return summary
 

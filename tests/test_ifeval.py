@@ -8,7 +8,7 @@ import random
 import pytest
 
 from dpo.data import instruction_records, load_records
-from dpo.evaluate import format_ifeval, ifeval_summary, proportion, wilson_interval
+from dpo.evaluate import clustered_proportion, format_ifeval, ifeval_summary, proportion, wilson_interval
 from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_descriptions, constrained_prompts,
                         echoed_constraint, loose_variants, main, parse_prompt, sampled_constraint, split_instructions,
                         verdicts)
@@ -205,9 +205,29 @@ def test_the_report_counts_prompt_and_instruction_level_per_type_with_wilson_int
     low, high = wilson_interval(1 / 3, 3)
     assert summary["prompt_strict"]["low"] == low and summary["prompt_strict"]["high"] == high
     assert proportion(0, 0) == {"rate": 0.0, "low": 0.0, "high": 1.0, "passed": 0, "n": 0}
+    # instruction level: prompt b's two constraints are one cluster, (0, 1), (2, 2), (0, 1): p = 1/2 and
+    # V = (0.25 + 1 + 0.25) / 16, so the interval is Wilson's over p (1 - p) / V = 8/3 trials, not 4
+    assert summary["instruction_strict"]["effective_n"] == pytest.approx(8 / 3)
+    wide = wilson_interval(0.5, 8 / 3)
+    assert (summary["instruction_strict"]["low"], summary["instruction_strict"]["high"]) == pytest.approx(wide)
+    assert wide[1] - wide[0] > (lambda lo, hi: hi - lo)(*wilson_interval(0.5, 4))
     table = format_ifeval(summary, summary, "after", "before")
     assert "prompt-level strict" in table and "change_case:english_lowercase" in table
     assert f"{1 / 3:.3f} [{low:.3f}, {high:.3f}]" in table
+
+
+def test_a_prompts_constraints_count_as_one_trial_when_they_pass_and_fail_together():
+    """Closed forms of the clustered interval: k prompts whose 2 constraints always agree carry the information of
+    k trials (n_eff = k, not 2k); prompts of one constraint give the plain Wilson interval; never narrower than
+    independent trials (constraints that disagree more than chance are capped at n)."""
+    together = clustered_proportion([(2, 2)] * 6 + [(0, 2)] * 14)
+    assert (together["passed"], together["n"], together["effective_n"]) == (12, 40, pytest.approx(20.0))
+    assert (together["low"], together["high"]) == pytest.approx(wilson_interval(0.3, 20))
+    single = clustered_proportion([(1, 1)] * 3 + [(0, 1)] * 7)
+    assert (single["low"], single["high"], single["effective_n"]) == (*wilson_interval(0.3, 10), 10)
+    apart = clustered_proportion([(1, 2)] * 10)  # every prompt passes exactly one of two: V = 0, capped at n
+    assert apart["effective_n"] == 20 and (apart["low"], apart["high"]) == pytest.approx(wilson_interval(0.5, 20))
+    assert clustered_proportion([]) == {**proportion(0, 0), "effective_n": 0}
 
 
 @pytest.mark.slow
