@@ -16,8 +16,8 @@ logits otherwise (e.g. scale them) must use `completion_only=False`, which takes
 With `fused_lm_head=True` (default) the LM head and its log-softmax run as one autograd function
 (dpo.lm_head.lm_head_logps) over cache-sized tiles, with a hand-written backward; with False, each
 `chunk_size` rows go through `lm_head` and an fp32 log-softmax under ordinary autograd. Both compute the
-same numbers (to fp32 rounding). The fused head cannot soft-cap its tiles: a soft-capped model always takes
-the unfused path.
+same numbers (to fp32 rounding). The fused head cannot soft-cap its tiles, and reads the output layer's weight
+and bias only: a soft-capped model, or one with a LoRA adapter on its LM head, always takes the unfused path.
 
 Batches come in two layouts, told apart by their keys: the padded one of `collate_pairs` (input_ids,
 attention_mask, labels) and the packed ones of dpo.packing (one row of real tokens, `score_*` tensors
@@ -134,6 +134,15 @@ def logit_softcap(model: nn.Module) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None)
 
 
+def fused_head_applies(model: nn.Module, settings: ScoringSettings) -> bool:
+    """Whether the fused LM head computes this model's log-probs: completion_only and fused_lm_head set, logits not
+    soft-capped, and an output layer that is its weight and bias (a LoRA adapter on it, peft's lora_A / lora_B,
+    adds to that product, so its log-probs take the unfused path through the layer's own forward)."""
+    head = model.get_output_embeddings()
+    return (settings.completion_only and settings.fused_lm_head and logit_softcap(model) is None
+            and not hasattr(head, "lora_A"))
+
+
 def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None) -> Tensor:
     logits = lm_head(hidden)
     if cap is None:
@@ -148,7 +157,7 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, sett
     values (with_wpo) and each row's mean logit as _token_logps returns them."""
     lm_head = model.get_output_embeddings()
     cap = logit_softcap(model)
-    if settings.fused_lm_head and cap is None:
+    if fused_head_applies(model, settings):
         # keeping the softmax, the head holds all rows' tiles anyway: one block of rows is then the fastest
         # (dW is made in one pass); chunk_size bounds the recomputing head's scratch
         row_chunk = settings.chunk_size if settings.recompute_softmax else max(settings.chunk_size, len(targets))
@@ -227,7 +236,7 @@ class SequenceScorer(nn.Module):
         `micro_batch_size` pairs with the most response tokens), so that the first steps do not pay for
         mapping ever larger buffers. Returns the rows reserved (0 when the head keeps no workspace)."""
         s = self.settings
-        fused = s.completion_only and s.fused_lm_head and logit_softcap(self.model) is None
+        fused = fused_head_applies(self.model, s)
         head = self.model.get_output_embeddings()
         frozen = not any(p.requires_grad for p in head.parameters())  # fp32: the fused head then keeps no tiles
         if not fused or s.recompute_softmax or frozen or not pairs:

@@ -281,6 +281,30 @@ def test_modules_to_save_train_in_full_and_the_reference_keeps_the_original(work
     assert any("lm_head" in key for key in saved) and any("lora_" in key for key in saved)
 
 
+def test_a_lora_adapter_on_the_lm_head_is_scored_and_trained(workdir):
+    """--lora-target-modules q_proj,lm_head: the head's LoRA layer adds B A h to W h, which the fused head (it reads
+    W and b) would leave out: its log-probs are the unfused path's and its B moves."""
+    cfg = parse_settings(args(workdir, "unused", "--lora-target-modules", "q_proj,lm_head"))
+    policy, adapters = train.build_policy(cfg, torch.device("cpu"))
+    head = policy.get_output_embeddings()
+    assert hasattr(head, "lora_A")
+    with torch.no_grad():
+        for module in (head.lora_B["default"], head.lora_A["default"]):
+            module.weight.normal_(0, 0.5)  # an adapter that changes the head's logits
+    pairs = random_pairs(8, 97, seed=5)
+    plain = SequenceScorer(policy, fused_lm_head=False)
+    with torch.no_grad():
+        want = plain(collate_pairs(pairs, pad_id=0))
+        base = scored(load_causal_lm(str(workdir / "model")), pairs)
+    assert not torch.allclose(want.sum, base, atol=1e-2)  # the head's adapter counts
+    torch.testing.assert_close(scored(policy, pairs), want.sum, atol=1e-5, rtol=0)  # default (fused) settings
+    state = train.build_state(cfg, policy, adapters, device=torch.device("cpu"), dist=train.DistInfo(),
+                              collate=lambda p: collate_pairs(p, pad_id=0), workspace_pairs=pairs)
+    before = head.lora_B["default"].weight.detach().clone()
+    train.train_step(state, train.PairBatch(pairs, train.ReferenceLogps(*want.sum.reshape(2, -1))), lr=1e-2)
+    assert not torch.equal(head.lora_B["default"].weight, before)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, precision):
     """Under LoRA the base loads in half precision; what trains in full (modules_to_save) gets an fp32 master copy,
