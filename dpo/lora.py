@@ -158,6 +158,7 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
     peft = import_peft()
     start = start or settings.adapter
     if start is None:
+        check_module_names(base, settings)
         try:
             with quiet_peft(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -176,7 +177,24 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
             for name, dropout in dropouts.items():
                 if isinstance(dropout, nn.Dropout):
                     dropout.p = settings.lora_dropout if name == TRAINED_ADAPTER else 0.0
+    peft_model.peft_config[TRAINED_ADAPTER].lora_dropout = settings.lora_dropout  # saved with it, as trained
     return Adapters(peft_model, with_reference_adapter=settings.adapter is not None)
+
+
+def check_module_names(base: nn.Module, settings: LoraSettings) -> None:
+    """A LoraError naming each module of --lora-target-modules / --lora-modules-to-save that is no module of `base`
+    (peft matches a name to a module named so, or ending in "." and the name; it refuses only a list of which no
+    name matches, so a misspelled name beside a right one was silently not trained)."""
+    names = [name for name, _ in base.named_modules()]
+    targets = settings.lora_target_modules.strip()
+    for flag, value in (("--lora-target-modules", "" if targets == "all-linear" else targets),
+                        ("--lora-modules-to-save", settings.lora_modules_to_save)):
+        unknown = [want for want in _names(value) or []
+                   if not any(name == want or name.endswith("." + want) for name in names)]
+        if unknown:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name and not name[-1].isdigit()})
+            raise LoraError(f"{flag} {value}: no module of the model is named {', '.join(unknown)} (its modules: "
+                            f"{', '.join(leaves)})")
 
 
 def peft_config(settings: LoraSettings) -> Any:

@@ -182,7 +182,9 @@ def test_an_sft_adapter_saved_with_dropout_trains_deterministically(workdir, tmp
     policy, adapters = policy_of(workdir, "--adapter", str(sft / "final"))
     probabilities = [m.p for m in policy.modules() if isinstance(m, torch.nn.Dropout)]
     assert probabilities and set(probabilities) == {0.0}
-    run(workdir, str(tmp_path / "from-sft"), "--adapter", str(sft / "final"), "--max-steps", "2")  # step-0 check passes
+    out = run(workdir, str(tmp_path / "from-sft"), "--adapter", str(sft / "final"), "--max-steps", "2")  # step-0 check
+    # its adapter is saved with the dropout it trained with (peft would apply 0.1 to a run continuing from it)
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
     with pytest.raises(train.ConfigError, match="--lora-dropout with --adapter"):
         parse_settings(args(workdir, "unused", "--adapter", str(sft / "final"), "--lora-dropout", "0.1"))
 
@@ -190,6 +192,9 @@ def test_an_sft_adapter_saved_with_dropout_trains_deterministically(workdir, tmp
 @pytest.mark.parametrize("flags,message", [
     (("--lora-r", "-1"), "--lora-r must be a non-negative number"),
     (("--lora-target-modules", "no_such_proj"), "--lora-target-modules no_such_proj:"),
+    (("--lora-target-modules", "q_proj,v_prj"), "--lora-target-modules q_proj,v_prj: no module of the model is named "
+                                                "v_prj (its modules: "),
+    (("--lora-modules-to-save", "lm_haed"), "--lora-modules-to-save lm_haed: no module of the model is named lm_haed"),
     (("--load-in-4bit",), "--load-in-4bit quantizes the base with bitsandbytes, which needs a CUDA device"),
     (("--lora-r", "0", "--merge-lora"), "--merge-lora needs LoRA"),
 ])
