@@ -165,8 +165,9 @@ class TensorBoardTracker(Tracker):
 
         log_dir = self.run_dir / "tensorboard"
         self.location = str(log_dir)
-        # purge_step hides the events a crashed run logged after its checkpoint, which this run logs again
-        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step > 0 else None)
+        # purge_step hides the events a crashed run logged after its checkpoint, which this run logs again; a run
+        # that starts at step 0 hides all of them (a --resume before the first checkpoint starts over)
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step > 0 else 0)
         flat = flat_config(config)
         if resume_step == 0:
             values = {key: value if isinstance(value, (int, float, str)) or value is None else _text(value)
@@ -206,7 +207,8 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
 class WandbTracker(Tracker):
     """A W&B run: online when WANDB_MODE says so or an API key is configured, else offline under <run_dir>/wandb.
 
-    The run id is kept in <run_dir>/wandb_run_id, so a resumed training run continues the same W&B run.
+    The run id is kept in <run_dir>/wandb_run_id, so a resumed training run continues the same W&B run; a run
+    that starts over at step 0 (a --resume before the first checkpoint) is a new W&B run.
     """
 
     name = extra = module = "wandb"
@@ -217,7 +219,7 @@ class WandbTracker(Tracker):
 
         self.wandb = wandb
         id_file = self.run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else None
+        run_id = id_file.read_text().strip() if id_file.exists() and resume_step > 0 else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(dir=str(self.run_dir), project=os.environ.get("WANDB_PROJECT") or PROJECT,
                               name=run_name, config=config, id=run_id, resume="allow" if run_id else None,
@@ -265,7 +267,8 @@ class MlflowTracker(Tracker):
     The default store is `sqlite:///<run_dir>/mlflow.db` where sqlalchemy and alembic are installed, else the
     file store `file://<run_dir>/mlruns` (MLflow 3 refuses it unless MLFLOW_ALLOW_FILE_STORE is set, which this
     tracker then sets). Metric keys keep their slashes (`train/rewards/chosen` is a valid MLflow name); any
-    character MLflow rejects becomes `_`. The run id is kept in <run_dir>/mlflow_run_id for resuming.
+    character MLflow rejects becomes `_`. The run id is kept in <run_dir>/mlflow_run_id for resuming; a run that
+    starts over at step 0 (a --resume before the first checkpoint) is a new run, the crashed one marked KILLED.
     """
 
     name = extra = module = "mlflow"
@@ -293,7 +296,11 @@ class MlflowTracker(Tracker):
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
             experiment_name, artifact_location=artifacts.resolve().as_uri() if artifacts else None)
         id_file = self.run_dir / "mlflow_run_id"
-        if id_file.exists():
+        if id_file.exists() and resume_step == 0:  # a run starting over: a crashed attempt's run is still RUNNING
+            earlier = id_file.read_text().strip()
+            if self.client.get_run(earlier).info.status == "RUNNING":
+                self.client.set_terminated(earlier, status="KILLED")
+        if id_file.exists() and resume_step > 0:
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
         else:

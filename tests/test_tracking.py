@@ -258,6 +258,48 @@ def test_a_resumed_run_logs_each_step_once_in_the_same_runs(isolated, tmp_path):
         assert client.get_run(first["mlflow"].run_id).info.status == "FINISHED"
 
 
+def test_a_run_starting_over_before_its_first_checkpoint_logs_each_step_once_in_new_runs(isolated, tmp_path):
+    """A crash before the first checkpoint, then --resume: the run starts over at step 0 and logs steps 1-3 again.
+    TensorBoard hides the first attempt's events, W&B and MLflow get new runs (MLflow's first one marked KILLED)."""
+    names = [name for name in INSTALLED if name != "trackio"]  # trackio's directory is the first run's
+    report_to = ",".join(names) or "none"
+
+    def attempt(offset, crash):
+        trackers = open_trackers(report_to, tmp_path, RUN_NAME, CONFIG, resume_step=0)
+        for step in (1, 2, 3):
+            trackers.log({"split": "train", "step": step, "loss": step / 10 + offset})
+        opened = {tracker.name: tracker for tracker in trackers}
+        if not crash:
+            trackers.close()
+        elif "wandb" in opened:  # W&B keeps one run per process: a crashed process's run ends with it
+            opened["wandb"].run.finish(exit_code=1)
+        return opened
+
+    first, second = attempt(0.0, crash=True), attempt(1.0, crash=False)
+    expected = [(1, 1.1), (2, 1.2), (3, 1.3)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == expected
+    if "tensorboard" in names:
+        first["tensorboard"].writer.flush()
+        from tensorboard.backend.event_processing import event_accumulator
+
+        events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, float(np.float32(v)))
+                                                                            for s, v in expected]
+    if "wandb" in names:
+        assert second["wandb"].run.id != first["wandb"].run.id
+        assert (tmp_path / "wandb_run_id").read_text() == second["wandb"].run.id
+    if "mlflow" in names:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(second["mlflow"].tracking_uri)
+        assert second["mlflow"].run_id != first["mlflow"].run_id
+        assert client.get_run(first["mlflow"].run_id).info.status == "KILLED"
+        assert client.get_run(second["mlflow"].run_id).info.status == "FINISHED"
+        history = client.get_metric_history(second["mlflow"].run_id, "train/loss")
+        assert [(m.step, m.value) for m in history] == expected
+
+
 def test_jsonl_keeps_the_lines_up_to_the_resumed_step(tmp_path):
     with open_trackers("none", tmp_path, RUN_NAME, CONFIG) as trackers:
         for step in range(1, 5):
