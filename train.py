@@ -107,9 +107,9 @@ def open_run_dir(cfg: TrainSettings, dist: DistInfo,
         replaced = prepare_output_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs)
     barrier(dist)
     path = latest_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and path is None and (out_dir / "final").is_dir():
-        raise ConfigError(f"--resume: {out_dir} holds a finished run (final/) and no checkpoint to continue from; "
-                          "--overwrite to train it again")
+    if cfg.resume and (out_dir / "final").is_dir():  # its checkpoints (if kept) would train its last steps again
+        raise ConfigError(f"--resume: {out_dir} holds a finished run (final/), nothing to continue; --overwrite to "
+                          "train it again")
     if cfg.resume and path is None:
         log(f"--resume: no complete checkpoint in {out_dir}, starting from step 0")
     if path is None:

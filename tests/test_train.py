@@ -290,10 +290,15 @@ def test_resume_refuses_changed_data_and_a_finished_run_without_checkpoints(work
     assert train.cli(argv) == 2 and "--dataset changed" in capsys.readouterr().err
     data.write_text("".join(lines))
     assert train.cli(argv) == 0 and (out / "final").is_dir()
+    finished = (out / "final" / "model.safetensors").read_bytes()
+    assert list(out.glob("checkpoint-*"))  # a finished run with its checkpoints: its last steps are not trained again
+    assert train.cli(argv) == 2
+    assert f"error: --resume: {out} holds a finished run (final/), nothing to continue" in capsys.readouterr().err
     for checkpoint in out.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
     assert train.cli(argv) == 2
-    assert "holds a finished run (final/) and no checkpoint to continue from" in capsys.readouterr().err
+    assert "holds a finished run (final/), nothing to continue" in capsys.readouterr().err
+    assert (out / "final" / "model.safetensors").read_bytes() == finished
 
 
 def test_an_update_that_breaks_the_model_is_never_saved(workdir, tmp_path, capsys):
