@@ -20,6 +20,7 @@ HEALTH_MODES = ("warn", "strict", "off")
 LN2 = math.log(2.0)
 EXPLODING_FACTOR = 3.0  # mean per-token log-prob beyond 3x its first-step value (+ EXPLODING_SLACK nats): exploding
 EXPLODING_SLACK = 1.0
+DISPLACEMENT_MIN_FALL = 0.01  # nats per chosen token over the window: a fall below it is rounding, not displacement
 LOSS_SCALE_DROP = 2.0 ** 10  # ten net halvings of the fp16 loss scale below its highest value: collapsing
 
 
@@ -84,26 +85,32 @@ class NothingScored(Check):
 
 
 class LikelihoodDisplacement(Check):
-    """Chosen log-probs falling at each of `window` evaluations while the margins rise: the policy pushes both
-    responses down (Razin et al. 2024, "Unintentional Unalignment")."""
+    """Chosen log-probs falling at each of `window` evaluations, by DISPLACEMENT_MIN_FALL nats per token or more in
+    all, while the margins rise: the policy pushes both responses down (Razin et al. 2024, "Unintentional
+    Unalignment")."""
 
     name = "likelihood_displacement"
-    state = ("history",)
+    state = ("history", "per_token")
 
     def __init__(self, window: int):
         self.window = window
         self.history: deque[tuple[float, float]] = deque(maxlen=window + 1)
+        self.per_token: deque[tuple[float]] = deque(maxlen=window + 1)  # (a checkpoint of an older run has none)
 
     def eval(self, record: dict[str, Any]) -> str | None:
         """A message once the chosen log-probs have fallen and the margins risen at each of the last `window`
-        evaluations."""
+        evaluations, the chosen log-prob per token by DISPLACEMENT_MIN_FALL or more since the first of them."""
         self.history.append((_value(record, "logps/chosen"), _value(record, "rewards/margins")))
-        if len(self.history) <= self.window:
+        self.per_token.append((_value(record, "logps/chosen_per_token"),))
+        if len(self.history) <= self.window or len(self.per_token) <= self.window:
             return None
         chosen, margins = zip(*self.history)
-        if all(b < a for a, b in zip(chosen, chosen[1:])) and all(b > a for a, b in zip(margins, margins[1:])):
+        fall = self.per_token[0][0] - self.per_token[-1][0]
+        if (all(b < a for a, b in zip(chosen, chosen[1:])) and all(b > a for a, b in zip(margins, margins[1:]))
+                and fall >= DISPLACEMENT_MIN_FALL):
             return (f"chosen log-probs fell at each of the last {self.window} evaluations ({chosen[0]:.4g} -> "
-                    f"{chosen[-1]:.4g}) while the margins rose ({margins[0]:.4g} -> {margins[-1]:.4g}): likelihood "
+                    f"{chosen[-1]:.4g}, {fall:.3g} nats per token) while the margins rose ({margins[0]:.4g} -> "
+                    f"{margins[-1]:.4g}): likelihood "
                     "displacement, the chosen responses lose probability too. --rpo-alpha 1.0 adds their NLL to "
                     "the loss; a lower --lr or higher --beta slows it")
         return None

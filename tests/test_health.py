@@ -18,8 +18,9 @@ def train_record(step, **values):
     return {**base, **values}
 
 
-def eval_record(step, chosen, margin):
-    return {"split": "eval", "step": step, "logps/chosen": chosen, "rewards/margins": margin}
+def eval_record(step, chosen, margin, tokens=10):
+    return {"split": "eval", "step": step, "logps/chosen": chosen, "rewards/margins": margin,
+            "logps/chosen_per_token": chosen / tokens}
 
 
 # ---------------------------------------------------------------------------------------------------- the checks
@@ -51,6 +52,9 @@ def test_likelihood_displacement_needs_window_falls_with_rising_margins():
     assert all(demo_like.eval(eval_record(i, -2.0 + 0.3 * i, 0.1 * i)) is None for i in range(6))
     flat_margin = LikelihoodDisplacement(window=3)  # both falling but margins not rising: not this alert
     assert all(flat_margin.eval(eval_record(i, -2.0 - i, 0.3)) is None for i in range(6))
+    rounding = LikelihoodDisplacement(window=3)  # falling by 1e-4 nats in all (1e-5 per token): not displacement
+    assert all(rounding.eval(eval_record(i, -2.0 - 3e-5 * i, 0.1 * i)) is None for i in range(6))
+    assert "0.3 nats per token" in message
 
 
 def test_exploding_log_ratios():
