@@ -132,9 +132,13 @@ def _draw_panel(ax: Axes, panel: Panel, by_split: dict[str, list[tuple[int, dict
             label = f"{name} ({split})" if name else split
             line_color = color or SPLIT_COLORS[split]
             if split == "train":
-                # a lone train point has no segment to show it
+                # a finite point between two missing ones (a single step, or --on-nan skip's gaps) is on no segment:
+                # it gets a marker
+                finite = np.isfinite(values)
+                lone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
                 ax.plot(steps, values, color=line_color, linewidth=1.6, label=label, clip_on=clip,
-                        marker="o" if steps.size == 1 else None, markersize=4)
+                        marker="o" if lone.any() else None, markevery=lone.tolist() if lone.any() else None,
+                        markersize=4)
             else:
                 ax.plot(steps, values, color=line_color, linewidth=1.0, linestyle="--", marker="o", markersize=5,
                         label=label, clip_on=clip, zorder=3)

@@ -117,6 +117,17 @@ def test_none_and_non_finite_values_become_gaps():
     assert math.isfinite(low) and math.isfinite(high) and high < 10
 
 
+def test_a_finite_train_point_between_gaps_gets_a_marker_and_the_others_none():
+    """--on-nan skip leaves the loss missing at every other step: each finite point is on no segment."""
+    records = [{"split": "train", "step": s, "loss": None if s % 2 else 0.7 - 0.01 * s} for s in range(1, 9)]
+    records += [{"split": "train", "step": 9, "loss": 0.6}]  # step 8 and 9: a segment, no markers
+    line = _line(_panels(training_figure(records))["loss"], "train")
+    assert line.get_marker() == "o"
+    assert line.get_markevery() == [False, True, False, True, False, True, False, False, False]
+    whole = _line(_panels(training_figure(_records()))["loss"], "train")
+    assert whole.get_marker() in ("None", None, "")  # a line without gaps has no markers
+
+
 def test_two_metric_panels_show_chosen_and_rejected():
     records = _records()
     panels = _panels(training_figure(records))
