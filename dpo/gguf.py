@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,7 +104,8 @@ def convert(path: Path, target: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     remove_stale_conversions(target)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # processes converting at once do not collide
+    # processes converting at once do not collide, also on machines sharing the cache (multi-node torchrun, NFS)
+    tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -120,14 +122,27 @@ def convert(path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / CONVERTED_MARKER).is_file():
             raise
+    remove_earlier_conversions(path, target)
 
 
 def remove_stale_conversions(target: Path) -> None:
-    """Remove what interrupted conversions of `target`'s file left (`<dir>.tmp<pid>` of a process that is gone)."""
-    for leftover in target.parent.glob(f"{target.name}.tmp*"):
-        pid = leftover.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
+    """Remove what interrupted conversions of `target`'s file on this machine left (`<dir>.tmp-<host>-<pid>` of a
+    process that is gone); another machine's are its own to judge."""
+    host = socket.gethostname()
+    for leftover in target.parent.glob(f"{target.name}.tmp-*"):
+        owner, _, pid = leftover.name.rsplit(".tmp-", 1)[-1].rpartition("-")
+        if owner == host and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_earlier_conversions(path: Path, target: Path) -> None:
+    """Remove the conversions of `path` before it changed (its cache key is its size and mtime): each is a full
+    fp32 copy of the model that nothing loads any more."""
+    for other in target.parent.glob(f"{path.stem}-*"):
+        marker = other / CONVERTED_MARKER
+        in_progress = ".tmp-" in other.name  # another process's conversion, renamed into place when done
+        if other != target and not in_progress and marker.is_file() and marker.read_text().strip() == str(path):
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def process_alive(pid: int) -> bool:

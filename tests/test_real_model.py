@@ -481,13 +481,17 @@ def test_a_changed_gguf_file_is_converted_again(tmp_path, tmp_cache):
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.decode(tokenizer("hi there", add_special_tokens=False)["input_ids"]) == "hi there"
     assert resolve_gguf(str(path), log=calls.append) == str(first) and len(calls) == 1  # reused
+    (tmp_path / "elsewhere").mkdir()
+    other = Path(resolve_gguf(str(write_tiny_llama(tmp_path / "elsewhere" / "tiny.gguf")), log=calls.append))
+    calls.pop()
 
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed (as far as its key knows)
     second = Path(resolve_gguf(str(path), log=calls.append))
     assert len(calls) == 2 and second != first
-    assert converted_dirs(tmp_cache) == sorted([first.name, second.name])
-    assert (first / CONVERTED_MARKER).is_file() and (second / CONVERTED_MARKER).is_file()
+    # the earlier conversion (a full fp32 copy nothing loads any more) is removed; another file's is kept
+    assert converted_dirs(tmp_cache) == sorted([second.name, other.name])
+    assert (second / CONVERTED_MARKER).is_file() and not first.exists()
 
 
 @needs_gguf
@@ -502,6 +506,25 @@ def test_a_conversion_that_finds_its_directory_done_keeps_it(tmp_path, tmp_cache
     assert converted_dirs(tmp_cache) == [target.name]  # no temporary directory left behind
     assert marker.stat().st_mtime_ns == before
     assert type(load_causal_lm(str(path))).__name__ == "LlamaForCausalLM"
+
+
+@needs_gguf
+def test_leftovers_of_conversions_are_removed_only_where_their_process_is_gone_on_this_machine(tmp_path, tmp_cache):
+    """A cache shared by machines (multi-node torchrun, NFS) holds other hosts' conversions in progress: a pid is
+    only checked on the machine that wrote it."""
+    import socket
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    target = converted_dir(path)
+    target.parent.mkdir(parents=True)
+    dead = 2 ** 22 + 12345  # above Linux's pid_max default: no such process
+    here = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{dead}")
+    elsewhere = target.with_name(f"{target.name}.tmp-another-node-{dead}")
+    alive = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getppid()}")  # a running process
+    for leftover in (here, elsewhere, alive):
+        leftover.mkdir()
+    convert(path, target)
+    assert not here.exists() and elsewhere.is_dir() and alive.is_dir() and (target / CONVERTED_MARKER).is_file()
 
 
 @needs_gguf
