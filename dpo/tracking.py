@@ -13,6 +13,7 @@ the last one it holds.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import json
@@ -356,8 +357,22 @@ class TrackioTracker(Tracker):
         if Path(self.location) != Path(wanted):
             warnings.warn(f"trackio was imported before this run started: it logs to {self.location}", stacklevel=2)
         with _quiet():
-            self.run = trackio.init(project=PROJECT, name=run_name, config=config, embed=False,
-                                    resume="allow" if resume_step > 0 else "never")
+            self.run = trackio.init(project=PROJECT, name=self.run_name(run_name, resume_step), config=config,
+                                    embed=False, resume="allow" if resume_step > 0 else "never")
+
+    def run_name(self, run_name: str, resume_step: int) -> str:
+        """The trackio run's name, kept in <run_dir>/trackio_run_name for resuming: `run_name`, and in a store that
+        TRACKIO_DIR shares between runs, with a hash of the run directory (two runs/demo of other projects would
+        be one trackio run otherwise, trackio knowing runs by name)."""
+        name_file = self.run_dir / "trackio_run_name"
+        if resume_step > 0 and name_file.exists():
+            return name_file.read_text().strip()
+        name = run_name
+        if os.environ.get("TRACKIO_DIR"):
+            name += "-" + hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:6]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        name_file.write_text(name)
+        return name
 
     def log(self, record: dict[str, Any]) -> None:
         """The record's scalars at its step."""

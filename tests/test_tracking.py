@@ -300,6 +300,29 @@ def test_a_run_starting_over_before_its_first_checkpoint_logs_each_step_once_in_
         assert [(m.step, m.value) for m in history] == expected
 
 
+def test_runs_of_one_name_in_a_shared_trackio_store_are_kept_apart(run, tmp_path, monkeypatch):
+    """TRACKIO_DIR shared by two projects' runs/demo: each its own trackio run, and a resumed one continues its
+    own (trackio knows runs by name)."""
+    pytest.importorskip("trackio")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    _, trackers = run
+    monkeypatch.setenv("TRACKIO_DIR", trackers["trackio"].location)  # the store trackio was imported with
+
+    def train(run_dir, steps, resume_step):
+        with open_trackers("trackio", run_dir, "demo", CONFIG, resume_step=resume_step) as opened:
+            for step in steps:
+                opened.log({"split": "train", "step": step, "loss": step / 10 + len(str(run_dir))})
+            return [tracker for tracker in opened if tracker.name == "trackio"][0].run.name
+
+    a, b = tmp_path / "a" / "demo", tmp_path / "b" / "demo"
+    name_a, name_b = train(a, [1, 2], 0), train(b, [1, 2, 3], 0)
+    assert name_a != name_b and name_a.startswith("demo-") and (b / "trackio_run_name").read_text() == name_b
+    assert train(b, [3, 4], 2) == name_b  # resumed after its step 2: into its own run
+    steps = {name: sorted(row["step"] for row in SQLiteStorage.get_logs("dpo", name)) for name in (name_a, name_b)}
+    assert steps[name_a] == [1, 2] and steps[name_b][-1] == 4 and 4 not in steps[name_a]
+
+
 def test_jsonl_keeps_the_lines_up_to_the_resumed_step(tmp_path):
     with open_trackers("none", tmp_path, RUN_NAME, CONFIG) as trackers:
         for step in range(1, 5):
