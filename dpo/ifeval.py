@@ -36,7 +36,7 @@ from typing import Any
 
 from dpo.cli import run_cli
 from dpo.data import instruction_records, load_records
-from dpo.errors import UserError
+from dpo.errors import UserError, first_line
 
 # The constraint types the builder uses by default: ten of IFEval's types that a 135M-parameter instruct model
 # follows at least sometimes, none of them needing nltk data (NLTK_RESOURCES) or a language other than English
@@ -120,8 +120,33 @@ def parse_prompt(record: Any, where: str) -> IFEvalPrompt:
             raise IFEvalError(f"{where}: the {type_id} checker needs nltk's {NLTK_RESOURCES[type_id]} data: python "
                               f"-m nltk.downloader {NLTK_RESOURCES[type_id].split('/')[-1]}")
     clean = tuple({k: v for k, v in args.items() if v is not None} for args in kwargs)
+    for type_id, args in zip(ids, clean):
+        check_arguments(type_id, args, where)
     extra = {k: v for k, v in record.items() if k not in (*FIELDS, "key")}
     return IFEvalPrompt(prompt, tuple(ids), clean, record.get("key"), extra)
+
+
+def check_arguments(type_id: str, args: dict[str, Any], where: str) -> None:
+    """An IFEvalError naming `where` when `args` (a row's kwargs for `type_id`, nulls dropped as in the Hub's copy of
+    IFEval, whose rows carry every argument name) are not the checker's: a name it does not take, one it takes but
+    is not given (the checker would draw a new value at every verdict, passing and failing the same answer), or a
+    value it cannot use."""
+    checker = registry()[type_id](type_id)
+    expected = set(checker.get_instruction_args_keys() or ())
+    names = f"its arguments: {', '.join(sorted(expected)) or 'none'}"
+    if unknown := sorted(set(args) - expected):
+        raise IFEvalError(f"{where}: field 'kwargs' gives {type_id} an argument {unknown[0]!r} it does not take "
+                          f"({names})")
+    if missing := sorted(expected - set(args)):
+        raise IFEvalError(f"{where}: field 'kwargs' gives {type_id} no {missing[0]!r} ({names}); without it the "
+                          "checker draws a new one at every verdict")
+    try:
+        with caller_random_kept():
+            checker.build_description(**args)
+            checker.check_following("An answer.")
+    except Exception as error:  # the checker's own message says which value it could not use
+        raise IFEvalError(f"{where}: field 'kwargs' of {type_id} does not fit its checker ({type(error).__name__}: "
+                          f"{first_line(error)})") from None
 
 
 @cache

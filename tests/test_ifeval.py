@@ -136,6 +136,14 @@ def test_ifeval_input_data_rows_load_as_they_are(tmp_path):
     ({"prompt": "Q", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}, {}]},
      "'kwargs' must be a list of 1 objects"),
     ({"prompt": "Q", "instruction_id_list": [], "kwargs": []}, "'instruction_id_list' must be a non-empty list"),
+    # kwargs that are not the checker's: caught here, not at the first verdict hours into a run
+    ({"prompt": "Q", "instruction_id_list": ["detectable_format:number_bullet_lists"], "kwargs": [{"bullets": 3}]},
+     "field 'kwargs' gives detectable_format:number_bullet_lists an argument 'bullets' it does not take "
+     r"\(its arguments: num_bullets\)"),
+    ({"prompt": "Q", "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": None}]},
+     "field 'kwargs' gives startend:end_checker no 'end_phrase' .*draws a new one at every verdict"),
+    ({"prompt": "Q", "instruction_id_list": ["detectable_format:number_bullet_lists"], "kwargs": [{"num_bullets": "3"}]},
+     "field 'kwargs' of detectable_format:number_bullet_lists does not fit its checker \\(TypeError: "),
 ])
 def test_bad_prompts_are_one_line_errors_naming_file_row_and_field(record, message):
     with pytest.raises(IFEvalError, match=message) as error:
