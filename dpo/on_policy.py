@@ -23,6 +23,7 @@ same global batch.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import torch
 
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
-from dpo.prompts import special_ids
+from dpo.prompts import encode_texts, end_of_turn_text, special_ids
 from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import (MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag,
                             generate_batch_ended, own_rng)
@@ -200,18 +201,27 @@ class Sampler:
                 kept_rows.append(row)
                 repaired += 1
         built, _ = build_pairs(records, self.tokenizer, source="online samples", allow_empty=True, **self.lengths)
-        eos = special_ids(self.tokenizer).eos
-        pairs = [TokenizedPair(p.prompt_ids, _without_eos(p.chosen_ids, eos) if ends[p.row][0] else p.chosen_ids,
-                               _without_eos(p.rejected_ids, eos) if ends[p.row][1] else p.rejected_ids,
+        end = self.end_ids
+        pairs = [TokenizedPair(p.prompt_ids, _without_end(p.chosen_ids, end) if ends[p.row][0] else p.chosen_ids,
+                               _without_end(p.rejected_ids, end) if ends[p.row][1] else p.rejected_ids,
                                kept_rows[p.row]) for p in built]
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
         stats = {"score_sum": sum(sum(row) for row in judged), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
                  "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs),
                  "cut": sum(sum(row) for row in cut),
-                 "chosen_tokens": sum(len(_without_eos(p.chosen_ids, eos)) for p in pairs),
-                 "rejected_tokens": sum(len(_without_eos(p.rejected_ids, eos)) for p in pairs)}
+                 "chosen_tokens": sum(len(_without_end(p.chosen_ids, end)) for p in pairs),
+                 "rejected_tokens": sum(len(_without_end(p.rejected_ids, end)) for p in pairs)}
         return pairs, stats
+
+    @functools.cached_property
+    def end_ids(self) -> list[int]:
+        """The ids that end every response: the template's end-of-turn text (Phi-3's `<|end|>`; none for the recipe
+        template, whose end is the EOS) and the EOS. A cut sample loses them all: its turn did not end either."""
+        template, eos = self.lengths["template"], special_ids(self.tokenizer).eos
+        text = end_of_turn_text(template, self.tokenizer)
+        ids = encode_texts(self.tokenizer, [text], template)[0] if text else []
+        return ids if ids[-1:] == [eos] else ids + [eos]
 
     def choose(self, answers: list[str], best: list[int], worst: list[int]) -> tuple[int, int]:
         """(chosen, rejected): the indices --pair-choice takes from the best and the worst answers (each list in
@@ -252,8 +262,12 @@ def _ending(text: str) -> str:
     return re.sub(r"[\s,]+", "", text.casefold())
 
 
-def _without_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[:-1] if ids[-1:] == [eos] else ids
+def _without_end(ids: list[int], end: list[int]) -> list[int]:
+    """`ids` without the response end `end` (end-of-turn ids, then the EOS), or without the EOS alone where the
+    end-of-turn ids were tokenized otherwise in context."""
+    if len(end) > 1 and ids[-len(end):] == end:
+        return ids[:-len(end)]
+    return ids[:-1] if ids[-1:] == end[-1:] else ids
 
 
 def summarize(stats: list[dict[str, float]], seconds: float) -> dict[str, float]:

@@ -177,6 +177,16 @@ def render_response(prompt: Prompt, response: str, template: str = "recipe", tok
     return _without_turn_separator(full[len(rendered_prompt):], response)
 
 
+END_PROBE = "Done."  # an answer rendered to find what a template writes after it
+
+
+def end_of_turn_text(template: str = "recipe", tokenizer: Any = None) -> str:
+    """What the template writes after an answer to end its turn, before the EOS every response gets: "" for the
+    recipe's template, "<|im_end|>" for ChatML, "<|end|>" for Phi-3's chat template."""
+    rendered = render_response("Hi", END_PROBE, template, tokenizer)
+    return rendered[rendered.rfind(END_PROBE) + len(END_PROBE):]
+
+
 def _without_turn_separator(tail: str, response: str) -> str:
     """`tail` (a chat rendering after its prompt: the answer, then the template's end-of-turn text, then what
     separates turns) without the whitespace after the end-of-turn text. The answer's own whitespace, leading or

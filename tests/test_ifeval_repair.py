@@ -139,6 +139,27 @@ def test_a_sample_cut_at_the_token_budget_keeps_no_eos():
     assert (pairs[2].chosen_ids, pairs[2].rejected_ids) == (whole[2].chosen_ids, whole[2].rejected_ids[:-1])
 
 
+@pytest.mark.parametrize("end_of_turn", ["<|end|>", None])
+def test_a_cut_sample_loses_the_chat_templates_end_of_turn_too(end_of_turn):
+    """Phi-3's template ends a turn with <|end|>, which is not the EOS (Gemma's <end_of_turn> alike): a cut sample
+    keeps neither; an ended one keeps both. With ChatML-like ends that are the EOS (None here), only the EOS."""
+    tokenizer = tiny_tokenizer()
+    end = end_of_turn or tokenizer.eos_token
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + end + "\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    eos, end_id = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end)
+    judge = ScoreTable({"the sun is big": 1.0, "no": 0.0})
+    settings = OnPolicySettings(online=True, num_samples=2)
+    sampler = Sampler(settings, judge, tokenizer, {**LENGTHS, "template": "chat"}, 0)
+    assert sampler.end_ids == ([end_id, eos] if end_of_turn else [eos])
+    [ended], _ = sampler.pairs(["what is the sun?"], [["the sun is big", "no"]], rows=[0])
+    [cut], _ = sampler.pairs(["what is the sun?"], [["the sun is big", "no"]], rows=[0], cut=[[True, False]])
+    assert ended.chosen_ids[-len(sampler.end_ids):] == sampler.end_ids
+    assert cut.chosen_ids == ended.chosen_ids[:-len(sampler.end_ids)] and end_id not in cut.chosen_ids
+    assert tokenizer.decode(cut.chosen_ids).endswith("big") and cut.rejected_ids == ended.rejected_ids
+
+
 ENDS_ANEW = {"startend:quotation", "startend:end_checker", "detectable_content:postscript",
              "length_constraints:number_words"}
 
