@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,7 +117,10 @@ def test_a_run_logs_win_rates_and_samples_and_trains_exactly_as_without(workdir,
     out = capsys.readouterr().out
     assert "--eval-generate: 5 prompts judged by implicit:" in out and "reference answers generated" in out
     assert "win rate vs reference" in out
-    # resumed from checkpoint-2: the reference answers come from the cache, and the step-4 evaluation is the same
+    # resumed from checkpoint-2 (as after a crash in step 3): the reference answers come from the cache, and the
+    # step-4 evaluation is the same
+    shutil.rmtree(watched / "final")
+    assert sorted(p.name for p in watched.glob("checkpoint-*")) == ["checkpoint-2"]
     run(workdir, "watched", *flags, "--eval-generate", "5", "--eval-prompts", str(workdir / "prompts.jsonl"),
         "--eval-judge", "implicit:" + str(plain / "final"), "--eval-max-new-tokens", "6", "--resume")
     assert "reference answers cached" in capsys.readouterr().out
