@@ -456,8 +456,9 @@ def instruction_records(records: Sequence[Any],
             prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
         except RowError:
             prompt = record.get("prompt") if "chosen" not in record and "rejected" not in record else None
-        if isinstance(prompt, list) and len(prompt) == 1 and prompt[0]["role"] == "user":
-            prompt = prompt[0]["content"]
+        if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
+                and prompt[0].get("role") == "user"):
+            prompt = prompt[0].get("content")  # not text (a list of parts, say): left out below
         if isinstance(prompt, str) and prompt.strip():
             seen.setdefault(prompt, (row, record))
         else:

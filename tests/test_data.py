@@ -28,6 +28,7 @@ from dpo.data import (  # noqa: E402
     collate_pairs,
     detect_format,
     epoch_permutation,
+    instruction_records,
     load_records,
     select_subset,
     to_example,
@@ -725,3 +726,10 @@ def test_a_prompt_of_no_tokens_is_a_counted_skip(gpt2):
                                "<|endoftext|>{% endif %}{% endfor %}")
     pairs, stats = build_pairs([explicit("q", "x", "y")] * 2, tokenizer, template="chat", allow_empty=True)
     assert pairs == [] and stats.reasons().startswith("empty_prompt 2 (first: row 0: the prompt is no tokens")
+
+
+def test_prompt_rows_whose_prompt_list_is_not_one_user_message_are_left_out_and_counted():
+    records = [{"prompt": "fine"}, {"prompt": ["hi there"]}, {"prompt": [{"content": "no role"}]},
+               {"prompt": [{"role": "user", "content": ["a", "list"]}]}, {"prompt": [{"role": "user", "content": "ok"}]}]
+    found, left_out = instruction_records(records)
+    assert list(found) == ["fine", "ok"] and left_out == 3
