@@ -29,9 +29,11 @@ has it, checked: one finite number per response, or a JudgeError naming the judg
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -465,4 +467,9 @@ def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.d
         return ImplicitRewardJudge(spec[len(IMPLICIT_PREFIX):], device=device, dtype=dtype)
     if is_function_spec(spec):
         return FunctionJudge(spec)
+    names = [*JUDGES, *IFEVAL_JUDGES]
+    close = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.75)
+    if close and not Path(spec).exists():  # a misspelled judge, not a reward model's directory or hub name
+        raise JudgeError(f"unknown judge {spec!r}: did you mean {close[0]}? (judges: {', '.join(names)}, "
+                         "implicit:PATH, a function, or a reward model)")
     return RewardModelJudge(spec, device=device, dtype=dtype)

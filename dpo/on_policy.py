@@ -179,7 +179,9 @@ class Sampler:
         judged = self.judge.score_batch(prompts, responses)
         cut = cut or [[False] * len(answers) for answers in responses]
         penalty = self.settings.missing_eos_penalty
-        scores = [[x - penalty * c for x, c in zip(row, row_cut)] for row, row_cut in zip(judged, cut)]
+        # rounded: 5/6 - 0.5 and 1/3 (IFEval's scores of three constraints) tie, not by a rounding error
+        scores = [[round(x - penalty * c, SCORE_DECIMALS) for x, c in zip(row, row_cut)]
+                  for row, row_cut in zip(judged, cut)]
         records, kept_rows, ends, ties, repaired = [], [], [], 0, 0
         for prompt, answers, row_scores, row, row_cut, row_judged in zip(prompts, responses, scores, rows, cut, judged):
             top, bottom = max(row_scores), min(row_scores)
@@ -247,6 +249,7 @@ class Sampler:
         return None
 
 
+SCORE_DECIMALS = 9  # penalized scores are compared to this many decimals
 KEPT_END_CHARACTERS = 8  # few enough that a list marker of the last line, which a rewrite may drop, is not in them
 
 

@@ -339,6 +339,17 @@ def test_missing_eos_penalty_ranks_a_cut_sample_below_its_score():
     assert chosen[0.0] != chosen[0.25] != chosen[1.0]
 
 
+def test_a_penalized_score_that_equals_another_ties_with_it_exactly():
+    """Three constraints score in sixths: a cut 5/6 less P = 0.5 is 1/3 (0.33333333333333326 in floats), the same as
+    an ended 1/3. A tie, skipped, not a pair decided by rounding."""
+    scores = {"cut five of six": 5 / 6, "ended two of six": 1 / 3}
+    assert 5 / 6 - 0.5 != 1 / 3  # what the rounding removes
+    settings = OnPolicySettings(online=True, num_samples=2, missing_eos_penalty=0.5)
+    pairs, stats = Sampler(settings, ScoreTable(scores), tiny_tokenizer(), LENGTHS, 0).pairs(
+        ["q"], [list(scores)], rows=[0], cut=[[True, False]])
+    assert pairs == [] and stats["ties"] == 1
+
+
 def test_missing_eos_penalty_repairs_a_tie_of_cut_samples_by_the_judge():
     """Samples that tie after the penalty (both cut) are repaired as without it: a repair must score above its own
     sample by the judge, not above the penalized tie (a rewrite scoring as its sample teaches nothing)."""

@@ -304,3 +304,13 @@ def test_resume_refuses_other_instructions_to_sample(workdir, capsys):
     assert train.cli(argv) == 2 and "(8 instructions now, 8 then" in capsys.readouterr().err
     (data / "train.jsonl").write_text("".join(lines))
     assert train.cli(argv) == 0 and (out / "final").is_dir()
+
+
+@pytest.mark.parametrize("spec, meant", [("ifevl", "ifeval"), ("IFEval", "ifeval"), ("demoo", "demo"),
+                                         ("ifeval-no-ech", "ifeval-no-echo")])
+def test_a_misspelled_judge_is_named_as_such_not_looked_up_as_a_reward_model(spec, meant, monkeypatch):
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a misspelled judge name was loaded as a reward model")
+    monkeypatch.setattr("dpo.judges.RewardModelJudge", no_lookup)
+    with pytest.raises(JudgeError, match=f"unknown judge '{spec}': did you mean {meant}\\?"):
+        build_judge(spec)
