@@ -60,11 +60,11 @@ def bullets(text: str, args: dict[str, Any]) -> str | None:
     items = LIST_MARKER.findall(text)
     if len(items) == n:  # a list of the asked length already: its markers made '*' bullets
         return LIST_MARKER.sub("* ", text)
-    parts = sentences(text)
+    parts = [part for part in sentences(text) if WORD.search(part)]  # not a "---" rule: it would be an empty bullet
     if len(parts) < n:
         return None
     cuts = [round(i * len(parts) / n) for i in range(n + 1)]
-    return "\n".join("* " + " ".join(parts[cuts[i]:cuts[i + 1]]).lstrip("*-").strip() for i in range(n))
+    return "\n".join("* " + " ".join(parts[cuts[i]:cuts[i + 1]]) for i in range(n))
 
 
 def fewer_words(text: str, args: dict[str, Any]) -> str | None:
@@ -116,4 +116,5 @@ def repair(prompt: IFEvalPrompt, response: str) -> str | None:
         if fixed is None:
             return None
         text = fixed
-    return text if text.strip() and all(verdicts(prompt, text)[0]) else None
+    text = text.strip()  # as it is trained (and as IFEval's own evaluation strips a response)
+    return text if text and all(verdicts(prompt, text)[0]) else None

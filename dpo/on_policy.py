@@ -35,6 +35,7 @@ import torch
 
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
+from dpo.ifeval_repair import LIST_MARKER
 from dpo.prompts import encode_texts, end_of_turn_text, special_ids
 from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import (MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag,
@@ -250,19 +251,19 @@ class Sampler:
 
 
 SCORE_DECIMALS = 9  # penalized scores are compared to this many decimals
-KEPT_END_CHARACTERS = 8  # few enough that a list marker of the last line, which a rewrite may drop, is not in them
 
 
 def keeps_end(sample: str, repair: str) -> bool:
-    """Whether `repair` ends as `sample` does: with its last KEPT_END_CHARACTERS characters, case, commas and white
-    space ignored. A repair lower-cased, without commas, with a title put before it or cut into bullets keeps a cut
-    sample's end; one with an end phrase, a postscript, a closing quotation mark or fewer sentences ends anew."""
-    tail = _ending(sample)[-KEPT_END_CHARACTERS:]
-    return bool(tail) and _ending(repair).endswith(tail)
+    """Whether `repair` ends as `sample` does: the whole sample, list markers, case, commas and white space ignored,
+    is how the repair ends. A repair lower-cased, without commas, with a title put before it or cut into bullets
+    keeps a cut sample's end; one with an end phrase, a postscript or a closing quotation mark appended, or with
+    fewer sentences, ends anew (also where what it appends repeats the sample's last words)."""
+    whole = _content(sample)
+    return bool(whole) and _content(repair).endswith(whole)
 
 
-def _ending(text: str) -> str:
-    return re.sub(r"[\s,]+", "", text.casefold())
+def _content(text: str) -> str:
+    return re.sub(r"[\s,]+", "", LIST_MARKER.sub("", text).casefold())
 
 
 def _without_end(ids: list[int], end: list[int]) -> list[int]:

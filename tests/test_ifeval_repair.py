@@ -53,6 +53,16 @@ def test_each_repair_is_the_least_change_that_ifeval_passes(type_id, kwargs, exp
     assert repair(p, PLAIN) == expected and ifeval_strict(p, expected)
 
 
+def test_bullets_leave_out_rules_and_keep_a_leading_minus_and_a_repair_is_what_is_trained():
+    """A "---" rule or a lone "*" is no bullet of its own (stripped, as trained and as IFEval strips a response, an
+    empty last bullet fails); "-5 degrees" keeps its sign."""
+    p = one("detectable_format:number_bullet_lists", num_bullets=3)
+    fixed = repair(p, "It is cold.\n---\n-5 degrees today.\nWear a coat. Stay in.")
+    assert fixed == "* It is cold.\n* -5 degrees today. Wear a coat.\n* Stay in." and ifeval_strict(p, fixed)
+    assert repair(p, "It is cold.\n---\nWear a coat.") is None  # two sentences: no third bullet to make
+    assert repair(one("punctuation:no_comma"), "  yes, it is.\n") == "yes it is."  # stripped
+
+
 def test_a_list_of_the_asked_length_keeps_its_items_and_a_title_skips_a_short_opening():
     assert repair(one("detectable_format:number_bullet_lists", num_bullets=3), LISTED) == LISTED.replace(
         "1. ", "* ").replace("2. ", "* ").replace("3. ", "* ")
@@ -187,6 +197,11 @@ def test_a_repair_keeps_a_samples_end_unless_it_writes_one():
                          ({"num_words": 10, "relation": "less than"},))
     assert repair(limit, listed) == "one two three four five six seven eigh" and keeps_end(listed, repair(limit, listed))
     assert not keeps_end("", "anything") and keeps_end("Straße ist lang", "STRASSE IST LANG")
+    # a short last list line: its marker, which the bullet rewrite changes, is not taken for the end
+    assert keeps_end("Tips:\n1. Eat well.\n2. Sleep.\n3. Ru", "Tips:\n* Eat well.\n* Sleep.\n* Ru")
+    # what a postscript or an end phrase appends can repeat the sample's last words: still a new end
+    assert not keeps_end("Here it is. I hope this helps.", "Here it is. I hope this helps.\n\nP.P.S I hope this helps.")
+    assert not keeps_end("It is hot. Questions.", "It is hot. Questions.\n\nAny other questions.")
 
 
 def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
