@@ -371,10 +371,18 @@ class IFEvalJudge(Judge):
         if not records:
             raise JudgeError(f"--judge {cls.name} needs prompts that carry IFEval's fields (prompt, "
                              "instruction_id_list, kwargs): a dataset or prompts file such as IFEval's input_data.jsonl")
+        seen: dict[str, tuple[str, IFEvalPrompt]] = {}
         try:
-            return cls([parse_prompt(record, where) for where, record in records.values()])
+            for where, record in records.values():
+                prompt = parse_prompt(record, where)
+                first_where, first = seen.setdefault(prompt.prompt.strip(), (where, prompt))
+                if (first.instruction_id_list, first.kwargs) != (prompt.instruction_id_list, prompt.kwargs):
+                    raise JudgeError(f"{where}: its prompt is {first_where}'s but for the white space around it, with "
+                                     "other constraints: the judge, which reads a sample's prompt stripped, cannot "
+                                     "tell them apart")
         except IFEvalError as error:
             raise JudgeError(str(error)) from None
+        return cls(prompt for _, prompt in seen.values())
 
     def prompt(self, instruction: str) -> IFEvalPrompt:
         """The IFEval prompt whose text this is; a JudgeError for text the judge has no constraints for."""

@@ -382,3 +382,16 @@ def test_the_evaluate_cli_reports_ifeval_for_both_models_and_writes_the_json(tmp
     assert (result["policy_strict"], result["reference_strict"]) == pytest.approx((2 / 3, 0.0))
     table = out[out.index("IFEval"):]
     assert f"{2 / 3:.3f} [{wilson_interval(2 / 3, 3)[0]:.3f}," in table and "instruction-level loose" in table
+
+
+def test_prompts_that_differ_only_in_white_space_need_the_same_constraints():
+    """The judge reads a sample's prompt stripped: "X" and "X " with other constraints would be judged alike."""
+    comma = {"prompt": "Name a fruit.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    capitals = {**comma, "prompt": "Name a fruit. ", "instruction_id_list": ["change_case:english_capital"]}
+    with pytest.raises(JudgeError, match="data.jsonl, row 2: its prompt is data.jsonl, row 0's but for the white "
+                                         "space around it, with other constraints"):
+        build_judge("ifeval", prompts={"Name a fruit.": ("data.jsonl, row 0", comma),
+                                       "Name a fruit. ": ("data.jsonl, row 2", capitals)})
+    same = build_judge("ifeval", prompts={"Name a fruit.": ("data.jsonl, row 0", comma),
+                                          " Name a fruit.": ("data.jsonl, row 1", {**comma, "prompt": " Name a fruit."})})
+    assert same.prompt("Name a fruit. ").instruction_id_list == ("punctuation:no_comma",)
