@@ -184,7 +184,8 @@ def end_of_turn_text(template: str = "recipe", tokenizer: Any = None) -> str:
     """What the template writes after an answer to end its turn, before the EOS every response gets: "" for the
     recipe's template, "<|im_end|>" for ChatML, "<|end|>" for Phi-3's chat template."""
     rendered = render_response("Hi", END_PROBE, template, tokenizer)
-    return rendered[rendered.rfind(END_PROBE) + len(END_PROBE):]
+    at = rendered.rfind(END_PROBE)
+    return rendered[at + len(END_PROBE):] if at >= 0 else ""  # a template that rewrites answers: the EOS alone
 
 
 def _without_turn_separator(tail: str, response: str) -> str:

@@ -18,8 +18,8 @@ from transformers import LlamaConfig
 import generate
 from dpo.data import DataError, build_pairs
 from dpo.generation import DecodingSettings, generate_batch, prompt_budget
-from dpo.prompts import (PromptError, SpecialIds, encode_prompts, encode_texts, format_prompt, format_response,
-                         render_prompt, render_response, special_ids, truncate_prompt)
+from dpo.prompts import (PromptError, SpecialIds, encode_prompts, encode_texts, end_of_turn_text, format_prompt,
+                         format_response, render_prompt, render_response, special_ids, truncate_prompt)
 from harness import make_model_dir, tiny_tokenizer
 
 NUM_PAIRS = 300
@@ -306,3 +306,14 @@ def test_encode_prompts_counts_what_it_cut():
     with pytest.raises(PromptError, match="truncation_mode"):
         encode_prompts(tokenizer, ["yes"], truncation_mode="keep_middle")
     assert prompt_budget(256, 12, 20) == 20
+
+
+@pytest.mark.parametrize("content, end", [("{{ m['content'] }}", "<|end|>\n"), ("{{ m['content'] | upper }}", "")])
+def test_the_end_of_turn_text_is_what_follows_the_answer(content, end):
+    """What a chat template writes after an answer (a cut online sample loses it); a template that rewrites the
+    answer, where it cannot be found, gives none rather than a wrong piece of the rendering."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n" + content + "<|end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    assert end_of_turn_text("chat", tokenizer) == end.rstrip()  # the white space after a turn is not the answer's
+    assert end_of_turn_text("recipe") == ""
