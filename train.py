@@ -348,7 +348,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
     `on_alert`; the resumed optimizer, scaler, RNG, loss state and health checks."""
     if cfg.compile:
         policy.base_model.compile()
-    policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting)
+    policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting, with_stats=True)
     policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
     precision = resolve_precision(cfg.precision, device)
     scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])
@@ -404,7 +404,9 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
         chosen_lengths=policy.count[:n], rejected_lengths=policy.count[n:],
         batch_chosen_length=torch.full((n,), chosen_length, device=state.device),
         chosen_wpo_logps=None if wpo is None else wpo[:n], rejected_wpo_logps=None if wpo is None else wpo[n:],
-        policy_chosen_logits=policy.logits[:n], policy_rejected_logits=policy.logits[n:], state=state.loss_state)
+        policy_chosen_logits=policy.logits[:n], policy_rejected_logits=policy.logits[n:],
+        policy_chosen_entropy=policy.entropy[:n], policy_rejected_entropy=policy.entropy[n:],
+        policy_chosen_top1=policy.top1[:n], state=state.loss_state)
 
 
 # The step-0 check's relative tolerance, keyed by what the matmuls compute in (dpo.precision.matmul_precision):

@@ -11,7 +11,8 @@ hidden size d and vocabulary V (2 n d V flops each, 6 n d V in all, which benchm
     E W      [n, T] x [T, d]                   forward, the tile still in cache
     dW       [d + 1, n] x [n, T]               backward, the kept tile E read back from memory, in row slices
 
-plus the passes that are not matmuls (exp2 writing the kept tile, its row sums, copies). Timing each matmul at
+plus the passes that are not matmuls (exp2 writing the kept tile, its row sums, the token statistics train.py
+logs, copies). Timing each matmul at
 its shape, with its operands where the head has them, gives the best the head could do if everything else
 were free: `gemm_bound` = useful flops / (sum of the three matmul times) / peak. One JSON line per size.
 """
@@ -71,7 +72,8 @@ def measure(n: int, d: int, repeats: int, tile: int = DEFAULT_VOCAB_CHUNK) -> di
     workspace_pool.reserve(workspace_numel(n, VOCAB, tile), torch.device("cpu"))
 
     def head():
-        logp, _ = lm_head_logps(hidden, weight, bias, targets, row_chunk=n, vocab_chunk=tile)
+        # with the token statistics, as train.py's policy scorer runs the head
+        logp = lm_head_logps(hidden, weight, bias, targets, row_chunk=n, vocab_chunk=tile, with_stats=True).logp
         logp.sum().backward()
         weight.grad = bias.grad = hidden.grad = None
 

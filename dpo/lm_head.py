@@ -35,7 +35,10 @@ reads each tile once, for [dW | db]. E itself comes one of two ways:
     recompute (store=False)  redo the tiles in backward: 8 n d V flops, memory O(n + V) beyond the inputs
 
 Optionally (`with_wpo`) the forward also returns log p_t - log sum_v p_v^2 (WPO eq. 2; no gradient), from
-a second running sum sum_v 4^(y_v - m).
+a second running sum sum_v 4^(y_v - m). With `with_stats` it returns each row's entropy and whether its target
+is the top token (no gradient), from a running sum and a running maximum over the tiles of u = y - m:
+
+    H_i = -sum_v p_v ln p_v = ln 2 (log2 s_i - sum_v 2^u_v u_v / s_i),     top1_i = [u_{i, t_i} >= max_v u_v]
 
 Under autocast the matmuls run in the autocast dtype of the forward (also when backward is called after
 leaving autocast), exactly as `F.linear` and its autograd would run them: G is formed in fp32 and cast.
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -188,19 +192,35 @@ def _tile_view(buffer: Tensor, tile: int, rows: int, width: int, vocab_chunk: in
     return buffer[offset:offset + rows * width].view(rows, width)
 
 
-def _forward_rows(ops: _Operands, start: int, end: int, targets: Tensor, vocab_chunk: int, with_wpo: bool,
-                  buffer: Tensor | None, scratch: Tensor, shift: Tensor | None, with_ew: bool):
-    """One block of rows: (target y - shift, sum_v 2^(y_v - shift), sum_v 4^(y_v - shift) or None, shift,
-    sum_v 2^(y_v - shift) W_v or None).
+class _RowBlock(NamedTuple):
+    """What the forward of one block of rows gives: all of it per row, fp32."""
 
-    Each tile's 2^(y - shift) is kept in `buffer` (all tiles) or left in `scratch`. Without a given shift, the
-    first tile's row maxima become the shift of every tile. `with_ew`: also the softmax-weighted sum of W
-    rows that dh needs, while the tile is still in cache (the backward then reads the kept tiles once)."""
+    target: Tensor  # y_t - shift
+    total: Tensor  # s = sum_v 2^(y_v - shift)
+    squares: Tensor | None  # sum_v 4^(y_v - shift) (with_wpo)
+    shift: Tensor
+    ew: Tensor | None  # sum_v 2^(y_v - shift) W_v [rows, d] (with_ew)
+    weighted: Tensor | None  # sum_v 2^(y_v - shift) (y_v - shift) (with_stats: the entropy)
+    maximum: Tensor | None  # max_v y_v - shift (with_stats: whether the target is the top token)
+
+
+def _forward_rows(ops: _Operands, start: int, end: int, targets: Tensor, vocab_chunk: int, with_wpo: bool,
+                  buffer: Tensor | None, scratch: Tensor, shift: Tensor | None, with_ew: bool,
+                  with_stats: bool = False) -> _RowBlock:
+    """One block of rows (see _RowBlock).
+
+    Each tile's 2^(y - shift) is kept in `buffer` (all tiles) or left in `scratch` (its second tile with
+    `with_stats`, whose sums read y - shift beside it). Without a given shift, the first tile's row maxima become
+    the shift of every tile. `with_ew`: also the softmax-weighted sum of W rows that dh needs, while the tile is
+    still in cache (the backward then reads the kept tiles once)."""
     n = end - start
-    ew = torch.zeros(n, ops.d, device=ops.h.device) if with_ew else None
-    running_sum = torch.zeros(n, device=ops.h.device)
-    running_sq = torch.zeros(n, device=ops.h.device) if with_wpo else None
-    target = torch.empty(n, device=ops.h.device)
+    device = ops.h.device
+    ew = torch.zeros(n, ops.d, device=device) if with_ew else None
+    running_sum = torch.zeros(n, device=device)
+    running_sq = torch.zeros(n, device=device) if with_wpo else None
+    weighted = torch.zeros(n, device=device) if with_stats else None
+    maximum = torch.full((n,), float("-inf"), device=device) if with_stats else None
+    target = torch.empty(n, device=device)
     for tile, bucket in enumerate(_target_buckets(targets, ops.vocab, vocab_chunk)):
         v0 = tile * vocab_chunk
         v1 = min(v0 + vocab_chunk, ops.vocab)
@@ -212,14 +232,22 @@ def _forward_rows(ops: _Operands, start: int, end: int, targets: Tensor, vocab_c
         if bucket is not None:
             rows, cols = bucket
             target[rows] = y[rows, cols]
-        y = y.exp2_() if buffer is None else torch.exp2(y, out=_tile_view(buffer, tile, n, v1 - v0, vocab_chunk))
+        if buffer is not None:
+            e = torch.exp2(y, out=_tile_view(buffer, tile, n, v1 - v0, vocab_chunk))
+        elif with_stats:
+            e = torch.exp2(y, out=_tile_view(scratch, 1, n, v1 - v0, vocab_chunk))
+        else:
+            e = y.exp2_()
         # a separate sum, not a column of E [W | b | 1]: the forward without gradient must give the same bits
-        running_sum.add_(y.sum(dim=1))
+        running_sum.add_(e.sum(dim=1))
         if running_sq is not None:
-            running_sq.add_(y.square().sum(dim=1))
+            running_sq.add_(e.square().sum(dim=1))
+        if with_stats:
+            torch.maximum(maximum, y.amax(dim=1), out=maximum)
+            weighted.add_(y.mul_(e).sum(dim=1))  # y is spent: in place, a product tile costs a pass of memory
         if ew is not None:
-            ew.addmm_(y, ops.w[v0:v1])
-    return target, running_sum, running_sq, shift, ew
+            ew.addmm_(e, ops.w[v0:v1])
+    return _RowBlock(target, running_sum, running_sq, shift, ew, weighted, maximum)
 
 
 def _row_maxima(ops: _Operands, start: int, end: int, vocab_chunk: int, scratch: Tensor) -> Tensor:
@@ -236,12 +264,22 @@ def _row_blocks(n: int, row_chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + row_chunk, n)) for start in range(0, n, row_chunk)]
 
 
+class HeadLogps(NamedTuple):
+    """What lm_head_logps gives, per row (fp32)."""
+
+    logp: Tensor  # log p(target), differentiable
+    wpo: Tensor | None = None  # log p(target) - log sum_v p_v^2 (with_wpo; no grad)
+    entropy: Tensor | None = None  # -sum_v p_v log p_v (with_stats; no grad)
+    top1: Tensor | None = None  # 1.0 where the target's logit is the row's largest (ties count), else 0 (with_stats)
+
+
 def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, row_chunk: int,
-             vocab_chunk: int, with_wpo: bool, store: bool, grad_h: bool = False, grad_params: bool = True):
-    """(logp, WPO-adjusted or None, per-block (shift, sum, E W or None), workspace or None); the workspace
-    keeps every tile's 2^(y - shift) for the backward when `store`. `grad_h` (fp32 only): also E W.
-    `grad_params` False (a frozen head, e.g. under LoRA): in fp32 the backward needs only E W, so no tile is
-    kept and the weight-gradient matmul never runs."""
+             vocab_chunk: int, with_wpo: bool, store: bool, grad_h: bool = False, grad_params: bool = True,
+             with_stats: bool = False):
+    """(HeadLogps, per-block (shift, sum, E W or None), workspace or None, compute dtype); the workspace keeps
+    every tile's 2^(y - shift) for the backward when `store`. `grad_h` (fp32 only): also E W. `grad_params` False
+    (a frozen head, e.g. under LoRA): in fp32 the backward needs only E W, so no tile is kept and the
+    weight-gradient matmul never runs."""
     ops = _Operands(hidden, weight, bias, vocab_chunk)
     with_ew = grad_h and ops.fp32
     store = store and (grad_params or not ops.fp32)
@@ -249,16 +287,17 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     num_tiles = -(-ops.vocab // vocab_chunk)
     blocks = _row_blocks(n, row_chunk)
     tile_floats = vocab_chunk * min(n, row_chunk)
-    scratch = torch.empty(tile_floats, device=hidden.device)
+    scratch = torch.empty(tile_floats * (2 if with_stats else 1), device=hidden.device)
     workspace = workspace_pool.take(num_tiles * n * vocab_chunk, hidden.device) if store else None
-    logps, sqs, saved = [], [], []
+    pieces: dict[str, list[Tensor]] = {"logp": [], "wpo": [], "entropy": [], "top1": []}
+    saved = []
     with torch.autocast(hidden.device.type, enabled=False):
         for start, end in blocks:
             buffer = workspace[num_tiles * start * vocab_chunk:] if store else None
-            target, total, sq, shift, ew = _forward_rows(ops, start, end, targets[start:end], vocab_chunk,
-                                                         with_wpo, buffer, scratch, None, with_ew)
-            finite = torch.isfinite(total).all()
-            for extra in (sq, ew):
+            block = _forward_rows(ops, start, end, targets[start:end], vocab_chunk, with_wpo, buffer, scratch, None,
+                                  with_ew, with_stats)
+            finite = torch.isfinite(block.total).all()
+            for extra in (block.squares, block.ew, block.weighted):
                 if extra is not None:
                     finite &= torch.isfinite(extra).all()
             if not bool(finite):
@@ -266,37 +305,42 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
                 # for E W with large weights): redo the block shifted by the exact row maxima, so that every
                 # 2^(y - shift) <= 1 and every sum >= 1
                 shift = _row_maxima(ops, start, end, vocab_chunk, scratch)
-                target, total, sq, shift, ew = _forward_rows(ops, start, end, targets[start:end], vocab_chunk,
-                                                             with_wpo, buffer, scratch, shift, with_ew)
-            log2_total = total.log2()
-            logps.append(LN2 * (target - log2_total))
-            if sq is not None:
-                sqs.append(LN2 * (sq.log2() - 2.0 * log2_total))  # log sum_v p_v^2
-            saved.append((shift, total, ew))
-    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
-    adjusted = None
-    if with_wpo:
-        adjusted = logp - (torch.cat(sqs) if sqs else logp.new_zeros(0))
-    return logp, adjusted, saved, workspace, ops.cdtype
+                block = _forward_rows(ops, start, end, targets[start:end], vocab_chunk, with_wpo, buffer, scratch,
+                                      shift, with_ew, with_stats)
+            log2_total = block.total.log2()
+            logp = LN2 * (block.target - log2_total)
+            pieces["logp"].append(logp)
+            if with_wpo:
+                pieces["wpo"].append(logp - LN2 * (block.squares.log2() - 2.0 * log2_total))  # - log sum_v p_v^2
+            if with_stats:
+                # H = lse - sum_v p_v z_v = ln 2 (log2 s - sum_v 2^u_v u_v / s), u = y - shift
+                pieces["entropy"].append(LN2 * (log2_total - block.weighted / block.total))
+                pieces["top1"].append((block.target >= block.maximum).float())
+            saved.append((block.shift, block.total, block.ew))
+    def joined(name: str) -> Tensor:
+        return torch.cat(pieces[name]) if pieces[name] else hidden.new_zeros(0, dtype=torch.float32)
+
+    result = HeadLogps(joined("logp"), joined("wpo") if with_wpo else None,
+                       joined("entropy") if with_stats else None, joined("top1") if with_stats else None)
+    return result, saved, workspace, ops.cdtype
 
 
 class _FusedLMHeadLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, row_chunk: int,
-                vocab_chunk: int, with_wpo: bool, store: bool):
-        logp, adjusted, saved, workspace, ctx.cdtype = _forward(hidden, weight, bias, targets, row_chunk,
-                                                                vocab_chunk, with_wpo, store,
-                                                                grad_h=ctx.needs_input_grad[0],
-                                                                grad_params=any(ctx.needs_input_grad[1:3]))
+                vocab_chunk: int, with_wpo: bool, store: bool, with_stats: bool):
+        result, saved, workspace, ctx.cdtype = _forward(hidden, weight, bias, targets, row_chunk, vocab_chunk,
+                                                        with_wpo, store, grad_h=ctx.needs_input_grad[0],
+                                                        grad_params=any(ctx.needs_input_grad[1:3]),
+                                                        with_stats=with_stats)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.saved_blocks, ctx.workspace = saved, workspace
         ctx.row_chunk, ctx.vocab_chunk = row_chunk, vocab_chunk
-        if adjusted is not None:
-            ctx.mark_non_differentiable(adjusted)
-        return logp, adjusted
+        ctx.mark_non_differentiable(*(t for t in result[1:] if t is not None))
+        return tuple(result)
 
     @staticmethod
-    def backward(ctx, grad_logp: Tensor, grad_adjusted: Tensor | None):
+    def backward(ctx, grad_logp: Tensor, *grad_no_grad_outputs):
         hidden, weight, bias, targets = ctx.saved_tensors
         # the forward's autocast dtype, not the backward's
         ops = _Operands(hidden, weight, bias, ctx.vocab_chunk, ctx.cdtype)
@@ -310,7 +354,7 @@ class _FusedLMHeadLogps(torch.autograd.Function):
             ctx.workspace = None
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def _softmax_tiles(ops: _Operands, start: int, end: int, shift: Tensor, workspace: Tensor | None,
@@ -413,10 +457,11 @@ def _backward_cast(ops: _Operands, g: Tensor, targets: Tensor, saved_blocks, wor
 
 
 def lm_head_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, row_chunk: int = 4096,
-                  vocab_chunk: int = DEFAULT_VOCAB_CHUNK, with_wpo: bool = False,
-                  store: bool = True) -> tuple[Tensor, Tensor | None]:
-    """(log p(targets | hidden) [n] fp32, WPO-adjusted values [n] or None), differentiable in hidden, weight
-    and bias. See the module docstring for the formulas and for `store`."""
+                  vocab_chunk: int = DEFAULT_VOCAB_CHUNK, with_wpo: bool = False, store: bool = True,
+                  with_stats: bool = False) -> HeadLogps:
+    """log p(targets | hidden) [n] fp32, differentiable in hidden, weight and bias; with `with_wpo` WPO's adjusted
+    values, with `with_stats` each row's entropy and whether its target is the top token (HeadLogps; none of
+    these has a gradient). See the module docstring for the formulas and for `store`."""
     if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"lm_head_logps wants hidden [n, d] and targets [n], got {tuple(hidden.shape)} and "
                          f"{tuple(targets.shape)}")
@@ -425,6 +470,7 @@ def lm_head_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
-        logp, adjusted, _, _, _ = _forward(hidden, weight, bias, targets, row_chunk, vocab_chunk, with_wpo, False)
-        return logp, adjusted
-    return _FusedLMHeadLogps.apply(hidden, weight, bias, targets, row_chunk, vocab_chunk, with_wpo, store)
+        return _forward(hidden, weight, bias, targets, row_chunk, vocab_chunk, with_wpo, False,
+                        with_stats=with_stats)[0]
+    return HeadLogps(*_FusedLMHeadLogps.apply(hidden, weight, bias, targets, row_chunk, vocab_chunk, with_wpo, store,
+                                              with_stats))

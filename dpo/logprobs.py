@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,11 @@ class SequenceLogps:
     sum: Tensor  # sum of log p over scored tokens
     count: Tensor  # number of scored tokens
     wpo: Tensor | None = None  # mean over scored tokens of log p_t - logsumexp_v(2 log p_v) (WPO eq. 2), no grad
-    logits: Tensor | None = None  # sum over scored tokens of the token's mean logit over the vocabulary, no grad
+    # with_stats, each a sum over scored tokens without gradient: the token's mean logit over the vocabulary, its
+    # entropy, and 1 where the token is the one with the largest logit (TRL's logits/*, entropy, mean_token_accuracy)
+    logits: Tensor | None = None
+    entropy: Tensor | None = None
+    top1: Tensor | None = None
 
     @property
     def mean(self) -> Tensor:
@@ -63,19 +68,34 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def _token_logps(logits: Tensor, targets: Tensor, with_wpo: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-    """log p of `targets` under `logits` [n, vocab], in fp32; optionally the WPO-adjusted values; each row's mean
-    logit (no grad)."""
+class _TokenValues(NamedTuple):
+    """Per scored token, fp32: log p (differentiable) and, where asked for, the values without gradient that
+    SequenceLogps sums."""
+
+    logp: Tensor
+    wpo: Tensor | None = None  # log p_t - logsumexp_v(2 log p_v) (with_wpo)
+    logits: Tensor | None = None  # the mean logit over the vocabulary (with_stats, as the next two)
+    entropy: Tensor | None = None  # -sum_v p_v ln p_v
+    top1: Tensor | None = None  # 1.0 where the target's logit is the largest (ties count), else 0
+
+
+def _token_logps(logits: Tensor, targets: Tensor, with_wpo: bool, with_stats: bool = False) -> _TokenValues:
+    """log p of `targets` under `logits` [n, vocab], in fp32; optionally WPO's values and the token statistics."""
     logits = logits.float()
     log_normalizer = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
-    adjusted = None
-    if with_wpo:
-        with torch.no_grad():
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logps = target_logits - log_normalizer
+    adjusted, stats = None, {}
+    with torch.no_grad():
+        if with_wpo:
             # log sum_v p_v^2 = logsumexp(2 * log p) over the vocabulary
             log_sum_sq = torch.logsumexp(2.0 * (logits - log_normalizer.unsqueeze(-1)), dim=-1)
             adjusted = logps.detach() - log_sum_sq
-    return logps, adjusted, logits.detach().mean(-1)
+        if with_stats:
+            probs = (logits - log_normalizer.unsqueeze(-1)).exp()
+            stats = {"logits": logits.mean(-1), "entropy": torch.special.entr(probs).sum(-1),
+                     "top1": (target_logits >= logits.amax(-1)).float()}
+    return _TokenValues(logps, adjusted, **stats)
 
 
 def _mean_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -93,15 +113,17 @@ def _scored_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rows, positions, targets[rows, positions]
 
 
-def _reduce(num_rows: int, rows: Tensor, logps: Tensor, adjusted: Tensor | None, mean_logits: Tensor) -> SequenceLogps:
-    device = logps.device
+def _reduce(num_rows: int, rows: Tensor, values: _TokenValues) -> SequenceLogps:
+    def per_row(token_values: Tensor | None) -> Tensor | None:
+        if token_values is None:
+            return None
+        return torch.zeros(num_rows, dtype=torch.float32, device=values.logp.device).index_add(0, rows,
+                                                                                               token_values.float())
 
-    def per_row(values: Tensor) -> Tensor:
-        return torch.zeros(num_rows, dtype=torch.float32, device=device).index_add(0, rows, values)
-
-    count = per_row(torch.ones_like(logps))
-    wpo = None if adjusted is None else per_row(adjusted) / count.clamp(min=1)
-    return SequenceLogps(sum=per_row(logps), count=count, wpo=wpo, logits=per_row(mean_logits.float()))
+    count = per_row(torch.ones_like(values.logp))
+    wpo = None if values.wpo is None else per_row(values.wpo) / count.clamp(min=1)
+    return SequenceLogps(sum=per_row(values.logp), count=count, wpo=wpo, logits=per_row(values.logits),
+                         entropy=per_row(values.entropy), top1=per_row(values.top1))
 
 
 @dataclass(frozen=True)
@@ -152,31 +174,26 @@ def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None) -> Tenso
 
 
 def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, settings: ScoringSettings,
-                  with_wpo: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-    """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head; WPO's
-    values (with_wpo) and each row's mean logit as _token_logps returns them."""
+                  with_wpo: bool, with_stats: bool = False) -> _TokenValues:
+    """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head, with what
+    _token_logps adds."""
     lm_head = model.get_output_embeddings()
     cap = logit_softcap(model)
     if fused_head_applies(model, settings):
         # keeping the softmax, the head holds all rows' tiles anyway: one block of rows is then the fastest
         # (dW is made in one pass); chunk_size bounds the recomputing head's scratch
         row_chunk = settings.chunk_size if settings.recompute_softmax else max(settings.chunk_size, len(targets))
-        logps, adjusted = lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=row_chunk,
-                                        vocab_chunk=settings.vocab_chunk, with_wpo=with_wpo,
-                                        store=not settings.recompute_softmax)
-        return logps, adjusted, _mean_logits(scored_hidden, lm_head.weight, lm_head.bias)
-    pieces, adjusted_pieces, mean_pieces = [], [], []
-    for start in range(0, scored_hidden.shape[0], settings.chunk_size):
-        rows = slice(start, start + settings.chunk_size)
-        chunk_logps, chunk_adjusted, chunk_means = _token_logps(_head_logits(lm_head, scored_hidden[rows], cap),
-                                                                targets[rows], with_wpo)
-        pieces.append(chunk_logps)
-        adjusted_pieces.append(chunk_adjusted)
-        mean_pieces.append(chunk_means)
-    empty = scored_hidden.new_zeros(0, dtype=torch.float32)
-    logps = torch.cat(pieces) if pieces else empty
-    adjusted = torch.cat(adjusted_pieces) if with_wpo and pieces else None
-    return logps, adjusted, torch.cat(mean_pieces) if mean_pieces else empty
+        head = lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=row_chunk,
+                             vocab_chunk=settings.vocab_chunk, with_wpo=with_wpo,
+                             store=not settings.recompute_softmax, with_stats=with_stats)
+        mean_logits = _mean_logits(scored_hidden, lm_head.weight, lm_head.bias) if with_stats else None
+        return _TokenValues(head.logp, head.wpo, mean_logits, head.entropy, head.top1)
+    chunks = [_token_logps(_head_logits(lm_head, scored_hidden[start:start + settings.chunk_size], cap),
+                           targets[start:start + settings.chunk_size], with_wpo, with_stats)
+              for start in range(0, scored_hidden.shape[0], settings.chunk_size)]
+    if not chunks:  # no scored token: one empty chunk, so that every asked-for field is an empty tensor
+        chunks = [_token_logps(scored_hidden.new_zeros(0, 1), targets, with_wpo, with_stats)]
+    return _TokenValues(*(None if field[0] is None else torch.cat(field) for field in zip(*chunks)))
 
 
 def causal_attention_mask(attention_mask: Tensor) -> Tensor | None:
@@ -188,31 +205,35 @@ def causal_attention_mask(attention_mask: Tensor) -> Tensor | None:
 
 
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                   settings: ScoringSettings | None = None, *, with_wpo: bool = False, **overrides) -> SequenceLogps:
+                   settings: ScoringSettings | None = None, *, with_wpo: bool = False, with_stats: bool = False,
+                   **overrides) -> SequenceLogps:
     """Summed response log-probs of each row of a right-padded batch (see the module docstring); keyword
-    arguments override fields of `settings` (e.g. completion_only=False)."""
+    arguments override fields of `settings` (e.g. completion_only=False). `with_wpo`, `with_stats`: also the
+    SequenceLogps fields they name."""
     settings = _settings(settings, overrides)
     rows, positions, targets = _scored_positions(labels)
     num_rows = input_ids.shape[0]
     attention_mask = causal_attention_mask(attention_mask)
     if not settings.completion_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return _reduce(num_rows, rows, *_token_logps(logits[rows, positions], targets, with_wpo))
+        return _reduce(num_rows, rows, _token_logps(logits[rows, positions], targets, with_wpo, with_stats))
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    return _reduce(num_rows, rows, *_scored_logps(model, hidden[rows, positions], targets, settings, with_wpo))
+    return _reduce(num_rows, rows, _scored_logps(model, hidden[rows, positions], targets, settings, with_wpo,
+                                                with_stats))
 
 
 def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: ScoringSettings,
-                          with_wpo: bool = False) -> SequenceLogps:
+                          with_wpo: bool = False, with_stats: bool = False) -> SequenceLogps:
     """Summed response log-probs of each sequence of a packed batch (dpo.packing layouts)."""
     index, targets, rows = batch["score_index"], batch["score_target"], batch["score_row"]
     if not settings.completion_only:
-        scored = _token_logps(packed_logits(model, batch)[index], targets, with_wpo)
+        scored = _token_logps(packed_logits(model, batch)[index], targets, with_wpo, with_stats)
     else:
-        scored = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings, with_wpo)
-    return _reduce(num_sequences(batch), rows, *scored)
+        scored = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings, with_wpo,
+                               with_stats)
+    return _reduce(num_sequences(batch), rows, scored)
 
 
 class SequenceScorer(nn.Module):
@@ -221,15 +242,16 @@ class SequenceScorer(nn.Module):
     `batch` is what the run's collator produced: `collate_pairs` (input_ids, attention_mask, labels for 2B
     rows, chosen rows first) or a packed layout of dpo.packing. Going through one module's forward lets DDP
     and FSDP wrap the whole scoring computation (the transformer body and the LM head on scored rows) as
-    they expect. Keyword arguments override fields of `settings`; `with_wpo` also computes WPO's log-probs.
+    they expect. Keyword arguments override fields of `settings`; `with_wpo` also computes WPO's log-probs,
+    `with_stats` the token statistics the trainer logs (the policy's; a reference needs none).
     """
 
     def __init__(self, model: nn.Module, settings: ScoringSettings | None = None, *, with_wpo: bool = False,
-                 **overrides):
+                 with_stats: bool = False, **overrides):
         super().__init__()
         self.model = model
         self.settings = _settings(settings, overrides)
-        self.with_wpo = with_wpo
+        self.with_wpo, self.with_stats = with_wpo, with_stats
 
     def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:
         """Reserve the fused LM head's softmax workspace for the largest micro-batch `pairs` can form (the
@@ -250,6 +272,6 @@ class SequenceScorer(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> SequenceLogps:
         """The log-prob statistics of every sequence of `batch` (padded or packed)."""
         if is_packed(batch):
-            return packed_sequence_logps(self.model, batch, self.settings, self.with_wpo)
+            return packed_sequence_logps(self.model, batch, self.settings, self.with_wpo, self.with_stats)
         return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                              self.settings, with_wpo=self.with_wpo)
+                              self.settings, with_wpo=self.with_wpo, with_stats=self.with_stats)

@@ -165,10 +165,14 @@ class PreferenceLogps:
     # WPO: mean over response tokens of (log p_t - logsumexp_v(2 log p_v)), no grad
     chosen_wpo_logps: Tensor | None = None
     rejected_wpo_logps: Tensor | None = None
-    # the policy's mean logit over the vocabulary, summed over the response's scored tokens (no grad): the step's
-    # metrics logits/chosen and logits/rejected (TRL's), not read by any loss
+    # sums over the response's scored tokens, no grad (SequenceLogps' with_stats fields): the policy's mean logit over
+    # the vocabulary, its entropy, and the tokens that are its top token; the step's metrics logits/*, entropy and
+    # mean_token_accuracy (TRL's), not read by any loss
     policy_chosen_logits: Tensor | None = None
     policy_rejected_logits: Tensor | None = None
+    policy_chosen_entropy: Tensor | None = None
+    policy_rejected_entropy: Tensor | None = None
+    policy_chosen_top1: Tensor | None = None
     # the run's state of this loss (bco_pair's running reward mean): plain numbers, saved in checkpoints; a loss
     # reads it, and a LossState declares how the trainer updates it once per optimizer step
     state: dict = field(default_factory=dict)

@@ -24,9 +24,16 @@ PAIR_METRICS = (
     "logps/chosen_per_token",  # each response's log-prob divided by its scored tokens: a mean length cannot move
     "logps/rejected_per_token",
 )
-# Per-token quantities summed over a step's scored tokens of one side (then divided by those tokens): TRL's mean
-# logit over the vocabulary at the response's positions, weighted by tokens as TRL weighs a micro-batch's.
-TOKEN_METRICS = ("logits/chosen", "logits/rejected")
+# Per-token quantities summed over a step's scored tokens (then divided by those tokens), weighted by tokens as TRL
+# weighs a micro-batch's: each metric's (PreferenceLogps field of per-sequence sums, its lengths field) per side.
+# The policy's mean logit over the vocabulary at the response's positions; its entropy there, over chosen and
+# rejected tokens alike; the share of chosen tokens that are its top token.
+TOKEN_METRICS = {
+    "logits/chosen": (("policy_chosen_logits", "chosen_lengths"),),
+    "logits/rejected": (("policy_rejected_logits", "rejected_lengths"),),
+    "entropy": (("policy_chosen_entropy", "chosen_lengths"), ("policy_rejected_entropy", "rejected_lengths")),
+    "mean_token_accuracy": (("policy_chosen_top1", "chosen_lengths"),),
+}
 
 
 class PairMetrics:
@@ -54,8 +61,8 @@ class PairMetrics:
             (rejected_logps / rejected_lengths.clamp(min=1)).sum(),
             losses.new_tensor(float(losses.numel())),
         ]).double()
-        token_sums = [_token_sums(logits, lengths) for logits, lengths in (
-            (logps.policy_chosen_logits, chosen_lengths), (logps.policy_rejected_logits, rejected_lengths))]
+        token_sums = [sum(_token_sums(getattr(logps, values), logps.require(lengths)) for values, lengths in sides)
+                      for sides in TOKEN_METRICS.values()]
         self.sums += torch.cat([pair_sums.to(self.sums.device), *(t.to(self.sums.device) for t in token_sums)])
 
     @property
@@ -78,7 +85,7 @@ class PairMetrics:
 def _token_sums(values: Tensor | None, lengths: Tensor) -> Tensor:
     """(sum of the per-sequence sums `values`, their tokens) in fp64; (0, 0) when the scorer gave none."""
     if values is None:
-        return torch.zeros(2, dtype=torch.float64)
+        return torch.zeros(2, dtype=torch.float64, device=lengths.device)
     return torch.stack([values.detach().double().sum(), lengths.double().sum()])
 
 

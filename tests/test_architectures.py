@@ -57,8 +57,8 @@ CASES = [(arch, path) for arch in ARCHITECTURES for path in FAST_PATHS
 def plain_and_fast(model, path: str, pairs, with_wpo: bool = True):
     """Log-prob statistics of the plain path (full logits, padded rows) and of the fast path `path`."""
     layout, overrides = FAST_PATHS[path]
-    plain = SequenceScorer(model, completion_only=False, with_wpo=with_wpo)(LAYOUTS["padded"](pairs))
-    fast = SequenceScorer(model, with_wpo=with_wpo, **overrides)(LAYOUTS[layout](pairs))
+    plain = SequenceScorer(model, completion_only=False, with_wpo=with_wpo, with_stats=True)(LAYOUTS["padded"](pairs))
+    fast = SequenceScorer(model, with_wpo=with_wpo, with_stats=True, **overrides)(LAYOUTS[layout](pairs))
     return plain, fast
 
 
@@ -81,6 +81,8 @@ def test_fast_paths_equal_the_plain_path(arch, path):
     torch.testing.assert_close(fast.count, plain.count, atol=0, rtol=0)
     torch.testing.assert_close(fast.wpo, plain.wpo, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.logits, plain.logits, atol=1e-4, rtol=1e-5)  # the mean logit, from W's mean
+    torch.testing.assert_close(fast.entropy, plain.entropy, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(fast.top1, plain.top1, atol=0, rtol=0)
 
     layout, overrides = FAST_PATHS[path]
     steps, reference = [[0, 1, 2], [3, 4, 5]], -torch.arange(6, dtype=torch.float32)

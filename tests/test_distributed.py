@@ -37,7 +37,7 @@ def assert_same_run(a: Path, b: Path):
     assert [(r["split"], r["step"]) for r in ma] == [(r["split"], r["step"]) for r in mb]
     for ra, rb in zip(ma, mb):
         for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logits/chosen",
-                    "logits/rejected"):
+                    "logits/rejected", "entropy", "mean_token_accuracy"):
             if key == "rewards/accuracies" and max(abs(ra["rewards/chosen"]), abs(ra["rewards/rejected"])) < 1e-5:
                 # policy == reference (warm-up step at lr 0): each reward is fp32 rounding noise of a
                 # reference computed in other batch shapes, and its sign is not a property of the run

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -6,21 +8,39 @@ from dpo.logprobs import SequenceScorer, disable_dropout, sequence_logps
 from harness import random_pairs, tiny_phi
 
 
-def loop_logps(model, pairs, with_logits=False):
-    """One sequence at a time, no padding, full log-softmax: the definition. With `with_logits`, also each
-    sequence's sum over its response tokens of the mean logit over the vocabulary (TRL's logits/chosen)."""
-    sums, counts, logit_sums = [], [], []
+def loop_logps(model, pairs, with_stats=False):
+    """One sequence at a time, no padding, full log-softmax: the definition. With `with_stats`, also each
+    sequence's sums over its response tokens of the mean logit over the vocabulary (TRL's logits/chosen), of the
+    entropy -sum_v p_v log p_v, and of 1 where the token's logit is the largest."""
+    sums, counts, stats = [], [], []
     for responses in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]):
         for pair, response in zip(pairs, responses):
             ids = torch.tensor([pair.prompt_ids + response])
             logits = model(input_ids=ids).logits.double()[0]
             logp = logits.log_softmax(-1)
             start = len(pair.prompt_ids)
-            sums.append(sum(logp[start + j - 1, tok] for j, tok in enumerate(response)))
+            rows = [start + j - 1 for j in range(len(response))]
+            sums.append(sum(logp[row, tok] for row, tok in zip(rows, response)))
             counts.append(len(response))
-            logit_sums.append(sum(logits[start + j - 1].mean() for j in range(len(response))))
+            stats.append([sum(logits[row].mean() for row in rows),
+                          sum(-(logp[row].exp() * logp[row]).sum() for row in rows),
+                          sum(float(logits[row, tok] >= logits[row].max()) for row, tok in zip(rows, response))])
     result = torch.stack(sums).float(), torch.tensor(counts, dtype=torch.float32)
-    return (*result, torch.stack(logit_sums).float()) if with_logits else result
+    return (*result, *torch.tensor(stats, dtype=torch.float32).T) if with_stats else result
+
+
+def force_top_tokens(pairs, model):
+    """The pairs with every third response token replaced by the model's top token there (random tokens are
+    almost never the top one, so the accuracy would test only zeros)."""
+    forced = []
+    with torch.no_grad():
+        for pair in pairs:
+            chosen = list(pair.chosen_ids)
+            for j in range(0, len(chosen), 3):
+                ids = torch.tensor([pair.prompt_ids + chosen[:j]])
+                chosen[j] = int(model(input_ids=ids).logits[0, -1].argmax())
+            forced.append(replace(pair, chosen_ids=chosen))
+    return forced
 
 
 @pytest.mark.parametrize("completion_only,fused_lm_head", [(True, True), (True, False), (False, False)])
@@ -28,18 +48,23 @@ def loop_logps(model, pairs, with_logits=False):
 def test_batched_masked_logps_equal_per_example_loop(completion_only, fused_lm_head, chunk_size):
     model = tiny_phi().eval()
     assert model.get_output_embeddings().bias is not None  # the mean logit's bias term is exercised
-    pairs = random_pairs(5, 97)
+    pairs = force_top_tokens(random_pairs(5, 97), model)
     batch = collate_pairs(pairs, pad_id=0)
     with torch.no_grad():
-        got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+        got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_stats=True,
                              completion_only=completion_only, chunk_size=chunk_size, fused_lm_head=fused_lm_head)
-        want_sum, want_count, want_logits = loop_logps(model, pairs, with_logits=True)
+        want_sum, want_count, want_logits, want_entropy, want_top1 = loop_logps(model, pairs, with_stats=True)
     torch.testing.assert_close(got.sum, want_sum, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.count, want_count)
     torch.testing.assert_close(got.mean, want_sum / want_count, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.logits, want_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.entropy, want_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.top1, want_top1, atol=0, rtol=0)
     assert want_logits.abs().min() > 1e-3  # not trivially zero
-    assert got.sum.dtype == got.logits.dtype == torch.float32
+    assert 0 < want_top1[:5].sum() and (want_top1[:5] < want_count[:5]).all()  # some chosen tokens on top, not all
+    assert got.sum.dtype == got.logits.dtype == got.entropy.dtype == got.top1.dtype == torch.float32
+    plain = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert plain.logits is None and plain.entropy is None and plain.top1 is None  # only asked for
 
 
 def test_padding_and_prompt_positions_get_zero_gradient():

@@ -75,16 +75,20 @@ def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     ra, rb = (run_metrics(tmp_path / run) for run in ("rows", "tokens"))
     for x, y in zip(ra, rb):
-        for key in ("loss", "rewards/margins", "logps/chosen", "logits/chosen", "logits/rejected", "grad_norm"):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logits/chosen", "logits/rejected", "entropy",
+                    "mean_token_accuracy", "grad_norm"):
             if key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
 
 
-def test_logit_metrics_are_token_weighted_over_the_step():
+def test_token_metrics_are_token_weighted_over_the_step():
     """logits/chosen is the step's sum of per-token mean logits over its chosen tokens (TRL's per-micro-batch
-    definition, taken over the whole step): the same however the pairs are split into micro-batches."""
+    definition, taken over the whole step): the same however the pairs are split into micro-batches. entropy pools
+    chosen and rejected tokens; mean_token_accuracy counts chosen tokens only."""
     lengths = torch.tensor([1.0, 9.0, 4.0, 2.0])
     chosen_sums, rejected_sums = torch.tensor([3.0, -18.0, 2.0, 5.0]), torch.tensor([-1.0, 4.0, 0.5, 8.0])
+    chosen_entropy, rejected_entropy = torch.tensor([0.5, 9.0, 2.0, 1.0]), torch.tensor([1.0, 30.0, 4.0, 6.0])
+    top1 = torch.tensor([1.0, 3.0, 4.0, 0.0])
     zeros = torch.zeros(4)
 
     def step(splits):
@@ -93,7 +97,9 @@ def test_logit_metrics_are_token_weighted_over_the_step():
             ids = torch.tensor(ids)
             logps = PreferenceLogps(zeros[ids], zeros[ids], chosen_lengths=lengths[ids],
                                     rejected_lengths=2 * lengths[ids], policy_chosen_logits=chosen_sums[ids],
-                                    policy_rejected_logits=rejected_sums[ids])
+                                    policy_rejected_logits=rejected_sums[ids],
+                                    policy_chosen_entropy=chosen_entropy[ids],
+                                    policy_rejected_entropy=rejected_entropy[ids], policy_chosen_top1=top1[ids])
             stats.add(LossOutput(zeros[ids], zeros[ids], zeros[ids], torch.zeros(0)), logps)
         return stats.means()
 
@@ -101,7 +107,10 @@ def test_logit_metrics_are_token_weighted_over_the_step():
     assert whole["logits/chosen"] == pytest.approx(-8.0 / 16.0) == split["logits/chosen"]
     assert whole["logits/rejected"] == pytest.approx(11.5 / 32.0) == split["logits/rejected"]
     assert split["logits/chosen"] != pytest.approx((3.0 + (-16.0 / 13.0) + 2.5) / 3)  # the mean of micro means
+    assert whole["entropy"] == pytest.approx((12.5 + 41.0) / (16 + 32)) == split["entropy"]
+    assert whole["mean_token_accuracy"] == pytest.approx(8.0 / 16.0) == split["mean_token_accuracy"]
     stats = PairMetrics()
     stats.add(LossOutput(zeros, zeros, zeros, torch.zeros(0)), PreferenceLogps(zeros, zeros, chosen_lengths=lengths,
                                                                               rejected_lengths=lengths))
-    assert "logits/chosen" not in stats.means() and stats.num_pairs == 4  # a scorer that gave no logits: left out
+    assert not {"logits/chosen", "entropy", "mean_token_accuracy"} & set(stats.means())  # a scorer that gave none
+    assert stats.num_pairs == 4

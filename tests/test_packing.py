@@ -66,7 +66,7 @@ def test_collate_shared_prompt_layout_by_hand():
 def test_packed_logps_equal_definition_and_padded(layout, completion_only, empty_prompt):
     model = tiny_phi().eval()
     pairs = random_pairs(5, 97, seed=1, empty_prompt=empty_prompt)
-    scorer = SequenceScorer(model, completion_only=completion_only, vocab_chunk=16, with_wpo=True)
+    scorer = SequenceScorer(model, completion_only=completion_only, vocab_chunk=16, with_wpo=True, with_stats=True)
     with torch.no_grad():
         got = scorer(LAYOUTS[layout](pairs))
         padded = scorer(collate_pairs(pairs, pad_id=0))
@@ -76,6 +76,8 @@ def test_packed_logps_equal_definition_and_padded(layout, completion_only, empty
     torch.testing.assert_close(got.count, padded.count, atol=0, rtol=0)
     torch.testing.assert_close(got.wpo, padded.wpo, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.logits, padded.logits, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got.entropy, padded.entropy, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got.top1, padded.top1, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -15,12 +15,16 @@ from harness import random_pairs, tiny_phi
 
 
 def plain_head(hidden, weight, bias, targets):
-    """The definition: full logits, fp32 log-softmax, ordinary autograd (under autocast as F.linear runs)."""
+    """The definition: full logits, fp32 log-softmax, ordinary autograd (under autocast as F.linear runs); WPO's
+    values, the entropy and whether the target is the argmax."""
     logits = F.linear(hidden, weight, bias).float()
     lse = logits.logsumexp(-1)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     log_sum_sq = torch.logsumexp(2 * (logits - lse[:, None]), -1)
-    return logps, (logps - log_sum_sq).detach()
+    log_p = (logits - lse[:, None]).detach()
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    top1 = (logits.gather(-1, targets[:, None]).squeeze(-1) >= logits.amax(-1)).float()  # a tie for the top counts
+    return logps, (logps - log_sum_sq).detach(), entropy, top1.detach()
 
 
 def head_inputs(n=29, d=12, vocab=203, bias=True, seed=0):
@@ -30,15 +34,18 @@ def head_inputs(n=29, d=12, vocab=203, bias=True, seed=0):
     b = torch.randn(vocab, generator=g).requires_grad_() if bias else None
     targets = torch.randint(0, vocab, (n,), generator=g)
     targets[:3] = torch.tensor([0, vocab - 1, vocab - 1])  # the vocabulary's edges, a repeated target
+    with torch.no_grad():  # some rows' targets are their top token (random ones almost never are)
+        targets[3::4] = F.linear(hidden[3::4], weight, b).argmax(-1)
     upstream = torch.randn(n, generator=g)
     return hidden, weight, b, targets, upstream
 
 
 def values_and_grads(fn, hidden, weight, bias, targets, upstream):
-    logps, adjusted = fn(hidden, weight, bias, targets)
+    """(log-probs, WPO's values, gradients of sum(upstream * log-probs), entropy, top1) of a head `fn`."""
+    logps, adjusted, entropy, top1 = fn(hidden, weight, bias, targets)
     leaves = [t for t in (hidden, weight, bias) if t is not None]
     grads = torch.autograd.grad((logps * upstream).sum(), leaves)
-    return logps.detach(), adjusted, grads
+    return logps.detach(), adjusted, grads, entropy, top1
 
 
 @pytest.mark.parametrize("store", [True, False])
@@ -48,9 +55,12 @@ def test_fused_head_equals_plain_autograd_fp32(store, row_chunk, vocab_chunk, bi
     inputs = head_inputs(bias=bias)
     want = values_and_grads(plain_head, *inputs)
     got = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, row_chunk=row_chunk, vocab_chunk=vocab_chunk,
-                                                            with_wpo=True, store=store), *inputs)
+                                                            with_wpo=True, store=store, with_stats=True), *inputs)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[3], want[3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[4], want[4], atol=0, rtol=0)
+    assert 0 < want[4].sum() < len(want[4])
     for a, b in zip(got[2], want[2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
         assert a.dtype == torch.float32
@@ -64,7 +74,7 @@ def test_fused_head_with_no_scored_token_has_zero_gradients(dtype, store):
     _, weight, bias, _, _ = head_inputs()
     hidden, targets = torch.zeros(0, weight.shape[1], requires_grad=True), torch.zeros(0, dtype=torch.long)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        logps, _ = lm_head_logps(hidden, weight, bias, targets, store=store)
+        logps = lm_head_logps(hidden, weight, bias, targets, store=store).logp
         grads = torch.autograd.grad(logps.sum(), [hidden, weight, bias], allow_unused=True)
     assert logps.shape == (0,)
     for grad, leaf in zip(grads, (hidden, weight, bias)):
@@ -97,14 +107,17 @@ def test_fused_head_under_autocast_equals_plain_autocast(dtype, store):
         want = values_and_grads(plain_head, *inputs)
         # one tile: the same matmuls in the same dtype as the plain path, so the same numbers
         one_tile = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, vocab_chunk=64, with_wpo=True,
-                                                                     store=store), *inputs)
+                                                                     store=store, with_stats=True), *inputs)
         # several tiles: partial sums are rounded to the autocast dtype tile by tile
         tiled = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, row_chunk=4, vocab_chunk=16,
-                                                                  with_wpo=True, store=store), *inputs)
+                                                                  with_wpo=True, store=store, with_stats=True),
+                                 *inputs)
     for got, tolerance in ((one_tile, 1e-5), (tiled, 8 * torch.finfo(dtype).eps)):
-        assert got[0].dtype == torch.float32
+        assert got[0].dtype == got[3].dtype == torch.float32
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[3], want[3], atol=1e-5, rtol=0)  # the logits are those of the plain path
+        torch.testing.assert_close(got[4], want[4], atol=0, rtol=0)
         for a, b in zip(got[2], want[2]):
             torch.testing.assert_close(a, b, atol=tolerance * b.abs().max().item(), rtol=0)
 
@@ -117,8 +130,8 @@ def test_fused_head_backward_outside_autocast_keeps_the_forward_dtype(dtype):
     hidden, weight, bias, targets, upstream = inputs
     leaves = [hidden, weight, bias]
     with torch.autocast("cpu", dtype=dtype):
-        want_logps, _ = plain_head(hidden, weight, bias, targets)
-        got_logps, _ = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=64)
+        want_logps = plain_head(hidden, weight, bias, targets)[0]
+        got_logps = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=64).logp
     want = torch.autograd.grad((want_logps * upstream).sum(), leaves)
     got = torch.autograd.grad((got_logps * upstream).sum(), leaves)
     for a, b in zip(got, want):
@@ -129,11 +142,13 @@ def test_fused_head_backward_outside_autocast_keeps_the_forward_dtype(dtype):
 def test_fused_head_without_grad_equals_with_grad_and_checks_shapes():
     hidden, weight, bias, targets, _ = head_inputs()
     with torch.no_grad():
-        a, a_wpo = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, with_wpo=True)
-    b, b_wpo = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, with_wpo=True)
-    assert b.requires_grad and not a.requires_grad
-    torch.testing.assert_close(a, b.detach(), atol=0, rtol=0)
-    torch.testing.assert_close(a_wpo, b_wpo, atol=0, rtol=0)
+        a = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, with_wpo=True, with_stats=True)
+    b = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, with_wpo=True, with_stats=True)
+    assert b.logp.requires_grad and not a.logp.requires_grad
+    assert not any(t.requires_grad for t in b[1:])
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y.detach(), atol=0, rtol=0)
+    assert lm_head_logps(hidden, weight, bias, targets)[1:] == (None, None, None)  # only what is asked for
     with pytest.raises(ValueError, match="hidden"):
         lm_head_logps(hidden[None], weight, bias, targets)
     with pytest.raises(ValueError, match="vocab_chunk"):
@@ -230,9 +245,13 @@ def test_fused_head_survives_a_later_tile_far_above_the_first(store, gap, monkey
     row_maxima = dpo.lm_head._row_maxima
     monkeypatch.setattr(dpo.lm_head, "_row_maxima", lambda *args: exact_passes.append(1) or row_maxima(*args))
     got = values_and_grads(lambda h, w, b, t: lm_head_logps(h, w, b, t, row_chunk=4, vocab_chunk=32, with_wpo=True,
-                                                            store=store), hidden, weight, bias, targets, upstream)
+                                                            store=store, with_stats=True),
+                           hidden, weight, bias, targets, upstream)
     assert len(exact_passes) == 2  # both row blocks, in the forward only
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[3], want[3], atol=1e-5, rtol=1e-6)  # the entropy and the top token, too
+    torch.testing.assert_close(got[4], want[4], atol=0, rtol=0)
+    assert got[4][0] == 1  # token 70 is the top token
     # log-probs near -600 carry fp32 rounding of 1e-7 relative in both computations
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-6)
@@ -325,12 +344,12 @@ def test_a_frozen_head_keeps_no_tiles_and_runs_no_weight_gradient(monkeypatch, s
     real = lm_head._left_t_times
     monkeypatch.setattr(lm_head, "_left_t_times", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     workspace_pool.clear()
-    logps, _ = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, store=store)
+    logps = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, store=store).logp
     got = torch.autograd.grad((logps * upstream).sum(), [hidden])[0]
     assert calls == [] and workspace_pool.free == []
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     weight.requires_grad_(True)  # the same call with a trainable head runs it
-    logps, _ = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, store=store)
+    logps = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=50, store=store).logp
     torch.autograd.grad((logps * upstream).sum(), [hidden, weight])
     assert calls
     workspace_pool.clear()

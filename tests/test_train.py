@@ -52,7 +52,8 @@ def test_accumulation_is_exact(workdir):
     ma, mb = run_metrics(accumulated)[0], run_metrics(whole)[0]
     assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
     assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
-    for key in ("logits/chosen", "logits/rejected"):  # token-weighted over the step, not a mean of micro means
+    # token-weighted over the step, not a mean of micro means
+    for key in ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"):
         assert ma[key] == pytest.approx(mb[key], rel=1e-5)
     config = json.loads((accumulated / "run_config.json").read_text())
     assert config["accumulation_steps"] == 8
