@@ -63,6 +63,7 @@ BACKWARD_ROW_SLICE = 128
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 _MAX_POOLED = 2  # free workspaces kept between calls
+STATS_SCALE = 2.0 ** -7  # u 2^u scaled so that it stays below 2^u for |u| <= 128 (see _forward_rows)
 
 
 class _WorkspacePool:
@@ -200,7 +201,7 @@ class _RowBlock(NamedTuple):
     squares: Tensor | None  # sum_v 4^(y_v - shift) (with_wpo)
     shift: Tensor
     ew: Tensor | None  # sum_v 2^(y_v - shift) W_v [rows, d] (with_ew)
-    weighted: Tensor | None  # sum_v 2^(y_v - shift) (y_v - shift) (with_stats: the entropy)
+    weighted: Tensor | None  # sum_v 2^(y_v - shift) (y_v - shift) STATS_SCALE (with_stats: the entropy)
     maximum: Tensor | None  # max_v y_v - shift (with_stats: whether the target is the top token)
 
 
@@ -244,7 +245,9 @@ def _forward_rows(ops: _Operands, start: int, end: int, targets: Tensor, vocab_c
             running_sq.add_(e.square().sum(dim=1))
         if with_stats:
             torch.maximum(maximum, y.amax(dim=1), out=maximum)
-            weighted.add_(y.mul_(e).sum(dim=1))  # y is spent: in place, a product tile costs a pass of memory
+            # y is spent: the product is made in place. Scaled by 2^-7 (exact), each term is at most 2^u, so the
+            # sum is finite wherever s is; nansum: 0 for a logit of -inf (u = -inf, 2^u = 0)
+            weighted.add_(y.mul_(STATS_SCALE).mul_(e).nansum(dim=1))
         if ew is not None:
             ew.addmm_(e, ops.w[v0:v1])
     return _RowBlock(target, running_sum, running_sq, shift, ew, weighted, maximum)
@@ -287,7 +290,8 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     num_tiles = -(-ops.vocab // vocab_chunk)
     blocks = _row_blocks(n, row_chunk)
     tile_floats = vocab_chunk * min(n, row_chunk)
-    scratch = torch.empty(tile_floats * (2 if with_stats else 1), device=hidden.device)
+    # without a workspace, the statistics need y - shift beside its exp2: a second scratch tile
+    scratch = torch.empty(tile_floats * (2 if with_stats and not store else 1), device=hidden.device)
     workspace = workspace_pool.take(num_tiles * n * vocab_chunk, hidden.device) if store else None
     pieces: dict[str, list[Tensor]] = {"logp": [], "wpo": [], "entropy": [], "top1": []}
     saved = []
@@ -297,7 +301,8 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             block = _forward_rows(ops, start, end, targets[start:end], vocab_chunk, with_wpo, buffer, scratch, None,
                                   with_ew, with_stats)
             finite = torch.isfinite(block.total).all()
-            for extra in (block.squares, block.ew, block.weighted):
+            # not `weighted`: finite wherever `total` is, so the statistics never change which blocks are redone
+            for extra in (block.squares, block.ew):
                 if extra is not None:
                     finite &= torch.isfinite(extra).all()
             if not bool(finite):
@@ -314,7 +319,7 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
                 pieces["wpo"].append(logp - LN2 * (block.squares.log2() - 2.0 * log2_total))  # - log sum_v p_v^2
             if with_stats:
                 # H = lse - sum_v p_v z_v = ln 2 (log2 s - sum_v 2^u_v u_v / s), u = y - shift
-                pieces["entropy"].append(LN2 * (log2_total - block.weighted / block.total))
+                pieces["entropy"].append(LN2 * (log2_total - block.weighted / (STATS_SCALE * block.total)))
                 pieces["top1"].append((block.target >= block.maximum).float())
             saved.append((block.shift, block.total, block.ew))
     def joined(name: str) -> Tensor:

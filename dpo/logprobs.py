@@ -92,8 +92,9 @@ def _token_logps(logits: Tensor, targets: Tensor, with_wpo: bool, with_stats: bo
             log_sum_sq = torch.logsumexp(2.0 * (logits - log_normalizer.unsqueeze(-1)), dim=-1)
             adjusted = logps.detach() - log_sum_sq
         if with_stats:
-            probs = (logits - log_normalizer.unsqueeze(-1)).exp()
-            stats = {"logits": logits.mean(-1), "entropy": torch.special.entr(probs).sum(-1),
+            # H = lse - sum_v p_v z_v, with one [n, vocab] temporary (nansum: p z = 0 for a logit of -inf)
+            weighted = (logits - log_normalizer.unsqueeze(-1)).exp_().mul_(logits).nansum(-1)
+            stats = {"logits": logits.mean(-1), "entropy": log_normalizer - weighted,
                      "top1": (target_logits >= logits.amax(-1)).float()}
     return _TokenValues(logps, adjusted, **stats)
 

@@ -21,8 +21,7 @@ def plain_head(hidden, weight, bias, targets):
     lse = logits.logsumexp(-1)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     log_sum_sq = torch.logsumexp(2 * (logits - lse[:, None]), -1)
-    log_p = (logits - lse[:, None]).detach()
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    entropy = torch.special.entr((logits - lse[:, None]).detach().exp()).sum(-1)  # 0 log 0 = 0
     top1 = (logits.gather(-1, targets[:, None]).squeeze(-1) >= logits.amax(-1)).float()  # a tie for the top counts
     return logps, (logps - log_sum_sq).detach(), entropy, top1.detach()
 
@@ -353,3 +352,30 @@ def test_a_frozen_head_keeps_no_tiles_and_runs_no_weight_gradient(monkeypatch, s
     torch.autograd.grad((logps * upstream).sum(), [hidden, weight])
     assert calls
     workspace_pool.clear()
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_fused_head_statistics_change_no_bit_of_the_log_probs_or_gradients(store, monkeypatch):
+    """A later tile 86 nats above the first (u ~ 124 in base 2): 2^u stays finite, u 2^u alone would not. The
+    statistics must not make the head redo the block (which rounds log-probs and gradients otherwise), and a
+    logit of -inf has probability 0 and adds nothing to the entropy (0 log 0 = 0)."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(16, 4, generator=g), torch.randn(8, 4, generator=g)
+    bias = torch.zeros(8)
+    bias[6], bias[5] = 86.0, float("-inf")  # both in the second tile
+    targets = torch.randint(0, 8, (16,), generator=g)
+    passes = []
+    row_maxima = lm_head._row_maxima
+    monkeypatch.setattr(lm_head, "_row_maxima", lambda *args: passes.append(1) or row_maxima(*args))
+    runs = {}
+    for with_stats in (False, True):
+        leaf = weight.clone().requires_grad_()
+        out = lm_head_logps(hidden, leaf, bias, targets, vocab_chunk=4, store=store, with_stats=with_stats)
+        out.logp.sum().backward()
+        runs[with_stats] = out, leaf.grad
+    assert passes == []
+    assert torch.equal(runs[False][0].logp, runs[True][0].logp) and torch.equal(runs[False][1], runs[True][1])
+    want = plain_head(hidden, weight, bias, targets)
+    assert torch.isfinite(runs[True][0].entropy).all()
+    torch.testing.assert_close(runs[True][0].entropy, want[2], atol=2e-5, rtol=0)
+    torch.testing.assert_close(runs[True][0].top1, want[3], atol=0, rtol=0)
