@@ -69,6 +69,7 @@ from dpo.precision import (AUTOCAST_DTYPES, frozen_dtype, matmul_precision, reso
                            use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast
 from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_cached, save_cached
+from dpo.reference_sync import mix_into_reference, sync_due
 from dpo.schedule import lr_at
 from dpo.settings import ConfigError
 from dpo.splits import PreferenceData, load_preference_pairs
@@ -176,15 +177,17 @@ def build_policy(cfg: TrainSettings, device: torch.device,
 
 
 def reference_model(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, device: torch.device, *,
-                    fresh: bool) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]:
+                    fresh: bool, weights: str | None = None
+                    ) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]:
     """The frozen reference as (model, context to run it in). Under LoRA: the policy in its adapters' reference
     mode, never a second model. Otherwise the policy itself while it has not moved (step 0), else (`fresh`) a
-    second copy of --model, loaded frozen."""
+    second copy of --model (or of `weights`, a checkpoint's TR-DPO reference), loaded frozen."""
     if adapters is not None:
         return policy, adapters.reference
     if not fresh:
         return policy, contextlib.nullcontext
-    return load_model(cfg, cfg.model, device, frozen=True).eval().requires_grad_(False), contextlib.nullcontext
+    model = load_model(cfg, weights or cfg.model, device, frozen=True)
+    return model.eval().requires_grad_(False), contextlib.nullcontext
 
 
 def autocast(cfg: TrainSettings, device: torch.device) -> contextlib.AbstractContextManager:
@@ -278,9 +281,9 @@ def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
     resumed run whose cache is gone loads the reference model instead (under LoRA: the adapters' reference
     mode, always). Under torchrun every process scores a share of the pairs (longest first, dealt in turn) and the
     shares are gathered; the main process writes the cache. None for a split when the loss reads no reference or
-    --no-precompute-ref."""
+    --no-precompute-ref, and under --sync-ref-model (the reference changes)."""
     reference: dict[str, ReferenceLogps | None] = {"train": None, "eval": None}
-    if not (needs_reference_model(cfg.loss) and cfg.precompute_ref):
+    if not (needs_reference_model(cfg.loss) and cfg.precompute_ref) or cfg.sync_ref_model:
         return reference
     settings = {"precision": cfg.precision, "completion_only": cfg.scoring.completion_only,
                 "adapter": cfg.lora.adapter}
@@ -361,9 +364,11 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
                        health=HealthMonitor(cfg.health, cfg.health_window, emit=on_alert), layout=layout,
                        flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
                        peak_tflops=peak_tflops(device, precision, cfg.peak_tflops))
-    step_time = cfg.on_policy.online or (not cfg.precompute_ref and not cfg.on_policy.iterations)
+    step_time = cfg.on_policy.online or cfg.sync_ref_model or (not cfg.precompute_ref and not cfg.on_policy.iterations)
     if needs_reference_model(cfg.loss) and step_time:  # iterative DPO precomputes each round's reference
-        model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True)
+        # TR-DPO resumes with the reference its checkpoint kept
+        weights = str(resume["reference_dir"]) if resume is not None and cfg.sync_ref_model else None
+        model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True, weights=weights)
         state.reference_scorer = SequenceScorer(model, cfg.scoring)
     if resume is not None:
         load_full_optimizer_state(scorer, optimizer, resume.pop("optimizer"))  # copied: the mapped file let go
@@ -424,6 +429,7 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
     cfg, dist, device = state.cfg, state.dist, state.device
     if not len(batch):  # online DPO when every prompt's samples tie: the judge has nothing to teach this step
         state.step, state.skipped_steps = state.step + 1, state.skipped_steps + 1
+        sync_reference(state)
         return {"lr": lr, "pairs_per_s": 0.0, "tokens_per_s": 0.0, "skipped_steps": state.skipped_steps}
     start = synced_clock(device)
     if device.type == "cuda":
@@ -462,7 +468,25 @@ def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]
     if stepped:  # the losses' state moves with the steps the optimizer takes
         update_loss_state(cfg.loss, state.loss_state, state_sums)
     state.step += 1
+    sync_reference(state)
     return step_record(state, stats, lr, grad_norm, tokens, flops, synced_clock(device) - start)
+
+
+def synced_reference_bytes(cfg: TrainSettings, policy: nn.Module, device: torch.device) -> int:
+    """What a TR-DPO reference adds to each checkpoint: every weight in the dtype load_model gives a frozen model
+    (0 without --sync-ref-model)."""
+    if not cfg.sync_ref_model:
+        return 0
+    dtype = frozen_dtype(resolve_precision(cfg.precision, device))
+    return sum(p.numel() for p in policy.parameters()) * dtype.itemsize
+
+
+def sync_reference(state: TrainState) -> None:
+    """TR-DPO (--sync-ref-model): after every --ref-model-sync-steps-th step the reference moves toward the policy
+    (dpo.reference_sync); the same on every process, whose policies are the same."""
+    cfg = state.cfg
+    if cfg.sync_ref_model and sync_due(state.step, cfg.ref_model_sync_steps):
+        mix_into_reference(state.reference_scorer.model, state.policy, cfg.ref_model_mixup_alpha)
 
 
 class ReferenceStartCheck:
@@ -632,15 +656,17 @@ def refuse_non_finite(state: TrainState, weights: dict[str, torch.Tensor], what:
 
 def save(state: TrainState, total_steps: int) -> Path | None:
     """checkpoint-<step>/ in --output-dir (collective under torchrun; the main process writes). Under LoRA it
-    holds the adapter and its optimizer state only."""
+    holds the adapter and its optimizer state only; under --sync-ref-model also the reference."""
     weights = full_model_state(state.scorer, trainable_only=state.adapters is not None)
     refuse_non_finite(state, weights, f"checkpoint-{state.step}")
     optimizer_state = full_optimizer_state(state.scorer, state.optimizer)
     path = None
+    reference = state.reference_scorer.model if state.cfg.sync_ref_model else None  # TR-DPO's moves: kept
     if state.dist.is_main:
         path = save_checkpoint(
             Path(state.cfg.output_dir), state.step,
             save_model=lambda directory: save_weights(state, directory, weights),
+            save_reference=None if reference is None else reference.save_pretrained,
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
                            "settings": state.cfg.run_identity(), "health": state.health.state_dict(),
@@ -788,7 +814,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
         if dist.is_main:
             check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None,
-                             keep=cfg.save_total_limit)
+                             keep=cfg.save_total_limit, reference_bytes=synced_reference_bytes(cfg, policy, device))
         layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
         source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
         total_steps = run_length(cfg, source.steps_per_epoch)
@@ -822,6 +848,9 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
     log(f"training {total_steps} steps: {pairs}, batch {cfg.batch_size} = micro "
         f"{cfg.micro_batch_size} x accumulation {run_config['accumulation_steps']} x processes {dist.world_size}, "
         f"{layout} layout, {cfg.precision} on {device}")
+    if cfg.sync_ref_model:
+        log(f"TR-DPO: the reference, a model of its own scored at step time, becomes {cfg.ref_model_mixup_alpha:g} x "
+            f"policy + {1 - cfg.ref_model_mixup_alpha:g} x reference every {cfg.ref_model_sync_steps} steps")
     progress = ProgressBar(dist.is_main and cfg.progress, total_steps, state.step, log)
     eval_batch = PairBatch(data.eval, reference["eval"])
     train_record: dict = {}

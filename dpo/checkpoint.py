@@ -117,12 +117,13 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool,
 
 
 def check_disk_space(out_dir: Path, model: torch.nn.Module, *, merged: bool, keep: int,
-                     free_bytes: int | None = None) -> None:
-    """Fail before training when `keep` checkpoints (`model`'s trained weights and 2 AdamW moments each) and final/
-    (the trained weights, plus every weight when `merged`: a full model or a merged LoRA model) cannot fit."""
+                     free_bytes: int | None = None, reference_bytes: int = 0) -> None:
+    """Fail before training when `keep` checkpoints (`model`'s trained weights and 2 AdamW moments each, and
+    `reference_bytes` of a reference model each) and final/ (the trained weights, plus every weight when `merged`:
+    a full model or a merged LoRA model) cannot fit."""
     trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     final_params = trained_params + (sum(p.numel() for p in model.parameters()) if merged else 0)
-    needed = trained_params * 4 * 3 * keep + final_params * 4
+    needed = (trained_params * 4 * 3 + reference_bytes) * keep + final_params * 4
     free = shutil.disk_usage(out_dir).free if free_bytes is None else free_bytes
     if free < needed:
         raise ConfigError(f"--output-dir {out_dir}: {free / 2**30:.2f} GiB free, but {keep} checkpoint(s) and "
@@ -194,10 +195,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     loss_state: dict[str, Any],
     keep: int,
+    save_reference: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints.
 
-    `save_model(directory)` writes the policy in `save_pretrained` format.
+    `save_model(directory)` writes the policy in `save_pretrained` format; `save_reference(directory)` a reference
+    model that changes during the run (TR-DPO), the same way.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
@@ -206,6 +209,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_model(tmp / "model")
+    if save_reference is not None:
+        save_reference(tmp / "reference")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save({"scaler": scaler_state, "rng": rng_state(), "loss_state": loss_state}, tmp / "extra.pt")
     # the state file goes last: its presence marks the directory as complete
@@ -300,4 +305,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         "rng": extra["rng"],
         "loss_state": extra["loss_state"],
         "model_dir": path / "model",
+        "reference_dir": path / "reference",  # written under --sync-ref-model only
     }

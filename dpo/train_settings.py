@@ -32,9 +32,10 @@ from dpo.judges import JUDGE_HELP
 from dpo.optim import OPTIMIZERS, check_optimizer
 from dpo.precision import PRECISIONS
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
+from dpo.reference_sync import check_reference_sync
 from dpo.tracking import REPORT_TO_CHOICES, resolve_report_to
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
-                          nested, non_negative, positive, seed_range, setting, setting_fields, to_flat)
+                          nested, non_negative, positive, probability, seed_range, setting, setting_fields, to_flat)
 
 DEMO_MODEL = "demo"  # resolved to the SFT model shipped inside the package
 DEMO_DATASET = "demo"
@@ -118,6 +119,13 @@ class TrainSettings:
     weight_decay: float = setting(0.0, "AdamW weight decay", check=non_negative)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", check=_betas)
     max_grad_norm: float | None = setting(1.0, "clip the gradient norm to this (None: no clipping)", check=positive)
+    sync_ref_model: bool = setting(False, "TR-DPO: every --ref-model-sync-steps steps the reference becomes alpha x "
+                                          "policy + (1 - alpha) x reference (a reference model of its own, scored "
+                                          "at step time)")
+    ref_model_sync_steps: int = setting(512, "TR-DPO's tau: optimizer steps between reference updates",
+                                        check=positive)
+    ref_model_mixup_alpha: float = setting(0.6, "TR-DPO's alpha: the policy's weight in a reference update (1: the "
+                                                "reference becomes the policy)", check=probability)
     epochs: float = setting(2, "passes over the training pairs", check=positive)
     max_steps: int | None = setting(None, "stop after this many optimizer steps (overrides --epochs)",
                                     check=positive)
@@ -209,6 +217,8 @@ class TrainSettings:
         if self.lora.quantized and self.fsdp:
             raise ConfigError("--load-in-4bit / --load-in-8bit do not run under --fsdp (FSDP2 cannot shard "
                               "bitsandbytes' quantized weights); use DDP")
+        if self.sync_ref_model:
+            check_reference_sync(self)
         if self.eval_generate and self.fsdp:
             raise ConfigError("--eval-generate does not run under --fsdp (generation would need every process in "
                               "each decoding step of the sharded model); use DDP or evaluate final/ with dpo.evaluate")
