@@ -35,7 +35,7 @@ import torch
 
 from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
-from dpo.ifeval_repair import LIST_MARKER
+from dpo.ifeval_repair import WORD, sentences
 from dpo.prompts import encode_texts, end_of_turn_text, special_ids
 from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import (MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag,
@@ -263,7 +263,11 @@ def keeps_end(sample: str, repair: str) -> bool:
 
 
 def _content(text: str) -> str:
-    return re.sub(r"[\s,]+", "", LIST_MARKER.sub("", text).casefold())
+    # the sentences and lines with a word, as a bullet repair keeps them (a "---" rule inside is dropped), and the
+    # last one whatever it holds: a closing quotation mark on a line of its own is an end the repair wrote
+    parts = sentences(text)
+    kept = "".join(part for i, part in enumerate(parts) if WORD.search(part) or i == len(parts) - 1)
+    return re.sub(r"[\s,]+", "", kept.casefold())
 
 
 def _without_end(ids: list[int], end: list[int]) -> list[int]:

@@ -199,6 +199,13 @@ def test_a_repair_keeps_a_samples_end_unless_it_writes_one():
     assert not keeps_end("", "anything") and keeps_end("Straße ist lang", "STRASSE IST LANG")
     # a short last list line: its marker, which the bullet rewrite changes, is not taken for the end
     assert keeps_end("Tips:\n1. Eat well.\n2. Sleep.\n3. Ru", "Tips:\n* Eat well.\n* Sleep.\n* Ru")
+    # a "---" rule, which the bullet rewrite leaves out, is not part of the sample's content either
+    bullet_prompt = IFEvalPrompt("Tips? Your answer must contain exactly 3 bullet points.",
+                                 ("detectable_format:number_bullet_lists",), ({"num_bullets": 3},))
+    ruled = "Here are some tips.\n\n---\n\nDrink water every day. Sleep eight hours. Walk for thirty minutes and then"
+    assert "---" not in repair(bullet_prompt, ruled) and keeps_end(ruled, repair(bullet_prompt, ruled))
+    assert keeps_end(ruled, ruled.lower())  # a rewrite that keeps the rule keeps the end too
+    assert not keeps_end("Text.\n---", '"Text.\n---"')  # a closing quotation mark after a rule is a new end
     # what a postscript or an end phrase appends can repeat the sample's last words: still a new end
     assert not keeps_end("Here it is. I hope this helps.", "Here it is. I hope this helps.\n\nP.P.S I hope this helps.")
     assert not keeps_end("It is hot. Questions.", "It is hot. Questions.\n\nAny other questions.")
