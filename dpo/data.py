@@ -55,6 +55,7 @@ from dpo.prompts import (Prompt, PromptError, SpecialIds, check_template, check_
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_FIRST_TURN = re.compile(r"\s*(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
@@ -366,7 +367,7 @@ def _explicit(record: dict, row: int) -> _Dialogue:
 
 def _is_hh_prompt(text: str) -> bool:
     """Whether `text` is an HH conversation up to its last assistant cue: "...\n\nHuman: ...\n\nAssistant:"."""
-    return "\n\nHuman:" in text and text.rstrip().endswith(HH_ASSISTANT)
+    return bool(_HH_FIRST_TURN.match(text) or "\n\nHuman:" in text) and text.rstrip().endswith(HH_ASSISTANT)
 
 
 def _hh_messages(prompt: str, row: int, where: str) -> list[dict[str, str]]:
@@ -375,6 +376,8 @@ def _hh_messages(prompt: str, row: int, where: str) -> list[dict[str, str]]:
     Every turn's text is what lies between the markers, stripped: the space after "Assistant:" / "Human:" and the
     line breaks around a turn belong to HH's text format, not to the message (the final answer is parsed as the
     same answer in a later row's history is). A text before the first marker is a system message."""
+    if _HH_FIRST_TURN.match(prompt):  # a text stripped of the line breaks before its first turn
+        prompt = "\n\n" + prompt.lstrip()
     parts = _HH_TURN.split(prompt.rstrip() + " ")
     lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
     messages = [{"role": "system", "content": lead}] if lead else []

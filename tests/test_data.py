@@ -690,6 +690,12 @@ def test_an_hh_conversation_in_the_prompt_field_is_read_as_the_implicit_row(gpt2
     explicit_hh = {"prompt": HH_HISTORY, "chosen": " Fine, thanks.", "rejected": " Fine."}
     a, b = (to_example(r, 0, template=template, tokenizer=tokenizer) for r in (implicit, explicit_hh))
     assert a == b and "Human:" not in a.prompt.replace("### Human:", "")
+    # the same texts stripped of the line breaks before the first turn: the same conversation, no system message
+    stripped = [{k: v.lstrip() for k, v in r.items()} for r in (implicit, explicit_hh)]
+    assert [to_example(r, 0, template=template, tokenizer=tokenizer) for r in stripped] == [a, a]
+    single = {"prompt": "Human: Hi there\n\nAssistant:", "chosen": " Hello.", "rejected": " Go away."}
+    assert to_example(single, 0, template=template, tokenizer=tokenizer).prompt == to_example(
+        {**single, "prompt": "\n\n" + single["prompt"]}, 0, template=template, tokenizer=tokenizer).prompt
     assert to_example(explicit("What is 2+2?\n\nAssistant: says", "4", "5"), 0).prompt == format_prompt(
         "What is 2+2?\n\nAssistant: says")  # no "\n\nHuman:" turn: a plain instruction
 
