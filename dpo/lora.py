@@ -182,15 +182,17 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
 
 
 def check_module_names(base: nn.Module, settings: LoraSettings) -> None:
-    """A LoraError naming each module of --lora-target-modules / --lora-modules-to-save that is no module of `base`
-    (peft matches a name to a module named so, or ending in "." and the name; it refuses only a list of which no
-    name matches, so a misspelled name beside a right one was silently not trained)."""
-    names = [name for name, _ in base.named_modules()]
+    """A LoraError naming each module of --lora-target-modules / --lora-modules-to-save that is no module of `base`,
+    matched as peft matches them (a target: a module named so, or ending in "." and the name; a module to save:
+    any module name ending in it). peft refuses only a list of which no name matches, so a misspelled name beside a
+    right one was silently not trained."""
+    names = [name for name, _ in base.named_modules(remove_duplicate=False)]
     targets = settings.lora_target_modules.strip()
-    for flag, value in (("--lora-target-modules", "" if targets == "all-linear" else targets),
-                        ("--lora-modules-to-save", settings.lora_modules_to_save)):
-        unknown = [want for want in _names(value) or []
-                   if not any(name == want or name.endswith("." + want) for name in names)]
+    for flag, value, matches in (
+            ("--lora-target-modules", "" if targets == "all-linear" else targets,
+             lambda name, want: name == want or name.endswith("." + want)),
+            ("--lora-modules-to-save", settings.lora_modules_to_save, lambda name, want: name.endswith(want))):
+        unknown = [want for want in _names(value) or [] if not any(matches(name, want) for name in names)]
         if unknown:
             leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name and not name[-1].isdigit()})
             raise LoraError(f"{flag} {value}: no module of the model is named {', '.join(unknown)} (its modules: "

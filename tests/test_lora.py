@@ -12,9 +12,9 @@ import train
 from dpo.train_settings import parse_settings
 from dpo.data import collate_pairs
 from dpo.logprobs import SequenceScorer
-from dpo.lora import REFERENCE_ADAPTER, LoraSettings, add_adapters
+from dpo.lora import REFERENCE_ADAPTER, LoraError, LoraSettings, add_adapters, check_module_names
 from dpo.modeling import load_causal_lm
-from harness import make_model_dir, make_run_dir, random_pairs, run_metrics, tiny_run_args, train_tiny
+from harness import make_model_dir, make_run_dir, random_pairs, run_metrics, tiny_phi, tiny_run_args, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"pairs_per_s", "tokens_per_s"}
@@ -203,6 +203,17 @@ def test_bad_lora_input_is_one_clear_line(workdir, tmp_path, capsys, flags, mess
     assert train.cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_module_names_are_matched_as_peft_matches_them():
+    """A target module: the name or a name ending in "." and it; a module to save: any name ending in it (peft's
+    modules_to_save matches `key.endswith(name)`, so "head" saves lm_head)."""
+    base = tiny_phi()
+    check_module_names(base, LoraSettings(lora_r=4, lora_target_modules="q_proj,dense", lora_modules_to_save="head"))
+    with pytest.raises(LoraError, match="no module of the model is named head"):
+        check_module_names(base, LoraSettings(lora_r=4, lora_target_modules="head"))
+    with pytest.raises(LoraError, match="no module of the model is named lm_haed"):
+        check_module_names(base, LoraSettings(lora_r=4, lora_modules_to_save="lm_head,lm_haed"))
 
 
 @pytest.mark.slow
