@@ -10,33 +10,8 @@ and each checkpoint keeps it, so a resumed run goes on with the reference it had
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
-
-from dpo.loss import needs_reference_model
-from dpo.settings import ConfigError
-
-if TYPE_CHECKING:  # train_settings imports this module
-    from dpo.train_settings import TrainSettings
-
-
-def check_reference_sync(cfg: TrainSettings) -> None:
-    """A ConfigError for a run whose reference cannot follow its policy."""
-    if not needs_reference_model(cfg.loss):
-        raise ConfigError(f"--sync-ref-model with --loss {cfg.loss.loss_type}"
-                          f"{' --reference-free' if cfg.loss.reference_free else ''}: the loss reads no reference "
-                          "model, so there is none to sync")
-    if cfg.lora.enabled:
-        raise ConfigError("--sync-ref-model does not run with LoRA: the reference is the base with the adapters "
-                          "switched off, not a model of its own (train in full, or leave the reference fixed)")
-    if cfg.fsdp:
-        raise ConfigError("--sync-ref-model does not run under --fsdp (the policy's weights are sharded across the "
-                          "processes); use DDP")
-    if cfg.on_policy.iterations:
-        raise ConfigError("--sync-ref-model does not run with --iterations (each round's reference is computed when "
-                          "the round starts); use --reference-update for a reference that follows the rounds")
 
 
 def sync_due(step: int, every: int) -> bool:

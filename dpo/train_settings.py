@@ -23,8 +23,8 @@ import torch
 
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
-from dpo.loss import (LossSettings, batch_coupled, check_weighting, parse_loss_spec, reads_f_divergence,
-                      resolve_loss)
+from dpo.loss import (LossSettings, batch_coupled, check_weighting, needs_reference_model, parse_loss_spec,
+                      reads_f_divergence, resolve_loss)
 from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
@@ -32,7 +32,6 @@ from dpo.judges import JUDGE_HELP
 from dpo.optim import OPTIMIZERS, check_optimizer
 from dpo.precision import PRECISIONS
 from dpo.prompts import TEMPLATES, TRUNCATION_MODES
-from dpo.reference_sync import check_reference_sync
 from dpo.tracking import REPORT_TO_CHOICES, resolve_report_to
 from dpo.settings import (ConfigError, add_flags, at_least, check_settings, from_flat, in_range, load_config_file,
                           nested, non_negative, positive, probability, seed_range, setting, setting_fields, to_flat)
@@ -217,8 +216,18 @@ class TrainSettings:
         if self.lora.quantized and self.fsdp:
             raise ConfigError("--load-in-4bit / --load-in-8bit do not run under --fsdp (FSDP2 cannot shard "
                               "bitsandbytes' quantized weights); use DDP")
-        if self.sync_ref_model:
-            check_reference_sync(self)
+        if self.sync_ref_model:  # TR-DPO: a reference of its own, updated from the whole policy on every process
+            if self.lora.enabled:
+                raise ConfigError("--sync-ref-model does not run with LoRA: the reference is the base with the "
+                                  "adapters switched off, not a model of its own (train in full, or leave the "
+                                  "reference fixed)")
+            if self.fsdp:
+                raise ConfigError("--sync-ref-model does not run under --fsdp (the policy's weights are sharded "
+                                  "across the processes); use DDP")
+            if self.on_policy.iterations:
+                raise ConfigError("--sync-ref-model does not run with --iterations (each round's reference is "
+                                  "computed when the round starts); use --reference-update for a reference that "
+                                  "follows the rounds")
         if self.eval_generate and self.fsdp:
             raise ConfigError("--eval-generate does not run under --fsdp (generation would need every process in "
                               "each decoding step of the sharded model); use DDP or evaluate final/ with dpo.evaluate")
@@ -289,6 +298,10 @@ def check_requirements(cfg: TrainSettings) -> None:
     for name, _ in parse_loss_spec(cfg.loss.loss_type):
         resolve_loss(name)
     check_weighting(cfg.loss)
+    if cfg.sync_ref_model and not needs_reference_model(cfg.loss):
+        raise ConfigError(f"--sync-ref-model with --loss {cfg.loss.loss_type}"
+                          f"{' --reference-free' if cfg.loss.reference_free else ''}: the loss reads no reference "
+                          "model, so there is none to sync")
     if cfg.loss.f_divergence != "reverse_kl" and not reads_f_divergence(cfg.loss):
         raise ConfigError(f"--f-divergence {cfg.loss.f_divergence} changes nothing for --loss {cfg.loss.loss_type}: "
                           "no term of it reads a log-ratio (aot sorts log-ratio differences; simpo, orpo and sft "
