@@ -111,6 +111,22 @@ def test_ddp_stateful_loss_matches_one_process(setup):
 
 
 @pytest.mark.distributed
+def test_ddp_tr_dpo_matches_one_process(setup):
+    """TR-DPO: every process moves its reference copy from the same policy, so 2 processes == 1, and the eval
+    records (scored against the moved reference) too; the checkpoint keeps the reference once."""
+    root, args = setup
+    synced = args + ["--sync-ref-model", "--ref-model-sync-steps", "2", "--ref-model-mixup-alpha", "0.5",
+                     "--save-steps", "3"]
+    assert train.main(synced + ["--output-dir", str(root / "trdpo-single")]) == 0
+    torchrun(synced + ["--output-dir", str(root / "trdpo-ddp")])
+    assert_same_run(root / "trdpo-single", root / "trdpo-ddp")
+    single, ddp = (load_file(root / run / "checkpoint-3" / "reference" / "model.safetensors")
+                   for run in ("trdpo-single", "trdpo-ddp"))
+    for key in single:
+        torch.testing.assert_close(single[key], ddp[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_lora_under_torchrun_matches_one_process(setup, sharding):
     """LoRA adapters trained by 2 processes (DDP, or FSDP2 stopped at step 2 and resumed in 1 process) equal one
