@@ -265,7 +265,7 @@ def round_reference(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
         else:
             model, mode = reference_model(cfg, policy, adapters, device, fresh=round_index > 0)
         with mode():
-            return compute_reference_logps(SequenceScorer(model, cfg.scoring), pairs,
+            return compute_reference_logps(SequenceScorer(model, cfg.scoring, ld_alpha=cfg.loss.ld_alpha), pairs,
                                            micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
                                            autocast=lambda: autocast(cfg, device))
     return compute
@@ -287,6 +287,8 @@ def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
         return reference
     settings = {"precision": cfg.precision, "completion_only": cfg.scoring.completion_only,
                 "adapter": cfg.lora.adapter}
+    if cfg.loss.ld_alpha is not None:  # not in the key otherwise: earlier runs' caches stay valid
+        settings["ld_alpha"] = cfg.loss.ld_alpha
     for split, pairs, ids in (("train", data.train, train_ids), ("eval", data.eval, list(range(len(data.eval))))):
         if not ids:
             continue
@@ -302,7 +304,8 @@ def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
             share = longest_first(range(len(selected)), selected)[dist.rank::dist.world_size]
             model, mode = reference_model(cfg, policy, adapters, device, fresh=fresh)
             with mode():
-                part = compute_reference_logps(SequenceScorer(model, cfg.scoring), [selected[i] for i in share],
+                scorer = SequenceScorer(model, cfg.scoring, ld_alpha=cfg.loss.ld_alpha)
+                part = compute_reference_logps(scorer, [selected[i] for i in share],
                                                micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
                                                autocast=lambda: autocast(cfg, device))
             result = ReferenceLogps(torch.empty(len(selected)), torch.empty(len(selected)))
@@ -351,7 +354,8 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
     `on_alert`; the resumed optimizer, scaler, RNG, loss state and health checks."""
     if cfg.compile:
         policy.base_model.compile()
-    policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting, with_stats=True)
+    policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting, with_stats=True,
+                                   ld_alpha=cfg.loss.ld_alpha)
     policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
     precision = resolve_precision(cfg.precision, device)
     scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])
@@ -369,7 +373,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
         # TR-DPO resumes with the reference its checkpoint kept
         weights = str(resume["reference_dir"]) if resume is not None and cfg.sync_ref_model else None
         model, state.reference_mode = reference_model(cfg, policy, adapters, device, fresh=True, weights=weights)
-        state.reference_scorer = SequenceScorer(model, cfg.scoring)
+        state.reference_scorer = SequenceScorer(model, cfg.scoring, ld_alpha=cfg.loss.ld_alpha)
     if resume is not None:
         load_full_optimizer_state(scorer, optimizer, resume.pop("optimizer"))  # copied: the mapped file let go
         if scaler is not None and resume["scaler"]:

@@ -43,7 +43,7 @@ from dpo.settings import check_settings, positive, setting
 class SequenceLogps:
     """Per-sequence log-prob statistics, all fp32 tensors of shape [num_sequences]."""
 
-    sum: Tensor  # sum of log p over scored tokens
+    sum: Tensor  # sum of log p over scored tokens (LD-DPO: those beyond the pair's shorter response times ld_alpha)
     count: Tensor  # number of scored tokens
     wpo: Tensor | None = None  # mean over scored tokens of log p_t - logsumexp_v(2 log p_v) (WPO eq. 2), no grad
     # with_stats, each a sum over scored tokens without gradient: the token's mean logit over the vocabulary, its
@@ -114,7 +114,7 @@ def _scored_positions(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rows, positions, targets[rows, positions]
 
 
-def _reduce(num_rows: int, rows: Tensor, values: _TokenValues) -> SequenceLogps:
+def _reduce(num_rows: int, rows: Tensor, values: _TokenValues, ld_alpha: float | None = None) -> SequenceLogps:
     def per_row(token_values: Tensor | None) -> Tensor | None:
         if token_values is None:
             return None
@@ -123,8 +123,25 @@ def _reduce(num_rows: int, rows: Tensor, values: _TokenValues) -> SequenceLogps:
 
     count = per_row(torch.ones_like(values.logp))
     wpo = None if values.wpo is None else per_row(values.wpo) / count.clamp(min=1)
-    return SequenceLogps(sum=per_row(values.logp), count=count, wpo=wpo, logits=per_row(values.logits),
+    logp = values.logp if ld_alpha is None else values.logp * ld_weights(rows, count, ld_alpha)
+    return SequenceLogps(sum=per_row(logp), count=count, wpo=wpo, logits=per_row(values.logits),
                          entropy=per_row(values.entropy), top1=per_row(values.top1))
+
+
+def ld_weights(rows: Tensor, count: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization"): each scored token's
+    weight in its sequence's log-prob, 1 for the first k tokens of the response, k the length of the pair's shorter
+    response, and `ld_alpha` beyond. Sequences are pairs' chosen responses, then their rejected ones (2B rows);
+    `rows` names each token's sequence, its tokens in order."""
+    pairs = count.shape[0] // 2
+    shared = torch.minimum(count[:pairs], count[pairs:]).repeat(2)
+    # each token's place in its response: its rank among the tokens of its row, in the order they are listed
+    order = torch.argsort(rows, stable=True)
+    starts = torch.cumsum(count, 0) - count
+    place = torch.empty_like(rows)
+    place[order] = torch.arange(len(rows), device=rows.device) - starts.long()[rows[order]]
+    weights = torch.ones(len(rows), dtype=torch.float32, device=rows.device)
+    return weights.masked_fill_(place >= shared.long()[rows], ld_alpha)
 
 
 @dataclass(frozen=True)
@@ -207,26 +224,28 @@ def causal_attention_mask(attention_mask: Tensor) -> Tensor | None:
 
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                    settings: ScoringSettings | None = None, *, with_wpo: bool = False, with_stats: bool = False,
-                   **overrides) -> SequenceLogps:
+                   ld_alpha: float | None = None, **overrides) -> SequenceLogps:
     """Summed response log-probs of each row of a right-padded batch (see the module docstring); keyword
     arguments override fields of `settings` (e.g. completion_only=False). `with_wpo`, `with_stats`: also the
-    SequenceLogps fields they name."""
+    SequenceLogps fields they name; `ld_alpha`: LD-DPO's sums (ld_weights; the rows are pairs' chosen, then rejected
+    responses)."""
     settings = _settings(settings, overrides)
     rows, positions, targets = _scored_positions(labels)
     num_rows = input_ids.shape[0]
     attention_mask = causal_attention_mask(attention_mask)
     if not settings.completion_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return _reduce(num_rows, rows, _token_logps(logits[rows, positions], targets, with_wpo, with_stats))
+        return _reduce(num_rows, rows, _token_logps(logits[rows, positions], targets, with_wpo, with_stats), ld_alpha)
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
     return _reduce(num_rows, rows, _scored_logps(model, hidden[rows, positions], targets, settings, with_wpo,
-                                                with_stats))
+                                                with_stats), ld_alpha)
 
 
 def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: ScoringSettings,
-                          with_wpo: bool = False, with_stats: bool = False) -> SequenceLogps:
+                          with_wpo: bool = False, with_stats: bool = False,
+                          ld_alpha: float | None = None) -> SequenceLogps:
     """Summed response log-probs of each sequence of a packed batch (dpo.packing layouts)."""
     index, targets, rows = batch["score_index"], batch["score_target"], batch["score_row"]
     if not settings.completion_only:
@@ -234,7 +253,7 @@ def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: 
     else:
         scored = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings, with_wpo,
                                with_stats)
-    return _reduce(num_sequences(batch), rows, scored)
+    return _reduce(num_sequences(batch), rows, scored, ld_alpha)
 
 
 class SequenceScorer(nn.Module):
@@ -244,15 +263,16 @@ class SequenceScorer(nn.Module):
     rows, chosen rows first) or a packed layout of dpo.packing. Going through one module's forward lets DDP
     and FSDP wrap the whole scoring computation (the transformer body and the LM head on scored rows) as
     they expect. Keyword arguments override fields of `settings`; `with_wpo` also computes WPO's log-probs,
-    `with_stats` the token statistics the trainer logs (the policy's; a reference needs none).
+    `with_stats` the token statistics the trainer logs (the policy's; a reference needs none); `ld_alpha`
+    LD-DPO's log-probs (ld_weights).
     """
 
     def __init__(self, model: nn.Module, settings: ScoringSettings | None = None, *, with_wpo: bool = False,
-                 with_stats: bool = False, **overrides):
+                 with_stats: bool = False, ld_alpha: float | None = None, **overrides):
         super().__init__()
         self.model = model
         self.settings = _settings(settings, overrides)
-        self.with_wpo, self.with_stats = with_wpo, with_stats
+        self.with_wpo, self.with_stats, self.ld_alpha = with_wpo, with_stats, ld_alpha
 
     def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:
         """Reserve the fused LM head's softmax workspace for the largest micro-batch `pairs` can form (the
@@ -273,6 +293,7 @@ class SequenceScorer(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> SequenceLogps:
         """The log-prob statistics of every sequence of `batch` (padded or packed)."""
         if is_packed(batch):
-            return packed_sequence_logps(self.model, batch, self.settings, self.with_wpo, self.with_stats)
+            return packed_sequence_logps(self.model, batch, self.settings, self.with_wpo, self.with_stats, self.ld_alpha)
         return sequence_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                              self.settings, with_wpo=self.with_wpo, with_stats=self.with_stats)
+                              self.settings, with_wpo=self.with_wpo, with_stats=self.with_stats,
+                              ld_alpha=self.ld_alpha)

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from dpo.errors import UserError
 from dpo.plugins import load_function
-from dpo.settings import check_settings, finite, in_range, non_negative, positive, setting
+from dpo.settings import between, check_settings, finite, in_range, non_negative, positive, setting
 
 LossFunction = Callable[["PreferenceLogps", "LossSettings"], Tensor]
 RewardsFunction = Callable[["PreferenceLogps", "LossSettings"], "tuple[Tensor, Tensor]"]
@@ -206,6 +206,9 @@ class LossSettings:
                                   "(and TRL 0.x): 0 is reverse KL, 1 forward KL; TRL 1.x's coefficient is 1 - alpha",
                              check=finite)
     use_weighting: bool = setting(False, "WPO weighting of each pair's loss")
+    ld_alpha: float | None = setting(None, "LD-DPO: a response's log-prob weighs its tokens beyond the pair's shorter "
+                                           "response by this (policy and reference; 1: DPO, 0: the shared length only)",
+                                     check=between(0.0, 1.0))
     simpo_gamma: float = setting(0.5, "SimPO target reward margin (TRL's CPOConfig default)", check=finite)
     discopop_tau: float = setting(0.05, "DiscoPOP temperature (TRL's DPOConfig default)", check=positive)
 

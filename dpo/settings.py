@@ -82,6 +82,11 @@ def in_range(low: float, high: float) -> Check:
     return lambda value: None if _number(value) and low <= value < high else f"must be in [{low}, {high})"
 
 
+def between(low: float, high: float) -> Check:
+    """low <= value <= high."""
+    return lambda value: None if _number(value) and low <= value <= high else f"must be in [{low}, {high}]"
+
+
 def probability(value: Any) -> str | None:
     """A check: 0 < value <= 1 (a top-p)."""
     return None if _number(value) and 0 < value <= 1 else "must be in (0, 1]"

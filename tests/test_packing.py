@@ -190,3 +190,40 @@ def test_shared_prompt_under_autocast_equals_padded(dtype):
     (a, grad_a), (b, grad_b) = results["padded"], results["shared"]
     torch.testing.assert_close(a, b, atol=0.1, rtol=0.01)
     assert torch.nn.functional.cosine_similarity(grad_a, grad_b, dim=0) > 0.999
+
+
+def definition_token_logps(model, pairs):
+    """Each sequence's scored tokens' log-probs, in order (chosen sequences, then rejected): the definition."""
+    tokens = []
+    for responses in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]):
+        for pair, response in zip(pairs, responses):
+            ids = torch.tensor([pair.prompt_ids + response])
+            logp = model(input_ids=ids).logits.double().log_softmax(-1)[0]
+            start = len(pair.prompt_ids)
+            tokens.append([logp[start + j - 1, tok] for j, tok in enumerate(response) if start + j >= 1])
+    return tokens
+
+
+@pytest.mark.parametrize("layout", ["padded", *sorted(LAYOUTS)])
+@pytest.mark.parametrize("completion_only,fused_lm_head", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.3, 1.0])
+def test_ld_dpo_log_probs_weigh_the_tokens_beyond_the_shorter_response(layout, completion_only, fused_lm_head,
+                                                                       ld_alpha):
+    """LD-DPO: a response's log-prob is the sum over its first k scored tokens, k the pair's shorter response, plus
+    ld_alpha times the rest; in every layout (the shared-prompt layout lists a pair's rows out of order)."""
+    model = tiny_phi().eval()
+    pairs = random_pairs(6, 97, seed=3, empty_prompt=True)
+    collate = LAYOUTS.get(layout, lambda p: collate_pairs(p, pad_id=0))
+    scorer = SequenceScorer(model, completion_only=completion_only, fused_lm_head=fused_lm_head, vocab_chunk=16,
+                            ld_alpha=ld_alpha)
+    with torch.no_grad():
+        got = scorer(collate(pairs))
+        tokens = definition_token_logps(model, pairs)
+    n = len(pairs)
+    want = []
+    for i, seq in enumerate(tokens):
+        shared = min(len(tokens[i % n]), len(tokens[i % n + n]))
+        want.append(sum(seq[:shared], torch.tensor(0.0)) + ld_alpha * sum(seq[shared:], torch.tensor(0.0)))
+    torch.testing.assert_close(got.sum, torch.stack(want).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.count, torch.tensor([float(len(t)) for t in tokens]))  # lengths stay whole
+    assert any(len(tokens[i]) != len(tokens[i + n]) for i in range(n))  # some tails to weigh

@@ -453,6 +453,24 @@ def test_reference_log_probs_only_for_the_pairs_the_run_trains_on(workdir, capsy
     assert torch.isfinite(cached["train"]["chosen"]).all()
 
 
+@pytest.mark.slow
+def test_ld_dpo_scores_policy_and_reference_alike(workdir):
+    """--ld-alpha weighs the tails of policy and reference log-probs alike (else the step-0 check would stop the
+    run: the policy would differ from its reference), caches the reference apart from a plain run's, and changes
+    the training; at 1 it is DPO."""
+    common = ("--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "2", "--max-eval-pairs", "8",
+              "--warmup-ratio", "0")
+    plain, ld, one = (run(workdir, name, *common, *flags) for name, flags in (
+        ("ld-plain", ()), ("ld-half", ("--ld-alpha", "0.5")), ("ld-one", ("--ld-alpha", "1"))))
+    caches = {out: sorted(f.name for f in (out / "reference_cache").iterdir()) for out in (plain, ld)}
+    assert not set(caches[plain]) & set(caches[ld])
+    half_ref, plain_ref = (torch.cat(list(torch.load(out / "reference_cache" / caches[out][-1], weights_only=True)
+                                          .values())) for out in (ld, plain))
+    assert (half_ref >= plain_ref - 1e-5).all() and (half_ref > plain_ref + 1e-3).any()  # half of some tails
+    a, b, c = (run_metrics(out, "train")[-1] for out in (plain, ld, one))
+    assert a["loss"] != pytest.approx(b["loss"], abs=1e-6) and a["loss"] == pytest.approx(c["loss"], abs=1e-6)
+
+
 def test_auto_layout_is_shared_prompt_where_it_is_exact_else_padded():
     from harness import tiny_phi
 
