@@ -22,6 +22,19 @@ def random_pairs(n, vocab, seed=0, empty_prompt=False):
     return pairs
 
 
+def definition_token_logps(model, pairs):
+    """Each sequence's scored tokens' log-probs (fp64), in order (chosen sequences, then rejected): one sequence at a
+    time, no padding, full log-softmax."""
+    tokens = []
+    for responses in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]):
+        for pair, response in zip(pairs, responses):
+            ids = torch.tensor([pair.prompt_ids + response])
+            logp = model(input_ids=ids).logits.double().log_softmax(-1)[0]
+            start = len(pair.prompt_ids)
+            tokens.append([logp[start + j - 1, tok] for j, tok in enumerate(response) if start + j >= 1])
+    return tokens
+
+
 def definition_logps(model, pairs):
     """One sequence at a time, no padding, full log-softmax."""
     return torch.stack([sum(tokens, torch.tensor(0.0, dtype=torch.float64))
@@ -184,70 +197,6 @@ def test_shared_prompt_under_autocast_equals_padded(dtype):
     (a, grad_a), (b, grad_b) = results["padded"], results["shared"]
     torch.testing.assert_close(a, b, atol=0.1, rtol=0.01)
     assert torch.nn.functional.cosine_similarity(grad_a, grad_b, dim=0) > 0.999
-
-
-@pytest.mark.parametrize("layout", ["padded", *sorted(LAYOUTS)])
-def test_every_layout_attends_without_a_mask_tensor(layout):
-    """Flash kernels take no mask tensor: every layout's SDPA calls are plain causal, or (shared prompt's rejected
-    branch) bottom-right causal, never a materialized mask."""
-    from torch.nn.attention.bias import CausalBias, CausalVariant
-    model = tiny_phi().eval()
-    pairs = random_pairs(4, 97, seed=5)
-    collate = LAYOUTS.get(layout, lambda p: collate_pairs(p, pad_id=0))
-    batch = collate(pairs)
-    if layout == "padded":
-        assert (batch["attention_mask"] == 0).any()  # rows of different lengths
-    with torch.no_grad(), SDPAMasks() as recorder:
-        SequenceScorer(model)(batch)
-    masks = recorder.calls
-    assert len(masks) >= model.config.num_hidden_layers
-    for mask, is_causal in masks:
-        if isinstance(mask, CausalBias):
-            assert layout == "shared_prompt" and mask.variant == CausalVariant.LOWER_RIGHT and not is_causal
-        else:
-            assert mask is None and is_causal
-    bias_calls = sum(isinstance(mask, CausalBias) for mask, _ in masks)
-    assert bias_calls == (4 * model.config.num_hidden_layers if layout == "shared_prompt" else 0)
-
-
-def test_a_left_padded_mask_is_kept():
-    from dpo.logprobs import causal_attention_mask
-    right = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
-    left = torch.tensor([[1, 1, 1], [0, 1, 1]])
-    assert causal_attention_mask(right) is None
-    assert causal_attention_mask(left) is left
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_shared_prompt_under_autocast_equals_padded(dtype):
-    """Under autocast Phi hands attention fp32 queries and keys with half values; the bottom-right causal call
-    casts them as SDPA's autocast does, so the layout runs and agrees with padded rows in forward and backward."""
-    model = tiny_phi()
-    pairs = random_pairs(4, 97, seed=6)
-    upstream = torch.randn(8, generator=torch.Generator().manual_seed(1))
-    results = {}
-    for name, batch in (("padded", collate_pairs(pairs, pad_id=0)), ("shared", collate_shared_prompt(pairs))):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=dtype):
-            logps = SequenceScorer(model, fused_lm_head=False)(batch).sum
-        (logps * upstream).sum().backward()
-        results[name] = (logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-    (a, grad_a), (b, grad_b) = results["padded"], results["shared"]
-    torch.testing.assert_close(a, b, atol=0.1, rtol=0.01)
-    assert torch.nn.functional.cosine_similarity(grad_a, grad_b, dim=0) > 0.999
-
-
-def definition_token_logps(model, pairs):
-    """Each sequence's scored tokens' log-probs (fp64), in order (chosen sequences, then rejected): one sequence at a
-    time, no padding, full log-softmax."""
-    tokens = []
-    for responses in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]):
-        for pair, response in zip(pairs, responses):
-            ids = torch.tensor([pair.prompt_ids + response])
-            logp = model(input_ids=ids).logits.double().log_softmax(-1)[0]
-            start = len(pair.prompt_ids)
-            tokens.append([logp[start + j - 1, tok] for j, tok in enumerate(response) if start + j >= 1])
-    return tokens
 
 
 @pytest.mark.parametrize("layout", ["padded", *sorted(LAYOUTS)])
