@@ -413,6 +413,7 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
         chosen_lengths=policy.count[:n], rejected_lengths=policy.count[n:],
         batch_chosen_length=torch.full((n,), chosen_length, device=state.device),
         chosen_wpo_logps=None if wpo is None else wpo[:n], rejected_wpo_logps=None if wpo is None else wpo[n:],
+        policy_chosen_nll_logps=None if policy.unweighted_sum is None else policy.unweighted_sum[:n],
         policy_chosen_logits=policy.logits[:n], policy_rejected_logits=policy.logits[n:],
         policy_chosen_entropy=policy.entropy[:n], policy_rejected_entropy=policy.entropy[n:],
         policy_chosen_top1=policy.top1[:n], state=state.loss_state)

@@ -28,7 +28,9 @@ beta, the template and the length limits are the run's settings (final/dpo_run.j
 builds its pairs with them exactly as training did; generation prompts both models as the policy was trained
 (dpo.prompts), an over-long prompt cut as training cuts it, and --chat-template, --max-prompt-length and
 --truncation-mode override the run's prompt settings for generation only (see dpo.generation).
-The reference defaults to the model the run started from (dpo_run.json's "reference_model").
+The reference defaults to the model the run started from (dpo_run.json's "reference_model"; a TR-DPO run's moved
+reference is not kept, so its rewards are measured against the model it started from). An LD-DPO run's rewards
+weigh the tokens beyond the pair's shorter response by its ld_alpha, as it trained.
 The report ends with one JSON line holding every number.
 """
 
@@ -396,8 +398,9 @@ def format_ifeval(policy: dict[str, Any], reference: dict[str, Any], policy_name
 
 @torch.no_grad()
 def implicit_reward_metrics(policy: Any, reference: Any, pairs: Sequence[Any], *, beta: float, pad_id: int,
-                            batch_size: int = 16) -> dict[str, float]:
-    """Means over pairs of the implicit-reward statistics in the module docstring."""
+                            batch_size: int = 16, ld_alpha: float | None = None) -> dict[str, float]:
+    """Means over pairs of the implicit-reward statistics in the module docstring; with `ld_alpha` (an LD-DPO
+    run's) the log-probs the rewards compare are LD-DPO's, the log-likelihood per token stays every token's."""
     if not pairs:
         raise EvaluationError("no preference pairs to score")
     device = next(policy.parameters()).device
@@ -407,13 +410,14 @@ def implicit_reward_metrics(policy: Any, reference: Any, pairs: Sequence[Any], *
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
         n = batch["input_ids"].shape[0] // 2
-        mine = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        theirs = sequence_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        mine, theirs = (sequence_logps(model, *args, ld_alpha=ld_alpha) for model in (policy, reference))
         log_ratio = mine.sum - theirs.sum
         chosen.append(beta * log_ratio[:n])
         rejected.append(beta * log_ratio[n:])
-        chosen_logps["policy"] += mine.sum[:n].double().sum().item()
-        chosen_logps["reference"] += theirs.sum[:n].double().sum().item()
+        for name, logps in (("policy", mine), ("reference", theirs)):
+            whole = logps.sum if logps.unweighted_sum is None else logps.unweighted_sum
+            chosen_logps[name] += whole[:n].double().sum().item()
         chosen_tokens += int(mine.count[:n].sum())
     chosen_rewards, rejected_rewards = torch.cat(chosen).double(), torch.cat(rejected).double()
     margins = chosen_rewards - rejected_rewards
@@ -610,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs, description = load_eval_pairs(dataset, split, policy.tokenizer, settings, args.max_pairs)
         print(f"\n{description}")
         metrics = implicit_reward_metrics(policy.model, reference.model, pairs, beta=beta,
-                                          pad_id=policy.tokenizer.pad_token_id, batch_size=args.batch_size)
+                                          pad_id=policy.tokenizer.pad_token_id, batch_size=args.batch_size,
+                                          ld_alpha=settings.get("ld_alpha"))
         print(format_implicit(metrics))
         result["implicit_reward"] = {**metrics, "dataset": dataset, "split": split}
         write_output()

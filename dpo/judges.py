@@ -284,7 +284,8 @@ class RewardModelJudge(Judge):
 class ImplicitRewardJudge(Judge):
     """A DPO model's implicit reward r(x, y) = beta (log pi(y|x) - log ref(y|x)) (Rafailov et al. 2023, sec. 5),
     summed over the response tokens of y + EOS, built as the run built its pairs (dpo.data.tokenize_pair with its
-    template, max_length, max_prompt_length and truncation). beta and the reference are the run's (dpo_run.json)."""
+    template, max_length, max_prompt_length and truncation). beta, ld_alpha and the reference are the run's
+    (dpo_run.json; a TR-DPO run's reference is the model it started from)."""
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         resolved = resolve_run_model(path)
@@ -317,7 +318,9 @@ class ImplicitRewardJudge(Judge):
             device = next(self.model.parameters()).device
             batch = {k: v.to(device) for k, v in collate_pairs([pair], self.tokenizer.pad_token_id).items()}
             args = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            ratio = sequence_logps(self.model, *args).sum - sequence_logps(self.reference, *args).sum
+            ld_alpha = s.get("ld_alpha")  # an LD-DPO run's rewards weigh the tails as it trained
+            ratio = (sequence_logps(self.model, *args, ld_alpha=ld_alpha).sum
+                     - sequence_logps(self.reference, *args, ld_alpha=ld_alpha).sum)
             if len(self._rewards) >= CACHE_LIMIT:
                 self._rewards.clear()
             self._rewards[key] = (self.beta * float(ratio[0]), self.beta * float(ratio[1]))

@@ -51,6 +51,7 @@ class SequenceLogps:
     logits: Tensor | None = None
     entropy: Tensor | None = None
     top1: Tensor | None = None
+    unweighted_sum: Tensor | None = None  # LD-DPO: the sum over scored tokens with every token weighted 1 (the NLL's)
 
     @property
     def mean(self) -> Tensor:
@@ -123,9 +124,12 @@ def _reduce(num_rows: int, rows: Tensor, values: _TokenValues, ld_alpha: float |
 
     count = per_row(torch.ones_like(values.logp))
     wpo = None if values.wpo is None else per_row(values.wpo) / count.clamp(min=1)
-    logp = values.logp if ld_alpha is None else values.logp * ld_weights(rows, count, ld_alpha)
-    return SequenceLogps(sum=per_row(logp), count=count, wpo=wpo, logits=per_row(values.logits),
-                         entropy=per_row(values.entropy), top1=per_row(values.top1))
+    if ld_alpha is None:
+        total, unweighted = per_row(values.logp), None
+    else:
+        total, unweighted = per_row(values.logp * ld_weights(rows, count, ld_alpha)), per_row(values.logp)
+    return SequenceLogps(sum=total, count=count, wpo=wpo, logits=per_row(values.logits),
+                         entropy=per_row(values.entropy), top1=per_row(values.top1), unweighted_sum=unweighted)
 
 
 def ld_weights(rows: Tensor, count: Tensor, ld_alpha: float) -> Tensor:

@@ -30,8 +30,8 @@ Write one function in your own file (examples/my_loss.py is this one):
 and select it with `--loss path/to/my_loss.py:my_loss` (relative to the working directory) or, when
 importable, `--loss my_pkg.losses:my_loss`. It may be mixed with built-ins:
 `--loss sigmoid:1.0,path/to/my_loss.py:my_loss:0.5`. The building blocks of the built-in losses are public:
-log_ratios, divergence_scores, mean_divergence_scores, preference_margin, lengths, mean_logps, chosen_nll,
-chosen_token_nll, smoothed_logistic.
+log_ratios, divergence_scores, mean_divergence_scores, preference_margin, lengths, mean_logps, chosen_likelihood,
+chosen_nll, chosen_token_nll, smoothed_logistic.
 The contract:
   * input: `x` holds fp32 tensors of shape [B] on one device: policy_chosen_logps, policy_rejected_logps,
     reference_chosen_logps, reference_rejected_logps (None without a reference), chosen_lengths, rejected_lengths
@@ -168,6 +168,9 @@ class PreferenceLogps:
     # sums over the response's scored tokens, no grad (SequenceLogps' with_stats fields): the policy's mean logit over
     # the vocabulary, its entropy, and the tokens that are its top token; the step's metrics logits/*, entropy and
     # mean_token_accuracy (TRL's), not read by any loss
+    # the chosen response's summed log-probs with every token weighted 1, where policy_chosen_logps weighs them
+    # otherwise (LD-DPO): what the NLL terms read (None: policy_chosen_logps)
+    policy_chosen_nll_logps: Tensor | None = None
     policy_chosen_logits: Tensor | None = None
     policy_rejected_logits: Tensor | None = None
     policy_chosen_entropy: Tensor | None = None
@@ -397,15 +400,20 @@ def mean_logps(x: PreferenceLogps) -> tuple[Tensor, Tensor]:
     return x.policy_chosen_logps / len_c, x.policy_rejected_logps / len_r
 
 
+def chosen_likelihood(x: PreferenceLogps) -> Tensor:
+    """log pi(y_c | x) with every token weighted 1, for the NLL terms (under LD-DPO policy_chosen_logps is not)."""
+    return x.policy_chosen_logps if x.policy_chosen_nll_logps is None else x.policy_chosen_nll_logps
+
+
 def chosen_nll(x: PreferenceLogps) -> Tensor:
     """Per-token negative log-likelihood of the chosen response: -pi_c / len_c."""
-    return -x.policy_chosen_logps / x.require("chosen_lengths").clamp(min=1)
+    return -chosen_likelihood(x) / x.require("chosen_lengths").clamp(min=1)
 
 
 def chosen_token_nll(x: PreferenceLogps) -> Tensor:
     """-pi_c / mean(len_c) over the step: its mean over the step's pairs is the NLL per chosen token of the step,
     sum(-pi_c) / sum(len_c), whatever the split into micro-batches and processes."""
-    return -x.policy_chosen_logps / x.require("batch_chosen_length").clamp(min=1)
+    return -chosen_likelihood(x) / x.require("batch_chosen_length").clamp(min=1)
 
 
 RPO_NLL = {"sequence": chosen_nll, "tokens": chosen_token_nll}

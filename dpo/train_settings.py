@@ -242,7 +242,9 @@ class TrainSettings:
         flat = self.to_dict()
         split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if batch_coupled(self.loss) \
             else ()
-        return {s.name: flat[s.name] for s in setting_fields(TrainSettings) if s.identity or s.name in split}
+        unused = () if self.sync_ref_model else ("ref_model_sync_steps", "ref_model_mixup_alpha")  # TR-DPO's, off
+        return {s.name: flat[s.name] for s in setting_fields(TrainSettings)
+                if (s.identity or s.name in split) and s.name not in unused}
 
 
 _GROUPS = {"model": "model and data", "lr": "optimisation", "output_dir": "run management", "device": "speed",

@@ -238,26 +238,37 @@ def test_samples_show_reference_before_and_policy_after():
 # ---------------------------------------------------------------------------------------------------- implicit reward
 
 
-def test_implicit_reward_matches_a_brute_force_computation(tmp_path):
+@pytest.mark.parametrize("ld_alpha", [None, 0.4])
+def test_implicit_reward_matches_a_brute_force_computation(tmp_path, ld_alpha):
+    """With an LD-DPO run's ld_alpha the rewards weigh each response's tokens beyond the pair's shorter one by it;
+    the preferred answers' log-likelihood per token counts every token."""
     tokenizer = tiny_tokenizer()
     policy, reference = tiny_phi(vocab_size=len(tokenizer), seed=1), tiny_phi(vocab_size=len(tokenizer), seed=2)
     records, _ = load_records(str(write_pairs(tmp_path / "pairs.jsonl", 7, seed=4)))
     pairs, _ = build_pairs(records, tokenizer, max_length=64, max_prompt_length=32)
     beta = 0.25
     metrics = implicit_reward_metrics(policy, reference, pairs, beta=beta, pad_id=tokenizer.pad_token_id,
-                                      batch_size=3)
+                                      batch_size=3, ld_alpha=ld_alpha)
 
-    def logp(model, prompt, response):
+    def logp(model, prompt, response, shared=None):
         ids = torch.tensor([prompt + response])
         logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
-        return sum(logprobs[len(prompt) + t - 1, token].item() for t, token in enumerate(response))
+        weight = [1.0 if ld_alpha is None or shared is None or t < shared else ld_alpha for t in range(len(response))]
+        return sum(w * logprobs[len(prompt) + t - 1, token].item()
+                   for t, (token, w) in enumerate(zip(response, weight)))
 
-    margins, chosen, rejected = [], [], []
+    margins, chosen, rejected, whole = [], [], [], []
     for pair in pairs:
-        r_c = beta * (logp(policy, pair.prompt_ids, pair.chosen_ids) - logp(reference, pair.prompt_ids, pair.chosen_ids))
-        r_r = beta * (logp(policy, pair.prompt_ids, pair.rejected_ids)
-                      - logp(reference, pair.prompt_ids, pair.rejected_ids))
+        k = min(len(pair.chosen_ids), len(pair.rejected_ids))
+        r_c = beta * (logp(policy, pair.prompt_ids, pair.chosen_ids, k)
+                      - logp(reference, pair.prompt_ids, pair.chosen_ids, k))
+        r_r = beta * (logp(policy, pair.prompt_ids, pair.rejected_ids, k)
+                      - logp(reference, pair.prompt_ids, pair.rejected_ids, k))
         chosen.append(r_c), rejected.append(r_r), margins.append(r_c - r_r)
+        whole.append(logp(policy, pair.prompt_ids, pair.chosen_ids))
+    assert ld_alpha is None or any(len(p.chosen_ids) != len(p.rejected_ids) for p in pairs)
+    assert metrics["policy_chosen_logp_per_token"] == pytest.approx(
+        sum(whole) / sum(len(p.chosen_ids) for p in pairs), abs=1e-5)
     n = len(pairs)
     assert metrics["pairs"] == n == 7
     assert metrics["chosen_reward"] == pytest.approx(sum(chosen) / n, abs=1e-5)

@@ -376,6 +376,19 @@ def test_rpo_normalize_tokens_averages_the_nll_over_the_steps_chosen_tokens():
     assert not close(tokens.losses, sequence.losses.tolist())
 
 
+def test_nll_terms_read_every_chosen_token_at_weight_one_under_ld_dpo():
+    """LD-DPO weighs the log-probs the preference terms read; the NLL terms (RPO, sft, orpo's) read the chosen
+    response's log-prob with every token weighted 1 (TRL's sft term), given as policy_chosen_nll_logps."""
+    whole = [pc - 3.0 for pc in PC]  # tails that LD-DPO weighed down
+    x = batch(policy_chosen_nll_logps=torch.tensor(whole), batch_chosen_length=torch.full((3,), sum(LC) / 3))
+    sigmoid = ref_sigmoid(BETA, 0.0, F_TRANSFORMS["reverse_kl"])
+    rpo = compute_loss(x, LossSettings(beta=BETA, rpo_alpha=0.7))
+    assert close(rpo.losses, [s + 0.7 * (-w / lc) for s, w, lc in zip(sigmoid, whole, LC)])
+    tokens = compute_loss(x, LossSettings(beta=BETA, rpo_alpha=0.7, rpo_normalize="tokens"))
+    assert close(tokens.losses, [s + 0.7 * (-w / (sum(LC) / 3)) for s, w in zip(sigmoid, whole)])
+    assert close(compute_loss(x, LossSettings(loss_type="sft", beta=BETA)).losses, [-w / lc for w, lc in zip(whole, LC)])
+
+
 def test_wpo_weights_are_clamped_and_detached():
     chosen_wpo = torch.tensor([-1.0, -0.2, 0.5], requires_grad=True)
     rejected_wpo = torch.tensor([-0.5, -0.1, 0.3], requires_grad=True)

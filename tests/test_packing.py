@@ -221,4 +221,6 @@ def test_ld_dpo_log_probs_weigh_the_tokens_beyond_the_shorter_response(layout, c
         want.append(sum(seq[:shared], torch.tensor(0.0)) + ld_alpha * sum(seq[shared:], torch.tensor(0.0)))
     torch.testing.assert_close(got.sum, torch.stack(want).float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(got.count, torch.tensor([float(len(t)) for t in tokens]))  # lengths stay whole
+    whole = torch.stack([sum(t, torch.tensor(0.0)) for t in tokens]).float()
+    torch.testing.assert_close(got.unweighted_sum, whole, atol=1e-5, rtol=0)  # what the NLL terms read
     assert any(len(tokens[i]) != len(tokens[i + n]) for i in range(n))  # some tails to weigh

@@ -133,6 +133,14 @@ def test_run_identity_holds_what_changes_data_order_or_math():
         assert name not in identity, name
 
 
+def test_tr_dpo_settings_are_part_of_the_run_only_where_it_is_on():
+    """--ref-model-sync-steps and --ref-model-mixup-alpha change nothing without --sync-ref-model: a resumed plain
+    run may carry other values; a TR-DPO run's are its own, and --sync-ref-model itself always is."""
+    plain, synced = TrainSettings().run_identity(), TrainSettings(sync_ref_model=True).run_identity()
+    assert "sync_ref_model" in plain and not {"ref_model_sync_steps", "ref_model_mixup_alpha"} & set(plain)
+    assert {"sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha", "ld_alpha"} <= set(synced)
+
+
 def test_documented_flag_tables_are_the_generated_ones():
     page = (ROOT / "docs" / "training.md").read_text()
     assert BEGIN in page and END in page, "docs/training.md lost the markers around its flag tables"
