@@ -8,7 +8,8 @@
 # Runs, each part in its own process and time limit: the CUDA tests (CPU vs CUDA equality of log-probs, loss and
 # gradients; demo steps in bf16 and fp16 + GradScaler), the phi-2-sized model through train_step per layout (with
 # gradient checkpointing; padded also without: step time, tokens/s, MFU, peak CUDA memory), the LoRA recipe's peak
-# memory, sampling tokens/s, the demo end to end, and a profile of one step (where its time goes). Every part's
+# memory, sampling tokens/s, the demo end to end, and a profile of one step (where its time goes; then the
+# checkpointed step at micro 16). Every part's
 # output goes to REPORT_DIR/<part>.log, the JSON lines of the measurements to REPORT_DIR/results.jsonl; the summary
 # (`gpu_check.py summary`) is printed at the end.
 set -uo pipefail

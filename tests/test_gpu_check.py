@@ -45,10 +45,13 @@ def test_every_part_runs_train_py_steps_at_smoke_sizes(smoke_records):
         ("phi2", "shared_prompt", "bf16", True),  # the phi2 part
         ("lora", "shared_prompt", "fp16", True),  # the lora part: the LoRA config, layout auto (CPU)
         ("phi2", "padded", "bf16", True), ("lora", "padded", "fp16", True)]  # the profile part's two timed runs
+    # the profile part's checkpointed step at larger micro-batches (the recipe's 4 x 16 becomes 16 x 4 on a GPU)
+    assert [r["micro"] for r in steps] == [4] * 5 + [gpu_check.SMOKE.large_micro, 4]
+    assert gpu_check.SMOKE.large_micro == 8 and gpu_check.GPU.large_micro == 16
     for r in steps:
         assert r["losses"][0] == pytest.approx(math.log(2), abs=2e-3)
         assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][-1] != r["losses"][0]
-        assert r["batch"] == 8 and r["micro"] == 4 and r["tokens_per_s"] > 0 and r["device"] == "cpu"
+        assert r["batch"] == 8 and r["tokens_per_s"] > 0 and r["device"] == "cpu"
         assert r["mfu"] is None and r["peak_memory_gb"] is None  # CUDA figures only
     # rank 16 on each decoder layer's linear layers: q, k, v, dense (64 -> 64), fc1 (64 -> 128), fc2 (128 -> 64)
     assert steps[4]["trainable_parameters"] == 2 * (4 * 16 * (64 + 64) + 2 * 16 * (64 + 128))
@@ -67,7 +70,7 @@ def test_every_part_runs_train_py_steps_at_smoke_sizes(smoke_records):
 
 
 def test_the_summary_formats_gpu_records_and_errors():
-    step = {"part": "phi2", "layout": "padded", "precision": "bf16", "gradient_checkpointing": True,
+    step = {"part": "phi2", "layout": "padded", "precision": "bf16", "gradient_checkpointing": True, "micro": 16,
             "step_s": [9.0, 6.0, 6.5], "tokens_per_s": 9881.2, "mfu": 0.156, "peak_memory_gb": 54.07,
             "reference_pass_s": 2.6}
     oom = {"part": "phi2", "layout": "shared_prompt", "precision": "bf16", "gradient_checkpointing": False,
@@ -78,7 +81,7 @@ def test_the_summary_formats_gpu_records_and_errors():
              "grad_rel_error": 2.3e-3, "grad_cosine": 1.00002}
     lines = gpu_check.summary_lines([step, oom, sample, {"part": "profile"}, equal])
     assert len(lines) == 4
-    assert "step   6.25 s" in lines[0] and "9881 tok/s" in lines[0] and "MFU 0.156" in lines[0] \
+    assert "gc=True  micro=16 step   6.25 s" in lines[0] and "9881 tok/s" in lines[0] and "MFU 0.156" in lines[0] \
         and "peak  54.1 GB" in lines[0]  # the timed steps' mean, the warm-up left out
     assert lines[1].endswith("out of memory: CUDA out of memory")
     assert "2176 new tok/s (64 rows x 128)" in lines[2] and "27.5 GB" in lines[2]
