@@ -15,7 +15,8 @@ the one sentence POSTSCRIPT):
                                                       (up to TITLE_WORDS) as a <<title>>
     detectable_format:number_bullet_lists             its list of that length with '*' markers, or else its
                                                       sentences, in order, cut into that many bullets
-    length_constraints:number_words ("less than")     its leading sentences (or words) that stay under the count
+    length_constraints:number_words ("less than")     its leading sentences that stay under the count (none when
+                                                      the first alone reaches it: no sentence is cut)
 
 Other types (keywords, at least N words, ...) have no repair: they would need new content. Only the constraints a
 response misses are rewritten, and a repair counts only when IFEval's own checkers pass it strictly on every
@@ -77,11 +78,7 @@ def fewer_words(text: str, args: dict[str, Any]) -> str | None:
         if len(WORD.findall(longer)) >= limit:
             break
         kept = longer
-    if not kept:  # the first sentence alone is too long: its first words
-        kept = " ".join(text.split()[:max(limit - 1, 0)])
-        while kept and len(WORD.findall(kept)) >= limit:
-            kept = kept.rsplit(" ", 1)[0] if " " in kept else ""
-    return kept or None
+    return kept or None  # not the first sentence's first words: trained as a whole answer, it would end mid-sentence
 
 
 def quoted(text: str, args: dict[str, Any]) -> str:

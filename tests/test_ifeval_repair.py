@@ -67,9 +67,12 @@ def test_a_list_of_the_asked_length_keeps_its_items_and_a_title_skips_a_short_op
     assert repair(one("detectable_format:number_bullet_lists", num_bullets=3), LISTED) == LISTED.replace(
         "1. ", "* ").replace("2. ", "* ").replace("3. ", "* ")
     assert repair(one("detectable_format:title"), LISTED).startswith("<<Here are three ways to stay healthy in>>")
-    words = repair(one("length_constraints:number_words", num_words=4, relation="less than"), PLAIN)
-    assert words == "The capital of" and ifeval_strict(one("length_constraints:number_words", num_words=4,
-                                                           relation="less than"), words)
+    # no sentence is cut: a first sentence of 4 words or more under "less than 4" has no repair, as a whole answer
+    # (trained with its end) it would teach the policy to stop mid-sentence
+    assert repair(one("length_constraints:number_words", num_words=4, relation="less than"), PLAIN) is None
+    assert repair(one("length_constraints:number_words", num_words=12, relation="less than"), PLAIN) is None
+    assert repair(one("length_constraints:number_words", num_words=13, relation="less than"), PLAIN) == \
+        "The capital of France is Paris, a large city on the Seine."
 
 
 @pytest.mark.parametrize("p, response", [
@@ -184,7 +187,7 @@ def test_a_repair_keeps_a_samples_end_unless_it_writes_one():
     for type_id in REPAIRS:
         description, args = sampled_constraint(type_id, rng.randrange(2 ** 32))
         if type_id == "length_constraints:number_words":
-            args = {"num_words": 5, "relation": "less than"}
+            args = {"num_words": 10, "relation": "less than"}  # the first sentence (9 words)
         p = IFEvalPrompt(f"Tell me about Paris. {description}", (type_id,), (args,))
         fixed = repair(p, cut)
         assert fixed is not None and keeps_end(cut, fixed) == (type_id not in ENDS_ANEW), (type_id, fixed)
