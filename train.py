@@ -352,10 +352,10 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
     """Scorer, optimizer (of the trainable parameters: the adapters under LoRA) and GradScaler around `policy`;
     the reference when its log-probs are computed at step time; the health monitor, whose alerts go to
     `on_alert`; the resumed optimizer, scaler, RNG, loss state and health checks."""
-    if cfg.compile:
-        policy.base_model.compile()
     policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting, with_stats=True,
                                    ld_alpha=cfg.loss.ld_alpha)
+    if cfg.compile:  # after the scorer's check of the head, whose few tokens would be one more shape to compile
+        policy.base_model.compile()
     policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
     precision = resolve_precision(cfg.precision, device)
     scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])

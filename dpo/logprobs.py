@@ -9,15 +9,17 @@ positions that predict a scored token, and applies the LM head to those rows onl
 at a time, computing log p = logit[target] - logsumexp(logits) in fp32. No [batch, time, vocab]
 tensor is ever built: prompt and padding positions never reach the LM head. This assumes
 logits = lm_head(last_hidden_state), true for Phi, Llama, Mistral, Qwen, GPT-2 and most causal LMs, or
-soft-capped logits cap * tanh(lm_head(last_hidden_state) / cap) where the config sets
-`final_logit_softcapping` (Gemma-2), applied here as transformers applies it. Models that post-process
-logits otherwise (e.g. scale them) must use `completion_only=False`, which takes `model(...).logits`.
+lm_head(last_hidden_state) times a constant of the config (LOGIT_SCALES: Granite, Cohere, ...), then
+soft-capped, cap * tanh(logits / cap), where the config sets `final_logit_softcapping` (Gemma-2), applied here as
+transformers applies them. A SequenceScorer checks this on a few tokens when it is made (check_head_logits): a
+model whose logits are anything else is refused in one line, and must use `completion_only=False`, which takes
+`model(...).logits`.
 
 With `fused_lm_head=True` (default) the LM head and its log-softmax run as one autograd function
 (dpo.lm_head.lm_head_logps) over cache-sized tiles, with a hand-written backward; with False, each
 `chunk_size` rows go through `lm_head` and an fp32 log-softmax under ordinary autograd. Both compute the
-same numbers (to fp32 rounding). The fused head cannot soft-cap its tiles, and reads the output layer's weight
-and bias only: a soft-capped model, or one with a LoRA adapter on its LM head, always takes the unfused path.
+same numbers (to fp32 rounding). The fused head scales its input rows and bias by a logit scale; it cannot
+soft-cap its tiles, and reads the output layer's weight and bias only: a soft-capped model, or one with a LoRA adapter on its LM head, always takes the unfused path.
 
 Batches come in two layouts, told apart by their keys: the padded one of `collate_pairs` (input_ids,
 attention_mask, labels) and the packed ones of dpo.packing (one row of real tokens, `score_*` tensors
@@ -26,14 +28,16 @@ naming the scored positions). Either way the result has 2B rows, chosen sequence
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from dpo.data import IGNORE_INDEX, TokenizedPair
+from dpo.errors import UserError
 from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel, workspace_pool
 from dpo.packing import is_packed, num_sequences, packed_hidden_states, packed_logits
 from dpo.settings import check_settings, positive, setting
@@ -178,6 +182,55 @@ def logit_softcap(model: nn.Module) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None)
 
 
+# transformers' causal LMs whose logits are lm_head(h) times a constant of their config (MiniCPM3 divides h before the
+# head, which its bias-free head makes the same): model_type -> that constant
+_DIVIDED_BY_LOGITS_SCALING = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
+                              "granitemoe_swa", "minicpm3")
+LOGIT_SCALES: dict[str, Callable[[Any], float]] = {
+    **dict.fromkeys(_DIVIDED_BY_LOGITS_SCALING, lambda config: 1 / config.logits_scaling),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), lambda config: config.logit_scale),
+    "hyperclovax": lambda config: config.logits_scaling,
+    "falcon_h1": lambda config: config.lm_head_multiplier,
+}
+
+
+def logit_scale(model: nn.Module) -> float | None:
+    """s where the model's logits are lm_head(h) * s before any soft cap (LOGIT_SCALES), else None."""
+    scale = LOGIT_SCALES.get(getattr(model.config, "model_type", None))
+    value = scale(model.config) if scale is not None else None
+    return None if value is None or value == 1 else float(value)
+
+
+@torch.no_grad()
+def check_head_logits(model: nn.Module) -> None:
+    """Raise a one-line UserError unless the model's logits, on a few tokens, are what the response-only path
+    computes from its transformer body's last hidden states (lm_head, LOGIT_SCALES, soft cap): a model that
+    post-processes its logits otherwise would be scored wrongly, policy and reference alike."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type == "meta":
+        return
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(1, 9, device=parameter.device) % vocab).unsqueeze(0)
+    # a half-precision base with fp32 trainable layers (LoRA's) runs under its autocast only
+    half = [dtype for dtype in (torch.float16, torch.bfloat16) if any(p.dtype == dtype for p in model.parameters())]
+    autocast = torch.autocast(parameter.device.type, dtype=half[0]) if half else contextlib.nullcontext()
+    training = model.training
+    model.eval()
+    try:
+        with autocast:
+            expected = model(input_ids=ids, use_cache=False).logits[0].float()
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+            computed = _head_logits(model.get_output_embeddings(), hidden, logit_softcap(model),
+                                    logit_scale(model)).float()
+    finally:
+        model.train(training)
+    difference = float((computed - expected).abs().max())
+    if not difference <= 1e-2 * float(expected.abs().max()) + 1e-6:  # half-precision rounding passes; a scale does not
+        raise UserError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}): its logits "
+                        f"are not lm_head(last hidden state) as response-only scoring computes them (they differ by "
+                        f"up to {difference:.3g}); run with --no-completion-only, which scores model(...).logits")
+
+
 def fused_head_applies(model: nn.Module, settings: ScoringSettings) -> bool:
     """Whether the fused LM head computes this model's log-probs: completion_only and fused_lm_head set, logits not
     soft-capped, and an output layer that is its weight and bias (a LoRA adapter on it, peft's lora_A / lora_B,
@@ -187,8 +240,10 @@ def fused_head_applies(model: nn.Module, settings: ScoringSettings) -> bool:
             and not hasattr(head, "lora_A"))
 
 
-def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None) -> Tensor:
+def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None, scale: float | None = None) -> Tensor:
     logits = lm_head(hidden)
+    if scale is not None:
+        logits = logits * scale
     if cap is None:
         return logits
     # transformers' order and dtype (that of lm_head's output), so the numbers are those of model(...).logits
@@ -200,17 +255,20 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, sett
     """log p of each target from the hidden state [n, d] that predicts it, through the model's LM head, with what
     _token_logps adds."""
     lm_head = model.get_output_embeddings()
-    cap = logit_softcap(model)
+    cap, scale = logit_softcap(model), logit_scale(model)
     if fused_head_applies(model, settings):
         # keeping the softmax, the head holds all rows' tiles anyway: one block of rows is then the fastest
         # (dW is made in one pass); chunk_size bounds the recomputing head's scratch
         row_chunk = settings.chunk_size if settings.recompute_softmax else max(settings.chunk_size, len(targets))
-        head = lm_head_logps(scored_hidden, lm_head.weight, lm_head.bias, targets, row_chunk=row_chunk,
+        hidden, bias = scored_hidden, lm_head.bias
+        if scale is not None:  # s (W h + b) = W (s h) + s b
+            hidden, bias = scored_hidden * scale, None if bias is None else bias * scale
+        head = lm_head_logps(hidden, lm_head.weight, bias, targets, row_chunk=row_chunk,
                              vocab_chunk=settings.vocab_chunk, with_wpo=with_wpo,
                              store=not settings.recompute_softmax, with_stats=with_stats)
-        mean_logits = _mean_logits(scored_hidden, lm_head.weight, lm_head.bias) if with_stats else None
+        mean_logits = _mean_logits(hidden, lm_head.weight, bias) if with_stats else None
         return _TokenValues(head.logp, head.wpo, mean_logits, head.entropy, head.top1)
-    chunks = [_token_logps(_head_logits(lm_head, scored_hidden[start:start + settings.chunk_size], cap),
+    chunks = [_token_logps(_head_logits(lm_head, scored_hidden[start:start + settings.chunk_size], cap, scale),
                            targets[start:start + settings.chunk_size], with_wpo, with_stats)
               for start in range(0, scored_hidden.shape[0], settings.chunk_size)]
     if not chunks:  # no scored token: one empty chunk, so that every asked-for field is an empty tensor
@@ -276,6 +334,8 @@ class SequenceScorer(nn.Module):
         super().__init__()
         self.model = model
         self.settings = _settings(settings, overrides)
+        if self.settings.completion_only:
+            check_head_logits(model)
         self.with_wpo, self.with_stats, self.ld_alpha = with_wpo, with_stats, ld_alpha
 
     def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:

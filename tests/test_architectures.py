@@ -1,18 +1,21 @@
-"""Llama, Mistral, Qwen2, GPT-2 and Gemma-2 train, and every fast scoring path equals the plain one on each.
+"""Llama, Mistral, Qwen2, GPT-2 and Gemma-2 train, and every fast scoring path equals the plain one on each and on
+Granite and Cohere.
 
 Gemma-2 is the odd one: transformers has no SDPA path for its attention (eager, padded layout only) and it
-soft-caps its logits, which the completion-only log-probs must reproduce.
+soft-caps its logits, which the completion-only log-probs must reproduce; Granite and Cohere scale theirs.
 """
 
 import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig,
+                          MistralConfig, Qwen2Config)
 
 import train
 from dpo import logprobs
 from dpo.data import collate_pairs
+from dpo.errors import UserError
 from dpo.logprobs import SequenceScorer, disable_dropout
 from dpo.modeling import ModelLoadError, attention_implementation, load_causal_lm
 from dpo.packing import PackingError, collate_packed, collate_shared_prompt
@@ -35,6 +38,11 @@ def tiny_config(arch: str, vocab_size: int = VOCAB):
         # Gemma-2's cap of 30 on logits of random weights (|logit| < 0.5 at the usual init) would change the
         # log-probs by ~1e-5 only: larger weights make the soft-capping matter
         return Gemma2Config(head_dim=8, initializer_range=0.25, **common)
+    # logits scaled by a constant of the config (LOGIT_SCALES), with weights large enough for the scale to matter
+    if arch == "granite":
+        return GraniteConfig(logits_scaling=8.0, initializer_range=0.25, **common)
+    if arch == "cohere":
+        return CohereConfig(logit_scale=0.0625, initializer_range=0.25, **common)
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
 
 
@@ -50,7 +58,8 @@ def tiny_model(arch: str, vocab_size: int = VOCAB, seed: int = 0):
 ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt2", "gemma2"]
 FAST_PATHS = {"fused": ("padded", {}), "unfused": ("padded", dict(fused_lm_head=False)),
               "packed": ("packed", {}), "shared_prompt": ("shared_prompt", {})}
-CASES = [(arch, path) for arch in ARCHITECTURES for path in FAST_PATHS
+SCALED_LOGITS = ["granite", "cohere"]
+CASES = [(arch, path) for arch in ARCHITECTURES + SCALED_LOGITS for path in FAST_PATHS
          if arch != "gemma2" or FAST_PATHS[path][0] == "padded"]
 
 
@@ -95,15 +104,30 @@ def test_fast_paths_equal_the_plain_path(arch, path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gemma2"] + SCALED_LOGITS)
 @pytest.mark.parametrize("fused_lm_head", [True, False])
-def test_gemma2_log_probs_need_the_soft_cap(monkeypatch, fused_lm_head):
-    """Without its soft-capping, Gemma-2's completion-only log-probs would be wrong: the cap is what makes the
-    fast paths above equal the plain one."""
-    model = tiny_model("gemma2")
-    monkeypatch.setattr(logprobs, "logit_softcap", lambda model: None)
+def test_log_probs_need_the_soft_cap_or_scale_and_a_scorer_without_it_refuses(monkeypatch, arch, fused_lm_head):
+    """Without Gemma-2's soft cap or Granite's / Cohere's logit scale, the completion-only log-probs would be wrong:
+    the cap or scale is what makes the fast paths above equal the plain one. A scorer checks it when it is made,
+    so a model whose logits are post-processed otherwise is refused in one line (the full-logits path takes it)."""
+    model = tiny_model(arch)
+    if arch == "gemma2":
+        monkeypatch.setattr(logprobs, "logit_softcap", lambda model: None)
+    else:
+        monkeypatch.setattr(logprobs, "LOGIT_SCALES", {})
+    with pytest.raises(UserError, match=r"^[^\n]*: its logits are not lm_head\(last hidden state\) .*; run with "
+                                        r"--no-completion-only, which scores model\(\.\.\.\)\.logits$"):
+        SequenceScorer(model, fused_lm_head=fused_lm_head)
+    SequenceScorer(model, completion_only=False)  # takes model(...).logits: no check to fail
+    monkeypatch.setattr(logprobs, "check_head_logits", lambda model: None)
     with torch.no_grad():
         plain, fast = plain_and_fast(model, "fused" if fused_lm_head else "unfused", random_pairs(6, VOCAB, seed=1))
     assert (fast.sum - plain.sum).abs().max() > 1e-2
+
+
+def test_logit_scales_are_read_from_the_config():
+    assert logprobs.logit_scale(tiny_model("granite")) == 1 / 8 and logprobs.logit_scale(tiny_model("cohere")) == 0.0625
+    assert {logprobs.logit_scale(tiny_model(arch)) for arch in ARCHITECTURES} == {None}
 
 
 def test_gemma2_scorer_reserves_no_fused_workspace():
