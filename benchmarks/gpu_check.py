@@ -10,8 +10,8 @@
     python benchmarks/gpu_check.py lora           the same model with the LoRA recipe (phi2_ultrafeedback_lora.json)
     python benchmarks/gpu_check.py generate       sampling tokens/s of the phi-2-sized model (T 0.7, top-p 0.9)
     python benchmarks/gpu_check.py profile        where a padded bf16 step of the phi-2-sized model spends its time
-                                                  (torch.profiler), then its gradient-checkpointed step and the LoRA
-                                                  recipe's step, the model built in GPU memory (no save and load)
+                                                  (torch.profiler), then its gradient-checkpointed step at micro 16,
+                                                  the model built in GPU memory (no save and load)
     python benchmarks/gpu_check.py summary FILE   the table of a report's results.jsonl
 
 Each measurement prints one JSON line. A step's figures are train_step's own metrics (tokens/s and MFU over a
@@ -49,6 +49,7 @@ from dpo.batches import PairBatch  # noqa: E402
 from dpo.train_settings import parse_settings  # noqa: E402
 from dpo.data import TokenizedPair  # noqa: E402
 from dpo.distributed import DistInfo  # noqa: E402
+from dpo.lm_head import workspace_pool  # noqa: E402
 from dpo.loss import compute_loss  # noqa: E402
 from dpo.modeling import enable_gradient_checkpointing, load_tokenizer  # noqa: E402
 from dpo.splits import PreferenceData, load_preference_pairs  # noqa: E402
@@ -244,7 +245,7 @@ def phi2(args: argparse.Namespace) -> None:
         first = args.layouts[0]
         runs = [(first, False, "bf16"), (first, False, "fp16")] + [(layout, True, "bf16") for layout in args.layouts]
         checkpointing = False
-        for layout, with_checkpointing, precision in runs:
+        for run, (layout, with_checkpointing, precision) in enumerate(runs):
             if with_checkpointing and not checkpointing:
                 enable_gradient_checkpointing(policy)
                 checkpointing = True
@@ -252,12 +253,25 @@ def phi2(args: argparse.Namespace) -> None:
                 (["--gradient-checkpointing"] if with_checkpointing else [])
             run_dir = f"{out}/{layout}-{precision}-{checkpointing}"
             cfg = recipe_config("phi2_ultrafeedback.json", MODEL, run_dir, *flags)
-            try:
-                emit(time_steps(cfg, policy, adapters, pairs, "phi2", {"config": "phi2_ultrafeedback.json"}))
-            except torch.OutOfMemoryError as error:
-                emit({"part": "phi2", "layout": layout, "precision": precision,
-                      "gradient_checkpointing": with_checkpointing, "error": f"out of memory: {str(error)[:200]}"})
-                release_memory()
+            # the first run times two steps after its warm-up, the others one: the part's time limit
+            if not measured(lambda: time_steps(cfg, policy, adapters, pairs, "phi2",
+                                               {"config": "phi2_ultrafeedback.json"}, steps=STEPS if run == 0 else 2),
+                            {"part": "phi2", "layout": layout, "precision": precision,
+                             "gradient_checkpointing": with_checkpointing}):
+                policy.zero_grad(set_to_none=True)  # the failed step's gradients would add to the next run's
+
+
+def measured(run, label: dict) -> bool:
+    """Emit what `run()` returns; on a CUDA out-of-memory error emit `label` with the error and free what the failed
+    run held (outside the handler, whose traceback keeps the run's frames and their tensors alive). False then."""
+    try:
+        emit(run())
+        return True
+    except torch.OutOfMemoryError as error:
+        emit({**label, "error": f"out of memory: {str(error)[:200]}"})
+    workspace_pool.clear()
+    release_memory()
+    return False
 
 
 def lora(args: argparse.Namespace) -> None:
@@ -305,47 +319,50 @@ def in_memory_phi2() -> None:
 
 
 def profile(args: argparse.Namespace) -> None:
-    """A padded bf16 step under torch.profiler (its tables printed), then the gradient-checkpointed step at larger
-    micro-batches (fewer weight casts and gradient additions per step: the phi2 part times micro 4) and the LoRA
-    recipe's step, timed."""
+    """A padded bf16 step under torch.profiler (its tables printed), gradient-checkpointed on a GPU of less than
+    100 GB (without, phi-2's step peaks at 78 GB), then the gradient-checkpointed step at larger micro-batches
+    (fewer weight casts and gradient additions per step: the phi2 part times micro 4), timed."""
     in_memory_phi2()
     pairs = ultrafeedback_like_pairs(target.batch * 2)
     device, cuda = target.device, target.device.type == "cuda"
+    checkpointed = cuda and torch.cuda.get_device_properties(device).total_memory < 100e9
     with tempfile.TemporaryDirectory() as out:
         cfg = recipe_config("phi2_ultrafeedback.json", MODEL, f"{out}/a", "--precision", "bf16",
-                            "--layout", "padded")
+                            "--layout", "padded", *(["--gradient-checkpointing"] if checkpointed else []))
         policy, adapters = train.build_policy(cfg, device)
         layout, collate = train.collator(cfg, target.eos, policy)
-        reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]),
-                                          list(range(len(pairs))), device=device, dist=DistInfo(), collate=collate,
-                                          resumed=False, log=lambda *a, **k: None)["train"]
-        state = train.build_state(cfg, policy, adapters, device=device, dist=DistInfo(), collate=collate,
-                                  workspace_pairs=pairs, layout=layout)
-        batch = target.batch
-        batches = [PairBatch(pairs[i * batch:(i + 1) * batch], reference.select(range(i * batch, (i + 1) * batch)))
-                   for i in range(2)]
-        emit({"part": "profile", "warmup_step": train.train_step(state, batches[0], cfg.lr)})
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            record = train.train_step(state, batches[1], cfg.lr)
-        emit({"part": "profile", "profiled_step": record})
-        table = prof.key_averages()
-        if cuda:
-            print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
-        print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
-        del state
+
+        def profiled_steps() -> dict:
+            reference = train.reference_logps(cfg, policy, adapters, PreferenceData(train=pairs, eval=[]),
+                                              list(range(len(pairs))), device=device, dist=DistInfo(),
+                                              collate=collate, resumed=False, log=lambda *a, **k: None)["train"]
+            state = train.build_state(cfg, policy, adapters, device=device, dist=DistInfo(), collate=collate,
+                                      workspace_pairs=pairs, layout=layout)
+            batch = target.batch
+            batches = [PairBatch(pairs[i * batch:(i + 1) * batch],
+                                 reference.select(range(i * batch, (i + 1) * batch))) for i in range(2)]
+            emit({"part": "profile", "warmup_step": train.train_step(state, batches[0], cfg.lr)})
+            activities = [torch.profiler.ProfilerActivity.CPU] + \
+                ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                record = train.train_step(state, batches[1], cfg.lr)
+            table = prof.key_averages()
+            if cuda:
+                print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), flush=True)
+            print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+            return {"part": "profile", "gradient_checkpointing": checkpointed, "profiled_step": record}
+
+        if not measured(profiled_steps, {"part": "profile", "gradient_checkpointing": checkpointed}):
+            policy.zero_grad(set_to_none=True)
         release_memory()
         enable_gradient_checkpointing(policy)
         cfg = recipe_config("phi2_ultrafeedback.json", MODEL, f"{out}/b", "--precision", "bf16",
                             "--layout", "padded", "--gradient-checkpointing",
                             "--micro-batch-size", str(target.large_micro))
-        emit(time_steps(cfg, policy, adapters, pairs, "phi2", {"config": "phi2_ultrafeedback.json"}, steps=2))
-        del policy
-        release_memory()
-        cfg = recipe_config("phi2_ultrafeedback_lora.json", MODEL, f"{out}/c", "--layout", "padded")
-        reset_peak_memory()
-        policy, adapters = train.build_policy(cfg, device)
-        emit(time_steps(cfg, policy, adapters, pairs, "lora", {"config": "phi2_ultrafeedback_lora.json"}, steps=2))
+        measured(lambda: time_steps(cfg, policy, adapters, pairs, "phi2", {"config": "phi2_ultrafeedback.json"},
+                                    steps=2),
+                 {"part": "phi2", "layout": "padded", "precision": "bf16", "gradient_checkpointing": True,
+                  "micro": target.large_micro})
 
 
 def summary_lines(records: list[dict]) -> list[str]:
@@ -364,6 +381,8 @@ def summary_lines(records: list[dict]) -> list[str]:
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
             lines.append(f"{head} step {statistics.mean(r['step_s'][1:]):6.2f} s  {r['tokens_per_s']:9.0f} tok/s  "
                          f"MFU {mfu}  peak {gb(r['peak_memory_gb']):>8}  reference pass {r['reference_pass_s']} s")
+        elif r.get("part") == "profile" and "error" in r:
+            lines.append(f"profile gc={r['gradient_checkpointing']!s:5} {r['error']}")
         elif r.get("part") == "generate":
             lines.append(f"generate {r['model']:28} {r['tokens_per_s']:9.0f} new tok/s ({r['rows']} rows x "
                          f"{r['new_tokens']})  peak {gb(r['peak_memory_gb'])}")

@@ -17,8 +17,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-# CPU fp32 against CUDA: (relative gradient error, largest relative log-prob difference) allowed per precision
-TOLERANCE = {"fp32": (1e-4, 1e-5), "bf16": (8e-2, 2e-2), "fp16": (1e-2, 4e-3)}
+# CPU fp32 against CUDA: (relative gradient error, largest relative log-prob difference) allowed per precision.
+# bf16's largest log-prob difference was 1.7e-2 on an H200, and is as large between the CPU's own bf16 and fp32
+# (8 mantissa bits over short responses): the allowance leaves room for another GPU's kernels, not for a bug.
+TOLERANCE = {"fp32": (1e-4, 1e-5), "bf16": (8e-2, 3e-2), "fp16": (1e-2, 4e-3)}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

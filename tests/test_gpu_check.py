@@ -44,9 +44,11 @@ def test_every_part_runs_train_py_steps_at_smoke_sizes(smoke_records):
         ("phi2", "padded", "bf16", False), ("phi2", "padded", "fp16", False), ("phi2", "padded", "bf16", True),
         ("phi2", "shared_prompt", "bf16", True),  # the phi2 part
         ("lora", "shared_prompt", "fp16", True),  # the lora part: the LoRA config, layout auto (CPU)
-        ("phi2", "padded", "bf16", True), ("lora", "padded", "fp16", True)]  # the profile part's two timed runs
+        ("phi2", "padded", "bf16", True)]  # the profile part's timed run
     # the profile part's checkpointed step at larger micro-batches (the recipe's 4 x 16 becomes 16 x 4 on a GPU)
-    assert [r["micro"] for r in steps] == [4] * 5 + [gpu_check.SMOKE.large_micro, 4]
+    assert [r["micro"] for r in steps] == [4] * 5 + [gpu_check.SMOKE.large_micro]
+    # the phi2 part's first run times two steps after its warm-up, the others one
+    assert [len(r["step_s"]) for r in steps[:4]] == [3, 2, 2, 2]
     assert gpu_check.SMOKE.large_micro == 8 and gpu_check.GPU.large_micro == 16
     for r in steps:
         assert r["losses"][0] == pytest.approx(math.log(2), abs=2e-3)
@@ -79,8 +81,9 @@ def test_the_summary_formats_gpu_records_and_errors():
               "peak_memory_gb": 27.5}
     equal = {"part": "equality", "precision": "fp16", "loss_abs_diff": 5.5e-5, "logps_max_rel_diff": 1.6e-3,
              "grad_rel_error": 2.3e-3, "grad_cosine": 1.00002}
-    lines = gpu_check.summary_lines([step, oom, sample, {"part": "profile"}, equal])
-    assert len(lines) == 4
+    profile_oom = {"part": "profile", "gradient_checkpointing": False, "error": "out of memory: CUDA out of memory"}
+    lines = gpu_check.summary_lines([step, oom, sample, {"part": "profile"}, equal, profile_oom])
+    assert len(lines) == 5 and lines[4] == "profile gc=False out of memory: CUDA out of memory"
     assert "gc=True  micro=16 step   6.25 s" in lines[0] and "9881 tok/s" in lines[0] and "MFU 0.156" in lines[0] \
         and "peak  54.1 GB" in lines[0]  # the timed steps' mean, the warm-up left out
     assert lines[1].endswith("out of memory: CUDA out of memory")
@@ -88,17 +91,40 @@ def test_the_summary_formats_gpu_records_and_errors():
     assert "grad rel error 2.30e-03" in lines[3]
 
 
+def test_an_out_of_memory_run_is_reported_and_what_it_held_freed(capsys):
+    """measured: a run's record is emitted; a CUDA out-of-memory error becomes a record of its own (the part goes on
+    with its next run) and the fused head's workspace is given back."""
+    from dpo.lm_head import workspace_pool
+
+    assert gpu_check.measured(lambda: {"part": "phi2", "ok": 1}, {"part": "phi2"})
+    workspace_pool.reserve(1024, torch.device("cpu"))
+    assert workspace_pool.free
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert not gpu_check.measured(out_of_memory, {"part": "phi2", "layout": "padded"})
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records == [{"part": "phi2", "ok": 1}, {"part": "phi2", "layout": "padded",
+                                                    "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}]
+    assert not workspace_pool.free
+
+
 def test_the_script_calls_existing_parts_within_its_eight_minutes():
     """bash parses the script; each part it runs with gpu_check.py is one the module has, with --smoke passed
-    through, and the parts' time limits add up to at most 8 minutes."""
+    through (but equality, which has none and runs only where pytest is missing, in place of the CUDA tests), the
+    parts' time limits add up to 440 s, and each limit ends in a kill."""
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     text = SCRIPT.read_text()
     parts = re.findall(r"^part (\w+) (\d+) (.*)$", text, flags=re.MULTILINE)
-    assert sum(int(seconds) for _, seconds, _ in parts) <= 480
+    limits = dict((name, int(seconds)) for name, seconds, _ in parts)
+    assert sum(limits.values()) - limits["equality"] <= 440 and limits["equality"] <= limits["cuda_tests"]
+    assert re.search(r'else[^\n]*\npart equality ', text) and 'if $PY -c "import pytest"' in text
+    assert 'timeout -k 5 "$seconds" "$@"' in text
     called = [re.search(r"gpu_check\.py (\w+)", command) for _, _, command in parts]
-    assert sorted(m[1] for m in called if m) == sorted(["phi2", "lora", "generate", "profile"])
+    assert sorted(m[1] for m in called if m) == sorted(["phi2", "lora", "equality", "generate", "profile"])
     assert set(m[1] for m in called if m) <= set(gpu_check.PARTS)
-    assert all("SMOKE" in command for _, _, command in parts if "gpu_check.py" in command)
+    assert all("SMOKE" in command for name, _, command in parts if "gpu_check.py" in command and name != "equality")
     assert 'gpu_check.py summary "$REPORT/results.jsonl"' in text
 
 
