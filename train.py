@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 
 from dpo.activations import fuse_gelu
 from dpo.batches import OfflinePairs, PairBatch, PairSource, process_micro_batches
-from dpo.checkpoint import (ReplacedRun, check_disk_space, latest_checkpoint, load_checkpoint, prepare_output_dir,
-                            publish, read_trainer_state, replacing, save_checkpoint, set_rng_state, settings_differences)
+from dpo.checkpoint import (PROCESSES, ReplacedRun, check_disk_space, latest_checkpoint, load_checkpoint,
+                            prepare_output_dir, process_rng_state, publish, read_trainer_state, replacing, rng_state,
+                            save_checkpoint, set_rng_state, settings_differences)
 from dpo.cli import run_cli
 from dpo.data import DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
@@ -118,10 +119,21 @@ def open_run_dir(cfg: TrainSettings, dist: DistInfo,
     saved = read_trainer_state(path).get("settings")
     if saved is None:
         log(f"--resume: {path} records no settings of its run; they are not checked")
-    elif changes := settings_differences(saved, cfg.run_identity(), TrainSettings().to_dict()):
+    # a checkpoint that does not record its number of processes is taken to have this run's
+    elif changes := settings_differences(saved, cfg.run_identity(dist.world_size),
+                                         {**TrainSettings().to_dict(), PROCESSES: dist.world_size}):
         raise ConfigError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changes)}); use "
                           f"its settings, or --overwrite to start afresh")
     return load_checkpoint(path), replaced
+
+
+def check_stop_step(stop_at_step: int | None, start: int, total_steps: int) -> None:
+    """--stop-at-step must come after the step the run starts (or resumes) at and not after its last step: the
+    run would never stop there, and train on past the limit it was given."""
+    if stop_at_step is not None and not start < stop_at_step <= total_steps:
+        where = f"resumes at step {start}" if stop_at_step <= start else f"ends at step {total_steps}"
+        raise ConfigError(f"--stop-at-step {stop_at_step}: the run {where}, so it would never stop there; give a "
+                          f"step from {start + 1} to {total_steps}, or leave it out")
 
 
 def training_data(cfg: TrainSettings, data: PreferenceData) -> dict[str, Any]:
@@ -295,11 +307,13 @@ def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
         selected = [pairs[i] for i in ids]
         key = cache_key(resolve_model_path(cfg.model), selected, settings)
         cache_file = Path(cfg.output_dir) / "reference_cache" / f"{split}-{key}.pt"
-        fresh = resumed and not cache_file.is_file()
-
-        cached = broadcast_flag(dist.is_main and cache_file.is_file(), dist, device)
+        result = load_cached(cache_file, len(selected)) if dist.is_main else None
+        if dist.is_main and result is None and cache_file.exists():
+            log(f"{cache_file}: unreadable or of other pairs, computed again")
+        cached = broadcast_flag(result is not None, dist, device)
+        fresh = resumed and not cached
         if cached:
-            result = load_cached(cache_file)
+            result = result if result is not None else load_cached(cache_file, len(selected))
         else:
             share = longest_first(range(len(selected)), selected)[dist.rank::dist.world_size]
             model, mode = reference_model(cfg, policy, adapters, device, fresh=fresh)
@@ -378,7 +392,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
         load_full_optimizer_state(scorer, optimizer, resume.pop("optimizer"))  # copied: the mapped file let go
         if scaler is not None and resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
+        set_rng_state(process_rng_state(resume, dist.rank, dist.world_size))
         state.loss_state = resume["loss_state"]
         state.step = resume["trainer_state"]["step"]
         state.skipped_steps = resume["trainer_state"].get("skipped_steps", 0)
@@ -665,6 +679,7 @@ def save(state: TrainState, total_steps: int) -> Path | None:
     weights = full_model_state(state.scorer, trainable_only=state.adapters is not None)
     refuse_non_finite(state, weights, f"checkpoint-{state.step}")
     optimizer_state = full_optimizer_state(state.scorer, state.optimizer)
+    rng_per_process = gather([rng_state()], state.dist)  # each process's own: their dropout draws differ
     path = None
     reference = state.reference_scorer.model if state.cfg.sync_ref_model else None  # TR-DPO's moves: kept
     if state.dist.is_main:
@@ -674,9 +689,10 @@ def save(state: TrainState, total_steps: int) -> Path | None:
             save_reference=None if reference is None else reference.save_pretrained,
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
-                           "settings": state.cfg.run_identity(), "health": state.health.state_dict(),
+                           "settings": state.cfg.run_identity(state.dist.world_size),
+                           "health": state.health.state_dict(),
                            "data": state.data},
-            loss_state=state.loss_state, keep=state.cfg.save_total_limit)
+            loss_state=state.loss_state, keep=state.cfg.save_total_limit, rng_per_process=rng_per_process)
     barrier(state.dist)
     return path
 
@@ -823,6 +839,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
         source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
         total_steps = run_length(cfg, source.steps_per_epoch)
+        check_stop_step(cfg.stop_at_step, resume["trainer_state"]["step"] if resume else 0, total_steps)
         used = source.used_ids(total_steps)
 
         # ------------------------------------------------ reference log-probs, the run's record, optimizer

@@ -118,16 +118,21 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool,
 
 def check_disk_space(out_dir: Path, model: torch.nn.Module, *, merged: bool, keep: int,
                      free_bytes: int | None = None, reference_bytes: int = 0) -> None:
-    """Fail before training when `keep` checkpoints (`model`'s trained weights and 2 AdamW moments each, and
-    `reference_bytes` of a reference model each) and final/ (the trained weights, plus every weight when `merged`:
-    a full model or a merged LoRA model) cannot fit."""
+    """Fail before training when the run's checkpoints and final/ cannot fit: at the most, `keep` checkpoints
+    (`model`'s trained weights and 2 AdamW moments each, and `reference_bytes` of a reference model each) and the
+    larger of one checkpoint more (a new one is written before the oldest goes) and final/ (the trained weights,
+    plus every weight when `merged`: a full model or a merged LoRA model). The checkpoints already in `out_dir`
+    (a resumed run's) count as space the run has."""
     trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     final_params = trained_params + (sum(p.numel() for p in model.parameters()) if merged else 0)
-    needed = (trained_params * 4 * 3 + reference_bytes) * keep + final_params * 4
+    checkpoint = trained_params * 4 * 3 + reference_bytes
+    needed = checkpoint * keep + max(checkpoint, final_params * 4)
+    held = sum(f.stat().st_size for _, path in list_checkpoints(out_dir) for f in path.rglob("*") if f.is_file())
     free = shutil.disk_usage(out_dir).free if free_bytes is None else free_bytes
-    if free < needed:
-        raise ConfigError(f"--output-dir {out_dir}: {free / 2**30:.2f} GiB free, but {keep} checkpoint(s) and "
-                          f"final/ need about {needed / 2**30:.2f} GiB; free space or lower --save-total-limit")
+    if free + min(held, checkpoint * keep) < needed:
+        raise ConfigError(f"--output-dir {out_dir}: {free / 2**30:.2f} GiB free, but {keep} checkpoint(s), the next "
+                          f"one and final/ need about {(needed - min(held, checkpoint * keep)) / 2**30:.2f} GiB more; "
+                          "free space or lower --save-total-limit")
 
 
 
@@ -140,6 +145,13 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def process_rng_state(resume: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The RNG states a process resumes with: its own where the checkpoint holds one per process of a run of this
+    many processes (their dropout draws differ), else the main process's."""
+    states = resume.get("rng_per_process")
+    return states[rank] if states is not None and len(states) == world_size else resume["rng"]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -196,25 +208,37 @@ def save_checkpoint(
     loss_state: dict[str, Any],
     keep: int,
     save_reference: Callable[[Path], None] | None = None,
+    rng_per_process: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint-<step> atomically and keep only the newest `keep` checkpoints.
 
     `save_model(directory)` writes the policy in `save_pretrained` format; `save_reference(directory)` a reference
-    model that changes during the run (TR-DPO), the same way.
+    model that changes during the run (TR-DPO), the same way; `rng_per_process` every process's RNG states under
+    torchrun (this process's alone otherwise). A write that fails (a full disk) removes what it wrote and raises a
+    one-line CheckpointError; the checkpoints before it are untouched.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f"checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(tmp / "model")
-    if save_reference is not None:
-        save_reference(tmp / "reference")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({"scaler": scaler_state, "rng": rng_state(), "loss_state": loss_state}, tmp / "extra.pt")
-    # the state file goes last: its presence marks the directory as complete
-    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        save_model(tmp / "model")
+        if save_reference is not None:
+            save_reference(tmp / "reference")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        rngs = rng_per_process or [rng_state()]
+        torch.save({"scaler": scaler_state, "rng": rngs[0], "rng_per_process": rngs, "loss_state": loss_state},
+                   tmp / "extra.pt")
+        # the state file goes last: its presence marks the directory as complete
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(root)
+        raise CheckpointError(f"{final.name} cannot be written ({first_line(error)}); "
+                              + (f"{kept[-1][1].name} is intact" if kept else "no checkpoint was saved before it")
+                              ) from None
     publish(tmp, final)  # a re-save of the same step (e.g. after a signal) replaces it
     for _, old in list_checkpoints(root)[:-keep]:
         _discard(old)
@@ -270,7 +294,13 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: cannot be read ({first_line(error)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{file}: not a trainer state (no step)")
+    for field in ("settings", "health", "data"):
+        if field in state and not isinstance(state[field], dict):
+            raise CheckpointError(f"{file}: field {field!r} is not an object")
     return state
+
+
+PROCESSES = "processes"  # the number of torchrun processes in a run's identity (not a setting; dpo.train_settings)
 
 
 def settings_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
@@ -280,7 +310,8 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any], default
     for name, after in current.items():
         before = saved.get(name, defaults.get(name))
         if before != after:
-            changes.append(f"--{name.replace('_', '-')} {json.dumps(before)} -> {json.dumps(after)}")
+            label = "torchrun processes" if name == PROCESSES else f"--{name.replace('_', '-')}"
+            changes.append(f"{label} {json.dumps(before)} -> {json.dumps(after)}")
     return changes
 
 
@@ -303,6 +334,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         "optimizer": _load_tensors(path / "optimizer.pt", mmap=True),
         "scaler": extra["scaler"],
         "rng": extra["rng"],
+        "rng_per_process": extra.get("rng_per_process"),  # not in checkpoints of earlier versions
         "loss_state": extra["loss_state"],
         "model_dir": path / "model",
         "reference_dir": path / "reference",  # written under --sync-ref-model only

@@ -10,6 +10,7 @@ weights, the tokenized pairs, precision, scoring settings); a changed key recomp
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -119,16 +120,24 @@ def compute_reference_logps(
     return ReferenceLogps(chosen=chosen, rejected=rejected)
 
 
-def load_cached(cache_file: Path) -> ReferenceLogps:
-    """Reference log-probs read back from a cache file (`save_cached`'s)."""
-    data = torch.load(cache_file, weights_only=True)
-    return ReferenceLogps(chosen=data["chosen"], rejected=data["rejected"])
+def load_cached(cache_file: Path, count: int) -> ReferenceLogps | None:
+    """Reference log-probs of `count` pairs read back from a cache file (`save_cached`'s), or None where there is
+    none, or it cannot be read as one (then the caller computes them again)."""
+    try:
+        data = torch.load(cache_file, weights_only=True)
+        result = ReferenceLogps(chosen=data["chosen"], rejected=data["rejected"])
+    except Exception:  # missing, cut short, foreign: torch, zip and pickle raise many types
+        return None
+    shapes_fit = all(isinstance(t, torch.Tensor) and t.shape == (count,) for t in (result.chosen, result.rejected))
+    return result if shapes_fit else None
 
 
 def save_cached(cache_file: Path, result: ReferenceLogps) -> None:
-    """Written whole or not at all (a temporary file renamed)."""
+    """Written whole or not at all (a temporary file, synced to disk, renamed)."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
     torch.save({"chosen": result.chosen, "rejected": result.rejected}, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
     tmp.replace(cache_file)
 

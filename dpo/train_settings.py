@@ -15,12 +15,14 @@ layered over the defaults, under any config file or flag.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dpo.checkpoint import PROCESSES
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
 from dpo.loss import (LossSettings, batch_coupled, check_weighting, needs_reference_model, parse_loss_spec,
@@ -236,15 +238,17 @@ class TrainSettings:
         """Every setting under its flat name (the keys of a --config file)."""
         return to_flat(self)
 
-    def run_identity(self) -> dict[str, Any]:
+    def run_identity(self, processes: int = 1) -> dict[str, Any]:
         """The settings that define the run's data order and math: a resumed run must have the same. For a loss
-        that compares the pairs of a micro-batch (AOT), how a step is split is part of the math too."""
+        that compares the pairs of a micro-batch (AOT), how a step is split is part of the math too, the number
+        of `processes` (torchrun's) included."""
         flat = self.to_dict()
-        split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if batch_coupled(self.loss) \
-            else ()
+        coupled = batch_coupled(self.loss)
+        split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if coupled else ()
         unused = () if self.sync_ref_model else ("ref_model_sync_steps", "ref_model_mixup_alpha")  # TR-DPO's, off
-        return {s.name: flat[s.name] for s in setting_fields(TrainSettings)
-                if (s.identity or s.name in split) and s.name not in unused}
+        identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
+                    if (s.identity or s.name in split) and s.name not in unused}
+        return {**identity, PROCESSES: processes} if coupled else identity
 
 
 _GROUPS = {"model": "model and data", "lr": "optimisation", "output_dir": "run management", "device": "speed",
@@ -281,14 +285,21 @@ def parse_settings(argv: list[str] | None = None) -> TrainSettings:
     iterative DPO) for the demo model, then the --config file, then flags; validated."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
-    values = load_config_file(config_file, TrainSettings) if config_file else {}
-    values.update(args)
+    from_file = load_config_file(config_file, TrainSettings) if config_file else {}
+    values = {**from_file, **args}
     if values.get("model", DEMO_MODEL) == DEMO_MODEL:
         lora = values.get("lora_r") or values.get("adapter")
         sampled = values.get("online") or values.get("iterations")
         values = {**DEMO_SETTINGS, **(DEMO_LORA_SETTINGS if lora else {}), **(DEMO_ONLINE_SETTINGS if sampled else {}),
                   **values}
-    cfg = from_flat(TrainSettings, values)
+    try:
+        cfg = from_flat(TrainSettings, values)
+    except ConfigError as error:  # a value of the file, not of a flag: the error names the file and its key
+        flag = re.match(r"--([a-z0-9-]+) ", str(error))
+        name = flag and flag[1].replace("-", "_")
+        if name and name in from_file and name not in args:
+            raise ConfigError(f"--config {config_file}: {name}{str(error)[len(flag[0]) - 1:]}") from None
+        raise
     check_requirements(cfg)
     return cfg
 

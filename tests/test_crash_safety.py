@@ -203,3 +203,110 @@ def test_final_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     checkpoint.publish(tmp, final)  # the next save clears what the crash left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert (final / "model" / "weights").read_text() == "new"
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_and_leaves_the_last_one(tmp_path, monkeypatch):
+    """A full disk while checkpoint-2 is written (torch.save reports it as a RuntimeError): one line naming the
+    checkpoint and the one that is intact, nothing of checkpoint-2 left behind."""
+    import dpo.checkpoint as checkpoint
+
+    def save(step):
+        def save_model(directory):
+            directory.mkdir(parents=True)
+            (directory / "config.json").write_text("{}")
+        checkpoint.save_checkpoint(tmp_path, step, save_model=save_model, optimizer_state={}, scaler_state=None,
+                                   trainer_state={}, loss_state={}, keep=2)
+
+    save(1)
+    real_save = torch.save
+
+    def disk_full(obj, file, *args, **kwargs):
+        if Path(file).name == "optimizer.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7558080 vs 7557968")
+        real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^checkpoint-2 cannot be written \(\[enforce fail at "
+                                                         r"inline_container.cc:672\] .*\); checkpoint-1 is intact$"):
+        save(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    save(2)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 2]
+
+
+def test_the_disk_check_counts_the_next_checkpoint_and_the_ones_a_resumed_run_has(tmp_path):
+    """A new checkpoint is written before the oldest goes: keep + 1 of them at the most (or keep and final/, if
+    larger). The checkpoints already in the directory are space the run has, not space it needs."""
+    from dpo.checkpoint import check_disk_space
+    from dpo.settings import ConfigError
+
+    model = torch.nn.Linear(10, 10)  # 110 parameters: 1,320 bytes per checkpoint (weights and 2 AdamW moments)
+    per_checkpoint, final = 110 * 12, 110 * 4
+    check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=3 * per_checkpoint)
+    with pytest.raises(ConfigError, match="2 checkpoint\\(s\\), the next one and final/ need about"):
+        check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=3 * per_checkpoint - 1)
+    # merged: final/ holds the trained weights and all weights again, 880 bytes, less than a checkpoint
+    check_disk_space(tmp_path, model, merged=True, keep=1, free_bytes=2 * per_checkpoint)
+    assert final * 2 < per_checkpoint
+    for step in (1, 2):  # a resumed run's two checkpoints, of 1,320 bytes each
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (tmp_path / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"0" * (per_checkpoint - 2))
+    check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=per_checkpoint)
+    with pytest.raises(ConfigError):
+        check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=per_checkpoint - 1)
+
+
+def test_each_process_resumes_with_its_own_random_state():
+    from dpo.checkpoint import process_rng_state
+
+    resume = {"rng": "rank 0", "rng_per_process": ["rank 0", "rank 1"]}
+    assert [process_rng_state(resume, rank, 2) for rank in (0, 1)] == ["rank 0", "rank 1"]
+    # another number of processes, or a checkpoint of an earlier version: the main process's state for all
+    assert process_rng_state(resume, 2, 3) == "rank 0"
+    assert process_rng_state({"rng": "rank 0", "rng_per_process": None}, 1, 2) == "rank 0"
+
+
+def test_an_unreadable_reference_cache_is_computed_again(tmp_path):
+    from dpo.reference import ReferenceLogps, load_cached, save_cached
+
+    cache = tmp_path / "reference_cache" / "train-abc.pt"
+    assert load_cached(cache, 3) is None
+    save_cached(cache, ReferenceLogps(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-4.0, -5.0, -6.0])))
+    assert load_cached(cache, 3).chosen.tolist() == [-1.0, -2.0, -3.0]
+    assert load_cached(cache, 4) is None  # of other pairs
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short (a crash of an earlier version, a full disk)
+    assert load_cached(cache, 3) is None
+
+
+@pytest.mark.parametrize("field", ["settings", "health", "data"])
+def test_a_trainer_state_with_a_field_of_the_wrong_kind_is_refused_in_one_line(tmp_path, field):
+    import json
+
+    from dpo.checkpoint import CheckpointError, read_trainer_state
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, field: [1]}))
+    with pytest.raises(CheckpointError, match=f"trainer_state.json: field '{field}' is not an object$"):
+        read_trainer_state(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_resume_with_a_truncated_reference_cache_recomputes_it_and_a_passed_stop_step_is_refused(setup, tmp_path,
+                                                                                                   capsys):
+    """The resumed run scores the reference again, from a fresh reference model (not the moved policy), and ends
+    as the uninterrupted run ends; --stop-at-step at or before the step a run resumes at would never stop it."""
+    root, args = setup
+    out = tmp_path / "run"
+    assert train.main(args + ["--output-dir", str(out), "--stop-at-step", "3"]) == 0
+    for cache in (out / "reference_cache").glob("*.pt"):
+        cache.write_bytes(cache.read_bytes()[:100])
+    assert train.cli(args + ["--output-dir", str(out), "--resume", "--stop-at-step", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --stop-at-step 3: the run resumes at step 3, so it would never stop there; give a step from 4 to 8, "
+        "or leave it out")
+    assert train.main(args + ["--output-dir", str(out), "--resume"]) == 0
+    assert "unreadable or of other pairs, computed again" in capsys.readouterr().out
+    wa, wb = (load_file(run / "final" / "model.safetensors") for run in (root / "reference-run", out))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)

@@ -220,3 +220,18 @@ def test_a_model_for_a_gpu_loads_straight_onto_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
     assert model_placement(gpu) == {}
+
+
+@pytest.mark.distributed
+def test_ddp_resume_gives_each_process_its_own_random_state(setup):
+    """LoRA dropout draws differ between the processes: a 2-process run stopped at step 2 and resumed in 2 processes
+    equals the uninterrupted one bit for bit (each process resumes with its own RNG states, not the main one's)."""
+    root, args = setup
+    lora = args + ["--lora-r", "4", "--lr", "1e-2", "--lora-dropout", "0.2"]
+    torchrun(lora + ["--output-dir", str(root / "dropout-straight")])
+    torchrun(lora + ["--output-dir", str(root / "dropout-split"), "--stop-at-step", "2"])
+    torchrun(lora + ["--output-dir", str(root / "dropout-split"), "--resume"])
+    straight, split = final_weights(root / "dropout-straight"), final_weights(root / "dropout-split")
+    assert straight.keys() == split.keys()
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key

@@ -84,11 +84,17 @@ def test_an_f_divergence_no_term_reads_is_refused(loss):
     ({"sample_top_p": 1.0000005}, "--sample-top-p must be in (0, 1], got 1.0000005"),
 ])
 def test_a_config_value_of_the_wrong_type_is_refused_naming_its_flag(tmp_path, values, message):
+    """Given as a setting, the value is refused naming its flag; in a config file, naming the file and its key."""
+    [key] = values
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ConfigError) as error:
+        from_flat(TrainSettings, values)
+    assert str(error.value) == message
     file = tmp_path / "c.json"
     file.write_text(json.dumps(values))
     with pytest.raises(ConfigError) as error:
         parse_settings(["--config", str(file)])
-    assert str(error.value) == message
+    assert str(error.value) == f"--config {file}: {key}{message[len(flag):]}"
 
 
 def test_values_of_the_declared_types_pass():
@@ -181,3 +187,26 @@ def test_online_and_iterative_demo_train_the_offline_demos_number_of_steps():
     assert parse_settings(["--iterations", "8"]).max_steps == 64
     assert parse_settings(["--online", "--max-steps", "10"]).max_steps == 10
     assert parse_settings(["--model", "m", "--online"]).max_steps is None
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_its_key(tmp_path):
+    config = tmp_path / "c1.json"
+    config.write_text('{"lr": "abc", "beta": 0.2}')
+    with pytest.raises(ConfigError, match=f"^--config {config}: lr must be a number, got 'abc'$"):
+        parse_settings(["--config", str(config)])
+    assert parse_settings(["--config", str(config), "--lr", "1e-4"]).lr == 1e-4  # the flag's value wins
+    config.write_text('{"beta": -1}')
+    with pytest.raises(ConfigError, match="^--beta must be positive, got -2.0$"):  # the flag's own value
+        parse_settings(["--config", str(config), "--beta", "-2"])
+
+
+def test_a_batch_coupled_run_records_its_number_of_processes():
+    """AOT's result depends on the processes a step is split over: a resume under another number is refused."""
+    aot = TrainSettings(loss=LossSettings(loss_type="aot"))
+    assert aot.run_identity(2)["processes"] == 2 and aot.run_identity()["processes"] == 1
+    assert "processes" not in TrainSettings().run_identity(2)
+    from dpo.checkpoint import settings_differences
+
+    assert settings_differences(aot.run_identity(2), aot.run_identity(1), {}) == ["torchrun processes 2 -> 1"]
+    legacy = {k: v for k, v in aot.run_identity(2).items() if k != "processes"}  # recorded by an earlier version
+    assert settings_differences(legacy, aot.run_identity(1), {"processes": 1}) == []
