@@ -162,6 +162,14 @@ def interactive(generator: Generator, other: Generator | None, decoding: Decodin
             write(side_by_side(generator.name, a, other.name, b) + "\n")
 
 
+def escape_undecodable_stdin() -> None:
+    """Read stdin's bytes that are not text in its encoding as lone surrogates (surrogateescape, Python's own choice
+    under a UTF-8 locale), also where its errors are strict (PYTHONIOENCODING=utf-8:strict): the instruction check
+    then names them in one line, where decoding would end in a UnicodeDecodeError traceback."""
+    if callable(getattr(sys.stdin, "reconfigure", None)):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     decoding = check_args(args)
@@ -182,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.instruction is not None:
         print_compared([args.instruction], generator, other, decoding, args.batch_size)
     elif sys.stdin.isatty():
+        escape_undecodable_stdin()
         interactive(generator, other, decoding, args.batch_size)
     else:
+        escape_undecodable_stdin()
         lines = [line.strip() for line in sys.stdin if line.strip()]
         if not lines:
             raise GenerationError("no instruction given (as an argument, on stdin, or with --instructions)")

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,14 +48,11 @@ import torch
 from torch import Tensor
 
 from dpo.errors import UserError, first_line
-from dpo.prompts import (Prompt, PromptError, SpecialIds, check_template, check_truncation, encode_texts,
-                         lone_surrogate, render_prompt, render_response, special_ids, truncate_prompt, with_bos)
+from dpo.prompts import (HH_ASSISTANT, HH_TURN, Prompt, PromptError, SpecialIds, check_template, check_truncation,
+                         encode_texts, hh_messages, is_hh_prompt, lone_surrogate, render_prompt, render_response,
+                         special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
-HH_ASSISTANT = "\n\nAssistant:"
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_FIRST_TURN = re.compile(r"\s*(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 
@@ -357,7 +353,7 @@ def _explicit(record: dict, row: int) -> _Dialogue:
     prompt = _text_field(record, "prompt", row, "empty_prompt")
     chosen = _text_field(record, "chosen", row, "empty_response")
     rejected = _text_field(record, "rejected", row, "empty_response")
-    if not _is_hh_prompt(prompt):
+    if not is_hh_prompt(prompt):
         return _Dialogue(prompt, chosen, rejected)
     # an HH conversation in the prompt field (Dahoas/full-hh-rlhf, rm-static): read as the implicit format reads
     # the shared prefix, not wrapped in the template a second time
@@ -365,23 +361,9 @@ def _explicit(record: dict, row: int) -> _Dialogue:
     return _Dialogue(_hh_messages(prompt, row, "field 'prompt' (HH text)"), *responses)
 
 
-def _is_hh_prompt(text: str) -> bool:
-    """Whether `text` is an HH conversation up to its last assistant cue: "...\n\nHuman: ...\n\nAssistant:"."""
-    return bool(_HH_FIRST_TURN.match(text) or "\n\nHuman:" in text) and text.rstrip().endswith(HH_ASSISTANT)
-
-
 def _hh_messages(prompt: str, row: int, where: str) -> list[dict[str, str]]:
-    """The messages of an HH text "lead\n\nHuman: u1\n\nAssistant: a1 ... \n\nHuman: un\n\nAssistant:".
-
-    Every turn's text is what lies between the markers, stripped: the space after "Assistant:" / "Human:" and the
-    line breaks around a turn belong to HH's text format, not to the message (the final answer is parsed as the
-    same answer in a later row's history is). A text before the first marker is a system message."""
-    if _HH_FIRST_TURN.match(prompt):  # a text stripped of the line breaks before its first turn
-        prompt = "\n\n" + prompt.lstrip()
-    parts = _HH_TURN.split(prompt.rstrip() + " ")
-    lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
-    messages = [{"role": "system", "content": lead}] if lead else []
-    messages += [{"role": _HH_ROLES[role], "content": text.strip()} for role, text in turns[:-1]]
+    """The messages of an HH text (dpo.prompts.hh_messages), each user turn checked to say something."""
+    messages = hh_messages(prompt)
     _check_user_turns(messages, row, where)
     return messages
 
@@ -393,7 +375,7 @@ def _hh_responses(chosen: str, rejected: str, row: int) -> tuple[str, str]:
     for key, text in zip(("chosen", "rejected"), responses):
         if not text:
             raise RowError("empty_response", row, f"field '{key}' has an empty response after the prompt")
-        if turn := _HH_TURN.search(text):
+        if turn := HH_TURN.search(text):
             raise RowError("multi_turn_response", row, f"field '{key}' goes on after its answer with another "
                                                        f"{turn.group(1)} turn")
     return responses

@@ -25,9 +25,11 @@ response tokens, for chosen (r_c) and rejected (r_r) responses:
     accuracy = mean 1[r_c > r_r],  margin = mean (r_c - r_r),  loss = mean -log sigmoid(r_c - r_r)
 
 beta, the template and the length limits are the run's settings (final/dpo_run.json). The implicit reward
-builds its pairs with them exactly as training did; generation prompts both models as the policy was trained
-(dpo.prompts), an over-long prompt cut as training cuts it, and --chat-template, --max-prompt-length and
---truncation-mode override the run's prompt settings for generation only (see dpo.generation).
+builds its pairs with them exactly as training did, by default from the pairs the run held out: its eval split, or
+the --test-size pairs train.py split off a source without one (a single file), drawn again with the run's
+test_size and seed. Generation prompts both models as the policy was trained (dpo.prompts), an over-long prompt
+cut as training cuts it, and --chat-template, --max-prompt-length and --truncation-mode override the run's prompt
+settings for generation only (see dpo.generation).
 The reference defaults to the model the run started from (dpo_run.json's "reference_model"; a TR-DPO run's moved
 reference is not kept, so its rewards are measured against the model it started from). An LD-DPO run's rewards
 weigh the tokens beyond the pair's shorter response by its ld_alpha, as it trained.
@@ -59,14 +61,14 @@ from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_
                             load_checked_tokenizer, model_prompt_budget, read_instructions, resolve_device,
                             resolve_dtype, resolve_run_model, run_settings, side_by_side, write_text_atomically)
 from dpo.errors import UserError
-from dpo.gguf import is_gguf
+from dpo.gguf import gguf_file, is_gguf
 from dpo.ifeval import echoed_constraint
 from dpo.judges import JUDGE_HELP, IFEvalJudge, Judge, JudgeError, build_judge, prompt_records
 from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.repetition import REPEAT_RUN, REPEAT_TIMES, repeats_itself
-from dpo.splits import available_splits
+from dpo.splits import available_splits, split_records
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
@@ -164,9 +166,12 @@ class LoadedModel:
 
 def check_model(name: str) -> None:
     """A ModelLoadError when `name` (a model, or a run directory standing for its final/) is a local model that is
-    missing or unusable (dpo.modeling's checks: a directory that does not exist, a file, no config.json), before
-    anything is loaded. A hub name is left to loading; so is a GGUF file, which loading converts."""
-    if not is_gguf(name):
+    missing or unusable (dpo.modeling's checks: a directory that does not exist, a file, no config.json), or a GGUF
+    model whose file is not there (dpo.gguf's), before anything is loaded. A hub name is left to loading; so is
+    converting a GGUF file."""
+    if is_gguf(name):
+        gguf_file(name)
+    else:
         resolve_model_path(resolve_run_model(name))
 
 
@@ -430,19 +435,52 @@ def implicit_reward_metrics(policy: Any, reference: Any, pairs: Sequence[Any], *
 
 
 def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: dict[str, Any],
-                    max_pairs: int | None) -> tuple[list[Any], str]:
-    """The tokenized pairs of a dataset's split, built with the run's settings (train.py's defaults where it
-    names none), and a line describing them."""
-    splits = available_splits(dataset)
-    if splits is not None and split not in splits:
-        raise DataError(f"{dataset}: no split {split!r} (available: {', '.join(splits)}); set --split")
-    records, description = load_records(dataset, split if splits is not None else None)
-    records = select_subset(records, max_pairs)
+                    max_pairs: int | None) -> tuple[list[Any], str, str | None]:
+    """The tokenized pairs to score, built with the run's settings (train.py's defaults where it names none), a line
+    describing them, and the split they are (None: a whole file). The run's own dataset, with `split` None or the
+    run's eval split, gives the pairs the run held out: that split, or when the source has none the --test-size
+    pairs train.py split off (as dpo.splits draws them), never pairs it trained on. --max-pairs takes the first
+    `max_pairs` of them."""
     run = {**TrainSettings().to_dict(), **settings}  # train.py's defaults where the run's settings are silent
-    pairs, stats = build_pairs(records, tokenizer, max_length=run["max_length"],
+    splits = available_splits(dataset)
+    own = same_source(dataset, run["dataset"])
+    if own and split in (None, run["eval_split"]) and not (run["eval_split"] and splits is not None
+                                                            and run["eval_split"] in splits):
+        indexed, description, split = _split_off_pairs(dataset, splits, run)
+    else:
+        split = split or run["eval_split"]
+        if splits is None and split != run["eval_split"]:
+            raise DataError(f"{dataset}: a single file has no splits; leave out --split {split}")
+        if splits is not None and split not in splits:
+            raise DataError(f"{dataset}: no split {split!r} (available: {', '.join(splits)}); set --split")
+        records, description = load_records(dataset, split if splits is not None else None)
+        indexed, split = list(enumerate(records)), split if splits is not None else None
+    indexed = select_subset(indexed, max_pairs)
+    pairs, stats = build_pairs([record for _, record in indexed], tokenizer, max_length=run["max_length"],
                                max_prompt_length=run["max_prompt_length"], truncation_mode=run["truncation_mode"],
-                               template=run["template"], source=description)
-    return pairs, f"{description}: {stats}"
+                               template=run["template"], source=description, rows=[row for row, _ in indexed])
+    return pairs, f"{description}: {stats}", split
+
+
+def same_source(dataset: str, other: str | None) -> bool:
+    """Whether two --dataset values name the same data: the same name, or paths to the same file or directory."""
+    if other is None:
+        return False
+    if dataset == other:
+        return True
+    return Path(dataset).exists() and Path(other).exists() and Path(dataset).resolve() == Path(other).resolve()
+
+
+def _split_off_pairs(dataset: str, splits: list[str] | None, run: dict[str, Any]) -> tuple[list, str, str]:
+    """The (row, record)s of the pairs a run split off its data with --test-size (its source has no eval split), a
+    description in train.py's words, and a name for them: dpo.splits.split_records with the run's settings, as
+    train.py drew them."""
+    if splits is not None and run["train_split"] not in splits:
+        raise DataError(f"{dataset}: no split {run['train_split']!r} (the run's train_split; available: "
+                        f"{', '.join(splits)}); name the pairs to score with --split")
+    _, _, indexed, description = split_records(dataset, run["train_split"], run["eval_split"], run["test_size"],
+                                               run["seed"])
+    return indexed, description, f"held out by --test-size {run['test_size']} (seed {run['seed']})"
 
 
 def format_implicit(metrics: dict[str, float]) -> str:
@@ -485,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--implicit-reward", action="store_true",
                         help="also measure reward accuracy and margins on a preference split")
     parser.add_argument("--dataset", help="preference data for --implicit-reward (default: the run's dataset)")
-    parser.add_argument("--split", help="its split (default: the run's eval split)")
+    parser.add_argument("--split", help="its split (default: the pairs the run held out: its eval split, or the "
+                                        "--test-size pairs it split off a source without one)")
     parser.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's beta)")
     parser.add_argument("--max-pairs", type=int, help="score at most this many pairs (default: all)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -605,13 +644,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.implicit_reward:
         dataset = args.dataset or settings.get("dataset")
-        split = args.split or settings.get("eval_split")
         beta = args.beta or settings.get("beta") or LossSettings().beta
         if not dataset:
             raise EvaluationError("--implicit-reward needs --dataset (the run's settings name none)")
         if policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
             raise EvaluationError("--implicit-reward needs policy and reference to share a tokenizer")
-        pairs, description = load_eval_pairs(dataset, split, policy.tokenizer, settings, args.max_pairs)
+        pairs, description, split = load_eval_pairs(dataset, args.split, policy.tokenizer, settings, args.max_pairs)
         print(f"\n{description}")
         metrics = implicit_reward_metrics(policy.model, reference.model, pairs, beta=beta,
                                           pad_id=policy.tokenizer.pad_token_id, batch_size=args.batch_size,

@@ -55,7 +55,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from dpo.errors import UserError, first_line
-from dpo.modeling import ModelLoadError, load_tokenizer, names_shipped_model
+from dpo.modeling import ModelLoadError, is_adapter_dir, load_tokenizer, names_shipped_model
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
 from dpo.prompts import (HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts, lone_surrogate,
                          resolve_template)
@@ -887,12 +887,14 @@ def generator_name(model: str) -> str:
 
 
 def resolve_run_model(name: str) -> str:
-    """A training run's directory stands for the model in its final/ subdirectory; a shipped model's name ('demo')
-    for the shipped model, not for a run directory of that name (reached as ./demo)."""
+    """A training run's directory stands for the model in its final/ subdirectory (a whole model, or a LoRA run's
+    adapter); a shipped model's name ('demo') for the shipped model, not for a run directory of that name (reached
+    as ./demo)."""
     path = Path(name)
     if names_shipped_model(name):
         return name
-    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").is_file():
+    if (path.is_dir() and not (path / "config.json").exists() and not is_adapter_dir(path)
+            and ((path / "final" / "config.json").is_file() or is_adapter_dir(path / "final"))):
         return str(path / "final")
     return name
 

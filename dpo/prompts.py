@@ -3,6 +3,7 @@
 dpo.data (training pairs) and dpo.generation (decoding) both go through these functions, so the prompt a model
 is given at inference is exactly the prompt it was trained on.
 
+    read_prompt       an instruction in HH's text format -> its messages, as training reads a record's prompt
     render_prompt     instruction or message history -> prompt text, in the "recipe" or "chat" template
     render_response   one answer -> the response text that follows the rendered prompt
     special_ids       EOS (required) and the BOS to put in front of a prompt (or None)
@@ -28,7 +29,9 @@ Templates:
             history. Only the whitespace the template writes after its end-of-turn text (the "\n" between turns)
             is left out, so prompt + response is the conversation's rendering less that separator. (A template that
             rewrites the text, e.g. Llama-3's `| trim`, is followed too: the rendering is what it writes.)
-A bare instruction is a conversation of one user turn, in both templates.
+A bare instruction is a conversation of one user turn, in both templates; one in HH's text format
+("\\n\\nHuman: u1\\n\\nAssistant: a1\\n\\nHuman: u2\\n\\nAssistant:", Dahoas/full-hh-rlhf's prompts) is the
+conversation it writes (read_prompt), wherever it comes from: a training record or an instruction to answer.
 
 Encoding: prompt and response are encoded separately without special tokens, so no BPE merge crosses the
 boundary and the response tokens are exactly those the template defines:
@@ -44,6 +47,7 @@ which keeps the question's end and the assistant cue) or its end (keep_start). B
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +59,11 @@ ASSISTANT_CUE = "### Assistant:"
 PROMPT_TEMPLATE = HUMAN_TURN_PREFIX + " {instruction}\n\n" + ASSISTANT_CUE
 TEMPLATES = ("auto", "recipe", "chat")  # auto: the tokenizer's chat template when it ships one, else the recipe's
 TRUNCATION_MODES = ("keep_end", "keep_start")
+# Anthropic HH's text format (Dahoas/full-hh-rlhf, rm-static): "\n\nHuman: u1\n\nAssistant: a1 ... \n\nAssistant:"
+HH_ASSISTANT = "\n\nAssistant:"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_FIRST_TURN = re.compile(r"\s*(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 # Recipe text is plain text; chat renderings hold special-token text.
 _SPLIT_SPECIAL_TOKENS = {"recipe": True, "chat": False}
 
@@ -114,6 +123,31 @@ def check_template(template: str, tokenizer: Any = None) -> None:
         raise PromptError("no_chat_template", f"template 'chat': the tokenizer {name} has no chat template")
 
 
+def is_hh_prompt(text: str) -> bool:
+    """Whether `text` is an HH conversation up to its last assistant cue: "...\n\nHuman: ...\n\nAssistant:"."""
+    return bool(_HH_FIRST_TURN.match(text) or "\n\nHuman:" in text) and text.rstrip().endswith(HH_ASSISTANT)
+
+
+def hh_messages(text: str) -> list[Message]:
+    """The messages of an HH text "lead\n\nHuman: u1\n\nAssistant: a1 ... \n\nHuman: un\n\nAssistant:".
+
+    Every turn's text is what lies between the markers, stripped: the space after "Assistant:" / "Human:" and the
+    line breaks around a turn belong to HH's text format, not to the message (the final answer is parsed as the
+    same answer in a later row's history is). A text before the first marker is a system message."""
+    if _HH_FIRST_TURN.match(text):  # a text stripped of the line breaks before its first turn
+        text = "\n\n" + text.lstrip()
+    parts = HH_TURN.split(text.rstrip() + " ")
+    lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
+    messages = [{"role": "system", "content": lead}] if lead else []
+    return messages + [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in turns[:-1]]
+
+
+def read_prompt(prompt: Prompt) -> Prompt:
+    """A prompt as training reads a record's: a string in HH's text format (is_hh_prompt) as its messages, not an
+    instruction that quotes the format; any other prompt as it is."""
+    return hh_messages(prompt) if isinstance(prompt, str) and is_hh_prompt(prompt) else prompt
+
+
 def as_messages(prompt: Prompt) -> list[Message]:
     """A bare instruction as one user turn; a message list as a copy of itself."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -153,6 +187,7 @@ def render_prompt(prompt: Prompt, template: str = "recipe", tokenizer: Any = Non
     The chat template needs the tokenizer that holds it."""
     template = resolve_template(template, tokenizer)
     check_template(template, tokenizer)
+    prompt = read_prompt(prompt)
     if template == "chat":
         return apply_chat_template(tokenizer, as_messages(prompt), add_generation_prompt=True)
     if isinstance(prompt, str):
@@ -168,6 +203,7 @@ def render_response(prompt: Prompt, response: str, template: str = "recipe", tok
     check_template(template, tokenizer)
     if template == "recipe":
         return format_response(response)
+    prompt = read_prompt(prompt)
     if rendered_prompt is None:
         rendered_prompt = render_prompt(prompt, template, tokenizer)
     full = apply_chat_template(tokenizer, as_messages(prompt) + [{"role": "assistant", "content": response}])

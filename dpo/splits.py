@@ -58,6 +58,21 @@ class PreferenceData:
         return list(self.instruction_rows)
 
 
+def split_records(dataset: str, train_split: str, eval_split: str | None, test_size: float,
+                  seed: int) -> tuple[list[tuple[int, Any]], str, list[tuple[int, Any]], str]:
+    """The (row in the source, record)s a run trains on and those it holds out, each with a description: the
+    source's eval split where it has one, else `test_size` of the training records split off with `seed`. A
+    skipped row is then named by its place in the file, not in the split."""
+    splits = available_splits(dataset)
+    records, description = load_records(dataset, train_split if splits is not None else None)
+    indexed = list(enumerate(records))
+    if eval_split and splits is not None and eval_split in splits:
+        eval_records, eval_description = load_records(dataset, eval_split)
+        return indexed, description, list(enumerate(eval_records)), eval_description
+    indexed, eval_indexed = train_test_split(indexed, test_size if test_size < 1 else int(test_size), seed=seed)
+    return indexed, description, eval_indexed, f"{len(eval_indexed)} pairs split off {dataset} (--test-size {test_size})"
+
+
 def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None] = print) -> PreferenceData:
     """The train and eval pairs --dataset and the split settings select (--train-split, --eval-split or
     --test-size, --num-pairs, --max-eval-pairs), rendered and tokenized as --template and the lengths say."""
@@ -68,16 +83,8 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
     if splits is not None and cfg.eval_split == cfg.train_split:
         raise DataError(f"{cfg.dataset}: --eval-split {cfg.eval_split!r} is the training split: the held-out pairs "
                         "would be pairs the run trains on; name another split")
-    records, description = load_records(cfg.dataset, cfg.train_split if splits is not None else None)
-    # (row in the source, record): a skipped row is named by its place in the file, not in the split
-    indexed = list(enumerate(records))
-    if cfg.eval_split and splits is not None and cfg.eval_split in splits:
-        eval_records, eval_description = load_records(cfg.dataset, cfg.eval_split)
-        eval_indexed = list(enumerate(eval_records))
-    else:
-        indexed, eval_indexed = train_test_split(indexed, cfg.test_size if cfg.test_size < 1 else int(cfg.test_size),
-                                                 seed=cfg.seed)
-        eval_description = f"{len(eval_indexed)} pairs split off {cfg.dataset} (--test-size {cfg.test_size})"
+    indexed, description, eval_indexed, eval_description = split_records(cfg.dataset, cfg.train_split, cfg.eval_split,
+                                                                         cfg.test_size, cfg.seed)
     indexed = select_subset(indexed, cfg.num_pairs, seed=cfg.seed if cfg.subset == "random" else None)
     eval_indexed = select_subset(eval_indexed, cfg.max_eval_pairs)
     records, eval_records = [record for _, record in indexed], [record for _, record in eval_indexed]

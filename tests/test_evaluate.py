@@ -17,6 +17,8 @@ from dpo.generation import DecodingSettings
 from dpo.judges import DemoJudge, JudgeError, RewardModelJudge, build_judge
 from dpo.prompts import format_prompt, format_response
 from dpo.repetition import repeats_itself
+from dpo.splits import load_preference_pairs
+from dpo.train_settings import TrainSettings
 from harness import make_model_dir, tiny_phi, tiny_tokenizer, write_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -337,6 +339,29 @@ def test_cli_implicit_reward_only(run_dir, capsys, tmp_path):
     assert json.loads(output.read_text()) == {"summary": result, "comparisons": []}  # --output is written too
 
 
+def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, capsys, tmp_path):
+    """A run on one .jsonl file held out --test-size of it at training time: --implicit-reward scores exactly those
+    pairs (what train.py's load_preference_pairs holds out), never the pairs it trained on; --max-pairs takes the
+    first of them; --split cannot reach the training part."""
+    data = str(write_pairs(tmp_path / "pairs.jsonl", 60, seed=4))
+    cfg = TrainSettings(model=str(run_dir / "sft"), dataset=data, test_size=0.2, seed=7, max_length=96,
+                        max_prompt_length=48, template="recipe")
+    tokenizer = tiny_tokenizer()
+    held_out = load_preference_pairs(cfg, tokenizer, log=lambda *args: None).eval
+    assert len(held_out) == 12
+    pairs, description, split = evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), None)
+    assert pairs == held_out and split == "held out by --test-size 0.2 (seed 7)"
+    assert description.startswith(f"12 pairs split off {data} (--test-size 0.2)")
+    assert evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), 5)[0] == held_out[:5]
+    final = make_model_dir(tmp_path / "run" / "final", seed=2)
+    (final / "dpo_run.json").write_text(json.dumps({**cfg.to_dict(), "reference_model": str(run_dir / "sft")}))
+    assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward"]) == 0
+    result = _json_line(capsys.readouterr().out)["implicit_reward"]
+    assert (result["pairs"], result["split"], result["dataset"]) == (12, split, data)
+    assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward", "--split", "train"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {data}: a single file has no splits; leave out --split train"
+
+
 def test_cli_a_model_against_itself_ties_everywhere(run_dir, capsys):
     model = str(run_dir / "sft")
     assert evaluate.cli(["--model", model, "--reference", model, "--num-prompts", "5", "--max-new-tokens", "5",
@@ -387,6 +412,8 @@ def _refuse_to_load(monkeypatch):
     ("missing_model", "model directory {tmp}/nope does not exist"),
     ("missing_model_with_reference", "model directory {tmp}/nope does not exist"),
     ("missing_reference", "model directory {tmp}/gone does not exist"),
+    ("missing_gguf_model", "model {tmp}/nope.gguf: GGUF file not found"),  # as generate.py names it
+    ("missing_gguf_reference", "model {tmp}/nope.gguf: GGUF file not found"),
     ("runs_reference_missing", "{tmp}/moved/dpo_run.json: its reference_model: model directory {tmp}/gone does not "
                                "exist; pass --reference MODEL"),
     ("output_directory", "--output {tmp}: is a directory"),
@@ -408,6 +435,8 @@ def test_cli_missing_models_and_unwritable_output_fail_before_loading(tmp_path, 
         "missing_model": ["--model", missing],
         "missing_model_with_reference": ["--model", missing, "--reference", sft],
         "missing_reference": ["--model", run, "--reference", str(tmp_path / "gone")],
+        "missing_gguf_model": ["--model", missing + ".gguf"],
+        "missing_gguf_reference": ["--model", run, "--reference", missing + ".gguf"],
         "runs_reference_missing": ["--model", str(tmp_path / "moved")],
         "output_directory": ["--model", run, "--output", str(tmp_path)],
         "output_under_a_file": ["--model", run, "--output", str(tmp_path / "file.json" / "o.json")],

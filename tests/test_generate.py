@@ -1,8 +1,10 @@
 """generate.py and dpo.generation: template, stop strings, left padding, seeding, streaming, batch files, CLI errors."""
 
 import errno
+import io
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +14,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 import generate
+from dpo import evaluate
 from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, StopAwareStreamer, StopOnStrings,
                             clean_response, generate_batch, generate_batch_ended, generator_name, left_pad,
                             prompt_budget, read_instructions, resolve_dtype, resolve_run_model, run_settings,
@@ -527,6 +530,17 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, 
     assert not (tmp_path / "o.json").exists()
 
 
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])
+def test_undecodable_stdin_is_one_line_whatever_its_error_handler(model_dir, monkeypatch, capsys, errors):
+    """Bytes on stdin that are not UTF-8: Python reads them as lone surrogates under a UTF-8 locale, but raises under
+    PYTHONIOENCODING=utf-8:strict; either way generate.py names them in the same one line (docs/errors.md)."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"What \xff is 3 plus 4?\n"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert generate.cli(["--model", model_dir, "--max-new-tokens", "4"]) == 2
+    assert capsys.readouterr().err == ("error: the instruction is not Unicode text (a lone surrogate '\\udcff' at "
+                                       "character 6)\n")
+
+
 def _refuse_to_load(monkeypatch):
     """Loading a model fails the test: an output path is checked before any model is loaded."""
     def load(*args, **kwargs):
@@ -614,6 +628,28 @@ def test_generator_names_and_run_directories(tmp_path):
     assert generator_name("lxuechen/phi-2-dpo") == "lxuechen/phi-2-dpo"
     plain = make_model_dir(tmp_path / "plain")
     assert generator_name(str(plain)) == "plain" and resolve_run_model(str(plain)) == str(plain)
+
+
+def test_a_lora_runs_directory_stands_for_its_adapter(tmp_path, capsys):
+    """A LoRA run's final/ is an adapter (adapter_config.json, no config.json): the run directory stands for it, as
+    a full run's does, in generate.py and dpo.evaluate alike."""
+    import peft
+
+    base = make_model_dir(tmp_path / "sft")
+    run = tmp_path / "lorarun"
+    adapted = peft.get_peft_model(load_causal_lm(str(base)), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                              init_lora_weights=False))
+    adapted.save_pretrained(run / "final")
+    load_tokenizer(str(base)).save_pretrained(run / "final")
+    assert not (run / "final" / "config.json").exists()
+    assert resolve_run_model(str(run)) == str(run / "final")
+    assert resolve_run_model(str(run / "final")) == str(run / "final")  # an adapter directory stands for itself
+    evaluate.check_model(str(run))
+    answers = []
+    for model in (run, run / "final"):
+        assert generate.cli(["--model", str(model), "--greedy", "--max-new-tokens", "6", "what color is it?"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].strip()
 
 
 def test_demo_names_the_shipped_model_beside_a_run_directory_called_demo(tmp_path, monkeypatch):

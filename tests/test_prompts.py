@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 import generate
-from dpo.data import DataError, build_pairs
+from dpo.data import DataError, build_pairs, to_example
 from dpo.generation import DecodingSettings, generate_batch, prompt_budget
 from dpo.prompts import (PromptError, SpecialIds, encode_prompts, encode_texts, end_of_turn_text, format_prompt,
                          format_response, render_prompt, render_response, special_ids, truncate_prompt)
@@ -133,6 +133,47 @@ def test_without_a_limit_the_recipe_prompt_is_the_template_tokenized(gpt2, pair_
     fed = fed_prompt_ids(gpt2, instructions, DecodingSettings(greedy=True, max_new_tokens=4), positions=100_000)
     assert fed == gpt2([format_prompt(text) for text in instructions], add_special_tokens=False)["input_ids"]
     assert capsys.readouterr().err == ""  # nothing cut: no warning
+
+
+QUESTION = "What is 3 plus 4?"
+PROMPT_LAYOUTS = {  # a row's prompt, as the datasets write it
+    "plain": QUESTION,
+    "hh": f"\n\nHuman: {QUESTION}\n\nAssistant:",  # Dahoas/full-hh-rlhf's
+    "hh_without_leading_newlines": f"Human: {QUESTION}\n\nAssistant:",
+    "hh_history_with_a_system_text": f"Answer briefly.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: {QUESTION}"
+                                     "\n\nAssistant:",
+    "messages": [{"role": "user", "content": QUESTION}],
+}
+
+
+@pytest.mark.parametrize("template", ["recipe", "chat"])
+@pytest.mark.parametrize("layout", list(PROMPT_LAYOUTS))
+def test_generation_reads_a_rows_prompt_as_training_does(layout, template):
+    """An HH-format prompt is the conversation it writes in training (dpo.data) and generation alike, not a question
+    that quotes "Human:" wrapped in the template a second time: the text and the ids fed match the training row's."""
+    tokenizer = variant(tiny_tokenizer(), template, bos=False)
+    prompt = PROMPT_LAYOUTS[layout]
+    if isinstance(prompt, str):
+        record = {"prompt": prompt, "chosen": "7.", "rejected": "8."}
+    else:
+        record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "7."}],
+                  "rejected": [{"role": "assistant", "content": "8."}]}
+    trained = to_example(record, 0, template=template, tokenizer=tokenizer).prompt
+    assert render_prompt(prompt, template, tokenizer) == trained
+    assert "Human:" not in trained.replace("### Human:", "")  # HH's markers are read, never kept as text
+    if layout.startswith("hh_history"):
+        expected = render_prompt([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": QUESTION}],
+                                 template, tokenizer)
+    else:
+        expected = (format_prompt(QUESTION) if template == "recipe" else tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True))
+    assert trained == expected
+    pairs, _ = build_pairs([record], tokenizer, max_length=512, max_prompt_length=None, template=template)
+    assert encode_prompts(tokenizer, [prompt], template)[0] == [pairs[0].prompt_ids]
+    if isinstance(prompt, str):  # what generate.py --instructions and dpo.evaluate --prompts feed the model
+        decoding = DecodingSettings(greedy=True, max_new_tokens=4, chat_template=template == "chat")
+        assert fed_prompt_ids(tokenizer, [prompt], decoding) == [pairs[0].prompt_ids]
 
 
 # ---------------------------------------------------------------------------------------------------- over-long prompts
