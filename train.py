@@ -53,7 +53,7 @@ from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, 
                              shutdown_distributed, wrap_model)
 from dpo.errors import TrainingError
 from dpo.flops import FlopCounter, peak_tflops
-from dpo.generation import TEMPERATURE, TOP_P  # the card's decoding, saved with final/
+from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P  # the card's decoding, saved with final/
 from dpo.health import Alert, HealthMonitor
 from dpo.judges import build_judge
 from dpo.logprobs import SequenceScorer, disable_dropout
@@ -673,9 +673,27 @@ def refuse_non_finite(state: TrainState, weights: dict[str, torch.Tensor], what:
                             "--max-grad-norm")
 
 
-def save(state: TrainState, total_steps: int) -> Path | None:
+def card_decoding(tokenizer: Any) -> dict[str, Any]:
+    """The card's decoding (temperature, top-p) as a generation config holds it, with the tokenizer's ids."""
+    # top_k=0: transformers would fill an unset top-k with 50, which the card's decoding does not have
+    return dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+
+
+def save_usable_policy(state: TrainState, directory: Path, weights: dict[str, torch.Tensor], tokenizer: Any,
+                       run_config: dict[str, Any]) -> None:
+    """The policy (or its adapter) as generate.py and dpo.evaluate load it, final/'s or a checkpoint's model/: with
+    the card's decoding defaults, its tokenizer and the run's settings (dpo_run.json)."""
+    state.policy.generation_config.update(**card_decoding(tokenizer))
+    save_weights(state, directory, weights)
+    tokenizer.save_pretrained(directory)
+    (directory / RUN_SETTINGS_FILE).write_text(json.dumps(run_config, indent=2))
+
+
+def save(state: TrainState, total_steps: int, tokenizer: Any, run_config: dict[str, Any]) -> Path | None:
     """checkpoint-<step>/ in --output-dir (collective under torchrun; the main process writes). Under LoRA it
-    holds the adapter and its optimizer state only; under --sync-ref-model also the reference."""
+    holds the adapter and its optimizer state only; under --sync-ref-model also the reference. Its model/ is
+    usable as final/ is (save_usable_policy)."""
     weights = full_model_state(state.scorer, trainable_only=state.adapters is not None)
     refuse_non_finite(state, weights, f"checkpoint-{state.step}")
     optimizer_state = full_optimizer_state(state.scorer, state.optimizer)
@@ -685,7 +703,7 @@ def save(state: TrainState, total_steps: int) -> Path | None:
     if state.dist.is_main:
         path = save_checkpoint(
             Path(state.cfg.output_dir), state.step,
-            save_model=lambda directory: save_weights(state, directory, weights),
+            save_model=lambda directory: save_usable_policy(state, directory, weights, tokenizer, run_config),
             save_reference=None if reference is None else reference.save_pretrained,
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
@@ -707,16 +725,10 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
     out_dir = Path(state.cfg.output_dir)
     final_dir, tmp_dir = out_dir / "final", out_dir / "final.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    # top_k=0: transformers would fill an unset top-k with 50, which the card's decoding does not have
-    decoding = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id)
-    state.policy.generation_config.update(**decoding)
-    save_weights(state, tmp_dir, weights)
-    tokenizer.save_pretrained(tmp_dir)
-    (tmp_dir / "dpo_run.json").write_text(json.dumps(run_config, indent=2))
+    save_usable_policy(state, tmp_dir, weights, tokenizer, run_config)
     if state.adapters is not None and state.cfg.lora.merge_lora:
         merged = load_causal_lm(str(tmp_dir))  # the base, loaded again on the CPU, with the adapter merged in
-        merged.generation_config.update(**decoding)
+        merged.generation_config.update(**card_decoding(tokenizer))
         merged.save_pretrained(tmp_dir / "merged")
         tokenizer.save_pretrained(tmp_dir / "merged")
     publish(tmp_dir, final_dir)
@@ -910,7 +922,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
             planned_stop = cfg.stop_at_step == state.step and state.step < total_steps
             if (cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps) or stop_now \
                     or planned_stop:
-                log(f"saved {save(state, total_steps)}")
+                log(f"saved {save(state, total_steps, tokenizer, run_config)}")
             if stop_now or planned_stop:
                 reason = f"{stop.signal_name or 'a signal'} received" if stop_now else f"--stop-at-step {state.step}"
                 log(f"{reason}: checkpoint saved at step {state.step}; continue with --resume")

@@ -881,6 +881,8 @@ def generator_name(model: str) -> str:
     if not path.exists():
         return model
     path = path.resolve()
+    if path.name == "model" and path.parent.name.startswith("checkpoint-"):
+        path = path.parent
     if path.name == "final" or path.name.startswith("checkpoint-"):
         return f"{path.parent.name}/{path.name}"
     return path.name
@@ -888,14 +890,14 @@ def generator_name(model: str) -> str:
 
 def resolve_run_model(name: str) -> str:
     """A training run's directory stands for the model in its final/ subdirectory (a whole model, or a LoRA run's
-    adapter); a shipped model's name ('demo') for the shipped model, not for a run directory of that name (reached
-    as ./demo)."""
+    adapter), a checkpoint's (checkpoint-<step>/) for its model/; a shipped model's name ('demo') for the shipped
+    model, not for a run directory of that name (reached as ./demo)."""
     path = Path(name)
-    if names_shipped_model(name):
+    if names_shipped_model(name) or not path.is_dir() or (path / "config.json").exists() or is_adapter_dir(path):
         return name
-    if (path.is_dir() and not (path / "config.json").exists() and not is_adapter_dir(path)
-            and ((path / "final" / "config.json").is_file() or is_adapter_dir(path / "final"))):
-        return str(path / "final")
+    for inner in (path / "final", path / "model"):
+        if (inner / "config.json").is_file() or is_adapter_dir(inner):
+            return str(inner)
     return name
 
 

@@ -652,6 +652,33 @@ def test_a_lora_runs_directory_stands_for_its_adapter(tmp_path, capsys):
     assert answers[0] == answers[1] and answers[0].strip()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_checkpoint_is_a_model_as_final_is(tmp_path, capsys, lora):
+    """checkpoint-<step>/ stands for its model/, which holds the tokenizer and the run's settings as final/ does:
+    generate.py answers with it and dpo.evaluate scores it (the win rate of the demo peaks before its last step)."""
+    from harness import make_run_dir, train_tiny
+
+    root = make_run_dir(tmp_path, 24)
+    run = train_tiny(root, "run", "--max-steps", "3", "--save-steps", "1", "--batch-size", "8", "--micro-batch-size",
+                     "8", "--eval-generate", "0", "--lr", "1e-2", *(["--lora-r", "4"] if lora else []))
+    checkpoint = run / "checkpoint-2"
+    assert resolve_run_model(str(checkpoint)) == str(checkpoint / "model")
+    assert generator_name(str(checkpoint / "model")) == "run/checkpoint-2"
+    saved = json.loads((checkpoint / "model" / "dpo_run.json").read_text())
+    assert saved == json.loads((run / "final" / "dpo_run.json").read_text())
+    assert generate.cli(["--model", str(checkpoint), "--greedy", "--max-new-tokens", "4", "what color is it?"]) == 0
+    assert capsys.readouterr().out.strip()
+    rewards = {}
+    for model in (checkpoint, run / "final"):
+        assert evaluate.cli(["--model", str(model), "--implicit-reward", "--skip-win-rate"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["implicit_reward"]
+        assert report["pairs"] == 8  # the run's held-out pairs (test size 8)
+        rewards[model.name] = report["chosen_reward"]
+    # step 2's weights, moved from the start (step 1 warms up from lr 0) and not the final step's
+    assert rewards["checkpoint-2"] != 0 and rewards["checkpoint-2"] != rewards["final"]
+
+
 def test_demo_names_the_shipped_model_beside_a_run_directory_called_demo(tmp_path, monkeypatch):
     """`--compare demo` in a directory holding a run `demo/` (train.py --output-dir demo) is the shipped SFT model,
     as `--model demo` is for every tool; `./demo` is the run."""
