@@ -11,9 +11,9 @@ tensor is ever built: prompt and padding positions never reach the LM head. This
 logits = lm_head(last_hidden_state), true for Phi, Llama, Mistral, Qwen, GPT-2 and most causal LMs, or
 lm_head(last_hidden_state) times a constant of the config (LOGIT_SCALES: Granite, Cohere, ...), then
 soft-capped, cap * tanh(logits / cap), where the config sets `final_logit_softcapping` (Gemma-2), applied here as
-transformers applies them. A SequenceScorer checks this on a few tokens when it is made (check_head_logits): a
-model whose logits are anything else is refused in one line, and must use `completion_only=False`, which takes
-`model(...).logits`.
+transformers applies them. This is checked on a few tokens once per model (response_only_exact): a model whose
+logits are anything else is scored as `completion_only=False` scores every model, from `model(...).logits`, with a
+warning.
 
 With `fused_lm_head=True` (default) the LM head and its log-softmax run as one autograd function
 (dpo.lm_head.lm_head_logps) over cache-sized tiles, with a hand-written backward; with False, each
@@ -29,6 +29,8 @@ naming the scored positions). Either way the result has 2B rows, chosen sequence
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -37,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from dpo.data import IGNORE_INDEX, TokenizedPair
-from dpo.errors import UserError
 from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel, workspace_pool
 from dpo.packing import is_packed, num_sequences, packed_hidden_states, packed_logits
 from dpo.settings import check_settings, positive, setting
@@ -201,20 +202,41 @@ def logit_scale(model: nn.Module) -> float | None:
     return None if value is None or value == 1 else float(value)
 
 
+_RESPONSE_ONLY_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its check's verdict
+
+
+def response_only_exact(model: nn.Module) -> bool:
+    """Whether the response-only path computes the model's own logits: lm_head(last hidden state), scaled
+    (LOGIT_SCALES) and soft-capped as transformers does for its architecture. Checked once per model, on 8 tokens
+    (the first time: a SequenceScorer checks its model when it is made, before any wrapping); a model that
+    post-processes its logits otherwise is scored from model(...).logits, with a warning."""
+    exact = _RESPONSE_ONLY_EXACT.get(model)
+    if exact is None:
+        difference, largest = _head_logits_difference(model)
+        exact = difference <= 1e-2 * largest + 1e-6  # half-precision rounding passes; a scale or a transform does not
+        if not exact:
+            warnings.warn(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}): its "
+                          f"logits are not lm_head(last hidden state) as response-only scoring computes them (they "
+                          f"differ by up to {difference:.3g}), so its log-probs come from model(...).logits, every "
+                          "position's (slower, more memory)", stacklevel=2)
+        _RESPONSE_ONLY_EXACT[model] = exact
+    return exact
+
+
 @torch.no_grad()
-def check_head_logits(model: nn.Module) -> None:
-    """Raise a one-line UserError unless the model's logits, on a few tokens, are what the response-only path
-    computes from its transformer body's last hidden states (lm_head, LOGIT_SCALES, soft cap): a model that
-    post-processes its logits otherwise would be scored wrongly, policy and reference alike."""
+def _head_logits_difference(model: nn.Module) -> tuple[float, float]:
+    """The largest difference between the model's logits and the response-only path's on 8 tokens, and the largest
+    logit; (0, 0) where the model cannot run here (no parameters, or on the meta device). Every module's train or
+    eval mode is as it was afterwards."""
     parameter = next(model.parameters(), None)
     if parameter is None or parameter.device.type == "meta":
-        return
+        return 0.0, 0.0
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = (torch.arange(1, 9, device=parameter.device) % vocab).unsqueeze(0)
     # a half-precision base with fp32 trainable layers (LoRA's) runs under its autocast only
     half = [dtype for dtype in (torch.float16, torch.bfloat16) if any(p.dtype == dtype for p in model.parameters())]
     autocast = torch.autocast(parameter.device.type, dtype=half[0]) if half else contextlib.nullcontext()
-    training = model.training
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with autocast:
@@ -223,12 +245,9 @@ def check_head_logits(model: nn.Module) -> None:
             computed = _head_logits(model.get_output_embeddings(), hidden, logit_softcap(model),
                                     logit_scale(model)).float()
     finally:
-        model.train(training)
-    difference = float((computed - expected).abs().max())
-    if not difference <= 1e-2 * float(expected.abs().max()) + 1e-6:  # half-precision rounding passes; a scale does not
-        raise UserError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}): its logits "
-                        f"are not lm_head(last hidden state) as response-only scoring computes them (they differ by "
-                        f"up to {difference:.3g}); run with --no-completion-only, which scores model(...).logits")
+        for module, training in modes.items():
+            module.training = training
+    return float((computed - expected).abs().max()), float(expected.abs().max())
 
 
 def fused_head_applies(model: nn.Module, settings: ScoringSettings) -> bool:
@@ -237,7 +256,7 @@ def fused_head_applies(model: nn.Module, settings: ScoringSettings) -> bool:
     adds to that product, so its log-probs take the unfused path through the layer's own forward)."""
     head = model.get_output_embeddings()
     return (settings.completion_only and settings.fused_lm_head and logit_softcap(model) is None
-            and not hasattr(head, "lora_A"))
+            and not hasattr(head, "lora_A") and response_only_exact(model))
 
 
 def _head_logits(lm_head: nn.Module, hidden: Tensor, cap: float | None, scale: float | None = None) -> Tensor:
@@ -295,7 +314,7 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     rows, positions, targets = _scored_positions(labels)
     num_rows = input_ids.shape[0]
     attention_mask = causal_attention_mask(attention_mask)
-    if not settings.completion_only:
+    if not settings.completion_only or not response_only_exact(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return _reduce(num_rows, rows, _token_logps(logits[rows, positions], targets, with_wpo, with_stats), ld_alpha)
     hidden = model.base_model(
@@ -310,7 +329,7 @@ def packed_sequence_logps(model: nn.Module, batch: dict[str, Tensor], settings: 
                           ld_alpha: float | None = None) -> SequenceLogps:
     """Summed response log-probs of each sequence of a packed batch (dpo.packing layouts)."""
     index, targets, rows = batch["score_index"], batch["score_target"], batch["score_row"]
-    if not settings.completion_only:
+    if not settings.completion_only or not response_only_exact(model):
         scored = _token_logps(packed_logits(model, batch)[index], targets, with_wpo, with_stats)
     else:
         scored = _scored_logps(model, packed_hidden_states(model, batch)[index], targets, settings, with_wpo,
@@ -335,7 +354,7 @@ class SequenceScorer(nn.Module):
         self.model = model
         self.settings = _settings(settings, overrides)
         if self.settings.completion_only:
-            check_head_logits(model)
+            response_only_exact(model)  # checked now, before DDP or FSDP wraps the model
         self.with_wpo, self.with_stats, self.ld_alpha = with_wpo, with_stats, ld_alpha
 
     def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:

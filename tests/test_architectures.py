@@ -15,7 +15,6 @@ from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2
 import train
 from dpo import logprobs
 from dpo.data import collate_pairs
-from dpo.errors import UserError
 from dpo.logprobs import SequenceScorer, disable_dropout
 from dpo.modeling import ModelLoadError, attention_implementation, load_causal_lm
 from dpo.packing import PackingError, collate_packed, collate_shared_prompt
@@ -106,23 +105,47 @@ def test_fast_paths_equal_the_plain_path(arch, path):
 
 @pytest.mark.parametrize("arch", ["gemma2"] + SCALED_LOGITS)
 @pytest.mark.parametrize("fused_lm_head", [True, False])
-def test_log_probs_need_the_soft_cap_or_scale_and_a_scorer_without_it_refuses(monkeypatch, arch, fused_lm_head):
+def test_log_probs_need_the_soft_cap_or_scale_and_a_model_without_it_takes_the_full_logits(monkeypatch, arch,
+                                                                                           fused_lm_head):
     """Without Gemma-2's soft cap or Granite's / Cohere's logit scale, the completion-only log-probs would be wrong:
-    the cap or scale is what makes the fast paths above equal the plain one. A scorer checks it when it is made,
-    so a model whose logits are post-processed otherwise is refused in one line (the full-logits path takes it)."""
-    model = tiny_model(arch)
+    the cap or scale is what makes the fast paths above equal the plain one. Each model is checked once, on 8
+    tokens: one whose logits are post-processed otherwise (here: the cap or scale unknown) is scored from its full
+    logits, exactly, with a warning, in every layout and by sequence_logps as dpo.evaluate and the judges call it."""
     if arch == "gemma2":
         monkeypatch.setattr(logprobs, "logit_softcap", lambda model: None)
     else:
         monkeypatch.setattr(logprobs, "LOGIT_SCALES", {})
-    with pytest.raises(UserError, match=r"^[^\n]*: its logits are not lm_head\(last hidden state\) .*; run with "
-                                        r"--no-completion-only, which scores model\(\.\.\.\)\.logits$"):
-        SequenceScorer(model, fused_lm_head=fused_lm_head)
-    SequenceScorer(model, completion_only=False)  # takes model(...).logits: no check to fail
-    monkeypatch.setattr(logprobs, "check_head_logits", lambda model: None)
+    pairs = random_pairs(6, VOCAB, seed=1)
+    model = tiny_model(arch)
+    with pytest.warns(UserWarning, match=r"its logits are not lm_head\(last hidden state\) .* so its log-probs come "
+                                         r"from model\(\.\.\.\)\.logits"):
+        fast_scorer = SequenceScorer(model, fused_lm_head=fused_lm_head)
     with torch.no_grad():
-        plain, fast = plain_and_fast(model, "fused" if fused_lm_head else "unfused", random_pairs(6, VOCAB, seed=1))
-    assert (fast.sum - plain.sum).abs().max() > 1e-2
+        plain = SequenceScorer(model, completion_only=False)(LAYOUTS["padded"](pairs)).sum
+        torch.testing.assert_close(fast_scorer(LAYOUTS["padded"](pairs)).sum, plain, atol=1e-5, rtol=0)
+        batch = LAYOUTS["padded"](pairs)
+        direct = logprobs.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        torch.testing.assert_close(direct.sum, plain, atol=1e-5, rtol=0)
+        if arch != "gemma2":  # packed layouts need SDPA
+            torch.testing.assert_close(fast_scorer(LAYOUTS["shared_prompt"](pairs)).sum, plain, atol=1e-5, rtol=0)
+    # the check is what keeps the numbers right: the response-only path taken anyway is off by far more than rounding
+    monkeypatch.setattr(logprobs, "response_only_exact", lambda model: True)
+    with torch.no_grad():
+        wrong = SequenceScorer(model, fused_lm_head=fused_lm_head)(LAYOUTS["padded"](pairs)).sum
+    assert (wrong - plain).abs().max() > 1e-2
+
+
+def test_the_head_check_runs_once_per_model_and_leaves_its_modes(monkeypatch):
+    model = tiny_model("llama")
+    model.train()
+    model.model.layers[0].eval()  # a frozen part of a model that trains
+    calls = []
+    real = logprobs._head_logits_difference
+    monkeypatch.setattr(logprobs, "_head_logits_difference", lambda m: calls.append(m) or real(m))
+    for _ in range(2):
+        SequenceScorer(model)
+    assert len(calls) == 1 and logprobs.response_only_exact(model)
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
 
 
 def test_logit_scales_are_read_from_the_config():
