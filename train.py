@@ -24,11 +24,13 @@ The parts, in the order a run uses them:
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import math
 import shutil
 import signal
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, 
                              shutdown_distributed, wrap_model)
 from dpo.errors import TrainingError
 from dpo.flops import FlopCounter, peak_tflops
-from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P  # the card's decoding, saved with final/
+from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids  # the card decoding, saved with final/
 from dpo.health import Alert, HealthMonitor
 from dpo.judges import build_judge
 from dpo.logprobs import SequenceScorer, disable_dropout
@@ -260,7 +262,10 @@ def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy
     return IterativePairs(data.instructions, cfg.batch_size, cfg.seed, sampler, settings.iterations,
                           Path(cfg.output_dir) / "rounds",
                           total_steps=run_length(cfg, len(data.instructions) // cfg.batch_size),
-                          identity=json.dumps(cfg.run_identity(), sort_keys=True),
+                          # the rounds' pairs do not depend on the number of processes (a batch-coupled loss's
+                          # math does, which checkpoints record)
+                          identity=json.dumps({k: v for k, v in cfg.run_identity().items() if k != PROCESSES},
+                                              sort_keys=True),
                           reference=round_reference(cfg, policy, adapters, collate, device))
 
 
@@ -673,19 +678,34 @@ def refuse_non_finite(state: TrainState, weights: dict[str, torch.Tensor], what:
                             "--max-grad-norm")
 
 
-def card_decoding(tokenizer: Any) -> dict[str, Any]:
-    """The card's decoding (temperature, top-p) as a generation config holds it, with the tokenizer's ids."""
+def saved_bytes(tokenizer: Any) -> int:
+    """What the tokenizer's files take on disk, as each checkpoint and final/ hold them."""
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        return sum(file.stat().st_size for file in Path(directory).rglob("*") if file.is_file())
+
+
+def card_decoding(model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """The card's decoding (temperature, top-p) as a generation config holds it, with the tokenizer's pad id and
+    every EOS the model stops at (the tokenizer's and those its generation config lists)."""
     # top_k=0: transformers would fill an unset top-k with 50, which the card's decoding does not have
+    stop = model_eos_ids(model, tokenizer)
     return dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id)
+                eos_token_id=stop[0] if len(stop) == 1 else stop)
 
 
 def save_usable_policy(state: TrainState, directory: Path, weights: dict[str, torch.Tensor], tokenizer: Any,
                        run_config: dict[str, Any]) -> None:
     """The policy (or its adapter) as generate.py and dpo.evaluate load it, final/'s or a checkpoint's model/: with
-    the card's decoding defaults, its tokenizer and the run's settings (dpo_run.json)."""
-    state.policy.generation_config.update(**card_decoding(tokenizer))
-    save_weights(state, directory, weights)
+    the card's decoding defaults, its tokenizer and the run's settings (dpo_run.json). The live policy's generation
+    config is left as it was (online sampling and --eval-generate read its EOS ids)."""
+    live = state.policy.generation_config
+    state.policy.generation_config = copy.deepcopy(live)
+    state.policy.generation_config.update(**card_decoding(state.policy, tokenizer))
+    try:
+        save_weights(state, directory, weights)
+    finally:
+        state.policy.generation_config = live
     tokenizer.save_pretrained(directory)
     (directory / RUN_SETTINGS_FILE).write_text(json.dumps(run_config, indent=2))
 
@@ -728,7 +748,7 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
     save_usable_policy(state, tmp_dir, weights, tokenizer, run_config)
     if state.adapters is not None and state.cfg.lora.merge_lora:
         merged = load_causal_lm(str(tmp_dir))  # the base, loaded again on the CPU, with the adapter merged in
-        merged.generation_config.update(**card_decoding(tokenizer))
+        merged.generation_config.update(**card_decoding(state.policy, tokenizer))
         merged.save_pretrained(tmp_dir / "merged")
         tokenizer.save_pretrained(tmp_dir / "merged")
     publish(tmp_dir, final_dir)
@@ -847,7 +867,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
         if dist.is_main:
             check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None,
-                             keep=cfg.save_total_limit, reference_bytes=synced_reference_bytes(cfg, policy, device))
+                             keep=cfg.save_total_limit, reference_bytes=synced_reference_bytes(cfg, policy, device),
+                             files_bytes=saved_bytes(tokenizer))
         layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
         source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
         total_steps = run_length(cfg, source.steps_per_epoch)
@@ -861,7 +882,9 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                                        resumed=resume is not None, log=log)
         run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                       "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
-                      "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size)}
+                      "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size),
+                      # where --dataset is a local path, the path from anywhere (dpo.evaluate's held-out pairs)
+                      "dataset_path": str(Path(cfg.dataset).resolve()) if Path(cfg.dataset).exists() else None}
         if dist.is_main:
             (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
         first_step = resume["trainer_state"]["step"] if resume else 0

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList  # noqa: E402
 
 from dpo.errors import UserError  # noqa: E402
-from dpo.generation import (DecodingSettings, StopOnStrings, _cut_at_eos, _eos_ids, cache_argument,  # noqa: E402
+from dpo.generation import (DecodingSettings, StopOnStrings, _cut_at_eos, model_eos_ids, cache_argument,  # noqa: E402
                             clean_response, generate_batch, left_pad, read_instructions, sampling_processors)
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
 from dpo.prompts import encode_prompts, resolve_template  # noqa: E402
@@ -37,7 +37,7 @@ from dpo.prompts import encode_prompts, resolve_template  # noqa: E402
 
 def transformers_generate(model, tokenizer, prompts: list[str], decoding: DecodingSettings, k: int) -> list[str]:
     """k answers per prompt (prompt-major) by transformers' generate from a DynamicCache of the prompts."""
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = model_eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     ids, _ = encode_prompts(tokenizer, prompts, decoding.template, decoding.max_prompt_length, "keep_end")
     input_ids, attention_mask = left_pad(ids, pad_id)

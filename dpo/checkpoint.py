@@ -117,21 +117,22 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool,
 
 
 def check_disk_space(out_dir: Path, model: torch.nn.Module, *, merged: bool, keep: int,
-                     free_bytes: int | None = None, reference_bytes: int = 0) -> None:
+                     free_bytes: int | None = None, reference_bytes: int = 0, files_bytes: int = 0) -> None:
     """Fail before training when the run's checkpoints and final/ cannot fit: at the most, `keep` checkpoints
-    (`model`'s trained weights and 2 AdamW moments each, and `reference_bytes` of a reference model each) and the
-    larger of one checkpoint more (a new one is written before the oldest goes) and final/ (the trained weights,
-    plus every weight when `merged`: a full model or a merged LoRA model). The checkpoints already in `out_dir`
-    (a resumed run's) count as space the run has."""
+    (`model`'s trained weights and 2 AdamW moments each, `reference_bytes` of a reference model and `files_bytes`
+    of the files beside the weights, the tokenizer's) and the larger of one checkpoint more (a new one is written
+    before the oldest goes) and final/ (the trained weights, plus every weight when `merged`: a full model or a
+    merged LoRA model, and the files). The checkpoints already in `out_dir` (a resumed run's) count as space the
+    run has."""
     trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     final_params = trained_params + (sum(p.numel() for p in model.parameters()) if merged else 0)
-    checkpoint = trained_params * 4 * 3 + reference_bytes
-    needed = checkpoint * keep + max(checkpoint, final_params * 4)
+    checkpoint = trained_params * 4 * 3 + reference_bytes + files_bytes
+    needed = checkpoint * keep + max(checkpoint, final_params * 4 + files_bytes)
     held = sum(f.stat().st_size for _, path in list_checkpoints(out_dir) for f in path.rglob("*") if f.is_file())
     free = shutil.disk_usage(out_dir).free if free_bytes is None else free_bytes
     if free + min(held, checkpoint * keep) < needed:
         raise ConfigError(f"--output-dir {out_dir}: {free / 2**30:.2f} GiB free, but {keep} checkpoint(s), the next "
-                          f"one and final/ need about {(needed - min(held, checkpoint * keep)) / 2**30:.2f} GiB more; "
+                          f"one and final/ need about {(needed - min(held, checkpoint * keep)) / 2**30:.2f} GiB; "
                           "free space or lower --save-total-limit")
 
 
@@ -197,6 +198,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+# how torch.save's zip writer reports a write that failed (a full disk) in the RuntimeError it raises
+WRITE_FAILED = re.compile(r"PytorchStreamWriter failed|file write failed|unexpected pos|No space left")
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -233,7 +238,9 @@ def save_checkpoint(
                    tmp / "extra.pt")
         # the state file goes last: its presence marks the directory as complete
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as error:
+        if not isinstance(error, OSError) and not WRITE_FAILED.search(str(error)):
+            raise  # a RuntimeError of another kind is a bug to see, not a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(root)
         raise CheckpointError(f"{final.name} cannot be written ({first_line(error)}); "

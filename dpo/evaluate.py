@@ -443,7 +443,7 @@ def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: d
     `max_pairs` of them."""
     run = {**TrainSettings().to_dict(), **settings}  # train.py's defaults where the run's settings are silent
     splits = available_splits(dataset)
-    own = same_source(dataset, run["dataset"])
+    own = same_source(dataset, run["dataset"]) or same_source(dataset, run.get("dataset_path"))
     if own and split in (None, run["eval_split"]) and not (run["eval_split"] and splits is not None
                                                             and run["eval_split"] in splits):
         indexed, description, split = _split_off_pairs(dataset, splits, run)
@@ -460,6 +460,13 @@ def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: d
                                max_prompt_length=run["max_prompt_length"], truncation_mode=run["truncation_mode"],
                                template=run["template"], source=description, rows=[row for row, _ in indexed])
     return pairs, f"{description}: {stats}", split
+
+
+def run_dataset(settings: dict[str, Any]) -> str | None:
+    """The run's --dataset as it was given, or where that was a relative path that is not there from here, the
+    path train.py recorded from anywhere (dpo_run.json's dataset_path)."""
+    dataset, path = settings.get("dataset"), settings.get("dataset_path")
+    return path if dataset and path and not Path(dataset).exists() and Path(path).exists() else dataset
 
 
 def same_source(dataset: str, other: str | None) -> bool:
@@ -643,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         write_output()
 
     if args.implicit_reward:
-        dataset = args.dataset or settings.get("dataset")
+        dataset = args.dataset or run_dataset(settings)
         beta = args.beta or settings.get("beta") or LossSettings().beta
         if not dataset:
             raise EvaluationError("--implicit-reward needs --dataset (the run's settings name none)")

@@ -290,7 +290,7 @@ def clean_response(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str
     return truncate_at_stop(text, stop_strings).strip()
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def model_eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """The tokenizer's EOS plus any the model's generation config lists (chat models often have several)."""
     ids = [tokenizer.eos_token_id]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -689,7 +689,7 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
     if streamer is not None and len(instructions) != 1:
         raise GenerationError("streaming needs exactly one instruction")
     device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = model_eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     limit = _max_positions(model)
     budget = model_prompt_budget(model, decoding)

@@ -62,6 +62,8 @@ def test_sigkill_at_random_points_then_resume_is_identical(setup, seed):
                 # whatever was interrupted, every checkpoint directory that exists is complete
                 for _, path in list_checkpoints(out):
                     assert (path / "model" / "config.json").is_file() and (path / "optimizer.pt").is_file()
+                if (out / "final").is_dir():  # killed after final/ was in place: a finished run, not resumed
+                    break
                 continue
         else:
             output = process.communicate(timeout=600)[0]
@@ -234,6 +236,13 @@ def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_and_leaves_the_la
     save(2)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 2]
 
+    def a_bug(directory):  # any other RuntimeError is not taken for a full disk: it propagates as it is
+        raise RuntimeError("Expected all tensors to be on the same device, but found cuda:0 and cpu!")
+
+    with pytest.raises(RuntimeError, match="^Expected all tensors"):
+        checkpoint.save_checkpoint(tmp_path, 3, save_model=a_bug, optimizer_state={}, scaler_state=None,
+                                   trainer_state={}, loss_state={}, keep=2)
+
 
 def test_the_disk_check_counts_the_next_checkpoint_and_the_ones_a_resumed_run_has(tmp_path):
     """A new checkpoint is written before the oldest goes: keep + 1 of them at the most (or keep and final/, if
@@ -246,6 +255,11 @@ def test_the_disk_check_counts_the_next_checkpoint_and_the_ones_a_resumed_run_ha
     check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=3 * per_checkpoint)
     with pytest.raises(ConfigError, match="2 checkpoint\\(s\\), the next one and final/ need about"):
         check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=3 * per_checkpoint - 1)
+    # the tokenizer's files beside each checkpoint's weights and final/'s
+    check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=3 * (per_checkpoint + 100), files_bytes=100)
+    with pytest.raises(ConfigError):
+        check_disk_space(tmp_path, model, merged=False, keep=2, free_bytes=3 * (per_checkpoint + 100) - 1,
+                         files_bytes=100)
     # merged: final/ holds the trained weights and all weights again, 880 bytes, less than a checkpoint
     check_disk_space(tmp_path, model, merged=True, keep=1, free_bytes=2 * per_checkpoint)
     assert final * 2 < per_checkpoint

@@ -362,6 +362,26 @@ def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, caps
     assert capsys.readouterr().err.strip() == f"error: {data}: a single file has no splits; leave out --split train"
 
 
+def test_a_run_given_a_relative_dataset_path_is_evaluated_on_its_held_out_pairs_from_anywhere(run_dir, capsys,
+                                                                                              tmp_path, monkeypatch):
+    """dpo_run.json records --dataset as given (relative to where train.py ran) and the path from anywhere: from
+    another directory, the default dataset and the same file named by its absolute path both give the held-out
+    pairs, not the whole file."""
+    (tmp_path / "project").mkdir()
+    write_pairs(tmp_path / "project" / "pairs.jsonl", 60, seed=4)
+    cfg = TrainSettings(model=str(run_dir / "sft"), dataset="pairs.jsonl", test_size=0.2, seed=7, max_length=96,
+                        max_prompt_length=48, template="recipe")
+    final = make_model_dir(tmp_path / "project" / "run" / "final", seed=2)
+    (final / "dpo_run.json").write_text(json.dumps({**cfg.to_dict(), "reference_model": str(run_dir / "sft"),
+                                                    "dataset_path": str(tmp_path / "project" / "pairs.jsonl")}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for dataset in ([], ["--dataset", str(tmp_path / "project" / "pairs.jsonl")]):
+        assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward", *dataset]) == 0
+        result = _json_line(capsys.readouterr().out)["implicit_reward"]
+        assert (result["pairs"], result["split"]) == (12, "held out by --test-size 0.2 (seed 7)")
+
+
 def test_cli_a_model_against_itself_ties_everywhere(run_dir, capsys):
     model = str(run_dir / "sft")
     assert evaluate.cli(["--model", model, "--reference", model, "--num-prompts", "5", "--max-new-tokens", "5",

@@ -667,6 +667,7 @@ def test_a_checkpoint_is_a_model_as_final_is(tmp_path, capsys, lora):
     assert generator_name(str(checkpoint / "model")) == "run/checkpoint-2"
     saved = json.loads((checkpoint / "model" / "dpo_run.json").read_text())
     assert saved == json.loads((run / "final" / "dpo_run.json").read_text())
+    assert saved["dataset_path"] == str((root / "pairs.jsonl").resolve())  # dpo.evaluate finds it from anywhere
     assert generate.cli(["--model", str(checkpoint), "--greedy", "--max-new-tokens", "4", "what color is it?"]) == 0
     assert capsys.readouterr().out.strip()
     rewards = {}
@@ -677,6 +678,28 @@ def test_a_checkpoint_is_a_model_as_final_is(tmp_path, capsys, lora):
         rewards[model.name] = report["chosen_reward"]
     # step 2's weights, moved from the start (step 1 warms up from lr 0) and not the final step's
     assert rewards["checkpoint-2"] != 0 and rewards["checkpoint-2"] != rewards["final"]
+
+
+def test_saving_a_usable_policy_leaves_the_live_models_decoding_as_it_was(tmp_path):
+    """A checkpoint's model/ (and final/) carry the card's decoding with every EOS the model stops at, while the
+    policy that goes on training keeps its own generation config: online sampling and --eval-generate read its EOS
+    ids, and a save in the middle of a run must not change how it samples."""
+    import types
+
+    import train
+
+    base = make_model_dir(tmp_path / "sft")
+    policy, tokenizer = load_causal_lm(str(base)), load_tokenizer(str(base))
+    policy.generation_config.eos_token_id, policy.generation_config.top_k = [tokenizer.eos_token_id, 7, 8], 50
+    state = types.SimpleNamespace(policy=policy, adapters=None)
+    train.save_usable_policy(state, tmp_path / "saved", dict(policy.state_dict()), tokenizer, {"beta": 0.1})
+    assert policy.generation_config.eos_token_id == [tokenizer.eos_token_id, 7, 8]
+    assert policy.generation_config.top_k == 50 and not policy.generation_config.do_sample
+    saved = json.loads((tmp_path / "saved" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [tokenizer.eos_token_id, 7, 8] and saved["top_k"] == 0
+    assert (saved["temperature"], saved["top_p"], saved["do_sample"]) == (0.7, 0.9, True)
+    assert json.loads((tmp_path / "saved" / "dpo_run.json").read_text()) == {"beta": 0.1}
+    assert (tmp_path / "saved" / "tokenizer_config.json").is_file()
 
 
 def test_demo_names_the_shipped_model_beside_a_run_directory_called_demo(tmp_path, monkeypatch):

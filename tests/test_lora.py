@@ -96,8 +96,10 @@ def test_lora_run_resumes_bit_exactly_from_adapter_only_checkpoints(workdir):
     straight = run(workdir, "straight", *common)
     split = run(workdir, "split", *common, "--stop-at-step", "2")
     checkpoint = split / "checkpoint-2"
-    assert sorted(p.name for p in (checkpoint / "model").iterdir() if p.suffix in (".json", ".safetensors")) == \
-        ["adapter_config.json", "adapter_model.safetensors"]
+    # the adapter's weights only (beside them the tokenizer and dpo_run.json, as in final/)
+    assert sorted(p.name for p in (checkpoint / "model").glob("*.safetensors")) == ["adapter_model.safetensors"]
+    assert (checkpoint / "model" / "adapter_config.json").is_file()
+    assert not (checkpoint / "model" / "config.json").exists()
     adapter = load_file(checkpoint / "model" / "adapter_model.safetensors")
     assert adapter and all("lora_" in key for key in adapter)
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
