@@ -891,7 +891,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, first_step, enabled=dist.is_main)
 
         def alert(event: Alert) -> None:
-            log(str(event))
+            if not event.stops:  # one that stops the run is its error line
+                log(str(event))
             trackers.log_event(event.step, event.name, event.message)
 
         state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate, on_alert=alert,

@@ -35,6 +35,7 @@ class Alert:
     name: str
     step: int
     message: str
+    stops: bool = False  # the run ends with it: its error line says it too
 
     def __str__(self) -> str:
         return f"health alert [{self.name}] at step {self.step}: {self.message}"
@@ -203,8 +204,9 @@ class HealthMonitor:
             if check.name in {a.name for a in self.raised}:
                 continue
             message = check.train(record) if split == "train" else check.eval(record) if split == "eval" else None
-            if message is not None:
-                alerts.append(self._raise(Alert(check.name, int(record.get("step", 0)), message)))
+            if message is not None:  # under --health strict the first stops the run
+                stops = self.mode == "strict" and not alerts
+                alerts.append(self._raise(Alert(check.name, int(record.get("step", 0)), message, stops=stops)))
         if alerts and self.mode == "strict":
             raise HealthError(f"{alerts[0]} (--health strict)")
         return alerts
@@ -229,7 +231,7 @@ class HealthMonitor:
 
     def stop(self, name: str, step: int, message: str) -> None:
         """Raise the alert `name` and end the run with a HealthError."""
-        alert = self._raise(Alert(name, step, message))
+        alert = self._raise(Alert(name, step, message, stops=True))
         raise HealthError(f"step {alert.step}: {alert.message}")
 
     def _raise(self, alert: Alert) -> Alert:

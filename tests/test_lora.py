@@ -264,8 +264,10 @@ def test_the_step_0_check_stops_a_run_whose_reference_is_not_its_start(workdir, 
     argv = args(workdir, "unused") + ["--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--lora-r", "0",
                                       "--model", str(workdir / "model")]
     assert train.cli(argv) == 2
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert "step 1: before any update the policy's log-probs must equal the reference's" in err and "\n" not in err
+    assert "health alert" not in captured.out  # the error line says it: not printed twice
     assert not (tmp_path / "out" / "final").exists()
     # the health alerts' mechanism: printed once and logged as an event (an alert line in metrics.jsonl)
     alerts = run_metrics(tmp_path / "out", "alert")
