@@ -334,6 +334,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     states, the loss's state, and the directory of its model."""
     path = Path(path)
     extra = _load_tensors(path / "extra.pt")
+    missing = [key for key in ("scaler", "rng", "loss_state") if not isinstance(extra, dict) or key not in extra]
+    if missing:
+        raise CheckpointError(f"{path / 'extra.pt'}: not a checkpoint's extra state (no {', '.join(missing)})")
     return {
         "trainer_state": read_trainer_state(path),
         # memory-mapped: each process pages in what it copies into its optimizer (the largest file), and the

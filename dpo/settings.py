@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,9 +309,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, str]
             target.add_argument(s.flag, type=converters.get(s.name) or CONVERTERS[s.type], **kwargs)
 
 
-def load_config_file(path: str, cls: type) -> dict[str, Any]:
+def load_config_file(path: str, cls: type, records: Collection[str] = ()) -> dict[str, Any]:
     """{flat name: value} of a JSON object of settings (keys in either spelling; keys starting with '_' are
-    comments)."""
+    comments, and `records` name keys a run writes beside its settings, which are left out)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -327,6 +327,8 @@ def load_config_file(path: str, cls: type) -> dict[str, Any]:
         if key.startswith("_"):
             continue
         name = key.replace("-", "_")
+        if name in records:
+            continue
         if name not in known:
             raise ConfigError(f"--config {path}: unknown setting {key!r}")
         values[name] = value

@@ -55,6 +55,8 @@ DEMO_LORA_SETTINGS: dict[str, Any] = {"lr": 3e-4}
 # the chosen answers' NLL, which keeps online DPO from cutting answers short (docs/online.md)
 DEMO_ONLINE_SETTINGS: dict[str, Any] = {"max_steps": 64, "rpo_alpha": 1.0}
 HALF_OF_MAX_LENGTH = "auto"  # --max-prompt-length's default: derived from --max-length
+# what train.py's run_config.json records beside the settings (derived, not settable): a --config file may hold them
+RUN_RECORDS = ("reference_model", "total_steps", "steps_per_epoch", "world_size", "accumulation_steps", "dataset_path")
 
 
 def _report_to(value: Any) -> str | None:
@@ -285,7 +287,7 @@ def parse_settings(argv: list[str] | None = None) -> TrainSettings:
     iterative DPO) for the demo model, then the --config file, then flags; validated."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
-    from_file = load_config_file(config_file, TrainSettings) if config_file else {}
+    from_file = load_config_file(config_file, TrainSettings, RUN_RECORDS) if config_file else {}
     values = {**from_file, **args}
     if values.get("model", DEMO_MODEL) == DEMO_MODEL:
         lora = values.get("lora_r") or values.get("adapter")

@@ -324,3 +324,22 @@ def test_a_resume_with_a_truncated_reference_cache_recomputes_it_and_a_passed_st
     wa, wb = (load_file(run / "final" / "model.safetensors") for run in (root / "reference-run", out))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_whose_extra_state_lacks_its_keys_is_refused_in_one_line(tmp_path):
+    from dpo.checkpoint import CheckpointError, load_checkpoint
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"step": 3}')
+    torch.save({"x": 1}, checkpoint / "extra.pt")
+    with pytest.raises(CheckpointError, match=r"extra.pt: not a checkpoint's extra state \(no scaler, rng, "
+                                              r"loss_state\)$"):
+        load_checkpoint(checkpoint)
+
+
+def test_a_quoted_error_loses_the_terminal_escapes_torch_puts_in_it():
+    from dpo.errors import first_line
+
+    assert first_line(RuntimeError("\x1b[1mWeights only load failed\x1b[0m. In PyTorch 2.6\nmore")) == \
+        "Weights only load failed. In PyTorch 2.6"

@@ -210,3 +210,22 @@ def test_a_batch_coupled_run_records_its_number_of_processes():
     assert settings_differences(aot.run_identity(2), aot.run_identity(1), {}) == ["torchrun processes 2 -> 1"]
     legacy = {k: v for k, v in aot.run_identity(2).items() if k != "processes"}  # recorded by an earlier version
     assert settings_differences(legacy, aot.run_identity(1), {"processes": 1}) == []
+
+
+@pytest.mark.slow
+def test_the_run_config_train_py_writes_is_a_config_file(tmp_path):
+    """run_config.json holds every setting and what the run derived (RUN_RECORDS, nothing else): as a --config file
+    it gives the run's settings back."""
+    import train
+    from dpo.train_settings import RUN_RECORDS
+
+    from harness import make_run_dir, tiny_run_args
+
+    root = make_run_dir(tmp_path, 24)
+    argv = tiny_run_args(root, "run", "--max-steps", "1", "--batch-size", "8", "--beta", "0.3")
+    assert train.main(argv) == 0
+    written = json.loads((root / "run" / "run_config.json").read_text())
+    assert set(written) - set(TrainSettings().to_dict()) == set(RUN_RECORDS)
+    expected = parse_settings(argv)
+    expected.precision = "fp32"  # what 'auto' ran as on the CPU: recorded resolved
+    assert parse_settings(["--config", str(root / "run" / "run_config.json")]) == expected
