@@ -172,7 +172,7 @@ def add_prompt_arguments(parser: Any) -> None:
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=unset,
                         help="render prompts with the tokenizer's chat template (--no-chat-template: the recipe's "
                              f"'### Human:' template); default: as the run was trained ({RUN_SETTINGS_FILE}'s "
-                             "template), else the recipe's")
+                             "template), else the chat template where the tokenizer ships one, else the recipe's")
     parser.add_argument("--max-prompt-length", type=int, default=unset, metavar="TOKENS",
                         help="prompt tokens kept; a longer prompt is cut as training cuts it, with a warning. "
                              f"Default: the run's max_prompt_length ({RUN_SETTINGS_FILE}), else half the model's "

@@ -135,7 +135,7 @@ def _alpha_divergence(log_ratio: Tensor, alpha: float) -> Tensor:
 # f-DPO (Wang et al. 2023, "Beyond Reverse KL"): the log-ratio r is replaced by f'(exp r), as TRL's DPOTrainer does.
 # Each f' is written with f'(1) = 0, so every transform is 0 where the policy equals the reference: an unchanged
 # model has zero reward and the same loss under every f, also in the losses that read s_c and s_l on their own
-# (nca_pair, sppo_hard, bco_pair, apo_zero) or divide them by different lengths (ipo, sigmoid_norm), where an
+# (nca_pair, sppo_hard, bco_pair, apo_zero, apo_down) or divide them by different lengths (ipo, sigmoid_norm), where an
 # additive constant would not cancel.
 F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
     "reverse_kl": _reverse_kl,
@@ -581,7 +581,7 @@ def apo_down_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
 
 @register_loss("discopop")
 def discopop_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
-    """(1 - m) * -log sigma(z) + m * exp(-z), z = beta h, m = sigma(z / tau). DiscoPOP (Chan et al. 2024, eq. 5).
+    """(1 - m) * -log sigma(z) + m * exp(-z), z = beta h, m = sigma(z / tau). DiscoPOP (Lu et al. 2024, eq. 5).
 
     m * exp(-z) is computed as exp(log sigma(z / tau) - z), which stays finite where exp(-z) alone overflows.
     """
