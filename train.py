@@ -385,7 +385,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters,
                        health=HealthMonitor(cfg.health, cfg.health_window, emit=on_alert), layout=layout,
-                       flops=FlopCounter.of(policy, frozen_weights=adapters is not None),
+                       flops=FlopCounter.of(policy),
                        peak_tflops=peak_tflops(device, precision, cfg.peak_tflops))
     step_time = cfg.on_policy.online or cfg.sync_ref_model or (not cfg.precompute_ref and not cfg.on_policy.iterations)
     if needs_reference_model(cfg.loss) and step_time:  # iterative DPO precomputes each round's reference

@@ -61,12 +61,53 @@ def test_useful_flops_count_by_brute_force():
     per_token = counter.block_weights * tokens + h * 97 * scored
     assert counter.pairs(pairs, reference_forward=False) == 6 * per_token
     assert counter.pairs(pairs, reference_forward=True) == 8 * per_token
-    frozen = FlopCounter.of(model, frozen_weights=True)
+    for parameter in model.parameters():  # LoRA's base: every weight frozen, 4 FLOPs per weight and token
+        parameter.requires_grad_(False)
+    frozen = FlopCounter.of(model)
     assert frozen.pairs(pairs, reference_forward=False) == 4 * per_token
+    assert frozen.pairs(pairs, reference_forward=True) == 6 * per_token
+
+
+def test_useful_flops_of_lora_runs_quantized_weights_and_experts():
+    """Trained and frozen weights counted each as they run: peft's modules_to_save trains a copy (the original it
+    keeps beside does not run); a 4-bit weight at its unpacked size; a mixture of experts at the experts a token
+    uses; a model whose blocks are not under .layers or .h by its weight matrices less the embeddings and head."""
+    import peft
+    from transformers import OPTConfig, OPTForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    h = 64
+    model = tiny_phi(hidden_size=h, layers=2)
+    per_layer = 4 * h * h + 2 * 4 * h * h
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         modules_to_save=["fc1"]))
+    counter = FlopCounter.of(adapted.get_base_model())
+    assert counter.trained_block_weights == 2 * 4 * h * h  # the fc1 copies, trained
+    assert counter.frozen_block_weights == 2 * (per_layer - 4 * h * h) and not counter.head_trained
+
+    class Packed(torch.nn.Parameter):  # bitsandbytes' Params4bit: two 4-bit weights per byte, the shape kept aside
+        pass
+
+    packed = Packed(torch.zeros(64 * 128 // 2, 1), requires_grad=False)
+    packed.quant_state = type("QuantState", (), {"shape": torch.Size([64, 128])})()
+    assert flops_module._weight_count(packed, config=None) == 64 * 128
+
+    moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                             moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2))
+    experts = [p for n, p in moe.named_parameters() if p.ndim == 3]  # stacked since transformers 5.x's MoE rewrite
+    assert flops_module.block_weight_count(moe) == pytest.approx(
+        sum(p.numel() for n, p in moe.model.layers.named_parameters() if p.ndim == 2)
+        + sum(p.numel() for p in experts) * 2 / 8)
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    assert flops_module._decoder_layers(opt) is None  # OPT keeps them under model.decoder.layers
+    assert block_weight_count(opt) == 2 * (4 * 32 * 32 + 2 * 32 * 64)
 
 
 def test_peak_table_matches_the_longest_name_first(monkeypatch):
     for name, half, tf32 in [("NVIDIA H100 PCIe", 756.0, 378.0), ("NVIDIA H100 80GB HBM3", 989.4, 494.7),
+                             ("NVIDIA GeForce RTX 4090", 165.2, 82.6), ("NVIDIA A10", 125.0, 62.5),
                              ("NVIDIA H200", 989.4, 494.7), ("NVIDIA L40S", 362.1, 183.0), ("NVIDIA L4", 121.0, 60.0),
                              ("NVIDIA A100-SXM4-80GB", 312.0, 156.0)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
@@ -74,10 +115,14 @@ def test_peak_table_matches_the_longest_name_first(monkeypatch):
         assert peak_tflops(CUDA, "fp32") == tf32, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     assert peak_tflops(CUDA, "fp32") is None  # no TF32 on Volta: no MFU rather than a wrong one
+    assert peak_tflops(CUDA, "bf16") is None and peak_tflops(CUDA, "fp16") == 125.0  # nor bf16
+    for other in ("NVIDIA RTX A1000", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA RTX A1000 Laptop GPU"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=other: n)
+        assert peak_tflops(CUDA, "bf16") is None, other  # not an A100, and no laptop part
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert peak_tflops(CUDA, "bf16") is None and peak_tflops(CUDA, "bf16", override=500.0) == 500.0
     assert peak_tflops(CPU, "fp32") is None and peak_tflops(CPU, "fp32", override=2.0) == 2.0
-    names = [key for key, _, _ in flops_module.GPU_PEAK_TFLOPS]
+    names = [key for key, *_ in flops_module.GPU_PEAK_TFLOPS]
     for i, key in enumerate(names):  # no name is shadowed by an earlier, shorter one
         assert not any(earlier in key for earlier in names[:i]), key
 
