@@ -340,7 +340,7 @@ class FunctionJudge(Judge):
 
     def __init__(self, spec: str):
         self.name = spec
-        self.function = load_function(spec, "judge", JudgeError)
+        self.function = load_function(spec, "judge", JudgeError, arguments=("prompts", "responses"))
 
     def _score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
         return self.function(list(prompts), [list(r) for r in responses])

@@ -302,7 +302,7 @@ def resolve_loss(name: str) -> LossFunction:
             f"unknown loss {name!r}; available: {', '.join(available_losses())}; "
             "or give 'pkg.module:function' or 'path/to/file.py:function'"
         )
-    return load_function(name, "loss", UnknownLossError)
+    return load_function(name, "loss", UnknownLossError, arguments=("x", "config"))
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from dpo.errors import UserError
+from dpo.errors import UserError, first_line
 
 
 def is_function_spec(spec: str) -> bool:
@@ -23,9 +24,20 @@ def is_function_spec(spec: str) -> bool:
     return bool(target) and name.isidentifier()
 
 
-def load_function(spec: str, what: str, error: type[UserError]) -> Callable[..., Any]:
-    """The function `spec` names; `what` ("loss", "judge") and `error` shape the one-line errors."""
-    return _load(spec, what, error)
+def load_function(spec: str, what: str, error: type[UserError],
+                  arguments: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """The function `spec` names; `what` ("loss", "judge") and `error` shape the one-line errors. `arguments`: the
+    names of what it is called with, checked against its signature now rather than at its first call."""
+    fn = _load(spec, what, error)
+    if arguments:
+        try:
+            inspect.signature(fn).bind(*arguments)
+        except TypeError as err:
+            raise error(f"{what} {spec!r}: it is called as {fn.__name__}({', '.join(arguments)}), which its "
+                        f"signature does not take ({err})") from None
+        except ValueError:  # a builtin or extension function without a signature: called as it is
+            pass
+    return fn
 
 
 @lru_cache(maxsize=None)
@@ -56,7 +68,7 @@ def _load_file(spec: str, path_text: str, what: str, error: type[UserError]) -> 
         module_spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[module_name]
-        raise error(f"{what} {spec!r}: loading {path_text} failed: {type(err).__name__}: {err}") from err
+        raise error(f"{what} {spec!r}: loading {path_text} failed: {type(err).__name__}: {first_line(err)}") from None
     return module
 
 
@@ -65,3 +77,6 @@ def _import_module(spec: str, module_name: str, what: str, error: type[UserError
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise error(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from None
+    except Exception as err:  # the module raised while it was imported (a bug in it, a syntax error)
+        raise error(f"{what} {spec!r}: importing {module_name} failed: {type(err).__name__}: {first_line(err)}"
+                    ) from None

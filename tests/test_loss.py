@@ -601,6 +601,23 @@ def test_user_file_that_fails_to_import_is_reported(tmp_path):
         resolve_loss(f"{path}:fn")
 
 
+def test_a_user_module_that_raises_or_a_function_of_the_wrong_signature_is_one_line(tmp_path, monkeypatch):
+    """A module that raises while imported, an error of several lines, a function that cannot take (x, config):
+    each a one-line error when the loss is resolved, before any model is loaded (not a traceback at step 1)."""
+    (tmp_path / "raises_mod.py").write_text("1 / 0\n")
+    (tmp_path / "lines.py").write_text("raise RuntimeError('boom\\nsecond line')\n")
+    (tmp_path / "one_arg.py").write_text("def fn(x):\n    return x\n\ndef ok(x, cfg, *rest):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, message in [("raises_mod:fn", "importing raises_mod failed: ZeroDivisionError: division by zero"),
+                          (f"{tmp_path / 'lines.py'}:fn", "failed: RuntimeError: boom"),
+                          (f"{tmp_path / 'one_arg.py'}:fn", "it is called as fn(x, config), which its signature "
+                                                            "does not take")]:
+        with pytest.raises(UnknownLossError) as error:
+            resolve_loss(spec)
+        assert message in str(error.value) and "\n" not in str(error.value), spec
+    assert callable(resolve_loss(f"{tmp_path / 'one_arg.py'}:ok"))
+
+
 def test_register_loss(monkeypatch):
     monkeypatch.setattr(loss_module, "_REGISTRY", dict(loss_module._REGISTRY))
 

@@ -314,3 +314,11 @@ def test_a_misspelled_judge_is_named_as_such_not_looked_up_as_a_reward_model(spe
     monkeypatch.setattr("dpo.judges.RewardModelJudge", no_lookup)
     with pytest.raises(JudgeError, match=f"unknown judge '{spec}': did you mean {meant}\\?"):
         build_judge(spec)
+
+
+def test_a_judge_function_of_the_wrong_signature_is_one_line_when_it_is_loaded(tmp_path):
+    """Called as fn(prompts, responses): one that cannot take both fails when --judge is read, not after sampling."""
+    (tmp_path / "judge.py").write_text("def score(prompts):\n    return []\n")
+    with pytest.raises(JudgeError, match=r"it is called as score\(prompts, responses\), which its signature does "
+                                         r"not take"):
+        build_judge(f"{tmp_path / 'judge.py'}:score")
