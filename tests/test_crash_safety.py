@@ -140,6 +140,18 @@ def test_nan_loss_skip_option_counts_and_continues(setup, tmp_path):
         assert torch.equal(step1[key], step2[key]), key
 
 
+def save_small_checkpoint(out_dir: Path, step: int) -> None:
+    """checkpoint-<step> of a model that is a config file alone, the newest 2 kept (dpo.checkpoint's rotation)."""
+    import dpo.checkpoint as checkpoint
+
+    def save_model(directory):
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text("{}")
+
+    checkpoint.save_checkpoint(out_dir, step, save_model=save_model, optimizer_state={}, scaler_state=None,
+                               trainer_state={}, loss_state={}, keep=2)
+
+
 def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_only_complete_ones(tmp_path, monkeypatch):
     """Rotation deletes the oldest checkpoint; a process killed halfway through that deletion must not leave a
     partial directory that still looks like a checkpoint (a resume would load it)."""
@@ -148,11 +160,7 @@ def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_only_complete_ones(tm
     import dpo.checkpoint as checkpoint
 
     def save(step):
-        def save_model(directory):
-            directory.mkdir(parents=True)
-            (directory / "config.json").write_text("{}")
-        checkpoint.save_checkpoint(tmp_path, step, save_model=save_model, optimizer_state={}, scaler_state=None,
-                                   trainer_state={}, loss_state={}, keep=2)
+        save_small_checkpoint(tmp_path, step)
 
     save(1)
     save(2)
@@ -213,11 +221,7 @@ def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_and_leaves_the_la
     import dpo.checkpoint as checkpoint
 
     def save(step):
-        def save_model(directory):
-            directory.mkdir(parents=True)
-            (directory / "config.json").write_text("{}")
-        checkpoint.save_checkpoint(tmp_path, step, save_model=save_model, optimizer_state={}, scaler_state=None,
-                                   trainer_state={}, loss_state={}, keep=2)
+        save_small_checkpoint(tmp_path, step)
 
     save(1)
     real_save = torch.save
