@@ -25,6 +25,7 @@ from torch import nn
 # first match wins, so the longer names come first. A laptop part ("... Laptop GPU") has lower clocks: no entry.
 GPU_PEAK_TFLOPS: tuple[tuple[str, float, float, bool], ...] = (
     ("H200 NVL", 835.5, 417.5, True),
+    ("GH200", 989.4, 494.7, True),  # its GPU is an H100 or H200 SXM
     ("H200", 989.4, 494.7, True),
     ("H100 NVL", 835.5, 417.5, True),
     ("H100 PCIe", 756.0, 378.0, True),
@@ -37,6 +38,7 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, float, float, bool], ...] = (
     ("A10", 125.0, 62.5, True),
     ("RTX 4090", 165.2, 82.6, True),
     ("RTX 3090", 71.0, 35.6, True),
+    ("V100S", 130.0, 0.0, False),
     ("V100", 125.0, 0.0, False),  # fp16 only: no bf16, no TF32
 )
 
@@ -83,15 +85,29 @@ def block_weight_counts(model: nn.Module) -> tuple[float, float]:
     not found under .layers or .h, every weight matrix but the embeddings' and the LM head's."""
     config = model.config
     layers = _decoder_layers(model)
+    inactive = _inactive_copies(model)
     if layers is not None:
-        named = list(layers.named_parameters())
+        named = [(n, p) for n, p in layers.named_parameters() if id(p) not in inactive]
     else:
-        skipped = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        skipped = inactive | {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         skipped.add(id(model.get_output_embeddings().weight))
         named = [(n, p) for n, p in model.named_parameters() if id(p) not in skipped]
     trained = sum(_weight_count(p, config) for n, p in named if _counted(n, p) and p.requires_grad)
     frozen = sum(_weight_count(p, config) for n, p in named if _counted(n, p) and not p.requires_grad)
     return trained, frozen
+
+
+def _inactive_copies(model: nn.Module) -> set[int]:
+    """The parameters of peft's modules_to_save copies that do not run: those of adapters other than the active
+    one (a reference adapter's copy, which TRL and --adapter add beside the trained one)."""
+    ids = set()
+    for module in model.modules():
+        copies = getattr(module, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict):
+            active = getattr(module, "active_adapters", None) or [getattr(module, "active_adapter", None)]
+            active = [active] if isinstance(active, str) else active
+            ids |= {id(p) for name, copy in copies.items() if name not in active for p in copy.parameters()}
+    return ids
 
 
 def block_weight_count(model: nn.Module) -> float:
@@ -100,9 +116,16 @@ def block_weight_count(model: nn.Module) -> float:
 
 
 def _decoder_layers(model: nn.Module) -> nn.Module | None:
+    """The transformer blocks of the text decoder (a multimodal model's, not its vision tower's), or None."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(inner, inner.base_model_prefix, inner) if hasattr(inner, "base_model_prefix") else inner
-    return getattr(backbone, "layers", None) or getattr(backbone, "h", None)
+    try:
+        backbone = inner.get_decoder()
+    except (AttributeError, NotImplementedError):
+        backbone = getattr(inner, inner.base_model_prefix, inner) if hasattr(inner, "base_model_prefix") else inner
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(backbone, name, None), nn.Module):
+            return getattr(backbone, name)
+    return None
 
 
 @dataclass(frozen=True)

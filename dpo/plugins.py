@@ -30,13 +30,16 @@ def load_function(spec: str, what: str, error: type[UserError],
     names of what it is called with, checked against its signature now rather than at its first call."""
     fn = _load(spec, what, error)
     if arguments:
+        try:  # the signature of what is called: a decorator's wrapper, not the function it wraps
+            signature = inspect.signature(fn, follow_wrapped=False)
+        except Exception:  # a builtin without a signature, an annotation that cannot be evaluated: called as it is
+            return fn
         try:
-            inspect.signature(fn).bind(*arguments)
+            signature.bind(*arguments)
         except TypeError as err:
-            raise error(f"{what} {spec!r}: it is called as {fn.__name__}({', '.join(arguments)}), which its "
-                        f"signature does not take ({err})") from None
-        except ValueError:  # a builtin or extension function without a signature: called as it is
-            pass
+            name = getattr(fn, "__name__", spec.rsplit(":", 1)[1])
+            raise error(f"{what} {spec!r}: it is called as {name}({', '.join(arguments)}), which its signature does "
+                        f"not take ({err})") from None
     return fn
 
 

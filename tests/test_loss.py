@@ -616,6 +616,15 @@ def test_a_user_module_that_raises_or_a_function_of_the_wrong_signature_is_one_l
             resolve_loss(spec)
         assert message in str(error.value) and "\n" not in str(error.value), spec
     assert callable(resolve_loss(f"{tmp_path / 'one_arg.py'}:ok"))
+    # what is called is checked, not what a decorator wraps; a partial or an instance has no __name__
+    (tmp_path / "wrapped.py").write_text(
+        "import functools\n\n"
+        "def beta_only(fn):\n    @functools.wraps(fn)\n    def wrapper(x, config):\n        return fn(x, 0.1, 1.0)\n"
+        "    return wrapper\n\n@beta_only\ndef loss(x, beta, margin):\n    return x\n\n"
+        "def three(x, y, z):\n    return x\n\nbad = functools.partial(three, 1, 2)\n")
+    assert callable(resolve_loss(f"{tmp_path / 'wrapped.py'}:loss"))
+    with pytest.raises(UnknownLossError, match=r"it is called as bad\(x, config\), which its signature does not take"):
+        resolve_loss(f"{tmp_path / 'wrapped.py'}:bad")
 
 
 def test_register_loss(monkeypatch):

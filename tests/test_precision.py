@@ -101,13 +101,24 @@ def test_useful_flops_of_lora_runs_quantized_weights_and_experts():
 
     opt = OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
-    assert flops_module._decoder_layers(opt) is None  # OPT keeps them under model.decoder.layers
+    assert flops_module._decoder_layers(opt) is opt.model.decoder.layers  # found through get_decoder()
     assert block_weight_count(opt) == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    # where no blocks are found: every weight matrix less the embeddings (positions too) and the head, the same here
+    real = flops_module._decoder_layers
+    flops_module._decoder_layers = lambda model: None
+    try:
+        assert block_weight_count(opt) == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    finally:
+        flops_module._decoder_layers = real
+    # a second adapter's modules_to_save copy (TRL's and --adapter's reference adapter) does not run: not counted
+    adapted.add_adapter("ref", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["fc1"]))
+    assert FlopCounter.of(adapted.get_base_model()) == counter
 
 
 def test_peak_table_matches_the_longest_name_first(monkeypatch):
     for name, half, tf32 in [("NVIDIA H100 PCIe", 756.0, 378.0), ("NVIDIA H100 80GB HBM3", 989.4, 494.7),
                              ("NVIDIA GeForce RTX 4090", 165.2, 82.6), ("NVIDIA A10", 125.0, 62.5),
+                             ("NVIDIA GH200 480GB", 989.4, 494.7),
                              ("NVIDIA H200", 989.4, 494.7), ("NVIDIA L40S", 362.1, 183.0), ("NVIDIA L4", 121.0, 60.0),
                              ("NVIDIA A100-SXM4-80GB", 312.0, 156.0)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
@@ -116,6 +127,8 @@ def test_peak_table_matches_the_longest_name_first(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     assert peak_tflops(CUDA, "fp32") is None  # no TF32 on Volta: no MFU rather than a wrong one
     assert peak_tflops(CUDA, "bf16") is None and peak_tflops(CUDA, "fp16") == 125.0  # nor bf16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100S-PCIE-32GB")
+    assert peak_tflops(CUDA, "fp16") == 130.0
     for other in ("NVIDIA RTX A1000", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA RTX A1000 Laptop GPU"):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=other: n)
         assert peak_tflops(CUDA, "bf16") is None, other  # not an A100, and no laptop part
