@@ -30,8 +30,8 @@ import json
 import math
 import shutil
 import signal
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,7 @@ from dpo.checkpoint import (PROCESSES, ReplacedRun, check_disk_space, latest_che
                             prepare_output_dir, process_rng_state, publish, read_trainer_state, replacing, rng_state,
                             save_checkpoint, set_rng_state, settings_differences)
 from dpo.cli import run_cli
-from dpo.data import DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
+from dpo.data import BUILTIN_SOURCES, DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
@@ -127,6 +127,12 @@ def open_run_dir(cfg: TrainSettings, dist: DistInfo,
         raise ConfigError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changes)}); use "
                           f"its settings, or --overwrite to start afresh")
     return load_checkpoint(path), replaced
+
+
+def dataset_path(dataset: str) -> str | None:
+    """Where --dataset is a local path, the path from anywhere (dpo.evaluate finds the held-out pairs with it); None
+    for a built-in name (which wins over a directory of that name, as the loader reads it) or a hub name."""
+    return None if dataset in BUILTIN_SOURCES or not Path(dataset).exists() else str(Path(dataset).resolve())
 
 
 def check_stop_step(stop_at_step: int | None, start: int, total_steps: int) -> None:
@@ -883,8 +889,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                       "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                       "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size),
-                      # where --dataset is a local path, the path from anywhere (dpo.evaluate's held-out pairs)
-                      "dataset_path": str(Path(cfg.dataset).resolve()) if Path(cfg.dataset).exists() else None}
+                      "dataset_path": dataset_path(cfg.dataset)}
         if dist.is_main:
             (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
         first_step = resume["trainer_state"]["step"] if resume else 0

@@ -680,6 +680,16 @@ def test_a_checkpoint_is_a_model_as_final_is(tmp_path, capsys, lora):
     assert rewards["checkpoint-2"] != 0 and rewards["checkpoint-2"] != rewards["final"]
 
 
+def test_a_builtin_or_hub_dataset_records_no_path(tmp_path, monkeypatch):
+    import train
+
+    (tmp_path / "demo").mkdir()  # a directory named as the built-in data: the built-in is what a run reads
+    monkeypatch.chdir(tmp_path)
+    assert train.dataset_path("demo") is None and train.dataset_path("HuggingFaceH4/ultrafeedback_binarized") is None
+    (tmp_path / "pairs.jsonl").write_text("")
+    assert train.dataset_path("pairs.jsonl") == str(tmp_path.resolve() / "pairs.jsonl")
+
+
 def test_saving_a_usable_policy_leaves_the_live_models_decoding_as_it_was(tmp_path):
     """A checkpoint's model/ (and final/) carry the card's decoding with every EOS the model stops at, while the
     policy that goes on training keeps its own generation config: online sampling and --eval-generate read its EOS
