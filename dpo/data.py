@@ -49,8 +49,8 @@ from torch import Tensor
 
 from dpo.errors import UserError, first_line
 from dpo.prompts import (HH_ASSISTANT, HH_TURN, Prompt, PromptError, SpecialIds, check_template, check_truncation,
-                         encode_texts, hh_messages, is_hh_prompt, lone_surrogate, render_prompt, render_response,
-                         special_ids, truncate_prompt, with_bos)
+                         empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate, render_prompt,
+                         render_response, special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 
@@ -338,15 +338,10 @@ def _message_list(value: Any, key: str, row: int) -> list[dict[str, str]]:
 
 
 def _check_user_turns(messages: Sequence[dict[str, str]], row: int, where: str) -> None:
-    """A prompt must hold a user turn, and every user turn must say something: an empty or whitespace user turn
-    (the last one, or any earlier one in the history) makes the row an "empty_prompt" skip, as an empty explicit
-    prompt does. `where` names the field (and format) the messages came from."""
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    if not users:
-        raise RowError("empty_prompt", row, f"{where}: no user turn before the last assistant turn")
-    for turn, i in enumerate(users, 1):
-        if not messages[i]["content"].strip():
-            raise RowError("empty_prompt", row, f"{where}: user turn {turn} of {len(users)} (message {i}) is empty")
+    """An "empty_prompt" skip for a prompt that says nothing (prompts.empty_user_turn), as for an empty explicit
+    prompt. `where` names the field (and format) the messages came from."""
+    if (why := empty_user_turn(messages)) is not None:
+        raise RowError("empty_prompt", row, f"{where}: {why}")
 
 
 def _explicit(record: dict, row: int) -> _Dialogue:

@@ -57,8 +57,8 @@ from transformers.generation.streamers import BaseStreamer
 from dpo.errors import UserError, first_line
 from dpo.modeling import ModelLoadError, is_adapter_dir, load_tokenizer, names_shipped_model
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
-from dpo.prompts import (HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, encode_prompts, lone_surrogate,
-                         resolve_template)
+from dpo.prompts import (HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, empty_user_turn, encode_prompts,
+                         lone_surrogate, read_prompt, resolve_template)
 from dpo.settings import seed_range
 
 # The card's decoding.
@@ -246,13 +246,17 @@ def load_checked_tokenizer(name: str) -> Any:
 
 
 def check_instruction(instruction: Any, where: str = "the instruction") -> str:
-    """`instruction` itself when it is a non-empty string, else a GenerationError naming `where`."""
+    """`instruction` itself when it is a non-empty string (an HH conversation with no empty user turn, which
+    training would skip), else a GenerationError naming `where`."""
     if not isinstance(instruction, str):
         raise GenerationError(f"{where} is a {type(instruction).__name__}, not a string")
     if not instruction.strip():
         raise GenerationError(f"{where} is empty")
     if (surrogate := lone_surrogate(instruction)) is not None:
         raise GenerationError(f"{where} is not Unicode text (a lone surrogate {surrogate})")
+    messages = read_prompt(instruction)
+    if isinstance(messages, list) and (why := empty_user_turn(messages)) is not None:
+        raise GenerationError(f"{where} is an HH conversation that training would skip ({why})")
     return instruction
 
 

@@ -148,6 +148,19 @@ def read_prompt(prompt: Prompt) -> Prompt:
     return hh_messages(prompt) if isinstance(prompt, str) and is_hh_prompt(prompt) else prompt
 
 
+def empty_user_turn(messages: Sequence[Message]) -> str | None:
+    """Why a history says nothing to answer (no user turn, or a user turn, the last or an earlier one, that is
+    empty or whitespace), or None when every user turn says something. Training skips such a row; generation
+    refuses such an instruction."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        return "no user turn before the last assistant turn"
+    for turn, i in enumerate(users, 1):
+        if not messages[i]["content"].strip():
+            return f"user turn {turn} of {len(users)} (message {i}) is empty"
+    return None
+
+
 def as_messages(prompt: Prompt) -> list[Message]:
     """A bare instruction as one user turn; a message list as a copy of itself."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -430,7 +431,9 @@ def test_single_object_file_is_one_row(tmp_path):
     ('[{"instruction": "a", "input": ""}, {"instruction": "Sum these.", "input": "2, 3"}]',
      "row 1: a non-empty 'input' field, which the prompt would leave out"),
     ('[{"instruction": 3}]', "row 0: field 'instruction' is a int"),
-    ('[{"instruction": "a\\ud800"}]', "row 0: field 'instruction' is not Unicode text (a lone surrogate '\\\\ud800' at "
+    ('[{"instruction": "Human: hi\\n\\nAssistant: yo\\n\\nHuman: \\n\\nAssistant:"}]',
+     "row 0: field 'instruction' is an HH conversation that training would skip (user turn 2 of 2 (message 2) is empty)"),
+    ('[{"instruction": "a\\ud800"}]', "row 0: field 'instruction' is not Unicode text (a lone surrogate '\\ud800' at "
                                     "character 2"),
     ('["a"]', "row 0: expected an object"),
     ('"a string"', "expected a list of objects"),
@@ -439,7 +442,7 @@ def test_single_object_file_is_one_row(tmp_path):
 def test_bad_batch_files(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    with pytest.raises(BatchFileError, match=message.replace("(", r"\(")):
+    with pytest.raises(BatchFileError, match=re.escape(message)):
         read_instructions(path)
 
 
@@ -492,6 +495,7 @@ def _run_with_settings(tmp_path, settings):
 @pytest.mark.parametrize("case, message", [
     ("empty", "the instruction is empty"),
     ("blank", "the instruction is empty"),
+    ("empty_hh_turn", "the instruction is an HH conversation that training would skip (user turn 1 of 1"),
     ("undecodable", "the instruction is not Unicode text (a lone surrogate '\\udcff' at character 2)"),
     ("not_json", "not JSON or JSON Lines"),
     ("no_instruction", "no 'instruction' or 'prompt' field"),
@@ -509,6 +513,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, 
     args = {
         "empty": ["--model", model_dir, ""],
         "blank": ["--model", model_dir, "   "],
+        "empty_hh_turn": ["--model", model_dir, "\n\nHuman: \n\nAssistant:"],
         "undecodable": ["--model", model_dir, b"a\xffb".decode("utf-8", "surrogateescape")],  # as sys.argv has it
         "not_json": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],
         "no_instruction": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],
