@@ -69,12 +69,23 @@ def resolve_model_path(name: str) -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+@contextlib.contextmanager
+def naming_adapter(path: str | Path) -> Iterator[None]:
+    """A ModelLoadError of an adapter's base model names the adapter, which the user gave, as well as its base."""
+    try:
+        yield
+    except ModelLoadError as error:
+        raise ModelLoadError(f"adapter {path}: its base model {adapter_base(path)} ({ADAPTER_CONFIG}) cannot be "
+                             f"loaded: {error}") from None
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model; for an adapter directory without one, its base model's."""
     path = resolve_model_path(name)
     has_files = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
     if Path(path).is_dir() and not has_files and (Path(path) / ADAPTER_CONFIG).is_file():
-        return load_tokenizer(adapter_base(path))
+        with naming_adapter(path):
+            return load_tokenizer(adapter_base(path))
     if Path(path).is_dir() and not has_files:
         raise ModelLoadError(f"model {name}: no tokenizer files in this directory (expected one of "
                              f"{', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model")
@@ -204,5 +215,6 @@ def load_peft_adapter(loader: Any, base: nn.Module | None, path: str, name: str,
 
 def load_adapter_model(path: str, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """An adapter directory as a plain causal LM: its base (adapter_config.json) with the adapter merged in."""
-    base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
+    with naming_adapter(path):
+        base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
     return load_peft_adapter(import_peft().PeftModel, base, path, DEFAULT_ADAPTER, trainable=False).merge_and_unload()

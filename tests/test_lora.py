@@ -152,6 +152,20 @@ def test_generate_and_evaluate_take_an_adapter_directory(workdir, tmp_path, caps
     assert implicit["pairs"] >= 1 and implicit["reward_margin"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_an_adapter_whose_base_is_missing_names_the_adapter_and_its_base(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "./gone/sft",
+                                                             "peft_type": "LORA"}))
+    from dpo.modeling import ModelLoadError, load_tokenizer
+
+    for load in (load_causal_lm, load_tokenizer):  # a directory without tokenizer files takes its base's
+        with pytest.raises(ModelLoadError) as error:
+            load(str(adapter))
+        assert str(error.value) == (f"adapter {adapter}: its base model ./gone/sft (adapter_config.json) cannot be "
+                                    "loaded: model directory ./gone/sft does not exist")
+
+
 @pytest.mark.slow
 def test_sft_adapter_is_the_reference_not_the_bare_base(workdir):
     """--adapter: the policy trains a copy of the SFT adapter; the reference is base + that adapter."""
