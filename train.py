@@ -65,7 +65,7 @@ from dpo.memory import tune_cpu_allocator
 from dpo.metrics import PairMetrics, read_metrics
 from dpo.modeling import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_model_path
 from dpo.on_policy import IterativePairs, OnlinePairs, Sampler
-from dpo.optim import build_optimizer
+from dpo.optim import build_optimizer, decays_every_parameter
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
 from dpo.plot import plot_training_curves
 from dpo.precision import (AUTOCAST_DTYPES, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
@@ -373,10 +373,11 @@ class TrainState:
 def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
                 dist: DistInfo, collate: Callable, workspace_pairs: list[TokenizedPair],
                 resume: dict[str, Any] | None = None, layout: str = "padded",
-                on_alert: Callable[[Alert], None] | None = None) -> TrainState:
+                on_alert: Callable[[Alert], None] | None = None, decay_all: bool = False) -> TrainState:
     """Scorer, optimizer (of the trainable parameters: the adapters under LoRA) and GradScaler around `policy`;
     the reference when its log-probs are computed at step time; the health monitor, whose alerts go to
-    `on_alert`; the resumed optimizer, scaler, RNG, loss state and health checks."""
+    `on_alert`; the resumed optimizer, scaler, RNG, loss state and health checks. `decay_all`: weight decay on
+    every parameter, biases and norms too (dpo.optim.decays_every_parameter)."""
     policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting, with_stats=True,
                                    ld_alpha=cfg.loss.ld_alpha)
     if cfg.compile:  # after the scorer's check of the head, whose few tokens would be one more shape to compile
@@ -387,7 +388,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
     # the fused kernel updates every parameter in one pass instead of a loop over tensors
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                 betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                fused=device.type in ("cpu", "cuda") and not cfg.fsdp)
+                                fused=device.type in ("cpu", "cuda") and not cfg.fsdp, decay_all=decay_all)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(cfg, device, dist, policy, scorer, optimizer, scaler, collate, adapters,
                        health=HealthMonitor(cfg.health, cfg.health_window, emit=on_alert), layout=layout,
@@ -900,8 +901,14 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                 log(str(event))
             trackers.log_event(event.step, event.name, event.message)
 
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        decay_all = resume is not None and decays_every_parameter(resume["optimizer"], trainable)
+        if decay_all:
+            log(f"--resume: checkpoint-{resume['trainer_state']['step']} decays biases and norms as well (written "
+                "before they were left out of weight decay); the run goes on as it began")
         state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate, on_alert=alert,
-                            workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout)
+                            workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout,
+                            decay_all=decay_all)
         state.data = state_data
         if resume:
             log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")

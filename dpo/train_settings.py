@@ -119,7 +119,8 @@ class TrainSettings:
     min_lr_ratio: float = setting(0.0, "cosine decays to this fraction of the peak", check=in_range(0.0, 1.0))
     optimizer: str = setting("adamw", "adamw, or adamw_8bit: AdamW with both moments in 8 bits (bitsandbytes; 2 bytes "
                                       "a parameter instead of 8)", choices=list(OPTIMIZERS))
-    weight_decay: float = setting(0.0, "AdamW weight decay, on every trainable parameter (biases and norms too)",
+    weight_decay: float = setting(0.0, "AdamW weight decay, on the weight matrices and embeddings (none on biases and "
+                                       "norm scales, as HF Trainer and TRL)",
                                   check=non_negative)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", check=_betas)
     max_grad_norm: float | None = setting(1.0, "clip the gradient norm to this (None: no clipping)", check=positive)

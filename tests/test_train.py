@@ -91,6 +91,49 @@ def test_resume_mid_run_is_identical(workdir):
     assert max(r["epoch"] for r in ma) > 1.0  # 72 train pairs / 16 = 4 steps per epoch
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_weight_decay_reaches_matrices_and_embeddings_not_biases_or_norms(optimizer):
+    """With zero gradients AdamW's step is its decay alone: p <- p (1 - lr wd) for the matrices, biases and norm
+    scales untouched (as nanoGPT, HF Trainer and TRL)."""
+    if optimizer == "adamw_8bit":
+        pytest.importorskip("bitsandbytes")
+    from dpo.optim import build_optimizer
+    from harness import tiny_phi
+
+    model = tiny_phi()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = build_optimizer(optimizer, model.parameters(), lr=0.5, betas=(0.9, 0.999), weight_decay=0.1, fused=False)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    matrices = {name for name, p in model.named_parameters() if p.ndim >= 2}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.fc1.weight"} <= matrices
+    assert any("layernorm" in name or "norm" in name for name, p in model.named_parameters() if p.ndim == 1)
+    for name, p in model.named_parameters():
+        want = before[name] * (1 - 0.5 * 0.1) if name in matrices else before[name]
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0, msg=name)
+
+
+def test_a_checkpoint_that_decays_every_parameter_resumes_as_its_run_began(workdir, tmp_path, capsys):
+    """A checkpoint written when weight decay reached biases and norms too (one parameter group) goes on so."""
+    common = ("--max-steps", "4", "--weight-decay", "0.1", "--max-eval-pairs", "4")
+    out = run(workdir, str(tmp_path / "r"), *common, "--stop-at-step", "2")
+    groups = load_checkpoint(out / "checkpoint-2")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(name.endswith("bias") or "norm" in name for name in groups[1]["params"])
+    file = out / "checkpoint-2" / "optimizer.pt"
+    state = torch.load(file, weights_only=True)
+    state["param_groups"] = [{**state["param_groups"][0],
+                              "params": [n for g in state["param_groups"] for n in g["params"]]}]
+    torch.save(state, file)
+    capsys.readouterr()
+    run(workdir, str(tmp_path / "r"), *common, "--resume", "--stop-at-step", "3")
+    assert "checkpoint-2 decays biases and norms as well" in capsys.readouterr().out
+    resumed = load_checkpoint(out / "checkpoint-3")["optimizer"]["param_groups"]
+    assert len(resumed) == 1 and resumed[0]["weight_decay"] == 0.1 and len(resumed[0]["params"]) == sum(
+        len(g["params"]) for g in groups)
+
+
 def test_a_resumed_optimizer_state_is_copied_out_of_the_checkpoint_file(workdir, tmp_path):
     """The checkpoint's optimizer.pt is memory-mapped; kept as the optimizer's state on the CPU, the file would stay
     mapped (its disk space held after the checkpoint rotates out) for the whole run."""
