@@ -170,7 +170,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte order mark some editors write
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}, line {lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
                                 f"{err.start + 1})") from None
@@ -178,8 +178,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 record = json.loads(line.rstrip("\r\n"))  # a line cut short: its own column, not the newline's
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+            except (ValueError, RecursionError) as err:
+                raise DataError(f"{path}, line {lineno}: {_json_error(err)}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
             if (where := lone_surrogate(record)) is not None:
@@ -188,12 +188,39 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _json_error(err: ValueError | RecursionError) -> str:
+    """What json.loads found wrong, as the end of a one-line error (its column where it names one): a syntax
+    error, an integer of more digits than Python converts, or nesting deeper than it recurses."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON ({err.msg}, column {err.colno})"
+    if isinstance(err, RecursionError):
+        return "not valid JSON (nested too deeply)"
+    return f"not valid JSON ({first_line(err)})"
+
+
+def _starts_as_json_lines(text: str) -> bool:
+    """Whether the first non-blank line of `text` is a whole JSON value, as in JSON Lines."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _read_json(path: Path, split: str | None) -> list[dict]:
     """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _read_jsonl(path)
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        return _read_jsonl(path)  # which names the line and byte
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        if _starts_as_json_lines(text):
+            return _read_jsonl(path)
+        where = f", line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise DataError(f"{path}{where}: {_json_error(err)}") from None
     if isinstance(data, dict) and split is not None and isinstance(data.get(split), list):
         data = data[split]
     if not isinstance(data, list):

@@ -33,8 +33,8 @@ def available_splits(source: str) -> list[str] | None:
 def _json_object_splits(path: Path) -> list[str] | None:
     """The keys of a .json file that is an object of record lists ({"train": [...], "test": [...]}), else None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and json's errors are ValueErrors
         return None  # JSON Lines saved as .json, or a broken file: load_records reads or reports it
     if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
         return list(data)

@@ -1,6 +1,7 @@
 """The bad-input matrix: every case is one clear line (exit 2, nothing trained) or a counted, reported skip."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,53 @@ def test_a_lone_surrogate_escape(model_dir, tmp_path, capsys, name):
         data.write_text(f'[{{"prompt": "x", "chosen": "a", "rejected": "b"}}, {bad}]')
     assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), f"{name}, {where}: not Unicode text",
                           "a lone surrogate '\\ud800' at character 2")
+
+
+BIG_INT = "9" * 5000  # more digits than Python converts (sys.get_int_max_str_digits)
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than json recurses
+
+
+@pytest.mark.parametrize("value, message", [
+    (BIG_INT, "not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+    (DEEP, "not valid JSON (nested too deeply)"),
+], ids=["big_int", "deep_nesting"])
+def test_json_that_python_cannot_hold_is_one_line(model_dir, tmp_path, capsys, value, message):
+    """An integer of thousands of digits or a nesting thousands deep: json raises ValueError / RecursionError."""
+    from dpo.data import DataError, load_records
+
+    bad = f'{{"prompt": {value}, "chosen": "a", "rejected": "b"}}'
+    data = dataset_with(tmp_path, [bad])
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out"), f"data.jsonl, line {GOOD_ROWS + 1}: "
+                          + message)
+    array = tmp_path / "array.json"
+    array.write_text(f'[{{"prompt": "x", "chosen": "a", "rejected": "b"}},\n {bad}]')
+    with pytest.raises(DataError, match=re.escape(f"{array}: {message}")):
+        load_records(str(array))
+
+
+def test_a_pretty_printed_json_file_names_the_line_of_its_error(tmp_path):
+    """Not the first line of the file read again as JSON Lines."""
+    from dpo.data import DataError, load_records
+
+    path = tmp_path / "pretty.json"
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)]
+    text = json.dumps(rows, indent=2)
+    path.write_text(text.replace('"p2"', "p2", 1))
+    line = text.splitlines().index('    "prompt": "p2",') + 1
+    with pytest.raises(DataError, match=re.escape(f"{path}, line {line}: not valid JSON (Expecting value, column 15)")):
+        load_records(str(path))
+    path.write_text(text)
+    assert load_records(str(path))[0] == rows
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])
+def test_a_byte_order_mark_is_read_as_the_start_of_the_text(tmp_path, name):
+    from dpo.data import load_records
+
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 2
+    text = json.dumps(rows) if name == "data.json" else "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_records(str(tmp_path / name))[0] == rows
 
 
 def test_a_bad_line_in_a_dataset_directory_names_what_went_wrong(model_dir, tmp_path, capsys):
