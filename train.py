@@ -215,6 +215,18 @@ def autocast(cfg: TrainSettings, device: torch.device) -> contextlib.AbstractCon
     return precision_autocast(resolve_precision(cfg.precision, device), device)
 
 
+def check_positions(cfg: TrainSettings, data: PreferenceData, model: nn.Module) -> None:
+    """One line where a pair is longer than the model's positions: a learned position table would fail with an
+    index error mid-run (a device assert on CUDA), rotary positions would run past what the model was trained on.
+    Online samples are kept within the positions by the sampler."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in (*data.train, *data.eval)),
+                  default=0)
+    if positions is not None and longest > positions:
+        raise ConfigError(f"--max-length {cfg.max_length}: pairs reach {longest} tokens, but the model has {positions} "
+                          f"positions (max_position_embeddings); use --max-length {positions} or less")
+
+
 def collator(cfg: TrainSettings, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
     """The micro-batch layout and its collate. A packed layout only for a model it computes exactly
     (dpo.packing). auto, by the measurements in benchmarks/README.md: on a CPU shared_prompt where the model allows
@@ -872,6 +884,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         state_data = training_data(cfg, data)
         check_resumed_data(resume, state_data)
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
+        check_positions(cfg, data, policy)
         if dist.is_main:
             check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None,
                              keep=cfg.save_total_limit, reference_bytes=synced_reference_bytes(cfg, policy, device),

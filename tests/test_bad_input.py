@@ -218,6 +218,24 @@ def test_prompt_longer_than_max_length(model_dir, tmp_path, capsys):
     assert "skipped: prompt_too_long" in report, report
 
 
+def test_pairs_longer_than_the_models_positions_are_one_line(model_dir, tmp_path, capsys):
+    """A learned position table fails mid-run with an index error (a device assert on CUDA); rotary positions run
+    past what the model was trained on: refused before training, for the longest pair actually there."""
+    import shutil
+
+    small = tmp_path / "model"
+    shutil.copytree(model_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 20}))
+    data = dataset_with(tmp_path, [json.dumps({"prompt": "red " * 30, "chosen": "a b c d e f g h i j k l m n o",
+                                               "rejected": "b"})])
+    assert_one_line_error(capsys, run_cli(small, data, tmp_path / "out", "--test-size", "0.01"),
+                          "error: --max-length 48: pairs reach ", "tokens, but the model has 20 positions "
+                          "(max_position_embeddings); use --max-length 20 or less")
+    assert run_cli(small, data, tmp_path / "out2", "--test-size", "0.01", "--max-length", "20", "--max-prompt-length",
+                   "10") == 0
+
+
 def test_tokenizer_without_pad_token_trains(model_dir, tmp_path):
     import shutil
 
