@@ -49,8 +49,8 @@ from torch import Tensor
 
 from dpo.errors import UserError, first_line
 from dpo.prompts import (HH_ASSISTANT, HH_TURN, Prompt, PromptError, SpecialIds, check_template, check_truncation,
-                         empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate, render_prompt,
-                         render_response, special_ids, truncate_prompt, with_bos)
+                         empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate, recipe_messages,
+                         render_prompt, render_response, special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 
@@ -375,6 +375,9 @@ def _explicit(record: dict, row: int) -> _Dialogue:
     prompt = _text_field(record, "prompt", row, "empty_prompt")
     chosen = _text_field(record, "chosen", row, "empty_response")
     rejected = _text_field(record, "rejected", row, "empty_response")
+    if (messages := recipe_messages(prompt)) is not None:  # already in the recipe template: its conversation
+        _check_user_turns(messages, row, "field 'prompt' (recipe text)")
+        return _Dialogue(messages, chosen, rejected)
     if not is_hh_prompt(prompt):
         return _Dialogue(prompt, chosen, rejected)
     # an HH conversation in the prompt field (Dahoas/full-hh-rlhf, rm-static): read as the implicit format reads

@@ -246,8 +246,8 @@ def load_checked_tokenizer(name: str) -> Any:
 
 
 def check_instruction(instruction: Any, where: str = "the instruction") -> str:
-    """`instruction` itself when it is a non-empty string (an HH conversation with no empty user turn, which
-    training would skip), else a GenerationError naming `where`."""
+    """`instruction` itself when it is a non-empty string (a conversation in HH's text or the recipe template with
+    no empty user turn, which training would skip), else a GenerationError naming `where`."""
     if not isinstance(instruction, str):
         raise GenerationError(f"{where} is a {type(instruction).__name__}, not a string")
     if not instruction.strip():
@@ -256,7 +256,7 @@ def check_instruction(instruction: Any, where: str = "the instruction") -> str:
         raise GenerationError(f"{where} is not Unicode text (a lone surrogate {surrogate})")
     messages = read_prompt(instruction)
     if isinstance(messages, list) and (why := empty_user_turn(messages)) is not None:
-        raise GenerationError(f"{where} is an HH conversation that training would skip ({why})")
+        raise GenerationError(f"{where} is a conversation that training would skip ({why})")
     return instruction
 
 

@@ -3,7 +3,8 @@
 dpo.data (training pairs) and dpo.generation (decoding) both go through these functions, so the prompt a model
 is given at inference is exactly the prompt it was trained on.
 
-    read_prompt       an instruction in HH's text format -> its messages, as training reads a record's prompt
+    read_prompt       an instruction in HH's text format or the recipe template -> its messages, as training
+                      reads a record's prompt
     render_prompt     instruction or message history -> prompt text, in the "recipe" or "chat" template
     render_response   one answer -> the response text that follows the rendered prompt
     special_ids       EOS (required) and the BOS to put in front of a prompt (or None)
@@ -17,7 +18,8 @@ Templates:
                 response = " " + text.strip()        (EOS is added as a token id, never as text)
             A single-turn prompt is exactly format_prompt(instruction); a leading "system" message is prepended
             to the first human turn (system + "\\n\\n" + u1). A bare instruction that is already rendered
-            (starts with "### Human:", ends with "### Assistant:") is kept as it is. The prompt ends with the colon
+            (starts with "### Human:", ends with "### Assistant:") is read as its conversation (recipe_messages),
+            so it renders as written less the whitespace around its turns. The prompt ends with the colon
             of "### Assistant:" and the response starts with a space: for byte-level BPE a space always starts a
             new token, so the token boundary between prompt and response is clean.
     chat    the tokenizer's chat template, exactly as it renders the conversation at inference:
@@ -142,10 +144,31 @@ def hh_messages(text: str) -> list[Message]:
     return messages + [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in turns[:-1]]
 
 
+RECIPE_TURN = re.compile(r"\n\n### (Human|Assistant):")
+
+
+def recipe_messages(text: str) -> list[Message] | None:
+    """The messages of a text already in the recipe template ("### Human: u1\n\n### Assistant: a1 ...
+    \n\n### Human: un\n\n### Assistant:"), each turn stripped; None for a text that is not one (is_rendered_recipe_prompt
+    false, or turns that are not Human / Assistant alternating with the assistant cue last)."""
+    if not is_rendered_recipe_prompt(text):
+        return None
+    parts = RECIPE_TURN.split("\n\n" + text.strip())
+    roles, contents = parts[1::2], parts[2::2]
+    if parts[0] or roles != ["Human", "Assistant"] * (len(roles) // 2) or len(roles) % 2 or contents[-1].strip():
+        return None
+    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(roles[:-1], contents)]
+
+
 def read_prompt(prompt: Prompt) -> Prompt:
-    """A prompt as training reads a record's: a string in HH's text format (is_hh_prompt) as its messages, not an
-    instruction that quotes the format; any other prompt as it is."""
-    return hh_messages(prompt) if isinstance(prompt, str) and is_hh_prompt(prompt) else prompt
+    """A prompt as training reads a record's: a string in HH's text format (is_hh_prompt) or already in the recipe
+    template (recipe_messages) as its messages, not an instruction that quotes the format; any other prompt as it
+    is."""
+    if isinstance(prompt, str) and is_hh_prompt(prompt):
+        return hh_messages(prompt)
+    if isinstance(prompt, str) and (messages := recipe_messages(prompt)) is not None:
+        return messages
+    return prompt
 
 
 def empty_user_turn(messages: Sequence[Message]) -> str | None:
@@ -204,7 +227,8 @@ def render_prompt(prompt: Prompt, template: str = "recipe", tokenizer: Any = Non
     if template == "chat":
         return apply_chat_template(tokenizer, as_messages(prompt), add_generation_prompt=True)
     if isinstance(prompt, str):
-        return prompt if is_rendered_recipe_prompt(prompt) else format_prompt(prompt)
+        # a text in the template whose turns could not be read (recipe_messages) is kept, less trailing space
+        return prompt.rstrip() if is_rendered_recipe_prompt(prompt) else format_prompt(prompt)
     return render_recipe_prompt(prompt)
 
 

@@ -178,6 +178,10 @@ def test_explicit_prompt_rendered_with_template_unless_already_rendered():
     assert e == PreferenceExample("### Human: Name a color.\n\n### Assistant:", " Blue.", " Dog", 3)
     rendered = "### Human: Name a color.\n\n### Assistant:"
     assert to_example(explicit(prompt=rendered), 0).prompt == rendered
+    assert to_example(explicit(prompt=rendered + " \n"), 0).prompt == rendered  # no stray token before the response
+    with pytest.raises(RowError, match="field 'prompt' \\(recipe text\\): user turn 2 of 2 \\(message 2\\) is empty") as err:
+        to_example(explicit(prompt="### Human: a\n\n### Assistant: b\n\n### Human:  \n\n### Assistant:"), 0)
+    assert err.value.reason == "empty_prompt"
 
 
 def test_conversational_multi_turn_with_system_message():

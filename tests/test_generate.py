@@ -432,7 +432,7 @@ def test_single_object_file_is_one_row(tmp_path):
      "row 1: a non-empty 'input' field, which the prompt would leave out"),
     ('[{"instruction": 3}]', "row 0: field 'instruction' is a int"),
     ('[{"instruction": "Human: hi\\n\\nAssistant: yo\\n\\nHuman: \\n\\nAssistant:"}]',
-     "row 0: field 'instruction' is an HH conversation that training would skip (user turn 2 of 2 (message 2) is empty)"),
+     "row 0: field 'instruction' is a conversation that training would skip (user turn 2 of 2 (message 2) is empty)"),
     ('[{"instruction": "a\\ud800"}]', "row 0: field 'instruction' is not Unicode text (a lone surrogate '\\ud800' at "
                                     "character 2"),
     ('["a"]', "row 0: expected an object"),
@@ -495,7 +495,8 @@ def _run_with_settings(tmp_path, settings):
 @pytest.mark.parametrize("case, message", [
     ("empty", "the instruction is empty"),
     ("blank", "the instruction is empty"),
-    ("empty_hh_turn", "the instruction is an HH conversation that training would skip (user turn 1 of 1"),
+    ("empty_hh_turn", "the instruction is a conversation that training would skip (user turn 1 of 1"),
+    ("empty_recipe_turn", "the instruction is a conversation that training would skip (user turn 1 of 1"),
     ("undecodable", "the instruction is not Unicode text (a lone surrogate '\\udcff' at character 2)"),
     ("not_json", "not JSON or JSON Lines"),
     ("no_instruction", "no 'instruction' or 'prompt' field"),
@@ -514,6 +515,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, model_dir, capsys, 
         "empty": ["--model", model_dir, ""],
         "blank": ["--model", model_dir, "   "],
         "empty_hh_turn": ["--model", model_dir, "\n\nHuman: \n\nAssistant:"],
+        "empty_recipe_turn": ["--model", model_dir, "### Human: \n\n### Assistant:"],
         "undecodable": ["--model", model_dir, b"a\xffb".decode("utf-8", "surrogateescape")],  # as sys.argv has it
         "not_json": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],
         "no_instruction": ["--model", model_dir, "--instructions", str(batch), "--output", str(tmp_path / "o.json")],

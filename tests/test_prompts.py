@@ -19,7 +19,7 @@ import generate
 from dpo.data import DataError, build_pairs, to_example
 from dpo.generation import DecodingSettings, generate_batch, prompt_budget
 from dpo.prompts import (PromptError, SpecialIds, encode_prompts, encode_texts, end_of_turn_text, format_prompt,
-                         format_response, render_prompt, render_response, special_ids, truncate_prompt)
+                         format_response, read_prompt, render_prompt, render_response, special_ids, truncate_prompt)
 from harness import make_model_dir, tiny_tokenizer
 
 NUM_PAIRS = 300
@@ -273,7 +273,12 @@ def test_render_prompt_and_response_recipe_and_chat():
     assert render_prompt("q") == format_prompt("q") == render_prompt([{"role": "user", "content": "q"}])
     assert render_prompt(format_prompt("q")) == format_prompt("q")  # already rendered: kept as it is
     two_turns = render_prompt(history)
-    assert render_prompt(two_turns) == two_turns and render_prompt(two_turns + " ") == two_turns + " "
+    # read as its conversation, whitespace around the turns aside: no stray space or newline token before the
+    # response, and the chat template renders the conversation, not the recipe text inside a user turn
+    assert read_prompt(two_turns) == [{"role": "user", "content": "Be brief.\n\nu1"},
+                                      {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    assert render_prompt(two_turns) == render_prompt(two_turns + " ") == render_prompt(two_turns + "\n") == two_turns
+    assert render_prompt("### Human: q ### Assistant:") == "### Human: q ### Assistant:"  # its turns unreadable: kept
     mention = 'In a chat log, what does the line "### Human:" mark?'  # mentioned, not rendered: rendered
     assert render_prompt(mention) == format_prompt(mention)
     assert render_prompt("### Human: q") == format_prompt("### Human: q")  # no assistant cue: not a prompt yet
@@ -286,6 +291,7 @@ def test_render_prompt_and_response_recipe_and_chat():
     tokenizer.chat_template = CHATML.replace("{{ bos_token }}", "")
     prompt = render_prompt("q", "chat", tokenizer)
     assert prompt == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(format_prompt("q") + " ", "chat", tokenizer) == prompt
     assert render_response("q", " a ", "chat", tokenizer) == " a <|im_end|>"  # as the template renders it
     with pytest.raises(PromptError, match="unknown template"):
         render_prompt("q", "alpaca")
