@@ -77,7 +77,7 @@ class NothingScored(Check):
         no_tokens = _value(record, "logps/chosen") == 0.0 and _value(record, "logps/rejected") == 0.0
         stuck = abs(_value(record, "loss") - LN2) < 1e-6
         self.run = self.run + 1 if _value(record, "grad_norm") == 0.0 and (no_tokens or stuck) else 0
-        if self.run == self.window:
+        if self.run >= self.window:  # also past it: a resume may shorten --health-window
             return (f"zero gradient with {'log-probs of 0 (no token scored)' if no_tokens else 'the loss at ln 2'} "
                     f"for {self.window} steps: no response token is being scored. Likely a masking or template "
                     "bug: check --template, that --max-length / --max-prompt-length leave room for the responses, "

@@ -40,6 +40,10 @@ def test_nothing_scored_after_window_steps_and_resets():
     assert "ln 2" in stuck.train(train_record(2, loss=LN2, grad_norm=0.0))
     healthy = NothingScored(window=1)  # step 1 of every DPO run: the loss is ln 2, the gradient is not 0
     assert healthy.train(train_record(1, loss=LN2, grad_norm=0.45)) is None
+    # resumed with a shorter --health-window than the run of zero steps already counted: it is past the window
+    shortened = NothingScored(window=2)
+    shortened.run = 2
+    assert shortened.train(train_record(3, **empty)) is not None
 
 
 def test_likelihood_displacement_needs_window_falls_with_rising_margins():
