@@ -566,17 +566,21 @@ class ReferenceStartCheck:
 
 def apply_gradients(state: TrainState, step_loss: float) -> tuple[torch.Tensor, bool]:
     """Unscale (fp16), clip to --max-grad-norm, and step the optimizer unless the step is skipped: a non-finite loss
-    stops the run (--on-nan stop) or skips the step; in fp16 the GradScaler skips an overflowing step. Returns
-    (the gradient norm before clipping, whether the optimizer stepped)."""
+    or gradient norm stops the run (--on-nan stop) or skips the step; in fp16 the GradScaler skips an overflowing
+    step. Returns (the gradient norm before clipping, whether the optimizer stepped)."""
     cfg = state.cfg
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), cfg.max_grad_norm or float("inf"))
-    finite = not broadcast_flag(not math.isfinite(step_loss), state.dist, state.device)
+    # a finite loss can still have a gradient that is not: clipping spreads it to every parameter
+    bad = not math.isfinite(step_loss) or (state.scaler is None and not bool(torch.isfinite(grad_norm)))
+    finite = not broadcast_flag(bad, state.dist, state.device)
     stepped = True
     if not finite and state.scaler is None:
         if cfg.on_nan == "stop":
-            raise TrainingError(f"step {state.step + 1}: loss is {step_loss} (not finite); stopping. "
+            what = (f"loss is {step_loss}" if not math.isfinite(step_loss) else
+                    f"gradient norm is {float(grad_norm)} (the loss {step_loss:.4g})")
+            raise TrainingError(f"step {state.step + 1}: {what} (not finite); stopping. "
                                 f"{last_good_checkpoint(cfg)}; lower --lr or use --on-nan skip")
         stepped = False
     elif state.scaler is not None:

@@ -154,7 +154,7 @@ class TrainSettings:
     save_steps: int | None = setting(None, "checkpoint every N optimizer steps", check=positive, identity=False)
     save_total_limit: int = setting(2, "keep only the newest K checkpoints", check=at_least(1), identity=False)
     log_steps: int = setting(1, "write a metrics line every N optimizer steps", check=positive, identity=False)
-    on_nan: str = setting("stop", "a NaN/inf loss stops the run, or skips the batch and counts it",
+    on_nan: str = setting("stop", "a NaN/inf loss or gradient norm stops the run, or skips the batch and counts it",
                           choices=["stop", "skip"], identity=False)
     # speed: exact (the same numbers to rounding), so they may change when a run is resumed
     device: str = setting("auto", "cpu, cuda, cuda:N or auto", check=_device, identity=False)

@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL at random points, SIGTERM, NaN losses; the last good checkpoint always survives."""
 
+import math
 import random
 import signal
 import time
@@ -102,21 +103,33 @@ def nan_at_third_call(x, cfg):
     h = (x.policy_chosen_logps - x.reference_chosen_logps) - (x.policy_rejected_logps - x.reference_rejected_logps)
     loss = -F.logsigmoid(cfg.beta * h)
     return loss * float("nan") if x.state["calls"] == 3 else loss
+
+
+def nan_grad_at_third_call(x, cfg):
+    """Sigmoid DPO whose 3rd micro-batch (step 2) has a finite loss and a NaN gradient: sqrt'(0) times 0."""
+    x.state["calls"] = x.state.get("calls", 0) + 1 if torch.is_grad_enabled() else x.state.get("calls", 0)
+    h = (x.policy_chosen_logps - x.reference_chosen_logps) - (x.policy_rejected_logps - x.reference_rejected_logps)
+    loss = -F.logsigmoid(cfg.beta * h)
+    return loss + torch.sqrt((h - h.detach()) ** 2) if x.state["calls"] == 3 else loss
 '''
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(setup, tmp_path, capsys, precision):
+@pytest.mark.parametrize("precision, loss, message", [
+    ("fp32", "nan_at_third_call", "step 2: loss is nan (not finite)"),
+    ("bf16", "nan_at_third_call", "step 2: loss is nan (not finite)"),
+    ("fp32", "nan_grad_at_third_call", "step 2: gradient norm is nan (the loss 0.69"),
+])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(setup, tmp_path, capsys, precision, loss, message):
     root, args = setup
     loss_file = tmp_path / "nan_loss.py"
     loss_file.write_text(NAN_LOSS)
     out = tmp_path / "run"
-    code = train.cli(args + ["--output-dir", str(out), "--loss", f"{loss_file}:nan_at_third_call",
+    code = train.cli(args + ["--output-dir", str(out), "--loss", f"{loss_file}:{loss}",
                              "--precision", precision, "--max-steps", "3"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "step 2: loss is nan" in err and "\n" not in err.strip()
+    assert message in err and "\n" not in err.strip()
     assert latest_checkpoint(out).name == "checkpoint-1"  # the last good one, intact and loadable
     assert (out / "checkpoint-1" / "trainer_state.json").is_file()
     load_file(out / "checkpoint-1" / "model" / "model.safetensors")
@@ -124,16 +137,20 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(setup, tmp_path
 
 
 @pytest.mark.slow
-def test_nan_loss_skip_option_counts_and_continues(setup, tmp_path):
+@pytest.mark.parametrize("loss", ["nan_at_third_call", "nan_grad_at_third_call"])
+def test_nan_loss_skip_option_counts_and_continues(setup, tmp_path, loss):
     root, args = setup
     loss_file = tmp_path / "nan_loss.py"
     loss_file.write_text(NAN_LOSS)
     out = tmp_path / "run"
-    assert train.main(args + ["--output-dir", str(out), "--loss", f"{loss_file}:nan_at_third_call", "--on-nan",
+    assert train.main(args + ["--output-dir", str(out), "--loss", f"{loss_file}:{loss}", "--on-nan",
                               "skip", "--max-steps", "3"]) == 0
     train_records = run_metrics(out, "train")
     assert [r["skipped_steps"] for r in train_records] == [0, 1, 1]
-    assert train_records[1]["loss"] is None  # logged as null, never as a silent NaN
+    if loss == "nan_at_third_call":
+        assert train_records[1]["loss"] is None  # logged as null, never as a silent NaN
+    else:
+        assert train_records[1]["grad_norm"] is None and math.isfinite(train_records[1]["loss"])
     # the skipped step left the weights as step 1 made them
     step1, step2 = (load_file(out / f"checkpoint-{s}" / "model" / "model.safetensors") for s in (1, 2))
     for key in step1:
