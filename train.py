@@ -184,11 +184,9 @@ def build_policy(cfg: TrainSettings, device: torch.device,
     checkpointing as configured (--compile is applied in build_state, after the reference pass)."""
     adapters = None
     if cfg.lora.enabled:
+        # what trains is kept in fp32 (dpo.lora.upcast_trained)
         adapters = add_adapters(load_model(cfg, cfg.model, device), cfg.lora, start=weights, seed=cfg.seed)
         model = adapters.model
-        for parameter in model.parameters():  # fp32 master weights of what trains (a half base's modules_to_save)
-            if parameter.requires_grad and parameter.dtype != torch.float32:
-                parameter.data = parameter.data.float()
     else:
         model = load_model(cfg, weights or cfg.model, device)
     if cfg.gradient_checkpointing:

@@ -178,7 +178,20 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
                 if isinstance(dropout, nn.Dropout):
                     dropout.p = settings.lora_dropout if name == TRAINED_ADAPTER else 0.0
     peft_model.peft_config[TRAINED_ADAPTER].lora_dropout = settings.lora_dropout  # saved with it, as trained
+    if upcast_trained(peft_model) and start is not None:
+        # peft copied the file's fp32 modules_to_save weights into the half-precision base's copies, rounding them;
+        # loaded again into the fp32 copies, they are exact (a resume goes on bit for bit)
+        peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(start), adapter_name=TRAINED_ADAPTER)
     return Adapters(peft_model, with_reference_adapter=settings.adapter is not None)
+
+
+def upcast_trained(model: nn.Module) -> bool:
+    """fp32 master weights of what trains (a half-precision base's modules_to_save copies); whether any was not."""
+    upcast = False
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data, upcast = parameter.data.float(), True
+    return upcast
 
 
 def check_module_names(base: nn.Module, settings: LoraSettings) -> None:

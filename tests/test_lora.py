@@ -340,7 +340,7 @@ def test_a_lora_adapter_on_the_lm_head_is_scored_and_trained(workdir):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, precision):
+def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, tmp_path, precision):
     """Under LoRA the base loads in half precision; what trains in full (modules_to_save) gets an fp32 master copy,
     so the GradScaler can unscale its gradients (fp16) and its updates are not rounded to bf16."""
     cfg = parse_settings(args(workdir, "unused", "--precision", precision, "--lora-modules-to-save", "lm_head"))
@@ -360,6 +360,11 @@ def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, prec
     assert math.isfinite(record["loss"]) and record["skipped_steps"] == 0
     head = [name for name in trained if "lm_head" in name and "lora_" not in name]
     assert all(not torch.equal(trained[name], before[name]) for name in head)  # the head's update was applied
+    # loaded again (a resume's checkpoint, --adapter), the fp32 weights are exact, not rounded by the half base's copy
+    adapters.save(tmp_path / "adapter")
+    reloaded, _ = train.build_policy(cfg, torch.device("cpu"), weights=str(tmp_path / "adapter"))
+    again = {name: p for name, p in reloaded.named_parameters() if p.requires_grad}
+    assert again.keys() == trained.keys() and all(torch.equal(again[n], trained[n]) for n in trained)
 
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
