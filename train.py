@@ -377,6 +377,7 @@ class TrainState:
     peak_tflops: float | None = None  # the device's dense peak in this precision (None: unknown, no MFU)
     step: int = 0
     skipped_steps: int = 0
+    overflow_steps: int = 0  # of the skipped steps, those the fp16 GradScaler skipped: the schedule waits on them
     data: dict | None = None  # training_data: what the steps train on, checked when a checkpoint is resumed
 
 
@@ -418,6 +419,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
         state.loss_state = resume["loss_state"]
         state.step = resume["trainer_state"]["step"]
         state.skipped_steps = resume["trainer_state"].get("skipped_steps", 0)
+        state.overflow_steps = resume["trainer_state"].get("overflow_steps", 0)
         state.health.load_state_dict(resume["trainer_state"].get("health", {}))  # windows and raised alerts go on
         state.reference_checked = True  # checked before the checkpoint's first update
     return state
@@ -586,6 +588,7 @@ def apply_gradients(state: TrainState, step_loss: float) -> tuple[torch.Tensor, 
         state.scaler.step(state.optimizer)  # skipped by the scaler when a gradient overflowed
         state.scaler.update()
         stepped = state.scaler.get_scale() >= scale_before
+        state.overflow_steps += int(not stepped)
     else:
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -748,6 +751,7 @@ def save(state: TrainState, total_steps: int, tokenizer: Any, run_config: dict[s
             save_reference=None if reference is None else reference.save_pretrained,
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
+                           "overflow_steps": state.overflow_steps,
                            "settings": state.cfg.run_identity(state.dist.world_size),
                            "health": state.health.state_dict(),
                            "data": state.data},
@@ -942,8 +946,9 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
     eval_record: dict = {}
     with trackers, StopRequest() as stop:
         while state.step < total_steps:
-            lr = lr_at(state.step, total_steps=total_steps, peak_lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
-                       min_lr_ratio=cfg.min_lr_ratio)
+            # a step the fp16 GradScaler skipped leaves the schedule where it was, as in transformers' Trainer
+            lr = lr_at(state.step - state.overflow_steps, total_steps=total_steps, peak_lr=cfg.lr,
+                       warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio)
             try:
                 batch = source.step_batch(state.step, reference["train"], state.policy, dist)
                 started = time.perf_counter()

@@ -304,6 +304,9 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     for field in ("settings", "health", "data"):
         if field in state and not isinstance(state[field], dict):
             raise CheckpointError(f"{file}: field {field!r} is not an object")
+    for field in ("total_steps", "skipped_steps", "overflow_steps"):
+        if field in state and not (isinstance(state[field], int) and state[field] >= 0):
+            raise CheckpointError(f"{file}: field {field!r} is not a count")
     return state
 
 

@@ -131,7 +131,8 @@ class TrainSettings:
                                         check=positive)
     ref_model_mixup_alpha: float = setting(0.6, "TR-DPO's alpha: the policy's weight in a reference update (1: the "
                                                 "reference becomes the policy)", check=probability)
-    epochs: float = setting(2, "passes over the training pairs", check=positive)
+    epochs: float = setting(2, "passes over the training pairs (each in a new seeded order, less the last pairs "
+                                  "that do not fill a batch)", check=positive)
     max_steps: int | None = setting(None, "stop after this many optimizer steps (overrides --epochs)",
                                     check=positive)
     batch_size: int = setting(64, "effective batch in pairs per optimizer step (all devices, all accumulation)",

@@ -149,6 +149,23 @@ def test_a_resumed_optimizer_state_is_copied_out_of_the_checkpoint_file(workdir,
     assert moments and all(mapped_file(t.data_ptr()) != file for t in moments)
 
 
+def test_steps_the_grad_scaler_skips_leave_the_schedule_where_it_was(workdir, tmp_path, monkeypatch):
+    """As transformers' Trainer, which does not step its scheduler when the optimizer step was skipped: a scale of
+    2^127 overflows at every step, so every step is skipped and the lr stays at the schedule's first value; also
+    across a resume (the count is in the checkpoint)."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0 ** 127))
+    common = ("--precision", "fp16", "--max-steps", "4", "--warmup-ratio", "0", "--max-eval-pairs", "4")
+    straight = run(workdir, str(tmp_path / "straight"), *common)
+    records = run_metrics(straight, "train")
+    assert [r["skipped_steps"] for r in records] == [1, 2, 3, 4]
+    assert [r["lr"] for r in records] == [1e-3] * 4  # not the cosine decay of steps that never updated
+    split = run(workdir, str(tmp_path / "split"), *common, "--stop-at-step", "2")
+    assert json.loads((split / "checkpoint-2" / "trainer_state.json").read_text())["overflow_steps"] == 2
+    run(workdir, str(tmp_path / "split"), *common, "--resume")
+    assert [r["lr"] for r in run_metrics(split, "train")] == [1e-3] * 4
+
+
 @pytest.mark.slow
 def test_fp16_autocast_trains_with_fp32_master_weights(workdir):
     out = run(workdir, "fp16", "--precision", "fp16", "--batch-size", "8", "--micro-batch-size", "4",
