@@ -496,13 +496,22 @@ def _as_data_errors(row: int | None = None) -> Iterator[None]:
         raise DataError(f"row {row}: {err}") from None
 
 
-def to_example(record: Any, row: int, *, template: str = "recipe", tokenizer: Any = None) -> PreferenceExample:
-    """One record -> rendered text. Raises RowError (a DataError with a skip reason) for a bad row."""
+def _sampled(record: dict, row: int) -> _Dialogue:
+    """Online DPO's record: an instruction and two of the policy's answers, as they were sampled. An answer may be
+    empty (the policy stopped at once: its response is EOS alone), and the two may be the same text (one cut, one
+    ended: dpo.on_policy compares their tokens)."""
+    return _Dialogue(record["prompt"], record["chosen"], record["rejected"])
+
+
+def to_example(record: Any, row: int, *, template: str = "recipe", tokenizer: Any = None,
+               samples: bool = False) -> PreferenceExample:
+    """One record -> rendered text. Raises RowError (a DataError with a skip reason) for a bad row. `samples`: a
+    record of sampled answers (_sampled), not of a preference set."""
     with _as_data_errors():
         check_template(template, tokenizer)
     if not isinstance(record, dict):
         raise RowError("wrong_type", row, f"record is a {type(record).__name__}, not an object")
-    dialogue = _FORMATS[detect_format(record)](record, row)
+    dialogue = _sampled(record, row) if samples else _FORMATS[detect_format(record)](record, row)
     with _as_data_errors(row):
         prompt = render_prompt(dialogue.prompt, template, tokenizer)
         chosen = render_response(dialogue.prompt, dialogue.chosen, template, tokenizer, rendered_prompt=prompt)
@@ -510,7 +519,7 @@ def to_example(record: Any, row: int, *, template: str = "recipe", tokenizer: An
     example = PreferenceExample(prompt, chosen, rejected, row)
     # identical up to the whitespace around them, too: under a chat template (which keeps that whitespace) such a
     # pair would teach only a preference for a leading space or a final newline
-    if example.chosen == example.rejected or dialogue.chosen.strip() == dialogue.rejected.strip():
+    if not samples and (example.chosen == example.rejected or dialogue.chosen.strip() == dialogue.rejected.strip()):
         raise RowError("identical_responses", row, "chosen and rejected are identical")
     return example
 
@@ -564,17 +573,19 @@ def tokenize_pair(example: PreferenceExample, tokenizer: Any, *, max_length: int
 
 def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 1024, max_prompt_length: int | None = 512,
                 truncation_mode: str = "keep_end", template: str = "recipe", source: str = "preference data",
-                allow_empty: bool = False, rows: Sequence[int] | None = None) -> tuple[list[TokenizedPair], DataStats]:
+                allow_empty: bool = False, rows: Sequence[int] | None = None,
+                samples: bool = False) -> tuple[list[TokenizedPair], DataStats]:
     """All usable records as TokenizedPairs (source order) and the counts of skipped rows by reason.
     `rows`: each record's row in its source (messages and TokenizedPair.row), when `records` is a split or subset
-    of it. Raises DataError when none is usable, unless `allow_empty` (online DPO's samples of a step)."""
+    of it. Raises DataError when none is usable, unless `allow_empty` (online DPO's samples of a step). `samples`:
+    records of sampled answers (to_example's), whose identical pairs the caller drops once it has set their ends."""
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     special = _special_ids(tokenizer)
     stats = DataStats(rows=len(records))
     examples = []
     for row, record in zip(range(len(records)) if rows is None else rows, records):
         try:
-            examples.append(to_example(record, row, template=template, tokenizer=tokenizer))
+            examples.append(to_example(record, row, template=template, tokenizer=tokenizer, samples=samples))
         except RowError as err:
             stats.count_skip(err.reason, str(err))
 
@@ -594,7 +605,7 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
             elif not pair.prompt_ids:  # no position would predict the first response token: it goes unscored
                 stats.count_skip("empty_prompt", f"row {example.row}: the prompt is no tokens (rendered "
                                                  f"{example.prompt!r}, and the tokenizer adds no BOS)")
-            elif pair.chosen_ids == pair.rejected_ids:
+            elif pair.chosen_ids == pair.rejected_ids and not samples:
                 stats.count_skip("identical_after_truncation", f"row {example.row}: chosen and rejected are "
                                                                f"identical within max_length={max_length}")
             else:

@@ -203,11 +203,14 @@ class Sampler:
                 records.append({"prompt": prompt, **fixed})
                 kept_rows.append(row)
                 repaired += 1
-        built, _ = build_pairs(records, self.tokenizer, source="online samples", allow_empty=True, **self.lengths)
+        built, _ = build_pairs(records, self.tokenizer, source="online samples", allow_empty=True, samples=True,
+                               **self.lengths)
         end = self.end_ids
         pairs = [TokenizedPair(p.prompt_ids, _without_end(p.chosen_ids, end) if ends[p.row][0] else p.chosen_ids,
                                _without_end(p.rejected_ids, end) if ends[p.row][1] else p.rejected_ids,
                                kept_rows[p.row]) for p in built]
+        # the same text cut and ended differs by its end; the same tokens, or an answer of none, teach nothing
+        pairs = [p for p in pairs if p.chosen_ids != p.rejected_ids and p.chosen_ids and p.rejected_ids]
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
         stats = {"score_sum": sum(sum(row) for row in judged), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,

@@ -101,8 +101,9 @@ def is_rendered_recipe_prompt(text: str) -> bool:
 
 
 def format_response(text: str) -> str:
-    """A response as it follows a recipe prompt: " " + text.strip() (EOS is added as a token id, not as text)."""
-    return " " + text.strip()
+    """A response as it follows a recipe prompt: " " + text.strip(), or nothing for an empty answer (a sampled one:
+    EOS alone). EOS is added as a token id, not as text."""
+    return " " + text.strip() if text.strip() else ""
 
 
 def _check_template_name(template: str) -> None:

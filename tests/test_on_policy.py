@@ -144,6 +144,52 @@ def test_ties_are_skipped_and_counted(workdir, monkeypatch):
     assert not run_metrics(out, "alert")
 
 
+class ScoreBy:
+    """A judge whose score of an answer is `score(answer)`."""
+    name = "score_by"
+
+    def __init__(self, score):
+        self.score = score
+
+    def score_batch(self, prompts, responses):
+        return [[self.score(r) for r in rs] for rs in responses]
+
+
+@pytest.mark.parametrize("choice", ["first", "longest", "matched"])
+def test_an_empty_sample_is_a_response_of_eos_alone(choice):
+    """The policy stopping at once is an answer it gave: as the worst it is rejected as EOS alone (--pair-choice
+    longest takes the shortest worst answer, so it always took this one and lost the pair)."""
+    tokenizer = tiny_tokenizer()
+    lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
+    sampler = Sampler(OnPolicySettings(online=True, num_samples=4, pair_choice=choice),
+                      ScoreBy(lambda r: float(r.startswith("red"))), tokenizer, lengths, 0)
+    pairs, stats = sampler.pairs(PROMPTS[:1], [["red green blue", "blue cat dog", "", "no"]], rows=[0])
+    assert stats["pairs"] == 1 and stats["unusable"] == 0
+    assert pairs[0].chosen_ids == tokenizer(" red green blue", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+    if choice == "longest":
+        assert pairs[0].rejected_ids == [tokenizer.eos_token_id]
+
+
+def test_a_cut_sample_and_an_ended_one_of_the_same_text_differ_by_their_end():
+    """ "yes" that ended and "yes" + a whitespace loop cut at the token budget (stripped to "yes"): with
+    --missing-eos-penalty the ended one wins, and the pair is [yes, EOS] against [yes], not an identical pair."""
+    tokenizer = tiny_tokenizer()
+    lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
+    sampler = Sampler(OnPolicySettings(online=True, num_samples=2, missing_eos_penalty=0.5),
+                      ScoreBy(lambda r: 1.0), tokenizer, lengths, 0)
+    yes = tokenizer(" yes", add_special_tokens=False)["input_ids"]
+    pairs, stats = sampler.pairs(PROMPTS[:1], [["yes", "yes"]], [0], [[False, True]])
+    assert stats["pairs"] == 1 and (pairs[0].chosen_ids, pairs[0].rejected_ids) == (yes + [tokenizer.eos_token_id],
+                                                                                    yes)
+    # the same tokens on both sides, or an answer of no tokens at all (cut, all whitespace), teach nothing
+    tie_break = ScoreBy(lambda r: float(len(r)))
+    for answers, cut in ((["yes", "yes "], [False, False]), (["yes", ""], [False, True])):
+        sampler = Sampler(OnPolicySettings(online=True, num_samples=2), tie_break, tokenizer, lengths, 0)
+        pairs, stats = sampler.pairs(PROMPTS[:1], [answers], [0], [cut])
+        assert (stats["pairs"], stats["unusable"]) == (0, 1), answers
+
+
 @pytest.mark.parametrize("name,message", [
     ("raises", r"judge .*judges.py:raises raised ValueError: the judge server is down"),
     ("wrong_shape", r"judge .*:wrong_shape returned 1 score lists for [28] prompts"),
