@@ -145,8 +145,15 @@ class ExplodingLogRatios(Check):
                         "or keep --max-grad-norm")
         return None
 
+
+class HeldOutNotFinite(Check):
+    """A held-out loss that is not finite: the last updates broke the model's numbers. A check of its own, so that
+    an exploding_log_ratios alert raised before (on the train side, the usual order) does not silence it."""
+
+    name = "held_out_not_finite"
+
     def eval(self, record: dict[str, Any]) -> str | None:
-        """A message when the held-out loss is not finite (the last updates broke the model's numbers)."""
+        """A message when the held-out loss is not finite."""
         if "loss" in record and not math.isfinite(_value(record, "loss")):
             return (f"the held-out loss is {_value(record, 'loss')}: the policy's log-probs are no longer finite. Lower "
                     "--lr, keep --max-grad-norm, or use --precision bf16 / fp32")
@@ -193,7 +200,8 @@ class HealthMonitor:
         self.mode = mode
         self.emit = emit or (lambda alert: None)
         self.checks: list[Check] = [] if mode == "off" else [
-            NothingScored(window), LikelihoodDisplacement(window), ExplodingLogRatios(), LossScaleCollapse()]
+            NothingScored(window), LikelihoodDisplacement(window), ExplodingLogRatios(), HeldOutNotFinite(),
+            LossScaleCollapse()]
         self.raised: list[Alert] = []
 
     def observe(self, record: dict[str, Any]) -> list[Alert]:

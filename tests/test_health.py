@@ -74,6 +74,16 @@ def test_exploding_log_ratios():
     assert "not finite" in nan.train(train_record(1, **{"rewards/margins": math.nan}))
 
 
+def test_a_held_out_loss_that_is_not_finite_is_raised_after_exploding_log_ratios():
+    """Its own alert: the train side's exploding_log_ratios, usually raised first, does not silence it."""
+    monitor = HealthMonitor()
+    assert [a.name for a in monitor.observe(train_record(1, **{"rewards/margins": math.nan}))] == [
+        "exploding_log_ratios"]
+    assert monitor.observe({"split": "eval", "step": 1, "loss": 0.6}) == []
+    alerts = monitor.observe({"split": "eval", "step": 2, "loss": math.nan})
+    assert [a.name for a in alerts] == ["held_out_not_finite"] and "held-out loss is nan" in alerts[0].message
+
+
 def test_loss_scale_collapse():
     check = LossScaleCollapse()
     assert check.train(train_record(1)) is None  # no loss_scale: not fp16
