@@ -4,6 +4,7 @@ dpo.tracking.JsonlTracker)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,9 @@ class PairMetrics:
             losses.sum(),
             chosen_rewards.sum(),
             rejected_rewards.sum(),
-            (chosen_rewards > rejected_rewards).float().sum(),
+            # a NaN margin is no comparison: the step's accuracy is NaN (logged null), not a silent 0
+            (chosen_rewards > rejected_rewards).float().masked_fill((chosen_rewards - rejected_rewards).isnan(),
+                                                                   math.nan).sum(),
             (chosen_rewards - rejected_rewards).sum(),
             chosen_logps.sum(),
             rejected_logps.sum(),

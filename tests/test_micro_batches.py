@@ -1,5 +1,6 @@
 """Micro-batches cut by rows or by a token budget, and the passes each process runs."""
 
+import math
 import random
 
 import pytest
@@ -114,3 +115,8 @@ def test_token_metrics_are_token_weighted_over_the_step():
                                                                               rejected_lengths=lengths))
     assert not {"logits/chosen", "entropy", "mean_token_accuracy"} & set(stats.means())  # a scorer that gave none
     assert stats.num_pairs == 4
+    assert stats.means()["rewards/accuracies"] == 0.0  # no pair's chosen reward above its rejected one
+    nan = PairMetrics()  # a NaN margin is no comparison: NaN (logged null), not counted as a loss of the pair
+    nan.add(LossOutput(zeros, torch.tensor([math.nan, 1.0, 1.0, 1.0]), zeros, torch.zeros(0)),
+            PreferenceLogps(zeros, zeros, chosen_lengths=lengths, rejected_lengths=lengths))
+    assert math.isnan(nan.means()["rewards/accuracies"])
