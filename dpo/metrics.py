@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +94,20 @@ def _token_sums(values: Tensor | None, lengths: Tensor) -> Tensor:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a last line cut short by a crash is dropped."""
+    """The records of a metrics.jsonl; a last line cut short by a crash is dropped, and any other line that is no
+    JSON record (the file edited by hand, a disk error) is left out with a warning naming it."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number < len(lines) and line.strip():
+            warnings.warn(f"{path}, line {number}: not a JSON record, left out", stacklevel=2)
     return records

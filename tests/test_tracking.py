@@ -333,6 +333,15 @@ def test_jsonl_keeps_the_lines_up_to_the_resumed_step(tmp_path):
                                                                                          (3, 30.0)]
 
 
+def test_a_line_that_is_no_record_is_named_unless_it_is_a_last_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n[3]\n{"step": 4}\n{"step": 5, "l')
+    with pytest.warns(UserWarning) as caught:
+        assert read_metrics(path) == [{"step": 1}, {"step": 4}]
+    assert [str(w.message) for w in caught] == [f"{path}, line 2: not a JSON record, left out",
+                                                f"{path}, line 3: not a JSON record, left out"]
+
+
 def test_a_process_other_than_the_main_one_writes_nothing(isolated, tmp_path):
     with open_trackers(",".join(INSTALLED) or "none", tmp_path / "run", RUN_NAME, CONFIG, enabled=False) as trackers:
         assert trackers.names == []
