@@ -253,6 +253,13 @@ class _Collected(logging.Handler):
         self.last_error = lines[0][:300] if lines else None
 
 
+def _ends(error: BaseException) -> str:
+    """The first line of an error's message and, when it has more, its last: datasets' CastError says what it could
+    not cast on the first line and why ("because column names don't match") on the last."""
+    lines = str(error).strip().splitlines()
+    return first_line(error) + (f" ... {lines[-1].strip()[:200]}" if len(lines) > 1 else "")
+
+
 def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str]:
     """A dataset directory with splits or a hub name, through datasets.load_dataset."""
     import datasets  # heavy: only hub names and dataset directories need it
@@ -275,7 +282,7 @@ def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str
     except Exception as err:  # network, missing split, bad files: all reported as one line
         # datasets wraps what went wrong; its log names the file ("Failed to load JSON from file '...' with
         # error ...: JSON parse error: Invalid value. in row 10")
-        detail = logged.last_error or (f"{type(err.__cause__).__name__}: {first_line(err.__cause__)}"
+        detail = logged.last_error or (f"{type(err.__cause__).__name__}: {_ends(err.__cause__)}"
                                        if err.__cause__ is not None else "")
         raise DataError(f"{source}: cannot load dataset ({type(err).__name__}: {first_line(err)}"
                         + (f"; {detail}" if detail else "") + ")") from None

@@ -123,6 +123,15 @@ def test_a_bad_line_in_a_dataset_directory_names_what_went_wrong(model_dir, tmp_
                           f"JSON parse error: Invalid value. in row {GOOD_ROWS}")
 
 
+def test_a_dataset_directory_whose_splits_differ_in_columns_says_why(model_dir, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_pairs(folder / "train.jsonl", GOOD_ROWS)
+    (folder / "test.jsonl").write_text('{"a": 1}\n')
+    assert_one_line_error(capsys, run_cli(model_dir, folder, tmp_path / "out"), "cannot load dataset",
+                          "CastError: Couldn't cast ... because column names don't match")
+
+
 def test_unknown_loss_name(model_dir, tmp_path, capsys):
     data = dataset_with(tmp_path, [])
     assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", "--loss", "sigmod"), "sigmod", "sigmoid")
