@@ -39,7 +39,9 @@ Encoding: prompt and response are encoded separately without special tokens, so 
 boundary and the response tokens are exactly those the template defines:
     prompt_ids   = [BOS]? + tok(prompt)    BOS only if the tokenizer itself adds one (e.g. Llama; not GPT-2 or
                                            Phi-2), and never twice (a chat rendering may start with it)
-    response_ids = tok(response) + [EOS]   EOS not repeated if the rendering already ends with it
+    response_ids = tok(response) + [EOS]   EOS not repeated if the rendering already ends with it; tok(response)
+                                           is tok(prompt + response) less tok(prompt) where that is its start
+                                           (encode_responses: the same for byte-level BPE, not for SentencePiece)
 Recipe text is plain text: a literal "<|endoftext|>" in it stays text (split_special_tokens=True). A chat
 rendering holds the template's special-token text, which is encoded as those tokens.
 
@@ -76,8 +78,8 @@ Prompt = str | Sequence[Message]  # a bare instruction, or the history before an
 class PromptError(UserError):
     """A prompt that cannot be rendered or encoded, or a tokenizer that cannot encode prompts.
 
-    `reason` is a short key: "bad_roles" and "chat_template_error" concern one conversation only;
-    "no_chat_template", "chat_template_mismatch", "no_eos" and "bad_setting" concern every prompt.
+    `reason` is a short key: "bad_roles", "chat_template_error" and "special_token_text" concern one conversation
+    only; "no_chat_template", "chat_template_mismatch", "no_eos" and "bad_setting" concern every prompt.
     """
 
     def __init__(self, reason: str, message: str):
@@ -210,9 +212,26 @@ def render_recipe_prompt(messages: Sequence[Message]) -> str:
     return history + format_prompt(turns[-1])
 
 
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """The texts of the tokenizer's special tokens (EOS, the chat template's markers...), longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    texts |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+              if getattr(t, "special", False)}
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
 def apply_chat_template(tokenizer: Any, messages: Sequence[Message], **kwargs: Any) -> str:
-    """The tokenizer's chat template applied to `messages`, as text."""
+    """The tokenizer's chat template applied to `messages`, as text. A message that holds a special token's text
+    is a PromptError ("special_token_text"): a chat rendering is encoded with its special tokens (the template's own
+    markers are such text), so that text would become the control token itself, a stray EOS or end of turn."""
     check_template("chat", tokenizer)
+    specials = special_token_texts(tokenizer)
+    for message in messages:
+        found = next((t for t in specials if t in message["content"]), None)
+        if found is not None:
+            raise PromptError("special_token_text", f"a {message['role']} message holds the text of the special "
+                                                    f"token {found!r}, which the chat template would encode as that "
+                                                    "token")
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
     except Exception as err:  # jinja raises for conversations the template rejects (e.g. role order)
@@ -327,6 +346,21 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], template: str = "recipe",
         split_special_tokens = _SPLIT_SPECIAL_TOKENS[resolve_template(template, tokenizer)]
     return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=split_special_tokens,
                      verbose=False)["input_ids"]
+
+
+def encode_responses(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+                     prompt_ids: Sequence[Sequence[int]], template: str = "recipe", *,
+                     split_special_tokens: bool | None = None) -> list[list[int]]:
+    """Token ids of each response as it follows its prompt in the whole text: tok(prompt + response) less
+    prompt_ids (tok(prompt)), where those are the whole's first ids, else tok(response) alone (a merge across the
+    boundary). The same as tok(response) for byte-level BPE (GPT-2, Phi-2, SmolLM2); a SentencePiece tokenizer
+    (Llama-2, Mistral) starts a text encoded alone with "▁", where the model, after a chat template's "\n", was
+    trained on and generates the pieces without it."""
+    alone = encode_texts(tokenizer, responses, template, split_special_tokens=split_special_tokens)
+    whole = encode_texts(tokenizer, [p + r for p, r in zip(prompts, responses)], template,
+                         split_special_tokens=split_special_tokens)
+    return [ids[len(head):] if list(ids[:len(head)]) == list(head) else own
+            for ids, head, own in zip(whole, prompt_ids, alone)]
 
 
 def check_truncation(max_prompt_length: int | None, truncation_mode: str) -> None:
