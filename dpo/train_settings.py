@@ -75,6 +75,13 @@ def _device(value: Any) -> str | None:
     return None
 
 
+def _test_size(value: Any) -> str | None:
+    """A fraction below 1, or a whole number of pairs (1.5 would silently be 1)."""
+    if positive(value) is not None:
+        return "must be positive"
+    return None if value < 1 or float(value).is_integer() else "must be a fraction below 1 or a whole count"
+
+
 def _betas(value: Any) -> str | None:
     ok = isinstance(value, tuple) and len(value) == 2 and all(in_range(0.0, 1.0)(b) is None for b in value)
     return None if ok else "must be two numbers in [0, 1)"
@@ -93,7 +100,7 @@ class TrainSettings:
     eval_split: str | None = setting("test", "held-out split; when the source has none, --test-size pairs are "
                                              "split off")
     test_size: float = setting(0.05, "fraction (or count if >= 1) held out when the source has no eval split",
-                               check=positive)
+                               check=_test_size)
     num_pairs: int | None = setting(None, "use only this many training pairs (a subset)", check=positive)
     subset: str = setting("first", "how --num-pairs are chosen", choices=["first", "random"])
     max_eval_pairs: int | None = setting(256, "evaluate on at most this many held-out pairs (None: all)",

@@ -149,7 +149,9 @@ def test_wrong_flag_value(model_dir, tmp_path, capsys, flag, value):
 
 @pytest.mark.parametrize("flag,value,message", [("--beta", "-1", "--beta must be positive"),
                                                 ("--warmup-ratio", "1.5", "--warmup-ratio"),
-                                                ("--batch-size", "6", "multiple of --micro-batch-size")])
+                                                ("--batch-size", "6", "multiple of --micro-batch-size"),
+                                                ("--test-size", "1.5", "--test-size must be a fraction below 1 or a "
+                                                                       "whole count, got 1.5")])
 def test_flag_value_out_of_range(model_dir, tmp_path, capsys, flag, value, message):
     data = dataset_with(tmp_path, [])
     assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", flag, value), message)
