@@ -183,7 +183,7 @@ class Sampler:
         # rounded: 5/6 - 0.5 and 1/3 (IFEval's scores of three constraints) tie, not by a rounding error
         scores = [[round(x - penalty * c, SCORE_DECIMALS) for x, c in zip(row, row_cut)]
                   for row, row_cut in zip(judged, cut)]
-        records, kept_rows, ends, ties, repaired = [], [], [], 0, 0
+        records, kept_rows, ends, repairs, ties = [], [], [], set(), 0
         for prompt, answers, row_scores, row, row_cut, row_judged in zip(prompts, responses, scores, rows, cut, judged):
             top, bottom = max(row_scores), min(row_scores)
             if top != bottom:
@@ -200,17 +200,20 @@ class Sampler:
             if fixed is not None:
                 source = order[fixed.pop("index")]  # a repair keeping a cut sample's end is cut as well
                 ends.append((row_cut[source] and keeps_end(answers[source], fixed["chosen"]), row_cut[source]))
+                repairs.add(len(records))
                 records.append({"prompt": prompt, **fixed})
                 kept_rows.append(row)
-                repaired += 1
         built, _ = build_pairs(records, self.tokenizer, source="online samples", allow_empty=True, samples=True,
                                **self.lengths)
         end = self.end_ids
-        pairs = [TokenizedPair(p.prompt_ids, _without_end(p.chosen_ids, end) if ends[p.row][0] else p.chosen_ids,
-                               _without_end(p.rejected_ids, end) if ends[p.row][1] else p.rejected_ids,
-                               kept_rows[p.row]) for p in built]
-        # the same text cut and ended differs by its end; the same tokens, or an answer of none, teach nothing
-        pairs = [p for p in pairs if p.chosen_ids != p.rejected_ids and p.chosen_ids and p.rejected_ids]
+        pairs, repaired = [], 0
+        for p in built:
+            chosen = _without_end(p.chosen_ids, end) if ends[p.row][0] else p.chosen_ids
+            rejected = _without_end(p.rejected_ids, end) if ends[p.row][1] else p.rejected_ids
+            # the same text cut and ended differs by its end; the same tokens, or an answer of none, teach nothing
+            if chosen != rejected and chosen and rejected:
+                pairs.append(TokenizedPair(p.prompt_ids, chosen, rejected, kept_rows[p.row]))
+                repaired += p.row in repairs  # trained on a repair: one lost when tokenized counts as unusable
         lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
         stats = {"score_sum": sum(sum(row) for row in judged), "samples": sum(len(r) for r in responses),
                  "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,

@@ -236,6 +236,10 @@ def test_repair_ties_turns_a_tie_into_the_pair_repair_sample():
         tokenizer(" no it is yellow", add_special_tokens=False)["input_ids"]
     metrics = summarize([stats], seconds=1.0)
     assert metrics["online/repaired"] == pytest.approx(1 / 3) and metrics["online/ties"] == pytest.approx(2 / 3)
+    # a repair lost when tokenized (the same tokens as its sample) is unusable, not counted as trained on
+    on.repaired = lambda prompt, answers, scores: {"chosen": answers[0] + " ", "rejected": answers[0], "index": 0}
+    pairs, stats = on.pairs(texts, samples, rows=[0, 1, 2])
+    assert [p.row for p in pairs] == [2] and (stats["repaired"], stats["unusable"], stats["pairs"]) == (0, 2, 1)
 
 
 def test_repair_ties_needs_a_judge_that_repairs():
