@@ -880,6 +880,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         log(f"note: --loss {cfg.loss.loss_type} compares the pairs of each micro-batch, so its result depends on "
             "--micro-batch-size, --group-by-length and the number of processes")
     out_dir = Path(cfg.output_dir)
+    progress: ProgressBar | None = None  # the loop's, once it starts
     resume, replaced = open_run_dir(cfg, dist, log)
     with replacing(replaced, log):  # a bad input restores the run --overwrite replaces
         torch.manual_seed(cfg.seed)
@@ -916,8 +917,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, first_step, enabled=dist.is_main)
 
         def alert(event: Alert) -> None:
-            if not event.stops:  # one that stops the run is its error line
-                log(str(event))
+            if not event.stops:  # one that stops the run is its error line; above the progress bar once it runs
+                (progress.write if progress is not None else log)(str(event))
             trackers.log_event(event.step, event.name, event.message)
 
         trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -978,10 +979,10 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
             planned_stop = cfg.stop_at_step == state.step and state.step < total_steps
             if (cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps) or stop_now \
                     or planned_stop:
-                log(f"saved {save(state, total_steps, tokenizer, run_config)}")
+                progress.write(f"saved {save(state, total_steps, tokenizer, run_config)}")
             if stop_now or planned_stop:
                 reason = f"{stop.signal_name or 'a signal'} received" if stop_now else f"--stop-at-step {state.step}"
-                log(f"{reason}: checkpoint saved at step {state.step}; continue with --resume")
+                progress.write(f"{reason}: checkpoint saved at step {state.step}; continue with --resume")
                 break
         progress.close()
         if state.step == total_steps:
