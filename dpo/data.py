@@ -26,7 +26,7 @@ Rendering and tokenization are dpo.prompts' (see its docstring), the very functi
 model is prompted at inference exactly as it was trained: the "recipe" template ("### Human: ...\\n\\n### Assistant:"
 prompts, " " + text responses) or the tokenizer's chat template; prompt_ids = [BOS]? + tok(prompt) cut to
 max_prompt_length by dpo.prompts.truncate_prompt, response_ids = tok(response) + [EOS] cut to what max_length
-leaves (tok(response) as it follows the prompt: dpo.prompts.encode_responses).
+leaves.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from torch import Tensor
 
 from dpo.errors import UserError, first_line
 from dpo.prompts import (HH_ASSISTANT, HH_TURN, Prompt, PromptError, SpecialIds, check_template, check_truncation,
-                         empty_user_turn, encode_responses, encode_texts, hh_messages, is_hh_prompt, lone_surrogate,
-                         recipe_messages, render_prompt, render_response, special_ids, truncate_prompt, with_bos)
+                         empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate, recipe_messages,
+                         render_prompt, render_response, special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 
@@ -566,16 +566,15 @@ def _assemble(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[i
 def tokenize_pair(example: PreferenceExample, tokenizer: Any, *, max_length: int, max_prompt_length: int | None,
                   truncation_mode: str = "keep_end", template: str = "recipe",
                   split_special_tokens: bool | None = None) -> TokenizedPair | None:
-    """prompt_ids = [BOS]? + tok(prompt), responses = tok(response) + [EOS] (as it follows the prompt:
-    dpo.prompts.encode_responses), then truncated:
+    """prompt_ids = [BOS]? + tok(prompt), responses = tok(response) + [EOS], then truncated:
     the prompt to max_prompt_length (keep_end / keep_start), each response to max_length - len(prompt_ids).
     Special-token text is encoded as build_pairs encodes it for `template` (split_special_tokens overrides).
     None when the prompt leaves no room for a single response token."""
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     special = _special_ids(tokenizer)
-    (prompt_ids,) = encode_texts(tokenizer, [example.prompt], template, split_special_tokens=split_special_tokens)
-    chosen_ids, rejected_ids = encode_responses(tokenizer, [example.prompt] * 2, [example.chosen, example.rejected],
-                                                [prompt_ids] * 2, template, split_special_tokens=split_special_tokens)
+    prompt_ids, chosen_ids, rejected_ids = encode_texts(
+        tokenizer, [example.prompt, example.chosen, example.rejected], template,
+        split_special_tokens=split_special_tokens)
     return _assemble(prompt_ids, chosen_ids, rejected_ids, example.row, special,
                      max_length, max_prompt_length, truncation_mode)
 
@@ -602,10 +601,8 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
     chunk = 1024  # batched encoding is much faster than one call per text
     for start in range(0, len(examples), chunk):
         batch = examples[start:start + chunk]
-        prompts = encode_texts(tokenizer, [e.prompt for e in batch], template)
-        responses = encode_responses(tokenizer, [e.prompt for e in batch] * 2,
-                                     [e.chosen for e in batch] + [e.rejected for e in batch], prompts * 2, template)
-        ids = prompts + responses
+        texts = [e.prompt for e in batch] + [e.chosen for e in batch] + [e.rejected for e in batch]
+        ids = encode_texts(tokenizer, texts, template)
         n = len(batch)
         for i, example in enumerate(batch):
             pair = _assemble(ids[i], ids[n + i], ids[2 * n + i], example.row, special,

@@ -35,15 +35,15 @@ A bare instruction is a conversation of one user turn, in both templates; one in
 ("\\n\\nHuman: u1\\n\\nAssistant: a1\\n\\nHuman: u2\\n\\nAssistant:", Dahoas/full-hh-rlhf's prompts) is the
 conversation it writes (read_prompt), wherever it comes from: a training record or an instruction to answer.
 
-Encoding: prompt and response are encoded separately without special tokens, so no BPE merge crosses the
-boundary and the response tokens are exactly those the template defines:
+Encoding: prompt and response are encoded separately without special tokens (as TRL does), so no BPE merge
+crosses the boundary and the response text is exactly what the template defines (its tokens are the whole
+conversation's for byte-level BPE; a SentencePiece tokenizer starts the response with its own "▁"):
     prompt_ids   = [BOS]? + tok(prompt)    BOS only if the tokenizer itself adds one (e.g. Llama; not GPT-2 or
                                            Phi-2), and never twice (a chat rendering may start with it)
-    response_ids = tok(response) + [EOS]   EOS not repeated if the rendering already ends with it; tok(response)
-                                           is tok(prompt + response) less tok(prompt) where that is its start
-                                           (encode_responses: the same for byte-level BPE, not for SentencePiece)
+    response_ids = tok(response) + [EOS]   EOS not repeated if the rendering already ends with it
 Recipe text is plain text: a literal "<|endoftext|>" in it stays text (split_special_tokens=True). A chat
-rendering holds the template's special-token text, which is encoded as those tokens.
+rendering holds the template's special-token text, which is encoded as those tokens; a message that holds such
+text itself is refused (apply_chat_template: "special_token_text").
 
 Truncation: a prompt longer than max_prompt_length tokens (BOS included) loses the start of its text (keep_end,
 which keeps the question's end and the assistant cue) or its end (keep_start). BOS is never cut.
@@ -346,21 +346,6 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], template: str = "recipe",
         split_special_tokens = _SPLIT_SPECIAL_TOKENS[resolve_template(template, tokenizer)]
     return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=split_special_tokens,
                      verbose=False)["input_ids"]
-
-
-def encode_responses(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
-                     prompt_ids: Sequence[Sequence[int]], template: str = "recipe", *,
-                     split_special_tokens: bool | None = None) -> list[list[int]]:
-    """Token ids of each response as it follows its prompt in the whole text: tok(prompt + response) less
-    prompt_ids (tok(prompt)), where those are the whole's first ids, else tok(response) alone (a merge across the
-    boundary). The same as tok(response) for byte-level BPE (GPT-2, Phi-2, SmolLM2); a SentencePiece tokenizer
-    (Llama-2, Mistral) starts a text encoded alone with "▁", where the model, after a chat template's "\n", was
-    trained on and generates the pieces without it."""
-    alone = encode_texts(tokenizer, responses, template, split_special_tokens=split_special_tokens)
-    whole = encode_texts(tokenizer, [p + r for p, r in zip(prompts, responses)], template,
-                         split_special_tokens=split_special_tokens)
-    return [ids[len(head):] if list(ids[:len(head)]) == list(head) else own
-            for ids, head, own in zip(whole, prompt_ids, alone)]
 
 
 def check_truncation(max_prompt_length: int | None, truncation_mode: str) -> None:

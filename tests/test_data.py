@@ -358,34 +358,6 @@ def test_chat_template_skips_answers_identical_up_to_their_whitespace(chatml):
     assert [p.row for p in pairs] == [1] and stats.skipped == {"identical_responses": 1}
 
 
-def test_a_sentencepiece_response_is_tokenized_as_it_follows_its_prompt():
-    """Encoded alone, a SentencePiece text starts with "▁" ("▁yellow"); after a chat template's "\n" the whole
-    conversation's tokens, which the model is trained on and generates, are "ye", "llo", "w"."""
-    from tokenizers import SentencePieceBPETokenizer
-    from transformers import LlamaTokenizer
-
-    trainer = SentencePieceBPETokenizer()
-    trainer.train_from_iterator(["### Human: what color is the sun?\n\n### Assistant: yellow",
-                                 "Yes yes the answer is yellow. Sure, Answer here"] * 20,
-                                vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    model = json.loads(trainer.to_str())["model"]
-    tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                                                             for m in model["merges"]])
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    record = explicit("what color is the sun?", "yellow", "Sure")
-    for template in ("chat", "recipe"):
-        example = to_example(record, 0, template=template, tokenizer=tokenizer)
-        (pair,), _ = build_pairs([record], tokenizer, max_length=64, max_prompt_length=32, template=template)
-        whole = tokenizer(example.prompt + example.chosen, add_special_tokens=False)["input_ids"]
-        eos = [] if whole[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
-        bos = [tokenizer.bos_token_id] if pair.prompt_ids[:1] == [tokenizer.bos_token_id] else []
-        assert pair.prompt_ids + pair.chosen_ids == bos + whole + eos, template
-        if template == "chat":  # where the response encoded alone is other tokens
-            alone = tokenizer(example.chosen, add_special_tokens=False)["input_ids"]
-            assert tokenizer.convert_ids_to_tokens(alone)[0].startswith("▁") and alone != pair.chosen_ids
-
-
 def test_chat_template_skips_a_message_holding_a_special_tokens_text(chatml):
     """A chat rendering is encoded with its special tokens: "<|im_end|>" written in an answer would become the end of
     its turn (and the EOS), "<|endoftext|>" in a question a stray control token. The recipe template keeps it text."""
