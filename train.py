@@ -260,8 +260,8 @@ def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy
     settings = cfg.on_policy
     if len(data.instructions) < cfg.batch_size:
         raise DataError(f"{cfg.dataset}: {len(data.instructions)} distinct single-turn instructions, fewer than one "
-                        f"batch of --batch-size {cfg.batch_size} ({data.instructions_left_out} records multi-turn or "
-                        "unreadable)")
+                        f"batch of --batch-size {cfg.batch_size} ({data.instructions_left_out} records multi-turn, "
+                        "unreadable or unrenderable)")
     records = {text: (f"{cfg.dataset}, row {row}", record) for text, (row, record) in data.instruction_rows.items()}
     judge = build_judge(settings.judge, device=device, dtype=frozen_dtype(resolve_precision(cfg.precision, device)),
                         prompts=records)
@@ -271,8 +271,8 @@ def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy
                    truncation_mode=cfg.truncation_mode, template=cfg.template)
     sampler = Sampler(settings, judge, tokenizer, lengths, cfg.seed, resolve_precision(cfg.precision, device))
     kind = "online" if settings.online else f"iterative ({settings.iterations} rounds)"
-    log(f"{kind} DPO: {len(data.instructions)} instructions ({data.instructions_left_out} multi-turn or unreadable "
-        f"records left out), {settings.num_samples} samples each, judged by {judge.name}")
+    log(f"{kind} DPO: {len(data.instructions)} instructions ({data.instructions_left_out} multi-turn, unreadable or "
+        f"unrenderable records left out), {settings.num_samples} samples each, judged by {judge.name}")
     if settings.online:
         return OnlinePairs(data.instructions, cfg.batch_size, cfg.seed, sampler)
     return IterativePairs(data.instructions, cfg.batch_size, cfg.seed, sampler, settings.iterations,

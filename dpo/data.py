@@ -48,9 +48,9 @@ import torch
 from torch import Tensor
 
 from dpo.errors import UserError, first_line
-from dpo.prompts import (HH_ASSISTANT, HH_TURN, Prompt, PromptError, SpecialIds, check_template, check_truncation,
-                         empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate, recipe_messages,
-                         render_prompt, render_response, special_ids, truncate_prompt, with_bos)
+from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Prompt, PromptError, SpecialIds, check_template,
+                         check_truncation, empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate,
+                         recipe_messages, render_prompt, render_response, special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 
@@ -460,14 +460,19 @@ _FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
 }
 
 
-def instruction_records(records: Sequence[Any],
-                        rows: Sequence[int] | None = None) -> tuple[dict[str, tuple[int, Any]], int]:
+def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = None, *, template: str | None = None,
+                        tokenizer: Any = None) -> tuple[dict[str, tuple[int, Any]], int]:
     """The distinct single-turn instructions of records, in first-seen order, each with the row and record it first
-    came from, and how many records were left out (a multi-turn history, or a row that cannot be read): online
-    DPO's prompt set. A record is a preference pair of any format, or a prompt alone (a "prompt" and no responses,
-    as in IFEval's input_data.jsonl, whose other fields its judge reads). `rows`: as build_pairs'."""
+    came from, and how many records were left out (a multi-turn history, a row that cannot be read, or with
+    `template` an instruction that template cannot render, e.g. one holding a special token's text under the chat
+    template): online DPO's prompt set, checked before the first step samples it. A record is a preference pair of
+    any format, or a prompt alone (a "prompt" and no responses, as in IFEval's input_data.jsonl, whose other fields
+    its judge reads). `rows`: as build_pairs'."""
     seen: dict[str, tuple[int, Any]] = {}
     left_out = 0
+    if template is not None:
+        with _as_data_errors():
+            check_template(template, tokenizer)
     for row, record in zip(range(len(records)) if rows is None else rows, records):
         try:
             prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
@@ -476,6 +481,12 @@ def instruction_records(records: Sequence[Any],
         if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
                 and prompt[0].get("role") == "user"):
             prompt = prompt[0].get("content")  # not text (a list of parts, say): left out below
+        if isinstance(prompt, str) and prompt.strip() and prompt not in seen and template is not None:
+            try:
+                with _as_data_errors(row):
+                    render_prompt(prompt, template, tokenizer)
+            except RowError:
+                prompt = None
         if isinstance(prompt, str) and prompt.strip():
             seen.setdefault(prompt, (row, record))
         else:
@@ -486,10 +497,6 @@ def instruction_records(records: Sequence[Any],
 # ---------------------------------------------------------------------------------------------------
 # Dialogue -> rendered text (dpo.prompts)
 
-# PromptError reasons that concern one conversation only
-_ROW_REASONS = ("bad_roles", "chat_template_error", "special_token_text")
-
-
 @contextmanager
 def _as_data_errors(row: int | None = None) -> Iterator[None]:
     """dpo.prompts' errors as data errors: one conversation's as a RowError (a counted skip), the template's or
@@ -499,7 +506,7 @@ def _as_data_errors(row: int | None = None) -> Iterator[None]:
     except PromptError as err:
         if row is None:
             raise DataError(str(err)) from None
-        if err.reason in _ROW_REASONS:
+        if err.reason in ROW_REASONS:
             raise RowError(err.reason, row, str(err)) from None
         raise DataError(f"row {row}: {err}") from None
 

@@ -57,8 +57,8 @@ from transformers.generation.streamers import BaseStreamer
 from dpo.errors import UserError, first_line
 from dpo.modeling import ModelLoadError, is_adapter_dir, load_tokenizer, names_shipped_model
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
-from dpo.prompts import (HUMAN_TURN_PREFIX, TEMPLATES, TRUNCATION_MODES, empty_user_turn, encode_prompts,
-                         lone_surrogate, read_prompt, resolve_template)
+from dpo.prompts import (HUMAN_TURN_PREFIX, ROW_REASONS, TEMPLATES, TRUNCATION_MODES, PromptError, empty_user_turn,
+                         encode_prompts, lone_surrogate, read_prompt, render_prompt, resolve_template)
 from dpo.settings import seed_range
 
 # The card's decoding.
@@ -698,7 +698,17 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
     limit = _max_positions(model)
     budget = model_prompt_budget(model, decoding)
     mode = decoding.truncation_mode or "keep_end"
-    prompts, cut = encode_prompts(tokenizer, instructions, decoding.template, budget, mode)
+    try:
+        prompts, cut = encode_prompts(tokenizer, instructions, decoding.template, budget, mode)
+    except PromptError as error:  # one conversation's: name it (found again only on this path)
+        if error.reason not in ROW_REASONS:
+            raise
+        for i, text in enumerate(instructions):
+            try:
+                render_prompt(text, decoding.template, tokenizer)
+            except PromptError as own:
+                raise GenerationError(f"instruction {i}: {own}" if len(instructions) > 1 else str(own)) from None
+        raise
     if cut and warn:  # online DPO samples every step: it passes warn=False (training reports the cut prompts)
         print(f"warning: {cut} of {len(prompts)} prompts longer than {budget} tokens were cut ({mode}), "
               "as training cuts them", file=sys.stderr)

@@ -75,6 +75,10 @@ Message = dict[str, str]
 Prompt = str | Sequence[Message]  # a bare instruction, or the history before an assistant turn
 
 
+# PromptError reasons that concern one conversation only (a skipped row, an instruction named)
+ROW_REASONS = ("bad_roles", "chat_template_error", "special_token_text")
+
+
 class PromptError(UserError):
     """A prompt that cannot be rendered or encoded, or a tokenizer that cannot encode prompts.
 

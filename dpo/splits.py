@@ -50,7 +50,7 @@ class PreferenceData:
     # the train records' distinct instructions (online DPO), each with the row and record it came from (a judge
     # such as IFEval's reads the record's other fields)
     instruction_rows: dict[str, tuple[int, Any]] = field(default_factory=dict)
-    instructions_left_out: int = 0  # multi-turn or unreadable records among them
+    instructions_left_out: int = 0  # multi-turn, unreadable or unrenderable records among them
 
     @property
     def instructions(self) -> list[str]:
@@ -100,4 +100,6 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
         sampled = cfg.on_policy.enabled and not pairs  # prompts only: the run samples its pairs
         log(f"{split}: {where}: " + (f"{len(rows)} prompts, no pairs (the run samples its own)" if sampled else
                                      str(counts)))
-    return PreferenceData(train, evaluation, *instruction_records(records, [row for row, _ in indexed]))
+    # what the run samples is rendered now, as sampling will: an instruction the template cannot render is left out
+    rendered = dict(template=cfg.template, tokenizer=tokenizer) if cfg.on_policy.enabled else {}
+    return PreferenceData(train, evaluation, *instruction_records(records, [row for row, _ in indexed], **rendered))

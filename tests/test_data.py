@@ -755,3 +755,13 @@ def test_prompt_rows_whose_prompt_list_is_not_one_user_message_are_left_out_and_
                {"prompt": [{"role": "user", "content": ["a", "list"]}]}, {"prompt": [{"role": "user", "content": "ok"}]}]
     found, left_out = instruction_records(records)
     assert list(found) == ["fine", "ok"] and left_out == 3
+
+
+def test_an_instruction_the_template_cannot_render_is_left_out_before_sampling(chatml):
+    """Online DPO renders its instructions when it loads them, as sampling will: one holding a special token's text
+    under the chat template is left out and counted, not an error at the step that samples it."""
+    records = [{"prompt": "fine"}, {"prompt": "what is <|endoftext|>?"}, {"prompt": "ok"}]
+    assert list(instruction_records(records)[0]) == ["fine", "what is <|endoftext|>?", "ok"]
+    found, left_out = instruction_records(records, template="chat", tokenizer=chatml)
+    assert list(found) == ["fine", "ok"] and left_out == 1
+    assert len(instruction_records(records, template="recipe", tokenizer=chatml)[0]) == 3  # text in the recipe

@@ -269,6 +269,19 @@ def test_streamer_holds_back_a_possible_marker_and_flushes_it_at_the_end():
 # ---------------------------------------------------------------------------------------------------- padding
 
 
+def test_an_instruction_the_chat_template_refuses_is_named(lm):
+    import copy
+
+    model, tokenizer = lm
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<user> {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} <assistant>{% endif %}")
+    settings = DecodingSettings(greedy=True, max_new_tokens=2, chat_template=True)
+    with pytest.raises(GenerationError, match=r"^instruction 1: a user message holds the text of the special token "
+                                              r"'<\|endoftext\|>'"):
+        generate_batch(model, tokenizer, ["yes", "what is <|endoftext|>?"], settings)
+
+
 def test_left_pad_builds_the_mask_from_lengths_even_when_pad_is_a_real_token():
     input_ids, mask = left_pad([[5, 6, 7], [5], [7, 5]], pad_id=5)
     assert input_ids.tolist() == [[5, 6, 7], [5, 5, 5], [5, 7, 5]]
