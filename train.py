@@ -975,7 +975,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                                             f"finite); stopping. {last_good_checkpoint(cfg)}; lower --lr or use "
                                             "--on-nan skip")
                     state.health.observe(eval_record)
-            stop_now = broadcast_flag(stop.signal_name is not None, dist, device)
+            # a signal at the last step lets the run finish: final/ is written, no checkpoint to resume from
+            stop_now = broadcast_flag(stop.signal_name is not None, dist, device) and state.step < total_steps
             planned_stop = cfg.stop_at_step == state.step and state.step < total_steps
             if (cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps) or stop_now \
                     or planned_stop:

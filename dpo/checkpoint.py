@@ -21,6 +21,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -63,7 +65,11 @@ class ReplacedRun:
 
 @contextlib.contextmanager
 def replacing(replaced: ReplacedRun | None, log: Callable[..., None]) -> Iterator[None]:
-    """Around a new run's set-up: a failure puts the run --overwrite replaces back, success deletes it."""
+    """Around a new run's set-up: a failure puts the run --overwrite replaces back, success deletes it. A SIGTERM
+    (a scheduler's preemption) is such a failure: its default action would end the process with the old run
+    still aside, where the next --overwrite deletes it."""
+    handles_term = replaced is not None and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if handles_term else None
     try:
         yield
     except BaseException:
@@ -71,8 +77,15 @@ def replacing(replaced: ReplacedRun | None, log: Callable[..., None]) -> Iterato
             replaced.restore()
             log(f"--overwrite: the new run did not start; {replaced.out_dir} is restored as it was")
         raise
+    finally:
+        if handles_term:
+            signal.signal(signal.SIGTERM, previous)
     if replaced is not None:
         replaced.discard()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool,

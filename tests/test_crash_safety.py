@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import train
 from dpo.checkpoint import latest_checkpoint, list_checkpoints
-from harness import make_run_dir, run_metrics, start_train, tiny_run_args
+from harness import child_env, make_run_dir, run_metrics, start_train, tiny_run_args
 
 TIMING = {"pairs_per_s", "tokens_per_s"}
 
@@ -90,6 +90,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(setup):
         assert "SIGTERM received: checkpoint saved" in output
         assert start_train(args + ["--output-dir", str(out), "--resume"]).wait(timeout=600) == 0
     assert_identical_runs(root / "reference-run", out)
+
+
+def test_sigterm_during_an_overwrites_set_up_puts_the_old_run_back(setup, tmp_path):
+    """Before the loop SIGTERM would end the process at once, the old run left aside for the next --overwrite to
+    delete; it is a failed set-up like any other."""
+    root, args = setup
+    out = tmp_path / "run"
+    assert start_train(args + ["--output-dir", str(out), "--max-steps", "1"]).wait(timeout=600) == 0
+    before = sorted(p.name for p in out.iterdir())
+    process = start_train(args + ["--output-dir", str(out), "--overwrite", "--seed", "1"],
+                          env=child_env(PYTHONUNBUFFERED="1"))
+    for line in process.stdout:
+        if line.startswith("train:"):  # the data is read: the models and the reference pass come next
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signal.SIGTERM and "is restored as it was" in output, output[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == before and not (tmp_path / ".run.replaced").exists()
 
 
 NAN_LOSS = '''

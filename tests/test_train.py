@@ -149,6 +149,25 @@ def test_a_resumed_optimizer_state_is_copied_out_of_the_checkpoint_file(workdir,
     assert moments and all(mapped_file(t.data_ptr()) != file for t in moments)
 
 
+def test_a_sigterm_at_the_last_step_lets_the_run_finish(workdir, tmp_path, monkeypatch, capsys):
+    """Not a checkpoint of the last step with "continue with --resume", then final/ all the same (which --resume
+    refuses as a finished run)."""
+    import os
+    import signal
+
+    real = train.train_step
+
+    def signalled_at_the_last(state, batch, lr):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(state, batch, lr)
+
+    monkeypatch.setattr(train, "train_step", signalled_at_the_last)
+    out = run(workdir, str(tmp_path / "r"), "--max-steps", "3", "--max-eval-pairs", "4", "--save-steps", "2")
+    assert "continue with --resume" not in capsys.readouterr().out
+    assert (out / "final").is_dir() and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_steps_the_grad_scaler_skips_leave_the_schedule_where_it_was(workdir, tmp_path, monkeypatch):
     """As transformers' Trainer, which does not step its scheduler when the optimizer step was skipped: a scale of
     2^127 overflows at every step, so every step is skipped and the lr stays at the schedule's first value; also
