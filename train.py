@@ -49,7 +49,7 @@ from dpo.checkpoint import (PROCESSES, ReplacedRun, check_disk_space, latest_che
                             prepare_output_dir, process_rng_state, publish, read_trainer_state, replacing, rng_state,
                             save_checkpoint, set_rng_state, settings_differences)
 from dpo.cli import run_cli
-from dpo.data import BUILTIN_SOURCES, DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
+from dpo.data import BUILTIN_SOURCES, RENDERING, DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
@@ -150,8 +150,9 @@ def training_data(cfg: TrainSettings, data: PreferenceData) -> dict[str, Any]:
     IFEval's reads a record's other fields)."""
     if cfg.on_policy.enabled:
         records = [json.dumps(record, sort_keys=True, default=str) for _, record in data.instruction_rows.values()]
-        return {"instructions": len(data.instructions), "digest": texts_digest(data.instructions + records)}
-    return {"pairs": len(data.train), "digest": pairs_digest(data.train)}
+        return {"instructions": len(data.instructions), "digest": texts_digest(data.instructions + records),
+                "rendering": RENDERING}
+    return {"pairs": len(data.train), "digest": pairs_digest(data.train), "rendering": RENDERING}
 
 
 def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -159,6 +160,11 @@ def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> No
     saved = resume["trainer_state"].get("data") if resume else None
     kind = "instructions" if "instructions" in now else "pairs"
     if saved is not None and kind in saved and saved["digest"] != now["digest"]:
+        if saved.get("rendering", 1) != now["rendering"]:
+            raise DataError(f"--resume: the checkpoint's {kind} were rendered and tokenized by an earlier version of "
+                            f"this library (rendering {saved.get('rendering', 1)}, now {now['rendering']}), which gives "
+                            "these records other token ids or skips; resume with the version that started the run, or "
+                            "--overwrite to start afresh")
         raise DataError(f"--resume: the training {kind} are not the ones the run started on ({now[kind]} {kind} now, "
                         f"{saved[kind]} then, or the same number with other text): --dataset changed; restore it, "
                         "or --overwrite to start afresh")

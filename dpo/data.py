@@ -53,6 +53,9 @@ from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Prompt, PromptError
                          recipe_messages, render_prompt, render_response, special_ids, truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
+# raised whenever a release renders, tokenizes or skips the same records otherwise (a resumed run names it):
+# 2 reads a prompt already in the recipe template as its turns and skips a chat message holding a special token's text
+RENDERING = 2
 
 
 

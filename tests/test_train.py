@@ -369,6 +369,14 @@ def test_resume_refuses_changed_data_and_a_finished_run_without_checkpoints(work
     data.write_text("".join(reversed(lines)))  # as many pairs, in another order
     assert train.cli(argv) == 2 and "--dataset changed" in capsys.readouterr().err
     data.write_text("".join(lines))
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["data"]["rendering"] == 2
+    # a checkpoint of an earlier rendering (none recorded: 1) whose tokens of the same file differ
+    state_file.write_text(json.dumps({**state, "data": {"pairs": 72, "digest": "0" * 20}}))
+    assert train.cli(argv) == 2 and ("the checkpoint's pairs were rendered and tokenized by an earlier version of this "
+                                     "library (rendering 1, now 2)") in capsys.readouterr().err
+    state_file.write_text(json.dumps(state))
     assert train.cli(argv) == 0 and (out / "final").is_dir()
     finished = (out / "final" / "model.safetensors").read_bytes()
     assert list(out.glob("checkpoint-*"))  # a finished run with its checkpoints: its last steps are not trained again
