@@ -186,12 +186,19 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
 
 
 def upcast_trained(model: nn.Module) -> bool:
-    """fp32 master weights of what trains (a half-precision base's modules_to_save copies); whether any was not."""
-    upcast = False
+    """fp32 master weights of what trains (a half-precision base's modules_to_save copies); whether any was not.
+    A trained embedding copy then hands the half base its own dtype (a bf16 LayerNorm on the CPU refuses fp32
+    input; on CUDA autocast casts it anyway)."""
+    half = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype != torch.float32}
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data, upcast = parameter.data.float(), True
-    return upcast
+            parameter.data = parameter.data.float()
+    if len(half) == 1:
+        (dtype,) = half
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+                module.register_forward_hook(lambda _, __, output: output.to(dtype))
+    return bool(half)
 
 
 def check_module_names(base: nn.Module, settings: LoraSettings) -> None:

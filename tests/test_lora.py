@@ -367,6 +367,18 @@ def test_half_base_trains_modules_to_save_with_fp32_master_weights(workdir, tmp_
     assert again.keys() == trained.keys() and all(torch.equal(again[n], trained[n]) for n in trained)
 
 
+def test_a_trained_embedding_copy_feeds_the_half_base_in_its_dtype(workdir, tmp_path):
+    """--lora-modules-to-save embed_tokens under bf16: the fp32 copy's output went into the bf16 base, whose
+    LayerNorm on the CPU refuses fp32 input (a traceback at step 1)."""
+    out = run(workdir, str(tmp_path / "emb"), "--precision", "bf16", "--lora-modules-to-save", "embed_tokens",
+              "--max-steps", "2")
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    embedding = [key for key in saved if "embed_tokens" in key]
+    assert embedding and all(saved[key].dtype == torch.float32 for key in embedding)
+    start = load_causal_lm(str(workdir / "model")).get_input_embeddings().weight
+    assert not torch.equal(saved[embedding[0]], start)  # it trained
+
+
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
