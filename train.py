@@ -884,7 +884,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     if batch_coupled(cfg.loss):
         log(f"note: --loss {cfg.loss.loss_type} compares the pairs of each micro-batch, so its result depends on "
-            "--micro-batch-size, --group-by-length and the number of processes")
+            "--micro-batch-size, --group-by-length, --max-tokens-per-micro-batch (and under it --layout) and the "
+            "number of processes")
     out_dir = Path(cfg.output_dir)
     progress: ProgressBar | None = None  # the loop's, once it starts
     resume, replaced = open_run_dir(cfg, dist, log)

@@ -179,7 +179,8 @@ class TrainSettings:
                                           "(exact)", identity=False)
     max_tokens_per_micro_batch: int | None = setting(
         None, "cut micro-batches by tokens: as many pairs (at most --micro-batch-size) as fit this many token "
-              "positions of the layout; a longer pair alone (exact: the same loss and gradient)", check=positive,
+              "positions of the layout; a longer pair alone (exact: the same loss and gradient, except for losses "
+              "that compare a micro-batch's pairs, aot)", check=positive,
         identity=False)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory", identity=False)
     compile: bool = setting(False, "torch.compile the policy", identity=False)
@@ -256,7 +257,9 @@ class TrainSettings:
         of `processes` (torchrun's) included."""
         flat = self.to_dict()
         coupled = batch_coupled(self.loss)
-        split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if coupled else ()
+        # under a token budget the layout's tokens decide which pairs share a micro-batch
+        budget = ("layout",) if self.max_tokens_per_micro_batch else ()
+        split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch", *budget) if coupled else ()
         unused = () if self.sync_ref_model else ("ref_model_sync_steps", "ref_model_mixup_alpha")  # TR-DPO's, off
         identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
                     if (s.identity or s.name in split) and s.name not in unused}
