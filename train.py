@@ -224,8 +224,8 @@ def check_positions(cfg: TrainSettings, data: PreferenceData, model: nn.Module) 
     index error mid-run (a device assert on CUDA), rotary positions would run past what the model was trained on.
     Online samples are kept within the positions by the sampler."""
     positions = getattr(model.config, "max_position_embeddings", None)
-    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in (*data.train, *data.eval)),
-                  default=0)
+    scored = data.eval if cfg.on_policy.enabled else (*data.train, *data.eval)  # online runs train on samples
+    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in scored), default=0)
     if positions is not None and longest > positions:
         raise ConfigError(f"--max-length {cfg.max_length}: pairs reach {longest} tokens, but the model has {positions} "
                           f"positions (max_position_embeddings); use --max-length {positions} or less")
