@@ -50,7 +50,8 @@ from torch import Tensor
 from dpo.errors import UserError, first_line
 from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Prompt, PromptError, SpecialIds, check_template,
                          check_truncation, empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate,
-                         recipe_messages, render_prompt, render_response, special_ids, truncate_prompt, with_bos)
+                         read_prompt, recipe_messages, render_prompt, render_response, special_ids, truncate_prompt,
+                         with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 # raised whenever a release renders, tokenizes or skips the same records otherwise (a resumed run names it):
@@ -481,6 +482,8 @@ def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = Non
             prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
         except RowError:
             prompt = record.get("prompt") if "chosen" not in record and "rejected" not in record else None
+            if isinstance(prompt, str):  # a conversation in HH's or the recipe's text: its turns, as sampling reads
+                prompt = read_prompt(prompt)
         if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
                 and prompt[0].get("role") == "user"):
             prompt = prompt[0].get("content")  # not text (a list of parts, say): left out below
@@ -516,7 +519,7 @@ def _as_data_errors(row: int | None = None) -> Iterator[None]:
 
 def _sampled(record: dict, row: int) -> _Dialogue:
     """Online DPO's record: an instruction and two of the policy's answers, as they were sampled. An answer may be
-    empty (the policy stopped at once: its response is EOS alone), and the two may be the same text (one cut, one
+    empty (the policy stopped at once: its response is its end alone, EOS after any end-of-turn text), and the two may be the same text (one cut, one
     ended: dpo.on_policy compares their tokens)."""
     return _Dialogue(record["prompt"], record["chosen"], record["rejected"])
 

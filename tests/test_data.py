@@ -755,6 +755,12 @@ def test_prompt_rows_whose_prompt_list_is_not_one_user_message_are_left_out_and_
                {"prompt": [{"role": "user", "content": ["a", "list"]}]}, {"prompt": [{"role": "user", "content": "ok"}]}]
     found, left_out = instruction_records(records)
     assert list(found) == ["fine", "ok"] and left_out == 3
+    # a prompt alone in HH's or the recipe's text is read as its turns, as sampling reads it: an empty user turn or
+    # a multi-turn history is left out when loaded, not refused at the step that samples it
+    texts = ["\n\nHuman: \n\nAssistant:", "### Human: \n\n### Assistant:",
+             "### Human: a\n\n### Assistant: b\n\n### Human: c\n\n### Assistant:", "### Human: hi\n\n### Assistant:"]
+    found, left_out = instruction_records([{"prompt": text} for text in texts])
+    assert list(found) == ["hi"] and left_out == 3
 
 
 def test_an_instruction_the_template_cannot_render_is_left_out_before_sampling(chatml):
