@@ -35,10 +35,11 @@ import transformers
 
 from dpo.cli import DefaultsHelpFormatter, run_cli
 from dpo.precision import PRECISIONS
-from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, DecodingSettings, GenerationError,
-                            StopAwareStreamer, add_prompt_arguments, check_instruction, check_output_file,
-                            generate_batch, generator_name, load_checked_tokenizer, read_instructions, resolve_device,
-                            resolve_dtype, resolve_run_model, run_settings, side_by_side, write_outputs)
+from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, BatchFileError, DecodingSettings, GenerationError,
+                            InstructionError, StopAwareStreamer, add_prompt_arguments, check_instruction,
+                            check_output_file, generate_batch, generator_name, load_checked_tokenizer,
+                            read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
+                            side_by_side, write_outputs)
 from dpo.modeling import load_causal_lm
 from dpo.prompts import HUMAN_TURN_PREFIX
 
@@ -123,8 +124,11 @@ def check_args(args: argparse.Namespace) -> DecodingSettings:
 
 
 def run_batch(generator: Generator, rows: list[dict], args: argparse.Namespace, decoding: DecodingSettings) -> None:
-    outputs = generator.answer([row["instruction"] for row in rows], decoding, batch_size=args.batch_size,
-                               progress=not args.no_progress, description=generator.name)
+    try:
+        outputs = generator.answer([row["instruction"] for row in rows], decoding, batch_size=args.batch_size,
+                                   progress=not args.no_progress, description=generator.name)
+    except InstructionError as error:  # named as every other bad row of the file is
+        raise BatchFileError(f"{args.instructions}, row {error.index}: {error.detail}") from None
     write_outputs(args.output, rows, outputs, args.generator or generator.name)
     print(f"{len(outputs)} outputs of {generator.name} written to {args.output}")
 

@@ -74,7 +74,8 @@ def replacing(replaced: ReplacedRun | None, log: Callable[..., None]) -> Iterato
         yield
     except BaseException:
         if replaced is not None:
-            replaced.restore()
+            with _signals_ignored(handles_term):  # a second signal (srun's, then torchrun's) must not cut it short
+                replaced.restore()
             log(f"--overwrite: the new run did not start; {replaced.out_dir} is restored as it was")
         raise
     finally:
@@ -86,6 +87,17 @@ def replacing(replaced: ReplacedRun | None, log: Callable[..., None]) -> Iterato
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_ignored(active: bool) -> Iterator[None]:
+    """SIGTERM and SIGINT ignored inside (in the main thread: `active`), their handlers restored after."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)} if active else {}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool,

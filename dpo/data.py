@@ -487,6 +487,10 @@ def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = Non
         if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
                 and prompt[0].get("role") == "user"):
             prompt = prompt[0].get("content")  # not text (a list of parts, say): left out below
+        if isinstance(prompt, str):  # sampling reads a conversation written in text as its turns: one, saying something
+            turns = read_prompt(prompt)
+            if isinstance(turns, list) and (len(turns) != 1 or empty_user_turn(turns) is not None):
+                prompt = None
         if isinstance(prompt, str) and prompt.strip() and prompt not in seen and template is not None:
             try:
                 with _as_data_errors(row):

@@ -79,6 +79,15 @@ class BatchFileError(GenerationError):
     """An unusable batch file; the message names the file and the row."""
 
 
+class InstructionError(GenerationError):
+    """An instruction of a batch that cannot be rendered: `index` (its place in the batch) and `detail` (why), for
+    a caller that knows the file to name its row."""
+
+    def __init__(self, index: int, detail: str):
+        super().__init__(f"instruction {index}: {detail}")
+        self.index, self.detail = index, detail
+
+
 def chat_template_flag(template: str | None) -> bool | None:
     """DecodingSettings.chat_template of a training template: True for chat, False for recipe, None for auto (or no
     run settings): the tokenizer decides."""
@@ -707,7 +716,7 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
             try:
                 render_prompt(text, decoding.template, tokenizer)
             except PromptError as own:
-                raise GenerationError(f"instruction {i}: {own}" if len(instructions) > 1 else str(own)) from None
+                raise (InstructionError(i, str(own)) if len(instructions) > 1 else GenerationError(str(own))) from None
         raise
     if cut and warn:  # online DPO samples every step: it passes warn=False (training reports the cut prompts)
         print(f"warning: {cut} of {len(prompts)} prompts longer than {budget} tokens were cut ({mode}), "

@@ -110,6 +110,34 @@ def test_sigterm_during_an_overwrites_set_up_puts_the_old_run_back(setup, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == before and not (tmp_path / ".run.replaced").exists()
 
 
+def test_a_second_sigterm_while_the_old_run_is_put_back_does_not_cut_it_short(tmp_path, monkeypatch):
+    """srun signals every task and torchrun forwards its own: a second SIGTERM lands while the old run is restored."""
+    import os
+    import shutil
+
+    import dpo.checkpoint as checkpoint
+
+    out = tmp_path / "run"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "run_config.json").write_text("{}")
+    replaced = checkpoint.prepare_output_dir(out, resume=False, overwrite=True)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_then_signal(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as stopped:
+        with checkpoint.replacing(replaced, lambda *a: None):
+            (out / "metrics.jsonl").write_text("")  # what the new run's set-up wrote
+            monkeypatch.setattr(shutil, "rmtree", rmtree_then_signal)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-5", "run_config.json"]
+    assert not replaced.aside.exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 NAN_LOSS = '''
 import torch
 import torch.nn.functional as F

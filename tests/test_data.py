@@ -761,6 +761,8 @@ def test_prompt_rows_whose_prompt_list_is_not_one_user_message_are_left_out_and_
              "### Human: a\n\n### Assistant: b\n\n### Human: c\n\n### Assistant:", "### Human: hi\n\n### Assistant:"]
     found, left_out = instruction_records([{"prompt": text} for text in texts])
     assert list(found) == ["hi"] and left_out == 3
+    found, left_out = instruction_records([{"prompt": [{"role": "user", "content": text}]} for text in texts])
+    assert list(found) == [texts[3]] and left_out == 3  # the same text as a message's content
 
 
 def test_an_instruction_the_template_cannot_render_is_left_out_before_sampling(chatml):

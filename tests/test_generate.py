@@ -282,6 +282,24 @@ def test_an_instruction_the_chat_template_refuses_is_named(lm):
         generate_batch(model, tokenizer, ["yes", "what is <|endoftext|>?"], settings)
 
 
+def test_a_batch_files_instruction_the_chat_template_refuses_names_the_file_and_row(model_dir, tmp_path, capsys):
+    import shutil
+
+    chat = tmp_path / "chat-model"
+    shutil.copytree(model_dir, chat)
+    tokenizer = load_tokenizer(str(chat))
+    tokenizer.chat_template = ("{% for m in messages %}<user> {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} <assistant>{% endif %}")
+    tokenizer.save_pretrained(chat)
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"instruction": "yes"}\n\n{"instruction": "a"}\n{"instruction": "what is <|endoftext|>?"}\n')
+    capsys.readouterr()
+    assert generate.cli(["--model", str(chat), "--chat-template", "--instructions", str(batch), "--output",
+                         str(tmp_path / "o.json"), "--max-new-tokens", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {batch}, row 2: a user message holds the text of the special token "
+                                       "'<|endoftext|>', which the chat template would encode as that token\n")
+
+
 def test_left_pad_builds_the_mask_from_lengths_even_when_pad_is_a_real_token():
     input_ids, mask = left_pad([[5, 6, 7], [5], [7, 5]], pad_id=5)
     assert input_ids.tolist() == [[5, 6, 7], [5, 5, 5], [5, 7, 5]]
