@@ -219,6 +219,17 @@ def autocast(cfg: TrainSettings, device: torch.device) -> contextlib.AbstractCon
     return precision_autocast(resolve_precision(cfg.precision, device), device)
 
 
+def check_resumed_layout(cfg: TrainSettings, resume: dict[str, Any] | None, layout: str) -> None:
+    """A loss that compares a micro-batch's pairs (aot) under a token budget must resume in the layout it ran in:
+    the budget counts that layout's tokens, so another (--layout auto resolves by device and --compile) would put
+    other pairs together."""
+    saved = resume["trainer_state"].get("layout") if resume else None
+    if saved is not None and saved != layout and batch_coupled(cfg.loss) and cfg.max_tokens_per_micro_batch:
+        raise ConfigError(f"--resume: the run cut its micro-batches by the {saved} layout's tokens "
+                          f"(--max-tokens-per-micro-batch with --loss {cfg.loss.loss_type}), this one would use the "
+                          f"{layout} layout; pass --layout {saved}")
+
+
 def check_positions(cfg: TrainSettings, data: PreferenceData, model: nn.Module) -> None:
     """One line where a pair is longer than the model's positions: a learned position table would fail with an
     index error mid-run (a device assert on CUDA), rotary positions would run past what the model was trained on.
@@ -757,7 +768,7 @@ def save(state: TrainState, total_steps: int, tokenizer: Any, run_config: dict[s
             save_reference=None if reference is None else reference.save_pretrained,
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
-                           "overflow_steps": state.overflow_steps,
+                           "overflow_steps": state.overflow_steps, "layout": state.layout,
                            "settings": state.cfg.run_identity(state.dist.world_size),
                            "health": state.health.state_dict(),
                            "data": state.data},
@@ -904,6 +915,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                              keep=cfg.save_total_limit, reference_bytes=synced_reference_bytes(cfg, policy, device),
                              files_bytes=saved_bytes(tokenizer))
         layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
+        check_resumed_layout(cfg, resume, layout)
         source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
         total_steps = run_length(cfg, source.steps_per_epoch)
         check_stop_step(cfg.stop_at_step, resume["trainer_state"]["step"] if resume else 0, total_steps)

@@ -257,9 +257,8 @@ class TrainSettings:
         of `processes` (torchrun's) included."""
         flat = self.to_dict()
         coupled = batch_coupled(self.loss)
-        # under a token budget the layout's tokens decide which pairs share a micro-batch
-        budget = ("layout",) if self.max_tokens_per_micro_batch else ()
-        split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch", *budget) if coupled else ()
+        # (under a token budget the layout, resolved by device, is checked apart: train.check_resumed_layout)
+        split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if coupled else ()
         unused = () if self.sync_ref_model else ("ref_model_sync_steps", "ref_model_mixup_alpha")  # TR-DPO's, off
         identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
                     if (s.identity or s.name in split) and s.name not in unused}

@@ -168,6 +168,27 @@ def test_a_sigterm_at_the_last_step_lets_the_run_finish(workdir, tmp_path, monke
     assert (out / "final").is_dir() and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_aot_under_a_token_budget_resumes_in_the_layout_it_ran_in(workdir, tmp_path, capsys):
+    """The budget counts the layout's tokens, so another layout puts other pairs in a micro-batch, and AOT sorts
+    within it; --layout auto resolves by device and --compile, so the resolved layout is what the checkpoint keeps."""
+    common = ("--loss", "aot", "--max-tokens-per-micro-batch", "60", "--max-steps", "3", "--batch-size", "8",
+              "--max-eval-pairs", "4")
+    out = run(workdir, str(tmp_path / "aot"), *common, "--layout", "shared_prompt", "--stop-at-step", "1")
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["layout"] == "shared_prompt"
+    capsys.readouterr()
+    assert train.cli(tiny_run_args(workdir, out, "--lr", "1e-3", *common, "--layout", "padded", "--resume")) == 2
+    assert ("--resume: the run cut its micro-batches by the shared_prompt layout's tokens (--max-tokens-per-micro-batch "
+            "with --loss aot), this one would use the padded layout; pass --layout shared_prompt") in \
+        capsys.readouterr().err
+    run(workdir, str(tmp_path / "aot"), *common, "--layout", "shared_prompt", "--resume")
+    assert (out / "final").is_dir()
+    sigmoid = run(workdir, str(tmp_path / "sigmoid"), "--max-tokens-per-micro-batch", "60", "--max-steps", "3",
+                  "--layout", "shared_prompt", "--stop-at-step", "1")  # exact whatever the split: any layout resumes
+    run(workdir, str(tmp_path / "sigmoid"), "--max-tokens-per-micro-batch", "60", "--max-steps", "3", "--layout",
+        "padded", "--resume")
+    assert (sigmoid / "final").is_dir()
+
+
 def test_steps_the_grad_scaler_skips_leave_the_schedule_where_it_was(workdir, tmp_path, monkeypatch):
     """As transformers' Trainer, which does not step its scheduler when the optimizer step was skipped: a scale of
     2^127 overflows at every step, so every step is skipped and the lr stays at the schedule's first value; also

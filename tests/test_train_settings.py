@@ -168,11 +168,6 @@ def test_a_loss_that_compares_the_pairs_of_a_micro_batch_makes_the_split_part_of
     sigmoid, aot = TrainSettings().run_identity(), TrainSettings(loss=LossSettings(loss_type="sigmoid:0.5,aot:0.5"))
     assert "micro_batch_size" not in sigmoid and "group_by_length" not in sigmoid
     assert {"micro_batch_size", "group_by_length"} <= set(aot.run_identity())
-    # under a token budget, the layout's tokens decide which pairs share a micro-batch
-    assert "layout" not in aot.run_identity()
-    budget = TrainSettings(loss=LossSettings(loss_type="aot"), max_tokens_per_micro_batch=100)
-    assert budget.run_identity()["layout"] == "auto" and "layout" not in TrainSettings(
-        max_tokens_per_micro_batch=100).run_identity()
 
 
 def test_the_demo_watches_its_win_rate_on_every_held_out_instruction():
