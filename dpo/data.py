@@ -54,6 +54,7 @@ from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Prompt, PromptError
                          with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
+CONSTRAINT_FIELDS = ("instruction_id_list", "kwargs")  # IFEval's: what a judge of a prompt's text checks
 # raised whenever a release renders, tokenizes or skips the same records otherwise (a resumed run names it):
 # 2 reads a prompt already in the recipe template as its turns and skips a chat message holding a special token's text
 RENDERING = 2
@@ -464,14 +465,21 @@ _FORMATS: dict[str, Callable[[dict, int], _Dialogue]] = {
 }
 
 
+def other_constraints(first: Any, record: Any) -> bool:
+    """Whether two records of one instruction both carry IFEval's constraints (CONSTRAINT_FIELDS), and other ones."""
+    constrained = all(isinstance(r, dict) and any(f in r for f in CONSTRAINT_FIELDS) for r in (first, record))
+    return constrained and any(first.get(f) != record.get(f) for f in CONSTRAINT_FIELDS)
+
+
 def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = None, *, template: str | None = None,
-                        tokenizer: Any = None) -> tuple[dict[str, tuple[int, Any]], int]:
+                        tokenizer: Any = None, source: str = "the data") -> tuple[dict[str, tuple[int, Any]], int]:
     """The distinct single-turn instructions of records, in first-seen order, each with the row and record it first
     came from, and how many records were left out (a multi-turn history, a row that cannot be read, or with
     `template` an instruction that template cannot render, e.g. one holding a special token's text under the chat
     template): online DPO's prompt set, checked before the first step samples it. A record is a preference pair of
     any format, or a prompt alone (a "prompt" and no responses, as in IFEval's input_data.jsonl, whose other fields
-    its judge reads). `rows`: as build_pairs'."""
+    its judge reads). `rows`: as build_pairs'. The same instruction in two records with other IFEval constraints is
+    a DataError naming `source`: a judge knows a prompt by its text."""
     seen: dict[str, tuple[int, Any]] = {}
     left_out = 0
     if template is not None:
@@ -498,7 +506,11 @@ def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = Non
             except RowError:
                 prompt = None
         if isinstance(prompt, str) and prompt.strip():
-            seen.setdefault(prompt, (row, record))
+            first_row, first = seen.setdefault(prompt, (row, record))
+            if other_constraints(first, record):
+                raise DataError(f"{source}, row {row}: its instruction is row {first_row}'s, with other constraints "
+                                f"({', '.join(CONSTRAINT_FIELDS)}): a judge, which knows a prompt by its text, cannot "
+                                "tell them apart")
         else:
             left_out += 1
     return seen, left_out

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from dpo.data import PreferenceExample, collate_pairs, tokenize_pair
+from dpo.data import PreferenceExample, collate_pairs, other_constraints, tokenize_pair
 from dpo.errors import UserError, first_line
 from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
 from dpo.ifeval import IFEvalError, IFEvalPrompt, echoed_constraint, parse_prompt, verdicts
@@ -461,8 +461,16 @@ JUDGE_HELP = ("demo (the demo's task), ifeval (IFEval's checkers; prompts with I
 
 
 def prompt_records(rows: Iterable[dict[str, Any]], source: str) -> dict[str, tuple[str, Any]]:
-    """Instruction rows (dpo.generation.read_instructions) as build_judge's `prompts`: text -> (file and row, row)."""
-    return {row["instruction"]: (f"{source}, row {i}", row) for i, row in enumerate(rows)}
+    """Instruction rows (dpo.generation.read_instructions) as build_judge's `prompts`: text -> (file and row, row).
+    A text given twice with other constraints is a JudgeError: a judge keyed by the text cannot tell them apart."""
+    records: dict[str, tuple[str, Any]] = {}
+    for i, row in enumerate(rows):
+        where = f"{source}, row {i}"
+        first_where, first = records.setdefault(row["instruction"], (where, row))
+        if other_constraints(first, row):
+            raise JudgeError(f"{where}: its instruction is {first_where}'s, with other constraints: a judge, which "
+                             "knows a prompt by its text, cannot tell them apart")
+    return records
 
 
 def build_judge(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -102,4 +102,5 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
                                      str(counts)))
     # what the run samples is rendered now, as sampling will: an instruction the template cannot render is left out
     rendered = dict(template=cfg.template, tokenizer=tokenizer) if cfg.on_policy.enabled else {}
-    return PreferenceData(train, evaluation, *instruction_records(records, [row for row, _ in indexed], **rendered))
+    return PreferenceData(train, evaluation, *instruction_records(records, [row for row, _ in indexed], **rendered,
+                                                                  source=cfg.dataset))

@@ -765,6 +765,16 @@ def test_prompt_rows_whose_prompt_list_is_not_one_user_message_are_left_out_and_
     assert list(found) == [texts[3]] and left_out == 3  # the same text as a message's content
 
 
+def test_an_instruction_given_twice_with_other_ifeval_constraints_is_one_line():
+    """The judge knows a prompt by its text: the later row's constraints were silently never checked."""
+    constrained = [{"prompt": "a", "instruction_id_list": ["x"], "kwargs": [{}]},
+                   {"prompt": "a", "instruction_id_list": ["y"], "kwargs": [{}]}]
+    with pytest.raises(DataError, match=r"^t.jsonl, row 1: its instruction is row 0's, with other constraints"):
+        instruction_records(constrained, source="t.jsonl")
+    same = [constrained[0], dict(constrained[0]), {"prompt": "a", "chosen": "c", "rejected": "d"}]  # no conflict
+    assert instruction_records(same) == ({"a": (0, constrained[0])}, 0)
+
+
 def test_an_instruction_the_template_cannot_render_is_left_out_before_sampling(chatml):
     """Online DPO renders its instructions when it loads them, as sampling will: one holding a special token's text
     under the chat template is left out and counted, not an error at the step that samples it."""

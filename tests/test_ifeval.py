@@ -12,7 +12,7 @@ from dpo.evaluate import clustered_proportion, format_ifeval, ifeval_summary, pr
 from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_descriptions, constrained_prompts,
                         echoed_constraint, loose_variants, main, parse_prompt, sampled_constraint, split_instructions,
                         verdicts)
-from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, JudgeError, build_judge
+from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, JudgeError, build_judge, prompt_records
 from dpo.repetition import repeats_itself
 from harness import make_model_dir, run_metrics, train_tiny
 
@@ -395,3 +395,14 @@ def test_prompts_that_differ_only_in_white_space_need_the_same_constraints():
     same = build_judge("ifeval", prompts={"Name a fruit.": ("data.jsonl, row 0", comma),
                                           " Name a fruit.": ("data.jsonl, row 1", {**comma, "prompt": " Name a fruit."})})
     assert same.prompt("Name a fruit. ").instruction_id_list == ("punctuation:no_comma",)
+
+
+def test_a_prompt_given_twice_with_other_constraints_is_one_line_not_judged_by_the_last():
+    """The judge knows a prompt by its text: a later row's constraints used to replace an earlier one's silently."""
+    rows = [{"instruction": "What is 3 plus 4?", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+            {"instruction": "What is 3 plus 4?", "instruction_id_list": ["startend:quotation"], "kwargs": [{}]}]
+    with pytest.raises(JudgeError, match=r"^p.jsonl, row 1: its instruction is p.jsonl, row 0's, with other "
+                                         r"constraints"):
+        prompt_records(rows, "p.jsonl")
+    same = prompt_records([rows[0], dict(rows[0])], "p.jsonl")  # the same row twice: one prompt
+    assert list(same) == ["What is 3 plus 4?"] and same["What is 3 plus 4?"][0] == "p.jsonl, row 0"
