@@ -43,7 +43,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -267,19 +267,26 @@ def format_checks(summary: dict[str, Any]) -> str:
              and key[7:] not in ("mean_words", "mean_tokens", "mean_score", "repeating")]
     if not names:
         return ""
-    header = f"{'':14}" + "".join(f"{name + ' policy':>18}{'reference':>11}" for name in names)
     rows = list(summary.get("categories", {}).items()) + [("all", summary)]
-    lines = [header] + [f"{label[:13]:14}" + "".join(f"{s[f'policy_{n}']:>18.2f}{s[f'reference_{n}']:>11.2f}"
-                                                       for n in names) for label, s in rows]
+    width = label_width(label for label, _ in rows)
+    header = f"{'':{width}}" + "".join(f"{name + ' policy':>18}{'reference':>11}" for name in names)
+    lines = [header] + [f"{label:{width}}" + "".join(f"{s[f'policy_{n}']:>18.2f}{s[f'reference_{n}']:>11.2f}"
+                                                     for n in names) for label, s in rows]
     return "\n".join(lines)
+
+
+def label_width(labels: Iterable[str]) -> int:
+    """The width of a table's label column: 14, or the longest label and a space (IFEval's types run longer)."""
+    return max([14] + [len(label) + 1 for label in labels])
 
 
 def format_win_rate(summary: dict[str, Any], policy: str, reference: str) -> str:
     """The win-rate table (per category, then all) and the mean output lengths, as text."""
-    header = f"{'':14}{'n':>5}{'wins':>6}{'ties':>6}{'losses':>8}{'win rate':>10}   95% CI"
+    width = label_width(summary.get("categories", {}))
+    header = f"{'':{width}}{'n':>5}{'wins':>6}{'ties':>6}{'losses':>8}{'win rate':>10}   95% CI"
 
     def row(label: str, s: dict[str, Any]) -> str:
-        return (f"{label[:13]:14}{s['n']:>5}{s['wins']:>6}{s['ties']:>6}{s['losses']:>8}{s['win_rate']:>10.3f}"
+        return (f"{label:{width}}{s['n']:>5}{s['wins']:>6}{s['ties']:>6}{s['losses']:>8}{s['win_rate']:>10.3f}"
                 f"   [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
 
     lines = [header] + [row(name, s) for name, s in summary.get("categories", {}).items()]

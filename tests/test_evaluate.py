@@ -217,6 +217,11 @@ def test_compare_models_scores_from_the_policy_side(monkeypatch):
     assert summary["policy_mean_score"] == pytest.approx(5 / 6)
     assert summary["reference_mean_score"] == pytest.approx((3 * 0.5 + 2 * 1.0) / 6)
     assert "judge score" in evaluate.format_win_rate(summary, "p", "r")
+    # IFEval's types are longer than the label column was: each keeps its whole name, the columns aligned
+    long = {"change_case:english_lowercase": summary, "change_case:english_capital": summary}
+    table = evaluate.format_win_rate({**summary, "categories": long}, "p", "r").splitlines()
+    assert [line.split()[0] for line in table[1:4]] == [*long, "all"]
+    assert len({line.index("[") for line in table[1:4]}) == 1
 
 
 def test_prompts_the_judge_cannot_handle_fail_before_generation(monkeypatch):
