@@ -618,6 +618,15 @@ def main(argv: list[str] | None = None) -> int:
     judge = None if args.skip_win_rate else build_judge(args.judge, device=device, dtype=dtype,
                                                         prompts=prompt_records(rows or [], args.prompts))
     prompts = (rows if rows is not None else _prompts(args, judge)) if judge is not None else []
+    held_out = None
+    if args.implicit_reward:  # read and tokenized now: a missing file or split fails before any generation
+        dataset = args.dataset or run_dataset(settings)
+        if not dataset:
+            raise EvaluationError("--implicit-reward needs --dataset (the run's settings name none)")
+        tokenizer = load_checked_tokenizer(policy_path)
+        if tokenizer.get_vocab() != load_checked_tokenizer(resolve_run_model(reference_name)).get_vocab():
+            raise EvaluationError("--implicit-reward needs policy and reference to share a tokenizer")
+        held_out = (dataset, *load_eval_pairs(dataset, args.split, tokenizer, settings, args.max_pairs))
     policy = load_model(policy_path, dtype, device)
     reference = load_model(reference_name, dtype, device)
     decoding = decoding.for_tokenizer(policy.tokenizer)  # the run's template, else the policy's chat template if any
@@ -656,14 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         result.update(judge=judge.name, decoding=asdict(decoding), prompt_budget=budgets, **summary)
         write_output()
 
-    if args.implicit_reward:
-        dataset = args.dataset or run_dataset(settings)
+    if held_out is not None:
+        dataset, pairs, description, split = held_out
         beta = args.beta or settings.get("beta") or LossSettings().beta
-        if not dataset:
-            raise EvaluationError("--implicit-reward needs --dataset (the run's settings name none)")
-        if policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-            raise EvaluationError("--implicit-reward needs policy and reference to share a tokenizer")
-        pairs, description, split = load_eval_pairs(dataset, args.split, policy.tokenizer, settings, args.max_pairs)
         print(f"\n{description}")
         metrics = implicit_reward_metrics(policy.model, reference.model, pairs, beta=beta,
                                           pad_id=policy.tokenizer.pad_token_id, batch_size=args.batch_size,

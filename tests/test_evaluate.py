@@ -344,7 +344,7 @@ def test_cli_implicit_reward_only(run_dir, capsys, tmp_path):
     assert json.loads(output.read_text()) == {"summary": result, "comparisons": []}  # --output is written too
 
 
-def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, capsys, tmp_path):
+def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, capsys, tmp_path, monkeypatch):
     """A run on one .jsonl file held out --test-size of it at training time: --implicit-reward scores exactly those
     pairs (what train.py's load_preference_pairs holds out), never the pairs it trained on; --max-pairs takes the
     first of them; --split cannot reach the training part."""
@@ -365,6 +365,11 @@ def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, caps
     assert (result["pairs"], result["split"], result["dataset"]) == (12, split, data)
     assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward", "--split", "train"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {data}: a single file has no splits; leave out --split train"
+    # beside the win rate too, a missing --dataset or split fails before any model answers a prompt
+    monkeypatch.setattr(evaluate, "compare_models", lambda *args, **kwargs: pytest.fail("generated first"))
+    for flags in (["--dataset", str(tmp_path / "nope.jsonl")], ["--split", "train"]):
+        assert evaluate.cli(["--model", str(final), "--implicit-reward", "--num-prompts", "2", *flags]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_a_run_given_a_relative_dataset_path_is_evaluated_on_its_held_out_pairs_from_anywhere(run_dir, capsys,
