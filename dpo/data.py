@@ -471,15 +471,23 @@ def other_constraints(first: Any, record: Any) -> bool:
     return constrained and any(first.get(f) != record.get(f) for f in CONSTRAINT_FIELDS)
 
 
+def constraint_clash(where: str, first_row: int) -> str:
+    """The message of a record whose instruction is row `first_row`'s with other constraints (other_constraints)."""
+    return (f"{where}: its instruction is row {first_row}'s, with other constraints ({', '.join(CONSTRAINT_FIELDS)}): "
+            "an IFEval judge, which knows a prompt by its text, cannot tell them apart")
+
+
 def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = None, *, template: str | None = None,
-                        tokenizer: Any = None, source: str = "the data") -> tuple[dict[str, tuple[int, Any]], int]:
+                        tokenizer: Any = None, source: str = "the data",
+                        constraints: bool = False) -> tuple[dict[str, tuple[int, Any]], int]:
     """The distinct single-turn instructions of records, in first-seen order, each with the row and record it first
     came from, and how many records were left out (a multi-turn history, a row that cannot be read, or with
     `template` an instruction that template cannot render, e.g. one holding a special token's text under the chat
     template): online DPO's prompt set, checked before the first step samples it. A record is a preference pair of
     any format, or a prompt alone (a "prompt" and no responses, as in IFEval's input_data.jsonl, whose other fields
-    its judge reads). `rows`: as build_pairs'. The same instruction in two records with other IFEval constraints is
-    a DataError naming `source`: a judge knows a prompt by its text."""
+    its judge reads). `rows`: as build_pairs'. With `constraints` (an IFEval judge will read them), the same
+    instruction in two records with other constraints is a DataError naming `source`: the judge knows a prompt by
+    its text."""
     seen: dict[str, tuple[int, Any]] = {}
     left_out = 0
     if template is not None:
@@ -507,10 +515,8 @@ def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = Non
                 prompt = None
         if isinstance(prompt, str) and prompt.strip():
             first_row, first = seen.setdefault(prompt, (row, record))
-            if other_constraints(first, record):
-                raise DataError(f"{source}, row {row}: its instruction is row {first_row}'s, with other constraints "
-                                f"({', '.join(CONSTRAINT_FIELDS)}): a judge, which knows a prompt by its text, cannot "
-                                "tell them apart")
+            if constraints and other_constraints(first, record):
+                raise DataError(constraint_clash(f"{source}, row {row}", first_row))
         else:
             left_out += 1
     return seen, left_out

@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.precision, device)
     rows = read_prompt_rows(args) if args.prompts and not args.skip_win_rate else None
     judge = None if args.skip_win_rate else build_judge(args.judge, device=device, dtype=dtype,
-                                                        prompts=prompt_records(rows or [], args.prompts))
+                                                        prompts=prompt_records(rows or [], args.prompts, args.judge))
     prompts = (rows if rows is not None else _prompts(args, judge)) if judge is not None else []
     held_out = None
     if args.implicit_reward:  # read and tokenized now: a missing file or split fails before any generation

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from dpo.data import PreferenceExample, collate_pairs, other_constraints, tokenize_pair
+from dpo.data import PreferenceExample, collate_pairs, constraint_clash, other_constraints, tokenize_pair
 from dpo.errors import UserError, first_line
 from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
 from dpo.ifeval import IFEvalError, IFEvalPrompt, echoed_constraint, parse_prompt, verdicts
@@ -460,16 +460,17 @@ JUDGE_HELP = ("demo (the demo's task), ifeval (IFEval's checkers; prompts with I
               "'module:function' / 'file.py:function' (prompts, responses) -> scores")
 
 
-def prompt_records(rows: Iterable[dict[str, Any]], source: str) -> dict[str, tuple[str, Any]]:
+def prompt_records(rows: Iterable[dict[str, Any]], source: str, spec: str | None = None) -> dict[str, tuple[str, Any]]:
     """Instruction rows (dpo.generation.read_instructions) as build_judge's `prompts`: text -> (file and row, row).
-    A text given twice with other constraints is a JudgeError: a judge keyed by the text cannot tell them apart."""
+    For an IFEval judge (`spec`), a text given twice with other constraints is a JudgeError: it knows a prompt by its
+    text and could not tell them apart."""
     records: dict[str, tuple[str, Any]] = {}
+    first_rows: dict[str, int] = {}
     for i, row in enumerate(rows):
-        where = f"{source}, row {i}"
-        first_where, first = records.setdefault(row["instruction"], (where, row))
-        if other_constraints(first, row):
-            raise JudgeError(f"{where}: its instruction is {first_where}'s, with other constraints: a judge, which "
-                             "knows a prompt by its text, cannot tell them apart")
+        _, first = records.setdefault(row["instruction"], (f"{source}, row {i}", row))
+        first_row = first_rows.setdefault(row["instruction"], i)
+        if spec in IFEVAL_JUDGES and other_constraints(first, row):
+            raise JudgeError(constraint_clash(f"{source}, row {i}", first_row))
     return records
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, instruction_records, load_records,
                       select_subset, train_test_split)
 from dpo.errors import first_line
+from dpo.judges import IFEVAL_JUDGES
 from dpo.train_settings import TrainSettings
 
 
@@ -102,5 +103,6 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
                                      str(counts)))
     # what the run samples is rendered now, as sampling will: an instruction the template cannot render is left out
     rendered = dict(template=cfg.template, tokenizer=tokenizer) if cfg.on_policy.enabled else {}
+    checked = cfg.on_policy.enabled and cfg.on_policy.judge in IFEVAL_JUDGES  # a judge that keys prompts by text
     return PreferenceData(train, evaluation, *instruction_records(records, [row for row, _ in indexed], **rendered,
-                                                                  source=cfg.dataset))
+                                                                  source=cfg.dataset, constraints=checked))

@@ -51,7 +51,7 @@ class WinRateEval:
         precision = resolve_precision(cfg.precision, device)
         rows = read_instructions(cfg.eval_prompts)[:cfg.eval_generate] if cfg.eval_prompts else []
         judge = build_judge(cfg.eval_judge, device=device, dtype=frozen_dtype(precision),
-                            prompts=prompt_records(rows, cfg.eval_prompts))
+                            prompts=prompt_records(rows, cfg.eval_prompts, cfg.eval_judge))
         n = cfg.eval_generate
         if cfg.eval_prompts:
             prompts = [row["instruction"] for row in rows]

@@ -132,6 +132,14 @@ def test_a_dataset_directory_whose_splits_differ_in_columns_says_why(model_dir, 
                           "CastError: Couldn't cast ... because column names don't match")
 
 
+def test_a_prompt_repeated_with_other_kwargs_trains_offline(model_dir, tmp_path):
+    """"kwargs" is IFEval's constraint field only for an IFEval judge: a preference file may repeat a prompt with
+    other values of its own fields."""
+    rows = [json.dumps({"prompt": "what color is the sun?", "chosen": f"yellow {i}", "rejected": "blue",
+                        "kwargs": [{"temperature": 0.5 + i}]}) for i in range(2)]
+    assert run_cli(model_dir, dataset_with(tmp_path, rows), tmp_path / "out") == 0
+
+
 def test_unknown_loss_name(model_dir, tmp_path, capsys):
     data = dataset_with(tmp_path, [])
     assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", "--loss", "sigmod"), "sigmod", "sigmoid")

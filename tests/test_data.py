@@ -769,10 +769,13 @@ def test_an_instruction_given_twice_with_other_ifeval_constraints_is_one_line():
     """The judge knows a prompt by its text: the later row's constraints were silently never checked."""
     constrained = [{"prompt": "a", "instruction_id_list": ["x"], "kwargs": [{}]},
                    {"prompt": "a", "instruction_id_list": ["y"], "kwargs": [{}]}]
-    with pytest.raises(DataError, match=r"^t.jsonl, row 1: its instruction is row 0's, with other constraints"):
-        instruction_records(constrained, source="t.jsonl")
+    with pytest.raises(DataError, match=r"^t.jsonl, row 1: its instruction is row 0's, with other constraints "
+                                        r"\(instruction_id_list, kwargs\): an IFEval judge"):
+        instruction_records(constrained, source="t.jsonl", constraints=True)
     same = [constrained[0], dict(constrained[0]), {"prompt": "a", "chosen": "c", "rejected": "d"}]  # no conflict
-    assert instruction_records(same) == ({"a": (0, constrained[0])}, 0)
+    assert instruction_records(same, constraints=True) == ({"a": (0, constrained[0])}, 0)
+    # without an IFEval judge "kwargs" is any field: a preference file may repeat a prompt with other values
+    assert instruction_records(constrained) == ({"a": (0, constrained[0])}, 0)
 
 
 def test_an_instruction_the_template_cannot_render_is_left_out_before_sampling(chatml):

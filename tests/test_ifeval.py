@@ -401,8 +401,9 @@ def test_a_prompt_given_twice_with_other_constraints_is_one_line_not_judged_by_t
     """The judge knows a prompt by its text: a later row's constraints used to replace an earlier one's silently."""
     rows = [{"instruction": "What is 3 plus 4?", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
             {"instruction": "What is 3 plus 4?", "instruction_id_list": ["startend:quotation"], "kwargs": [{}]}]
-    with pytest.raises(JudgeError, match=r"^p.jsonl, row 1: its instruction is p.jsonl, row 0's, with other "
-                                         r"constraints"):
-        prompt_records(rows, "p.jsonl")
-    same = prompt_records([rows[0], dict(rows[0])], "p.jsonl")  # the same row twice: one prompt
+    for spec in ("ifeval", "ifeval-no-echo"):
+        with pytest.raises(JudgeError, match=r"^p.jsonl, row 1: its instruction is row 0's, with other constraints"):
+            prompt_records(rows, "p.jsonl", spec)
+    same = prompt_records([rows[0], dict(rows[0])], "p.jsonl", "ifeval")  # the same row twice: one prompt
     assert list(same) == ["What is 3 plus 4?"] and same["What is 3 plus 4?"][0] == "p.jsonl, row 0"
+    assert list(prompt_records(rows, "p.jsonl", "demo")) == ["What is 3 plus 4?"]  # another judge reads no constraints
