@@ -223,7 +223,10 @@ def check_resumed_layout(cfg: TrainSettings, resume: dict[str, Any] | None, layo
     """A loss that compares a micro-batch's pairs (aot) under a token budget must resume in the layout it ran in:
     the budget counts that layout's tokens, so another (--layout auto resolves by device and --compile) would put
     other pairs together."""
-    saved = resume["trainer_state"].get("layout") if resume else None
+    state = resume["trainer_state"] if resume else {}
+    # a checkpoint of an earlier version records the layout only as given, where it was not "auto"
+    saved = state.get("layout") or (state.get("settings") or {}).get("layout")
+    saved = None if saved == "auto" else saved
     if saved is not None and saved != layout and batch_coupled(cfg.loss) and cfg.max_tokens_per_micro_batch:
         raise ConfigError(f"--resume: the run cut its micro-batches by the {saved} layout's tokens "
                           f"(--max-tokens-per-micro-batch with --loss {cfg.loss.loss_type}), this one would use the "

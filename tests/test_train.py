@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train
 from dpo.checkpoint import load_checkpoint
-from dpo.data import collate_pairs
+from dpo.data import RENDERING, collate_pairs
 from dpo.train_settings import ConfigError, parse_settings
 from dpo.errors import UserError
 from harness import make_run_dir, run_metrics, tiny_run_args, train_tiny
@@ -180,6 +180,13 @@ def test_aot_under_a_token_budget_resumes_in_the_layout_it_ran_in(workdir, tmp_p
     assert ("--resume: the run cut its micro-batches by the shared_prompt layout's tokens (--max-tokens-per-micro-batch "
             "with --loss aot), this one would use the padded layout; pass --layout shared_prompt") in \
         capsys.readouterr().err
+    state_file = out / "checkpoint-1" / "trainer_state.json"  # as an earlier version wrote it: the layout as given
+    state = json.loads(state_file.read_text())
+    legacy = {key: value for key, value in state.items() if key != "layout"}
+    state_file.write_text(json.dumps({**legacy, "settings": {**state["settings"], "layout": "shared_prompt"}}))
+    assert train.cli(tiny_run_args(workdir, out, "--lr", "1e-3", *common, "--layout", "padded", "--resume")) == 2
+    assert "by the shared_prompt layout's tokens" in capsys.readouterr().err
+    state_file.write_text(json.dumps(state))
     run(workdir, str(tmp_path / "aot"), *common, "--layout", "shared_prompt", "--resume")
     assert (out / "final").is_dir()
     sigmoid = run(workdir, str(tmp_path / "sigmoid"), "--max-tokens-per-micro-batch", "60", "--max-steps", "3",
@@ -392,11 +399,11 @@ def test_resume_refuses_changed_data_and_a_finished_run_without_checkpoints(work
     data.write_text("".join(lines))
     state_file = out / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    assert state["data"]["rendering"] == 2
+    assert state["data"]["rendering"] == RENDERING
     # a checkpoint of an earlier rendering (none recorded: 1) whose tokens of the same file differ
     state_file.write_text(json.dumps({**state, "data": {"pairs": 72, "digest": "0" * 20}}))
     assert train.cli(argv) == 2 and ("the checkpoint's pairs were rendered and tokenized by an earlier version of this "
-                                     "library (rendering 1, now 2)") in capsys.readouterr().err
+                                     f"library (rendering 1, now {RENDERING})") in capsys.readouterr().err
     state_file.write_text(json.dumps(state))
     assert train.cli(argv) == 0 and (out / "final").is_dir()
     finished = (out / "final" / "model.safetensors").read_bytes()
