@@ -26,8 +26,9 @@ non-empty line of stdin is an instruction.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -123,12 +124,19 @@ def check_args(args: argparse.Namespace) -> DecodingSettings:
     return decoding
 
 
-def run_batch(generator: Generator, rows: list[dict], args: argparse.Namespace, decoding: DecodingSettings) -> None:
+@contextlib.contextmanager
+def rows_of(path: str) -> Iterator[None]:
+    """An instruction of the batch file `path` that cannot be rendered, named as every other bad row of it is."""
     try:
+        yield
+    except InstructionError as error:
+        raise BatchFileError(f"{path}, row {error.index}: {error.detail}") from None
+
+
+def run_batch(generator: Generator, rows: list[dict], args: argparse.Namespace, decoding: DecodingSettings) -> None:
+    with rows_of(args.instructions):
         outputs = generator.answer([row["instruction"] for row in rows], decoding, batch_size=args.batch_size,
                                    progress=not args.no_progress, description=generator.name)
-    except InstructionError as error:  # named as every other bad row of the file is
-        raise BatchFileError(f"{args.instructions}, row {error.index}: {error.detail}") from None
     write_outputs(args.output, rows, outputs, args.generator or generator.name)
     print(f"{len(outputs)} outputs of {generator.name} written to {args.output}")
 
@@ -188,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows is not None and other is None:
         run_batch(generator, rows, args, decoding)
     elif rows is not None:
-        print_compared([row["instruction"] for row in rows], generator, other, decoding, args.batch_size)
+        with rows_of(args.instructions):
+            print_compared([row["instruction"] for row in rows], generator, other, decoding, args.batch_size)
     elif args.instruction is not None and other is None:
         print(generator.answer([args.instruction], decoding)[0])
     elif args.instruction is not None:

@@ -389,13 +389,14 @@ def format_ifeval(policy: dict[str, Any], reference: dict[str, Any], policy_name
     def cell(p: dict[str, Any]) -> str:
         return f"{p['rate']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
 
-    lines = [f"{'IFEval':<38} {'':<24} {'n':>4}  {'reference ' + reference_name[:20]:<24}  policy {policy_name}"]
     groups = [("all", reference, policy)] + [(group, reference["types"][group], policy["types"][group])
                                              for group in policy["types"]]
+    width = max(38, label_width(group for group, _, _ in groups) - 1)  # IFEval's longest type is 45 characters
+    lines = [f"{'IFEval':<{width}} {'':<24} {'n':>4}  {'reference ' + reference_name[:20]:<24}  policy {policy_name}"]
     for group, theirs, mine in groups:
         for i, (name, label) in enumerate(IFEVAL_METRICS):
-            lines.append(f"{group if i == 0 else '':<38} {label:<24} {mine[name]['n']:>4}  {cell(theirs[name]):<24}  "
-                         f"{cell(mine[name])}")
+            lines.append(f"{group if i == 0 else '':<{width}} {label:<24} {mine[name]['n']:>4}  "
+                         f"{cell(theirs[name]):<24}  {cell(mine[name])}")
     for name, label in (("copies_constraint", "answers copying a constraint's description"),
                         ("prompt_strict_no_copy", "prompt-level strict, a copy counted as a miss"),
                         ("prompt_strict_no_copy_or_loop", "prompt-level strict, a copy or a loop counted as a miss")):

@@ -83,8 +83,8 @@ class InstructionError(GenerationError):
     """An instruction of a batch that cannot be rendered: `index` (its place in the batch) and `detail` (why), for
     a caller that knows the file to name its row."""
 
-    def __init__(self, index: int, detail: str):
-        super().__init__(f"instruction {index}: {detail}")
+    def __init__(self, index: int, detail: str, single: bool = False):
+        super().__init__(detail if single else f"instruction {index}: {detail}")
         self.index, self.detail = index, detail
 
 
@@ -716,7 +716,7 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
             try:
                 render_prompt(text, decoding.template, tokenizer)
             except PromptError as own:
-                raise (InstructionError(i, str(own)) if len(instructions) > 1 else GenerationError(str(own))) from None
+                raise InstructionError(i, str(own), single=len(instructions) == 1) from None
         raise
     if cut and warn:  # online DPO samples every step: it passes warn=False (training reports the cut prompts)
         print(f"warning: {cut} of {len(prompts)} prompts longer than {budget} tokens were cut ({mode}), "

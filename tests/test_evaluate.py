@@ -222,6 +222,11 @@ def test_compare_models_scores_from_the_policy_side(monkeypatch):
     table = evaluate.format_win_rate({**summary, "categories": long}, "p", "r").splitlines()
     assert [line.split()[0] for line in table[1:4]] == [*long, "all"]
     assert len({line.index("[") for line in table[1:4]}) == 1
+    cell = {"rate": 0.5, "low": 0.4, "high": 0.6, "n": 3}
+    metrics = {key: cell for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")}
+    side = {**metrics, "types": {"detectable_format:number_highlighted_sections": metrics, "a": metrics}}
+    rows = evaluate.format_ifeval(side, side, "p", "r").splitlines()[1:]
+    assert len(rows) == 12 and len({line.index("0.500") for line in rows}) == 1  # IFEval's longest type, aligned
 
 
 def test_prompts_the_judge_cannot_handle_fail_before_generation(monkeypatch):

@@ -298,6 +298,13 @@ def test_a_batch_files_instruction_the_chat_template_refuses_names_the_file_and_
                          str(tmp_path / "o.json"), "--max-new-tokens", "2", "--no-progress"]) == 2
     assert capsys.readouterr().err == (f"error: {batch}, row 2: a user message holds the text of the special token "
                                        "'<|endoftext|>', which the chat template would encode as that token\n")
+    one = tmp_path / "one.jsonl"  # a file of one row, and --compare, name the row too
+    one.write_text('{"instruction": "what is <|endoftext|>?"}\n')
+    for flags in (["--instructions", str(one), "--output", str(tmp_path / "o.json")],
+                  ["--instructions", str(batch), "--compare", str(chat)]):
+        assert generate.cli(["--model", str(chat), "--chat-template", "--max-new-tokens", "2", "--no-progress",
+                             *flags]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flags[1]}, row {0 if flags[1] == str(one) else 2}: ")
 
 
 def test_left_pad_builds_the_mask_from_lengths_even_when_pad_is_a_real_token():
