@@ -161,10 +161,10 @@ def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> No
     kind = "instructions" if "instructions" in now else "pairs"
     if saved is not None and kind in saved and saved["digest"] != now["digest"]:
         if saved.get("rendering", 1) != now["rendering"]:
-            raise DataError(f"--resume: the checkpoint's {kind} were rendered and tokenized by an earlier version of "
-                            f"this library (rendering {saved.get('rendering', 1)}, now {now['rendering']}), which gives "
-                            "these records other token ids or skips; resume with the version that started the run, or "
-                            "--overwrite to start afresh")
+            raise DataError(f"--resume: the checkpoint's {kind} were rendered and tokenized by an earlier version "
+                            f"of this library (rendering {saved.get('rendering', 1)}, now {now['rendering']}), which "
+                            "gives these records other token ids or skips; resume with the version that started the "
+                            "run, or --overwrite to start afresh")
         raise DataError(f"--resume: the training {kind} are not the ones the run started on ({now[kind]} {kind} now, "
                         f"{saved[kind]} then, or the same number with other text): --dataset changed; restore it, "
                         "or --overwrite to start afresh")

@@ -542,8 +542,8 @@ def _as_data_errors(row: int | None = None) -> Iterator[None]:
 
 def _sampled(record: dict, row: int) -> _Dialogue:
     """Online DPO's record: an instruction and two of the policy's answers, as they were sampled. An answer may be
-    empty (the policy stopped at once: its response is its end alone, EOS after any end-of-turn text), and the two may be the same text (one cut, one
-    ended: dpo.on_policy compares their tokens)."""
+    empty (the policy stopped at once: its response is its end alone, EOS after any end-of-turn text), and the two
+    may be the same text (one cut, one ended: dpo.on_policy compares their tokens)."""
     return _Dialogue(record["prompt"], record["chosen"], record["rejected"])
 
 

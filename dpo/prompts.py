@@ -155,9 +155,9 @@ RECIPE_TURN = re.compile(r"\n\n### (Human|Assistant):")
 
 
 def recipe_messages(text: str) -> list[Message] | None:
-    """The messages of a text already in the recipe template ("### Human: u1\n\n### Assistant: a1 ...
-    \n\n### Human: un\n\n### Assistant:"), each turn stripped; None for a text that is not one (is_rendered_recipe_prompt
-    false, or turns that are not Human / Assistant alternating with the assistant cue last)."""
+    """The messages of a text already in the recipe template ("### Human: u1\\n\\n### Assistant: a1 ...
+    \\n\\n### Human: un\\n\\n### Assistant:"), each turn stripped; None for a text that is not one
+    (is_rendered_recipe_prompt false, or turns that are not Human / Assistant alternating with the cue last)."""
     if not is_rendered_recipe_prompt(text):
         return None
     parts = RECIPE_TURN.split("\n\n" + text.strip())
