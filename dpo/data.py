@@ -499,11 +499,13 @@ def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = Non
             prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
         except RowError:
             prompt = record.get("prompt") if "chosen" not in record and "rejected" not in record else None
+            if isinstance(prompt, str):  # a conversation in HH's or the recipe's text: its turns, as sampling reads
+                prompt = read_prompt(prompt)
         if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
                 and prompt[0].get("role") == "user"):
             prompt = prompt[0].get("content")  # not text (a list of parts, say): left out below
-        # sampling reads a conversation written in text as its turns: it must be one, saying something (the text is
-        # kept as the instruction: an IFEval judge knows its prompt by that text)
+        # a message's content written as a conversation is read so by sampling too: it must be one turn, saying
+        # something (the instruction is the turn's text; an IFEval judge knows the record by it: IFEvalJudge)
         if isinstance(prompt, str):
             turns = read_prompt(prompt)
             if isinstance(turns, list) and (len(turns) != 1 or empty_user_turn(turns) is not None):

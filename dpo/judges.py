@@ -32,6 +32,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -370,14 +371,17 @@ class IFEvalJudge(Judge):
 
     @classmethod
     def from_records(cls, records: Mapping[str, tuple[str, Any]] | None) -> "IFEvalJudge":
-        """The judge of `records` (prompt text -> (where it comes from, the record with IFEval's fields))."""
+        """The judge of `records` (prompt text -> (where it comes from, the record with IFEval's fields)). A prompt is
+        the mapping's text, the instruction the samples answer: a record whose prompt is written as a conversation
+        (HH's or the recipe's text, a message) gives the text of its user turn."""
         if not records:
             raise JudgeError(f"--judge {cls.name} needs prompts that carry IFEval's fields (prompt, "
                              "instruction_id_list, kwargs): a dataset or prompts file such as IFEval's input_data.jsonl")
         seen: dict[str, tuple[str, IFEvalPrompt]] = {}
         try:
-            for where, record in records.values():
-                prompt = parse_prompt(record, where)
+            for text, (where, record) in records.items():
+                messages = isinstance(record, dict) and isinstance(record.get("prompt"), list)  # a conversation's
+                prompt = replace(parse_prompt({**record, "prompt": text} if messages else record, where), prompt=text)
                 first_where, first = seen.setdefault(prompt.prompt.strip(), (where, prompt))
                 if (first.instruction_id_list, first.kwargs) != (prompt.instruction_id_list, prompt.kwargs):
                     raise JudgeError(f"{where}: its prompt is {first_where}'s but for the white space around it, with "

@@ -760,7 +760,7 @@ def test_prompt_rows_whose_prompt_list_is_not_one_user_message_are_left_out_and_
     texts = ["\n\nHuman: \n\nAssistant:", "### Human: \n\n### Assistant:",
              "### Human: a\n\n### Assistant: b\n\n### Human: c\n\n### Assistant:", "### Human: hi\n\n### Assistant:"]
     found, left_out = instruction_records([{"prompt": text} for text in texts])
-    assert list(found) == [texts[3]] and left_out == 3  # kept as written: an IFEval judge knows a prompt by its text
+    assert list(found) == ["hi"] and left_out == 3  # the turn's text (a judge of a prompt's text gets it)
     found, left_out = instruction_records([{"prompt": [{"role": "user", "content": text}]} for text in texts])
     assert list(found) == [texts[3]] and left_out == 3  # the same text as a message's content
 

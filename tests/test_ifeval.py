@@ -407,3 +407,14 @@ def test_a_prompt_given_twice_with_other_constraints_is_one_line_not_judged_by_t
     same = prompt_records([rows[0], dict(rows[0])], "p.jsonl", "ifeval")  # the same row twice: one prompt
     assert list(same) == ["What is 3 plus 4?"] and same["What is 3 plus 4?"][0] == "p.jsonl, row 0"
     assert list(prompt_records(rows, "p.jsonl", "demo")) == ["What is 3 plus 4?"]  # another judge reads no constraints
+
+
+def test_a_record_whose_prompt_is_written_as_a_conversation_is_judged_by_its_turns_text():
+    """Sampling answers the user turn of "### Human: ...\\n\\n### Assistant:" (or HH's text): the judge knows the
+    record by that text, the instruction it is given, and checks the constraints against it."""
+    record = {"prompt": "### Human: what color is the sun? Do not use any commas.\n\n### Assistant:",
+              "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "chosen": "blue", "rejected": "red, no"}
+    text = "what color is the sun? Do not use any commas."
+    assert list(instruction_records([record])[0]) == [text]
+    judge = IFEvalJudge.from_records({text: ("f.jsonl, row 0", record)})
+    assert judge.prompt(text).prompt == text and judge.score_batch([text], [["blue sky", "red, green"]]) == [[1.0, 0.0]]
