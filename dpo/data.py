@@ -299,6 +299,34 @@ def _load_with_datasets(source: str, split: str | None) -> tuple[list[dict], str
     return dataset.to_list(), f"{source} [{split}]"
 
 
+def available_splits(source: str) -> list[str] | None:
+    """Split names of a source, or None for a single file (which has no splits)."""
+    if source in BUILTIN_SOURCES:
+        return list(BUILTIN_SOURCES[source].splits)
+    path = Path(source)
+    if path.is_file():
+        return _json_object_splits(path) if path.suffix == ".json" else None
+    if path.suffix in (".jsonl", ".json", ".parquet") or (source.startswith((".", "/", "~")) and not path.exists()):
+        raise DataError(f"{source}: file not found")
+    import datasets  # slow to import: only hub names and dataset directories need it
+
+    try:
+        return list(datasets.get_dataset_split_names(source))
+    except Exception as error:
+        raise DataError(f"{source}: cannot read the dataset's splits ({first_line(error)})") from None
+
+
+def _json_object_splits(path: Path) -> list[str] | None:
+    """The keys of a .json file that is an object of record lists ({"train": [...], "test": [...]}), else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and json's errors are ValueErrors
+        return None  # JSON Lines saved as .json, or a broken file: load_records reads or reports it
+    if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
+        return list(data)
+    return None
+
+
 def load_records(source: str, split: str | None = None) -> tuple[list[dict], str]:
     """Records of a source and a description of it, e.g. ("pairs.jsonl (2383 records)").
 
@@ -495,34 +523,43 @@ def instruction_records(records: Sequence[Any], rows: Sequence[int] | None = Non
         with _as_data_errors():
             check_template(template, tokenizer)
     for row, record in zip(range(len(records)) if rows is None else rows, records):
-        try:
-            prompt = _FORMATS[detect_format(record)](record, row).prompt if isinstance(record, dict) else None
-        except RowError:
-            prompt = record.get("prompt") if "chosen" not in record and "rejected" not in record else None
-            if isinstance(prompt, str):  # a conversation in HH's or the recipe's text: its turns, as sampling reads
-                prompt = read_prompt(prompt)
-        if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
-                and prompt[0].get("role") == "user"):
-            prompt = prompt[0].get("content")  # not text (a list of parts, say): left out below
-        # a message's content written as a conversation is read so by sampling too: it must be one turn, saying
-        # something (the instruction is the turn's text; an IFEval judge knows the record by it: IFEvalJudge)
-        if isinstance(prompt, str):
-            turns = read_prompt(prompt)
-            if isinstance(turns, list) and (len(turns) != 1 or empty_user_turn(turns) is not None):
-                prompt = None
-        if isinstance(prompt, str) and prompt.strip() and prompt not in seen and template is not None:
+        prompt, _ = record_instruction(record, row)
+        if prompt is not None and prompt not in seen and template is not None:
             try:
                 with _as_data_errors(row):
                     render_prompt(prompt, template, tokenizer)
             except RowError:
                 prompt = None
-        if isinstance(prompt, str) and prompt.strip():
+        if prompt is not None:
             first_row, first = seen.setdefault(prompt, (row, record))
             if constraints and other_constraints(first, record):
                 raise DataError(constraint_clash(f"{source}, row {row}", first_row))
         else:
             left_out += 1
     return seen, left_out
+
+
+def record_instruction(record: Any, row: int) -> tuple[str | None, bool]:
+    """The single-turn instruction a record holds, as online DPO samples it (the text of its one user turn), or None;
+    and whether the record is a preference pair (of any format) rather than a prompt alone."""
+    pair = isinstance(record, dict)
+    try:
+        prompt = _FORMATS[detect_format(record)](record, row).prompt if pair else None
+    except RowError:
+        pair = False
+        prompt = record.get("prompt") if "chosen" not in record and "rejected" not in record else None
+        if isinstance(prompt, str):  # a conversation in HH's or the recipe's text: its turns, as sampling reads
+            prompt = read_prompt(prompt)
+    if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
+            and prompt[0].get("role") == "user"):
+        prompt = prompt[0].get("content")  # not text (a list of parts, say): None below
+    # a message's content written as a conversation is read so by sampling too: it must be one turn, saying
+    # something (the instruction is the turn's text; an IFEval judge knows the record by it: IFEvalJudge)
+    if isinstance(prompt, str):
+        turns = read_prompt(prompt)
+        if isinstance(turns, list) and (len(turns) != 1 or empty_user_turn(turns) is not None):
+            prompt = None
+    return (prompt if isinstance(prompt, str) and prompt.strip() else None), pair
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import transformers
 
 from dpo.cli import DefaultsHelpFormatter, run_cli
 from dpo.train_settings import TrainSettings
-from dpo.data import DataError, build_pairs, collate_pairs, load_records, select_subset
+from dpo.data import DataError, available_splits, build_pairs, collate_pairs, load_records, select_subset
 from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingSettings,
                             add_prompt_arguments, check_output_file, generate_batch, generator_name,
@@ -68,7 +68,7 @@ from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.repetition import REPEAT_RUN, REPEAT_TIMES, repeats_itself
-from dpo.splits import available_splits, split_records
+from dpo.splits import split_records
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo.cli import run_cli
-from dpo.data import instruction_records, load_records
+from dpo.data import available_splits, instruction_records, load_records, record_instruction
 from dpo.errors import UserError, first_line
 
 # The constraint types the builder uses by default: ten of IFEval's types that a 135M-parameter instruct model
@@ -272,7 +272,12 @@ def sampled_constraint(type_id: str, seed: int) -> tuple[str, dict[str, Any]]:
 
 def write_jsonl(path: Path, prompts: Iterable[IFEvalPrompt]) -> int:
     """Write prompts as IFEval rows, atomically; returns how many."""
-    rows = [json.dumps(p.to_row(), ensure_ascii=False) for p in prompts]
+    return write_records(path, [p.to_row() for p in prompts])
+
+
+def write_records(path: Path, records: Sequence[dict[str, Any]]) -> int:
+    """Write records as JSON Lines, atomically; returns how many."""
+    rows = [json.dumps(record, ensure_ascii=False) for record in records]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
@@ -280,9 +285,26 @@ def write_jsonl(path: Path, prompts: Iterable[IFEvalPrompt]) -> int:
     return len(rows)
 
 
-def is_pair(record: Any) -> bool:
-    """Whether a record is a preference pair with an explicit prompt (as the source's pairs are written back)."""
-    return isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "chosen", "rejected"))
+def held_out_pair(record: Any, row: int, held_out: set[str]) -> bool:
+    """Whether a record is a preference pair (of any format train.py reads) of one of the held-out instructions, its
+    instruction read as online DPO reads it (the text of its one user turn)."""
+    instruction, pair = record_instruction(record, row)
+    return pair and instruction is not None and instruction.strip() in held_out
+
+
+def instructions_split(source: str, split: str | None) -> str | None:
+    """The split of --instructions to read: --split, or a source's only split; None for a single file."""
+    splits = available_splits(source)
+    if splits is None:
+        if split is not None:
+            raise IFEvalError(f"{source}: a single file has no splits; leave out --split {split}")
+        return None
+    if split is None and len(splits) == 1:
+        return splits[0]
+    if split not in splits:
+        raise IFEvalError(f"{source}: " + (f"no split {split!r} (available: " if split is not None else "has splits (")
+                          + f"{', '.join(splits)}); choose one with --split")
+    return split
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--instructions", required=True, help="a file of instructions (any preference or prompt "
                                                                 "format train.py reads)")
+    parser.add_argument("--split", help="the split of --instructions to read, where it has more than one (a dataset "
+                                        "directory or hub name, e.g. ultrafeedback_binarized's train_prefs)")
     parser.add_argument("--out-dir", required=True, help="writes train.jsonl and eval.jsonl here")
     parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help="comma list of IFEval constraint types")
     parser.add_argument("--eval-instructions", type=int, default=200, help="instructions held out for eval.jsonl")
@@ -305,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.per_instruction < 1:
         raise IFEvalError(f"--per-instruction must be at least 1, got {args.per_instruction}")
-    records, description = load_records(args.instructions, None)
+    records, description = load_records(args.instructions, instructions_split(args.instructions, args.split))
     found, left_out = instruction_records(records)
     instructions = list(found)
     train, evaluation = split_instructions(instructions, args.eval_instructions, args.seed)
@@ -317,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(types)} constraint types\n{out / 'train.jsonl'}: {n_train} prompts from {len(train)} instructions\n"
           f"{out / 'eval.jsonl'}: {n_eval} prompts from {len(evaluation)} held-out instructions")
     held_out = set(evaluation)
-    pairs = [record for record in records if isinstance(record, dict) and is_pair(record)
-             and isinstance(record.get("prompt"), str) and record["prompt"].strip() in held_out]
+    pairs = [record for row, record in enumerate(records) if held_out_pair(record, row, held_out)]
+    path = out / "heldout_pairs.jsonl"
     if pairs:  # the source's own pairs of the held-out instructions: what the trained model must still write
-        path = out / "heldout_pairs.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs), encoding="utf-8")
+        write_records(path, pairs)
         print(f"{path}: the source's {len(pairs)} pairs of the held-out instructions")
+    elif path.exists():  # an earlier build's, of other instructions
+        path.unlink()
+        print(f"{path}: removed (an earlier build's; {description} has no pairs of the held-out instructions)")
     return 0
 
 

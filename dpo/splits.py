@@ -2,44 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-from dpo.data import (BUILTIN_SOURCES, DataError, TokenizedPair, build_pairs, instruction_records, load_records,
+from dpo.data import (DataError, TokenizedPair, available_splits, build_pairs, instruction_records, load_records,
                       select_subset, train_test_split)
-from dpo.errors import first_line
 from dpo.judges import IFEVAL_JUDGES
 from dpo.train_settings import TrainSettings
-
-
-def available_splits(source: str) -> list[str] | None:
-    """Split names of a source, or None for a single file (which has no splits)."""
-    if source in BUILTIN_SOURCES:
-        return list(BUILTIN_SOURCES[source].splits)
-    path = Path(source)
-    if path.is_file():
-        return _json_object_splits(path) if path.suffix == ".json" else None
-    if path.suffix in (".jsonl", ".json", ".parquet") or (source.startswith((".", "/", "~")) and not path.exists()):
-        raise DataError(f"{source}: file not found")
-    import datasets  # slow to import: only hub names and dataset directories need it
-
-    try:
-        return list(datasets.get_dataset_split_names(source))
-    except Exception as error:
-        raise DataError(f"{source}: cannot read the dataset's splits ({first_line(error)})") from None
-
-
-def _json_object_splits(path: Path) -> list[str] | None:
-    """The keys of a .json file that is an object of record lists ({"train": [...], "test": [...]}), else None."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError and json's errors are ValueErrors
-        return None  # JSON Lines saved as .json, or a broken file: load_records reads or reports it
-    if isinstance(data, dict) and data and all(isinstance(value, list) for value in data.values()):
-        return list(data)
-    return None
 
 
 @dataclass

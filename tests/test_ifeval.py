@@ -194,6 +194,50 @@ def test_the_builder_command_writes_ifeval_rows_split_by_instruction(tmp_path, c
     assert sorted(r["prompt"] for r in held_out) == sorted(r["source_instruction"] for r in evaluation)
 
 
+
+@pytest.mark.parametrize("form", ["recipe", "hh", "messages"])
+def test_the_builder_finds_the_held_out_pairs_of_every_format_by_their_instruction(tmp_path, form):
+    def record(i):
+        text = f"Name thing {i}."
+        if form == "recipe":
+            return {"prompt": f"### Human: {text}\n\n### Assistant:", "chosen": " a", "rejected": " b"}
+        if form == "hh":
+            return {"chosen": f"\n\nHuman: {text}\n\nAssistant: a", "rejected": f"\n\nHuman: {text}\n\nAssistant: b"}
+        return {"chosen": [{"role": "user", "content": text}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": text}, {"role": "assistant", "content": "b"}]}
+
+    records = [record(i) for i in range(30)] + [record(i) for i in range(5)]  # five instructions with two pairs
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    assert main(["--instructions", str(source), "--out-dir", str(out), "--eval-instructions", "10"]) == 0
+    evaluation = {json.loads(line)["source_instruction"] for line in (out / "eval.jsonl").read_text().splitlines()}
+    held_out = [json.loads(line) for line in (out / "heldout_pairs.jsonl").read_text().splitlines()]
+    expected = [r for r in records if f"Name thing {records.index(r)}." in evaluation]
+    assert held_out == expected and len(expected) >= 10  # the records as they were, each pair of an eval instruction
+
+
+def test_the_builder_reads_the_split_it_is_given_and_drops_an_earlier_builds_held_out_pairs(tmp_path, capsys):
+    pairs = [{"prompt": f"Name thing {i}.", "chosen": "a", "rejected": "b"} for i in range(30)]
+    source = tmp_path / "splits.json"
+    source.write_text(json.dumps({"train": pairs, "test": pairs[:20]}))
+    out = tmp_path / "out"
+    with pytest.raises(IFEvalError, match=r"splits.json: has splits \(train, test\); choose one with --split"):
+        main(["--instructions", str(source), "--out-dir", str(out), "--eval-instructions", "10"])
+    with pytest.raises(IFEvalError, match=r"no split 'dev' \(available: train, test\)"):
+        main(["--instructions", str(source), "--out-dir", str(out), "--eval-instructions", "10", "--split", "dev"])
+    assert main(["--instructions", str(source), "--out-dir", str(out), "--eval-instructions", "10",
+                 "--split", "test"]) == 0
+    assert len((out / "train.jsonl").read_text().splitlines()) == 10  # the test split's 20 instructions, 10 held out
+    assert len((out / "heldout_pairs.jsonl").read_text().splitlines()) == 10
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(30)))
+    with pytest.raises(IFEvalError, match="a single file has no splits; leave out --split test"):
+        main(["--instructions", str(prompts), "--out-dir", str(out), "--eval-instructions", "10", "--split", "test"])
+    assert main(["--instructions", str(prompts), "--out-dir", str(out), "--eval-instructions", "10"]) == 0
+    assert not (out / "heldout_pairs.jsonl").exists()  # prompts alone: the earlier build's pairs would mislead
+    assert "heldout_pairs.jsonl: removed" in capsys.readouterr().out
+
 def test_the_report_counts_prompt_and_instruction_level_per_type_with_wilson_intervals():
     prompts = [IFEvalPrompt("a", ("punctuation:no_comma",), ({},)),
                IFEvalPrompt("b", ("punctuation:no_comma", "change_case:english_lowercase"), ({}, {})),
