@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,8 +54,11 @@ DEFAULT_TYPES = (
     "keywords:existence",
 )
 # checkers that need nltk data the package does not ship, and the resource each loads
-NLTK_RESOURCES = {"length_constraints:number_sentences": "tokenizers/punkt",
+# (nltk 3.9+, which if-verifiable requires, reads punkt_tab where the checkers ask for punkt)
+NLTK_RESOURCES = {"length_constraints:number_sentences": "tokenizers/punkt_tab",
                   "change_case:capital_word_frequency": "tokenizers/punkt_tab"}
+# arguments that must be lists of words: a string would be read as its letters
+WORD_LIST_ARGUMENTS = ("keywords", "forbidden_words")
 FIELDS = ("prompt", "instruction_id_list", "kwargs")
 
 
@@ -129,8 +133,9 @@ def parse_prompt(record: Any, where: str) -> IFEvalPrompt:
 def check_arguments(type_id: str, args: dict[str, Any], where: str) -> None:
     """An IFEvalError naming `where` when `args` (a row's kwargs for `type_id`, nulls dropped as in the Hub's copy of
     IFEval, whose rows carry every argument name) are not the checker's: a name it does not take, one it takes but
-    is not given (the checker would draw a new value at every verdict, passing and failing the same answer), or a
-    value it cannot use."""
+    is not given or given a value it replaces (a negative count, an empty keyword list, a two-letter "letter": the
+    checker would draw a new value at every verdict, passing and failing the same answer), or a value it cannot
+    use."""
     checker = registry()[type_id](type_id)
     expected = set(checker.get_instruction_args_keys() or ())
     names = f"its arguments: {', '.join(sorted(expected)) or 'none'}"
@@ -140,13 +145,36 @@ def check_arguments(type_id: str, args: dict[str, Any], where: str) -> None:
     if missing := sorted(expected - set(args)):
         raise IFEvalError(f"{where}: field 'kwargs' gives {type_id} no {missing[0]!r} ({names}); without it the "
                           "checker draws a new one at every verdict")
+    for name in WORD_LIST_ARGUMENTS:
+        if name in args and not (isinstance(args[name], list) and all(isinstance(w, str) for w in args[name])):
+            raise IFEvalError(f"{where}: field 'kwargs' gives {type_id} a {name!r} that is not a list of words "
+                              f"({args[name]!r})")
     try:
         with caller_random_kept():
-            checker.build_description(**args)
+            replaced = redrawn(checker, args)
             checker.check_following("An answer.")
+    except LookupError as error:  # nltk's data, its message framed in asterisks
+        resource = re.search(r"Resource \W*(\w+)", str(error))
+        raise IFEvalError(f"{where}: the {type_id} checker needs nltk data it cannot find"
+                          + (f": python -m nltk.downloader {resource.group(1)}" if resource else "")) from None
     except Exception as error:  # the checker's own message says which value it could not use
         raise IFEvalError(f"{where}: field 'kwargs' of {type_id} does not fit its checker ({type(error).__name__}: "
                           f"{first_line(error)})") from None
+    if replaced is not None:
+        raise IFEvalError(f"{where}: field 'kwargs' gives {type_id} a {replaced!r} it cannot use "
+                          f"({args.get(replaced)!r}); the checker draws a new one at every verdict")
+
+
+def redrawn(checker: Any, args: dict[str, Any]) -> str | None:
+    """The name of an argument of `args` that the checker replaces with a value it draws from Python's global
+    `random` (a negative count, an empty keyword list, ...), or None when it keeps them all (it then draws nothing).
+    Leaves the checker built with `args`; changes the global `random` state."""
+    state = random.getstate()
+    checker.build_description(**args)
+    if random.getstate() == state:
+        return None
+    built = checker.get_instruction_args() or {}
+    return next((name for name in args if built.get(name) != args[name]), next(iter(args), "?"))
 
 
 @cache
@@ -174,9 +202,10 @@ def verdicts(prompt: IFEvalPrompt, response: str) -> tuple[list[bool], list[bool
     strict, loose = [], []
     for type_id, args in zip(prompt.instruction_id_list, prompt.kwargs):
         checker = registry()[type_id](type_id)
-        checker.build_description(**args)
-        if "prompt" in (checker.get_instruction_args() or {}):
-            checker.build_description(prompt=prompt.prompt)
+        with caller_random_kept():  # some descriptions draw a wording even when every argument is given
+            checker.build_description(**args)
+            if "prompt" in (checker.get_instruction_args() or {}):
+                checker.build_description(prompt=prompt.prompt)
         strict.append(bool(response.strip()) and bool(checker.check_following(response)))
         loose.append(any(text.strip() and checker.check_following(text) for text in variants))
     return strict, loose
@@ -265,9 +294,11 @@ def sampled_constraint(type_id: str, seed: int) -> tuple[str, dict[str, Any]]:
     with caller_random_kept():
         random.seed(seed)
         checker = registry()[type_id](type_id)
-        description = checker.build_description()
-        args = checker.get_instruction_args() or {}
-    return description, {k: v for k, v in args.items() if v is not None}
+        while True:
+            description = checker.build_description()
+            args = {k: v for k, v in (checker.get_instruction_args() or {}).items() if v is not None}
+            if redrawn(registry()[type_id](type_id), args) is None:  # a verdict keeps them (not so IFEval's own
+                return description, args                            # draw of paragraph n + 1 of n)
 
 
 def write_jsonl(path: Path, prompts: Iterable[IFEvalPrompt]) -> int:

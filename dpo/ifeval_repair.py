@@ -15,8 +15,9 @@ the one sentence POSTSCRIPT):
                                                       (up to TITLE_WORDS) as a <<title>>
     detectable_format:number_bullet_lists             its list of that length with '*' markers, or else its
                                                       sentences, in order, cut into that many bullets
-    length_constraints:number_words ("less than")     its leading sentences that stay under the count (none when
-                                                      the first alone reaches it: no sentence is cut)
+    length_constraints:number_words ("less than")     its leading sentences that stay under the count, as they are
+                                                      written (none when the first alone reaches it: no sentence
+                                                      is cut)
 
 Other types (keywords, at least N words, ...) have no repair: they would need new content. Only the constraints a
 response misses are rewritten, and a repair counts only when IFEval's own checkers pass it strictly on every
@@ -58,6 +59,8 @@ def title(text: str, args: dict[str, Any]) -> str | None:
 def bullets(text: str, args: dict[str, Any]) -> str | None:
     """detectable_format:number_bullet_lists: the response as exactly `num_bullets` '*' bullets, or None."""
     n = args["num_bullets"]
+    if n < 1:
+        return None  # "exactly 0 bullet points": the list would have to be rewritten as prose
     items = LIST_MARKER.findall(text)
     if len(items) == n:  # a list of the asked length already: its markers made '*' bullets
         return LIST_MARKER.sub("* ", text)
@@ -72,13 +75,13 @@ def fewer_words(text: str, args: dict[str, Any]) -> str | None:
     """length_constraints:number_words, "less than": the response's leading part under the count, or None."""
     if args.get("relation") != "less than":
         return None  # "at least" N words would need words the response does not have
-    limit, kept = args["num_words"], ""
-    for part in sentences(text):
-        longer = f"{kept} {part}".strip()
-        if len(WORD.findall(longer)) >= limit:
+    kept, end = "", 0
+    for part in sentences(text):  # each is found in the text as it is: markers and newlines stay
+        end = text.index(part, end) + len(part)
+        if len(WORD.findall(text[:end])) >= args["num_words"]:
             break
-        kept = longer
-    return kept or None  # not the first sentence's first words: trained as a whole answer, it would end mid-sentence
+        kept = text[:end]
+    return kept.strip() or None  # never the first sentence cut: trained as a whole answer, it would end mid-way
 
 
 def quoted(text: str, args: dict[str, Any]) -> str:

@@ -144,6 +144,20 @@ def test_ifeval_input_data_rows_load_as_they_are(tmp_path):
      "field 'kwargs' gives startend:end_checker no 'end_phrase' .*draws a new one at every verdict"),
     ({"prompt": "Q", "instruction_id_list": ["detectable_format:number_bullet_lists"], "kwargs": [{"num_bullets": "3"}]},
      "field 'kwargs' of detectable_format:number_bullet_lists does not fit its checker \\(TypeError: "),
+    # values the checker replaces with a draw of its own at every verdict, and a keyword list given as a string
+    ({"prompt": "Q", "instruction_id_list": ["length_constraints:number_words"],
+      "kwargs": [{"num_words": -5, "relation": "at least"}]},
+     r"gives length_constraints:number_words a 'num_words' it cannot use \(-5\); the checker draws a new one"),
+    ({"prompt": "Q", "instruction_id_list": ["keywords:letter_frequency"],
+      "kwargs": [{"letter": "ab", "let_frequency": 3, "let_relation": "at least"}]}, "a 'letter' it cannot use"),
+    ({"prompt": "Q", "instruction_id_list": ["keywords:existence"], "kwargs": [{"keywords": []}]},
+     r"a 'keywords' it cannot use \(\[\]\)"),
+    ({"prompt": "Q", "instruction_id_list": ["detectable_format:number_bullet_lists"], "kwargs": [{"num_bullets": -1}]},
+     "a 'num_bullets' it cannot use"),
+    ({"prompt": "Q", "instruction_id_list": ["length_constraints:nth_paragraph_first_word"],
+      "kwargs": [{"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "paris"}]}, "a 'nth_paragraph' it cannot use"),
+    ({"prompt": "Q", "instruction_id_list": ["keywords:forbidden_words"], "kwargs": [{"forbidden_words": "horse"}]},
+     "a 'forbidden_words' that is not a list of words \\('horse'\\)"),
 ])
 def test_bad_prompts_are_one_line_errors_naming_file_row_and_field(record, message):
     with pytest.raises(IFEvalError, match=message) as error:
@@ -152,6 +166,34 @@ def test_bad_prompts_are_one_line_errors_naming_file_row_and_field(record, messa
     with pytest.raises(JudgeError, match=message):
         build_judge("ifeval", prompts={"Q": ("data.jsonl, row 7", record)})
 
+
+
+def test_values_the_checker_keeps_are_accepted_and_judged_the_same_at_every_verdict():
+    """IFEval's own edge values (exactly 0 bullets, the last paragraph) are kept; a verdict leaves the caller's
+    `random` as it was, and so does the builder, whose draws a verdict keeps (IFEval's checker alone can draw
+    paragraph n + 1 of n)."""
+    bullets = parse_prompt({"prompt": "Q", "instruction_id_list": ["detectable_format:number_bullet_lists"],
+                            "kwargs": [{"num_bullets": 0}]}, "row 0")
+    last = parse_prompt({"prompt": "Q", "instruction_id_list": ["length_constraints:nth_paragraph_first_word"],
+                         "kwargs": [{"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "paris"}]}, "row 1")
+    random.seed(3)
+    state = random.getstate()
+    assert [verdicts(bullets, "No list here.")[0] for _ in range(20)] == [[True]] * 20
+    assert [verdicts(last, "Cities.\n\nParis is big.")[0] for _ in range(20)] == [[True]] * 20
+    assert random.getstate() == state
+    for seed in range(40):
+        _, args = sampled_constraint("length_constraints:nth_paragraph_first_word", seed)
+        assert 1 <= args["nth_paragraph"] <= args["num_paragraphs"]
+        parse_prompt({"prompt": "Q", "instruction_id_list": ["length_constraints:nth_paragraph_first_word"],
+                      "kwargs": [args]}, f"seed {seed}")
+
+
+def test_a_checker_without_its_nltk_data_names_the_download(monkeypatch):
+    monkeypatch.setattr("dpo.ifeval.nltk_has", lambda resource: False)
+    row = {"prompt": "Q", "instruction_id_list": ["length_constraints:number_sentences"],
+           "kwargs": [{"num_sentences": 3, "relation": "less than"}]}
+    with pytest.raises(IFEvalError, match="needs nltk's tokenizers/punkt_tab data: python -m nltk.downloader punkt_tab"):
+        parse_prompt(row, "row 0")  # nltk 3.9+ (if-verifiable's) reads punkt_tab for the sentence checker too
 
 def test_the_ifeval_judge_needs_prompts_with_ifeval_fields():
     with pytest.raises(JudgeError, match="needs prompts that carry IFEval's fields"):

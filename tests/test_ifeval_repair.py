@@ -73,12 +73,16 @@ def test_a_list_of_the_asked_length_keeps_its_items_and_a_title_skips_a_short_op
     assert repair(one("length_constraints:number_words", num_words=12, relation="less than"), PLAIN) is None
     assert repair(one("length_constraints:number_words", num_words=13, relation="less than"), PLAIN) == \
         "The capital of France is Paris, a large city on the Seine."
+    # the kept sentences as they are written: the list and its paragraph stay
+    assert repair(one("length_constraints:number_words", num_words=27, relation="less than"), LISTED) == \
+        LISTED[:LISTED.index("\n\nIn summary")]
 
 
 @pytest.mark.parametrize("p, response", [
     (one("keywords:existence", keywords=["river"]), PLAIN),  # would need new content
     (one("length_constraints:number_words", num_words=500, relation="at least"), PLAIN),
     (one("detectable_format:number_bullet_lists", num_bullets=5), PLAIN),  # two sentences cannot make five bullets
+    (one("detectable_format:number_bullet_lists", num_bullets=0), "* one\n* two"),  # the list would become prose
     (one("punctuation:no_comma"), "Paris is big."),  # already followed: nothing to repair
     (one("change_case:english_lowercase"), "   "),
     (IFEvalPrompt("Q", ("change_case:english_lowercase", "keywords:existence"), ({}, {"keywords": ["river"]})), PLAIN),
@@ -198,7 +202,8 @@ def test_a_repair_keeps_a_samples_end_unless_it_writes_one():
     listed = "1. one two three\n2. four five six\n3. seven eigh"  # its markers' digits make it 12 words, not 9
     limit = IFEvalPrompt("Count. Answer with less than 10 words.", ("length_constraints:number_words",),
                          ({"num_words": 10, "relation": "less than"},))
-    assert repair(limit, listed) == "one two three four five six seven eigh" and keeps_end(listed, repair(limit, listed))
+    # the list stays a list (IFEval counts its numbers as words): its last item goes, and the answer ends anew
+    assert repair(limit, listed) == "1. one two three\n2. four five six" and not keeps_end(listed, repair(limit, listed))
     assert not keeps_end("", "anything") and keeps_end("Straße ist lang", "STRASSE IST LANG")
     # a short last list line: its marker, which the bullet rewrite changes, is not taken for the end
     assert keeps_end("Tips:\n1. Eat well.\n2. Sleep.\n3. Ru", "Tips:\n* Eat well.\n* Sleep.\n* Ru")
