@@ -54,7 +54,7 @@ from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, St
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
-from dpo.errors import UserError, first_line
+from dpo.errors import TrainingError, UserError, first_line
 from dpo.modeling import ModelLoadError, is_adapter_dir, load_tokenizer, names_shipped_model
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
 from dpo.prompts import (HUMAN_TURN_PREFIX, ROW_REASONS, TEMPLATES, TRUNCATION_MODES, PromptError, empty_user_turn,
@@ -77,6 +77,10 @@ class GenerationError(UserError):
 
 class BatchFileError(GenerationError):
     """An unusable batch file; the message names the file and the row."""
+
+
+class NonFiniteLogitsError(GenerationError, TrainingError):
+    """The model's next-token logits hold NaN or +inf (or are all -inf): nothing can be drawn from them."""
 
 
 class InstructionError(GenerationError):
@@ -478,11 +482,13 @@ def decode(model: Any, input_ids: Tensor, attention_mask: Tensor, cache: Dynamic
     tokens, token_positions = input_ids[:, cached:], positions[:, cached:]
     next_position = positions[:, -1] + 1
     argument = cache_argument(model)
+    broken = torch.zeros((), dtype=torch.bool, device=device)  # a live row's logits not a distribution (no sync)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for step in range(max_new_tokens):
         logits = model(input_ids=tokens, attention_mask=attention_mask, position_ids=token_positions, use_cache=True,
                        logits_to_keep=1, **{argument: cache}).logits[:, -1].float()
+        broken |= (~logits.amax(-1).isfinite() & live).any()  # amax: NaN if any is, inf if any +inf or all -inf
         scores = processors(new_tokens[rows, :step], logits)
         if greedy:
             chosen = scores.argmax(dim=-1)
@@ -512,14 +518,19 @@ def decode(model: Any, input_ids: Tensor, attention_mask: Tensor, cache: Dynamic
         next_position = next_position + 1
     if streamer is not None:
         streamer.end()
+    if broken:  # argmax would read NaN scores as token 0, and the batch would be answers of "!!!" or empty ones
+        raise NonFiniteLogitsError("the model's next-token logits are not finite (NaN or inf): its weights hold "
+                                   "NaN/inf or its precision overflows (fp16: try --precision bf16 or fp32)")
     return new_tokens
 
 
 class TopP(LogitsProcessor):
     """Nucleus sampling's filter (Holtzman et al. 2020), the same tokens as transformers' TopPLogitsWarper: a token
-    is kept when the probability of the tokens above it is below p (so the top token always is). It sorts only the
-    `candidates` most likely tokens of a row, not the whole vocabulary: when they hold at least p of the mass, no
-    token below them can be kept; a row where they do not is sorted whole."""
+    is kept when the probability of the tokens above it is below p (so the top token always is). Where tokens of
+    exactly equal probability straddle the boundary, which of them is kept follows the sort's order (transformers'
+    ascending sort keeps the later ones, this one the earlier). It sorts only the `candidates` most likely tokens of
+    a row, not the whole vocabulary: when they hold at least p of the mass, no token below them can be kept; a row
+    where they do not is sorted whole."""
 
     def __init__(self, top_p: float, candidates: int = 1024):
         self.top_p, self.candidates = top_p, candidates

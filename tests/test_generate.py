@@ -16,10 +16,12 @@ from transformers import LlamaConfig
 
 import generate
 from dpo import evaluate
-from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, StopAwareStreamer, StopOnStrings,
-                            clean_response, generate_batch, generate_batch_ended, generator_name, left_pad,
-                            prompt_budget, read_instructions, resolve_dtype, resolve_run_model, run_settings,
-                            side_by_side, truncate_at_stop, write_outputs, write_text_atomically)
+from dpo.errors import TrainingError
+from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, NonFiniteLogitsError,
+                            StopAwareStreamer, StopOnStrings, clean_response, generate_batch, generate_batch_ended,
+                            generator_name, left_pad, prompt_budget, read_instructions, resolve_dtype,
+                            resolve_run_model, run_settings, side_by_side, truncate_at_stop, write_outputs,
+                            write_text_atomically)
 from dpo.modeling import DEMO_MODEL_DIR, load_causal_lm, load_tokenizer, resolve_model_path
 from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
 from harness import make_model_dir, tiny_tokenizer
@@ -321,6 +323,25 @@ def test_left_padded_batches_give_the_unpadded_greedy_outputs(lm):
     assert generate_batch(model, tokenizer, instructions, GREEDY, batch_size=3) == alone  # sorted, then restored
     assert len(set(alone)) > 1  # the prompts really lead to different outputs
 
+
+
+def test_logits_that_are_no_distribution_stop_generation_in_one_line(model_dir):
+    """NaN (an fp16 overflow, broken weights) would be argmax's token 0 for every row: "!!!" answers, or empty ones
+    where token 0 ends them. -inf on some tokens (a masked vocabulary) is still a distribution."""
+    model, tokenizer = load_causal_lm(model_dir).eval(), load_tokenizer(model_dir)
+    bias = model.get_output_embeddings().bias  # Phi's head has one
+    prompts = ["yes", "what color is the sun?"]
+    with torch.no_grad():
+        bias[5] = float("-inf")
+    assert generate_batch_ended(model, tokenizer, prompts, GREEDY)[0] == \
+        generate_batch_ended(model, tokenizer, prompts, GREEDY)[0]  # runs: no error
+    for value in (float("nan"), float("inf")):
+        with torch.no_grad():
+            bias[5] = value
+        for decoding in (GREEDY, SAMPLED):
+            with pytest.raises(NonFiniteLogitsError, match="logits are not finite .*try --precision bf16 or fp32"):
+                generate_batch_ended(model, tokenizer, prompts, decoding)
+    assert isinstance(NonFiniteLogitsError("x"), TrainingError)  # train.py logs it to metrics.jsonl and stops
 
 # ---------------------------------------------------------------------------------------------------- seeding
 
