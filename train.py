@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 from dpo.activations import fuse_gelu
 from dpo.batches import OfflinePairs, PairBatch, PairSource, process_micro_batches
 from dpo.checkpoint import (PROCESSES, ReplacedRun, check_disk_space, latest_checkpoint, load_checkpoint,
-                            prepare_output_dir, process_rng_state, publish, read_trainer_state, replacing, rng_state,
-                            save_checkpoint, set_rng_state, settings_differences)
+                            prepare_output_dir, process_rng_state, publish, read_trainer_state, removed_if_unwritable,
+                            replacing, rng_state, save_checkpoint, set_rng_state, settings_differences)
 from dpo.cli import run_cli
 from dpo.data import BUILTIN_SOURCES, RENDERING, DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
@@ -790,12 +790,13 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
     out_dir = Path(state.cfg.output_dir)
     final_dir, tmp_dir = out_dir / "final", out_dir / "final.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    save_usable_policy(state, tmp_dir, weights, tokenizer, run_config)
-    if state.adapters is not None and state.cfg.lora.merge_lora:
-        merged = load_causal_lm(str(tmp_dir))  # the base, loaded again on the CPU, with the adapter merged in
-        merged.generation_config.update(**card_decoding(state.policy, tokenizer))
-        merged.save_pretrained(tmp_dir / "merged")
-        tokenizer.save_pretrained(tmp_dir / "merged")
+    with removed_if_unwritable(tmp_dir, "final/", out_dir):  # a full disk: one line, checkpoints untouched
+        save_usable_policy(state, tmp_dir, weights, tokenizer, run_config)
+        if state.adapters is not None and state.cfg.lora.merge_lora:
+            merged = load_causal_lm(str(tmp_dir))  # the base, loaded again on the CPU, with the adapter merged in
+            merged.generation_config.update(**card_decoding(state.policy, tokenizer))
+            merged.save_pretrained(tmp_dir / "merged")
+            tokenizer.save_pretrained(tmp_dir / "merged")
     publish(tmp_dir, final_dir)
 
 

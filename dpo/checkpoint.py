@@ -223,8 +223,26 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-# how torch.save's zip writer reports a write that failed (a full disk) in the RuntimeError it raises
-WRITE_FAILED = re.compile(r"PytorchStreamWriter failed|file write failed|unexpected pos|No space left")
+# how a write that failed (a full disk) is reported by torch.save's zip writer (a RuntimeError) and by safetensors,
+# which save_pretrained writes with (a SafetensorError: "Error while serializing: I/O error: No space left ...")
+WRITE_FAILED = re.compile(r"PytorchStreamWriter failed|file write failed|unexpected pos|No space left|I/O error")
+
+
+@contextlib.contextmanager
+def removed_if_unwritable(tmp: Path, name: str, root: Path) -> Iterator[None]:
+    """A write into `tmp` (what becomes `name`) that fails, a full disk above all (an OSError, or torch's or
+    safetensors' error saying so), removes `tmp` and raises a one-line CheckpointError naming the newest checkpoint
+    under `root`, which is intact. Another error is a bug to see: it propagates as it is."""
+    try:
+        yield
+    except Exception as error:
+        if not isinstance(error, OSError) and not WRITE_FAILED.search(str(error)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(root)
+        raise CheckpointError(f"{name} cannot be written ({first_line(error)}); "
+                              + (f"{kept[-1][1].name} is intact" if kept else "no checkpoint was saved before it")
+                              ) from None
 
 
 def save_checkpoint(
@@ -252,7 +270,7 @@ def save_checkpoint(
     tmp = root / f"checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    try:
+    with removed_if_unwritable(tmp, final.name, root):
         tmp.mkdir(parents=True)
         save_model(tmp / "model")
         if save_reference is not None:
@@ -263,14 +281,6 @@ def save_checkpoint(
                    tmp / "extra.pt")
         # the state file goes last: its presence marks the directory as complete
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    except (OSError, RuntimeError) as error:
-        if not isinstance(error, OSError) and not WRITE_FAILED.search(str(error)):
-            raise  # a RuntimeError of another kind is a bug to see, not a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = list_checkpoints(root)
-        raise CheckpointError(f"{final.name} cannot be written ({first_line(error)}); "
-                              + (f"{kept[-1][1].name} is intact" if kept else "no checkpoint was saved before it")
-                              ) from None
     publish(tmp, final)  # a re-save of the same step (e.g. after a signal) replaces it
     for _, old in list_checkpoints(root)[:-keep]:
         _discard(old)

@@ -311,6 +311,39 @@ def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_and_leaves_the_la
                                    trainer_state={}, loss_state={}, keep=2)
 
 
+
+@pytest.mark.parametrize("where", ["checkpoint-4.tmp", "final.tmp"])
+def test_a_full_disk_while_safetensors_writes_the_weights_is_one_line_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                                         where):
+    """save_pretrained's safetensors reports a full disk as a SafetensorError, neither an OSError nor torch's
+    RuntimeError: checkpoint-4's weights and final/'s fail in one line naming the newest intact checkpoint, and leave
+    no .tmp directory behind; --resume then finishes the run."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from dpo.checkpoint import CheckpointError
+
+    make_run_dir(tmp_path, 40)
+    real = transformers.modeling_utils.safe_save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        if where in Path(filename).parts:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    args = tiny_run_args(tmp_path, "run", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "5",
+                         "--save-steps", "2")
+    name, intact = ("final/", "checkpoint-4") if where == "final.tmp" else ("checkpoint-4", "checkpoint-2")
+    with pytest.raises(CheckpointError, match=f"^{name} cannot be written \\(Error while serializing: I/O error: "
+                                              f"No space left on device \\(os error 28\\)\\); {intact} is intact$"):
+        train.main(args)
+    left = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(("checkpoint-", "final")))
+    assert left == (["checkpoint-2"] if where == "checkpoint-4.tmp" else ["checkpoint-2", "checkpoint-4"])
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+    assert train.main([*args, "--resume"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
 def test_the_disk_check_counts_the_next_checkpoint_and_the_ones_a_resumed_run_has(tmp_path):
     """A new checkpoint is written before the oldest goes: keep + 1 of them at the most (or keep and final/, if
     larger). The checkpoints already in the directory are space the run has, not space it needs."""
