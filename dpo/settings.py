@@ -315,14 +315,22 @@ def load_config_file(path: str, cls: type, records: Collection[str] = ()) -> dic
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config {path}: no such file")
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # json.loads alone keeps the last silently
+        keys = [key for key, _ in pairs if not key.startswith("_")]  # comments may repeat
+        if twice := next((key for key in keys if keys.count(key) > 1), None):
+            raise ConfigError(f"--config {path}: {twice!r} is given twice")
+        return dict(pairs)
+
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        raw = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"--config {path}: not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of settings")
     known = {s.name for s in setting_fields(cls)}
     values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
     for key, value in raw.items():
         if key.startswith("_"):
             continue
@@ -331,5 +339,7 @@ def load_config_file(path: str, cls: type, records: Collection[str] = ()) -> dic
             continue
         if name not in known:
             raise ConfigError(f"--config {path}: unknown setting {key!r}")
-        values[name] = value
+        if name in keys:
+            raise ConfigError(f"--config {path}: {name} is given twice ({keys[name]!r} and {key!r})")
+        keys[name], values[name] = key, value
     return values

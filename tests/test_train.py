@@ -472,6 +472,15 @@ def test_config_file_keys_and_flag_override(tmp_path):
     file.write_text(json.dumps({"betta": 0.3}))
     with pytest.raises(ConfigError, match="unknown setting 'betta'"):
         parse_settings(["--config", str(file)])
+    # a setting given twice, in one spelling or both, is refused: JSON alone would keep the last in silence
+    file.write_text('{"max-length": 80, "max_length": 90}')
+    with pytest.raises(ConfigError, match=r"c.json: max_length is given twice \('max-length' and 'max_length'\)$"):
+        parse_settings(["--config", str(file)])
+    file.write_text('{"beta": 0.3, "lr": 1e-5, "beta": 0.2}')
+    with pytest.raises(ConfigError, match=r"c.json: 'beta' is given twice$"):
+        parse_settings(["--config", str(file)])
+    file.write_text('{"_comment": "a", "beta": 0.3, "_comment": "b"}')  # comments may repeat
+    assert parse_settings(["--config", str(file)]).loss.beta == 0.3
 
 
 @pytest.mark.parametrize("flags", [("--gradient-checkpointing",), ("--no-precompute-ref",), ("--no-completion-only",),
