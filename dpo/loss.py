@@ -195,7 +195,7 @@ class LossSettings:
     loss_type: str = setting("sigmoid", "loss name, 'a:0.8,b:0.2' mix, 'module:function' or 'file.py:function'",
                              flag="loss")
     beta: float = setting(0.1, "DPO beta (KL penalty strength)", check=positive)
-    label_smoothing: float = setting(0.0, "cDPO / robust / EXO / SimPO label smoothing epsilon",
+    label_smoothing: float = setting(0.0, "cDPO / robust / EXO / SimPO / AOT label smoothing epsilon",
                                      check=in_range(0.0, 0.5))
     reference_free: bool = setting(False, "treat the reference log-probs as 0 (no reference model)")
     rpo_alpha: float | None = setting(None, "weight of an NLL term on the chosen response, added to every loss (RPO)",
