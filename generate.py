@@ -42,7 +42,7 @@ from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, BatchFileError, 
                             read_instructions, resolve_device, resolve_dtype, resolve_run_model, run_settings,
                             side_by_side, write_outputs)
 from dpo.modeling import load_causal_lm
-from dpo.prompts import HUMAN_TURN_PREFIX
+from dpo.prompts import HUMAN_TURN_PREFIX, PromptError, render_prompt
 
 DEMO_RUN_MODEL = Path("runs") / "demo" / "final"
 
@@ -91,6 +91,17 @@ class Generator:
 
     def answer(self, instructions: list[str], decoding: DecodingSettings, **kwargs) -> list[str]:
         return generate_batch(self.model, self.tokenizer, instructions, decoding.for_run(self.settings).for_tokenizer(self.tokenizer), **kwargs)
+
+    def refusal(self, instruction: str, decoding: DecodingSettings) -> str | None:
+        """Why `answer` would refuse `instruction` (an empty or unreadable one, one the template cannot render), or
+        None."""
+        try:
+            check_instruction(instruction)
+            render_prompt(instruction, decoding.for_run(self.settings).for_tokenizer(self.tokenizer).template,
+                          self.tokenizer)
+        except (GenerationError, PromptError) as error:
+            return str(error)
+        return None
 
     def stream(self, instruction: str, decoding: DecodingSettings, write: Callable[[str], object]) -> str:
         streamer = StopAwareStreamer(self.tokenizer, decoding.stop_strings, write=write)
@@ -164,6 +175,9 @@ def interactive(generator: Generator, other: Generator | None, decoding: Decodin
         if instruction.strip() in ("exit", "quit"):
             return
         if not instruction.strip():
+            continue
+        if why := generator.refusal(instruction, decoding) or (other and other.refusal(instruction, decoding)):
+            write(f"error: {why}\n")  # this line only: the session goes on
             continue
         if other is None:
             write("### Assistant: ")

@@ -534,6 +534,14 @@ def test_interactive_streams_each_answer(model_dir, lm):
     generate.interactive(generator, None, SAMPLED, 8, read=lambda prompt: next(lines), write=written.append)
     expected = generate_batch(model, tokenizer, ["what color is the sun?"], SAMPLED)[0]
     assert "".join(written).endswith("### Assistant: " + expected + "\n")
+    # a line that cannot be answered is reported, and the session goes on
+    lines = iter(["a \udcff b", "### Human: \n\n### Assistant:", "what color is the sun?", "exit"])
+    written = []
+    generate.interactive(generator, None, SAMPLED, 8, read=lambda prompt: next(lines), write=written.append)
+    text = "".join(written)
+    assert "error: the instruction is not Unicode text (a lone surrogate" in text
+    assert "error: the instruction is a conversation that training would skip" in text
+    assert text.endswith("### Assistant: " + expected + "\n") and text.count("### Assistant: ") == 1
 
 
 def _model_without_tokenizer(tmp_path):
