@@ -27,7 +27,8 @@ constraint of the prompt.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import permutations
 from typing import Any
 
 from dpo.ifeval import IFEvalPrompt, verdicts
@@ -104,15 +105,25 @@ REPAIRS: dict[str, Repair] = {
 
 def repair(prompt: IFEvalPrompt, response: str) -> str | None:
     """`response` rewritten to follow every constraint of `prompt` (each one it misses rewritten in turn), or None: a
-    missed constraint with no repair, a repair that the checkers still fail, or a response that follows them all."""
+    missed constraint with no repair, a repair that the checkers still fail, or a response that follows them all.
+    The constraints are rewritten in the prompt's order, else in the first other order that passes: a postscript
+    appended after lower-casing breaks "all lowercase", one appended before is lower-cased with the rest."""
     if not response.strip() or all(verdicts(prompt, response)[0]):
         return None
+    for order in permutations(range(len(prompt.instruction_id_list))):
+        if (text := rewritten(prompt, response, order)) is not None:
+            return text
+    return None
+
+
+def rewritten(prompt: IFEvalPrompt, response: str, order: Sequence[int]) -> str | None:
+    """`response` with each constraint of `prompt` it misses rewritten, in `order`, if every one passes after."""
     text = response
-    for i, (type_id, args) in enumerate(zip(prompt.instruction_id_list, prompt.kwargs)):
+    for i in order:
         if verdicts(prompt, text)[0][i]:
             continue  # followed already (a keyword that is there needs no rewrite)
-        rewrite = REPAIRS.get(type_id)
-        fixed = rewrite(text, dict(args)) if rewrite is not None else None
+        rewrite = REPAIRS.get(prompt.instruction_id_list[i])
+        fixed = rewrite(text, dict(prompt.kwargs[i])) if rewrite is not None else None
         if fixed is None:
             return None
         text = fixed

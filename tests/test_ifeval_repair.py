@@ -98,6 +98,11 @@ def test_several_constraints_are_repaired_together():
     # a constraint followed already needs no rewrite, even one that has none: only the missed one is rewritten
     keyword = IFEvalPrompt("Q", ("keywords:existence", "punctuation:no_comma"), ({"keywords": ["Seine"]}, {}))
     assert repair(keyword, PLAIN) == PLAIN.replace(",", "") and ifeval_strict(keyword, PLAIN.replace(",", ""))
+    # in the prompt's order the postscript, appended after lower-casing, breaks "all lowercase": the other order
+    lower_ps = IFEvalPrompt("Q", ("change_case:english_lowercase", "detectable_content:postscript"),
+                            ({}, {"postscript_marker": "P.S."}))
+    fixed = repair(lower_ps, PLAIN)
+    assert fixed == f"{PLAIN}\n\nP.S. {POSTSCRIPT}".lower() and ifeval_strict(lower_ps, fixed)
 
 
 ALWAYS = ("change_case:english_lowercase", "change_case:english_capital", "punctuation:no_comma", "startend:quotation",
