@@ -153,11 +153,12 @@ def check_arguments(type_id: str, args: dict[str, Any], where: str) -> None:
         with caller_random_kept():
             replaced = redrawn(checker, args)
             checker.check_following("An answer.")
-    except LookupError as error:  # nltk's data, its message framed in asterisks
-        resource = re.search(r"Resource \W*(\w+)", str(error))
-        raise IFEvalError(f"{where}: the {type_id} checker needs nltk data it cannot find"
-                          + (f": python -m nltk.downloader {resource.group(1)}" if resource else "")) from None
-    except Exception as error:  # the checker's own message says which value it could not use
+    except Exception as error:
+        resource = re.search(r"Resource \W*(\w+)\W* not found", str(error))
+        if isinstance(error, LookupError) and resource:  # nltk's data, its message framed in asterisks
+            raise IFEvalError(f"{where}: the {type_id} checker needs nltk data it cannot find: python -m "
+                              f"nltk.downloader {resource.group(1)}") from None
+        # the checker's own message says which value it could not use
         raise IFEvalError(f"{where}: field 'kwargs' of {type_id} does not fit its checker ({type(error).__name__}: "
                           f"{first_line(error)})") from None
     if replaced is not None:
@@ -167,14 +168,29 @@ def check_arguments(type_id: str, args: dict[str, Any], where: str) -> None:
 
 def redrawn(checker: Any, args: dict[str, Any]) -> str | None:
     """The name of an argument of `args` that the checker replaces with a value it draws from Python's global
-    `random` (a negative count, an empty keyword list, ...), or None when it keeps them all (it then draws nothing).
-    Leaves the checker built with `args`; changes the global `random` state."""
+    `random` (a negative count, an empty keyword list, ...), or None when it keeps them all (it then draws nothing,
+    and is left built with `args`). Changes the global `random` state."""
     state = random.getstate()
     checker.build_description(**args)
     if random.getstate() == state:
         return None
-    built = checker.get_instruction_args() or {}
-    return next((name for name in args if built.get(name) != args[name]), next(iter(args), "?"))
+    builds = []
+    for seed in range(4):  # the replaced value is the one that changes with the draws (others are only normalized)
+        random.seed(seed)
+        checker.build_description(**args)
+        builds.append(checker.get_instruction_args() or {})
+    varying = (name for name in args if any(b.get(name) != builds[0].get(name) for b in builds))
+    changed = (name for name in args if not _normalized_alike(builds[0].get(name), args[name]))  # a draw of one value
+    return next(varying, None) or next(changed, None) or next(iter(args), "?")
+
+
+def _normalized_alike(built: Any, given: Any) -> bool:
+    """Whether a checker's value is the given one as it normalizes it (case and spaces, a keyword list's order)."""
+    if isinstance(built, str) and isinstance(given, str):
+        return built.strip().lower() == given.strip().lower()
+    if isinstance(built, list) and isinstance(given, list):
+        return sorted(set(map(str, built))) == sorted(set(map(str, given)))
+    return built == given
 
 
 @cache
@@ -281,19 +297,23 @@ def constrained_prompts(instructions: Sequence[str], types: Sequence[str], seed:
             if len(prompts) % len(deal) == 0:
                 rng.shuffle(deal)
             type_id = deal[len(prompts) % len(deal)]
-            description, args = sampled_constraint(type_id, rng.randrange(2 ** 32))
+            description, args = sampled_constraint(type_id, rng.randrange(2 ** 32), text)
             separator = "\n\n" if "\n" in text else " "  # after a multi-line instruction, a paragraph of its own
             prompts.append(IFEvalPrompt(f"{text}{separator}{description}", (type_id,), (args,), key=len(prompts),
                                         extra={"source_instruction": text}))
     return prompts
 
 
-def sampled_constraint(type_id: str, seed: int) -> tuple[str, dict[str, Any]]:
+def sampled_constraint(type_id: str, seed: int, instruction: str = "") -> tuple[str, dict[str, Any]]:
     """A checker's own description of its constraint with arguments it samples (from Python's global `random`,
-    seeded here and restored after)."""
+    seeded here and restored after); a constraint to repeat the request repeats `instruction`."""
     with caller_random_kept():
         random.seed(seed)
         checker = registry()[type_id](type_id)
+        if type_id in ASKS_FOR_REPETITION:
+            if not instruction.strip():
+                raise IFEvalError(f"{type_id} needs the instruction it repeats")
+            return checker.build_description(prompt_to_repeat=instruction), {"prompt_to_repeat": instruction}
         while True:
             description = checker.build_description()
             args = {k: v for k, v in (checker.get_instruction_args() or {}).items() if v is not None}

@@ -10,8 +10,8 @@ import pytest
 from dpo.data import instruction_records, load_records
 from dpo.evaluate import clustered_proportion, format_ifeval, ifeval_summary, proportion, wilson_interval
 from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_descriptions, constrained_prompts,
-                        echoed_constraint, loose_variants, main, parse_prompt, sampled_constraint, split_instructions,
-                        verdicts)
+                        echoed_constraint, loose_variants, main, nltk_has, parse_prompt, sampled_constraint,
+                        split_instructions, verdicts)
 from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, JudgeError, build_judge, prompt_records
 from dpo.repetition import repeats_itself
 from harness import make_model_dir, run_metrics, train_tiny
@@ -158,6 +158,14 @@ def test_ifeval_input_data_rows_load_as_they_are(tmp_path):
       "kwargs": [{"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "paris"}]}, "a 'nth_paragraph' it cannot use"),
     ({"prompt": "Q", "instruction_id_list": ["keywords:forbidden_words"], "kwargs": [{"forbidden_words": "horse"}]},
      "a 'forbidden_words' that is not a list of words \\('horse'\\)"),
+    # the value named is the one replaced, not one the checker only normalizes ('A' -> 'a', 'The' -> 'the')
+    ({"prompt": "Q", "instruction_id_list": ["keywords:letter_frequency"],
+      "kwargs": [{"letter": "A", "let_frequency": -1, "let_relation": "less than"}]}, "a 'let_frequency' it cannot use"),
+    ({"prompt": "Q", "instruction_id_list": ["length_constraints:nth_paragraph_first_word"],
+      "kwargs": [{"first_word": "The", "num_paragraphs": 0, "nth_paragraph": 0}]}, "a 'nth_paragraph' it cannot use"),
+    # a KeyError is the checker's, not missing nltk data
+    ({"prompt": "Q", "instruction_id_list": ["language:response_language"], "kwargs": [{"language": "zh"}]},
+     "field 'kwargs' of language:response_language does not fit its checker \\(KeyError: 'zh'\\)"),
 ])
 def test_bad_prompts_are_one_line_errors_naming_file_row_and_field(record, message):
     with pytest.raises(IFEvalError, match=message) as error:
@@ -181,6 +189,9 @@ def test_values_the_checker_keeps_are_accepted_and_judged_the_same_at_every_verd
     assert [verdicts(bullets, "No list here.")[0] for _ in range(20)] == [[True]] * 20
     assert [verdicts(last, "Cities.\n\nParis is big.")[0] for _ in range(20)] == [[True]] * 20
     assert random.getstate() == state
+    repeat = constrained_prompts(["Name a fruit."], ["combination:repeat_prompt"], seed=0)[0]
+    assert repeat.kwargs == ({"prompt_to_repeat": "Name a fruit."},) and repeat.prompt.startswith("Name a fruit. First")
+    assert verdicts(repeat, "Name a fruit. Apple.")[0] == [True] and verdicts(repeat, "Apple.")[0] == [False]
     for seed in range(40):
         _, args = sampled_constraint("length_constraints:nth_paragraph_first_word", seed)
         assert 1 <= args["nth_paragraph"] <= args["num_paragraphs"]
@@ -194,6 +205,13 @@ def test_a_checker_without_its_nltk_data_names_the_download(monkeypatch):
            "kwargs": [{"num_sentences": 3, "relation": "less than"}]}
     with pytest.raises(IFEvalError, match="needs nltk's tokenizers/punkt_tab data: python -m nltk.downloader punkt_tab"):
         parse_prompt(row, "row 0")  # nltk 3.9+ (if-verifiable's) reads punkt_tab for the sentence checker too
+    monkeypatch.undo()
+    if nltk_has("tokenizers/punkt_tab"):
+        return  # the checker's own lookup below needs the data to be missing
+    monkeypatch.setattr("dpo.ifeval.nltk_has", lambda resource: True)  # a resource the table does not name
+    with pytest.raises(IFEvalError, match="the length_constraints:number_sentences checker needs nltk data it cannot "
+                                          "find: python -m nltk.downloader punkt_tab$"):
+        parse_prompt(row, "row 0")
 
 def test_the_ifeval_judge_needs_prompts_with_ifeval_fields():
     with pytest.raises(JudgeError, match="needs prompts that carry IFEval's fields"):
