@@ -797,6 +797,8 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
             merged.generation_config.update(**card_decoding(state.policy, tokenizer))
             merged.save_pretrained(tmp_dir / "merged")
             tokenizer.save_pretrained(tmp_dir / "merged")
+            # the run's template and prompt budget, and its reference (the base) for dpo.evaluate
+            shutil.copyfile(tmp_dir / RUN_SETTINGS_FILE, tmp_dir / "merged" / RUN_SETTINGS_FILE)
     publish(tmp_dir, final_dir)
 
 

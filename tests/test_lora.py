@@ -131,6 +131,8 @@ def test_final_is_an_adapter_directory_and_merging_gives_the_same_logits(workdir
         torch.testing.assert_close(load_causal_lm(str(out / "final")).eval()(input_ids=ids).logits, want, atol=1e-5,
                                    rtol=0)
     assert json.loads((out / "final" / "dpo_run.json").read_text())["lora_r"] == 4
+    # merged/ carries the run's settings too: generate.py and dpo.evaluate prompt it as the run trained
+    assert (out / "final" / "merged" / "dpo_run.json").read_text() == (out / "final" / "dpo_run.json").read_text()
 
 
 @pytest.mark.slow
