@@ -239,7 +239,7 @@ def phi2(args: argparse.Namespace) -> None:
     in_memory_phi2()
     pairs = ultrafeedback_like_pairs(target.batch * STEPS)
     with tempfile.TemporaryDirectory() as out:
-        cfg = recipe_config("phi2_ultrafeedback.json", MODEL, out, "--precision", "bf16")
+        cfg = recipe_config("phi2_ultrafeedback.json", MODEL, out, "--precision", "bf16", "--no-gradient-checkpointing")
         policy, adapters = train.build_policy(cfg, target.device)
         # gradient checkpointing, once on, stays on: the other layouts run last, with it, against the first's
         first = args.layouts[0]
@@ -250,7 +250,7 @@ def phi2(args: argparse.Namespace) -> None:
                 enable_gradient_checkpointing(policy)
                 checkpointing = True
             flags = ["--precision", precision, "--layout", layout] + \
-                (["--gradient-checkpointing"] if with_checkpointing else [])
+                (["--gradient-checkpointing"] if with_checkpointing else ["--no-gradient-checkpointing"])
             run_dir = f"{out}/{layout}-{precision}-{checkpointing}"
             cfg = recipe_config("phi2_ultrafeedback.json", MODEL, run_dir, *flags)
             # the first run times two steps after its warm-up, the others one: the part's time limit
@@ -328,7 +328,8 @@ def profile(args: argparse.Namespace) -> None:
     checkpointed = cuda and torch.cuda.get_device_properties(device).total_memory < 100e9
     with tempfile.TemporaryDirectory() as out:
         cfg = recipe_config("phi2_ultrafeedback.json", MODEL, f"{out}/a", "--precision", "bf16",
-                            "--layout", "padded", *(["--gradient-checkpointing"] if checkpointed else []))
+                            "--layout", "padded",
+                            "--gradient-checkpointing" if checkpointed else "--no-gradient-checkpointing")
         policy, adapters = train.build_policy(cfg, device)
         layout, collate = train.collator(cfg, target.eos, policy)
 
