@@ -101,7 +101,8 @@ class TrainSettings:
                                              "split off")
     test_size: float = setting(0.05, "fraction (or count if >= 1) held out when the source has no eval split",
                                check=_test_size)
-    num_pairs: int | None = setting(None, "use only this many training pairs (a subset)", check=positive)
+    num_pairs: int | None = setting(None, "use only this many records of the training split (a subset, drawn before "
+                                          "unusable rows are skipped)", check=positive)
     subset: str = setting("first", "how --num-pairs are chosen", choices=["first", "random"])
     max_eval_pairs: int | None = setting(256, "evaluate on at most this many held-out pairs (None: all)",
                                          check=positive)
