@@ -65,12 +65,14 @@ class SequenceLogps:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0, so policy and reference see the same deterministic function."""
+    """Set every dropout probability to 0, so policy and reference see the same deterministic function: the
+    dropout modules' and every float attribute of a module named for one, which attention applies in train mode
+    (Llama's `attention_dropout`, GPT-BigCode's `attn_dropout`, `attn_pdrop`, OPT's `layerdrop`, ...)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        for name in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, name, None), float):
+        for name, value in vars(module).items():
+            if "drop" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
 
 

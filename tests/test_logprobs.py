@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, GPTBigCodeConfig
 
 from dpo.data import collate_pairs
 from dpo.logprobs import SequenceScorer, disable_dropout, sequence_logps
@@ -136,6 +137,19 @@ def test_scorer_module_matches_function_and_dropout_is_disabled():
     a = scorer(batch).sum
     b = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_dropout_kept_as_a_float_attribute_is_disabled_too():
+    """GPT-BigCode (StarCoder) keeps attention's dropout probability as a float, `attn_dropout` (0.1), that attention
+    applies in train mode, not as an nn.Dropout: the policy would not start from its reference."""
+    torch.manual_seed(0)
+    config = GPTBigCodeConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                              embd_pdrop=0.0)  # the nn.Dropout ones off: what is left is attention's
+    model = AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(1, 97, (2, 16))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on at first
+    disable_dropout(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
 def test_fp16_autocast_logps_are_fp32_and_close():
