@@ -40,7 +40,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from dpo.data import TokenizedPair
-from dpo.errors import UserError
+from dpo.errors import UserError, first_line
 
 PACKED_ATTENTION = "sdpa_packed"  # the name under which packed_sdpa_attention is registered in transformers
 
@@ -172,6 +172,8 @@ def packed_sdpa_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     tensor: the first is SDPA's causal case, the second its bottom-right-aligned causal case (R queries over
     P + R keys, query i seeing keys up to P + i), so on CUDA both can run the flash kernel."""
     if packed_blocks is None:
+        if attention_mask is not None and attention_mask.numel() == 0:  # _NO_MASK reached attention, its blocks not
+            raise PackingError("the model's layers do not pass the packed blocks on to its attention")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -209,7 +211,12 @@ def attention_window(config) -> int | None:
 
 def packing_problem(model: torch.nn.Module, longest_sequence: int) -> str | None:
     """Why packed batches of sequences up to `longest_sequence` tokens would not give exactly what the model gives
-    each sequence alone, or None: they need SDPA attention over whole sequences (blocks apply no sliding window)."""
+    each sequence alone, or None: they need SDPA attention over whole sequences (blocks apply no sliding window),
+    reached by the blocks (a packed row of two short sequences is run once to see)."""
+    return _config_problem(model, longest_sequence) or _forward_problem(model)
+
+
+def _config_problem(model: torch.nn.Module, longest_sequence: int) -> str | None:
     implementation = model.config._attn_implementation
     if implementation not in ("sdpa", PACKED_ATTENTION):
         return f"packed and shared-prompt batches need SDPA attention, the model uses '{implementation}'"
@@ -219,6 +226,26 @@ def packing_problem(model: torch.nn.Module, longest_sequence: int) -> str | None
     if window is not None and longest_sequence > window:
         return (f"packed and shared-prompt batches attend over whole sequences, but the model attends within a "
                 f"sliding window of {window} tokens and sequences reach {longest_sequence}")
+    return _forward_problem(model)
+
+
+def _forward_problem(model: torch.nn.Module) -> str | None:
+    """Why the model's forward fails on a packed row of two short sequences, or None: some models' layers do not
+    pass the blocks on to attention (StableLM), or compute attention their own way (Falcon with ALiBi)."""
+    implementation = model.config._attn_implementation
+    batch = collate_packed([TokenizedPair(prompt_ids=[1, 2], chosen_ids=[3], rejected_ids=[4, 5], row=0)])
+    device = next(model.parameters()).device
+    try:
+        _register_packed_attention(model)
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                  attention_mask=_NO_MASK.to(device), use_cache=False,
+                  packed_blocks=PackedBlocks.from_lengths(batch["block_lengths"]))
+    except Exception as error:  # whatever the model's own code raises: the layouts cannot run it
+        return f"packed and shared-prompt batches fail in the model's forward ({type(error).__name__}: " \
+               f"{first_line(error)})"
+    finally:
+        model.config._attn_implementation = implementation
     return None
 
 
@@ -231,7 +258,12 @@ def check_packable(model: torch.nn.Module, longest_sequence: int) -> None:
 
 def enable_packed_attention(model: torch.nn.Module, longest_sequence: int = 0) -> None:
     """Route the model's attention through packed_sdpa_attention (identical to SDPA for unpacked inputs)."""
-    check_packable(model, longest_sequence)
+    if problem := _config_problem(model, longest_sequence):  # at every forward: the forward itself is no check
+        raise PackingError(f"{problem}; use --layout padded")
+    _register_packed_attention(model)
+
+
+def _register_packed_attention(model: torch.nn.Module) -> None:
     # registered here, not at import: importing this module changes no global registry
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)

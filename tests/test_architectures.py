@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig,
-                          MistralConfig, Qwen2Config)
+from transformers import (AutoModelForCausalLM, CohereConfig, FalconConfig, Gemma2Config, GPT2Config, GraniteConfig,
+                          LlamaConfig, MistralConfig, Qwen2Config, StableLmConfig)
 
 import train
 from dpo import logprobs
@@ -205,6 +205,28 @@ def test_soft_capped_attention_is_never_given_to_sdpa(monkeypatch):
     model.config.attn_logit_softcapping = 50.0
     assert "soft-cap" in packing_problem(model, 16)
 
+
+
+@pytest.mark.parametrize("config, why", [
+    (StableLmConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=128),
+     "PackingError: the model's layers do not pass the packed blocks on to its attention"),
+    (FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True),
+     "ValueError: too many values to unpack")], ids=["stablelm", "falcon_alibi"])
+def test_a_model_whose_forward_cannot_run_packed_blocks_is_padded(config, why):
+    """StableLM's layers call attention without the forward's extra arguments, so the blocks never reach it (plain
+    SDPA then met an empty mask: a raw size error mid-run); Falcon with ALiBi computes attention its own way. A
+    packed row of two short sequences, run once, finds it: auto takes padded, a packed layout is refused in one
+    line, and the model is left in its own attention."""
+    from dpo.packing import check_packable, packing_problem
+
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config))
+    assert model.config._attn_implementation == "sdpa"
+    assert why in packing_problem(model, 16) and model.config._attn_implementation == "sdpa"
+    with pytest.raises(PackingError, match="fail in the model's forward .*; use --layout padded$"):
+        check_packable(model, 16)
+    layout, _ = train.collator(train.parse_settings(["--layout", "auto"]), 0, model)
+    assert layout == "padded" and packing_problem(tiny_model("llama"), 16) is None
 
 def train_args(root, out: str, *extra: str) -> list[str]:
     return tiny_run_args(root, out, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
