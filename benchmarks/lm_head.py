@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import throughput  # noqa: E402  (sets the allocator and the path, then imports torch)
+import throughput  # noqa: E402  (sets the path, then imports torch)
 from throughput import SIZES, VOCAB, matmul_peak_gflops  # noqa: E402
+
+from dpo.memory import tune_cpu_allocator  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -125,6 +127,7 @@ def measure(n: int, d: int, repeats: int, tile: int = DEFAULT_VOCAB_CHUNK) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
+    tune_cpu_allocator()  # as train.py's command line does, before the first tensor
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), action="append",
                         help="workload size (repeatable; default S and M)")

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList  # noqa: E402
 
 from dpo.errors import UserError  # noqa: E402
+from dpo.memory import tune_cpu_allocator  # noqa: E402
 from dpo.generation import (DecodingSettings, StopOnStrings, _cut_at_eos, model_eos_ids, cache_argument,  # noqa: E402
                             clean_response, generate_batch, left_pad, read_instructions, sampling_processors)
 from dpo.modeling import load_causal_lm, load_tokenizer, resolve_model_path  # noqa: E402
@@ -64,6 +65,7 @@ def transformers_generate(model, tokenizer, prompts: list[str], decoding: Decodi
 
 
 def main() -> None:
+    tune_cpu_allocator()  # as train.py's command line does (online DPO samples inside it), before the first tensor
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="any model train.py's --model takes")

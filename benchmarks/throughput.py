@@ -303,7 +303,8 @@ def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair]
                            beta=0.1, loss_type=["sigmoid"], max_length=size["max_length"],
                            precompute_ref_log_probs=True, bf16=False, fp16=False, use_cpu=True, logging_steps=1,
                            save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-                           train_sampling_strategy="sequential", seed=0)
+                           train_sampling_strategy="sequential", seed=0,
+                           gradient_checkpointing=False)  # the workload's (TRL 1.16's DPOConfig turns it on)
         start = time.perf_counter()  # the trainer precomputes the reference log-probs from here on
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(texts),
                              processing_class=tokenizer, callbacks=[Clock()])
@@ -314,7 +315,7 @@ def run_trl(size: dict, texts: list[dict], tokenizer, pairs: list[TokenizedPair]
     batch = size["micro"] * size["accum"]
     return dict(step_s=step_s, losses=losses, reference_s=marks["first_step"] - start,
                 useful_flops=useful_flops(pairs[batch:], model.get_base_model() if lora.enabled else model, True),
-                timed_pairs=len(pairs) - batch)
+                timed_pairs=len(pairs) - batch, trl_config={"gradient_checkpointing": config.gradient_checkpointing})
 
 
 def check_trl_ids(dataset, pairs: list[TokenizedPair], max_length: int) -> None:
@@ -366,6 +367,8 @@ def run_once(args: argparse.Namespace, train_flags: list[str]) -> dict:
               "tokenizer": args.model or args.tokenizer,
               "allocator": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
                             "set_here": allocator}}
+    if "trl_config" in result:
+        record["trl_config"] = result["trl_config"]
     if "settings" in result:
         record["train_flags"] = train_flags
         record["layout"] = result["layout"]
