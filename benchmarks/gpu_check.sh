@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: at most eight minutes on one CUDA GPU with torch, transformers and peft (no install, no network).
+# The GPU check: at most eight minutes on one CUDA GPU with torch, transformers, peft and matplotlib (no install, no
+# network).
 #
 #     bash benchmarks/gpu_check.sh [REPORT_DIR]           (default: gpu_check_report/)
 #     bash benchmarks/gpu_check.sh --smoke [REPORT_DIR]   the same code paths on the CPU, tiny sizes, in about a minute
