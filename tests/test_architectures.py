@@ -228,6 +228,23 @@ def test_a_model_whose_forward_cannot_run_packed_blocks_is_padded(config, why):
     layout, _ = train.collator(train.parse_settings(["--layout", "auto"]), 0, model)
     assert layout == "padded" and packing_problem(tiny_model("llama"), 16) is None
 
+
+def test_the_packing_probe_runs_once_per_check_never_per_forward():
+    """The probe is a whole forward of the model: packing_problem runs it once, a packed micro-batch's forward
+    (the policy's, the reference's, every step's) never."""
+    from dpo.packing import packing_problem
+
+    model = tiny_model("llama")
+    probes = []  # the probe calls the whole model with packed blocks (the scorer calls its body)
+    model.register_forward_pre_hook(lambda module, args, kwargs: probes.append("packed_blocks" in kwargs),
+                                    with_kwargs=True)
+    assert packing_problem(model, 16) is None and probes == [True]
+    probes.clear()
+    scorer = SequenceScorer(model)
+    for layout in ("shared_prompt", "packed", "shared_prompt"):
+        scorer(LAYOUTS[layout](random_pairs(3, VOCAB, seed=0)))
+    assert True not in probes
+
 def train_args(root, out: str, *extra: str) -> list[str]:
     return tiny_run_args(root, out, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
                          "--max-eval-pairs", "4", "--lr", "1e-3", *extra)
