@@ -2,7 +2,8 @@
 
     adamw        torch's AdamW, its fused kernel on CPU and CUDA (one pass over every parameter)
     adamw_8bit   bitsandbytes' AdamW8bit: both moments kept in 8 bits, blockwise quantized (2 bytes a parameter
-                 instead of 8); CPU and CUDA
+                 instead of 8); CPU and CUDA. Tensors under 4,096 elements (biases, norm scales: bitsandbytes'
+                 min_8bit_size) keep fp32 moments, a negligible share of the memory
 
 Weight decay reaches the weight matrices and embeddings (tensors of 2 or more dimensions) and leaves the biases and
 norm scales (1 dimension) alone, as nanoGPT, HF Trainer and TRL do.

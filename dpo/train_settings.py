@@ -126,7 +126,8 @@ class TrainSettings:
                                   check=in_range(0.0, 1.0))
     min_lr_ratio: float = setting(0.0, "cosine decays to this fraction of the peak", check=in_range(0.0, 1.0))
     optimizer: str = setting("adamw", "adamw, or adamw_8bit: AdamW with both moments in 8 bits (bitsandbytes; 2 bytes "
-                                      "a parameter instead of 8)", choices=list(OPTIMIZERS))
+                                      "a parameter instead of 8; tensors under 4,096 elements keep fp32 moments)",
+                             choices=list(OPTIMIZERS))
     weight_decay: float = setting(0.0, "AdamW weight decay, on the weight matrices and embeddings (none on biases and "
                                        "norm scales, as HF Trainer and TRL)",
                                   check=non_negative)

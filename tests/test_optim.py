@@ -41,6 +41,8 @@ def test_8bit_moments_take_a_quarter_of_the_memory_and_follow_adamw(workdir):
         moments = {k: v for k, v in state.optimizer.state[p].items() if k in ("state1", "state2")}
         assert {v.dtype for v in moments.values()} == {torch.uint8} and all(v.numel() == p.numel()
                                                                            for v in moments.values())
+    small = [p for p in policy.parameters() if p.numel() < 4096]  # biases, norm scales: fp32 moments (documented)
+    assert small and all(state.optimizer.state[p]["state1"].dtype == torch.float32 for p in small)
     eight, full = (run_and_read(workdir, name, *flags) for name, flags in
                    (("8bit", ("--optimizer", "adamw_8bit")), ("fp32-states", ())))
     assert eight[-1] < eight[0] - 0.01  # it trains
