@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from itertools import permutations
+from itertools import islice, permutations
 from typing import Any
 
 from dpo.ifeval import IFEvalPrompt, verdicts
@@ -36,6 +36,7 @@ from dpo.ifeval import IFEvalPrompt, verdicts
 POSTSCRIPT = "I hope this helps."
 TITLE_WORDS = 8
 TITLE_MIN_WORDS = 3
+REPAIR_ORDERS = 24  # orders of the constraints a repair tries: every one of up to 4 constraints
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 LIST_MARKER = re.compile(r"^[ \t]*(?:[*\-+•]|\d+[.)])[ \t]+", flags=re.MULTILINE)
 WORD = re.compile(r"\w+")  # IFEval's word count (instructions_util.count_words: RegexpTokenizer(r"\w+"))
@@ -106,11 +107,12 @@ REPAIRS: dict[str, Repair] = {
 def repair(prompt: IFEvalPrompt, response: str) -> str | None:
     """`response` rewritten to follow every constraint of `prompt` (each one it misses rewritten in turn), or None: a
     missed constraint with no repair, a repair that the checkers still fail, or a response that follows them all.
-    The constraints are rewritten in the prompt's order, else in the first other order that passes: a postscript
-    appended after lower-casing breaks "all lowercase", one appended before is lower-cased with the rest."""
+    The constraints are rewritten in the prompt's order, else in the first other order that passes (of the first
+    REPAIR_ORDERS: all of them for up to 4 constraints): a postscript appended after lower-casing breaks "all
+    lowercase", one appended before is lower-cased with the rest."""
     if not response.strip() or all(verdicts(prompt, response)[0]):
         return None
-    for order in permutations(range(len(prompt.instruction_id_list))):
+    for order in islice(permutations(range(len(prompt.instruction_id_list))), REPAIR_ORDERS):
         if (text := rewritten(prompt, response, order)) is not None:
             return text
     return None
