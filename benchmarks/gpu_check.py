@@ -234,7 +234,7 @@ def recipe_config(config: str, model_dir: Path, out_dir: str, *flags: str):
 
 
 def phi2(args: argparse.Namespace) -> None:
-    """Full fine-tuning: the first layout in bf16 and as the recipe's card has it (fp16 + GradScaler), then every
+    """Full fine-tuning: the first layout in bf16 and as the recipe's config has it (fp16 + GradScaler), then every
     layout in bf16 with gradient checkpointing. One model load: the runs reuse it (a reference pass per run)."""
     in_memory_phi2()
     pairs = ultrafeedback_like_pairs(target.batch * STEPS)

@@ -527,8 +527,8 @@ def decode(model: Any, input_ids: Tensor, attention_mask: Tensor, cache: Dynamic
 class TopP(LogitsProcessor):
     """Nucleus sampling's filter (Holtzman et al. 2020), the same tokens as transformers' TopPLogitsWarper: a token
     is kept when the probability of the tokens above it is below p (so the top token always is). Where tokens of
-    exactly equal probability straddle the boundary, which of them is kept follows the sort's order (transformers'
-    ascending sort keeps the later ones, this one the earlier). It sorts only the `candidates` most likely tokens of
+    exactly equal probability straddle the boundary, which of them is kept follows each sort's order (transformers'
+    ascending sort tends to keep the later ones; topk's order among ties is unspecified). It sorts only the `candidates` most likely tokens of
     a row, not the whole vocabulary: when they hold at least p of the mass, no token below them can be kept; a row
     where they do not is sorted whole."""
 

@@ -273,6 +273,9 @@ def echoed_constraint(prompt: IFEvalPrompt, response: str) -> str | None:
 def split_instructions(instructions: Sequence[str], eval_count: int, seed: int) -> tuple[list[str], list[str]]:
     """Distinct instructions shuffled with `seed` and cut into (train, eval): no instruction is in both."""
     distinct = list(dict.fromkeys(text.strip() for text in instructions if text.strip()))
+    if len(distinct) < 2:
+        raise IFEvalError(f"{len(distinct)} distinct single-turn instructions: the builder needs at least 2 (records "
+                          "with a 'prompt', or preference pairs, of a format train.py reads)")
     if not 0 < eval_count < len(distinct):
         raise IFEvalError(f"--eval-instructions must be between 1 and {len(distinct) - 1} (there are {len(distinct)} "
                           f"distinct instructions), got {eval_count}")

@@ -236,6 +236,8 @@ def test_the_builder_keeps_evaluation_instructions_out_of_training_and_uses_the_
     assert random.getstate() == state  # the checkers' use of the global RNG is undone
     with pytest.raises(IFEvalError, match="--eval-instructions must be between 1 and 59"):
         split_instructions(instructions, 60, seed=0)
+    with pytest.raises(IFEvalError, match="0 distinct single-turn instructions: the builder needs at least 2"):
+        split_instructions([], 10, seed=0)  # e.g. generate.py's {"instruction": ...} rows, which train.py does not read
 
 
 def test_the_builder_command_writes_ifeval_rows_split_by_instruction(tmp_path, capsys):

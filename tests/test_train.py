@@ -294,7 +294,9 @@ def test_phi2_preset_resolves_to_the_recipe():
     expected = {"model": "lxuechen/phi-2-sft", "dataset": "HuggingFaceH4/ultrafeedback_binarized",
                 "train_split": "train_prefs", "num_pairs": 10000, "template": "recipe", "loss": "sigmoid", "beta": 0.1,
                 "lr": 3e-5, "warmup_ratio": 0.03, "epochs": 2, "batch_size": 64, "max_length": 1024,
-                "precision": "fp16", "label_smoothing": 0.0, "reference_free": False, "min_lr_ratio": 0.0}
+                "precision": "fp16", "label_smoothing": 0.0, "reference_free": False, "min_lr_ratio": 0.0,
+                "subset": "random", "seed": 42, "micro_batch_size": 4, "gradient_checkpointing": True,
+                "eval_split": "test_prefs", "max_prompt_length": 512, "optimizer": "adamw", "weight_decay": 0.0}
     assert {k: cfg.to_dict()[k] for k in expected} == expected
     assert cfg.batch_size % cfg.micro_batch_size == 0
 
