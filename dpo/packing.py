@@ -237,10 +237,13 @@ def _forward_problem(model: torch.nn.Module) -> str | None:
     device = next(model.parameters()).device
     try:
         _register_packed_attention(model)
-        with torch.no_grad():
+        # no gradient, and the RNG as it was (a LoRA dropout draws in train mode): the run trains as without it
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                   attention_mask=_NO_MASK.to(device), use_cache=False,
                   packed_blocks=PackedBlocks.from_lengths(batch["block_lengths"]))
+    except torch.OutOfMemoryError:
+        raise  # the device's, not the layout's
     except Exception as error:  # whatever the model's own code raises: the layouts cannot run it
         return f"packed and shared-prompt batches fail in the model's forward ({type(error).__name__}: " \
                f"{first_line(error)})"

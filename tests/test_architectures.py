@@ -238,7 +238,15 @@ def test_the_packing_probe_runs_once_per_check_never_per_forward():
     probes = []  # the probe calls the whole model with packed blocks (the scorer calls its body)
     model.register_forward_pre_hook(lambda module, args, kwargs: probes.append("packed_blocks" in kwargs),
                                     with_kwargs=True)
-    assert packing_problem(model, 16) is None and probes == [True]
+    torch.manual_seed(3)
+    state = torch.random.get_rng_state()
+    attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    for m in attention:
+        m.attention_dropout = 0.5  # dropout draws in train mode: the probe leaves the RNG as it was
+    assert packing_problem(model.train(), 16) is None and probes == [True]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for m in attention:
+        m.attention_dropout = 0.0
     probes.clear()
     scorer = SequenceScorer(model)
     for layout in ("shared_prompt", "packed", "shared_prompt"):
