@@ -200,7 +200,10 @@ class RewardModelJudge(Judge):
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_length: int | None = None):
-        resolved = resolve_model_path(path)
+        try:
+            resolved = resolve_model_path(path)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"reward model (--judge): {error}") from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved)
         except Exception as error:  # transformers raises many types for a missing or broken tokenizer

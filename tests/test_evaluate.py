@@ -183,6 +183,9 @@ def test_reward_model_with_several_outputs_is_rejected(tmp_path):
     path = _reward_model_dir(tmp_path / "rm", "yes", num_labels=2)
     with pytest.raises(JudgeError, match="2 outputs"):
         RewardModelJudge(path)
+    with pytest.raises(evaluate.ModelLoadError, match=r"^reward model \(--judge\): model directory .*nowhere does not "
+                                                      "exist"):
+        RewardModelJudge(str(tmp_path / "nowhere"))  # named as the judge, not as some model
 
 
 # ---------------------------------------------------------------------------------------------------- comparisons
