@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -324,19 +326,38 @@ def sampled_constraint(type_id: str, seed: int, instruction: str = "") -> tuple[
                 return description, args                            # draw of paragraph n + 1 of n)
 
 
-def write_jsonl(path: Path, prompts: Iterable[IFEvalPrompt]) -> int:
-    """Write prompts as IFEval rows, atomically; returns how many."""
-    return write_records(path, [p.to_row() for p in prompts])
+def write_files(files: dict[Path, list[dict[str, Any]]], flag: str = "--out-dir") -> None:
+    """Write each list of records as JSON Lines at its path, the files together: every one is written beside itself
+    first and only then renamed into place, so an interruption or a full disk never leaves one build's train.jsonl
+    beside another's eval.jsonl. A failure is an IFEvalError naming `flag`."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, records in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((Path(tmp), path))
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        for tmp, path in staged:
+            tmp.replace(path)
+    except OSError as error:
+        raise IFEvalError(f"{flag} {next(iter(files)).parent}: cannot be written ({error.strerror or error})") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
-def write_records(path: Path, records: Sequence[dict[str, Any]]) -> int:
-    """Write records as JSON Lines, atomically; returns how many."""
-    rows = [json.dumps(record, ensure_ascii=False) for record in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-    return len(rows)
+def check_out_dir(path: Path) -> None:
+    """An IFEvalError when --out-dir is not a directory that can be written (created if missing), before any work."""
+    if path.exists() and not path.is_dir():
+        raise IFEvalError(f"--out-dir {path}: is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise IFEvalError(f"--out-dir {path}: cannot be written ({error.strerror or error})") from None
 
 
 def held_out_pair(record: Any, row: int, held_out: set[str]) -> bool:
@@ -363,7 +384,8 @@ def instructions_split(source: str, split: str | None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of python -m dpo.ifeval."""
-    parser = argparse.ArgumentParser(prog="python -m dpo.ifeval", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m dpo.ifeval",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()),  # its first paragraph
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--instructions", required=True, help="a file of instructions (any preference or prompt "
                                                                 "format train.py reads)")
@@ -383,26 +405,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.per_instruction < 1:
         raise IFEvalError(f"--per-instruction must be at least 1, got {args.per_instruction}")
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    if not types:
+        raise IFEvalError(f"--types {args.types!r} names no constraint type")
+    out = Path(args.out_dir)
+    check_out_dir(out)
     records, description = load_records(args.instructions, instructions_split(args.instructions, args.split))
     found, left_out = instruction_records(records)
     instructions = list(found)
     train, evaluation = split_instructions(instructions, args.eval_instructions, args.seed)
-    types = [t.strip() for t in args.types.split(",") if t.strip()]
-    out = Path(args.out_dir)
-    n_train = write_jsonl(out / "train.jsonl", constrained_prompts(train, types, args.seed, args.per_instruction))
-    n_eval = write_jsonl(out / "eval.jsonl", constrained_prompts(evaluation, types, args.seed + 1))
-    print(f"{description}: {len(instructions)} distinct single-turn instructions ({left_out} records left out), "
-          f"{len(types)} constraint types\n{out / 'train.jsonl'}: {n_train} prompts from {len(train)} instructions\n"
-          f"{out / 'eval.jsonl'}: {n_eval} prompts from {len(evaluation)} held-out instructions")
+    train_prompts = constrained_prompts(train, types, args.seed, args.per_instruction)
+    eval_prompts = constrained_prompts(evaluation, types, args.seed + 1)
     held_out = set(evaluation)
     pairs = [record for row, record in enumerate(records) if held_out_pair(record, row, held_out)]
-    path = out / "heldout_pairs.jsonl"
+    files = {out / "train.jsonl": [p.to_row() for p in train_prompts],
+             out / "eval.jsonl": [p.to_row() for p in eval_prompts]}
+    pairs_path = out / "heldout_pairs.jsonl"
     if pairs:  # the source's own pairs of the held-out instructions: what the trained model must still write
-        write_records(path, pairs)
-        print(f"{path}: the source's {len(pairs)} pairs of the held-out instructions")
-    elif path.exists():  # an earlier build's, of other instructions
-        path.unlink()
-        print(f"{path}: removed (an earlier build's; {description} has no pairs of the held-out instructions)")
+        files[pairs_path] = pairs
+    write_files(files)
+    print(f"{description}: {len(instructions)} distinct single-turn instructions ({left_out} records left out), "
+          f"{len(types)} constraint types\n{out / 'train.jsonl'}: {len(train_prompts)} prompts from {len(train)} "
+          f"instructions\n{out / 'eval.jsonl'}: {len(eval_prompts)} prompts from {len(evaluation)} held-out "
+          "instructions")
+    if pairs:
+        print(f"{pairs_path}: the source's {len(pairs)} pairs of the held-out instructions")
+    elif pairs_path.exists():  # an earlier build's, of other instructions
+        pairs_path.unlink()
+        print(f"{pairs_path}: removed (an earlier build's; {description} has no pairs of the held-out instructions)")
     return 0
 
 

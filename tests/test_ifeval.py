@@ -300,6 +300,28 @@ def test_the_builder_reads_the_split_it_is_given_and_drops_an_earlier_builds_hel
     assert not (out / "heldout_pairs.jsonl").exists()  # prompts alone: the earlier build's pairs would mislead
     assert "heldout_pairs.jsonl: removed" in capsys.readouterr().out
 
+
+def test_the_builder_checks_its_flags_first_and_writes_its_files_together(tmp_path):
+    """A --out-dir that is a file, or --types that name none, is one line before any work; the files are written
+    beside themselves and renamed together: a write that fails leaves the earlier build whole and no temporary."""
+    from dpo.ifeval import write_files
+
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Name thing {i}.", "chosen": "a", "rejected": "b"}) + "\n"
+                              for i in range(30)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(IFEvalError, match="--out-dir .*file: is not a directory"):
+        main(["--instructions", str(source), "--out-dir", str(tmp_path / "file")])
+    with pytest.raises(IFEvalError, match="--types ',' names no constraint type"):
+        main(["--instructions", str(source), "--out-dir", str(tmp_path / "out"), "--types", ","])
+    out = tmp_path / "out"
+    write_files({out / "train.jsonl": [{"a": 1}], out / "eval.jsonl": [{"b": 2}]})
+    (out / "sub").write_text("a file where the next file's directory is needed")
+    with pytest.raises(IFEvalError, match="cannot be written"):
+        write_files({out / "train.jsonl": [{"a": 3}], out / "sub" / "eval.jsonl": [{"b": 4}]})
+    assert (out / "train.jsonl").read_text() == '{"a": 1}\n'  # not replaced: the set was not complete
+    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "sub", "train.jsonl"]  # no temporary left
+
 def test_the_report_counts_prompt_and_instruction_level_per_type_with_wilson_intervals():
     prompts = [IFEvalPrompt("a", ("punctuation:no_comma",), ({},)),
                IFEvalPrompt("b", ("punctuation:no_comma", "change_case:english_lowercase"), ({}, {})),
