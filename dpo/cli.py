@@ -10,12 +10,16 @@ from dpo.errors import UserError
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
-    """Run `main`; a UserError prints `error: <message>` on stderr and returns 2 (no traceback)."""
+    """Run `main`; a UserError prints `error: <message>` on stderr and returns 2, Ctrl-C `interrupted` and 130 (no
+    traceback: what the program writes is written atomically, so an interruption leaves nothing half done)."""
     try:
         return main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

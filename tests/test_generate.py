@@ -526,6 +526,15 @@ def test_cli_compare_shows_both_models(tmp_path, model_dir, capsys):
     assert title_line.split("|")[0].strip() == "model" and title_line.split("|")[1].strip() == "other"
 
 
+def test_ctrl_c_ends_a_command_in_one_line_without_a_traceback(capsys):
+    from dpo.cli import run_cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted, None) == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_interactive_streams_each_answer(model_dir, lm):
     model, tokenizer = lm
     generator = generate.Generator(model_dir, torch.float32, torch.device("cpu"))
