@@ -551,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompt_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The rows of --prompts, --num-prompts of them drawn with --seed when it asks for fewer."""
     rows = read_instructions(args.prompts)
+    if args.num_prompts is not None and args.num_prompts > len(rows):
+        raise EvaluationError(f"--num-prompts {args.num_prompts}: {args.prompts} has {len(rows)} rows")
     if args.num_prompts is not None and args.num_prompts < len(rows):
         keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.num_prompts))
         rows = [rows[i] for i in keep]
@@ -583,6 +585,14 @@ def check_args(args: argparse.Namespace) -> DecodingSettings:
         raise EvaluationError(f"--beta must be positive, got {args.beta}")
     if args.max_pairs is not None and args.max_pairs < 1:
         raise EvaluationError(f"--max-pairs must be at least 1, got {args.max_pairs}")
+    # a flag of a part that does not run would be ignored in silence
+    if not args.implicit_reward and (unused := [f for f, v in (("--dataset", args.dataset), ("--split", args.split),
+                                                               ("--beta", args.beta), ("--max-pairs", args.max_pairs))
+                                                if v is not None]):
+        raise EvaluationError(f"{unused[0]} is for --implicit-reward, which this command does not ask for")
+    if args.skip_win_rate and (unused := [f for f, v in (("--prompts", args.prompts),
+                                                         ("--num-prompts", args.num_prompts)) if v is not None]):
+        raise EvaluationError(f"{unused[0]} is for the win rate, which --skip-win-rate leaves out")
     return decoding
 
 
@@ -619,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     judge = None if args.skip_win_rate else build_judge(args.judge, device=device, dtype=dtype,
                                                         prompts=prompt_records(rows or [], args.prompts, args.judge))
     prompts = (rows if rows is not None else _prompts(args, judge)) if judge is not None else []
+    for row in prompts:
+        judge.category(row["instruction"])  # a prompt the judge cannot handle fails now, not after generation
     held_out = None
     if args.implicit_reward:  # read and tokenized now: a missing file or split fails before any generation
         dataset = args.dataset or run_dataset(settings)

@@ -411,7 +411,6 @@ def test_cli_a_model_against_itself_ties_everywhere(run_dir, capsys):
 @pytest.mark.parametrize("case, message", [
     ("no_reference", "--reference is required"),
     ("zero_tokens", "--max-new-tokens must be at least 1"),
-    ("foreign_prompts", "only knows the demo's instructions"),
     ("prompts_without_instruction", "no 'instruction' or 'prompt' field"),
     ("reward_model_without_prompts", "has no prompts of its own"),
     ("bad_settings", "dpo_run.json: not valid JSON"),
@@ -427,7 +426,6 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, run_dir, capsys, ca
     args = {
         "no_reference": ["--model", sft],
         "zero_tokens": ["--model", sft, "--reference", sft, "--max-new-tokens", "0"],
-        "foreign_prompts": ["--model", sft, "--reference", sft, "--prompts", str(prompts)],
         "prompts_without_instruction": ["--model", sft, "--reference", sft, "--prompts", str(prompts)],
         "reward_model_without_prompts": ["--model", sft, "--reference", sft, "--judge", str(rm)],
         "bad_settings": ["--model", str(broken)],
@@ -486,6 +484,34 @@ def test_cli_missing_models_and_unwritable_output_fail_before_loading(tmp_path, 
     assert capsys.readouterr().err == f"error: {message.format(tmp=tmp_path)}\n"
     assert not (tmp_path / "o.json").exists() and (tmp_path / "file.json").read_text() == "{}"
 
+
+
+@pytest.mark.parametrize("case, message", [
+    ("foreign_prompts", "the demo judge only knows the demo's instructions, not 'Write a haiku.'"),
+    ("more_prompts_than_rows", "--num-prompts 5: {tmp}/prompts.jsonl has 1 rows"),
+    ("implicit_flag_alone", "--beta is for --implicit-reward, which this command does not ask for"),
+    ("win_rate_flag_skipped", "--prompts is for the win rate, which --skip-win-rate leaves out"),
+])
+def test_cli_refuses_prompts_and_flags_that_cannot_work_before_any_model_answers(tmp_path, run_dir, monkeypatch,
+                                                                                 capsys, case, message):
+    """The demo judge's refusal of a foreign prompt came after both models had answered every prompt; a flag of a
+    part that does not run was ignored in silence."""
+    run = str(run_dir / "run")
+    prompts = tmp_path / "prompts.jsonl"
+    instruction = "Write a haiku." if case == "foreign_prompts" else task.held_out_instructions(1)[0].text
+    prompts.write_text(json.dumps({"instruction": instruction}) + "\n")
+    args = {"foreign_prompts": ["--prompts", str(prompts)],
+            "more_prompts_than_rows": ["--prompts", str(prompts), "--num-prompts", "5"],
+            "implicit_flag_alone": ["--beta", "5"],
+            "win_rate_flag_skipped": ["--implicit-reward", "--skip-win-rate", "--prompts", str(prompts)]}[case]
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the prompts and flags were checked")
+
+    monkeypatch.setattr(evaluate, "load_model", load)
+    capsys.readouterr()
+    assert evaluate.cli(["--model", run, *args, "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(tmp=tmp_path)}\n"
 
 def test_a_run_directory_is_a_model_to_check(run_dir, tmp_path):
     for name in (run_dir / "run", run_dir / "run" / "final", run_dir / "sft"):
