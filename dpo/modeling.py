@@ -172,13 +172,16 @@ def adapter_base(path: str | Path) -> str:
 
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
 
 
 def quiet_bitsandbytes() -> None:
     """Call before anything imports bitsandbytes (peft does, where it is installed): its CPU backend logs a warning
     at import when it cannot fetch an optional hub kernel for 4-bit matmuls on the CPU, also on a CUDA machine; no
-    run of this project uses one, so that logger keeps only its errors."""
-    logging.getLogger(BITSANDBYTES_CPU_LOGGER).setLevel(logging.ERROR)
+    run of this project uses one, so that logger keeps only its errors; so does the `kernels` package's, which
+    says offline that it skips that kernel's publisher check."""
+    for name in (BITSANDBYTES_CPU_LOGGER, KERNELS_HUB_LOGGER):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def import_peft() -> Any:
