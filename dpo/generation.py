@@ -34,6 +34,7 @@ import contextlib
 import errno
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -151,9 +152,9 @@ class DecodingSettings:
         if self.max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.greedy:
-            if not self.temperature >= MIN_TEMPERATURE:
-                raise GenerationError(f"--temperature must be at least {MIN_TEMPERATURE} (use --greedy for argmax), "
-                                      f"got {self.temperature}")
+            if not MIN_TEMPERATURE <= self.temperature < math.inf:  # inf: every token alike, uniform noise
+                raise GenerationError(f"--temperature must be at least {MIN_TEMPERATURE} and finite (use --greedy for "
+                                      f"argmax), got {self.temperature}")
             if not 0 < self.top_p <= 1:
                 raise GenerationError(f"--top-p must be in (0, 1], got {self.top_p}")
             if self.top_k < 0:

@@ -371,6 +371,7 @@ def test_streaming_prints_exactly_the_returned_response(lm):
     (dict(max_new_tokens=-3), "--max-new-tokens must be at least 1"),
     (dict(temperature=0.0), "--temperature must be at least 1e-05"),
     (dict(temperature=1e-38), "--temperature must be at least 1e-05"),  # logits / T overflowed: NaN, token 0
+    (dict(temperature=float("inf")), "--temperature must be at least 1e-05 and finite"),  # uniform noise
     (dict(seed=10 ** 20), r"--seed must be an integer in \[0, 2\*\*63\), got 100000000000000000000"),
     (dict(seed=-1), "--seed must be an integer"),
     (dict(top_p=1.5), "--top-p must be in"),
