@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -338,6 +339,8 @@ def write_files(files: dict[Path, list[dict[str, Any]]], flag: str = "--out-dir"
             staged.append((Path(tmp), path))
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+            # mkstemp makes the file private: an existing file keeps its mode, a new one is an ordinary data file
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644)
         for tmp, path in staged:
             tmp.replace(path)
     except OSError as error:
@@ -348,12 +351,18 @@ def write_files(files: dict[Path, list[dict[str, Any]]], flag: str = "--out-dir"
 
 
 def check_out_dir(path: Path) -> None:
-    """An IFEvalError when --out-dir is not a directory that can be written (created if missing), before any work."""
+    """An IFEvalError when --out-dir cannot become a directory that can be written, before any work: it is a file,
+    or the nearest existing directory on its way refuses a new entry (tried with a file removed at once). Nothing
+    is created: a command that then fails leaves no empty directory."""
     if path.exists() and not path.is_dir():
         raise IFEvalError(f"--out-dir {path}: is not a directory")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise IFEvalError(f"--out-dir {path}: its parent {existing} is not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:

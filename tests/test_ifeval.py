@@ -4,10 +4,11 @@ evaluation instructions out of training, and the report's accuracies and interva
 
 import json
 import random
+import stat
 
 import pytest
 
-from dpo.data import instruction_records, load_records
+from dpo.data import DataError, instruction_records, load_records
 from dpo.evaluate import clustered_proportion, format_ifeval, ifeval_summary, proportion, wilson_interval
 from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_descriptions, constrained_prompts,
                         echoed_constraint, loose_variants, main, nltk_has, parse_prompt, sampled_constraint,
@@ -314,8 +315,12 @@ def test_the_builder_checks_its_flags_first_and_writes_its_files_together(tmp_pa
         main(["--instructions", str(source), "--out-dir", str(tmp_path / "file")])
     with pytest.raises(IFEvalError, match="--types ',' names no constraint type"):
         main(["--instructions", str(source), "--out-dir", str(tmp_path / "out"), "--types", ","])
+    with pytest.raises(DataError, match="file not found"):
+        main(["--instructions", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path / "out")])
     out = tmp_path / "out"
+    assert not out.exists()  # checked, not created: a command that fails leaves no empty directory
     write_files({out / "train.jsonl": [{"a": 1}], out / "eval.jsonl": [{"b": 2}]})
+    assert stat.S_IMODE((out / "train.jsonl").stat().st_mode) == 0o644  # not mkstemp's private 0600
     (out / "sub").write_text("a file where the next file's directory is needed")
     with pytest.raises(IFEvalError, match="cannot be written"):
         write_files({out / "train.jsonl": [{"a": 3}], out / "sub" / "eval.jsonl": [{"b": 4}]})
