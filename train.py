@@ -68,7 +68,7 @@ from dpo.on_policy import IterativePairs, OnlinePairs, Sampler
 from dpo.optim import build_optimizer, decays_every_parameter
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
 from dpo.plot import plot_training_curves
-from dpo.precision import (AUTOCAST_DTYPES, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
+from dpo.precision import (AUTOCAST_DTYPES, LOGP_TOLERANCE, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
                            use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast
 from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_cached, save_cached
@@ -477,11 +477,6 @@ def score_pairs(state: TrainState, pairs: list[TokenizedPair], ids: list[int],
         policy_chosen_top1=policy.top1[:n], state=state.loss_state)
 
 
-# The step-0 check's relative tolerance, keyed by what the matmuls compute in (dpo.precision.matmul_precision):
-# TF32 keeps fp16's 10 mantissa bits.
-STEP0_TOLERANCE = {"fp32": 1e-4, "tf32": 4e-3, "bf16": 2e-2, "fp16": 4e-3}
-
-
 def train_step(state: TrainState, batch: PairBatch, lr: float) -> dict[str, Any]:
     """One optimizer step on the global batch `batch` (every process passes the same one); returns the step's
     metrics (the same on every process).
@@ -555,12 +550,12 @@ def sync_reference(state: TrainState) -> None:
 class ReferenceStartCheck:
     """The step-0 check: before any update the policy's log-probs must equal the reference's (they differ by
     rounding only: the reference pass ran in other batch shapes, maybe another layout). A pair beyond 1e-3 +
-    STEP0_TOLERANCE x |log-prob| (by the precision the matmuls compute in) stops the run: the reference is not
+    LOGP_TOLERANCE x |log-prob| (by the precision the matmuls compute in) stops the run: the reference is not
     the policy's starting point. Runs at the first step with reference log-probs, and never after it."""
 
     def __init__(self, state: TrainState):
         self.state, self.count, self.largest = state, 0, 0.0
-        self.tolerance = STEP0_TOLERANCE[matmul_precision(resolve_precision(state.cfg.precision, state.device),
+        self.tolerance = LOGP_TOLERANCE[matmul_precision(resolve_precision(state.cfg.precision, state.device),
                                                           state.device)]
 
     def add(self, x: PreferenceLogps) -> None:

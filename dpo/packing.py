@@ -41,6 +41,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from dpo.data import TokenizedPair
 from dpo.errors import UserError, first_line
+from dpo.precision import LOGP_TOLERANCE, weights_matmul_precision
 
 PACKED_ATTENTION = "sdpa_packed"  # the name under which packed_sdpa_attention is registered in transformers
 
@@ -230,18 +231,25 @@ def _config_problem(model: torch.nn.Module, longest_sequence: int) -> str | None
 
 
 def _forward_problem(model: torch.nn.Module) -> str | None:
-    """Why the model's forward fails on a packed row of two short sequences, or None: some models' layers do not
-    pass the blocks on to attention (StableLM), or compute attention their own way (Falcon with ALiBi)."""
+    """Why a packed row does not give what the model gives its sequences alone, or None. One row of a shared-prompt
+    block ([1 2][3][4 5]) and an unshared sequence ([6 7 8]) is run once and its log-probs compared with those of
+    [1 2 3], [1 2 4 5] and [6 7 8] each run alone: a model whose layers do not pass the blocks on to attention
+    (StableLM), compute attention their own way (Falcon with ALiBi) or read positions otherwise fails or differs."""
     implementation = model.config._attn_implementation
-    batch = collate_packed([TokenizedPair(prompt_ids=[1, 2], chosen_ids=[3], rejected_ids=[4, 5], row=0)])
     device = next(model.parameters()).device
+    row = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=device)
+    positions = torch.tensor([[0, 1, 2, 2, 3, 0, 1, 2]], device=device)
+    blocks = PackedBlocks.from_lengths(torch.tensor([[2, 1, 2], [3, 0, 0]]))
+    modes = [m.training for m in model.modules()]
     try:
-        _register_packed_attention(model)
-        # no gradient, and the RNG as it was (a LoRA dropout draws in train mode): the run trains as without it
+        # no gradient, dropout off, the RNG as it was (a LoRA dropout draws in train mode): the run trains as without
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                  attention_mask=_NO_MASK.to(device), use_cache=False,
-                  packed_blocks=PackedBlocks.from_lengths(batch["block_lengths"]))
+            model.eval()
+            alone = [_logps(model(input_ids=row[:, ids], use_cache=False).logits[0])
+                     for ids in ([0, 1, 2], [0, 1, 3, 4], [5, 6, 7])]
+            _register_packed_attention(model)
+            packed = _logps(model(input_ids=row, position_ids=positions, attention_mask=_NO_MASK.to(device),
+                                  use_cache=False, packed_blocks=blocks).logits[0])
     except torch.OutOfMemoryError:
         raise  # the device's, not the layout's
     except Exception as error:  # whatever the model's own code raises: the layouts cannot run it
@@ -249,7 +257,18 @@ def _forward_problem(model: torch.nn.Module) -> str | None:
                f"{first_line(error)})"
     finally:
         model.config._attn_implementation = implementation
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+    expected = torch.cat([alone[0], alone[1][2:], alone[2]])
+    tolerance = 1e-3 + LOGP_TOLERANCE[weights_matmul_precision(model)] * expected.abs()
+    if not bool(((packed - expected).abs() <= tolerance).all()):
+        return (f"packed and shared-prompt batches do not compute what the model computes for each sequence alone "
+                f"(log-probs differ by up to {float((packed - expected).abs().max()):.3g})")
     return None
+
+
+def _logps(logits: Tensor) -> Tensor:
+    return logits.float().log_softmax(dim=-1)
 
 
 def check_packable(model: torch.nn.Module, longest_sequence: int) -> None:

@@ -45,6 +45,22 @@ def matmul_precision(precision: str, device: torch.device) -> str:
     return "tf32" if precision == "fp32" and device.type == "cuda" else precision
 
 
+# The relative tolerance of a log-prob computed two ways (other batch shapes, another layout), keyed by what the
+# matmuls compute in: a difference beyond 1e-3 + LOGP_TOLERANCE x |log-prob| is no rounding. TF32 keeps fp16's 10
+# mantissa bits.
+LOGP_TOLERANCE = {"fp32": 1e-4, "tf32": 4e-3, "bf16": 2e-2, "fp16": 4e-3}
+
+
+def weights_matmul_precision(model: torch.nn.Module) -> str:
+    """What a model's matmuls compute in outside autocast: its lowest-precision floating weights' dtype (TF32 for
+    fp32 on CUDA)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        if dtype in dtypes:
+            return name
+    return matmul_precision("fp32", next(model.parameters()).device)
+
+
 def use_fast_cuda_kernels(device: torch.device) -> None:
     """On CUDA: fp32 matmuls through TF32 tensor cores (the master weights, the fp32 parts of autocast: 10 mantissa
     bits per product, fp32 accumulation, at tensor-core rates); and SDPA attention without the cuDNN backend, which

@@ -209,7 +209,7 @@ def test_soft_capped_attention_is_never_given_to_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("config, why", [
     (StableLmConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=128),
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
      "PackingError: the model's layers do not pass the packed blocks on to its attention"),
     (FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True),
      "ValueError: too many values to unpack")], ids=["stablelm", "falcon_alibi"])
@@ -229,6 +229,42 @@ def test_a_model_whose_forward_cannot_run_packed_blocks_is_padded(config, why):
     assert layout == "padded" and packing_problem(tiny_model("llama"), 16) is None
 
 
+def _drop_kwargs(module: torch.nn.Module, names: tuple[str, ...]) -> None:
+    def hook(module, args, kwargs):
+        return args, {k: v for k, v in kwargs.items() if k not in names}
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("flaw", ["blocks", "positions"])
+def test_a_model_that_silently_computes_a_packed_row_otherwise_is_padded(flaw):
+    """A model can run a packed row without an error and still not compute each sequence's own log-probs: attention
+    that never receives the blocks (nor the empty mask) runs the row as one causal sequence, the later sequences
+    attending to the earlier ones; a body that ignores position_ids counts positions across the row. The probe
+    compares the row's log-probs with the sequences run alone: auto takes padded, a packed layout is refused."""
+    from dpo.packing import check_packable, packing_problem
+
+    if flaw == "blocks":
+        model = tiny_model("llama")
+        for layer in model.model.layers:
+            _drop_kwargs(layer.self_attn, ("packed_blocks", "attention_mask"))
+    else:  # absolute positions: a tiny random RoPE model's attention is too flat to tell positions apart
+        model = tiny_model("gpt2")
+        _drop_kwargs(model.transformer, ("position_ids",))
+    assert "do not compute what the model computes for each sequence alone" in packing_problem(model, 16)
+    with pytest.raises(PackingError, match="differ by up to .*; use --layout padded$"):
+        check_packable(model, 16)
+    layout, _ = train.collator(train.parse_settings(["--layout", "auto"]), 0, model)
+    assert layout == "padded"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES + SCALED_LOGITS if a != "gemma2"])
+def test_the_packing_probe_passes_the_models_packed_rows_compute_exactly(arch, dtype):
+    from dpo.packing import packing_problem
+
+    assert packing_problem(tiny_model(arch).to(dtype), 16) is None
+
+
 def test_the_packing_probe_runs_once_per_check_never_per_forward():
     """The probe is a whole forward of the model: packing_problem runs it once, a packed micro-batch's forward
     (the policy's, the reference's, every step's) never."""
@@ -243,7 +279,7 @@ def test_the_packing_probe_runs_once_per_check_never_per_forward():
     attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
     for m in attention:
         m.attention_dropout = 0.5  # dropout draws in train mode: the probe leaves the RNG as it was
-    assert packing_problem(model.train(), 16) is None and probes == [True]
+    assert packing_problem(model.train(), 16) is None and probes.count(True) == 1
     assert torch.equal(torch.random.get_rng_state(), state)
     for m in attention:
         m.attention_dropout = 0.0
