@@ -42,11 +42,22 @@ The contract:
     `LossState` (`my_loss.loss_state = LossState(...)` or `@register_loss(..., state=...)`): the trainer then
     updates it once per optimizer step from the whole global batch, so it never depends on how the batch was
     split into micro-batches or processes (bco_pair's running reward mean is the example).
-  * output: a [B] tensor of per-pair losses; the trainer minimises their mean.
+  * output: a float [B] tensor of per-pair losses, following the policy's log-probs' gradient; the trainer minimises
+    their mean. Anything else is a LossOutputError naming the loss, raised with the run's settings (the loss is
+    tried once on two made-up pairs) or at the step.
   * a loss that never reads the reference log-probs sets `my_loss.is_reference_free = True` (or is
     registered with `@register_loss("name", reference_free=True)`), so no reference model is loaded.
   * rewards are computed for you as beta * (pi - ref); a loss with another notion of reward sets
-    `my_loss.rewards = fn(x, cfg) -> (chosen_rewards, rejected_rewards)`.
+    `my_loss.rewards = fn(x, cfg) -> (chosen_rewards, rejected_rewards)`, two float [B] tensors.
+  * `my_loss.is_batch_coupled = True` for a loss whose pair i depends on the other pairs of its batch (then its
+    result depends on the micro-batch split, which the run says, and --use-weighting is refused);
+    `my_loss.reads_f_divergence` says whether it passes log-ratios through --f-divergence (default: unless it is
+    reference-free), so that the flag is refused where it would change nothing.
+  * its own hyper-parameters are constants of its file (or the LossSettings fields it reads): a run records the
+    --loss string, not the file, so --resume does not see the file change.
+  * `@register_loss("name", ...)` makes the function selectable as `loss_type="name"` once its module is imported:
+    in Python (LossSettings, dpo_loss), or in a --loss list after a term that imports it; on the command line a
+    loss of your own is `file.py:function` or `module:function`.
 """
 
 from __future__ import annotations
@@ -77,6 +88,10 @@ class UnknownLossError(UserError):
 
 class LossSpecError(UserError):
     """A malformed loss_type string (bad weight, empty or repeated term)."""
+
+
+class LossOutputError(UserError):
+    """A loss (or its rewards hook) returned something other than one float per pair, or losses without a gradient."""
 
 
 class MissingFieldError(UserError):
@@ -347,8 +362,10 @@ def batch_coupled(config: LossSettings) -> bool:
 
 
 def reads_f_divergence(config: LossSettings) -> bool:
-    """Whether some term passes log-ratios through the f-divergence (a custom loss is assumed to)."""
-    return any(getattr(resolve_loss(name), "reads_f_divergence", True) for name, _ in parse_loss_spec(config.loss_type))
+    """Whether some term passes log-ratios through the f-divergence (a custom loss is assumed to unless it is
+    reference-free: without reference log-probs it has no log-ratio)."""
+    return any(getattr(fn, "reads_f_divergence", not is_reference_free(fn))
+               for fn in (resolve_loss(name) for name, _ in parse_loss_spec(config.loss_type)))
 
 
 def needs_reference_model(config: LossSettings) -> bool:
@@ -678,12 +695,18 @@ def _term_losses(name: str, fn: LossFunction, x: PreferenceLogps, config: LossSe
         if error.needed_by is not None:
             raise
         raise MissingFieldError(error.field_name, needed_by=f"loss {name!r}") from None
-    if not isinstance(losses, Tensor) or losses.shape != x.policy_chosen_logps.shape:
-        raise ValueError(
-            f"loss {name!r} must return per-pair losses of shape {tuple(x.policy_chosen_logps.shape)}, "
-            f"got {_describe(losses)}"
-        )
+    _check_per_pair(losses, x, f"loss {name!r} must return per-pair losses")
+    if x.policy_chosen_logps.requires_grad and not losses.requires_grad:
+        raise LossOutputError(f"loss {name!r} returned losses without a gradient (detached from the policy's "
+                              "log-probs?): training would not move the policy")
     return losses.float()
+
+
+def _check_per_pair(values: Any, x: PreferenceLogps, what: str) -> None:
+    shape = tuple(x.policy_chosen_logps.shape)
+    if not isinstance(values, Tensor) or tuple(values.shape) != shape or not values.is_floating_point():
+        got = _describe(values) + (f" of {values.dtype}" if isinstance(values, Tensor) else "")
+        raise LossOutputError(f"{what}: a float tensor of shape {shape}, got {got}")
 
 
 def _wpo_weights(x: PreferenceLogps) -> Tensor:
@@ -741,9 +764,35 @@ def compute_loss(logps: PreferenceLogps, config: LossSettings) -> LossOutput:
     if config.use_weighting:
         losses = losses * _wpo_weights(x)
     rewards_fn = getattr(terms[0][1], "rewards", None) or _log_ratio_rewards
-    chosen_rewards, rejected_rewards = rewards_fn(x, config)
+    rewards = rewards_fn(x, config)
+    if not (isinstance(rewards, tuple) and len(rewards) == 2):
+        raise LossOutputError(f"the rewards hook of loss {terms[0][0]!r} must return (chosen_rewards, "
+                              f"rejected_rewards), got {_describe(rewards)}")
+    chosen_rewards, rejected_rewards = rewards
+    for side, values in (("chosen", chosen_rewards), ("rejected", rejected_rewards)):
+        _check_per_pair(values, x, f"the rewards hook of loss {terms[0][0]!r} must return {side} rewards per pair")
     state_sums = torch.cat(sums) if sums else losses.new_zeros(0, dtype=torch.float64)
     return LossOutput(losses, chosen_rewards.detach().float(), rejected_rewards.detach().float(), state_sums)
+
+
+def check_loss_output(config: LossSettings) -> None:
+    """A LossOutputError, before any model is loaded, when a term (or the rewards hook) returns something other than
+    what compute_loss checks at every step, tried once on two made-up pairs with every field given. Anything else a
+    term raises on them is left to the run, whose real pairs it may not meet."""
+    policy = torch.tensor([-4.0, -6.0], requires_grad=True)
+    reference = torch.tensor([-5.0, -5.5]) if needs_reference_model(config) else None
+    two = torch.tensor([3.0, 5.0])
+    logps = PreferenceLogps(policy, policy.flip(0) - 1.0, reference, None if reference is None else reference - 1.0,
+                            chosen_lengths=two, rejected_lengths=two.flip(0), batch_chosen_length=two.mean().expand(2),
+                            chosen_wpo_logps=-two / 4, rejected_wpo_logps=-two / 3, policy_chosen_nll_logps=policy,
+                            policy_chosen_logits=two, policy_rejected_logits=two, policy_chosen_entropy=two,
+                            policy_rejected_entropy=two, policy_chosen_top1=two / 5)
+    try:
+        compute_loss(logps, config)
+    except LossOutputError:
+        raise
+    except Exception:  # noqa: BLE001 - the term's own error on made-up values: the run meets it on real ones
+        pass
 
 
 def update_loss_state(config: LossSettings, state: dict, sums: Tensor) -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import dpo.loss as loss_module
 from dpo.loss import (
+    LossOutputError,
     LossSettings,
     LossSpecError,
     MissingFieldError,
@@ -23,6 +24,7 @@ from dpo.loss import (
     dpo_loss,
     needs_reference_model,
     parse_loss_spec,
+    reads_f_divergence,
     register_loss,
     resolve_loss,
     update_loss_state,
@@ -565,11 +567,67 @@ def test_user_file_with_reference_free_flag_and_rewards_hook(tmp_path):
     assert close(out.chosen_rewards, [1.0] * 3) and close(out.rejected_rewards, [-1.0] * 3)
 
 
-def test_user_loss_with_wrong_shape_is_reported(tmp_path):
-    path = tmp_path / "bad_shape.py"
-    path.write_text("def scalar(x, cfg):\n    return x.policy_chosen_logps.mean()\n")
-    with pytest.raises(ValueError, match=r"must return per-pair losses of shape \(3,\)"):
-        compute_loss(batch(), LossSettings(loss_type=f"{path}:scalar"))
+@pytest.mark.parametrize("body, message", [
+    ("x.policy_chosen_logps.mean()", r"per-pair losses: a float tensor of shape \(3,\), got shape \(\)"),
+    ("x.policy_chosen_logps[:, None]", r"got shape \(3, 1\) of torch.float32"),
+    ("[1.0, 2.0, 3.0]", r"got list$"),
+    ("x.policy_chosen_logps.long()", r"got shape \(3,\) of torch.int64"),
+    ("-x.policy_chosen_logps.detach()", r"returned losses without a gradient \(detached"),
+], ids=["scalar", "column", "list", "integers", "detached"])
+def test_user_loss_with_wrong_output_is_one_clear_error(tmp_path, body, message):
+    """What a loss returns is checked where the loop would meet it: as a raw error deep in the loop (a backward
+    without grad_fn, a shape mismatch) it would name neither the loss nor what is wrong."""
+    path = tmp_path / "bad_output.py"
+    path.write_text(f"def bad(x, cfg):\n    return {body}\n")
+    logps = batch(policy_chosen_logps=torch.tensor(PC, requires_grad=True))
+    with pytest.raises(LossOutputError, match=rf"^loss '.*bad_output.py:bad' .*{message}"):
+        compute_loss(logps, LossSettings(loss_type=f"{path}:bad"))
+    if body.endswith("detach()"):  # without a gradient to follow (evaluation), detached losses are losses
+        assert close(compute_loss(batch(), LossSettings(loss_type=f"{path}:bad")).losses, [-v for v in PC])
+
+
+def test_a_loss_with_wrong_output_is_refused_with_the_settings(tmp_path):
+    """The run's settings try each term once on made-up pairs: a wrong output is refused before any model is loaded
+    or reference pass run; an error of the term's own on made-up values is left to the run."""
+    from dpo.train_settings import parse_settings
+
+    path = tmp_path / "own.py"
+    path.write_text("def scalar(x, cfg):\n    return x.policy_chosen_logps.mean()\n"
+                    "def picky(x, cfg):\n    assert x.policy_chosen_logps.shape[0] > 2\n"
+                    "    return -x.policy_chosen_logps\n")
+    for loss in (f"{path}:scalar", f"sigmoid,{path}:scalar"):
+        with pytest.raises(LossOutputError, match=r"\.py:scalar' must return per-pair losses: .* shape \(2,\)"):
+            parse_settings(["--loss", loss])
+    assert parse_settings(["--loss", f"{path}:picky"]).loss.loss_type == f"{path}:picky"
+
+
+@pytest.mark.parametrize("hook, message", [
+    ("(x.policy_chosen_logps.mean(), x.policy_rejected_logps.mean())", r"chosen rewards per pair: .* got shape \(\)"),
+    ("(x.policy_chosen_logps, x.policy_rejected_logps[:2])", r"rejected rewards per pair: .* got shape \(2,\)"),
+    ("x.policy_chosen_logps", r"must return \(chosen_rewards, rejected_rewards\), got shape \(3,\)"),
+], ids=["scalars", "short", "one"])
+def test_a_rewards_hook_with_wrong_output_is_one_clear_error(tmp_path, hook, message):
+    """A scalar reward was summed once per micro-batch by the metrics: rewards/chosen logged the mean divided by the
+    micro-batch size, silently."""
+    path = tmp_path / "bad_rewards.py"
+    path.write_text("import torch.nn.functional as F\n"
+                    "def loss(x, cfg):\n    return F.softplus(x.policy_rejected_logps - x.policy_chosen_logps)\n"
+                    f"loss.rewards = lambda x, cfg: {hook}\n")
+    with pytest.raises(LossOutputError, match=rf"^the rewards hook of loss '.*bad_rewards.py:loss' .*{message}"):
+        compute_loss(batch(), LossSettings(loss_type=f"{path}:loss"))
+
+
+def test_a_reference_free_user_loss_reads_no_f_divergence(tmp_path):
+    """Without reference log-probs a loss has no log-ratio to transform: a reference-free custom loss is assumed not
+    to read --f-divergence (so it is refused), a custom loss with a reference to read it, and either can say."""
+    path = tmp_path / "own.py"
+    path.write_text("def free(x, cfg):\n    return -x.policy_chosen_logps\nfree.is_reference_free = True\n"
+                    "def ratio(x, cfg):\n    return x.reference_chosen_logps - x.policy_chosen_logps\n"
+                    "def says(x, cfg):\n    return -x.policy_chosen_logps\n"
+                    "says.is_reference_free = True\nsays.reads_f_divergence = True\n")
+    assert not reads_f_divergence(LossSettings(loss_type=f"{path}:free"))
+    assert reads_f_divergence(LossSettings(loss_type=f"{path}:ratio"))
+    assert reads_f_divergence(LossSettings(loss_type=f"{path}:says"))
 
 
 def test_unknown_name_lists_available_losses():
