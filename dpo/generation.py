@@ -674,23 +674,60 @@ def cache_argument(model: Any) -> str:
 
 def generate_batch(model: Any, tokenizer: Any, instructions: Sequence[str], decoding: DecodingSettings | None = None,
                    **options: Any) -> list[str]:
-    """One response per instruction (k with num_samples), as generate_batch_ended, without whether each ended."""
-    return generate_batch_ended(model, tokenizer, instructions, decoding, **options)[0]
+    """One response per instruction (k with num_samples), as generate_samples, the texts alone."""
+    return [s.text for s in generate_samples(model, tokenizer, instructions, decoding, **options)]
+
+
+def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str],
+                         decoding: DecodingSettings | None = None, **options: Any) -> tuple[list[str], list[bool]]:
+    """(responses, ended) of generate_samples."""
+    samples = generate_samples(model, tokenizer, instructions, decoding, **options)
+    return [s.text for s in samples], [s.ended for s in samples]
 
 
 def without_partial_character(text: str) -> str:
     """A response cut at max_new_tokens may stop inside a character (byte-level BPE): the bytes of that character
-    decode to U+FFFD, dropped here, since encoded again (online DPO trains on the text) they would be bytes the model
-    never sampled."""
+    decode to U+FFFD, dropped from the text (its sampled ids keep them)."""
     return text.rstrip("\ufffd")
 
 
-def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str],
-                         decoding: DecodingSettings | None = None, *, batch_size: int = 8, num_samples: int = 1,
-                         progress: bool = False, streamer: BaseStreamer | None = None, description: str = "generating",
-                         warn: bool = True, precision: str = "fp32") -> tuple[list[str], list[bool]]:
-    """(responses, ended): one response per instruction, and whether it ended (at an EOS or a stop string) rather
-    than being cut at max_new_tokens; in the instructions' order; with `num_samples` k, k responses per instruction
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response: `text` as printed, judged and saved (clean_response); `ended` at an EOS or a stop string
+    rather than cut at max_new_tokens; `ids`, the tokens the model sampled for it, before its end (EOS, stop string),
+    or None where no run of them is the text (a special token among them; a stop string begun inside a token)."""
+
+    text: str
+    ended: bool
+    ids: list[int] | None
+
+
+def sampled_response_ids(tokenizer: Any, answer: list[int], stop_strings: Sequence[str]) -> list[int] | None:
+    """Sample.ids of `answer`, a row's new tokens before its first EOS (padding may follow a stop string)."""
+    full = tokenizer.decode(answer, skip_special_tokens=True)
+    cut = len(truncate_at_stop(full, stop_strings))
+    if cut < len(full):
+        # the most tokens that decode within the text before the stop string (decoded lengths grow with the tokens)
+        low, high = 0, len(answer)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if len(tokenizer.decode(answer[:middle], skip_special_tokens=True)) <= cut:
+                low = middle
+            else:
+                high = middle - 1
+        answer = answer[:low]
+        kept = tokenizer.decode(answer, skip_special_tokens=True)
+        if not (full.startswith(kept) and kept.strip() == full[:cut].strip()):
+            return None
+    special = set(tokenizer.all_special_ids)
+    return None if any(token in special for token in answer) else answer
+
+
+def generate_samples(model: Any, tokenizer: Any, instructions: Sequence[str],
+                     decoding: DecodingSettings | None = None, *, batch_size: int = 8, num_samples: int = 1,
+                     progress: bool = False, streamer: BaseStreamer | None = None, description: str = "generating",
+                     warn: bool = True, precision: str = "fp32") -> list[Sample]:
+    """One Sample per instruction, in the instructions' order; with `num_samples` k, k per instruction
     (instruction-major: k for the first, then k for the second, ...), each prompt's forward computed once
     (shared_prompt_cache) and `batch_size` counting prompts. The samples are those of the instructions repeated k
     times.
@@ -741,8 +778,7 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
     bar = None
     if progress:
         bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True)
-    outputs: list[str] = [""] * (len(prompts) * num_samples)
-    ended: list[bool] = [False] * len(outputs)
+    samples: list[Sample | None] = [None] * (len(prompts) * num_samples)
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -771,17 +807,18 @@ def generate_batch_ended(model: Any, tokenizer: Any, instructions: Sequence[str]
                 ids = ids[:budget]  # past a row's own budget: padding (which may be the EOS)
                 answer = _cut_at_eos(ids, eos_ids)
                 text = tokenizer.decode(answer, skip_special_tokens=True)
-                ended[slot] = len(answer) < len(ids) or truncate_at_stop(text, decoding.stop_strings) != text
-                if not ended[slot]:
+                ended = len(answer) < len(ids) or truncate_at_stop(text, decoding.stop_strings) != text
+                if not ended:
                     text = without_partial_character(text)
-                outputs[slot] = clean_response(text, decoding.stop_strings)
+                samples[slot] = Sample(clean_response(text, decoding.stop_strings), ended,
+                                       sampled_response_ids(tokenizer, answer, decoding.stop_strings))
             if bar is not None:
                 bar.update(len(rows))
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
-    return outputs, ended
+    return samples
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from dpo.ifeval_repair import WORD, sentences
 from dpo.prompts import encode_texts, end_of_turn_text, special_ids
 from dpo.distributed import DistInfo, barrier, gather
 from dpo.generation import (MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag,
-                            generate_batch_ended, own_rng)
+                            generate_samples, own_rng)
 from dpo.judges import JUDGE_HELP, Judge
 from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, probability, setting
@@ -140,17 +140,17 @@ class Sampler:
                               truncation_mode=self.lengths["truncation_mode"])
 
     def sample(self, model: torch.nn.Module, prompts: list[str], position: int,
-               group: int = 0) -> tuple[list[list[str]], list[list[bool]]]:
-        """k responses to each prompt in one generate call, and whether each was cut at --sample-max-new-tokens: a
-        pure function of the model, the prompts, `position` (the step, or the round) and `group`; the training RNG is
-        left as it was."""
+               group: int = 0) -> tuple[list[list[str]], list[list[bool]], list[list[list[int] | None]]]:
+        """k responses to each prompt in one generate call, whether each was cut at --sample-max-new-tokens, and the
+        ids each was sampled as (dpo.generation.Sample.ids): a pure function of the model, the prompts, `position`
+        (the step, or the round) and `group`; the training RNG is left as it was."""
         k = self.settings.num_samples
         with own_rng(model):
-            flat, ended = generate_batch_ended(model, self.tokenizer, prompts, self.decoding(position, group),
-                                               batch_size=len(prompts), num_samples=k, warn=False,
-                                               precision=self.precision)
-        return ([flat[i * k:(i + 1) * k] for i in range(len(prompts))],
-                [[not e for e in ended[i * k:(i + 1) * k]] for i in range(len(prompts))])
+            flat = generate_samples(model, self.tokenizer, prompts, self.decoding(position, group),
+                                    batch_size=len(prompts), num_samples=k, warn=False, precision=self.precision)
+        groups = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return ([[s.text for s in g] for g in groups], [[not s.ended for s in g] for g in groups],
+                [[s.ids for s in g] for g in groups])
 
     def sample_pairs(self, model: torch.nn.Module, prompts: list[str], ids: list[int], position: int,
                      dist: DistInfo) -> tuple[list[TokenizedPair], dict[str, float]]:
@@ -163,28 +163,34 @@ class Sampler:
         stats: list[dict[str, float]] = []
         for g in process_slice(len(groups), dist.rank, dist.world_size):
             texts = [prompts[i] for i in groups[g]]
-            responses, cut = self.sample(model, texts, position, g)
-            group_pairs, group_stats = self.pairs(texts, responses, groups[g], cut)
+            responses, cut, sampled = self.sample(model, texts, position, g)
+            group_pairs, group_stats = self.pairs(texts, responses, groups[g], cut, sampled)
             pairs += group_pairs
             stats.append(group_stats)
         return gather(pairs, dist), summarize(gather(stats, dist), time.perf_counter() - start)
 
     def pairs(self, prompts: list[str], responses: list[list[str]], rows: list[int],
-              cut: list[list[bool]] | None = None) -> tuple[list[TokenizedPair], dict[str, float]]:
+              cut: list[list[bool]] | None = None, sampled: list[list[list[int] | None]] | None = None,
+              ) -> tuple[list[TokenizedPair], dict[str, float]]:
         """(best, worst) pairs by the judge's scores and the statistics: sums of scores, tokens and counts, to be
         added over processes. A prompt whose best and worst tie is skipped, or with --repair-ties trains on the
         judge's repair of a sample against that sample. `cut`: which samples ran out of new tokens; as a response
         cut by --max-length, such a sample keeps no EOS (the policy is not taught to stop where it did not), nor
         does a repair of it that ends as it does (`keeps_end`: lower-cased, say, not a postscript appended). With
-        --missing-eos-penalty P the best and worst are chosen by the judge's score minus P for a cut sample."""
+        --missing-eos-penalty P the best and worst are chosen by the judge's score minus P for a cut sample.
+        `sampled`: the ids each sample was sampled as (None where unknown): a response is trained as those ids, not
+        as its text tokenized again (a model samples splits its tokenizer would not write: "\n\n" as one token where
+        the tokenizer writes two); a repair is tokenized from its text."""
         judged = self.judge.score_batch(prompts, responses)
         cut = cut or [[False] * len(answers) for answers in responses]
+        sampled = sampled or [[None] * len(answers) for answers in responses]
         penalty = self.settings.missing_eos_penalty
         # rounded: 5/6 - 0.5 and 1/3 (IFEval's scores of three constraints) tie, not by a rounding error
         scores = [[round(x - penalty * c, SCORE_DECIMALS) for x, c in zip(row, row_cut)]
                   for row, row_cut in zip(judged, cut)]
-        records, kept_rows, ends, repairs, ties = [], [], [], set(), 0
-        for prompt, answers, row_scores, row, row_cut, row_judged in zip(prompts, responses, scores, rows, cut, judged):
+        records, kept_rows, ends, as_sampled, repairs, ties = [], [], [], [], set(), 0
+        for prompt, answers, row_scores, row, row_cut, row_judged, row_ids in zip(prompts, responses, scores, rows, cut,
+                                                                                 judged, sampled):
             top, bottom = max(row_scores), min(row_scores)
             if top != bottom:
                 best, worst = self.choose(answers, [i for i, x in enumerate(row_scores) if x == top],
@@ -192,6 +198,7 @@ class Sampler:
                 records.append({"prompt": prompt, "chosen": answers[best], "rejected": answers[worst]})
                 kept_rows.append(row)
                 ends.append((row_cut[best], row_cut[worst]))
+                as_sampled.append((row_ids[best], row_ids[worst]))
                 continue
             ties += 1
             order = self.repair_order(answers)
@@ -200,6 +207,7 @@ class Sampler:
             if fixed is not None:
                 source = order[fixed.pop("index")]  # a repair keeping a cut sample's end is cut as well
                 ends.append((row_cut[source] and keeps_end(answers[source], fixed["chosen"]), row_cut[source]))
+                as_sampled.append((None, row_ids[source]))
                 repairs.add(len(records))
                 records.append({"prompt": prompt, **fixed})
                 kept_rows.append(row)
@@ -208,20 +216,30 @@ class Sampler:
         end = self.end_ids
         pairs, repaired = [], 0
         for p in built:
-            chosen = _without_end(p.chosen_ids, end) if ends[p.row][0] else p.chosen_ids
-            rejected = _without_end(p.rejected_ids, end) if ends[p.row][1] else p.rejected_ids
+            (chosen_cut, rejected_cut), (chosen_ids, rejected_ids) = ends[p.row], as_sampled[p.row]
+            chosen = self.response(p.chosen_ids, chosen_cut, chosen_ids, len(p.prompt_ids))
+            rejected = self.response(p.rejected_ids, rejected_cut, rejected_ids, len(p.prompt_ids))
             # the same text cut and ended differs by its end; the same tokens, or an answer of none, teach nothing
             if chosen != rejected and chosen and rejected:
                 pairs.append(TokenizedPair(p.prompt_ids, chosen, rejected, kept_rows[p.row]))
                 repaired += p.row in repairs  # trained on a repair: one lost when tokenized counts as unusable
-        lengths = self.tokenizer([a for answers in responses for a in answers], add_special_tokens=False)["input_ids"]
+        lengths = [len(ids) if ids is not None else len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
+                   for answers, row_ids in zip(responses, sampled) for a, ids in zip(answers, row_ids)]
         stats = {"score_sum": sum(sum(row) for row in judged), "samples": sum(len(r) for r in responses),
-                 "tokens": sum(len(ids) for ids in lengths), "prompts": len(prompts), "ties": ties,
+                 "tokens": sum(lengths), "prompts": len(prompts), "ties": ties,
                  "repaired": repaired, "unusable": len(records) - len(pairs), "pairs": len(pairs),
                  "cut": sum(sum(row) for row in cut),
                  "chosen_tokens": sum(len(_without_end(p.chosen_ids, end)) for p in pairs),
                  "rejected_tokens": sum(len(_without_end(p.rejected_ids, end)) for p in pairs)}
         return pairs, stats
+
+    def response(self, tokenized: list[int], cut: bool, sampled: list[int] | None, prompt_length: int) -> list[int]:
+        """A response's trained ids: as sampled where known, else `tokenized` from its text (build_pairs'); with the
+        response end (end_ids) unless it was cut; within --max-length (a response cut there loses its end)."""
+        if sampled is None:
+            return _without_end(tokenized, self.end_ids) if cut else tokenized
+        ids = sampled if cut else sampled + self.end_ids
+        return ids[:self.lengths["max_length"] - prompt_length]
 
     @functools.cached_property
     def end_ids(self) -> list[int]:

@@ -18,9 +18,10 @@ import generate
 from dpo import evaluate
 from dpo.errors import TrainingError
 from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, NonFiniteLogitsError,
-                            StopAwareStreamer, StopOnStrings, clean_response, generate_batch, generate_batch_ended,
-                            generator_name, left_pad, prompt_budget, read_instructions, resolve_dtype,
-                            resolve_run_model, run_settings, side_by_side, truncate_at_stop, write_outputs,
+                            Sample, StopAwareStreamer, StopOnStrings, clean_response, generate_batch,
+                            generate_batch_ended, generate_samples, generator_name, left_pad, prompt_budget, read_instructions, resolve_dtype,
+                            resolve_run_model, run_settings, sampled_response_ids, side_by_side,
+                            truncate_at_stop, write_outputs,
                             write_text_atomically)
 from dpo.modeling import DEMO_MODEL_DIR, load_causal_lm, load_tokenizer, resolve_model_path
 from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
@@ -229,6 +230,29 @@ def test_a_response_ends_at_eos_or_a_stop_string_and_is_cut_at_the_token_budget(
                                                                                        max_new_tokens=budget))
         assert ends == [ended], (continuation, budget)
         assert texts[0].startswith("red")
+
+
+def test_a_sample_keeps_the_ids_the_model_sampled():
+    """A model may sample a split its tokenizer would not write (" y" "e" "l" "low" for " yellow", written " y" "el"
+    "low"): the sample's ids are those, before its EOS; where a stop string ended it, those before the stop string
+    (and the padding after it); where a stop string begins inside a token, or a special token is among them, none."""
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    sampled = [281, 69, 76, 285]
+    assert tokenizer.decode(sampled) == " yellow" and tokenizer(" yellow", add_special_tokens=False)["input_ids"] \
+        == [281, 268, 285]
+    stop = tokenizer("\n\n### Human: more", add_special_tokens=False)["input_ids"]
+    for continuation, budget, want in ((sampled + [eos], 20, Sample("yellow", True, sampled)),
+                                       (sampled + stop, 20, Sample("yellow", True, sampled + stop[:2])),  # "\n" "\n"
+                                       (sampled * 3, 8, Sample("yellow yellow", False, (sampled * 3)[:8]))):
+        model = ScriptedLM(continuation, eos, len(tokenizer))
+        decoding = DecodingSettings(greedy=True, max_new_tokens=budget)
+        assert generate_samples(model, tokenizer, ["yes"], decoding) == [want]
+    stops = ["### Human:"]
+    assert sampled_response_ids(tokenizer, sampled + stop + [eos, eos], stops) == sampled + stop[:2]
+    assert sampled_response_ids(tokenizer, [281, 268, 285], ["llow"]) is None  # " y" "el|low": begun inside "el"
+    assert sampled_response_ids(tokenizer, [281, 268, 285], ["low"]) == [281, 268]
+    assert sampled_response_ids(tokenizer, [281, eos, 268], stops) is None
 
 
 def test_a_response_cut_inside_a_character_drops_its_partial_bytes():

@@ -79,7 +79,8 @@ def weights(out_dir):
 
 def fixed_samples(monkeypatch):
     monkeypatch.setattr(Sampler, "sample", lambda self, model, prompts, position, group=0: (
-        [list(FIXED) for _ in prompts], [[False] * len(FIXED) for _ in prompts]))  # every sample ended
+        [list(FIXED) for _ in prompts], [[False] * len(FIXED) for _ in prompts],  # every sample ended
+        [[None] * len(FIXED) for _ in prompts]))  # texts alone: tokenized as the offline pairs are
 
 
 @pytest.mark.slow
@@ -105,7 +106,7 @@ def test_sampling_is_deterministic_for_a_seed(workdir):
     lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
     settings = OnPolicySettings(online=True, num_samples=3, sample_max_new_tokens=6)
     sampler = Sampler(settings, build_judge("demo"), tiny_tokenizer(), lengths, seed=0)
-    first, cut = sampler.sample(model, PROMPTS[:3], position=5)
+    first, cut, _ = sampler.sample(model, PROMPTS[:3], position=5)
     assert len(first) == 3 and all(len(r) == 3 for r in first)
     assert cut == [[True] * 3] * 3  # 6 new tokens of a random model: none reaches its EOS
     assert sampler.sample(model, PROMPTS[:3], position=5)[0] == first
@@ -169,6 +170,29 @@ def test_an_empty_sample_is_a_response_of_eos_alone(choice):
         tokenizer.eos_token_id]
     if choice == "longest":
         assert pairs[0].rejected_ids == [tokenizer.eos_token_id]
+
+
+def test_a_pair_trains_the_ids_the_policy_sampled():
+    """A policy that sampled " y" "e" "l" "low" is trained on those ids, not on " yellow" tokenized again (" y" "el"
+    "low"): what the reference and the loss score is what was sampled. The end (EOS) is added where the sample ended,
+    not where it was cut; --max-length cuts it as a tokenized response; a sample with no ids is tokenized; the
+    sampled ids are the tokens counted."""
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    odd, no = [281, 69, 76, 285], tokenizer(" no", add_special_tokens=False)["input_ids"]
+    lengths = dict(max_length=48, max_prompt_length=24, truncation_mode="keep_end", template="recipe")
+    longer = ScoreBy(lambda r: float(len(r)))
+    sampler = Sampler(OnPolicySettings(online=True, num_samples=2), longer, tokenizer, lengths, 0)
+    for cut, want in (([False, False], (odd + [eos], no + [eos])), ([True, True], (odd, no))):
+        [pair], stats = sampler.pairs(PROMPTS[:1], [["yellow", "no"]], [0], [cut], [[odd, no]])
+        assert (pair.chosen_ids, pair.rejected_ids) == want
+        assert stats["tokens"] == len(odd) + len(no)
+    [pair], _ = sampler.pairs(PROMPTS[:1], [["yellow", "no"]], [0], [[False, False]], [[None, no]])
+    assert pair.chosen_ids == tokenizer(" yellow", add_special_tokens=False)["input_ids"] + [eos]
+    room = len(pair.prompt_ids) + 2
+    short = Sampler(OnPolicySettings(online=True, num_samples=2), longer, tokenizer, dict(lengths, max_length=room), 0)
+    [pair], _ = short.pairs(PROMPTS[:1], [["yellow", "no"]], [0], [[False, False]], [[odd, no]])
+    assert (pair.chosen_ids, pair.rejected_ids) == (odd[:2], (no + [eos])[:2])
 
 
 def test_a_cut_sample_and_an_ended_one_of_the_same_text_differ_by_their_end():
