@@ -51,13 +51,21 @@ class LoraSettings:
     lora_modules_to_save: str | None = setting(None, "modules trained in full and saved with the adapter "
                                                      "(comma-separated names, e.g. lm_head)")
     adapter: str | None = setting(None, "start from this SFT LoRA adapter (a directory); the reference is the base "
-                                        "with it, and the policy trains a copy of it (its own rank and targets)")
+                                        "with it, and the policy trains a copy of it (its own rank, alpha and modules)")
     merge_lora: bool = setting(False, "also write final/merged: the base with the trained adapter merged in",
                                identity=False)
     load_in_4bit: bool = setting(False, "QLoRA: keep the frozen base in 4-bit NF4 (bitsandbytes, CUDA)")
     load_in_8bit: bool = setting(False, "keep the frozen base in 8-bit (bitsandbytes, CUDA)")
 
     def __post_init__(self) -> None:
+        if self.adapter is not None:  # its own configuration applies: these would be ignored, and recorded as used
+            ignored = [flag for flag, value, default in (
+                ("--lora-r", self.lora_r, 0), ("--lora-alpha", self.lora_alpha, 2.0),  # 2.0: run_config.json's "auto"
+                ("--lora-target-modules", self.lora_target_modules, "all-linear"),
+                ("--lora-modules-to-save", self.lora_modules_to_save, None)) if value not in (default, DOUBLE_RANK)]
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)} with --adapter: the adapter's own rank, alpha and modules "
+                                  "apply (its adapter_config.json); leave them out")
         if self.lora_alpha == DOUBLE_RANK and isinstance(self.lora_r, int):
             object.__setattr__(self, "lora_alpha", float(2 * max(self.lora_r, 1)))
         check_settings(self)

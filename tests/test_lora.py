@@ -33,6 +33,11 @@ LORA_RUN = ("--lr", "1e-2", "--batch-size", "8", "--micro-batch-size", "4", "--m
             "0", "--lora-r", "4")
 
 
+def from_adapter(path: Path) -> tuple[str, ...]:
+    """--adapter PATH in a run of LORA_RUN's flags, less its --lora-r: the adapter's own rank applies."""
+    return "--adapter", str(path), "--lora-r", "0"
+
+
 def args(workdir: Path, out: str, *extra: str) -> list[str]:
     return tiny_run_args(workdir, out, *LORA_RUN, *extra)
 
@@ -172,7 +177,7 @@ def test_an_adapter_whose_base_is_missing_names_the_adapter_and_its_base(tmp_pat
 def test_sft_adapter_is_the_reference_not_the_bare_base(workdir):
     """--adapter: the policy trains a copy of the SFT adapter; the reference is base + that adapter."""
     sft = run(workdir, "sft", "--max-steps", "2")  # an adapter that differs from the bare base
-    policy, adapters = policy_of(workdir, "--adapter", str(sft / "final"))
+    policy, adapters = policy_of(workdir, *from_adapter(sft / "final"))
     assert REFERENCE_ADAPTER in adapters.peft_model.peft_config
     pairs = random_pairs(6, 97, seed=3)
     from peft import PeftModel
@@ -183,7 +188,7 @@ def test_sft_adapter_is_the_reference_not_the_bare_base(workdir):
     assert torch.allclose(scored(policy, pairs, adapters, reference=True), want, atol=1e-5)
     assert not torch.allclose(want, scored(base, pairs), atol=1e-3)
     assert torch.allclose(scored(policy, pairs), want, atol=1e-5)  # the trained copy starts where the SFT adapter is
-    out = run(workdir, "from-sft", "--adapter", str(sft / "final"), "--max-steps", "2", "--no-precompute-ref")
+    out = run(workdir, "from-sft", *from_adapter(sft / "final"), "--max-steps", "2", "--no-precompute-ref")
     assert json.loads((out / "final" / "dpo_run.json").read_text())["reference_model"] == str(sft / "final")
     # training moved the copy; the reference adapter (frozen) did not move: the run's step-0 check passed too
     trained = load_file(out / "final" / "adapter_model.safetensors")
@@ -197,14 +202,27 @@ def test_an_sft_adapter_saved_with_dropout_trains_deterministically(workdir, tmp
     sft = run(workdir, "sft-dropout", "--max-steps", "2")
     config = json.loads((sft / "final" / "adapter_config.json").read_text())
     (sft / "final" / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.1}))
-    policy, adapters = policy_of(workdir, "--adapter", str(sft / "final"))
+    policy, adapters = policy_of(workdir, *from_adapter(sft / "final"))
     probabilities = [m.p for m in policy.modules() if isinstance(m, torch.nn.Dropout)]
     assert probabilities and set(probabilities) == {0.0}
-    out = run(workdir, str(tmp_path / "from-sft"), "--adapter", str(sft / "final"), "--max-steps", "2")  # step-0 check
+    out = run(workdir, str(tmp_path / "from-sft"), *from_adapter(sft / "final"), "--max-steps", "2")  # step-0 check
     # its adapter is saved with the dropout it trained with (peft would apply 0.1 to a run continuing from it)
     assert json.loads((out / "final" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
     with pytest.raises(train.ConfigError, match="--lora-dropout with --adapter"):
-        parse_settings(args(workdir, "unused", "--adapter", str(sft / "final"), "--lora-dropout", "0.1"))
+        parse_settings(args(workdir, "unused", *from_adapter(sft / "final"), "--lora-dropout", "0.1"))
+
+
+@pytest.mark.parametrize("given", [dict(lora_r=8), dict(lora_alpha=64.0), dict(lora_target_modules="q_proj"),
+                                   dict(lora_modules_to_save="lm_head"), dict(lora_r=8, lora_alpha=16.0)],
+                         ids=["r", "alpha", "targets", "to_save", "r_alpha"])
+def test_an_adapters_own_configuration_is_not_overridden_in_silence(given):
+    """With --adapter its adapter_config.json decides rank, alpha and modules: a --lora-r 8 next to a rank-16 adapter
+    trained rank 16 and was recorded in run_config.json as 8. The run's own record of "auto" (2.0 at rank 0) is
+    accepted, so a run_config.json of an --adapter run is a --config."""
+    flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    with pytest.raises(train.ConfigError, match=rf"^{flags} with --adapter: the adapter's own rank, alpha and modules"):
+        LoraSettings(adapter="sft", **given)
+    assert LoraSettings(adapter="sft", lora_alpha=2.0).lora_alpha == 2.0
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -239,13 +257,13 @@ def test_an_adapter_of_another_base_model_is_one_clear_line(workdir, tmp_path, c
     other = tmp_path / "other-run"
     argv = args(workdir, "unused") + ["--model", str(workdir / "other"), "--output-dir", str(other), "--max-steps", "1"]
     assert train.main(argv) == 0
-    bad = args(workdir, "unused") + ["--output-dir", str(tmp_path / "out"), "--adapter", str(other / "final")]
+    bad = args(workdir, "unused") + ["--output-dir", str(tmp_path / "out"), *from_adapter(other / "final")]
     assert train.cli(bad) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: adapter {other / 'final'} does not fit this base model, trained on")
     assert "\n" not in err
-    assert train.cli(args(workdir, "unused") + ["--output-dir", str(tmp_path / "o2"), "--adapter",
-                                                str(workdir / "model")]) == 2
+    assert train.cli(args(workdir, "unused") + ["--output-dir", str(tmp_path / "o2"),
+                                                *from_adapter(workdir / "model")]) == 2
     assert "not an adapter directory" in capsys.readouterr().err
 
 
