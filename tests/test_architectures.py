@@ -265,6 +265,25 @@ def test_the_packing_probe_passes_the_models_packed_rows_compute_exactly(arch, d
     assert packing_problem(tiny_model(arch).to(dtype), 16) is None
 
 
+def test_the_packing_probe_allows_the_rounding_of_its_precision():
+    """The probe's packed row and its sequences alone run in other batch shapes, whose half-precision logits may round
+    apart: a few steps of bf16 at the largest logit (0.125 at 30) are rounding, in fp32 they are a difference; a
+    difference of context is one in every precision."""
+    from dpo.packing import logp_difference
+
+    torch.manual_seed(0)
+    alone = torch.randn(5, 50) * 10
+    alone[0, 0] = 30.0
+    step = torch.zeros_like(alone)
+    step[1, 3] = 2 * 0.125  # two bf16 steps of the largest logit
+    assert logp_difference(alone + step, alone, "bf16") is None
+    assert logp_difference(alone + step, alone, "fp32") == pytest.approx(0.25, abs=0.01)
+    other = alone.clone()
+    other[2] = torch.randn(50) * 10  # another context's prediction
+    for precision in ("fp32", "tf32", "bf16", "fp16"):
+        assert logp_difference(other, alone, precision) > 1.0
+
+
 def test_the_packing_probe_runs_once_per_check_never_per_forward():
     """The probe is a whole forward of the model: packing_problem runs it once, a packed micro-batch's forward
     (the policy's, the reference's, every step's) never."""
