@@ -765,7 +765,7 @@ def compute_loss(logps: PreferenceLogps, config: LossSettings) -> LossOutput:
         losses = losses * _wpo_weights(x)
     rewards_fn = getattr(terms[0][1], "rewards", None) or _log_ratio_rewards
     rewards = rewards_fn(x, config)
-    if not (isinstance(rewards, tuple) and len(rewards) == 2):
+    if not (isinstance(rewards, (tuple, list)) and len(rewards) == 2):
         raise LossOutputError(f"the rewards hook of loss {terms[0][0]!r} must return (chosen_rewards, "
                               f"rejected_rewards), got {_describe(rewards)}")
     chosen_rewards, rejected_rewards = rewards

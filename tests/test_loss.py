@@ -615,6 +615,11 @@ def test_a_rewards_hook_with_wrong_output_is_one_clear_error(tmp_path, hook, mes
                     f"loss.rewards = lambda x, cfg: {hook}\n")
     with pytest.raises(LossOutputError, match=rf"^the rewards hook of loss '.*bad_rewards.py:loss' .*{message}"):
         compute_loss(batch(), LossSettings(loss_type=f"{path}:loss"))
+    listed = tmp_path / "listed_rewards.py"
+    listed.write_text(path.read_text().replace(f"lambda x, cfg: {hook}",
+                                               "lambda x, cfg: [x.policy_chosen_logps, x.policy_rejected_logps]"))
+    out = compute_loss(batch(), LossSettings(loss_type=f"{listed}:loss"))  # a pair given as a list is a pair
+    assert close(out.chosen_rewards, PC) and close(out.rejected_rewards, PR)
 
 
 def test_a_reference_free_user_loss_reads_no_f_divergence(tmp_path):
