@@ -694,8 +694,9 @@ def without_partial_character(text: str) -> str:
 @dataclass(frozen=True)
 class Sample:
     """One sampled response: `text` as printed, judged and saved (clean_response); `ended` at an EOS or a stop string
-    rather than cut at max_new_tokens; `ids`, the tokens the model sampled for it, before its end (EOS, stop string),
-    or None where no run of them is the text (a special token among them; a stop string begun inside a token)."""
+    rather than cut at max_new_tokens; `ids`, the tokens the model sampled for it, before its end (an EOS; a stop
+    string and the white space before it), or None where no run of them is the text (a special token among them; a
+    stop string whose text before it ends inside a token)."""
 
     text: str
     ended: bool
@@ -705,9 +706,12 @@ class Sample:
 def sampled_response_ids(tokenizer: Any, answer: list[int], stop_strings: Sequence[str]) -> list[int] | None:
     """Sample.ids of `answer`, a row's new tokens before its first EOS (padding may follow a stop string)."""
     full = tokenizer.decode(answer, skip_special_tokens=True)
-    cut = len(truncate_at_stop(full, stop_strings))
-    if cut < len(full):
-        # the most tokens that decode within the text before the stop string (decoded lengths grow with the tokens)
+    before = truncate_at_stop(full, stop_strings)
+    if len(before) < len(full):
+        # the tokens that decode to the text before the stop string, less its trailing white space: where the model
+        # began a new turn its response ends, as a response of the data ends before its EOS
+        cut = len(before.rstrip())
+        # the most tokens that decode within that text (decoded lengths grow with the tokens)
         low, high = 0, len(answer)
         while low < high:
             middle = (low + high + 1) // 2
@@ -716,8 +720,7 @@ def sampled_response_ids(tokenizer: Any, answer: list[int], stop_strings: Sequen
             else:
                 high = middle - 1
         answer = answer[:low]
-        kept = tokenizer.decode(answer, skip_special_tokens=True)
-        if not (full.startswith(kept) and kept.strip() == full[:cut].strip()):
+        if tokenizer.decode(answer, skip_special_tokens=True) != full[:cut]:
             return None
     special = set(tokenizer.all_special_ids)
     return None if any(token in special for token in answer) else answer

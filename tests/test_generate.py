@@ -235,7 +235,8 @@ def test_a_response_ends_at_eos_or_a_stop_string_and_is_cut_at_the_token_budget(
 def test_a_sample_keeps_the_ids_the_model_sampled():
     """A model may sample a split its tokenizer would not write (" y" "e" "l" "low" for " yellow", written " y" "el"
     "low"): the sample's ids are those, before its EOS; where a stop string ended it, those before the stop string
-    (and the padding after it); where a stop string begins inside a token, or a special token is among them, none."""
+    and the white space before it (the padding after it aside); where that text ends inside a token, or a special
+    token is among them, none."""
     tokenizer = tiny_tokenizer()
     eos = tokenizer.eos_token_id
     sampled = [281, 69, 76, 285]
@@ -243,13 +244,15 @@ def test_a_sample_keeps_the_ids_the_model_sampled():
         == [281, 268, 285]
     stop = tokenizer("\n\n### Human: more", add_special_tokens=False)["input_ids"]
     for continuation, budget, want in ((sampled + [eos], 20, Sample("yellow", True, sampled)),
-                                       (sampled + stop, 20, Sample("yellow", True, sampled + stop[:2])),  # "\n" "\n"
+                                       (sampled + stop, 20, Sample("yellow", True, sampled)),
                                        (sampled * 3, 8, Sample("yellow yellow", False, (sampled * 3)[:8]))):
         model = ScriptedLM(continuation, eos, len(tokenizer))
         decoding = DecodingSettings(greedy=True, max_new_tokens=budget)
         assert generate_samples(model, tokenizer, ["yes"], decoding) == [want]
     stops = ["### Human:"]
-    assert sampled_response_ids(tokenizer, sampled + stop + [eos, eos], stops) == sampled + stop[:2]
+    assert stop[:2] == [199, 199]  # "\n" "\n", then the stop string
+    assert sampled_response_ids(tokenizer, sampled + stop + [eos, eos], stops) == sampled
+    assert sampled_response_ids(tokenizer, stop, stops) == []
     assert sampled_response_ids(tokenizer, [281, 268, 285], ["llow"]) is None  # " y" "el|low": begun inside "el"
     assert sampled_response_ids(tokenizer, [281, 268, 285], ["low"]) == [281, 268]
     assert sampled_response_ids(tokenizer, [281, eos, 268], stops) is None
