@@ -695,8 +695,8 @@ def without_partial_character(text: str) -> str:
 class Sample:
     """One sampled response: `text` as printed, judged and saved (clean_response); `ended` at an EOS or a stop string
     rather than cut at max_new_tokens; `ids`, the tokens the model sampled for it, before its end (an EOS; a stop
-    string and the white space before it), or None where no run of them is the text (a special token among them; a
-    stop string whose text before it ends inside a token)."""
+    string and the white space before it, unless a token holds both), or None where no run of them is the text (a
+    special token among them; a token holding both the text and the stop string)."""
 
     text: str
     ended: bool
@@ -708,19 +708,21 @@ def sampled_response_ids(tokenizer: Any, answer: list[int], stop_strings: Sequen
     full = tokenizer.decode(answer, skip_special_tokens=True)
     before = truncate_at_stop(full, stop_strings)
     if len(before) < len(full):
-        # the tokens that decode to the text before the stop string, less its trailing white space: where the model
-        # began a new turn its response ends, as a response of the data ends before its EOS
-        cut = len(before.rstrip())
-        # the most tokens that decode within that text (decoded lengths grow with the tokens)
+        # where the model began a new turn its answer ends, before the white space before it, as an answer of the
+        # data ends before its EOS: the fewest tokens whose text reaches that far (their length grows with the
+        # tokens once a partial character's U+FFFD are dropped), with at most white space beyond it (".\n\n" is one
+        # token of some tokenizers)
+        text = before.rstrip()
         low, high = 0, len(answer)
         while low < high:
-            middle = (low + high + 1) // 2
-            if len(tokenizer.decode(answer[:middle], skip_special_tokens=True)) <= cut:
-                low = middle
+            middle = (low + high) // 2
+            if len(without_partial_character(tokenizer.decode(answer[:middle], skip_special_tokens=True))) >= len(text):
+                high = middle
             else:
-                high = middle - 1
+                low = middle + 1
         answer = answer[:low]
-        if tokenizer.decode(answer, skip_special_tokens=True) != full[:cut]:
+        kept = tokenizer.decode(answer, skip_special_tokens=True)
+        if not kept.startswith(text) or kept[len(text):].strip():
             return None
     special = set(tokenizer.all_special_ids)
     return None if any(token in special for token in answer) else answer

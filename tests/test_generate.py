@@ -258,6 +258,38 @@ def test_a_sample_keeps_the_ids_the_model_sampled():
     assert sampled_response_ids(tokenizer, [281, eos, 268], stops) is None
 
 
+class BytePieces:
+    """A tokenizer's decoding of byte pieces: a token may hold punctuation and the newlines after it (".\n\n", as in
+    Qwen2's and Llama-3's tokenizers), and a character's incomplete bytes decode to one U+FFFD each (byte fallback)."""
+
+    all_special_ids = [0]
+
+    def __init__(self, pieces: dict[int, bytes]):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        data = b"".join(self.pieces[i] for i in ids if i not in self.all_special_ids)
+        for end in range(len(data), -1, -1):
+            try:
+                return data[:end].decode() + "\ufffd" * (len(data) - end)
+            except UnicodeDecodeError:
+                continue
+
+
+def test_a_stop_ended_sample_keeps_its_ids_whatever_its_tokens_hold():
+    """The ids of an answer a stop string ended reach its text: with the newlines where one token holds them and the
+    last punctuation; through a character of byte tokens (whose partial decodings are longer than the whole); none
+    where one token holds both text and the stop string."""
+    emoji = "\N{GRINNING FACE}".encode()
+    pieces = {1: b"Sure", 2: b".\n\n", 3: b"###", 4: b" Human", 5: b":", 6: b"Hi", 11: b"\n", 12: b"e###",
+              **{7 + i: emoji[i:i + 1] for i in range(4)}}
+    tokenizer, stops = BytePieces(pieces), ["### Human:"]
+    assert tokenizer.decode([6, 7, 8]) == "Hi\ufffd\ufffd" and tokenizer.decode([6, 7, 8, 9, 10]) == "Hi\N{GRINNING FACE}"
+    assert sampled_response_ids(tokenizer, [1, 2, 3, 4, 5], stops) == [1, 2]
+    assert sampled_response_ids(tokenizer, [6, 7, 8, 9, 10, 11, 3, 4, 5, 0, 0], stops) == [6, 7, 8, 9, 10]
+    assert sampled_response_ids(tokenizer, [1, 12, 4, 5], stops) is None
+
+
 def test_a_response_cut_inside_a_character_drops_its_partial_bytes():
     """Byte-level BPE: a budget that ends after 2 of the 3 bytes of a CJK character decodes to U+FFFD; the cut
     response drops it. A response that ends (EOS) keeps its text as decoded."""
