@@ -41,7 +41,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from dpo.data import TokenizedPair
 from dpo.errors import UserError, first_line
-from dpo.precision import LOGP_TOLERANCE, ROUNDOFF, weights_matmul_precision
+from dpo.precision import EPSILON, LOGP_TOLERANCE, weights_matmul_precision
 
 PACKED_ATTENTION = "sdpa_packed"  # the name under which packed_sdpa_attention is registered in transformers
 
@@ -268,15 +268,16 @@ def _forward_problem(model: torch.nn.Module) -> str | None:
 
 
 # Logits computed in other batch shapes round apart by a few steps of their own precision (bf16's step at a logit of
-# 30 is 0.125): ROUNDING_STEPS of them, of the largest logit, are no difference of computation.
-ROUNDING_STEPS = 8
+# 30 is 0.125): ROUNDING_EPSILONS machine epsilons of the largest logit (in bf16, 1.9 at a logit of 30; in fp32, 3e-5)
+# are no difference of computation.
+ROUNDING_EPSILONS = 8
 
 
 def logp_difference(packed: Tensor, alone: Tensor, precision: str) -> float | None:
     """The largest difference of the log-probs of logits [n, vocab] of a packed row from those of its sequences
     alone, or None where every one is rounding: within 1e-3 + LOGP_TOLERANCE x |log-prob| (the step-0 check's) +
-    ROUNDING_STEPS roundoffs of the largest logit."""
-    rounding = ROUNDING_STEPS * ROUNDOFF[precision] * float(torch.cat([packed, alone]).abs().max())
+    ROUNDING_EPSILONS machine epsilons of the largest logit."""
+    rounding = ROUNDING_EPSILONS * EPSILON[precision] * float(torch.cat([packed, alone]).abs().max())
     packed, alone = packed.log_softmax(dim=-1), alone.log_softmax(dim=-1)
     difference = (packed - alone).abs()
     if bool((difference <= 1e-3 + rounding + LOGP_TOLERANCE[precision] * alone.abs()).all()):

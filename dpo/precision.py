@@ -51,8 +51,9 @@ def matmul_precision(precision: str, device: torch.device) -> str:
 LOGP_TOLERANCE = {"fp32": 1e-4, "tf32": 4e-3, "bf16": 2e-2, "fp16": 4e-3}
 
 
-# The unit roundoff of what the matmuls compute in: TF32 and fp16 keep 10 mantissa bits, bf16 7.
-ROUNDOFF = {"fp32": 2.0 ** -23, "tf32": 2.0 ** -10, "bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
+# The machine epsilon (the spacing of numbers at 1) of what the matmuls compute in: TF32 and fp16 keep 10 mantissa
+# bits, bf16 7.
+EPSILON = {"fp32": 2.0 ** -23, "tf32": 2.0 ** -10, "bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
 
 
 def weights_matmul_precision(model: torch.nn.Module) -> str:
