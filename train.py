@@ -64,7 +64,7 @@ from dpo.loss import PreferenceLogps, batch_coupled, compute_loss, needs_referen
 from dpo.memory import tune_cpu_allocator
 from dpo.metrics import PairMetrics, read_metrics
 from dpo.modeling import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_model_path
-from dpo.on_policy import IterativePairs, OnlinePairs, Sampler
+from dpo.on_policy import PAIR_BUILDING, IterativePairs, OnlinePairs, Sampler
 from dpo.optim import build_optimizer, decays_every_parameter
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
 from dpo.plot import plot_training_curves
@@ -151,7 +151,7 @@ def training_data(cfg: TrainSettings, data: PreferenceData) -> dict[str, Any]:
     if cfg.on_policy.enabled:
         records = [json.dumps(record, sort_keys=True, default=str) for _, record in data.instruction_rows.values()]
         return {"instructions": len(data.instructions), "digest": texts_digest(data.instructions + records),
-                "rendering": RENDERING}
+                "rendering": RENDERING, "pair_building": PAIR_BUILDING}
     return {"pairs": len(data.train), "digest": pairs_digest(data.train), "rendering": RENDERING}
 
 
@@ -159,6 +159,11 @@ def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> No
     """A resumed run must train on the pairs (or sample the instructions) it started on."""
     saved = resume["trainer_state"].get("data") if resume else None
     kind = "instructions" if "instructions" in now else "pairs"
+    if saved is not None and kind == "instructions" and saved.get("pair_building", 1) != now["pair_building"]:
+        raise DataError(f"--resume: the checkpoint's run built its pairs from the samples as an earlier version of this "
+                        f"library did (pair building {saved.get('pair_building', 1)}, now {now['pair_building']}: "
+                        "the ids the policy sampled, not the sampled text tokenized again), so its later steps would "
+                        "train otherwise; resume with the version that started the run, or --overwrite to start afresh")
     if saved is not None and kind in saved and saved["digest"] != now["digest"]:
         if saved.get("rendering", 1) != now["rendering"]:
             raise DataError(f"--resume: the checkpoint's {kind} were rendered and tokenized by an earlier version "

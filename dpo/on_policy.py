@@ -44,6 +44,9 @@ from dpo.judges import JUDGE_HELP, Judge
 from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, probability, setting
 
+# raised whenever a release builds other pairs from the same samples (a resumed run names it): 2 trains the ids the
+# policy sampled, where 1 tokenized the sampled text again
+PAIR_BUILDING = 2
 SEED_STRIDE = 1_000_003  # sampling seeds: ((seed * SEED_STRIDE + step or round) * GROUP_STRIDE + group) mod 2^63
 GROUP_STRIDE = 65_537
 SAMPLE_GROUP = 16  # prompts per generate call, each group with its own seed: the samples of a prompt do not depend

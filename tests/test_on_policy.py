@@ -373,6 +373,17 @@ def test_resume_refuses_other_instructions_to_sample(workdir, capsys):
     (data / "train.jsonl").write_text("".join([json.dumps(changed) + "\n", *lines[1:]]))
     assert train.cli(argv) == 2 and "(8 instructions now, 8 then" in capsys.readouterr().err
     (data / "train.jsonl").write_text("".join(lines))
+    # a checkpoint of a version that built pairs from the sampled text (none recorded: 1): its later steps would differ
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["data"]["pair_building"] == on_policy.PAIR_BUILDING == 2
+    state_file.write_text(json.dumps({**state, "data": {k: v for k, v in state["data"].items()
+                                                        if k != "pair_building"}}))
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint's run built its pairs from the samples as an earlier "
+                          "version of this library did (pair building 1, now 2") and err.count("\n") == 1
+    state_file.write_text(json.dumps(state))
     assert train.cli(argv) == 0 and (out / "final").is_dir()
 
 
