@@ -161,9 +161,9 @@ def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> No
     kind = "instructions" if "instructions" in now else "pairs"
     if saved is not None and kind == "instructions" and saved.get("pair_building", 1) != now["pair_building"]:
         raise DataError(f"--resume: the checkpoint's run built its pairs from the samples as an earlier version of this "
-                        f"library did (pair building {saved.get('pair_building', 1)}, now {now['pair_building']}: "
-                        "the ids the policy sampled, not the sampled text tokenized again), so its later steps would "
-                        "train otherwise; resume with the version that started the run, or --overwrite to start afresh")
+                        f"library did (pair building {saved.get('pair_building', 1)}, now {now['pair_building']}), so "
+                        "its later steps would train other token ids; resume with the version that started the run, "
+                        "or --overwrite to start afresh")
     if saved is not None and kind in saved and saved["digest"] != now["digest"]:
         if saved.get("rendering", 1) != now["rendering"]:
             raise DataError(f"--resume: the checkpoint's {kind} were rendered and tokenized by an earlier version "

@@ -45,7 +45,8 @@ from dpo.reference import ReferenceLogps
 from dpo.settings import ConfigError, at_least, check_settings, non_negative, positive, probability, setting
 
 # raised whenever a release builds other pairs from the same samples (a resumed run names it): 2 trains the ids the
-# policy sampled, where 1 tokenized the sampled text again
+# policy sampled (an answer a stop string ended: the fewest that hold its text), where earlier versions tokenized the
+# sampled text again
 PAIR_BUILDING = 2
 SEED_STRIDE = 1_000_003  # sampling seeds: ((seed * SEED_STRIDE + step or round) * GROUP_STRIDE + group) mod 2^63
 GROUP_STRIDE = 65_537
