@@ -19,6 +19,7 @@ and, optionally, `default_prompts(n, seed)`: the held-out instructions it knows 
                       (prompt, instruction_id_list, kwargs); a response scores the mean of its constraints'
                       verdicts (1 strict, 0.5 loose only), its checks are IFEval's prompt-level strict and loose
     IFEvalNoEchoJudge 'ifeval-no-echo': the same, but an answer that copies a constraint of its prompt scores 0
+    IFEvalNoEchoNoLoopJudge 'ifeval-no-echo-no-loop': the same, and an answer that loops (dpo.repetition) scores 0
     FunctionJudge     a user's function, 'pkg.module:function' or 'file.py:function' (dpo.plugins), called as
                       fn(prompts: list[str], responses: list[list[str]]) -> list[list[float]]: a score for each
                       response to each prompt, higher is better
@@ -49,6 +50,7 @@ from dpo.logprobs import sequence_logps
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.plugins import is_function_spec, load_function
 from dpo.prompts import format_prompt, format_response, render_prompt, render_response
+from dpo.repetition import repeats_itself
 
 
 CACHE_LIMIT = 65_536  # scores a judge keeps (compare() and score() ask for the same ones); cleared when full
@@ -458,11 +460,32 @@ class IFEvalNoEchoJudge(IFEvalJudge):
         return None if rewrite is None or echoed_constraint(prompt, rewrite) is not None else rewrite
 
 
+class IFEvalNoEchoNoLoopJudge(IFEvalNoEchoJudge):
+    """IFEvalNoEchoJudge for training, and an answer that loops (dpo.repetition.repeats_itself) also scores 0 and is
+    not repaired: a loop passes format checkers (a title, a postscript after a list repeated to the token budget)
+    without answering, as a copy does, and `dpo.evaluate` counts both as misses."""
+
+    name = "ifeval-no-echo-no-loop"
+
+    def score(self, instruction: str, answer: str) -> float:
+        """0 for an answer that loops, else IFEvalNoEchoJudge's score."""
+        return 0.0 if repeats_itself(answer) else super().score(instruction, answer)
+
+    def repair(self, instruction: str, answer: str) -> str | None:
+        """IFEvalNoEchoJudge's repair, None where the answer or its rewrite loops."""
+        if repeats_itself(answer):
+            return None
+        rewrite = super().repair(instruction, answer)
+        return None if rewrite is None or repeats_itself(rewrite) else rewrite
+
+
 JUDGES = {"demo": DemoJudge}
-IFEVAL_JUDGES = {"ifeval": IFEvalJudge, "ifeval-no-echo": IFEvalNoEchoJudge}
+IFEVAL_JUDGES = {"ifeval": IFEvalJudge, "ifeval-no-echo": IFEvalNoEchoJudge,
+                 "ifeval-no-echo-no-loop": IFEvalNoEchoNoLoopJudge}
 IMPLICIT_PREFIX = "implicit:"
 JUDGE_HELP = ("demo (the demo's task), ifeval (IFEval's checkers; prompts with IFEval's fields), ifeval-no-echo "
-              "(the same, an answer copying a constraint of its prompt scoring 0), a reward model "
+              "(the same, an answer copying a constraint of its prompt scoring 0), ifeval-no-echo-no-loop (and a looping "
+              "answer scoring 0), a reward model "
               "(directory or hub name), implicit:RUN/final (a DPO model's implicit reward), or your own "
               "'module:function' / 'file.py:function' (prompts, responses) -> scores")
 

@@ -13,7 +13,7 @@ from dpo.evaluate import clustered_proportion, format_ifeval, ifeval_summary, pr
 from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_descriptions, constrained_prompts,
                         echoed_constraint, loose_variants, main, nltk_has, parse_prompt, sampled_constraint,
                         split_instructions, verdicts)
-from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, JudgeError, build_judge, prompt_records
+from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, IFEvalNoEchoNoLoopJudge, JudgeError, build_judge, prompt_records
 from dpo.repetition import repeats_itself
 from harness import make_model_dir, run_metrics, train_tiny
 
@@ -457,6 +457,27 @@ def test_echo_needs_the_whole_description_and_never_applies_where_the_prompt_ask
     assert random.getstate() == state
 
 
+def test_the_no_loop_judge_scores_a_looping_answer_0_and_repairs_neither_it_nor_into_a_loop():
+    """A loop passes IFEval's format checkers without answering (a title repeated to the token budget): the
+    `ifeval-no-echo-no-loop` judge scores it 0 and does not repair it, nor repair an answer into one; its checks stay
+    IFEval's verdicts, and an answer that neither loops nor copies scores and repairs as with `ifeval-no-echo`."""
+    records = {p.prompt: (f"prompts.jsonl, row {i}", p.to_row()) for i, p in enumerate([TITLE, LOWERCASE, KEYWORDS])}
+    no_echo, no_loop = (build_judge(spec, prompts=records) for spec in ("ifeval-no-echo", "ifeval-no-echo-no-loop"))
+    assert isinstance(no_loop, IFEvalNoEchoNoLoopJudge) and no_loop.name == "ifeval-no-echo-no-loop"
+    loop = "<<poem of joy>>\n\n" + "The poem of joy is a poem about joy and love.\n\n" * 4
+    assert repeats_itself(loop) and verdicts(TITLE, loop)[0] == [True]
+    assert (no_echo.score(TITLE.prompt, loop), no_loop.score(TITLE.prompt, loop)) == (1.0, 0.0)
+    assert no_loop.checks(TITLE.prompt, loop) == {"strict": True, "loose": True}
+    assert no_loop.compare(TITLE.prompt, "<<Dune>> is read well.", loop) == 1.0
+    untitled = loop.removeprefix("<<poem of joy>>\n\n")  # misses the title; the repair would put one before the loop
+    assert no_echo.repair(TITLE.prompt, untitled) is not None and no_loop.repair(TITLE.prompt, untitled) is None
+    upper = "Red Is A Color."  # neither loops nor copies: both judges agree
+    assert no_loop.score(LOWERCASE.prompt, upper) == no_echo.score(LOWERCASE.prompt, upper) == 0.0
+    assert no_loop.repair(LOWERCASE.prompt, upper) == no_echo.repair(LOWERCASE.prompt, upper) == "red is a color."
+    copy = "Include keywords ['horse', 'problem'] in the response."
+    assert no_loop.score(KEYWORDS.prompt, copy) == 0.0 and no_loop.repair(KEYWORDS.prompt, copy + " More.") is None
+
+
 def test_the_report_counts_answers_copying_a_constraint_and_strict_without_copies_or_loops():
     judge = IFEvalJudge([KEYWORDS, QUOTATION, LOWERCASE, TITLE])
     answers = ["include keywords ['horse', 'problem'] in the response.",  # strict by copying
@@ -534,7 +555,7 @@ def test_a_prompt_given_twice_with_other_constraints_is_one_line_not_judged_by_t
     """The judge knows a prompt by its text: a later row's constraints used to replace an earlier one's silently."""
     rows = [{"instruction": "What is 3 plus 4?", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
             {"instruction": "What is 3 plus 4?", "instruction_id_list": ["startend:quotation"], "kwargs": [{}]}]
-    for spec in ("ifeval", "ifeval-no-echo"):
+    for spec in ("ifeval", "ifeval-no-echo", "ifeval-no-echo-no-loop"):
         with pytest.raises(JudgeError, match=r"^p.jsonl, row 1: its instruction is row 0's, with other constraints"):
             prompt_records(rows, "p.jsonl", spec)
     same = prompt_records([rows[0], dict(rows[0])], "p.jsonl", "ifeval")  # the same row twice: one prompt
