@@ -58,7 +58,7 @@ from dpo.flops import FlopCounter, peak_tflops
 from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids  # the card decoding, saved with final/
 from dpo.health import Alert, HealthMonitor
 from dpo.judges import build_judge
-from dpo.logprobs import SequenceScorer, disable_dropout
+from dpo.logprobs import SequenceScorer, disable_dropout, dropout_as_loaded
 from dpo.lora import Adapters, add_adapters, quantization_config
 from dpo.loss import PreferenceLogps, batch_coupled, compute_loss, needs_reference_model, update_loss_state
 from dpo.memory import tune_cpu_allocator
@@ -698,11 +698,19 @@ def eval_line(record: dict[str, Any]) -> str:
 
 
 def save_weights(state: TrainState, directory: Path, weights: dict[str, torch.Tensor]) -> None:
-    """The policy as save_pretrained writes it, or under LoRA its trained adapter only."""
+    """The policy as save_pretrained writes it (its config's dropout as loaded), or under LoRA its trained adapter
+    only."""
     if state.adapters is not None:
         state.adapters.save(directory, weights)
     else:
-        state.policy.save_pretrained(directory, state_dict=weights)
+        with dropout_as_loaded(state.policy):
+            state.policy.save_pretrained(directory, state_dict=weights)
+
+
+def save_reference(reference: nn.Module, directory: Path) -> None:
+    """--sync-ref-model's moved reference, as save_pretrained writes it (its config's dropout as loaded)."""
+    with dropout_as_loaded(reference):
+        reference.save_pretrained(directory)
 
 
 def last_good_checkpoint(cfg: TrainSettings) -> str:
@@ -768,7 +776,7 @@ def save(state: TrainState, total_steps: int, tokenizer: Any, run_config: dict[s
         path = save_checkpoint(
             Path(state.cfg.output_dir), state.step,
             save_model=lambda directory: save_usable_policy(state, directory, weights, tokenizer, run_config),
-            save_reference=None if reference is None else reference.save_pretrained,
+            save_reference=None if reference is None else lambda directory: save_reference(reference, directory),
             optimizer_state=optimizer_state, scaler_state=state.scaler.state_dict() if state.scaler else None,
             trainer_state={"total_steps": total_steps, "skipped_steps": state.skipped_steps,
                            "overflow_steps": state.overflow_steps, "layout": state.layout,

@@ -31,12 +31,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from dpo.data import IGNORE_INDEX, TokenizedPair
 from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel, workspace_pool
@@ -64,16 +65,49 @@ class SequenceLogps:
         return self.sum / self.count.clamp(min=1)
 
 
+LOADED_DROPOUT = "_dropout_as_loaded"  # on a model disable_dropout switched off: [(config, {name: value as loaded})]
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0, so policy and reference see the same deterministic function: the
     dropout modules' and every float attribute of a module named for one, which attention applies in train mode
-    (Llama's `attention_dropout`, GPT-BigCode's `attn_dropout`, `attn_pdrop`, OPT's `layerdrop`, ...)."""
+    (Llama's `attention_dropout`, GPT-BigCode's `attn_dropout`, `attn_pdrop`, OPT's `layerdrop`, ...), and its
+    config's, which some models read at every forward (Falcon's `hidden_dropout`, Persimmon's and GPT-Neo's
+    `attention_dropout`). The configs' values as loaded are kept: `dropout_as_loaded` puts them back while the model
+    is saved, so that a saved config.json is the model's own."""
+    recorded = vars(model).setdefault(LOADED_DROPOUT, [])
+    seen = {id(config) for config, _ in recorded}
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in vars(module).items():
             if "drop" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
+        config = vars(module).get("config")
+        if isinstance(config, PretrainedConfig) and id(config) not in seen:
+            seen.add(id(config))
+            loaded = {name: value for name, value in vars(config).items()
+                      if "drop" in name and isinstance(value, float) and value != 0.0}
+            for name in loaded:
+                setattr(config, name, 0.0)
+            if loaded:
+                recorded.append((config, loaded))
+
+
+@contextlib.contextmanager
+def dropout_as_loaded(model: nn.Module) -> Iterator[None]:
+    """Within the block, the dropout probabilities of `model`'s configs are as loaded (disable_dropout zeroed them),
+    for save_pretrained to write; 0 again after it."""
+    recorded = [entry for module in model.modules() for entry in vars(module).get(LOADED_DROPOUT, ())]
+    for config, loaded in recorded:
+        for name, value in loaded.items():
+            setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, loaded in recorded:
+            for name in loaded:
+                setattr(config, name, 0.0)
 
 
 class _TokenValues(NamedTuple):

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, CohereConfig, FalconConfig, Gemma2Config, GPT2Config, GraniteConfig,
-                          LlamaConfig, MistralConfig, Qwen2Config, StableLmConfig)
+                          LlamaConfig, MistralConfig, PersimmonConfig, Qwen2Config, StableLmConfig)
 
 import train
 from dpo import logprobs
 from dpo.data import collate_pairs
-from dpo.logprobs import SequenceScorer, disable_dropout
+from dpo.logprobs import SequenceScorer, disable_dropout, dropout_as_loaded
 from dpo.modeling import ModelLoadError, attention_implementation, load_causal_lm
 from dpo.packing import PackingError, collate_packed, collate_shared_prompt
 from test_speed_paths import dpo_loss_and_grads
@@ -307,6 +307,57 @@ def test_the_packing_probe_runs_once_per_check_never_per_forward():
     for layout in ("shared_prompt", "packed", "shared_prompt"):
         scorer(LAYOUTS[layout](random_pairs(3, VOCAB, seed=0)))
     assert True not in probes
+
+# models that read a dropout probability from their config at every forward, not from a module built with it
+CONFIG_DROPOUT = {
+    "falcon": lambda vocab_size=VOCAB, **ids: FalconConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hidden_dropout=0.5,
+        attention_dropout=0.5, **ids),
+    "persimmon": lambda vocab_size=VOCAB, **ids: PersimmonConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        hidden_dropout=0.5, attention_dropout=0.5, **ids),
+}
+
+
+@pytest.mark.parametrize("arch", CONFIG_DROPOUT)
+def test_dropout_read_from_the_config_is_off_and_saved_as_loaded(arch, tmp_path):
+    """Falcon adds its residuals through a dropout of `config.hidden_dropout`, Persimmon's attention drops with
+    `config.attention_dropout`, read at every forward: disable_dropout zeroes the config's values too, and a model
+    saved within dropout_as_loaded writes them as loaded."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIG_DROPOUT[arch]()).train()
+    ids = torch.randint(1, VOCAB, (2, 16))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on at first
+    disable_dropout(model)
+    disable_dropout(model)  # twice: the values as loaded are still the first ones
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    with dropout_as_loaded(model):
+        model.save_pretrained(tmp_path)
+    assert (model.config.hidden_dropout, model.config.attention_dropout) == (0.0, 0.0)
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (saved.config.hidden_dropout, saved.config.attention_dropout) == (0.5, 0.5)
+
+
+@pytest.mark.slow
+def test_a_config_with_dropout_trains_from_its_reference_and_is_saved_as_loaded(tmp_path):
+    """Full fine-tuning of a Falcon whose config asks for dropout 0.5: the step-0 check (the policy equals its
+    reference) passes, the first loss is log 2, and the checkpoint and final/ keep the config's dropout."""
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIG_DROPOUT["falcon"](bos_token_id=eos, eos_token_id=eos,
+                                                                      pad_token_id=eos, vocab_size=len(tokenizer)))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_pairs(tmp_path / "pairs.jsonl", 40)
+    assert train.main(train_args(tmp_path, "run", "--save-steps", "1")) == 0
+    records = run_metrics(tmp_path / "run", "train")
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for directory in ("final", "checkpoint-1/model"):
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / directory)
+        assert (saved.config.hidden_dropout, saved.config.attention_dropout) == (0.5, 0.5)
+
 
 def train_args(root, out: str, *extra: str) -> list[str]:
     return tiny_run_args(root, out, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
