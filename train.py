@@ -71,7 +71,8 @@ from dpo.plot import plot_training_curves
 from dpo.precision import (AUTOCAST_DTYPES, LOGP_TOLERANCE, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
                            use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast
-from dpo.reference import ReferenceLogps, cache_key, compute_reference_logps, load_cached, save_cached
+from dpo.reference import (ReferenceLogps, cache_key, compute_reference_logps, load_cached, model_identity,
+                           save_cached)
 from dpo.reference_sync import mix_into_reference, sync_due
 from dpo.schedule import lr_at
 from dpo.settings import ConfigError
@@ -329,6 +330,15 @@ def round_reference(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
     return compute
 
 
+def reference_cache_settings(cfg: TrainSettings, device: torch.device) -> dict[str, Any]:
+    """The settings the reference log-probs depend on, besides the model, the adapter and the pairs (the cache
+    key's): the precision they are computed in (`auto` as resolved on this device), how they are scored."""
+    settings = {"precision": resolve_precision(cfg.precision, device), "completion_only": cfg.scoring.completion_only}
+    if cfg.loss.ld_alpha is not None:
+        settings["ld_alpha"] = cfg.loss.ld_alpha
+    return settings
+
+
 def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, data: PreferenceData,
                     train_ids: list[int], *, device: torch.device, dist: DistInfo, collate: Callable, resumed: bool,
                     log: Callable[..., None]) -> dict[str, ReferenceLogps | None]:
@@ -343,15 +353,13 @@ def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
     reference: dict[str, ReferenceLogps | None] = {"train": None, "eval": None}
     if not (needs_reference_model(cfg.loss) and cfg.precompute_ref) or cfg.sync_ref_model:
         return reference
-    settings = {"precision": cfg.precision, "completion_only": cfg.scoring.completion_only,
-                "adapter": cfg.lora.adapter}
-    if cfg.loss.ld_alpha is not None:  # not in the key otherwise: earlier runs' caches stay valid
-        settings["ld_alpha"] = cfg.loss.ld_alpha
+    settings = reference_cache_settings(cfg, device)
+    identity = model_identity(resolve_model_path(cfg.model), cfg.lora.adapter)
     for split, pairs, ids in (("train", data.train, train_ids), ("eval", data.eval, list(range(len(data.eval))))):
         if not ids:
             continue
         selected = [pairs[i] for i in ids]
-        key = cache_key(resolve_model_path(cfg.model), selected, settings)
+        key = cache_key(identity, selected, settings)
         cache_file = Path(cfg.output_dir) / "reference_cache" / f"{split}-{key}.pt"
         result = load_cached(cache_file, len(selected)) if dist.is_main else None
         if dist.is_main and result is None and cache_file.exists():
@@ -662,7 +670,8 @@ def build_win_rate_eval(cfg: TrainSettings, policy: nn.Module, adapters: Adapter
     sampler = None
     if dist.is_main:
         sampler = WinRateEval.build(cfg, tokenizer, device)
-        made = sampler.prepare_reference(f"{resolve_model_path(cfg.model)} {cfg.lora.adapter}",
+        identity = model_identity(resolve_model_path(cfg.model), cfg.lora.adapter)
+        made = sampler.prepare_reference(json.dumps(identity, sort_keys=True),
                                          lambda: reference_model(cfg, policy, adapters, device, fresh=resumed))
         log(f"--eval-generate: {len(sampler.prompts)} prompts judged by {sampler.judge.name}, reference answers "
             f"{'generated' if made else 'cached'}")

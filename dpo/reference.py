@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import Tensor
 
 from dpo.data import TokenizedPair, pairs_digest
@@ -62,29 +63,59 @@ class ReferenceLogps:
         return ReferenceLogps(chosen, rejected)
 
 
-def _model_fingerprint(model_path: str) -> dict:
-    """Identity of the weights: file names, sizes and a hash of their first and last MiB."""
+IDENTITY_FILES = ("config.json", "adapter_config.json")  # and every weight file (WEIGHT_SUFFIXES)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def model_fingerprint(model_path: str) -> dict:
+    """Identity of a model or adapter: a directory's weight files and configs, each by its size, modification time
+    and a hash of its first and last MiB (a file written again has another time); a hub name by the commit of its
+    local snapshot (the hub's model may change under its name), or by its name where none is cached."""
     path = Path(model_path)
     if not path.is_dir():
-        return {"hub": model_path}
+        snapshot = hub_snapshot(model_path)
+        return {"hub": model_path} if snapshot is None else {"hub": model_path, "revision": snapshot.name}
     files = {}
     for file in sorted(path.iterdir()):
-        if file.suffix in (".safetensors", ".bin", ".pt") or file.name == "config.json":
+        if file.suffix in WEIGHT_SUFFIXES or file.name in IDENTITY_FILES:
             digest = hashlib.sha256()
-            size = file.stat().st_size
+            stat = file.stat()
             with open(file, "rb") as handle:
                 digest.update(handle.read(1 << 20))
-                if size > (2 << 20):
-                    handle.seek(size - (1 << 20))
+                if stat.st_size > (2 << 20):
+                    handle.seek(stat.st_size - (1 << 20))
                     digest.update(handle.read())
-            files[file.name] = [size, digest.hexdigest()]
+            files[file.name] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
     return files
 
 
-def cache_key(model_path: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
-    """The cache file's key: the model's fingerprint, the scoring settings and every tokenized pair."""
+def hub_snapshot(name: str) -> Path | None:
+    """The local snapshot directory (named by its commit) a hub model's or adapter's files load from, None where none
+    is cached."""
+    for filename in IDENTITY_FILES:
+        try:
+            cached = try_to_load_from_cache(name, filename)
+        except ValueError:  # not a valid repository id
+            return None
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
+
+
+def model_identity(model_path: str, adapter: str | None = None) -> dict:
+    """What a reference's numbers follow of its weights: the fingerprints of the model and of the adapter it starts
+    from (--adapter)."""
+    identity = {"model": model_fingerprint(model_path)}
+    if adapter is not None:
+        identity["adapter"] = model_fingerprint(adapter)
+    return identity
+
+
+def cache_key(identity: dict, pairs: Sequence[TokenizedPair], settings: dict) -> str:
+    """The cache file's key: the reference's identity (model_identity), the scoring settings and every tokenized
+    pair."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"model": _model_fingerprint(model_path), "settings": settings}, sort_keys=True).encode())
+    digest.update(json.dumps({**identity, "settings": settings}, sort_keys=True).encode())
     digest.update(pairs_digest(pairs).encode())
     return digest.hexdigest()[:20]
 
