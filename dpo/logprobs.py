@@ -326,8 +326,9 @@ def _scored_logps(model: nn.Module, scored_hidden: Tensor, targets: Tensor, sett
     chunks = [_token_logps(_head_logits(lm_head, scored_hidden[start:start + settings.chunk_size], cap, scale),
                            targets[start:start + settings.chunk_size], with_wpo, with_stats)
               for start in range(0, scored_hidden.shape[0], settings.chunk_size)]
-    if not chunks:  # no scored token: one empty chunk, so that every asked-for field is an empty tensor
-        chunks = [_token_logps(scored_hidden.new_zeros(0, 1), targets, with_wpo, with_stats)]
+    if not chunks:  # no scored token: one empty chunk through the head, so that every asked-for field is an empty
+        # tensor and the sums still reach the model's graph (zero gradients, as the fused head gives)
+        chunks = [_token_logps(_head_logits(lm_head, scored_hidden, cap, scale), targets, with_wpo, with_stats)]
     return _TokenValues(*(None if field[0] is None else torch.cat(field) for field in zip(*chunks)))
 
 

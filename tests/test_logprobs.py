@@ -126,6 +126,22 @@ def test_wpo_adjusted_logps_match_brute_force():
         assert got.wpo[i].item() == pytest.approx(torch.stack(values).mean().item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("fused_lm_head", [True, False])
+def test_a_micro_batch_that_scores_nothing_trains_with_zero_gradients(fused_lm_head):
+    """Every response masked (a masking bug the nothing_scored health alert reports): the sums are 0 and reach the
+    model's graph, so backward gives zero gradients on either head (the unfused one serves Gemma-2, soft-capped
+    models and a LoRA adapter on the LM head)."""
+    model = tiny_phi()
+    batch = collate_pairs(random_pairs(2, 97, seed=5), pad_id=0)
+    batch["labels"].fill_(-100)
+    logps = SequenceScorer(model, fused_lm_head=fused_lm_head)(batch)
+    assert logps.sum.tolist() == [0.0] * 4 and logps.count.tolist() == [0] * 4
+    logps.sum.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)
+    assert model.get_output_embeddings().weight.grad is not None
+
+
 def test_scorer_module_matches_function_and_dropout_is_disabled():
     model = tiny_phi(dropout=0.5)
     disable_dropout(model)
