@@ -48,10 +48,10 @@ import torch
 from torch import Tensor
 
 from dpo.errors import UserError, first_line
-from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Prompt, PromptError, SpecialIds, check_template,
-                         check_truncation, empty_user_turn, encode_texts, hh_messages, is_hh_prompt, lone_surrogate,
-                         read_prompt, recipe_messages, render_prompt, render_response, special_ids, truncate_prompt,
-                         with_bos)
+from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Message, Prompt, PromptError, SpecialIds,
+                         check_template, check_truncation, empty_user_turn, encode_texts, hh_messages, is_hh_prompt,
+                         lone_surrogate, read_prompt, recipe_messages, render_prompt, render_response, special_ids,
+                         truncate_prompt, with_bos)
 
 IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and padding)
 CONSTRAINT_FIELDS = ("instruction_id_list", "kwargs")  # IFEval's: what a judge of a prompt's text checks
@@ -447,6 +447,17 @@ def _hh_responses(chosen: str, rejected: str, row: int) -> tuple[str, str]:
     return responses
 
 
+def _written_turns(messages: list[Message]) -> list[Message]:
+    """A conversation whose history is one user message holding a conversation written as text (HH's `Human: ...
+    Assistant:`, the recipe's `### Human:`), with that history read as the turns it writes: as a prompt string is
+    read, and as online sampling and generation read such a message (record_instruction, render_prompt)."""
+    if len(messages) == 2 and messages[0]["role"] == "user":
+        turns = read_prompt(messages[0]["content"])
+        if isinstance(turns, list):
+            return [*turns, messages[1]]
+    return messages
+
+
 def _conversational(record: dict, row: int) -> _Dialogue:
     chosen = _message_list(_get(record, "chosen", row), "chosen", row)
     rejected = _message_list(_get(record, "rejected", row), "rejected", row)
@@ -460,6 +471,7 @@ def _conversational(record: dict, row: int) -> _Dialogue:
         # conversations carry the user turn themselves: their "prompt" is then a copy, left unread)
         prompt = [{"role": "user", "content": record["prompt"]}]
         chosen, rejected = prompt + chosen, prompt + rejected
+    chosen, rejected = _written_turns(chosen), _written_turns(rejected)
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages or messages[-1]["role"] != "assistant":
             raise RowError("no_assistant_turn", row, f"field '{key}' does not end with an assistant message")

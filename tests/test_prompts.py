@@ -176,6 +176,30 @@ def test_generation_reads_a_rows_prompt_as_training_does(layout, template):
         assert fed_prompt_ids(tokenizer, [prompt], decoding) == [pairs[0].prompt_ids]
 
 
+WRITTEN_CONVERSATIONS = {"hh": PROMPT_LAYOUTS["hh"], "recipe": f"### Human: {QUESTION}\n\n### Assistant:"}
+
+
+@pytest.mark.parametrize("template", ["recipe", "chat"])
+@pytest.mark.parametrize("written", list(WRITTEN_CONVERSATIONS))
+@pytest.mark.parametrize("shape", ["prompt_messages", "prompt_string", "whole_conversations"])
+def test_a_conversation_written_inside_a_message_is_read_as_online_sampling_reads_it(shape, written, template):
+    """A user message holding HH's or the recipe's text is the conversation it writes, in training as in online
+    sampling and generation (record_instruction, render_prompt): never that text wrapped in the template again."""
+    from dpo.data import record_instruction
+
+    tokenizer = variant(tiny_tokenizer(), template, bos=False)
+    content = WRITTEN_CONVERSATIONS[written]
+    user = [{"role": "user", "content": content}]
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    record = {"prompt_messages": {"prompt": user, "chosen": answer("7."), "rejected": answer("8.")},
+              "prompt_string": {"prompt": content, "chosen": answer("7."), "rejected": answer("8.")},
+              "whole_conversations": {"chosen": user + answer("7."), "rejected": user + answer("8.")}}[shape]
+    trained = to_example(record, 0, template=template, tokenizer=tokenizer).prompt
+    instruction, is_pair = record_instruction(record, 0)
+    assert is_pair and instruction == QUESTION
+    assert trained == render_prompt(instruction, template, tokenizer) == render_prompt(QUESTION, template, tokenizer)
+
+
 # ---------------------------------------------------------------------------------------------------- over-long prompts
 
 
