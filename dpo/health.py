@@ -9,6 +9,7 @@ check (before any update the policy must be its reference) goes through the same
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from dpo.errors import TrainingError
 
 HEALTH_MODES = ("warn", "strict", "off")
 LN2 = math.log(2.0)
-EXPLODING_FACTOR = 3.0  # mean per-token log-prob beyond 3x its first-step value (+ EXPLODING_SLACK nats): exploding
+EXPLODING_FACTOR = 3.0  # chosen log-prob per token beyond 3x its opening value (+ EXPLODING_SLACK nats): exploding
 EXPLODING_SLACK = 1.0
+EXPLODED_FACTOR, EXPLODED_SLACK = 30.0, 10.0  # beyond this at a single step: no batch of pairs varies so much
 DISPLACEMENT_MIN_FALL = 0.01  # nats per chosen token over the window: a fall below it is rounding, not displacement
 LOSS_SCALE_DROP = 2.0 ** 10  # ten net halvings of the fp16 loss scale below its highest value: collapsing
 
@@ -118,32 +120,45 @@ class LikelihoodDisplacement(Check):
 
 
 class ExplodingLogRatios(Check):
-    """Non-finite margins, or a mean per-token log-prob beyond EXPLODING_FACTOR x its first-step value (when the
-    policy was the reference) + EXPLODING_SLACK nats: the log-ratios are running away. Per token, since a step of
-    longer pairs has a larger summed log-prob with the policy unmoved."""
+    """Non-finite margins, or the chosen responses' mean log-prob per token beyond EXPLODING_FACTOR x its opening
+    value + EXPLODING_SLACK nats at `window` steps in a row, or beyond EXPLODED_FACTOR x it + EXPLODED_SLACK nats at
+    one: the log-ratios are running away. The opening value is
+    the median of the first `window` steps' within the bound (one batch's mean follows the pairs it holds: a
+    confident batch of the unmoved policy can sit at a third of the next one's), each step checked against those
+    before it. Per token, since
+    a step of longer pairs has a larger summed log-prob with the policy unmoved. The rejected side is not watched:
+    pushing it down is what DPO does."""
 
     name = "exploding_log_ratios"
-    state = ("first",)
+    state = ("opening", "run")
 
-    def __init__(self) -> None:
-        self.first: dict[str, float] = {}
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.opening: list[float] = []  # |chosen log-prob per token| of the first `window` steps within the bound
+        self.run = 0  # steps in a row beyond the bound
 
     def train(self, record: dict[str, Any]) -> str | None:
-        """A message when the margins are not finite or a mean log-prob grows far beyond its first value."""
+        """A message when the margins are not finite or the chosen log-prob per token has stayed far below its
+        opening value for `window` steps."""
         if "rewards/margins" in record and not math.isfinite(_value(record, "rewards/margins")):
             return ("the reward margins are not finite: the log-ratios overflowed. Lower --lr, keep --max-grad-norm, "
                     "or use --precision bf16 / fp32")
-        for key in ("logps/chosen_per_token", "logps/rejected_per_token"):
-            value = abs(_value(record, key))
-            if not math.isfinite(value):  # a step without pairs, or skipped: no baseline, nothing to compare
-                continue
-            first = self.first.setdefault(key, value)
-            if value > EXPLODING_FACTOR * first + EXPLODING_SLACK:
-                side = key.split('/')[1].split('_')[0]
-                return (f"mean {side} log-prob per token {-value:.4g} is beyond {EXPLODING_FACTOR:g}x its "
-                        f"first-step value ({-first:.4g}): the log-ratios are exploding. Lower --lr, raise --beta, "
-                        "or keep --max-grad-norm")
-        return None
+        value = abs(_value(record, "logps/chosen_per_token"))
+        if not math.isfinite(value):  # a step without pairs, or skipped: nothing to compare
+            return None
+        opening = statistics.median(self.opening) if self.opening else value
+        beyond = value > EXPLODING_FACTOR * opening + EXPLODING_SLACK
+        self.run = self.run + 1 if beyond else 0
+        if len(self.opening) < self.window and not beyond:
+            self.opening.append(value)
+        if value > EXPLODED_FACTOR * opening + EXPLODED_SLACK:
+            how = f"is beyond {EXPLODED_FACTOR:g}x its opening value ({-opening:.4g})"
+        elif self.run >= self.window:  # also past it: a resume may shorten --health-window
+            how = f"has been beyond {EXPLODING_FACTOR:g}x its opening value ({-opening:.4g}) for {self.window} steps"
+        else:
+            return None
+        return (f"mean chosen log-prob per token {-value:.4g} {how}: the log-ratios are exploding. Lower --lr, raise "
+                "--beta, or keep --max-grad-norm")
 
 
 class HeldOutNotFinite(Check):
@@ -200,7 +215,7 @@ class HealthMonitor:
         self.mode = mode
         self.emit = emit or (lambda alert: None)
         self.checks: list[Check] = [] if mode == "off" else [
-            NothingScored(window), LikelihoodDisplacement(window), ExplodingLogRatios(), HeldOutNotFinite(),
+            NothingScored(window), LikelihoodDisplacement(window), ExplodingLogRatios(window), HeldOutNotFinite(),
             LossScaleCollapse()]
         self.raised: list[Alert] = []
 
@@ -230,6 +245,8 @@ class HealthMonitor:
         self.raised = [Alert(*entry) for entry in state.get("raised", [])]
         for check in self.checks:
             for attribute, value in state.get("checks", {}).get(check.name, {}).items():
+                if attribute not in check.state:  # an earlier version's (exploding_log_ratios' `first`)
+                    continue
                 current = getattr(check, attribute)
                 if isinstance(current, deque):
                     current.clear()

@@ -61,16 +61,34 @@ def test_likelihood_displacement_needs_window_falls_with_rising_margins():
     assert "0.3 nats per token" in message
 
 
+def chosen_per_token(check, values, start=1):
+    """The check's messages over train records whose chosen log-prob per token is each of `values` in turn."""
+    return [check.train(train_record(step, **{"logps/chosen_per_token": v})) for step, v in enumerate(values, start)]
+
+
 def test_exploding_log_ratios():
-    check = ExplodingLogRatios()
-    assert check.train(train_record(1, **{"logps/rejected_per_token": -1.5})) is None
-    assert check.train(train_record(2, **{"logps/rejected_per_token": -5.5})) is None  # 3 x 1.5 + 1: at the bound
-    message = check.train(train_record(3, **{"logps/rejected_per_token": -5.6}))
-    assert "rejected log-prob per token -5.6" in message and "--lr" in message
-    longer = ExplodingLogRatios()  # a step of longer pairs: its sums are 20x the first's, the policy unmoved
+    """Beyond 3x the opening value (the median of the first three steps' within the bound) + 1 nat, three steps in
+    a row."""
+    check = ExplodingLogRatios(window=3)
+    # opening -1.0, -0.3 (a confident batch), -1.2: the median, 1.0, bounds at 4.0 nats
+    assert chosen_per_token(check, [-1.0, -0.3, -1.2, -4.0, -4.1, -4.1, -1.0, -4.1, -4.1]) == [None] * 9
+    message = check.train(train_record(10, **{"logps/chosen_per_token": -4.1}))
+    assert message.startswith("mean chosen log-prob per token -4.1 has been beyond 3x its opening value (-1) for 3 "
+                              "steps") and "--lr" in message
+    rejected = ExplodingLogRatios(window=3)  # the rejected answers pushed far down: what DPO does
+    assert [rejected.train(train_record(i, **{"logps/rejected_per_token": -50.0 * i})) for i in range(1, 9)] == \
+        [None] * 8
+    exploded = ExplodingLogRatios(window=3)  # steps beyond the bound do not enter the opening value
+    messages = chosen_per_token(exploded, [-1.0, -5.0, -9.0, -12.0])
+    assert messages[:3] == [None] * 3 and "has been beyond 3x its opening value (-1) for 3 steps" in messages[3]
+    at_once = ExplodingLogRatios(window=3)  # 30x + 10 nats: at the step it happens
+    assert chosen_per_token(at_once, [-1.0, -40.0]) == [None, None]
+    assert "-40.1 is beyond 30x its opening value (-1):" in at_once.train(
+        train_record(3, **{"logps/chosen_per_token": -40.1}))
+    longer = ExplodingLogRatios(window=3)  # a step of longer pairs: its sums are 20x the first's, the policy unmoved
     assert longer.train(train_record(1, **{"logps/chosen": -36.5})) is None
     assert longer.train(train_record(2, **{"logps/chosen": -869.0, "logps/rejected": -900.0})) is None
-    nan = ExplodingLogRatios()
+    nan = ExplodingLogRatios(window=3)
     assert "not finite" in nan.train(train_record(1, **{"rewards/margins": math.nan}))
 
 
@@ -203,11 +221,11 @@ def test_fp16_loss_scale_collapse_run(workdir):
 
 
 def test_exploding_baseline_skips_steps_without_log_probs():
-    check = ExplodingLogRatios()
+    check = ExplodingLogRatios(window=2)
     assert check.train({"split": "train", "step": 1, "lr": 1e-4}) is None  # online DPO: a step without pairs
-    assert check.train(train_record(2, **{"logps/rejected_per_token": math.nan})) is None
-    assert check.train(train_record(3, **{"logps/rejected_per_token": -2.0})) is None  # the first finite value
-    assert "rejected log-prob per token -7.1" in check.train(train_record(4, **{"logps/rejected_per_token": -7.1}))
+    assert check.train(train_record(2, **{"logps/chosen_per_token": math.nan})) is None
+    assert chosen_per_token(check, [-2.0, -7.1], start=3) == [None, None]  # -2.0: the first finite value
+    assert "chosen log-prob per token -7.1" in check.train(train_record(5, **{"logps/chosen_per_token": -7.1}))
 
 
 @pytest.mark.slow
@@ -221,3 +239,14 @@ def test_alerts_and_windows_continue_across_a_resume(workdir, monkeypatch):
     run(workdir, "masked-resume", *flags, "--resume", "--stop-at-step", "4")
     run(workdir, "masked-resume", *flags, "--resume")
     assert alerts(out) == [("nothing_scored", 3)]
+
+
+def test_a_checkpoint_of_the_earlier_exploding_check_resumes_with_a_new_opening():
+    """An earlier version kept exploding_log_ratios' first-step values as `first`: a resume reads the rest of the
+    state and builds the opening value anew."""
+    monitor = HealthMonitor()
+    monitor.load_state_dict({"raised": [], "checks": {"exploding_log_ratios": {"first": {
+        "logps/chosen_per_token": 1.0}}, "nothing_scored": {"run": 2}}})
+    exploding = next(c for c in monitor.checks if c.name == "exploding_log_ratios")
+    assert exploding.opening == [] and not hasattr(exploding, "first")
+    assert next(c for c in monitor.checks if c.name == "nothing_scored").run == 2
