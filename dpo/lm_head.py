@@ -20,8 +20,9 @@ included, so neither costs a pass over the tile:
     s_i     = sum_v 2^(y_iv - m_i)
     logp_i  = ln 2 (y_{i, t_i} - m_i - log2 s_i),      softmax(z_i)_v = 2^(y_iv - m_i) / s_i
 
-If a later tile exceeds m_i by so much that s_i overflows (y - m > 127), the block is redone shifted by its
-exact row maxima (one more pass of matmuls), so every term is <= 1 and s_i >= 1.
+If a later tile exceeds m_i by so much that s_i passes 2^64 (MAX_SHIFTED_SUM: beyond it the backward's -g / s_i
+would lose precision for a small g, and s_i overflows past 2^128), the block is redone shifted by its exact row
+maxima (one more pass of matmuls), so every term is <= 1 and s_i >= 1.
 
 The backward (fp32) never rescales a tile: with E = 2^(y - m) and c = -g / s per row,
 
@@ -54,8 +55,12 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 DEFAULT_VOCAB_CHUNK = 2048
+# a row's sum of 2^(y - m) above this redoes its block with exact maxima (module docstring); a real model's rows stay
+# far below it (SmolLM2-135M: its top logit at most 20 bits above the first tile's maximum over 10k tokens)
+MAX_SHIFTED_SUM = 2.0 ** 64
 # [d, rows] x [rows, tile] with rows in the thousands runs well below a square matmul's rate in MKL on AVX-512
 # (the rows x tile operand streams through L2 once per output block); summed over 128-row slices, each slice
 # of E stays in L2 and the product runs close to that rate
@@ -300,15 +305,17 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             buffer = workspace[num_tiles * start * vocab_chunk:] if store else None
             block = _forward_rows(ops, start, end, targets[start:end], vocab_chunk, with_wpo, buffer, scratch, None,
                                   with_ew, with_stats)
-            finite = torch.isfinite(block.total).all()
+            # a sum up to 2^128 would be finite, but the backward's -g / s would then fall among fp32's subnormals
+            # for a small upstream g (1e-6 at a sum of 2^125): its gradients would lose their precision
+            usable = (block.total <= MAX_SHIFTED_SUM).all()
             # not `weighted`: finite wherever `total` is, so the statistics never change which blocks are redone
             for extra in (block.squares, block.ew):
                 if extra is not None:
-                    finite &= torch.isfinite(extra).all()
-            if not bool(finite):
-                # a later tile exceeded the first tile's maxima by ~2^128 (by ~2^64 for WPO's sum of squares, less
-                # for E W with large weights): redo the block shifted by the exact row maxima, so that every
-                # 2^(y - shift) <= 1 and every sum >= 1
+                    usable &= torch.isfinite(extra).all()
+            if not bool(usable):
+                # a later tile exceeded the first tile's maxima by 64 bits (44 nats; by ~2^64 for WPO's sum of
+                # squares, less for E W with large weights): redo the block shifted by the exact row maxima, so
+                # that every 2^(y - shift) <= 1 and every sum >= 1
                 shift = _row_maxima(ops, start, end, vocab_chunk, scratch)
                 block = _forward_rows(ops, start, end, targets[start:end], vocab_chunk, with_wpo, buffer, scratch,
                                       shift, with_ew, with_stats)
@@ -345,7 +352,11 @@ class _FusedLMHeadLogps(torch.autograd.Function):
         return tuple(result)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp: Tensor, *grad_no_grad_outputs):
+        if ctx.saved_blocks is None:  # the first backward gave the forward's tiles back (retain_graph keeps no more)
+            raise RuntimeError("lm_head_logps: one backward per forward (the first releases what the forward kept); "
+                               "run the forward again for another backward")
         hidden, weight, bias, targets = ctx.saved_tensors
         # the forward's autocast dtype, not the backward's
         ops = _Operands(hidden, weight, bias, ctx.vocab_chunk, ctx.cdtype)

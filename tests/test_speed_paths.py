@@ -355,10 +355,50 @@ def test_a_frozen_head_keeps_no_tiles_and_runs_no_weight_gradient(monkeypatch, s
 
 
 @pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("gap", [50.0, 87.5])
+def test_fused_head_gradients_keep_their_precision_under_a_small_upstream_gradient(store, gap):
+    """A later tile `gap` nats above the first: with a sum of 2^(y - m) near 2^126 the backward's -g / s would fall
+    among fp32's subnormals for g = 1e-6 (a per-token gradient of a batch mean), and dW lost 30% of its value. The
+    block is redone with exact maxima, so the gradients equal float64's to fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = 0.1 * torch.randn(16, 4, generator=g), torch.randn(8, 4, generator=g)
+    bias = torch.zeros(8)
+    bias[6] = gap  # in the second tile of 4
+    targets = torch.randint(0, 8, (16,), generator=g)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    logp = lm_head_logps(*leaves, targets, vocab_chunk=4, store=store).logp
+    got = torch.autograd.grad((logp * 1e-6).sum(), leaves)
+    exact = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+    logits = torch.nn.functional.linear(*exact)
+    want = torch.autograd.grad(((logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1))
+                                * 1e-6).sum(), exact)
+    for a, b in zip(got, want):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_fused_head_refuses_a_second_backward_in_one_line(store):
+    """The first backward releases the forward's tiles: a second one (retain_graph) says so instead of failing
+    inside a matmul (retain_graph left the tiles released), and a double backward (create_graph) gets no graph to
+    differentiate, rather than failing inside the head."""
+    hidden, weight, bias, targets, _ = head_inputs(n=5, d=4, vocab=40)
+    logp = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=16, store=store).logp
+    first = torch.autograd.grad(logp.sum(), [weight], retain_graph=True)[0]
+    assert torch.isfinite(first).all() and first.abs().sum() > 0
+    with pytest.raises(RuntimeError, match=r"^lm_head_logps: one backward per forward \(the first releases"):
+        torch.autograd.grad(logp.sum(), [weight])
+    logp = lm_head_logps(hidden, weight, bias, targets, vocab_chunk=16, store=store).logp
+    grad_h = torch.autograd.grad(logp.sum(), [hidden], create_graph=True)[0]
+    assert not grad_h.requires_grad  # no second-order graph: a double backward is autograd's refusal
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(grad_h.sum(), [weight])
+
+
+@pytest.mark.parametrize("store", [True, False])
 def test_fused_head_statistics_change_no_bit_of_the_log_probs_or_gradients(store, monkeypatch):
-    """A later tile 86 nats above the first (u ~ 124 in base 2): 2^u stays finite, u 2^u alone would not. The
-    statistics must not make the head redo the block (which rounds log-probs and gradients otherwise), and a
-    logit of -inf has probability 0 and adds nothing to the entropy (0 log 0 = 0)."""
+    """A later tile 86 nats above the first (u ~ 124 in base 2): 2^u is finite, u 2^u would not be. The statistics
+    must not change which blocks the head redoes (which rounds log-probs and gradients otherwise), and a logit of
+    -inf has probability 0 and adds nothing to the entropy (0 log 0 = 0)."""
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(16, 4, generator=g), torch.randn(8, 4, generator=g)
     bias = torch.zeros(8)
@@ -367,13 +407,14 @@ def test_fused_head_statistics_change_no_bit_of_the_log_probs_or_gradients(store
     passes = []
     row_maxima = lm_head._row_maxima
     monkeypatch.setattr(lm_head, "_row_maxima", lambda *args: passes.append(1) or row_maxima(*args))
-    runs = {}
+    runs, redone = {}, {}
     for with_stats in (False, True):
         leaf = weight.clone().requires_grad_()
         out = lm_head_logps(hidden, leaf, bias, targets, vocab_chunk=4, store=store, with_stats=with_stats)
         out.logp.sum().backward()
-        runs[with_stats] = out, leaf.grad
-    assert passes == []
+        runs[with_stats], redone[with_stats] = (out, leaf.grad), len(passes)
+        passes.clear()
+    assert redone[False] == redone[True]
     assert torch.equal(runs[False][0].logp, runs[True][0].logp) and torch.equal(runs[False][1], runs[True][1])
     want = plain_head(hidden, weight, bias, targets)
     assert torch.isfinite(runs[True][0].entropy).all()
