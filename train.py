@@ -56,7 +56,7 @@ from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, 
 from dpo.errors import TrainingError
 from dpo.flops import FlopCounter, peak_tflops
 from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids  # the card decoding, saved with final/
-from dpo.health import Alert, HealthMonitor
+from dpo.health import Alert, HealthError, HealthMonitor
 from dpo.judges import build_judge
 from dpo.logprobs import SequenceScorer, disable_dropout, dropout_as_loaded
 from dpo.lora import Adapters, add_adapters, quantization_config
@@ -728,6 +728,14 @@ def last_good_checkpoint(cfg: TrainSettings) -> str:
     return f"The last good checkpoint, {path}, is intact" if path else "No checkpoint was saved before it"
 
 
+def observe_health(state: TrainState, record: dict[str, Any]) -> None:
+    """The health checks on a metrics record; a --health strict stop says which checkpoint the run leaves."""
+    try:
+        state.health.observe(record)
+    except HealthError as error:
+        raise HealthError(f"{error}. {last_good_checkpoint(state.cfg)}") from None
+
+
 def refuse_non_finite(state: TrainState, weights: dict[str, torch.Tensor], what: str) -> None:
     """Stop every process before `what` is written from weights that hold NaN or inf: a checkpoint or final/ never
     does (the loss of the last step can be finite while the update it made is not)."""
@@ -1006,7 +1014,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
             if state.step % cfg.log_steps == 0 or state.step == total_steps:
                 trackers.log(train_record)
             progress.step(train_record)
-            state.health.observe(train_record)
+            observe_health(state, train_record)
             if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps:
                 if record := evaluate_policy(state, eval_batch, win_rate, trackers):
                     eval_record = {"split": "eval", "step": state.step, "epoch": epoch, **record}
@@ -1016,7 +1024,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                         raise TrainingError(f"step {state.step}: the held-out loss is {eval_record['loss']} (not "
                                             f"finite); stopping. {last_good_checkpoint(cfg)}; lower --lr or use "
                                             "--on-nan skip")
-                    state.health.observe(eval_record)
+                    observe_health(state, eval_record)
             # a signal at the last step lets the run finish: final/ is written, no checkpoint to resume from
             stop_now = broadcast_flag(stop.signal_name is not None, dist, device) and state.step < total_steps
             planned_stop = cfg.stop_at_step == state.step and state.step < total_steps

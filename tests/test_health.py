@@ -182,8 +182,10 @@ def test_a_run_that_scores_nothing_is_flagged_once_and_strict_stops_it(workdir, 
     assert alerts(out) == [("nothing_scored", 3)]
     printed = capsys.readouterr().out
     assert printed.count("health alert [nothing_scored] at step 3") == 1
-    with pytest.raises(HealthError, match=r"nothing_scored.*--health strict\)$"):
-        run(workdir, "masked-strict", "--layout", "padded", "--max-steps", "5", "--health", "strict")
+    with pytest.raises(HealthError, match=r"nothing_scored.*\(--health strict\)\. The last good checkpoint, \S+"
+                                          r"checkpoint-2, is intact$"):
+        run(workdir, "masked-strict", "--layout", "padded", "--max-steps", "5", "--health", "strict",
+            "--save-steps", "2")
     assert "health alert" not in capsys.readouterr().out  # the error says it, once
     assert alerts(workdir / "masked-strict") == [("nothing_scored", 3)]  # and the run's record keeps it
     assert max(r["step"] for r in run_metrics(workdir / "masked-strict")) == 3
