@@ -37,7 +37,8 @@ conversation it writes (read_prompt), wherever it comes from: a training record 
 
 Encoding: prompt and response are encoded separately without special tokens (as TRL does), so no BPE merge
 crosses the boundary and the response text is exactly what the template defines (its tokens are the whole
-conversation's for byte-level BPE; a SentencePiece tokenizer starts the response with its own "▁"):
+conversation's for byte-level BPE, unless a chat answer begins with white space that merges with the template's
+own "\n": two spaces or a line break; a SentencePiece tokenizer starts the response with its own "▁"):
     prompt_ids   = [BOS]? + tok(prompt)    BOS only if the tokenizer itself adds one (e.g. Llama; not GPT-2 or
                                            Phi-2), and never twice (a chat rendering may start with it)
     response_ids = tok(response) + [EOS]   EOS not repeated if the rendering already ends with it
@@ -288,10 +289,12 @@ def end_of_turn_text(template: str = "recipe", tokenizer: Any = None) -> str:
 def _without_turn_separator(tail: str, response: str) -> str:
     """`tail` (a chat rendering after its prompt: the answer, then the template's end-of-turn text, then what
     separates turns) without the whitespace after the end-of-turn text. The answer's own whitespace, leading or
-    trailing, is kept: only what follows its last occurrence in `tail` is cut. A template that rewrites the answer
-    (so it is found neither as it is nor stripped) loses only its trailing whitespace."""
+    trailing, is kept: only what follows it is cut, where `tail` begins with it, else after its last occurrence (a
+    template that writes something before the answer). A template that rewrites the answer (so it is found neither as
+    it is nor stripped) loses only its trailing whitespace."""
     for content in (response, response.strip()):
-        at = tail.rfind(content) if content else -1
+        # an answer that begins the tail is that one, also where its text recurs in the end-of-turn text (">\n")
+        at = (0 if tail.startswith(content) else tail.rfind(content)) if content else -1
         if at >= 0:
             end = at + len(content)
             return tail[:end] + tail[end:].rstrip()

@@ -325,6 +325,11 @@ def test_render_prompt_and_response_recipe_and_chat():
     # ChatML: the end-of-turn text is the response's, the "\n" after it separates turns
     ("<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n", "<|im_start|>assistant\n", " a\n",
      " a\n<|im_end|>"),
+    # an answer whose text recurs in the end-of-turn text and the separator after it
+    ("<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n", "<|im_start|>assistant\n", ">\n",
+     ">\n<|im_end|>"),
+    ("<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n", "<|im_start|>assistant\n", "end|>\n",
+     "end|>\n<|im_end|>"),
     # no end-of-turn text, only a separator: the answer's own whitespace stays, the separator goes
     ("{{ m['role'] }}: {{ m['content'] }}\n\n", "assistant: ", " a\n", " a\n"),
     ("{{ m['role'] }}: {{ m['content'] }}\n\n", "assistant: ", "a", "a"),
