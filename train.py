@@ -63,7 +63,8 @@ from dpo.lora import Adapters, add_adapters, quantization_config
 from dpo.loss import PreferenceLogps, batch_coupled, compute_loss, needs_reference_model, update_loss_state
 from dpo.memory import tune_cpu_allocator
 from dpo.metrics import PairMetrics, read_metrics
-from dpo.modeling import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_model_path
+from dpo.modeling import (embedding_rows, enable_gradient_checkpointing, foreign_token, load_causal_lm,
+                          load_tokenizer, resolve_model_path)
 from dpo.on_policy import PAIR_BUILDING, IterativePairs, OnlinePairs, Sampler
 from dpo.optim import build_optimizer, decays_every_parameter
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
@@ -249,6 +250,19 @@ def check_positions(cfg: TrainSettings, data: PreferenceData, model: nn.Module) 
     if positions is not None and longest > positions:
         raise ConfigError(f"--max-length {cfg.max_length}: pairs reach {longest} tokens, but the model has {positions} "
                           f"positions (max_position_embeddings); use --max-length {positions} or less")
+
+
+def check_vocabulary(data: PreferenceData, model: nn.Module, tokenizer: Any) -> None:
+    """One line where a pair (or the padding) holds a token id the model has no embedding for (foreign_token),
+    naming the pair's row. The prompts online DPO samples are checked as generation encodes them."""
+    rows = embedding_rows(model)
+    if (why := foreign_token(tokenizer, [tokenizer.pad_token_id or 0], rows)) is not None:
+        raise ConfigError(f"the padding: {why}")
+    for split, pairs in (("train", data.train), ("eval", data.eval)):
+        for pair in pairs:
+            ids = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+            if rows is not None and max(ids) >= rows:
+                raise ConfigError(f"{split} pair of row {pair.row}: {foreign_token(tokenizer, ids, rows)}")
 
 
 def collator(cfg: TrainSettings, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
@@ -941,6 +955,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         check_resumed_data(resume, state_data)
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
         check_positions(cfg, data, policy)
+        check_vocabulary(data, policy, tokenizer)
         if dist.is_main:
             check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None,
                              keep=cfg.save_total_limit, reference_bytes=synced_reference_bytes(cfg, policy, device),

@@ -56,7 +56,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from dpo.errors import TrainingError, UserError, first_line
-from dpo.modeling import ModelLoadError, is_adapter_dir, load_tokenizer, names_shipped_model
+from dpo.modeling import (ModelLoadError, embedding_rows, foreign_token, is_adapter_dir, load_tokenizer,
+                          names_shipped_model)
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
 from dpo.prompts import (HUMAN_TURN_PREFIX, ROW_REASONS, TEMPLATES, TRUNCATION_MODES, PromptError, empty_user_turn,
                          encode_prompts, lone_surrogate, read_prompt, render_prompt, resolve_template)
@@ -772,6 +773,10 @@ def generate_samples(model: Any, tokenizer: Any, instructions: Sequence[str],
             except PromptError as own:
                 raise InstructionError(i, str(own), single=len(instructions) == 1) from None
         raise
+    rows = embedding_rows(model)
+    for i, ids in enumerate(prompts):
+        if (why := foreign_token(tokenizer, ids + [pad_id], rows)) is not None:
+            raise GenerationError(f"{'instruction ' + str(i) if len(prompts) > 1 else 'the instruction'}: {why}")
     if cut and warn:  # online DPO samples every step: it passes warn=False (training reports the cut prompts)
         print(f"warning: {cut} of {len(prompts)} prompts longer than {budget} tokens were cut ({mode}), "
               "as training cuts them", file=sys.stderr)

@@ -145,6 +145,23 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, device: tor
     return model if placement else model.to(device)
 
 
+def embedding_rows(model: Any) -> int | None:
+    """How many token ids the model embeds (its input embedding's rows); None for a model without such a table."""
+    get = getattr(model, "get_input_embeddings", None)
+    return getattr(get(), "num_embeddings", None) if callable(get) else None
+
+
+def foreign_token(tokenizer: Any, ids: list[int], rows: int | None) -> str | None:
+    """Why `ids` cannot be embedded by a model of `rows` token embeddings (the first id beyond them, as the
+    tokenizer writes it), or None where they all can: the embedding lookup would fail mid-run (a device assert on
+    CUDA). Its cause: a tokenizer of another model, or tokens added to it without resizing the model."""
+    beyond = next((i for i in ids if rows is not None and i >= rows), None)
+    if beyond is None:
+        return None
+    return (f"token id {beyond} ({tokenizer.convert_ids_to_tokens(beyond)!r}) is beyond the model's {rows} token "
+            "embeddings: the tokenizer is another model's, or has tokens added without resizing the model")
+
+
 def enable_gradient_checkpointing(model: Any) -> None:
     """Recompute activations in backward (non-reentrant), by the name transformers >= 5 gives it or the older one."""
     enable = getattr(model, "activation_checkpointing_enable", None)

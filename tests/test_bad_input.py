@@ -290,3 +290,40 @@ def test_output_dir_that_cannot_be_created(model_dir, tmp_path, capsys):
     blocker.write_text("x")
     data = dataset_with(tmp_path, [])
     assert_one_line_error(capsys, run_cli(model_dir, data, blocker / "out"), "not writable")
+
+
+def small_vocabulary_model(path, rows: int):
+    """A tiny Phi that embeds only `rows` token ids, saved with the tiny tokenizer (300 tokens, its EOS id 0)."""
+    from harness import tiny_phi, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_phi(vocab_size=rows)
+    model.config.bos_token_id = model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def test_a_token_the_model_cannot_embed_is_one_line_naming_the_pair_and_the_token(tmp_path, capsys):
+    """A tokenizer of another model (or with tokens added without resizing the model): a raw index error mid-run
+    on the CPU, a device assert on CUDA. Training names the pair, generation the instruction. The model embeds 295
+    ids: the recipe template's tokens (up to 294, "Human"), not the tiny tokenizer's last five ("al" ... "es")."""
+    from dpo.generation import DecodingSettings, GenerationError, generate_samples
+    from dpo.modeling import load_causal_lm
+    from dpo.prompts import encode_prompts
+
+    model_dir, tokenizer = small_vocabulary_model(tmp_path / "small", rows=295)
+    dataset = tmp_path / "pairs.jsonl"
+    write_pairs(dataset, 24)
+    capsys.readouterr()
+    code = run_cli(model_dir, dataset, tmp_path / "run")
+    assert_one_line_error(capsys, code, "pair of row ", "is beyond the model's 295 token embeddings: the tokenizer "
+                          "is another model's, or has tokens added without resizing the model")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    model = load_causal_lm(str(model_dir))
+    decoding = DecodingSettings(greedy=True, max_new_tokens=2)
+    assert max(encode_prompts(tokenizer, ["a b"], "recipe", None, "keep_end")[0][0]) < 295
+    assert len(generate_samples(model, tokenizer, ["a b"], decoding)) == 1
+    with pytest.raises(GenerationError, match=r"^instruction 1: token id 29\d \('(al|bo|do|er|es)'\) is beyond the "
+                                              r"model's 295 token embeddings"):
+        generate_samples(model, tokenizer, ["a b", "do bo"], decoding)
