@@ -368,7 +368,8 @@ def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
     if not (needs_reference_model(cfg.loss) and cfg.precompute_ref) or cfg.sync_ref_model:
         return reference
     settings = reference_cache_settings(cfg, device)
-    identity = model_identity(resolve_model_path(cfg.model), cfg.lora.adapter)
+    # the main process's: another node's copy of the model has other modification times
+    identity = gather([model_identity(resolve_model_path(cfg.model), cfg.lora.adapter)], dist)[0]
     for split, pairs, ids in (("train", data.train, train_ids), ("eval", data.eval, list(range(len(data.eval))))):
         if not ids:
             continue
