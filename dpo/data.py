@@ -57,8 +57,10 @@ IGNORE_INDEX = -100  # label value of tokens that are not scored (prompt and pad
 CONSTRAINT_FIELDS = ("instruction_id_list", "kwargs")  # IFEval's: what a judge of a prompt's text checks
 # raised whenever a release renders, tokenizes or skips the same records otherwise (a resumed run names it):
 # 2 reads a prompt already in the recipe template as its turns and skips a chat message holding a special token's text;
-# 3 leaves out online instructions whose text is a conversation of other than one non-empty user turn
-RENDERING = 3
+# 3 leaves out online instructions whose text is a conversation of other than one non-empty user turn;
+# 4 reads a conversation written inside a history's one user message as its turns, and cuts the turn separator
+# after a chat answer whose text recurs in the end-of-turn text
+RENDERING = 4
 
 
 
