@@ -144,7 +144,7 @@ class ExplodingLogRatios(Check):
             return ("the reward margins are not finite: the log-ratios overflowed. Lower --lr, keep --max-grad-norm, "
                     "or use --precision bf16 / fp32")
         value = abs(_value(record, "logps/chosen_per_token"))
-        if not math.isfinite(value):  # a step without pairs, or skipped: nothing to compare
+        if not math.isfinite(value) or value == 0.0:  # a step without pairs, skipped, or scoring nothing: no value
             return None
         opening = statistics.median(self.opening) if self.opening else value
         beyond = value > EXPLODING_FACTOR * opening + EXPLODING_SLACK

@@ -226,8 +226,10 @@ def test_exploding_baseline_skips_steps_without_log_probs():
     check = ExplodingLogRatios(window=2)
     assert check.train({"split": "train", "step": 1, "lr": 1e-4}) is None  # online DPO: a step without pairs
     assert check.train(train_record(2, **{"logps/chosen_per_token": math.nan})) is None
-    assert chosen_per_token(check, [-2.0, -7.1], start=3) == [None, None]  # -2.0: the first finite value
-    assert "chosen log-prob per token -7.1" in check.train(train_record(5, **{"logps/chosen_per_token": -7.1}))
+    assert check.train(train_record(3, **{"logps/chosen_per_token": 0.0})) is None  # nothing scored: no value
+    assert chosen_per_token(check, [-2.0, -7.1], start=4) == [None, None]  # -2.0: the first value
+    message = check.train(train_record(6, **{"logps/chosen_per_token": -7.1}))
+    assert "chosen log-prob per token -7.1 has been beyond 3x its opening value (-2) for 2 steps" in message
 
 
 @pytest.mark.slow
