@@ -8,7 +8,7 @@ setup(
     package_data={"dpo.demo": ["assets/*/*"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # recent transformers disable PyTorch below 2.6; FSDP2 is torch.distributed.fsdp's from 2.6
         "transformers>=5.13.1",  # the oldest the tests run on (.ci/run tests it too); 5.x config keys
         "datasets>=3.0",
         "numpy",

@@ -91,18 +91,6 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(value.item())
 
 
-FSDP2_TORCH = "2.6"  # the first torch that names FSDP2 (fully_shard, MixedPrecisionPolicy) in torch.distributed.fsdp
-
-
-def fsdp2_available() -> bool:
-    """Whether this torch has FSDP2 where --fsdp takes it from."""
-    try:  # the import is the test: an older torch lacks these names
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def wrap_model(scorer: nn.Module, info: DistInfo, *, fsdp: bool, device: torch.device,
                param_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP by default; FSDP2 (`fully_shard`, each decoder layer then the root) with `fsdp=True`. `param_dtype`: the
@@ -111,7 +99,7 @@ def wrap_model(scorer: nn.Module, info: DistInfo, *, fsdp: bool, device: torch.d
     if not info.enabled:
         return scorer
     if fsdp:
-        # only --fsdp needs it (fsdp2_available: checked with the settings)
+        # only --fsdp needs it
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)

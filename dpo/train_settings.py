@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from dpo.checkpoint import PROCESSES
-from dpo.distributed import FSDP2_TORCH, fsdp2_available
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
 from dpo.loss import (LossSettings, batch_coupled, check_loss_output, check_weighting, needs_reference_model,
@@ -225,9 +224,6 @@ class TrainSettings:
                               f"({self.micro_batch_size})")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        if self.fsdp and not fsdp2_available():
-            raise ConfigError(f"--fsdp needs torch >= {FSDP2_TORCH} (FSDP2's fully_shard); this is torch "
-                              f"{torch.__version__}: upgrade torch, or leave --fsdp out to run DDP")
         if self.on_policy.enabled and self.fsdp:
             raise ConfigError("--online / --iterations do not run under --fsdp (sampling would need every process in "
                               "each decoding step of the sharded model); use DDP")

@@ -230,15 +230,3 @@ def test_the_run_config_train_py_writes_is_a_config_file(tmp_path):
     expected.precision = "fp32"  # what 'auto' ran as on the CPU: recorded resolved
     assert parse_settings(["--config", str(root / "run" / "run_config.json")]) == expected
 
-
-def test_fsdp_on_a_torch_without_fsdp2_is_refused_in_one_line(monkeypatch):
-    """torch names FSDP2 (fully_shard) in torch.distributed.fsdp from 2.6 on: an older torch is told so with the
-    settings, not with an ImportError once every process has loaded the model."""
-    import types
-
-    assert TrainSettings(fsdp=True).fsdp  # this torch has it
-    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", types.ModuleType("torch.distributed.fsdp"))
-    with pytest.raises(ConfigError, match=r"^--fsdp needs torch >= 2\.6 \(FSDP2's fully_shard\); this is torch "
-                                          r"\S+: upgrade torch, or leave --fsdp out to run DDP$"):
-        parse_settings(["--fsdp"])
-    assert not TrainSettings().fsdp  # DDP needs no FSDP2
