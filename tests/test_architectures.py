@@ -135,6 +135,19 @@ def test_log_probs_need_the_soft_cap_or_scale_and_a_model_without_it_takes_the_f
     assert (wrong - plain).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("factor", [1.002, 1.0])
+def test_a_fp32_model_whose_logits_are_transformed_by_a_fraction_of_a_percent_is_not_scored_response_only(factor):
+    """In fp32 both paths run the same matmul: a logit transform of 0.2% (under half precision's allowance of 1%)
+    is found, and the model is scored from its full logits; the plain model passes."""
+    model = tiny_model("llama")
+    model.register_forward_hook(lambda module, args, output: output.__setitem__("logits", output.logits * factor))
+    if factor == 1.0:
+        assert logprobs.response_only_exact(model)
+        return
+    with pytest.warns(UserWarning, match=r"its logits are not lm_head\(last hidden state\)"):
+        assert not logprobs.response_only_exact(model)
+
+
 def test_the_head_check_runs_once_per_model_and_leaves_its_modes(monkeypatch):
     model = tiny_model("llama")
     model.train()
