@@ -69,6 +69,7 @@ from dpo.on_policy import PAIR_BUILDING, IterativePairs, OnlinePairs, Sampler
 from dpo.optim import build_optimizer, decays_every_parameter
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
 from dpo.plot import plot_training_curves
+from dpo.prompts import encode_prompts
 from dpo.precision import (AUTOCAST_DTYPES, LOGP_TOLERANCE, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
                            use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast
@@ -252,17 +253,24 @@ def check_positions(cfg: TrainSettings, data: PreferenceData, model: nn.Module) 
                           f"positions (max_position_embeddings); use --max-length {positions} or less")
 
 
-def check_vocabulary(data: PreferenceData, model: nn.Module, tokenizer: Any) -> None:
-    """One line where a pair (or the padding) holds a token id the model has no embedding for (foreign_token),
-    naming the pair's row. The prompts online DPO samples are checked as generation encodes them."""
+def check_vocabulary(cfg: TrainSettings, data: PreferenceData, model: nn.Module, tokenizer: Any) -> None:
+    """One line where a pair, an instruction online DPO samples, or the padding holds a token id the model has no
+    embedding for (foreign_token), naming the row."""
     rows = embedding_rows(model)
+    if rows is None:
+        return
     if (why := foreign_token(tokenizer, [tokenizer.pad_token_id or 0], rows)) is not None:
         raise ConfigError(f"the padding: {why}")
     for split, pairs in (("train", data.train), ("eval", data.eval)):
         for pair in pairs:
             ids = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
-            if rows is not None and max(ids) >= rows:
+            if max(ids) >= rows:
                 raise ConfigError(f"{split} pair of row {pair.row}: {foreign_token(tokenizer, ids, rows)}")
+    if cfg.on_policy.enabled:  # rendered as the sampler renders them
+        prompts, _ = encode_prompts(tokenizer, data.instructions, cfg.template)
+        for (row, _), ids in zip(data.instruction_rows.values(), prompts):
+            if ids and max(ids) >= rows:
+                raise ConfigError(f"the instruction of row {row}: {foreign_token(tokenizer, ids, rows)}")
 
 
 def collator(cfg: TrainSettings, pad_id: int, model: nn.Module) -> tuple[str, Callable[[list[TokenizedPair]], dict]]:
@@ -956,7 +964,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         check_resumed_data(resume, state_data)
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
         check_positions(cfg, data, policy)
-        check_vocabulary(data, policy, tokenizer)
+        check_vocabulary(cfg, data, policy, tokenizer)
         if dist.is_main:
             check_disk_space(out_dir, policy, merged=cfg.lora.merge_lora or adapters is None,
                              keep=cfg.save_total_limit, reference_bytes=synced_reference_bytes(cfg, policy, device),

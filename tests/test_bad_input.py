@@ -320,6 +320,11 @@ def test_a_token_the_model_cannot_embed_is_one_line_naming_the_pair_and_the_toke
     assert_one_line_error(capsys, code, "pair of row ", "is beyond the model's 295 token embeddings: the tokenizer "
                           "is another model's, or has tokens added without resizing the model")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    prompts = tmp_path / "prompts.jsonl"  # online DPO: instructions alone, named by their row before any sampling
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ["a b", "a", "do bo", "b"] * 3))
+    code = run_cli(model_dir, prompts, tmp_path / "online", "--online", "--judge", "demo")
+    assert_one_line_error(capsys, code, "error: the instruction of row ", ": token id 29", "is beyond the model's 295 "
+                          "token embeddings")
     model = load_causal_lm(str(model_dir))
     decoding = DecodingSettings(greedy=True, max_new_tokens=2)
     assert max(encode_prompts(tokenizer, ["a b"], "recipe", None, "keep_end")[0][0]) < 295
