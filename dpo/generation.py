@@ -758,6 +758,8 @@ def generate_samples(model: Any, tokenizer: Any, instructions: Sequence[str],
         raise GenerationError("streaming needs exactly one instruction")
     device = next(model.parameters()).device
     eos_ids = model_eos_ids(model, tokenizer)
+    if isinstance(streamer, StopAwareStreamer):  # it shows what decoding keeps: the answer ends at the same ids
+        streamer.eos_ids = tuple(eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     limit = _max_positions(model)
     budget = model_prompt_budget(model, decoding)

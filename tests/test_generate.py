@@ -195,6 +195,27 @@ class ScriptedLM(nn.Module):
         return SimpleNamespace(logits=logits)
 
 
+def test_a_streamed_answer_ends_at_every_eos_the_model_lists_as_the_returned_one_does():
+    """A model's generation config may list an end id besides the tokenizer's EOS (Llama-3's <|eot_id|>); one that
+    is not a special token would be written by the streamer if it knew the tokenizer's EOS alone."""
+    from types import SimpleNamespace
+
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    red, cat, blue = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (" red", " cat", " blue"))
+    decoding = DecodingSettings(greedy=True, max_new_tokens=20)
+    answers = []
+    for streamed in (False, True):
+        model = ScriptedLM(red + cat + blue + [eos], eos, len(tokenizer))
+        model.generation_config = SimpleNamespace(eos_token_id=[eos, cat[0]])
+        written = []
+        streamer = StopAwareStreamer(tokenizer, decoding.stop_strings, write=written.append) if streamed else None
+        answers.append(generate_batch(model, tokenizer, ["yes"], decoding, streamer=streamer)[0])
+        if streamed:
+            assert streamer.text == answers[0] and "".join(written).strip() == answers[0]
+    assert answers == ["red", "red"]
+
+
 def test_generation_stops_at_the_marker_and_never_shows_it():
     tokenizer = tiny_tokenizer()
     continuation = tokenizer(" yes\n\n### Human: tell me more\n\n### Assistant: no",
