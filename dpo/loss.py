@@ -72,7 +72,8 @@ from torch import Tensor
 
 from dpo.errors import UserError
 from dpo.plugins import load_function
-from dpo.settings import between, check_settings, finite, in_range, non_negative, positive, setting
+from dpo.settings import (ConfigError, between, check_settings, finite, in_range, non_negative, positive,
+                          setting)
 
 LossFunction = Callable[["PreferenceLogps", "LossSettings"], Tensor]
 RewardsFunction = Callable[["PreferenceLogps", "LossSettings"], "tuple[Tensor, Tensor]"]
@@ -233,6 +234,12 @@ class LossSettings:
     def __post_init__(self) -> None:
         check_settings(self)
         parse_loss_spec(self.loss_type)  # syntax only; names are resolved when the loss is first used
+        exponential = self.f_divergence == "forward_kl" or (self.f_divergence == "alpha_divergence" and self.f_alpha)
+        if self.reference_free and exponential:
+            raise ConfigError(f"--f-divergence {self.f_divergence} with --reference-free: without a reference the "
+                              "log-ratio is the summed log-prob itself, below -40 for answers of a few dozen tokens, "
+                              f"where the transform's exponent is capped at {_EXP_CAP:g}: every pair's loss would be "
+                              "ln 2 with no gradient; use reverse_kl or js_divergence")
 
 
 class LossOutput(NamedTuple):

@@ -230,3 +230,23 @@ def test_the_run_config_train_py_writes_is_a_config_file(tmp_path):
     expected.precision = "fp32"  # what 'auto' ran as on the CPU: recorded resolved
     assert parse_settings(["--config", str(root / "run" / "run_config.json")]) == expected
 
+
+
+@pytest.mark.parametrize("divergence, alpha", [("forward_kl", "1.0"), ("alpha_divergence", "0.5")])
+def test_an_exponential_f_divergence_without_a_reference_is_refused(divergence, alpha):
+    """Without a reference the log-ratio is the summed log-prob (below -40 for most answers), where the transform's
+    capped exponent leaves every loss at ln 2 with no gradient."""
+    import torch
+
+    from dpo.loss import PreferenceLogps, compute_loss
+
+    summed = [torch.tensor([-100.0, -300.0], requires_grad=True), torch.tensor([-120.0, -250.0], requires_grad=True)]
+    flat = compute_loss(PreferenceLogps(*summed, torch.zeros(2), torch.zeros(2)),
+                        LossSettings(f_divergence=divergence, f_alpha=float(alpha)))  # what it would train on
+    assert torch.allclose(flat.losses, torch.full((2,), 0.6931), atol=1e-4)
+    assert not any(g.any() for g in torch.autograd.grad(flat.losses.sum(), summed))
+    with pytest.raises(ConfigError, match=rf"^--f-divergence {divergence} with --reference-free: .* every pair's "
+                                          r"loss would be ln 2 with no gradient; use reverse_kl or js_divergence$"):
+        parse_settings(["--reference-free", "--f-divergence", divergence, "--f-alpha", alpha])
+    assert parse_settings(["--reference-free", "--f-divergence", "js_divergence"]).loss.reference_free
+    assert parse_settings(["--reference-free", "--f-divergence", "alpha_divergence", "--f-alpha", "0"]).loss.f_alpha == 0
