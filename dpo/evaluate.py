@@ -548,15 +548,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompt_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The rows of --prompts, --num-prompts of them drawn with --seed when it asks for fewer."""
-    rows = read_instructions(args.prompts)
-    if args.num_prompts is not None and args.num_prompts > len(rows):
-        raise EvaluationError(f"--num-prompts {args.num_prompts}: {args.prompts} has {len(rows)} rows")
-    if args.num_prompts is not None and args.num_prompts < len(rows):
-        keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.num_prompts))
+def draw_prompt_rows(path: str, count: int | None, seed: int, flag: str = "--num-prompts") -> list[dict[str, Any]]:
+    """The rows of the prompts file `path`, `count` of them drawn with `seed` when it asks for fewer (in file order);
+    more than the file holds is an error naming `flag`. One rule for `--prompts` here and training's --eval-prompts."""
+    rows = read_instructions(path)
+    if count is not None and count > len(rows):
+        raise EvaluationError(f"{flag} {count}: {path} has {len(rows)} rows")
+    if count is not None and count < len(rows):
+        keep = sorted(random.Random(seed).sample(range(len(rows)), count))
         rows = [rows[i] for i in keep]
     return rows
+
+
+def read_prompt_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows of --prompts, --num-prompts of them drawn with --seed when it asks for fewer."""
+    return draw_prompt_rows(args.prompts, args.num_prompts, args.seed)
 
 
 def _prompts(args: argparse.Namespace, judge: Judge) -> list[dict[str, Any]]:

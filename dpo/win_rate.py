@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from dpo.evaluate import WinRate, mean_lengths
-from dpo.generation import (TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch, own_rng,
-                            read_instructions)
+from dpo.evaluate import WinRate, draw_prompt_rows, mean_lengths
+from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch, own_rng
 from dpo.judges import Judge, JudgeError, build_judge, prompt_records
 from dpo.precision import frozen_dtype, resolve_precision
 
@@ -49,7 +48,9 @@ class WinRateEval:
     def build(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "WinRateEval":
         """The judge, the N prompts (--eval-prompts, else the judge's own held-out prompts) and the decoding."""
         precision = resolve_precision(cfg.precision, device)
-        rows = read_instructions(cfg.eval_prompts)[:cfg.eval_generate] if cfg.eval_prompts else []
+        # drawn as `python -m dpo.evaluate --prompts FILE --num-prompts N --seed S` draws them
+        rows = draw_prompt_rows(cfg.eval_prompts, cfg.eval_generate, cfg.seed, "--eval-generate") \
+            if cfg.eval_prompts else []
         judge = build_judge(cfg.eval_judge, device=device, dtype=frozen_dtype(precision),
                             prompts=prompt_records(rows, cfg.eval_prompts, cfg.eval_judge))
         n = cfg.eval_generate

@@ -189,6 +189,31 @@ def test_generation_batch_and_precision_are_the_runs_own(workdir, tmp_path, monk
     assert half.reference_file("key") != built["3"].reference_file("key")
 
 
+def test_eval_prompts_are_drawn_as_dpo_evaluate_draws_them(workdir, tmp_path, monkeypatch):
+    """--eval-generate N of an --eval-prompts file: the N rows `python -m dpo.evaluate --prompts FILE --num-prompts N
+    --seed S` draws (not the file's first N), so the last win rate logged and the final evaluation judge the same
+    prompts; more than the file holds is one line, as it is there."""
+    import argparse
+
+    import dpo.win_rate
+    from dpo.evaluate import EvaluationError, read_prompt_rows
+    from dpo.generation import read_instructions
+
+    monkeypatch.setattr(dpo.win_rate, "build_judge", lambda name, device, dtype, prompts=None: LengthJudge())
+    prompts = str(workdir / "prompts.jsonl")
+    available = len(read_instructions(prompts))
+    flags = ["--model", str(workdir / "model"), "--output-dir", str(tmp_path / "run"), "--eval-prompts", prompts,
+             "--seed", "3"]
+    cpu = torch.device("cpu")
+    built = WinRateEval.build(parse_settings(flags + ["--eval-generate", "4"]), tiny_tokenizer(), cpu)
+    drawn = read_prompt_rows(argparse.Namespace(prompts=prompts, num_prompts=4, seed=3))
+    assert built.prompts == [row["instruction"] for row in drawn]
+    assert built.prompts != [row["instruction"] for row in read_instructions(prompts)[:4]]  # not the first rows
+    with pytest.raises(EvaluationError, match=rf"^--eval-generate {available + 1}: \S+prompts.jsonl has {available} "
+                                              r"rows$"):
+        WinRateEval.build(parse_settings(flags + ["--eval-generate", str(available + 1)]), tiny_tokenizer(), cpu)
+
+
 def test_the_reference_cache_is_utf8_whatever_the_locale(tmp_path):
     """Written and read back as UTF-8 under the C locale (no UTF-8 mode), where the locale's encoding is ASCII."""
     script = """
