@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import huggingface_hub
 import torch
@@ -45,15 +45,16 @@ from tqdm.auto import tqdm
 
 from dpo.activations import fuse_gelu
 from dpo.batches import OfflinePairs, PairBatch, PairSource, process_micro_batches
-from dpo.checkpoint import (PROCESSES, ReplacedRun, check_disk_space, latest_checkpoint, load_checkpoint,
-                            prepare_output_dir, process_rng_state, publish, read_trainer_state, removed_if_unwritable,
-                            replacing, rng_state, save_checkpoint, set_rng_state, settings_differences)
+from dpo.checkpoint import (PROCESSES, CheckpointError, ReplacedRun, check_disk_space, latest_checkpoint,
+                            load_checkpoint, prepare_output_dir, process_rng_state, publish, read_trainer_state,
+                            removed_if_unwritable, replacing, rng_state, save_checkpoint, set_rng_state,
+                            settings_differences)
 from dpo.cli import run_cli
 from dpo.data import BUILTIN_SOURCES, RENDERING, DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
 from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
-from dpo.errors import TrainingError
+from dpo.errors import TrainingError, first_line
 from dpo.flops import FlopCounter, peak_tflops
 from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids  # the card decoding, saved with final/
 from dpo.health import Alert, HealthError, HealthMonitor
@@ -79,7 +80,7 @@ from dpo.reference_sync import mix_into_reference, sync_due
 from dpo.schedule import lr_at
 from dpo.settings import ConfigError
 from dpo.splits import PreferenceData, load_preference_pairs
-from dpo.tracking import open_trackers
+from dpo.tracking import MetricsWriteError, open_trackers
 from dpo.train_settings import TrainSettings, parse_settings
 from dpo.win_rate import SAMPLE_COLUMNS, WinRateEval
 
@@ -117,6 +118,11 @@ def open_run_dir(cfg: TrainSettings, dist: DistInfo,
     if cfg.resume and (out_dir / "final").is_dir():  # its checkpoints (if kept) would train its last steps again
         raise ConfigError(f"--resume: {out_dir} holds a finished run (final/), nothing to continue; --overwrite to "
                           "train it again")
+    aside = out_dir.with_name(f".{out_dir.name}.replaced")
+    if cfg.resume and path is None and latest_checkpoint(aside) is not None:
+        raise ConfigError(f"--resume: {out_dir} holds no complete checkpoint, but {aside} does: the run an --overwrite "
+                          "set aside before it was killed; move it back to --output-dir to resume it, or --overwrite "
+                          "to start afresh")
     if cfg.resume and path is None:
         log(f"--resume: no complete checkpoint in {out_dir}, starting from step 0")
     if path is None:
@@ -745,6 +751,26 @@ def save_reference(reference: nn.Module, directory: Path) -> None:
         reference.save_pretrained(directory)
 
 
+@contextlib.contextmanager
+def checkpoint_named(cfg: TrainSettings) -> Iterator[None]:
+    """metrics.jsonl that cannot be written (a full disk) stops the run in one line naming the checkpoint it leaves."""
+    try:
+        yield
+    except MetricsWriteError as error:
+        raise MetricsWriteError(f"{error}; {last_good_checkpoint(cfg)}") from None
+
+
+def write_run_config(out_dir: Path, run_config: dict[str, Any]) -> None:
+    """run_config.json, whole or not at all (a resumed run writes it again); a full disk is one line."""
+    path, tmp = out_dir / "run_config.json", out_dir / "run_config.json.tmp"
+    try:
+        tmp.write_text(json.dumps(run_config, indent=2))
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path} cannot be written ({first_line(error)})") from None
+
+
 def last_good_checkpoint(cfg: TrainSettings) -> str:
     """Where a stopped run can resume from, for its error message."""
     path = latest_checkpoint(Path(cfg.output_dir))
@@ -847,7 +873,7 @@ def save_final(state: TrainState, tokenizer: Any, run_config: dict[str, Any]) ->
             tokenizer.save_pretrained(tmp_dir / "merged")
             # the run's template and prompt budget, and its reference (the base) for dpo.evaluate
             shutil.copyfile(tmp_dir / RUN_SETTINGS_FILE, tmp_dir / "merged" / RUN_SETTINGS_FILE)
-    publish(tmp_dir, final_dir)
+        publish(tmp_dir, final_dir)  # its fsync can be where a full disk (NFS, a quota) shows
 
 
 class StopRequest:
@@ -986,7 +1012,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                       "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size),
                       "dataset_path": dataset_path(cfg.dataset)}
         if dist.is_main:
-            (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
+            write_run_config(out_dir, run_config)
         first_step = resume["trainer_state"]["step"] if resume else 0
         trackers = open_trackers(cfg.report_to, out_dir, out_dir.name, run_config, first_step, enabled=dist.is_main)
 
@@ -1019,7 +1045,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
     eval_batch = PairBatch(data.eval, reference["eval"])
     train_record: dict = {}
     eval_record: dict = {}
-    with trackers, StopRequest() as stop:
+    with trackers, StopRequest() as stop, checkpoint_named(cfg):
         while state.step < total_steps:
             # a step the fp16 GradScaler skipped leaves the schedule where it was, as in transformers' Trainer
             lr = lr_at(state.step - state.overflow_steps, total_steps=total_steps, peak_lr=cfg.lr,

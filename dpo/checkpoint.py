@@ -281,7 +281,7 @@ def save_checkpoint(
                    tmp / "extra.pt")
         # the state file goes last: its presence marks the directory as complete
         (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    publish(tmp, final)  # a re-save of the same step (e.g. after a signal) replaces it
+        publish(tmp, final)  # a re-save of the same step (e.g. after a signal) replaces it; fsync may fail too
     for _, old in list_checkpoints(root)[:-keep]:
         _discard(old)
     for stale in [*root.glob("checkpoint-*.tmp"), *root.glob("checkpoint-*.discarded")]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from dpo.errors import UserError, first_line
 from dpo.metrics import read_metrics
 from dpo.settings import ConfigError
 
@@ -41,6 +42,19 @@ HPARAM_METRICS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"
 
 class TrackerUnavailable(ConfigError):
     """`--report-to` names a tracker whose library is not installed."""
+
+
+class MetricsWriteError(UserError):
+    """metrics.jsonl cannot be written (a full disk): the run stops with one line."""
+
+
+@contextlib.contextmanager
+def metrics_written(path: Path) -> Iterator[None]:
+    """An OSError while `path` is written as a MetricsWriteError naming it."""
+    try:
+        yield
+    except OSError as error:
+        raise MetricsWriteError(f"{path} cannot be written ({first_line(error)})") from None
 
 
 def is_metric(value: Any) -> bool:
@@ -126,8 +140,9 @@ class JsonlTracker(Tracker):
         if self.path.exists():  # a resumed run logs again the steps after its checkpoint: keep each step once
             kept = [json.dumps(record) for record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            with metrics_written(self.path):
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append the record as one line."""
@@ -144,7 +159,7 @@ class JsonlTracker(Tracker):
 
     def _append(self, record: dict[str, Any]) -> None:
         clean = {key: _finite_or_none(value) for key, value in record.items()}
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with metrics_written(self.path), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
             handle.flush()
 

@@ -1,7 +1,9 @@
 """Crash safety: SIGKILL at random points, SIGTERM, NaN losses; the last good checkpoint always survives."""
 
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -444,3 +446,98 @@ def test_a_quoted_error_loses_the_terminal_escapes_torch_puts_in_it():
 
     assert first_line(RuntimeError("\x1b[1mWeights only load failed\x1b[0m. In PyTorch 2.6\nmore")) == \
         "Weights only load failed. In PyTorch 2.6"
+
+
+def enospc(what: str) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, f"No space left on device ({what})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["checkpoint-4.tmp", "final.tmp"])
+def test_a_full_disk_that_shows_at_fsync_is_one_line_and_leaves_the_last_checkpoint(setup, tmp_path, monkeypatch,
+                                                                                     capsys, where):
+    """On NFS or under a quota a full disk may show only when the finished files are synced, as they are put in
+    place: the same one line as a failed write, nothing of the new directory left, the last checkpoint intact."""
+    root, args = setup
+    out = tmp_path / "run"
+    real_fsync = os.fsync
+    names = {}
+
+    def opened(path, *rest, **kwargs):
+        handle = real_open(path, *rest, **kwargs)
+        names[handle.fileno()] = str(path)
+        return handle
+
+    def fsync(fd):
+        if where in names.get(fd, ""):
+            raise enospc("fsync")
+        real_fsync(fd)
+
+    import builtins
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", opened)
+    monkeypatch.setattr(os, "fsync", fsync)
+    flags = ["--save-steps", "2", "--max-steps", "6" if where.startswith("checkpoint") else "2"]
+    assert train.cli(args + ["--output-dir", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    name = "checkpoint-4" if where.startswith("checkpoint") else "final/"
+    intact = "checkpoint-2 is intact" if where.startswith("checkpoint") else "no checkpoint was saved before it"
+    assert err == f"error: {name} cannot be written ([Errno 28] No space left on device (fsync)); {intact}"
+    assert not (out / where).exists() and not (out / name.rstrip("/")).exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_metrics_or_the_run_config_are_written_is_one_line(setup, tmp_path, monkeypatch, capsys):
+    """metrics.jsonl takes a line at every step, so a disk that fills between checkpoints fails there first: one line
+    naming the file and the checkpoint the run leaves. run_config.json, written at the start, the same."""
+    import dpo.tracking
+
+    root, args = setup
+    appends = []
+
+    def opened(path, mode="r", *rest, **kwargs):
+        if Path(path).name == "metrics.jsonl" and mode == "a":
+            appends.append(path)
+            if len(appends) == 3:  # step 3's line: checkpoint-2 was saved before it
+                raise enospc("metrics")
+        return open(path, mode, *rest, **kwargs)
+
+    monkeypatch.setattr(dpo.tracking, "open", opened, raising=False)
+    out = tmp_path / "metrics"
+    assert train.cli(args + ["--output-dir", str(out), "--save-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {out / 'metrics.jsonl'} cannot be written ([Errno 28] No space left on device (metrics)); The last "
+                   f"good checkpoint, {out / 'checkpoint-2'}, is intact")
+    monkeypatch.delattr(dpo.tracking, "open")
+    real_write = Path.write_text
+
+    def write_text(self, *a, **kw):
+        if self.name == "run_config.json.tmp":
+            raise enospc("run_config")
+        return real_write(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "config"
+    assert train.cli(args + ["--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: {out / 'run_config.json'} cannot be written ([Errno 28] No space left on device (run_config))"
+    assert not (out / "run_config.json.tmp").exists()
+
+
+def test_a_resume_beside_the_run_an_interrupted_overwrite_set_aside_says_where_it_is(setup, tmp_path, capsys):
+    """--overwrite moves the old run to .NAME.replaced until the new one is set up; killed outright in between, the
+    old run stays there: a --resume of NAME says so, instead of training from step 0."""
+    root, _ = setup
+    aside = tmp_path / ".run.replaced"
+    shutil.copytree(root / "reference-run", aside, ignore=shutil.ignore_patterns("final"))
+    assert list_checkpoints(aside)
+    out = tmp_path / "run"
+    args = tiny_run_args(root, None, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "8")
+    assert train.cli(args + ["--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: --resume: {out} holds no complete checkpoint, but {aside} does: the run an --overwrite "
+                   "set aside before it was killed; move it back to --output-dir to resume it, or --overwrite to "
+                   "start afresh")
