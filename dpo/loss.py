@@ -52,7 +52,8 @@ The contract:
   * `my_loss.is_batch_coupled = True` for a loss whose pair i depends on the other pairs of its batch (then its
     result depends on the micro-batch split, which the run says, and --use-weighting is refused);
     `my_loss.reads_f_divergence` says whether it passes log-ratios through --f-divergence (default: unless it is
-    reference-free), so that the flag is refused where it would change nothing.
+    reference-free), so that the flag is refused where it would change nothing; `my_loss.reads_label_smoothing`
+    likewise for --label-smoothing (default: it may read it).
   * its own hyper-parameters are constants of its file (or the LossSettings fields it reads): a run records the
     --loss string, not the file, so --resume does not see the file change.
   * `@register_loss("name", ...)` makes the function selectable as `loss_type="name"` once its module is imported:
@@ -276,7 +277,7 @@ _REGISTRY: dict[str, LossFunction] = {}
 
 def register_loss(
     name: str, *, reference_free: bool = False, rewards: RewardsFunction | None = None, state: LossState | None = None,
-    batch_coupled: bool = False, reads_f_divergence: bool = True,
+    batch_coupled: bool = False, reads_f_divergence: bool = True, reads_label_smoothing: bool = True,
 ) -> Callable[[LossFunction], LossFunction]:
     """Decorator: make `fn` selectable as `loss_type=name`.
 
@@ -287,6 +288,7 @@ def register_loss(
     the result depends on how an optimizer step is split into micro-batches.
     reads_f_divergence: False for a loss that never passes a log-ratio through the f-divergence (then
     --f-divergence is refused rather than silently ignored).
+    reads_label_smoothing: False for a loss that never reads cfg.label_smoothing (then --label-smoothing is refused).
     """
     if not name or any(char in name for char in ":,") or name != name.strip():
         raise ValueError(f"loss name {name!r} must be non-empty, without ':' ',' or surrounding spaces")
@@ -300,6 +302,7 @@ def register_loss(
         fn.is_reference_free = reference_free
         fn.is_batch_coupled = batch_coupled
         fn.reads_f_divergence = reads_f_divergence
+        fn.reads_label_smoothing = reads_label_smoothing
         if rewards is not None:
             fn.rewards = rewards
         if state is not None:
@@ -373,6 +376,17 @@ def reads_f_divergence(config: LossSettings) -> bool:
     reference-free: without reference log-probs it has no log-ratio)."""
     return any(getattr(fn, "reads_f_divergence", not is_reference_free(fn))
                for fn in (resolve_loss(name) for name, _ in parse_loss_spec(config.loss_type)))
+
+
+def reads_label_smoothing(config: LossSettings) -> bool:
+    """Whether some term reads --label-smoothing (a custom loss is assumed to unless it says otherwise)."""
+    return any(getattr(resolve_loss(name), "reads_label_smoothing", True)
+               for name, _ in parse_loss_spec(config.loss_type))
+
+
+def label_smoothing_losses() -> list[str]:
+    """The registered losses that read --label-smoothing."""
+    return [name for name in available_losses() if _REGISTRY[name].reads_label_smoothing]
 
 
 def needs_reference_model(config: LossSettings) -> bool:
@@ -478,13 +492,13 @@ def sigmoid_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return smoothed_logistic(cfg.beta * preference_margin(x, cfg), cfg.label_smoothing)
 
 
-@register_loss("hinge")
+@register_loss("hinge", reads_label_smoothing=False)
 def hinge_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """relu(1 - beta h). SLiC-HF (Zhao et al. 2023)."""
     return torch.relu(1.0 - cfg.beta * preference_margin(x, cfg))
 
 
-@register_loss("ipo", rewards=_mean_log_ratio_rewards)
+@register_loss("ipo", rewards=_mean_log_ratio_rewards, reads_label_smoothing=False)
 def ipo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(f(r_c / len_c) - f(r_l / len_r) - 1 / (2 beta))^2. IPO (Azar et al. 2023, eq. 17), beta = tau.
 
@@ -526,7 +540,7 @@ BCO_RUNNING_MEAN = LossState(size=2, initial=lambda: {"reward_mean": 0.0, "steps
                              update=_bco_update)
 
 
-@register_loss("bco_pair", state=BCO_RUNNING_MEAN)
+@register_loss("bco_pair", state=BCO_RUNNING_MEAN, reads_label_smoothing=False)
 def bco_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigma(beta s_c - delta) - log sigma(-(beta s_l - delta)), delta = running mean of the rewards beta * s.
 
@@ -554,7 +568,7 @@ def exo_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     )
 
 
-@register_loss("nca_pair")
+@register_loss("nca_pair", reads_label_smoothing=False)
 def nca_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigma(beta s_c) - 1/2 log sigma(-beta s_c) - 1/2 log sigma(-beta s_l). NCA (Chen et al. 2024)."""
     chosen, rejected = divergence_scores(x, cfg)
@@ -562,7 +576,7 @@ def nca_pair_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return F.softplus(-z_c) + 0.5 * F.softplus(z_c) + 0.5 * F.softplus(z_r)
 
 
-@register_loss("sppo_hard")
+@register_loss("sppo_hard", reads_label_smoothing=False)
 def sppo_hard_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(s_c - 1/(2 beta))^2 + (s_l + 1/(2 beta))^2. SPPO (Wu et al. 2024, eq. 4.7) with hard win probabilities 1 / 0."""
     chosen, rejected = divergence_scores(x, cfg)
@@ -589,21 +603,21 @@ def aot_unpaired_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return smoothed_logistic(cfg.beta * (torch.sort(chosen).values - torch.sort(rejected).values), cfg.label_smoothing)
 
 
-@register_loss("apo_zero")
+@register_loss("apo_zero", reads_label_smoothing=False)
 def apo_zero_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """1 - sigma(beta s_c) + sigma(beta s_l). APO-zero (D'Oosterlinck et al. 2024, eq. 7): chosen up, rejected down."""
     chosen, rejected = divergence_scores(x, cfg)
     return 1.0 - torch.sigmoid(cfg.beta * chosen) + torch.sigmoid(cfg.beta * rejected)
 
 
-@register_loss("apo_down")
+@register_loss("apo_down", reads_label_smoothing=False)
 def apo_down_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """sigma(beta s_c) + 1 - sigma(beta h). APO-down (D'Oosterlinck et al. 2024, eq. 8): both down, rejected more."""
     chosen, rejected = divergence_scores(x, cfg)
     return torch.sigmoid(cfg.beta * chosen) + 1.0 - torch.sigmoid(cfg.beta * (chosen - rejected))
 
 
-@register_loss("discopop")
+@register_loss("discopop", reads_label_smoothing=False)
 def discopop_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """(1 - m) * -log sigma(z) + m * exp(-z), z = beta h, m = sigma(z / tau). DiscoPOP (Lu et al. 2024, eq. 5).
 
@@ -614,7 +628,7 @@ def discopop_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return (1.0 - modulation) * F.softplus(-z) + torch.exp(F.logsigmoid(z / cfg.discopop_tau) - z)
 
 
-@register_loss("sigmoid_norm", rewards=_mean_log_ratio_rewards)
+@register_loss("sigmoid_norm", rewards=_mean_log_ratio_rewards, reads_label_smoothing=False)
 def sigmoid_norm_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-log sigma(beta (f(r_c / len_c) - f(r_l / len_r))). Length-normalised DPO (TRL's "sigmoid_norm")."""
     chosen, rejected = mean_divergence_scores(x, cfg)
@@ -643,7 +657,8 @@ def simpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return smoothed_logistic(cfg.beta * (mean_c - mean_r) - cfg.simpo_gamma, cfg.label_smoothing)
 
 
-@register_loss("orpo", reference_free=True, rewards=_mean_logp_rewards, reads_f_divergence=False)
+@register_loss("orpo", reference_free=True, rewards=_mean_logp_rewards, reads_f_divergence=False,
+               reads_label_smoothing=False)
 def orpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-pi_c / len_c - beta * log sigma(log odds(p_c) - log odds(p_r)). ORPO (Hong et al. 2024), lambda = beta.
 
@@ -654,7 +669,7 @@ def orpo_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     return chosen_nll(x) + cfg.beta * F.softplus(-log_odds)
 
 
-@register_loss("sft", reference_free=True, reads_f_divergence=False)
+@register_loss("sft", reference_free=True, reads_f_divergence=False, reads_label_smoothing=False)
 def sft_loss(x: PreferenceLogps, cfg: LossSettings) -> Tensor:
     """-pi_c / len_c: per-token negative log-likelihood of the chosen response (supervised fine-tuning)."""
     return chosen_nll(x)

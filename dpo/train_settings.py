@@ -26,7 +26,8 @@ from dpo.checkpoint import PROCESSES
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
 from dpo.loss import (LossSettings, batch_coupled, check_loss_output, check_weighting, needs_reference_model,
-                      parse_loss_spec, reads_f_divergence, resolve_loss)
+                      parse_loss_spec, reads_f_divergence, label_smoothing_losses, reads_label_smoothing,
+                      resolve_loss)
 from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
@@ -322,8 +323,9 @@ def parse_settings(argv: list[str] | None = None) -> TrainSettings:
 
 def check_requirements(cfg: TrainSettings) -> None:
     """What a run needs beyond valid values, checked before any work: every term of --loss resolves (an unknown
-    name lists the known ones) and returns one loss per pair, some term reads --f-divergence, and the libraries of --report-to's trackers and of
-    --optimizer are installed (the error names the pip extra)."""
+    name lists the known ones) and returns one loss per pair, some term reads --f-divergence and
+    --label-smoothing where they are given, and the libraries of --report-to's trackers and of --optimizer are
+    installed (the error names the pip extra)."""
     for name, _ in parse_loss_spec(cfg.loss.loss_type):
         resolve_loss(name)
     check_weighting(cfg.loss)
@@ -335,6 +337,10 @@ def check_requirements(cfg: TrainSettings) -> None:
         raise ConfigError(f"--f-divergence {cfg.loss.f_divergence} changes nothing for --loss {cfg.loss.loss_type}: "
                           "no term of it reads a log-ratio (aot sorts log-ratio differences; simpo, orpo and sft "
                           "have no reference)")
+    if cfg.loss.label_smoothing and not reads_label_smoothing(cfg.loss):
+        raise ConfigError(f"--label-smoothing {cfg.loss.label_smoothing:g} changes nothing for --loss "
+                          f"{cfg.loss.loss_type}: no term of it reads it (the losses that do: "
+                          f"{', '.join(label_smoothing_losses())})")
     check_loss_output(cfg.loss)
     resolve_report_to(cfg.report_to)
     check_optimizer(cfg.optimizer)

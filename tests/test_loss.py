@@ -25,6 +25,7 @@ from dpo.loss import (
     needs_reference_model,
     parse_loss_spec,
     reads_f_divergence,
+    reads_label_smoothing,
     register_loss,
     resolve_loss,
     update_loss_state,
@@ -250,6 +251,19 @@ def test_the_losses_that_ignore_the_f_divergence_say_so():
     assert {name for name in available_losses() if reads_f_divergence(LossSettings(loss_type=name))} == set(READS_F)
     assert reads_f_divergence(LossSettings(loss_type="sft,sigmoid"))
     assert reads_f_divergence(LossSettings(loss_type="examples/my_loss.py:my_loss"))  # a custom loss may read it
+
+
+def test_the_losses_that_ignore_label_smoothing_say_so():
+    """A loss declares whether it reads --label-smoothing; the declaration is checked against what each loss
+    computes with two different epsilons (so --label-smoothing is refused exactly where it changes nothing)."""
+    changed = {name for name in available_losses()
+               if not torch.equal(compute_loss(batch(), LossSettings(loss_type=name, label_smoothing=0.1)).losses,
+                                  compute_loss(batch(), LossSettings(loss_type=name, label_smoothing=0.3)).losses)}
+    declared = {name for name in available_losses() if reads_label_smoothing(LossSettings(loss_type=name))}
+    assert changed == declared == {"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo"}
+    assert reads_label_smoothing(LossSettings(loss_type="hinge,sigmoid"))
+    assert not reads_label_smoothing(LossSettings(loss_type="hinge,ipo"))
+    assert reads_label_smoothing(LossSettings(loss_type="examples/my_loss.py:my_loss"))  # a custom loss may read it
 
 
 @pytest.mark.parametrize("f_divergence, f_alpha", [("forward_kl", 1.0), ("js_divergence", 1.0),

@@ -64,6 +64,16 @@ def test_an_f_divergence_no_term_reads_is_refused(loss):
         "js_divergence"
 
 
+@pytest.mark.parametrize("loss", ["hinge", "ipo", "orpo,sft"])
+def test_label_smoothing_no_term_reads_is_refused(loss):
+    with pytest.raises(ConfigError, match=rf"^--label-smoothing 0.1 changes nothing for --loss {loss}: no term of it "
+                                          r"reads it \(the losses that do: aot, aot_unpaired, exo_pair, robust, "
+                                          r"sigmoid, simpo\)$"):
+        parse_settings(["--loss", loss, "--label-smoothing", "0.1"])
+    assert parse_settings(["--loss", f"{loss},sigmoid", "--label-smoothing", "0.1"]).loss.label_smoothing == 0.1
+    assert parse_settings(["--loss", loss]).loss.label_smoothing == 0.0
+
+
 @pytest.mark.parametrize("values,message", [
     ({"overwrite": "false"}, "--overwrite must be true or false, got 'false'"),  # a non-empty string is truthy
     ({"resume": "no"}, "--resume must be true or false, got 'no'"),
