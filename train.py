@@ -55,6 +55,7 @@ from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, 
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
                              shutdown_distributed, wrap_model)
 from dpo.errors import TrainingError, first_line
+from dpo.files import write_text_atomically
 from dpo.flops import FlopCounter, peak_tflops
 from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids  # the card decoding, saved with final/
 from dpo.health import Alert, HealthError, HealthMonitor
@@ -762,12 +763,10 @@ def checkpoint_named(cfg: TrainSettings) -> Iterator[None]:
 
 def write_run_config(out_dir: Path, run_config: dict[str, Any]) -> None:
     """run_config.json, whole or not at all (a resumed run writes it again); a full disk is one line."""
-    path, tmp = out_dir / "run_config.json", out_dir / "run_config.json.tmp"
+    path = out_dir / "run_config.json"
     try:
-        tmp.write_text(json.dumps(run_config, indent=2))
-        tmp.replace(path)
+        write_text_atomically(path, json.dumps(run_config, indent=2))
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path} cannot be written ({first_line(error)})") from None
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dpo.files import sync_directory
 from dpo.errors import UserError, first_line
 from dpo.settings import ConfigError
 
@@ -191,19 +192,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first."""
     root = Path(output_dir)
@@ -299,7 +287,7 @@ def publish(tmp: Path, final: Path) -> None:
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
     for directory in [*(d for d in tmp.rglob("*") if d.is_dir()), tmp]:  # their entries, before the rename
-        _fsync_dir(directory)
+        sync_directory(directory)
     aside = final.with_name(final.name + ".discarded")
     if aside.exists():  # left by a crash; `final` is whole
         shutil.rmtree(aside)
@@ -307,7 +295,7 @@ def publish(tmp: Path, final: Path) -> None:
     if replacing:
         os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    sync_directory(final.parent)
     if replacing:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -319,7 +307,7 @@ def _discard(checkpoint: Path) -> None:
     if doomed.exists():
         shutil.rmtree(doomed, ignore_errors=True)
     os.replace(checkpoint, doomed)
-    _fsync_dir(checkpoint.parent)
+    sync_directory(checkpoint.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -59,7 +59,7 @@ from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingSettings,
                             add_prompt_arguments, check_output_file, generate_batch, generator_name,
                             load_checked_tokenizer, model_prompt_budget, read_instructions, resolve_device,
-                            resolve_dtype, resolve_run_model, run_settings, side_by_side, write_text_atomically)
+                            resolve_dtype, resolve_run_model, run_settings, side_by_side, write_output_text)
 from dpo.errors import UserError
 from dpo.gguf import gguf_file, is_gguf
 from dpo.ifeval import echoed_constraint
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_output() -> None:  # after each part, so that a later failure keeps the earlier part's work
         if args.output:
-            write_text_atomically(args.output, json.dumps({"summary": result, "comparisons": [
+            write_output_text(args.output, json.dumps({"summary": result, "comparisons": [
                 asdict(c) for c in comparisons]}, ensure_ascii=False, indent=2) + "\n")
 
     if judge is not None:

@@ -12,7 +12,7 @@
     StopOnStrings      a StoppingCriteria: a row is finished once its generated text holds a stop string
     StopAwareStreamer  prints a response as it is generated, never printing a stop string
     read_instructions / write_outputs   batch files (AlpacaEval's format)
-    check_output_file / write_text_atomically   an output path checked before any work, and written all at once
+    check_output_file / write_output_text   an output path checked before any work, and written all at once
 
 Decoding is the phi-2-dpo card's: sampling with temperature 0.7 and nucleus top-p 0.9 (transformers'
 implicit top-k of 50 is switched off, top_k=0, so the distribution is exactly temperature + top-p), or
@@ -30,7 +30,6 @@ warning on stderr; it never fails the batch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import inspect
 import json
@@ -38,7 +37,6 @@ import math
 import os
 import re
 import shutil
-import stat
 import sys
 import tempfile
 import textwrap
@@ -56,6 +54,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from dpo.errors import TrainingError, UserError, first_line
+from dpo.files import write_text_atomically
 from dpo.modeling import (ModelLoadError, embedding_rows, foreign_token, is_adapter_dir, load_tokenizer,
                           names_shipped_model)
 from dpo.precision import AUTOCAST_DTYPES, PRECISIONS, autocast, resolve_precision
@@ -891,7 +890,7 @@ def write_outputs(path: str | Path, rows: Sequence[dict[str, Any]], outputs: Seq
     """A JSON list of {"instruction", "output", "generator"} (plus the rows' other fields), UTF-8."""
     records = [{**row, "instruction": row["instruction"], "output": output, "generator": generator}
                for row, output in zip(rows, outputs, strict=True)]
-    write_text_atomically(path, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+    write_output_text(path, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
 
 
 def _written_path(path: Path) -> Path:
@@ -927,7 +926,7 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
         raise GenerationError(f"{flag} {path}: cannot write there ({error.strerror or first_line(error)})") from None
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
+def write_output_text(path: str | Path, text: str) -> None:
     """`text` as UTF-8 at `path` (its missing parent directories made), written to a temporary file beside it and
     renamed over it: a failure while writing leaves no partial file, and a file already at `path` stays as it was.
     A symbolic link is followed; a path that is not a regular file (/dev/stdout, a pipe) is written directly. A
@@ -938,25 +937,9 @@ def write_text_atomically(path: str | Path, text: str) -> None:
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text)
             return
-        path = _written_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        write_text_atomically(_written_path(path), text)
     except OSError as error:
         raise GenerationError(f"{path}: cannot be written ({error.strerror or first_line(error)})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes the file private: an existing file keeps its mode, a new one is an ordinary output file
-        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644)
-        os.replace(temporary, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(error, OSError):
-            raise GenerationError(f"{path}: cannot be written ({error.strerror or first_line(error)})") from None
-        raise
 
 
 def generator_name(model: str) -> str:

@@ -37,7 +37,10 @@ from dpo.batches import PairBatch, process_slice, step_ids
 from dpo.data import DataError, TokenizedPair, build_pairs, epoch_permutation
 from dpo.ifeval_repair import WORD, sentences
 from dpo.prompts import encode_texts, end_of_turn_text, special_ids
+from dpo.checkpoint import WRITE_FAILED
 from dpo.distributed import DistInfo, barrier, gather
+from dpo.errors import first_line
+from dpo.files import write_atomically
 from dpo.generation import (MIN_TEMPERATURE, TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag,
                             generate_samples, own_rng)
 from dpo.judges import JUDGE_HELP, Judge
@@ -423,12 +426,17 @@ class IterativePairs(SampledPairs):
                 if reference is not None:
                     reference.require_finite(f"round {r + 1}")
                     payload.update(chosen=reference.chosen, rejected=reference.rejected)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save(payload, tmp)
-                tmp.replace(path)
+                try:
+                    write_atomically(path, lambda handle: torch.save(payload, handle))
+                except (OSError, RuntimeError) as error:
+                    if not isinstance(error, OSError) and not WRITE_FAILED.search(str(error)):
+                        raise
+                    raise DataError(f"{path} cannot be written ({first_line(error)})") from None
             barrier(dist)
-        data = torch.load(path, weights_only=True)
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception as error:  # cut short or foreign: torch, zip and pickle raise many types
+            raise DataError(f"{path} cannot be read ({first_line(error)}); --overwrite to start afresh") from None
         if data.get("identity") != self.identity:
             raise DataError(f"{path} was sampled by a run with other settings; use them, or --overwrite to start "
                             "afresh")

@@ -6,8 +6,6 @@ imported, so importing this module selects no backend, changes no global state a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -20,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from dpo.errors import UserError
+from dpo.files import write_atomically
 
 FIGSIZE = (15.0, 8.0)  # inches: a 1500 x 800 pixel PNG at DPI
 DPI = 100
@@ -194,15 +193,5 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path | str, title:
     beside `path` first and is renamed over it, so a crash never leaves a half-written image."""
     path = Path(path)
     figure = training_figure(records, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=DPI)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the curves are an ordinary output file
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=DPI))
     return path

@@ -10,7 +10,6 @@ weights, the tokenized pairs, precision, scoring settings); a changed key recomp
 from __future__ import annotations
 
 import hashlib
-import os
 import json
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from dpo.data import TokenizedPair, pairs_digest
 from dpo.errors import UserError
+from dpo.files import write_atomically
 from dpo.logprobs import SequenceScorer
 from dpo.packing import pair_length
 
@@ -165,10 +165,6 @@ def load_cached(cache_file: Path, count: int) -> ReferenceLogps | None:
 
 def save_cached(cache_file: Path, result: ReferenceLogps) -> None:
     """Written whole or not at all (a temporary file, synced to disk, renamed)."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    torch.save({"chosen": result.chosen, "rejected": result.rejected}, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(cache_file)
+    write_atomically(cache_file, lambda handle: torch.save({"chosen": result.chosen, "rejected": result.rejected},
+                                                           handle))
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from dpo.errors import UserError, first_line
+from dpo.files import write_text_atomically
 from dpo.metrics import read_metrics
 from dpo.settings import ConfigError
 
@@ -139,10 +140,8 @@ class JsonlTracker(Tracker):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # a resumed run logs again the steps after its checkpoint: keep each step once
             kept = [json.dumps(record) for record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
             with metrics_written(self.path):
-                tmp.write_text("".join(line + "\n" for line in kept))
-                tmp.replace(self.path)
+                write_text_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append the record as one line."""

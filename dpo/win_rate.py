@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dpo.files import write_text_atomically
 from dpo.evaluate import WinRate, draw_prompt_rows, mean_lengths
 from dpo.generation import TEMPERATURE, TOP_P, DecodingSettings, chat_template_flag, generate_batch, own_rng
 from dpo.judges import Judge, JudgeError, build_judge, prompt_records
@@ -95,11 +96,8 @@ class WinRateEval:
         model, mode = reference()
         with mode():
             self.reference_outputs = self._generate(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompts": self.prompts, "outputs": self.reference_outputs}, ensure_ascii=False),
-                       encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomically(path, json.dumps({"prompts": self.prompts, "outputs": self.reference_outputs},
+                                               ensure_ascii=False))
         return True
 
     def run(self, policy: torch.nn.Module) -> tuple[dict[str, float], list[list[Any]]]:

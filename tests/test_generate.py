@@ -22,7 +22,7 @@ from dpo.generation import (BatchFileError, DecodingSettings, GenerationError, N
                             generate_batch_ended, generate_samples, generator_name, left_pad, prompt_budget, read_instructions, resolve_dtype,
                             resolve_run_model, run_settings, sampled_response_ids, side_by_side,
                             truncate_at_stop, write_outputs,
-                            write_text_atomically)
+                            write_output_text)
 from dpo.modeling import DEMO_MODEL_DIR, load_causal_lm, load_tokenizer, resolve_model_path
 from dpo.prompts import PromptError, encode_prompts, format_prompt, render_prompt
 from harness import make_model_dir, tiny_tokenizer
@@ -761,7 +761,7 @@ def test_cli_output_failing_while_written_leaves_the_earlier_file(tmp_path, mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch.jsonl", "o.json"]  # no partial temporary file
 
 
-def test_write_text_atomically_interrupted_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_write_output_text_interrupted_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "o.json"
     path.write_text("earlier")
     path.chmod(0o600)
@@ -771,11 +771,11 @@ def test_write_text_atomically_interrupted_leaves_no_partial_file(tmp_path, monk
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", interrupt)
         with pytest.raises(KeyboardInterrupt):
-            write_text_atomically(path, "new text")
+            write_output_text(path, "new text")
     assert path.read_text() == "earlier" and os.listdir(tmp_path) == ["o.json"]
     link = tmp_path / "link.json"
     link.symlink_to(path)
-    write_text_atomically(link, "new text")  # through a link: the link stays, its target is replaced
+    write_output_text(link, "new text")  # through a link: the link stays, its target is replaced
     assert link.is_symlink() and path.read_text() == "new text" and (path.stat().st_mode & 0o777) == 0o600
     assert sorted(os.listdir(tmp_path)) == ["link.json", "o.json"]
 

@@ -3,6 +3,7 @@ ties are skipped and counted, resume is exact mid-round, DDP equals one process 
 that misbehave are one clear line."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -337,7 +338,10 @@ def test_a_resumed_round_refuses_missing_or_foreign_samples(workdir):
     saved.rename(moved)
     with pytest.raises(on_policy.DataError, match=r"--resume inside round 1, but .*round-1.pt is missing"):
         run(workdir, "rounds-check", *flags, "--resume")
-    moved.rename(saved)
+    saved.write_bytes(moved.read_bytes()[:200])  # cut short (a disk that lost its tail)
+    with pytest.raises(on_policy.DataError, match=r"^\S*round-1.pt cannot be read \(.*\); --overwrite to start afresh$"):
+        run(workdir, "rounds-check", *flags, "--resume")
+    moved.replace(saved)
     for checkpoint in out.glob("checkpoint-*"):  # no checkpoint to compare settings with: the round file is checked
         shutil.rmtree(checkpoint)
     with pytest.raises(on_policy.DataError, match="was sampled by a run with other settings"):
@@ -347,6 +351,30 @@ def test_a_resumed_round_refuses_missing_or_foreign_samples(workdir):
     with pytest.raises(JudgeError, match="the demo judge only knows the demo's instructions"):  # before any model
         run(workdir, "demo-judge", "--online", "--max-steps", "1")
 
+
+
+@pytest.mark.slow
+def test_a_round_file_that_cannot_be_synced_is_one_line_and_leaves_nothing(workdir, monkeypatch):
+    """The round's samples are written whole and synced to disk before its first step (a power cut cannot leave a
+    part of one for --resume): a full disk that shows only at the sync (NFS, a quota) is one line naming the file."""
+    import errno
+
+    import dpo.files
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if "round-1.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(dpo.files.os, "fsync", fsync)
+    flags = ("--iterations", "2", "--judge", f"{workdir / 'judges.py'}:shorter", "--num-samples", "2",
+             "--sample-max-new-tokens", "4", "--max-steps", "2")
+    with pytest.raises(on_policy.DataError, match=r"^\S*rounds/round-1.pt cannot be written \(\[Errno 28\] No space "
+                                                  r"left on device\)$"):
+        run(workdir, "rounds-full", *flags)
+    assert os.listdir(workdir / "rounds-full" / "rounds") == []
 
 
 @pytest.mark.slow

@@ -1,0 +1,52 @@
+"""Files written whole or not at all: whoever reads one (a resumed run, another process, a power cut) finds the old
+file or the new one, never a part of either."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(handle)` into a temporary file beside `path` (its missing parents made), synced to disk, renamed over
+    `path`, and the rename synced. A failure (an OSError; a full disk that torch.save reports as a RuntimeError)
+    removes the temporary file and propagates: a file already at `path` stays as it was. The new file keeps an
+    existing file's permissions, else an ordinary output file's 0o644 (not the temporary file's private 0o600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # where a full disk on NFS or under a quota shows
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    sync_directory(path.parent)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """`text` as UTF-8 at `path`, as `write_atomically`."""
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def sync_directory(path: Path) -> None:
+    """Sync a directory's entries (a rename into it) to disk, where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
