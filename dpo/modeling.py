@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
                           PreTrainedTokenizerBase)
@@ -34,6 +35,7 @@ class LoraError(UserError):
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a LoRA adapter (peft)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # the files peft reads its weights from
 DEFAULT_ADAPTER = "default"  # peft's name of a model's adapter: a loaded one, the one LoRA trains
 
 
@@ -223,6 +225,7 @@ def load_peft_adapter(loader: Any, base: nn.Module | None, path: str, name: str,
     does not fit the base."""
     if not is_adapter_dir(path):
         raise LoraError(f"adapter {path}: not an adapter directory (no {ADAPTER_CONFIG})")
+    check_adapter_weights(path)
     try:
         with quiet_peft():
             if base is not None:
@@ -231,6 +234,25 @@ def load_peft_adapter(loader: Any, base: nn.Module | None, path: str, name: str,
     except Exception as error:  # peft raises RuntimeError (size mismatch), KeyError, ValueError...
         raise LoraError(f"adapter {path} does not fit this base model, trained on {adapter_base(path)} "
                         f"({first_line(error)})") from None
+
+
+def check_adapter_weights(path: str) -> None:
+    """A LoraError naming the file where an adapter directory (a local one) has no weights file, or a safetensors
+    file that cannot be read whole (cut short by a full disk or a copy that stopped): peft would report either as
+    an adapter that does not fit its base."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return  # a hub adapter: its files are fetched, and checked, by peft
+    present = [directory / name for name in ADAPTER_WEIGHTS if (directory / name).is_file()]
+    if not present:
+        raise LoraError(f"adapter {path}: no weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    if present[0].suffix == ".safetensors":
+        try:
+            with safe_open(present[0], framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # safetensors' own error type, or an OSError
+            raise LoraError(f"adapter {path}: {present[0].name} cannot be read ({first_line(error)}); it is cut "
+                            "short or damaged") from None
 
 
 def load_adapter_model(path: str, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:

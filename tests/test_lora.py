@@ -265,6 +265,19 @@ def test_an_adapter_of_another_base_model_is_one_clear_line(workdir, tmp_path, c
     assert train.cli(args(workdir, "unused") + ["--output-dir", str(tmp_path / "o2"),
                                                 *from_adapter(workdir / "model")]) == 2
     assert "not an adapter directory" in capsys.readouterr().err
+    weights = other / "final" / "adapter_model.safetensors"  # cut short (a full disk, a copy that stopped): said so
+    whole = weights.read_bytes()
+    for cut, reason in [(whole[:len(whole) // 2], "incomplete metadata, file not fully covered"),
+                        (b"", "header too small")]:
+        weights.write_bytes(cut)
+        assert train.cli(bad) == 2
+        assert capsys.readouterr().err.strip() == (f"error: adapter {other / 'final'}: adapter_model.safetensors cannot "
+                                                   f"be read (Error while deserializing header: {reason}); it is cut "
+                                                   "short or damaged")
+    weights.unlink()
+    assert train.cli(bad) == 2
+    assert capsys.readouterr().err.strip() == (f"error: adapter {other / 'final'}: no weights (adapter_model.safetensors "
+                                               "or adapter_model.bin)")
 
 
 @pytest.mark.slow
