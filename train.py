@@ -1009,7 +1009,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                       "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                       "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size),
-                      "dataset_path": dataset_path(cfg.dataset)}
+                      "dataset_path": dataset_path(cfg.dataset), "held_out_digest": data.held_out_digest}
         if dist.is_main:
             write_run_config(out_dir, run_config)
         first_step = resume["trainer_state"]["step"] if resume else 0

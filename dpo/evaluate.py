@@ -68,7 +68,7 @@ from dpo.logprobs import sequence_logps
 from dpo.loss import LossSettings
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.repetition import REPEAT_RUN, REPEAT_TIMES, repeats_itself
-from dpo.splits import split_records
+from dpo.splits import held_out_digest, split_records, splits_off
 
 Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
@@ -452,8 +452,7 @@ def load_eval_pairs(dataset: str, split: str | None, tokenizer: Any, settings: d
     run = {**TrainSettings().to_dict(), **settings}  # train.py's defaults where the run's settings are silent
     splits = available_splits(dataset)
     own = same_source(dataset, run["dataset"]) or same_source(dataset, run.get("dataset_path"))
-    if own and split in (None, run["eval_split"]) and not (run["eval_split"] and splits is not None
-                                                            and run["eval_split"] in splits):
+    if own and split in (None, run["eval_split"]) and splits_off(splits, run["eval_split"]):
         indexed, description, split = _split_off_pairs(dataset, splits, run)
     else:
         split = split or run["eval_split"]
@@ -495,6 +494,11 @@ def _split_off_pairs(dataset: str, splits: list[str] | None, run: dict[str, Any]
                         f"{', '.join(splits)}); name the pairs to score with --split")
     _, _, indexed, description = split_records(dataset, run["train_split"], run["eval_split"], run["test_size"],
                                                run["seed"])
+    recorded = run.get("held_out_digest")  # runs of earlier versions recorded none
+    if recorded is not None and held_out_digest(indexed) != recorded:
+        raise DataError(f"{dataset} has changed since the run split off its held-out pairs (--test-size "
+                        f"{run['test_size']}, seed {run['seed']}): drawn again they would include pairs it trained on; "
+                        "score the data as it was, or name pairs of your own with --dataset")
     return indexed, description, f"held out by --test-size {run['test_size']} (seed {run['seed']})"
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dpo.data import (DataError, TokenizedPair, available_splits, build_pairs, instruction_records, load_records,
-                      select_subset, train_test_split)
+                      select_subset, texts_digest, train_test_split)
 from dpo.judges import IFEVAL_JUDGES
 from dpo.train_settings import TrainSettings
 
@@ -21,11 +22,25 @@ class PreferenceData:
     # such as IFEval's reads the record's other fields)
     instruction_rows: dict[str, tuple[int, Any]] = field(default_factory=dict)
     instructions_left_out: int = 0  # multi-turn, unreadable or unrenderable records among them
+    # the fingerprint of the records split off with --test-size (None: the source's own eval split), recorded with
+    # the run so that dpo.evaluate can tell whether it draws the same pairs again
+    held_out_digest: str | None = None
 
     @property
     def instructions(self) -> list[str]:
         """The train records' distinct single-turn instructions, in first-seen order."""
         return list(self.instruction_rows)
+
+
+def splits_off(splits: list[str] | None, eval_split: str | None) -> bool:
+    """Whether a run holds out --test-size of its training records: its source (with `splits`, None for a single
+    file) has no split named `eval_split`."""
+    return not (eval_split and splits is not None and eval_split in splits)
+
+
+def held_out_digest(indexed: list[tuple[int, Any]]) -> str:
+    """A fingerprint of the (row, record)s split off: equal exactly when the same records, in the same order."""
+    return texts_digest([json.dumps(record, sort_keys=True, default=str) for _, record in indexed])
 
 
 def split_records(dataset: str, train_split: str, eval_split: str | None, test_size: float,
@@ -36,7 +51,7 @@ def split_records(dataset: str, train_split: str, eval_split: str | None, test_s
     splits = available_splits(dataset)
     records, description = load_records(dataset, train_split if splits is not None else None)
     indexed = list(enumerate(records))
-    if eval_split and splits is not None and eval_split in splits:
+    if not splits_off(splits, eval_split):
         eval_records, eval_description = load_records(dataset, eval_split)
         return indexed, description, list(enumerate(eval_records)), eval_description
     indexed, eval_indexed = train_test_split(indexed, test_size if test_size < 1 else int(test_size), seed=seed)
@@ -55,6 +70,7 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
                         "would be pairs the run trains on; name another split")
     indexed, description, eval_indexed, eval_description = split_records(cfg.dataset, cfg.train_split, cfg.eval_split,
                                                                          cfg.test_size, cfg.seed)
+    digest = held_out_digest(eval_indexed) if splits_off(splits, cfg.eval_split) else None
     indexed = select_subset(indexed, cfg.num_pairs, seed=cfg.seed if cfg.subset == "random" else None)
     eval_indexed = select_subset(eval_indexed, cfg.max_eval_pairs)
     records, eval_records = [record for _, record in indexed], [record for _, record in eval_indexed]
@@ -74,4 +90,5 @@ def load_preference_pairs(cfg: TrainSettings, tokenizer, log: Callable[..., None
     rendered = dict(template=cfg.template, tokenizer=tokenizer) if cfg.on_policy.enabled else {}
     checked = cfg.on_policy.enabled and cfg.on_policy.judge in IFEVAL_JUDGES  # a judge that keys prompts by text
     return PreferenceData(train, evaluation, *instruction_records(records, [row for row, _ in indexed], **rendered,
-                                                                  source=cfg.dataset, constraints=checked))
+                                                                  source=cfg.dataset, constraints=checked),
+                          held_out_digest=digest)

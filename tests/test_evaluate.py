@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,17 +361,29 @@ def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, caps
     cfg = TrainSettings(model=str(run_dir / "sft"), dataset=data, test_size=0.2, seed=7, max_length=96,
                         max_prompt_length=48, template="recipe")
     tokenizer = tiny_tokenizer()
-    held_out = load_preference_pairs(cfg, tokenizer, log=lambda *args: None).eval
+    loaded = load_preference_pairs(cfg, tokenizer, log=lambda *args: None)
+    held_out = loaded.eval
     assert len(held_out) == 12
     pairs, description, split = evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), None)
     assert pairs == held_out and split == "held out by --test-size 0.2 (seed 7)"
     assert description.startswith(f"12 pairs split off {data} (--test-size 0.2)")
     assert evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), 5)[0] == held_out[:5]
     final = make_model_dir(tmp_path / "run" / "final", seed=2)
-    (final / "dpo_run.json").write_text(json.dumps({**cfg.to_dict(), "reference_model": str(run_dir / "sft")}))
+    (final / "dpo_run.json").write_text(json.dumps({**cfg.to_dict(), "reference_model": str(run_dir / "sft"),
+                                                    "held_out_digest": loaded.held_out_digest}))
     assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward"]) == 0
     result = _json_line(capsys.readouterr().out)["implicit_reward"]
     assert (result["pairs"], result["split"], result["dataset"]) == (12, split, data)
+    # the file grown by one row since: its split drawn again would hold out pairs the run trained on
+    original = Path(data).read_text()
+    Path(data).write_text(original + original.splitlines(keepends=True)[0])
+    assert evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), None)[0] != held_out  # the reason
+    assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {data} has changed since the run split off its held-out pairs (--test-size 0.2, seed 7): drawn "
+        "again they would include pairs it trained on; score the data as it was, or name pairs of your own with "
+        "--dataset")
+    Path(data).write_text(original)
     assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward", "--split", "train"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {data}: a single file has no splits; leave out --split train"
     # beside the win rate too, a missing --dataset or split fails before any model answers a prompt
