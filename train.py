@@ -65,8 +65,8 @@ from dpo.lora import Adapters, add_adapters, quantization_config
 from dpo.loss import PreferenceLogps, batch_coupled, compute_loss, needs_reference_model, update_loss_state
 from dpo.memory import tune_cpu_allocator
 from dpo.metrics import PairMetrics, read_metrics
-from dpo.modeling import (embedding_rows, enable_gradient_checkpointing, foreign_token, load_causal_lm,
-                          load_tokenizer, resolve_model_path)
+from dpo.modeling import (decoder_body, embedding_rows, enable_gradient_checkpointing, foreign_token, load_causal_lm,
+                          load_tokenizer, resolve_model_path, rope_switch_length)
 from dpo.on_policy import PAIR_BUILDING, IterativePairs, OnlinePairs, Sampler
 from dpo.optim import build_optimizer, decays_every_parameter
 from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
@@ -258,6 +258,12 @@ def check_positions(cfg: TrainSettings, data: PreferenceData, model: nn.Module) 
     if positions is not None and longest > positions:
         raise ConfigError(f"--max-length {cfg.max_length}: pairs reach {longest} tokens, but the model has {positions} "
                           f"positions (max_position_embeddings); use --max-length {positions} or less")
+    switch = rope_switch_length(model.config)
+    if switch is not None and longest > switch:
+        raise ConfigError(f"--max-length {cfg.max_length}: pairs reach {longest} tokens, beyond the {switch} "
+                          "(original_max_position_embeddings) where the model's longrope rotary frequencies switch for "
+                          "a whole batch at once, so a pair's log-probs would depend on the pairs batched with it; use "
+                          f"--max-length {switch} or less")
 
 
 def check_vocabulary(cfg: TrainSettings, data: PreferenceData, model: nn.Module, tokenizer: Any) -> None:
@@ -455,7 +461,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
     policy_scorer = SequenceScorer(policy, cfg.scoring, with_wpo=cfg.loss.use_weighting, with_stats=True,
                                    ld_alpha=cfg.loss.ld_alpha)
     if cfg.compile:  # after the scorer's check of the head, whose few tokens would be one more shape to compile
-        policy.base_model.compile()
+        decoder_body(policy).compile()
     policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
     precision = resolve_precision(cfg.precision, device)
     scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])

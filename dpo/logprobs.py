@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from dpo.data import IGNORE_INDEX, TokenizedPair
+from dpo.modeling import decoder_body
 from dpo.lm_head import DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel, workspace_pool
 from dpo.packing import is_packed, num_sequences, packed_hidden_states, packed_logits
 from dpo.settings import check_settings, positive, setting
@@ -278,7 +279,7 @@ def _head_logits_difference(model: nn.Module) -> tuple[float, float, bool]:
     try:
         with autocast:
             expected = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+            hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
             computed = _head_logits(model.get_output_embeddings(), hidden, logit_softcap(model),
                                     logit_scale(model)).float()
     finally:
@@ -355,9 +356,7 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     if not settings.completion_only or not response_only_exact(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return _reduce(num_rows, rows, _token_logps(logits[rows, positions], targets, with_wpo, with_stats), ld_alpha)
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state
+    hidden = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return _reduce(num_rows, rows, _scored_logps(model, hidden[rows, positions], targets, settings, with_wpo,
                                                 with_stats), ld_alpha)
 

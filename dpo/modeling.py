@@ -203,6 +203,33 @@ def quiet_bitsandbytes() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The causal LM's transformer body, whose output is the last hidden state: `base_model`, or `model` where
+    base_model_prefix names no attribute and base_model is the LM itself (Llama-4 and Mllama keep their body as
+    `.model`). A body that cannot be found raises AttributeError."""
+    body = model.base_model
+    if body is model:
+        body = getattr(model, "model", None)
+        if not isinstance(body, nn.Module):
+            raise AttributeError(f"{type(model).__name__} has no transformer body to read hidden states from")
+    return body
+
+
+def rope_switch_length(config: Any) -> int | None:
+    """The sequence length beyond which the model's rotary frequencies change, for every sequence of a forward at
+    once (transformers' longrope picks its long factors from the forward's largest position: Phi-3 and Phi-4-mini's
+    long-context models), or None."""
+    parameters = getattr(config, "rope_parameters", None)
+    if not isinstance(parameters, dict):
+        return None
+    per_layer_type = parameters and all(isinstance(value, dict) for value in parameters.values())
+    lengths = [p.get("original_max_position_embeddings") for p in (parameters.values() if per_layer_type else
+                                                                   [parameters])
+               if p.get("rope_type") == "longrope"]
+    lengths = [length for length in lengths if isinstance(length, int)]
+    return min(lengths) if lengths else None
+
+
 def import_peft() -> Any:
     """peft, imported where a run needs it (it is heavy), bitsandbytes' CPU-kernel warning kept out."""
     quiet_bitsandbytes()

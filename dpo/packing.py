@@ -41,6 +41,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from dpo.data import TokenizedPair
 from dpo.errors import UserError, first_line
+from dpo.modeling import decoder_body
 from dpo.precision import EPSILON, LOGP_TOLERANCE, weights_matmul_precision
 
 PACKED_ATTENTION = "sdpa_packed"  # the name under which packed_sdpa_attention is registered in transformers
@@ -210,6 +211,16 @@ def attention_window(config) -> int | None:
     return window
 
 
+def attention_chunk(config) -> int | None:
+    """The chunk some of the model's layers attend within (Llama-4's chunked attention: a token sees only the
+    earlier tokens of its own chunk of that many positions), or None."""
+    chunk = getattr(config, "attention_chunk_size", None)
+    layer_types = getattr(config, "layer_types", None)
+    if chunk is None or (layer_types is not None and "chunked_attention" not in layer_types):
+        return None
+    return chunk
+
+
 def packing_problem(model: torch.nn.Module, longest_sequence: int) -> str | None:
     """Why packed batches of sequences up to `longest_sequence` tokens would not give exactly what the model gives
     each sequence alone, or None: they need SDPA attention over whole sequences (blocks apply no sliding window),
@@ -227,6 +238,10 @@ def _config_problem(model: torch.nn.Module, longest_sequence: int) -> str | None
     if window is not None and longest_sequence > window:
         return (f"packed and shared-prompt batches attend over whole sequences, but the model attends within a "
                 f"sliding window of {window} tokens and sequences reach {longest_sequence}")
+    chunk = attention_chunk(model.config)
+    if chunk is not None and longest_sequence > chunk:
+        return (f"packed and shared-prompt batches attend over whole sequences, but the model attends within chunks "
+                f"of {chunk} tokens and sequences reach {longest_sequence}")
     return None
 
 
@@ -316,7 +331,7 @@ def _packed_forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> dict:
 
 def packed_hidden_states(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Last hidden states [N, d] of a packed batch, from the model's transformer body."""
-    return model.base_model(**_packed_forward(model, batch)).last_hidden_state[0]
+    return decoder_body(model)(**_packed_forward(model, batch)).last_hidden_state[0]
 
 
 def packed_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:

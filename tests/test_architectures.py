@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, CohereConfig, FalconConfig, Gemma2Config, GPT2Config, GraniteConfig,
-                          LlamaConfig, MistralConfig, PersimmonConfig, Qwen2Config, StableLmConfig)
+from transformers import (AutoConfig, AutoModelForCausalLM, CohereConfig, FalconConfig, Gemma2Config, GPT2Config,
+                          GraniteConfig, LlamaConfig, MistralConfig, PersimmonConfig, Qwen2Config, StableLmConfig)
 
 import train
 from dpo import logprobs
@@ -410,6 +410,46 @@ def test_packed_layouts_refuse_a_sliding_window_shorter_than_the_sequences():
     model.config.sliding_window = 32
     with torch.no_grad():
         plain, fast = plain_and_fast(model, "packed", pairs)
+    torch.testing.assert_close(fast.sum, plain.sum, atol=1e-5, rtol=0)
+
+
+def tiny_llama4(chunk: int):
+    """A tiny Llama-4 text model: its body is `.model` though its base_model_prefix says otherwise, and its layers
+    attend within chunks of `chunk` positions."""
+    config = AutoConfig.for_model("llama4_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                  attention_chunk_size=chunk, num_local_experts=2, num_experts_per_tok=1,
+                                  interleave_moe_layer_step=1, no_rope_layers=[1, 1], initializer_range=0.3,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config))
+    disable_dropout(model)
+    return model.eval()
+
+
+def test_llama4_is_scored_response_only_and_its_chunked_attention_refuses_packing():
+    """Llama-4 keeps its body as `.model` (base_model is the LM itself): response-only scoring reads the hidden
+    states from it. Its layers attend within chunks: packed blocks attend over whole sequences, so sequences longer
+    than a chunk are refused in one line, and shorter ones give the plain numbers."""
+    from dpo.packing import attention_chunk, check_packable
+
+    pairs = random_pairs(6, VOCAB, seed=1)  # sequences of up to 17 tokens
+    model = tiny_llama4(chunk=4)
+    assert model.base_model is model and attention_chunk(model.config) == 4
+    assert attention_chunk(tiny_model("llama").config) is None
+    with torch.no_grad():
+        plain, fast = plain_and_fast(model, "fused", pairs)
+    torch.testing.assert_close(fast.sum, plain.sum, atol=1e-5, rtol=0)
+    for layout in ("packed", "shared_prompt"):
+        with pytest.raises(PackingError, match=r"attends within chunks of 4 tokens and sequences reach \d+") as error:
+            SequenceScorer(model)(LAYOUTS[layout](pairs))
+        assert "\n" not in str(error.value) and "--layout padded" in str(error.value)
+    with pytest.raises(PackingError, match="chunks of 4 tokens and sequences reach 48"):
+        check_packable(model, 48)
+    model = tiny_llama4(chunk=64)
+    with torch.no_grad():
+        plain, fast = plain_and_fast(model, "shared_prompt", pairs)
     torch.testing.assert_close(fast.sum, plain.sum, atol=1e-5, rtol=0)
 
 

@@ -255,6 +255,36 @@ def test_pairs_longer_than_the_models_positions_are_one_line(model_dir, tmp_path
                    "10") == 0
 
 
+def test_pairs_beyond_a_longrope_models_switch_length_are_one_line(model_dir, tmp_path, capsys):
+    """Longrope (Phi-3's long-context models) switches to its long rotary factors for a whole forward once any of its
+    sequences passes original_max_position_embeddings: a short pair's log-probs would depend on the pairs batched
+    with it (the step-0 check would stop the run). Refused before training; within the length it trains."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config
+
+    from dpo.modeling import rope_switch_length
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        original_max_position_embeddings=30, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                        rope_parameters=dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[4.0] * 4,
+                                             original_max_position_embeddings=30, rope_theta=10000.0))
+    assert rope_switch_length(config) == 30
+    assert rope_switch_length(Phi3Config(rope_parameters=dict(rope_type="default", rope_theta=1e4))) is None
+    torch.manual_seed(0)
+    model = tmp_path / "longrope"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    data = dataset_with(tmp_path, [json.dumps({"prompt": "red " * 30, "chosen": "a b c", "rejected": "b"})])
+    assert_one_line_error(capsys, run_cli(str(model), data, tmp_path / "out", "--test-size", "0.01"),
+                          "error: --max-length 48: pairs reach ", "beyond the 30 (original_max_position_embeddings) "
+                          "where the model's longrope rotary frequencies switch", "use --max-length 30 or less")
+    assert run_cli(str(model), data, tmp_path / "out2", "--test-size", "0.01", "--max-length", "30",
+                   "--max-prompt-length", "16") == 0
+
+
 def test_tokenizer_without_pad_token_trains(model_dir, tmp_path):
     import shutil
 
