@@ -49,7 +49,7 @@ from dpo.ifeval_repair import repair
 from dpo.logprobs import sequence_logps
 from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
 from dpo.plugins import is_function_spec, load_function
-from dpo.prompts import format_prompt, format_response, render_prompt, render_response
+from dpo.prompts import as_messages, format_response, read_prompt, render_prompt, render_response
 from dpo.repetition import repeats_itself
 
 
@@ -192,7 +192,9 @@ class RewardModelJudge(Judge):
     rendered conversation; compare() = 1 / 0.5 / 0 as reward(a) >, =, < reward(b).
 
     The conversation is rendered with the reward model's chat template when its tokenizer has one
-    (user turn, then assistant turn), else with the recipe's template: format_prompt + format_response.
+    (the prompt's turns, then the assistant turn), else with the recipe's template: render_prompt + format_response.
+    An instruction written as a conversation (HH's text, or the recipe's) is read as its turns, as the policy
+    reads it (dpo.prompts.read_prompt).
     No EOS is appended, because sequence-classification heads read the last token that is not the pad id, and
     pad == EOS in many tokenizers. `score_batch` (online DPO's k samples per prompt) scores the texts in
     right-padded batches of similar length: the head reads the same token as for the text alone (the rightmost
@@ -227,11 +229,11 @@ class RewardModelJudge(Judge):
 
     def render(self, instruction: str, answer: str) -> str:
         """The conversation the reward model scores, as text (no EOS appended)."""
+        prompt = read_prompt(instruction)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer.strip()}],
-                tokenize=False)
-        return format_prompt(instruction) + format_response(answer)
+                as_messages(prompt) + [{"role": "assistant", "content": answer.strip()}], tokenize=False)
+        return render_prompt(prompt, "recipe") + format_response(answer)
 
     def reward(self, instruction: str, answer: str) -> float:
         """The reward model's logit on the answer to the instruction (cached)."""

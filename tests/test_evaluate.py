@@ -176,8 +176,15 @@ def test_reward_model_judge_uses_the_chat_template_when_there_is_one(tmp_path):
     path = _reward_model_dir(tmp_path / "rm", "yes")
     judge = RewardModelJudge(path)
     assert judge.render("q", " a ") == format_prompt("q") + " a"
+    # a conversation written as text (HH's, or the recipe's own) is read as its turns, as the policy reads it
+    hh, recipe = "\n\nHuman: q\n\nAssistant:", "### Human: q\n\n### Assistant:"
+    assert judge.render(hh, "a") == judge.render(recipe, "a") == format_prompt("q") + " a"
+    two_turns = "\n\nHuman: q\n\nAssistant: r\n\nHuman: s\n\nAssistant:"
+    assert judge.render(two_turns, "a") == "### Human: q\n\n### Assistant: r\n\n### Human: s\n\n### Assistant: a"
     judge.tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     assert judge.render("q", " a ") == "[user] q\n[assistant] a\n"
+    assert judge.render(hh, "a") == judge.render(recipe, "a") == "[user] q\n[assistant] a\n"
+    assert judge.render(two_turns, "a") == "[user] q\n[assistant] r\n[user] s\n[assistant] a\n"
 
 
 def test_reward_model_with_several_outputs_is_rejected(tmp_path):
