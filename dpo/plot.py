@@ -144,6 +144,11 @@ def _draw_panel(ax: Axes, panel: Panel, by_split: dict[str, list[tuple[int, dict
             if panel.band is not None:
                 low, high = (_series(by_split[split], band_key)[1] for band_key in panel.band)
                 ax.fill_between(steps, low, high, color=line_color, alpha=0.2, linewidth=0, label="95% interval")
+                # a band has no width at a point without a finite neighbour (a run evaluated once): a bar there
+                whole = np.isfinite(low) & np.isfinite(high)
+                lone = whole & ~np.r_[False, whole[:-1]] & ~np.r_[whole[1:], False]
+                if lone.any():
+                    ax.vlines(steps[lone], low[lone], high[lone], color=line_color, alpha=0.35, linewidth=6)
     if panel.reference is not None:
         ax.axhline(panel.reference, color="0.4", linestyle="--", linewidth=1.0, label=f"tie ({panel.reference:g})")
     if panel.ylim is not None:

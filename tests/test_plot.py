@@ -186,6 +186,20 @@ def test_win_rate_panel_only_with_win_rates_and_its_band_covers_the_interval():
     np.testing.assert_allclose(_line(length, "reference (eval)").get_ydata(), [90] * 4)
 
 
+def test_a_win_rate_evaluated_once_shows_its_interval_as_a_bar():
+    """A band between eval points has no width at a lone point (a run evaluated once, at its end): a bar spans its
+    interval there; points with a neighbour keep the band alone."""
+    records = _records(n_steps=5, eval_every=5, win_rate=True)
+    low = _column(records, "eval", "generate/win_rate_low")[1]
+    high = _column(records, "eval", "generate/win_rate_high")[1]
+    assert len(low) == 1
+    panel = _panels(training_figure(records))[WIN_RATE_TITLE]
+    band, bar = panel.collections
+    (segment,) = bar.get_segments()
+    np.testing.assert_allclose(segment, [[5, low[0]], [5, high[0]]])
+    assert len(_panels(training_figure(_records(win_rate=True)))[WIN_RATE_TITLE].collections) == 1
+
+
 def test_other_splits_are_ignored():
     records = _records()
     noisy = list(records)
