@@ -58,6 +58,13 @@ def test_the_reference_against_itself_ties_everywhere(workdir, tmp_path):
     assert metrics["generate/score"] == metrics["generate/reference_score"]
     assert len(rows) == 4 and all(row[1] == row[2] and row[3] == "tie" for row in rows)
     assert sampler.prepare_reference("key", lambda: pytest.fail("cached answers must be reused")) is False
+    # a cache file cut short (a power cut), or one not of these prompts, is generated again and replaced
+    path, answers = sampler.reference_file("key"), sampler.reference_outputs
+    whole = path.read_text()
+    for damaged in (whole[:len(whole) // 2], "", json.dumps({"outputs": answers[:-1]}), "[1]"):
+        path.write_text(damaged)
+        assert sampler.prepare_reference("key", lambda: (model, contextlib.nullcontext)) is True
+        assert sampler.reference_outputs == answers and path.read_text() == whole
 
 
 def test_metrics_follow_the_judge_and_the_wilson_interval(workdir, tmp_path):
