@@ -51,9 +51,9 @@ from dpo.checkpoint import (PROCESSES, CheckpointError, ReplacedRun, check_disk_
                             settings_differences)
 from dpo.cli import run_cli
 from dpo.data import BUILTIN_SOURCES, RENDERING, DataError, TokenizedPair, collate_pairs, pairs_digest, texts_digest
-from dpo.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_flag, full_model_state,
+from dpo.distributed import (DistInfo, PeerStoppedError, all_reduce_sum, barrier, broadcast_flag, full_model_state,
                              full_optimizer_state, gather, init_distributed, load_full_optimizer_state, no_sync,
-                             shutdown_distributed, wrap_model)
+                             peer_stopped, shutdown_distributed, wrap_model)
 from dpo.errors import TrainingError, first_line
 from dpo.files import write_text_atomically
 from dpo.flops import FlopCounter, peak_tflops
@@ -964,12 +964,23 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     device, dist = start_processes(cfg)
-    run_training(cfg, device, dist)
-    # The wrapped model keeps the process group alive through reference cycles. Collect them while the interpreter
-    # is whole: left to its shutdown, gloo's threads can abort a process that has finished its work.
-    gc.collect()
-    barrier(dist)
-    shutdown_distributed()
+    try:
+        run_training(cfg, device, dist)
+        gc.collect()
+        barrier(dist)
+    except Exception as error:
+        # the main process alone checks the output directory, writes checkpoints and final/: when it stops there
+        # with its one-line error, the others' next collective fails, and their tracebacks would bury that line
+        if dist.enabled and not dist.is_main and peer_stopped(error):
+            raise PeerStoppedError(f"process {dist.rank} stopped because another process did (its error is "
+                                   "above)") from None
+        raise
+    finally:
+        # The wrapped model keeps the process group alive through reference cycles. Collect them while the
+        # interpreter is whole, and take the group down on the error path too: left to its shutdown, gloo's threads
+        # can abort a process (SIGABRT) that has finished its work.
+        gc.collect()
+        shutdown_distributed()
     return 0
 
 

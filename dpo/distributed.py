@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+
+from dpo.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,20 @@ def init_distributed(device_type: str) -> DistInfo:
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT,
                                 device_id=torch.device("cuda", local_rank) if cuda else None)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+class PeerStoppedError(UserError):
+    """This process stopped because another one did (whose own error says why)."""
+
+
+# how a collective fails when a peer process has exited: gloo's RuntimeError, NCCL's DistBackendError
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|broken pipe", re.IGNORECASE)
+
+
+def peer_stopped(error: BaseException) -> bool:
+    """Whether `error` is a collective (a barrier, a gather) failing because another process has stopped."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
+                                                 and _PEER_GONE.search(str(error)) is not None)
 
 
 def shutdown_distributed() -> None:

@@ -247,8 +247,9 @@ class TrainSettings:
                                   "computed when the round starts); use --reference-update for a reference that "
                                   "follows the rounds")
         if self.eval_generate and self.fsdp:
-            raise ConfigError("--eval-generate does not run under --fsdp (generation would need every process in "
-                              "each decoding step of the sharded model); use DDP or evaluate final/ with dpo.evaluate")
+            raise ConfigError(f"--eval-generate {self.eval_generate} does not run under --fsdp (generation would need "
+                              "every process in each decoding step of the sharded model); pass --eval-generate 0 and "
+                              "evaluate final/ with dpo.evaluate, or use DDP")
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting under its flat name (the keys of a --config file)."""

@@ -236,3 +236,33 @@ def test_ddp_resume_gives_each_process_its_own_random_state(setup):
     assert straight.keys() == split.keys()
     for key in straight:
         assert torch.equal(straight[key], split[key]), key
+
+
+def test_a_collective_that_fails_because_a_peer_stopped_is_told_apart():
+    from torch.distributed import DistBackendError
+
+    from dpo.distributed import peer_stopped
+
+    gloo = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:13704. This "
+            "is typically caused by a remote worker crashing.")
+    assert peer_stopped(RuntimeError(gloo)) and peer_stopped(DistBackendError("NCCL communicator was aborted"))
+    assert not peer_stopped(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) and not peer_stopped(
+        ValueError("closed by peer"))
+
+
+@pytest.mark.slow
+def test_an_error_of_the_main_process_alone_is_one_line_and_the_others_say_why_they_stopped(setup, tmp_path):
+    """The main process alone checks the output directory (and writes checkpoints and final/): its error is its one
+    line, and the other processes, whose next collective fails, say in one line that they stopped with it (not a
+    traceback of a broken connection)."""
+    root, args = setup
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("not a run")
+    result = torchrun(args + ["--output-dir", str(taken)], check=False)
+    assert result.returncode != 0
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert errors == [f"error: --output-dir {taken} already holds files; pass --resume to continue that run or "
+                      "--overwrite to replace it",
+                      "error: process 1 stopped because another process did (its error is above)"], result.stderr
+    assert "[rank1]" not in result.stderr and "Connection closed" not in result.stderr

@@ -137,7 +137,7 @@ def test_a_run_logs_win_rates_and_samples_and_trains_exactly_as_without(workdir,
 
 @pytest.mark.slow
 def test_bad_settings_are_one_line(workdir):
-    with pytest.raises(ConfigError, match="--eval-generate does not run under --fsdp"):
+    with pytest.raises(ConfigError, match=r"^--eval-generate 4 does not run under --fsdp .*; pass --eval-generate 0 "):
         parse_settings(["--eval-generate", "4", "--fsdp"])
     with pytest.raises(ConfigError, match="--eval-generate must be a non-negative"):
         parse_settings(["--eval-generate", "-1"])
