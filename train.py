@@ -80,7 +80,7 @@ from dpo.reference import (ReferenceLogps, cache_key, compute_reference_logps, l
 from dpo.reference_sync import mix_into_reference, sync_due
 from dpo.schedule import lr_at
 from dpo.settings import ConfigError
-from dpo.splits import PreferenceData, load_preference_pairs
+from dpo.splits import HELD_OUT_BY, PreferenceData, load_preference_pairs
 from dpo.tracking import MetricsWriteError, open_trackers
 from dpo.train_settings import TrainSettings, parse_settings
 from dpo.win_rate import SAMPLE_COLUMNS, WinRateEval
@@ -1026,7 +1026,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
                       "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                       "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size),
-                      "dataset_path": dataset_path(cfg.dataset), "held_out_digest": data.held_out_digest}
+                      "dataset_path": dataset_path(cfg.dataset), "held_out_digest": data.held_out_digest,
+                      "held_out_by": HELD_OUT_BY if data.held_out_digest is not None else None}
         if dist.is_main:
             write_run_config(out_dir, run_config)
         first_step = resume["trainer_state"]["step"] if resume else 0

@@ -734,9 +734,24 @@ def select_subset(records: Sequence[Any], n: int | None, *, seed: int | None = N
     return [records[i] for i in indices]
 
 
-def train_test_split(records: Sequence[Any], test_size: float | int, seed: int) -> tuple[list, list]:
+def prompt_key(record: Any, row: int) -> str | None:
+    """What a record asks, as a key that is equal for the records of one prompt (its instruction or the history its
+    answers follow), or None for a record whose prompt cannot be read (a row build_pairs will skip)."""
+    try:
+        prompt = _FORMATS[detect_format(record)](record, row).prompt
+    except DataError:
+        return None
+    return json.dumps(read_prompt(prompt) if isinstance(prompt, str) else prompt, sort_keys=True, default=str)
+
+
+def train_test_split(records: Sequence[Any], test_size: float | int, seed: int,
+                     keys: Sequence[str | None] | None = None) -> tuple[list, list]:
     """Disjoint (train, test) covering all records, each in source order. A float test_size is a
-    fraction (ceil(fraction * N) test records), an int a count; both sides must be non-empty."""
+    fraction (ceil(fraction * N) test records), an int a count; both sides must be non-empty.
+
+    With `keys` (prompt_key of each record; None for a record of its own), the records of one key go to one side:
+    records are drawn in the seeded order, each bringing the others of its key, until the test side holds at least
+    that many. Where every key is distinct this is the plain split, record for record."""
     num = len(records)
     if isinstance(test_size, float):
         if not 0.0 < test_size < 1.0:
@@ -747,8 +762,21 @@ def train_test_split(records: Sequence[Any], test_size: float | int, seed: int) 
     if not 1 <= num_test <= num - 1:
         raise DataError(f"test_size={test_size} gives {num_test} test records out of {num}; "
                          "both splits must be non-empty")
-    order = np.random.default_rng(seed).permutation(num)
-    test_indices = set(order[:num_test].tolist())
+    order = np.random.default_rng(seed).permutation(num).tolist()
+    if keys is None:
+        test_indices = set(order[:num_test])
+    else:
+        groups: dict[Any, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(("row", i) if key is None else key, []).append(i)
+        test_indices = set()
+        for i in order:
+            if len(test_indices) >= num_test:
+                break
+            test_indices.update(groups[("row", i) if keys[i] is None else keys[i]])
+        if len(test_indices) == num:
+            raise DataError(f"test_size={test_size}: the records of one prompt go to one side, and {num} records "
+                            f"share {len(groups)} prompt(s): no prompt is left to train on; hold out fewer")
     train = [r for i, r in enumerate(records) if i not in test_indices]
     test = [r for i, r in enumerate(records) if i in test_indices]
     return train, test

@@ -493,7 +493,7 @@ def _split_off_pairs(dataset: str, splits: list[str] | None, run: dict[str, Any]
         raise DataError(f"{dataset}: no split {run['train_split']!r} (the run's train_split; available: "
                         f"{', '.join(splits)}); name the pairs to score with --split")
     _, _, indexed, description = split_records(dataset, run["train_split"], run["eval_split"], run["test_size"],
-                                               run["seed"])
+                                               run["seed"], by=run.get("held_out_by"))
     recorded = run.get("held_out_digest")  # runs of earlier versions recorded none
     if recorded is not None and held_out_digest(indexed) != recorded:
         raise DataError(f"{dataset} has changed since the run split off its held-out pairs (--test-size "

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dpo.data import (DataError, TokenizedPair, available_splits, build_pairs, instruction_records, load_records,
-                      select_subset, texts_digest, train_test_split)
+                      prompt_key, select_subset, texts_digest, train_test_split)
 from dpo.judges import IFEVAL_JUDGES
 from dpo.train_settings import TrainSettings
 
@@ -43,10 +43,16 @@ def held_out_digest(indexed: list[tuple[int, Any]]) -> str:
     return texts_digest([json.dumps(record, sort_keys=True, default=str) for _, record in indexed])
 
 
-def split_records(dataset: str, train_split: str, eval_split: str | None, test_size: float,
-                  seed: int) -> tuple[list[tuple[int, Any]], str, list[tuple[int, Any]], str]:
+# how --test-size splits a source: "prompt" keeps the pairs of one prompt on one side (runs that record no
+# held_out_by split pair by pair, and dpo.evaluate draws their held-out pairs so)
+HELD_OUT_BY = "prompt"
+
+
+def split_records(dataset: str, train_split: str, eval_split: str | None, test_size: float, seed: int,
+                  by: str | None = HELD_OUT_BY) -> tuple[list[tuple[int, Any]], str, list[tuple[int, Any]], str]:
     """The (row in the source, record)s a run trains on and those it holds out, each with a description: the
-    source's eval split where it has one, else `test_size` of the training records split off with `seed`. A
+    source's eval split where it has one, else `test_size` of the training records split off with `seed`, the
+    records of one prompt on one side (`by` "prompt"; None: record by record, as runs of earlier versions did). A
     skipped row is then named by its place in the file, not in the split."""
     splits = available_splits(dataset)
     records, description = load_records(dataset, train_split if splits is not None else None)
@@ -54,7 +60,9 @@ def split_records(dataset: str, train_split: str, eval_split: str | None, test_s
     if not splits_off(splits, eval_split):
         eval_records, eval_description = load_records(dataset, eval_split)
         return indexed, description, list(enumerate(eval_records)), eval_description
-    indexed, eval_indexed = train_test_split(indexed, test_size if test_size < 1 else int(test_size), seed=seed)
+    keys = [prompt_key(record, row) for row, record in indexed] if by == "prompt" else None
+    indexed, eval_indexed = train_test_split(indexed, test_size if test_size < 1 else int(test_size), seed=seed,
+                                             keys=keys)
     return indexed, description, eval_indexed, f"{len(eval_indexed)} pairs split off {dataset} (--test-size {test_size})"
 
 

@@ -57,7 +57,8 @@ DEMO_LORA_SETTINGS: dict[str, Any] = {"lr": 3e-4}
 DEMO_ONLINE_SETTINGS: dict[str, Any] = {"max_steps": 64, "rpo_alpha": 1.0}
 HALF_OF_MAX_LENGTH = "auto"  # --max-prompt-length's default: derived from --max-length
 # what train.py's run_config.json records beside the settings (derived, not settable): a --config file may hold them
-RUN_RECORDS = ("reference_model", "total_steps", "steps_per_epoch", "world_size", "accumulation_steps", "dataset_path")
+RUN_RECORDS = ("reference_model", "total_steps", "steps_per_epoch", "world_size", "accumulation_steps", "dataset_path",
+               "held_out_digest", "held_out_by")
 
 
 def _report_to(value: Any) -> str | None:
@@ -100,7 +101,8 @@ class TrainSettings:
     train_split: str = setting("train", "split to train on (ultrafeedback_binarized: train_prefs)")
     eval_split: str | None = setting("test", "held-out split; when the source has none, --test-size pairs are "
                                              "split off")
-    test_size: float = setting(0.05, "fraction (or count if >= 1) held out when the source has no eval split",
+    test_size: float = setting(0.05, "fraction (or count if >= 1) of the pairs held out, whole prompts, when the "
+                                     "source has no eval split",
                                check=_test_size)
     num_pairs: int | None = setting(None, "use only this many records of the training split (a subset, drawn before "
                                           "unusable rows are skipped)", check=positive)

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -557,6 +558,40 @@ def test_epoch_permutation_deterministic_per_seed_and_epoch():
     assert p == epoch_permutation(50, epoch=0, seed=3)
     assert p != epoch_permutation(50, epoch=1, seed=3)
     assert p != epoch_permutation(50, epoch=0, seed=4)
+
+
+def test_a_prompts_records_go_to_one_side_and_distinct_prompts_split_as_before():
+    records = [{"id": i} for i in range(101)]
+    plain = train_test_split(records, 0.1, seed=0)
+    assert train_test_split(records, 0.1, seed=0, keys=[str(i) for i in range(101)]) == plain
+    assert train_test_split(records, 0.1, seed=0, keys=[None] * 101) == plain  # unreadable: each on its own
+    keys = [str(i // 3) for i in range(101)]  # 34 prompts of 3 records (the last of 2)
+    for seed in range(20):
+        train, test = train_test_split(records, 0.1, seed=seed, keys=keys)
+        test_keys = {keys[r["id"]] for r in test}
+        assert not test_keys & {keys[r["id"]] for r in train}
+        assert sorted(r["id"] for r in train + test) == list(range(101))
+        assert 11 <= len(test) <= 11 + 2  # at least ceil(0.1 * 101), overshooting by less than one prompt
+        # drawn in the plain split's order: the first record drawn brings its prompt's others
+        first = int(np.random.default_rng(seed).permutation(101)[0])
+        assert keys[first] in test_keys
+    with pytest.raises(DataError, match=r"^test_size=1: the records of one prompt go to one side, and 4 records "
+                                        r"share 1 prompt\(s\): no prompt is left to train on; hold out fewer$"):
+        train_test_split(records[:4], 1, seed=0, keys=["same"] * 4)
+
+
+def test_prompt_keys_follow_what_a_record_asks():
+    from dpo.data import prompt_key
+
+    explicit = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
+    assert prompt_key(explicit, 0) == prompt_key({**explicit, "chosen": "four"}, 1)
+    assert prompt_key(explicit, 0) != prompt_key({**explicit, "prompt": "What is 3+3?"}, 0)
+    hh = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5"}
+    messages = {"chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}]}
+    assert prompt_key(hh, 0) == prompt_key(messages, 0) == prompt_key({**explicit, "prompt": "\n\nHuman: What is "
+                                                                                          "2+2?\n\nAssistant:"}, 0)
+    assert prompt_key({"prompt": "no answers"}, 0) is None and prompt_key(["not a record"], 0) is None
 
 
 def test_train_test_split_disjoint_and_complete():

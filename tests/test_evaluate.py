@@ -371,20 +371,22 @@ def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, caps
     loaded = load_preference_pairs(cfg, tokenizer, log=lambda *args: None)
     held_out = loaded.eval
     assert len(held_out) == 12
-    pairs, description, split = evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), None)
+    run = {**cfg.to_dict(), "held_out_by": "prompt"}
+    pairs, description, split = evaluate.load_eval_pairs(data, None, tokenizer, run, None)
     assert pairs == held_out and split == "held out by --test-size 0.2 (seed 7)"
     assert description.startswith(f"12 pairs split off {data} (--test-size 0.2)")
-    assert evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), 5)[0] == held_out[:5]
+    assert evaluate.load_eval_pairs(data, None, tokenizer, run, 5)[0] == held_out[:5]
     final = make_model_dir(tmp_path / "run" / "final", seed=2)
     (final / "dpo_run.json").write_text(json.dumps({**cfg.to_dict(), "reference_model": str(run_dir / "sft"),
-                                                    "held_out_digest": loaded.held_out_digest}))
+                                                    "held_out_digest": loaded.held_out_digest,
+                                                    "held_out_by": "prompt"}))
     assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward"]) == 0
     result = _json_line(capsys.readouterr().out)["implicit_reward"]
     assert (result["pairs"], result["split"], result["dataset"]) == (12, split, data)
     # the file grown by one row since: its split drawn again would hold out pairs the run trained on
     original = Path(data).read_text()
     Path(data).write_text(original + original.splitlines(keepends=True)[0])
-    assert evaluate.load_eval_pairs(data, None, tokenizer, cfg.to_dict(), None)[0] != held_out  # the reason
+    assert evaluate.load_eval_pairs(data, None, tokenizer, run, None)[0] != held_out  # the reason
     assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {data} has changed since the run split off its held-out pairs (--test-size 0.2, seed 7): drawn "
@@ -398,6 +400,29 @@ def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, caps
     for flags in (["--dataset", str(tmp_path / "nope.jsonl")], ["--split", "train"]):
         assert evaluate.cli(["--model", str(final), "--implicit-reward", "--num-prompts", "2", *flags]) == 2
         assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_prompts_pairs_are_held_out_together_and_earlier_runs_are_drawn_as_they_split(run_dir, tmp_path):
+    """Three pairs per prompt: --test-size holds out whole prompts, so the held-out loss is measured on prompts the
+    run never trained on, and dpo.evaluate draws the same pairs; a run that records no held_out_by (an earlier
+    version's, which split pair by pair) is drawn pair by pair, as it split."""
+    from dpo.data import train_test_split
+
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "base.jsonl", 20, seed=5).read_text().splitlines()]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({**row, "chosen": row["chosen"] + suffix}) + "\n"
+                            for row in rows for suffix in ("", " again", " once more")))
+    cfg = TrainSettings(model=str(run_dir / "sft"), dataset=str(data), test_size=0.2, seed=7, max_length=96,
+                        max_prompt_length=48, template="recipe")
+    tokenizer = tiny_tokenizer()
+    loaded = load_preference_pairs(cfg, tokenizer, log=lambda *args: None)
+    prompts = lambda pairs: {tuple(pair.prompt_ids) for pair in pairs}
+    assert not prompts(loaded.eval) & prompts(loaded.train) and len(loaded.eval) % 3 == 0 and len(loaded.eval) >= 12
+    run = {**cfg.to_dict(), "held_out_by": "prompt"}
+    assert evaluate.load_eval_pairs(str(data), None, tokenizer, run, None)[0] == loaded.eval
+    earlier = evaluate.load_eval_pairs(str(data), None, tokenizer, cfg.to_dict(), None)[0]
+    _, by_pair = train_test_split(list(range(60)), 0.2, seed=7)
+    assert [pair.row for pair in earlier] == by_pair and prompts(earlier) & prompts(loaded.train)
 
 
 def test_a_run_given_a_relative_dataset_path_is_evaluated_on_its_held_out_pairs_from_anywhere(run_dir, capsys,
