@@ -160,9 +160,11 @@ def training_data(cfg: TrainSettings, data: PreferenceData) -> dict[str, Any]:
     IFEval's reads a record's other fields)."""
     if cfg.on_policy.enabled:
         records = [json.dumps(record, sort_keys=True, default=str) for _, record in data.instruction_rows.values()]
-        return {"instructions": len(data.instructions), "digest": texts_digest(data.instructions + records),
-                "rendering": RENDERING, "pair_building": PAIR_BUILDING}
-    return {"pairs": len(data.train), "digest": pairs_digest(data.train), "rendering": RENDERING}
+        found = {"instructions": len(data.instructions), "digest": texts_digest(data.instructions + records),
+                 "rendering": RENDERING, "pair_building": PAIR_BUILDING}
+    else:
+        found = {"pairs": len(data.train), "digest": pairs_digest(data.train), "rendering": RENDERING}
+    return {**found, "held_out_by": HELD_OUT_BY} if data.held_out_digest is not None else found
 
 
 def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -180,6 +182,11 @@ def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> No
                             f"of this library (rendering {saved.get('rendering', 1)}, now {now['rendering']}), which "
                             "gives these records other token ids or skips; resume with the version that started the "
                             "run, or --overwrite to start afresh")
+        if now.get("held_out_by") != saved.get("held_out_by"):
+            raise DataError(f"--resume: the checkpoint's run split off its held-out pairs (--test-size) pair by pair, "
+                            "as an earlier version of this library did; this one holds out whole prompts, which "
+                            f"leaves it other {kind} to train on; resume with the version that started the run, or "
+                            "--overwrite to start afresh")
         raise DataError(f"--resume: the training {kind} are not the ones the run started on ({now[kind]} {kind} now, "
                         f"{saved[kind]} then, or the same number with other text): --dataset changed; restore it, "
                         "or --overwrite to start afresh")

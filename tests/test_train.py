@@ -406,6 +406,12 @@ def test_resume_refuses_changed_data_and_a_finished_run_without_checkpoints(work
     state_file.write_text(json.dumps({**state, "data": {"pairs": 72, "digest": "0" * 20}}))
     assert train.cli(argv) == 2 and ("the checkpoint's pairs were rendered and tokenized by an earlier version of this "
                                      f"library (rendering 1, now {RENDERING})") in capsys.readouterr().err
+    # one of an earlier version that split its held-out pairs pair by pair (none recorded), training other pairs
+    assert state["data"]["held_out_by"] == "prompt"
+    earlier = {key: value for key, value in state["data"].items() if key != "held_out_by"}
+    state_file.write_text(json.dumps({**state, "data": {**earlier, "digest": "0" * 20}}))
+    assert train.cli(argv) == 2 and ("error: --resume: the checkpoint's run split off its held-out pairs (--test-size) "
+                                     "pair by pair, as an earlier version") in capsys.readouterr().err
     state_file.write_text(json.dumps(state))
     assert train.cli(argv) == 0 and (out / "final").is_dir()
     finished = (out / "final" / "model.safetensors").read_bytes()
