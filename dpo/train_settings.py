@@ -266,6 +266,8 @@ class TrainSettings:
         # (under a token budget the layout, resolved by device, is checked apart: train.check_resumed_layout)
         split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if coupled else ()
         unused = () if self.sync_ref_model else ("ref_model_sync_steps", "ref_model_mixup_alpha")  # TR-DPO's, off
+        if not reads_label_smoothing(self.loss):  # (a run of an earlier version may have recorded it, unread)
+            unused += ("label_smoothing",)
         identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
                     if (s.identity or s.name in split) and s.name not in unused}
         return {**identity, PROCESSES: processes} if coupled else identity

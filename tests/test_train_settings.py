@@ -149,6 +149,22 @@ def test_run_identity_holds_what_changes_data_order_or_math():
         assert name not in identity, name
 
 
+def test_label_smoothing_is_part_of_the_run_only_where_its_loss_reads_it():
+    """A checkpoint of an earlier version may record --label-smoothing beside a loss that never read it (now
+    refused): resuming it without the flag compares nothing that changes the math."""
+    from dpo.checkpoint import settings_differences
+    from dpo.loss import LossSettings
+
+    hinge = TrainSettings(loss=LossSettings(loss_type="hinge")).run_identity()
+    assert "label_smoothing" not in hinge
+    saved = {**hinge, "label_smoothing": 0.1}  # what an earlier version recorded
+    assert settings_differences(saved, hinge, TrainSettings().to_dict()) == []
+    assert "label_smoothing" in TrainSettings(loss=LossSettings(loss_type="hinge,sigmoid")).run_identity()
+    smoothed = TrainSettings(loss=LossSettings(label_smoothing=0.1)).run_identity()
+    assert settings_differences(smoothed, TrainSettings().run_identity(), TrainSettings().to_dict()) == [
+        "--label-smoothing 0.1 -> 0.0"]
+
+
 def test_tr_dpo_settings_are_part_of_the_run_only_where_it_is_on():
     """--ref-model-sync-steps and --ref-model-mixup-alpha change nothing without --sync-ref-model: a resumed plain
     run may carry other values; a TR-DPO run's are its own, and --sync-ref-model itself always is."""
