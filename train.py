@@ -266,8 +266,11 @@ def check_positions(cfg: TrainSettings, data: PreferenceData, model: nn.Module) 
         raise ConfigError(f"--max-length {cfg.max_length}: pairs reach {longest} tokens, but the model has {positions} "
                           f"positions (max_position_embeddings); use --max-length {positions} or less")
     switch = rope_switch_length(model.config)
+    if cfg.on_policy.enabled:  # sampled pairs are cut at --max-length, which they can reach
+        longest = max(longest, cfg.max_length)
     if switch is not None and longest > switch:
-        raise ConfigError(f"--max-length {cfg.max_length}: pairs reach {longest} tokens, beyond the {switch} "
+        reach = "can reach" if cfg.on_policy.enabled else "reach"
+        raise ConfigError(f"--max-length {cfg.max_length}: pairs {reach} {longest} tokens, beyond the {switch} "
                           "(original_max_position_embeddings) where the model's longrope rotary frequencies switch for "
                           "a whole batch at once, so a pair's log-probs would depend on the pairs batched with it; use "
                           f"--max-length {switch} or less")

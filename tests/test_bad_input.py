@@ -2,6 +2,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,10 @@ def test_pairs_beyond_a_longrope_models_switch_length_are_one_line(model_dir, tm
     model = tmp_path / "longrope"
     AutoModelForCausalLM.from_config(config).save_pretrained(model)
     tokenizer.save_pretrained(model)
+    capsys.readouterr()  # saving's progress bar
+    online = SimpleNamespace(max_length=48, on_policy=SimpleNamespace(enabled=True))
+    with pytest.raises(train.ConfigError, match=r"^--max-length 48: pairs can reach 48 tokens, beyond the 30 "):
+        train.check_positions(online, SimpleNamespace(train=[], eval=[]), SimpleNamespace(config=config))
     data = dataset_with(tmp_path, [json.dumps({"prompt": "red " * 30, "chosen": "a b c", "rejected": "b"})])
     assert_one_line_error(capsys, run_cli(str(model), data, tmp_path / "out", "--test-size", "0.01"),
                           "error: --max-length 48: pairs reach ", "beyond the 30 (original_max_position_embeddings) "
