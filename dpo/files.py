@@ -15,7 +15,8 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> N
     """`write(handle)` into a temporary file beside `path` (its missing parents made), synced to disk, renamed over
     `path`, and the rename synced. A failure (an OSError; a full disk that torch.save reports as a RuntimeError)
     removes the temporary file and propagates: a file already at `path` stays as it was. The new file keeps an
-    existing file's permissions, else an ordinary output file's 0o644 (not the temporary file's private 0o600)."""
+    existing file's permissions, else those of a file opened for writing (0o666 less the umask), not the
+    temporary file's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,7 +25,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> N
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())  # where a full disk on NFS or under a quota shows
-        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644)
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -36,6 +37,13 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> N
 def write_text_atomically(path: str | Path, text: str) -> None:
     """`text` as UTF-8 at `path`, as `write_atomically`."""
     write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sync_directory(path: Path) -> None:

@@ -240,7 +240,7 @@ class WandbTracker(Tracker):
                               name=run_name, config=config, id=run_id, resume="allow" if run_id else None,
                               mode=None if os.environ.get("WANDB_MODE") or _wandb_key_configured() else "offline",
                               settings=wandb.Settings(silent=True, console="off"))
-        id_file.write_text(self.run.id)
+        write_text_atomically(id_file, self.run.id)
         self.location = self.run.settings.sync_dir
 
     def log(self, record: dict[str, Any]) -> None:
@@ -320,7 +320,7 @@ class MlflowTracker(Tracker):
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
-            id_file.write_text(self.run_id)
+            write_text_atomically(id_file, self.run_id)
         logged = self.client.get_run(self.run_id).data.params  # MLflow refuses to change a logged param
         params = [Param(self.key(key), _text(value)[:self.MAX_PARAM])
                   for key, value in flat_config(config).items() if self.key(key) not in logged]
@@ -385,7 +385,7 @@ class TrackioTracker(Tracker):
         if os.environ.get("TRACKIO_DIR"):
             name += "-" + hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:6]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        name_file.write_text(name)
+        write_text_atomically(name_file, name)
         return name
 
     def log(self, record: dict[str, Any]) -> None:

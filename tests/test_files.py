@@ -61,10 +61,17 @@ def test_a_failure_inside_the_writer_keeps_the_old_file(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["cache.pt"]
 
 
-def test_a_new_file_is_an_ordinary_file_and_a_replaced_one_keeps_its_mode(tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_new_file_follows_the_umask_and_a_replaced_one_keeps_its_mode(tmp_path, umask):
     fresh = tmp_path / "new.json"
-    write_text_atomically(fresh, "é")  # written as UTF-8 whatever the locale
-    assert fresh.read_bytes() == "é".encode("utf-8") and (fresh.stat().st_mode & 0o777) == 0o644
+    before = os.umask(umask)
+    try:
+        write_text_atomically(fresh, "é")  # written as UTF-8 whatever the locale
+        (tmp_path / "plain.json").write_text("as open() makes it")
+    finally:
+        os.umask(before)
+    assert fresh.read_bytes() == "é".encode("utf-8")
+    assert (fresh.stat().st_mode & 0o777) == ((tmp_path / "plain.json").stat().st_mode & 0o777) == 0o666 & ~umask
     private = tmp_path / "private.json"
     private.write_text("old")
     private.chmod(0o600)
