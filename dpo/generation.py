@@ -898,6 +898,23 @@ def _written_path(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def _same_file(path: Path, stream: Any) -> bool:
+    """Whether `path` is the file behind `stream` (sys.stdout redirected to it, say)."""
+    try:
+        here, there = os.stat(path), os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no file behind it (captured output)
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether `path` names a stream to write into, not a file to replace: a device or a pipe, or a name under /dev
+    or /proc (/dev/stdout redirected to a file is that file, which a program that writes to its stdout keeps)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return True
+    return path.is_absolute() and path.parts[1:2] in (("dev",), ("proc",))
+
+
 def check_output_file(path: str | Path, flag: str = "--output") -> None:
     """A GenerationError naming `flag` and `path` when no file can be written there: `path` is a directory, a parent
     on its way is a file, or the nearest existing directory refuses a new entry (tried with a temporary file or
@@ -906,7 +923,7 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
     try:
         if path.is_dir():
             raise GenerationError(f"{flag} {path}: is a directory")
-        if path.exists() and not path.is_file():  # a device or a pipe (/dev/stdout), written directly
+        if path.exists() and _is_stream(path):  # a device or a pipe (/dev/stdout), written directly
             if not os.access(path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             return
@@ -929,12 +946,18 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
 def write_output_text(path: str | Path, text: str) -> None:
     """`text` as UTF-8 at `path` (its missing parent directories made), written to a temporary file beside it and
     renamed over it: a failure while writing leaves no partial file, and a file already at `path` stays as it was.
-    A symbolic link is followed; a path that is not a regular file (/dev/stdout, a pipe) is written directly. A
-    failure is a GenerationError naming the path."""
+    A symbolic link is followed; a stream (/dev/stdout, a pipe: _is_stream) is written into, this process's own
+    stdout or stderr through it (so that stdout redirected to a file keeps its lines, in order). A failure is a GenerationError naming the
+    path."""
     path = Path(path)
     try:
-        if path.exists() and not path.is_file() and not path.is_dir():
-            with open(path, "w", encoding="utf-8") as handle:
+        if _is_stream(path):
+            for stream in (sys.stdout, sys.stderr):  # this process's own output: written through it, in its order
+                if _same_file(path, stream):
+                    stream.write(text)
+                    stream.flush()
+                    return
+            with open(path, "a", encoding="utf-8") as handle:
                 handle.write(text)
             return
         write_text_atomically(_written_path(path), text)

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -778,6 +779,19 @@ def test_write_output_text_interrupted_leaves_no_partial_file(tmp_path, monkeypa
     write_output_text(link, "new text")  # through a link: the link stays, its target is replaced
     assert link.is_symlink() and path.read_text() == "new text" and (path.stat().st_mode & 0o777) == 0o600
     assert sorted(os.listdir(tmp_path)) == ["link.json", "o.json"]
+
+
+@pytest.mark.parametrize("redirect", ["w", "a"])
+def test_dev_stdout_redirected_to_a_file_is_written_through_stdout(tmp_path, redirect):
+    """--output /dev/stdout with stdout redirected to a file (> or >>): that file is the program's stdout, which it
+    keeps writing to; the outputs go through it, between the lines printed before and after, never renamed over it."""
+    log = tmp_path / "app.log"
+    log.write_text("earlier\n")
+    code = ("print('before', flush=True)\nfrom dpo.generation import write_output_text\n"
+            "write_output_text('/dev/stdout', 'outputs\\n')\nprint('after')\n")
+    with open(log, redirect) as handle:
+        subprocess.run([sys.executable, "-c", code], stdout=handle, check=True, timeout=120)
+    assert log.read_text() == ("earlier\n" if redirect == "a" else "") + "before\noutputs\nafter\n"
 
 
 # ---------------------------------------------------------------------------------------------------- names, display
