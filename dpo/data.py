@@ -736,11 +736,15 @@ def select_subset(records: Sequence[Any], n: int | None, *, seed: int | None = N
 
 def prompt_key(record: Any, row: int) -> str | None:
     """What a record asks, as a key that is equal for the records of one prompt (its instruction or the history its
-    answers follow), or None for a record whose prompt cannot be read (a row build_pairs will skip)."""
+    answers follow), or None for a row build_pairs will skip (its prompt cannot be read, or its two answers are the
+    same text)."""
     try:
-        prompt = _FORMATS[detect_format(record)](record, row).prompt
+        dialogue = _FORMATS[detect_format(record)](record, row)
     except DataError:
         return None
+    if str(dialogue.chosen).strip() == str(dialogue.rejected).strip():
+        return None
+    prompt = dialogue.prompt
     return json.dumps(read_prompt(prompt) if isinstance(prompt, str) else prompt, sort_keys=True, default=str)
 
 

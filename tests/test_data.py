@@ -592,6 +592,7 @@ def test_prompt_keys_follow_what_a_record_asks():
     assert prompt_key(hh, 0) == prompt_key(messages, 0) == prompt_key({**explicit, "prompt": "\n\nHuman: What is "
                                                                                           "2+2?\n\nAssistant:"}, 0)
     assert prompt_key({"prompt": "no answers"}, 0) is None and prompt_key(["not a record"], 0) is None
+    assert prompt_key({**explicit, "rejected": " 4 "}, 0) is None  # the same answer twice: a skipped row
 
 
 def test_train_test_split_disjoint_and_complete():
