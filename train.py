@@ -61,7 +61,7 @@ from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids 
 from dpo.health import Alert, HealthError, HealthMonitor
 from dpo.judges import build_judge
 from dpo.logprobs import SequenceScorer, disable_dropout, dropout_as_loaded
-from dpo.lora import Adapters, add_adapters, quantization_config
+from dpo.lora import Adapters, adapter_base_note, add_adapters, quantization_config
 from dpo.loss import PreferenceLogps, batch_coupled, compute_loss, needs_reference_model, update_loss_state
 from dpo.memory import tune_cpu_allocator
 from dpo.metrics import PairMetrics, read_metrics
@@ -1015,6 +1015,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         state_data = training_data(cfg, data)
         check_resumed_data(resume, state_data)
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
+        if cfg.lora.adapter is not None and (note := adapter_base_note(cfg.lora.adapter, policy)) is not None:
+            log(note)
         check_positions(cfg, data, policy)
         check_vocabulary(cfg, data, policy, tokenizer)
         if dist.is_main:

@@ -28,7 +28,8 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from dpo.errors import first_line
-from dpo.modeling import DEFAULT_ADAPTER, LoraError, import_peft, load_peft_adapter, quiet_bitsandbytes, quiet_peft
+from dpo.modeling import (ADAPTER_CONFIG, DEFAULT_ADAPTER, LoraError, adapter_base, import_peft, load_peft_adapter,
+                          quiet_bitsandbytes, quiet_peft)
 from dpo.settings import ConfigError, check_settings, in_range, non_negative, positive, setting
 
 REFERENCE_ADAPTER = "reference"
@@ -76,6 +77,14 @@ class LoraSettings:
         if (self.load_in_4bit or self.load_in_8bit or self.merge_lora) and not self.enabled:
             flag = "--merge-lora" if self.merge_lora else "--load-in-4bit / --load-in-8bit"
             raise ConfigError(f"{flag} needs LoRA: set --lora-r (or --adapter)")
+        if not self.enabled:  # full fine-tuning: these would be ignored, and recorded as used
+            ignored = [flag for flag, value, default in (
+                ("--lora-alpha", self.lora_alpha, 2.0), ("--lora-dropout", self.lora_dropout, 0.0),
+                ("--lora-target-modules", self.lora_target_modules, "all-linear"),
+                ("--lora-modules-to-save", self.lora_modules_to_save, None)) if value not in (default, DOUBLE_RANK)]
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)} without LoRA: the run would train the whole model and ignore "
+                                  f"{'them' if len(ignored) > 1 else 'it'}; set --lora-r (or --adapter)")
         if not self.lora_target_modules.strip():
             raise ConfigError("--lora-target-modules is empty")
         if self.adapter is not None and self.lora_dropout > 0:
@@ -175,6 +184,8 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
             raise LoraError(f"--lora-target-modules {settings.lora_target_modules}: {first_line(error)}") from None
     else:
         peft_model = load_peft_adapter(peft.PeftModel, base, start, TRAINED_ADAPTER, trainable=True)
+        # saved with it: the base this run trains it on (the model loaded), as a new adapter records it
+        peft_model.peft_config[TRAINED_ADAPTER].base_model_name_or_path = base.name_or_path
     if settings.adapter is not None:
         load_peft_adapter(peft_model.load_adapter, None, settings.adapter, REFERENCE_ADAPTER, trainable=False)
         peft_model.set_adapter(TRAINED_ADAPTER)
@@ -191,6 +202,19 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
         # loaded again into the fp32 copies, they are exact (a resume goes on bit for bit)
         peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(start), adapter_name=TRAINED_ADAPTER)
     return Adapters(peft_model, with_reference_adapter=settings.adapter is not None)
+
+
+def adapter_base_note(adapter: str, base: nn.Module) -> str | None:
+    """A note where the --adapter was trained on another base than the model this run loads (the names differ, and
+    they are not paths to one directory), else None. Two copies of one model under other names are the same model,
+    so this is no error; an adapter on another base computes another model, which no check can see (its reference
+    is that same base with the adapter)."""
+    recorded, loaded = adapter_base(adapter), base.name_or_path
+    if recorded == loaded or (Path(recorded).exists() and Path(loaded).exists()
+                              and Path(recorded).resolve() == Path(loaded).resolve()):
+        return None
+    return (f"note: --adapter {adapter} was trained on {recorded} (its {ADAPTER_CONFIG}), and this run loads "
+            f"{loaded} as its base: an adapter holds changes to its own base, so the two must be the same model")
 
 
 def upcast_trained(model: nn.Module) -> bool:
@@ -225,6 +249,24 @@ def check_module_names(base: nn.Module, settings: LoraSettings) -> None:
             leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name and not name[-1].isdigit()})
             raise LoraError(f"{flag} {value}: no module of the model is named {', '.join(unknown)} (its modules: "
                             f"{', '.join(leaves)})")
+    both = set(_names(targets) or []) & set(_names(settings.lora_modules_to_save) or [])
+    if both:
+        raise LoraError(f"{', '.join(sorted(both))} in both --lora-target-modules and --lora-modules-to-save: a module "
+                        "either gets an adapter or is trained in full")
+    modules = dict(base.named_modules(remove_duplicate=False))
+    for want in _names(targets) if targets != "all-linear" else []:
+        holders = [name for name in names if (name == want or name.endswith("." + want))
+                   and next(modules[name].children(), None) is not None]
+        if holders:
+            raise LoraError(f"--lora-target-modules {targets}: {want} names a module that holds others "
+                            f"({holders[0]}, a {type(modules[holders[0]]).__name__}); name its layers (linear, "
+                            "embedding)")
+    for want in _names(settings.lora_modules_to_save) or []:
+        holders = [name for name in names if name.endswith(want) and next(modules[name].children(), None) is not None]
+        if holders:
+            raise LoraError(f"--lora-modules-to-save {settings.lora_modules_to_save}: {want} names a module that holds "
+                            f"others ({holders[0]}, a {type(modules[holders[0]]).__name__}); name a layer (lm_head, "
+                            "embed_tokens)")
 
 
 def peft_config(settings: LoraSettings) -> Any:

@@ -190,10 +190,33 @@ def test_sft_adapter_is_the_reference_not_the_bare_base(workdir):
     assert torch.allclose(scored(policy, pairs), want, atol=1e-5)  # the trained copy starts where the SFT adapter is
     out = run(workdir, "from-sft", *from_adapter(sft / "final"), "--max-steps", "2", "--no-precompute-ref")
     assert json.loads((out / "final" / "dpo_run.json").read_text())["reference_model"] == str(sft / "final")
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(workdir / "model")
     # training moved the copy; the reference adapter (frozen) did not move: the run's step-0 check passed too
     trained = load_file(out / "final" / "adapter_model.safetensors")
     start = load_file(sft / "final" / "adapter_model.safetensors")
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_an_adapter_on_another_base_of_the_same_shapes_is_noted_and_saved_with_the_base_it_trained_on(workdir, tmp_path,
+                                                                                                   capsys):
+    """No check can see an adapter put on another base of the same shapes (its reference is that base with it): the
+    run says which base the adapter was trained on, and its final/ adapter names the base it was trained on now, so
+    generate.py, dpo.evaluate and --merge-lora load that model."""
+    sft = run(workdir, str(tmp_path / "sft"), "--max-steps", "1")
+    same_shapes = make_model_dir(tmp_path / "same-shapes", seed=1)
+    argv = args(workdir, str(tmp_path / "moved"), *from_adapter(sft / "final"), "--model", str(same_shapes),
+                "--max-steps", "1")
+    assert train.main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --adapter")]
+    assert notes == [f"note: --adapter {sft / 'final'} was trained on {workdir / 'model'} (its adapter_config.json), "
+                     f"and this run loads {same_shapes} as its base: an adapter holds changes to its own base, so the "
+                     "two must be the same model"]
+    saved = json.loads((tmp_path / "moved" / "final" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(same_shapes)
+    assert train.main(args(workdir, str(tmp_path / "same"), *from_adapter(sft / "final"), "--max-steps", "1")) == 0
+    assert "note: --adapter" not in capsys.readouterr().out  # the base it was trained on: nothing to say
 
 
 def test_an_sft_adapter_saved_with_dropout_trains_deterministically(workdir, tmp_path):
@@ -233,6 +256,14 @@ def test_an_adapters_own_configuration_is_not_overridden_in_silence(given):
     (("--lora-modules-to-save", "lm_haed"), "--lora-modules-to-save lm_haed: no module of the model is named lm_haed"),
     (("--load-in-4bit",), "--load-in-4bit quantizes the base with bitsandbytes, which needs a CUDA device"),
     (("--lora-r", "0", "--merge-lora"), "--merge-lora needs LoRA"),
+    (("--lora-r", "0", "--lora-alpha", "16", "--lora-dropout", "0.1"),
+     "--lora-alpha, --lora-dropout without LoRA: the run would train the whole model and ignore them; set --lora-r"),
+    (("--lora-r", "0", "--lora-modules-to-save", "lm_head"), "--lora-modules-to-save without LoRA"),
+    (("--lora-target-modules", "q_proj", "--lora-modules-to-save", "q_proj"),
+     "q_proj in both --lora-target-modules and --lora-modules-to-save"),
+    (("--lora-target-modules", "layers"), "--lora-target-modules layers: layers names a module that holds others "
+                                          "(model.layers, a ModuleList); name its layers"),
+    (("--lora-modules-to-save", "model"), "--lora-modules-to-save model: model names a module that holds others"),
 ])
 def test_bad_lora_input_is_one_clear_line(workdir, tmp_path, capsys, flags, message):
     argv = args(workdir, "unused") + ["--output-dir", str(tmp_path / "out"), "--max-steps", "1", *flags]
