@@ -31,6 +31,11 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dpo.cli import exit_quietly_on_interrupt  # light: it comes before the heavy imports below
+
+if __name__ == "__main__":
+    exit_quietly_on_interrupt()  # Ctrl-C in their seconds: `interrupted`, not a traceback
+
 import torch
 import transformers
 

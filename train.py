@@ -37,6 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from dpo.cli import exit_quietly_on_interrupt  # light: it comes before the heavy imports below
+
+if __name__ == "__main__":
+    exit_quietly_on_interrupt()  # Ctrl-C in their seconds: `interrupted`, not a traceback
+
 import huggingface_hub
 import torch
 import transformers

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable
 
 from dpo.errors import UserError
 
 
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def exit_quietly_on_interrupt() -> None:
+    """Ctrl-C from now until run_cli starts prints `interrupted` and exits 130: an entry point calls this before its
+    imports (torch and transformers take seconds), where a KeyboardInterrupt would be a traceback from inside them."""
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     """Run `main`; a UserError prints `error: <message>` on stderr and returns 2, Ctrl-C `interrupted` and 130 (no
     traceback: what the program writes is written atomically, so an interruption leaves nothing half done)."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is _interrupted_while_starting):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a KeyboardInterrupt, caught below
     try:
         return main(argv)
     except UserError as error:

@@ -48,6 +48,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo.cli import exit_quietly_on_interrupt  # light: it comes before the heavy imports below
+
+if __name__ == "__main__":
+    exit_quietly_on_interrupt()  # Ctrl-C in their seconds: `interrupted`, not a traceback
+
 import torch
 import torch.nn.functional as F
 import transformers

@@ -38,7 +38,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from dpo.cli import run_cli
+from dpo.cli import exit_quietly_on_interrupt, run_cli  # light: it comes before the heavy imports below
+
+if __name__ == "__main__":
+    exit_quietly_on_interrupt()  # Ctrl-C in their seconds: `interrupted`, not a traceback
+
 from dpo.data import available_splits, instruction_records, load_records, record_instruction
 from dpo.errors import UserError, first_line
 

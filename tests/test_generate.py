@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -615,6 +616,27 @@ def test_ctrl_c_ends_a_command_in_one_line_without_a_traceback(capsys):
         raise KeyboardInterrupt
 
     assert run_cli(interrupted, None) == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["train.py", "--output-dir", "unused"], ["generate.py"],
+                                     ["-m", "dpo.evaluate", "--model", "unused"], ["-m", "dpo.ifeval", "--help"]])
+def test_ctrl_c_while_a_command_imports_is_one_line_too(command):
+    """An entry point's imports (torch, transformers) take seconds before run_cli starts: Ctrl-C then is the same
+    `interrupted` and status 130, not a traceback from inside an import."""
+    import signal
+    from pathlib import Path
+
+    import dpo.cli
+
+    root = Path(__file__).resolve().parents[1]
+    assert signal.getsignal(signal.SIGINT) is not dpo.cli._interrupted_while_starting  # importing never installs it
+    process = subprocess.Popen([sys.executable, *command], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(1.0)  # python is up, the imports are not done (they take several seconds)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (130, "interrupted\n")
 
 
 def test_interactive_streams_each_answer(model_dir, lm):
