@@ -47,7 +47,7 @@ from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settin
 from dpo.ifeval import IFEvalError, IFEvalPrompt, echoed_constraint, parse_prompt, verdicts
 from dpo.ifeval_repair import repair
 from dpo.logprobs import sequence_logps
-from dpo.modeling import ModelLoadError, load_causal_lm, resolve_model_path
+from dpo.modeling import ModelLoadError, load_causal_lm, require_tokenizer_files, resolve_model_path
 from dpo.plugins import is_function_spec, load_function
 from dpo.prompts import as_messages, format_response, read_prompt, render_prompt, render_response
 from dpo.repetition import repeats_itself
@@ -208,6 +208,7 @@ class RewardModelJudge(Judge):
             resolved = resolve_model_path(path)
         except ModelLoadError as error:
             raise ModelLoadError(f"reward model (--judge): {error}") from None
+        require_tokenizer_files(resolved, f"reward model {path}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(resolved)
         except Exception as error:  # transformers raises many types for a missing or broken tokenizer

@@ -81,6 +81,14 @@ def naming_adapter(path: str | Path) -> Iterator[None]:
                              f"loaded: {error}") from None
 
 
+def require_tokenizer_files(path: str, what: str) -> None:
+    """A ModelLoadError naming `what` where the local directory `path` holds no tokenizer files (a hub name passes:
+    its files are fetched)."""
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{what}: no tokenizer files in this directory (expected one of "
+                             f"{', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model")
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model; for an adapter directory without one, its base model's."""
     path = resolve_model_path(name)
@@ -88,9 +96,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if Path(path).is_dir() and not has_files and (Path(path) / ADAPTER_CONFIG).is_file():
         with naming_adapter(path):
             return load_tokenizer(adapter_base(path))
-    if Path(path).is_dir() and not has_files:
-        raise ModelLoadError(f"model {name}: no tokenizer files in this directory (expected one of "
-                             f"{', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model")
+    require_tokenizer_files(path, f"model {name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as error:  # transformers raises OSError, ValueError, TypeError... for a missing tokenizer

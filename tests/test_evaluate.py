@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,12 @@ def test_reward_model_with_several_outputs_is_rejected(tmp_path):
     with pytest.raises(evaluate.ModelLoadError, match=r"^reward model \(--judge\): model directory .*nowhere does not "
                                                       "exist"):
         RewardModelJudge(str(tmp_path / "nowhere"))  # named as the judge, not as some model
+    for name in os.listdir(path):  # the weights without the tokenizer: said as for --model
+        if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            os.remove(os.path.join(path, name))
+    with pytest.raises(evaluate.ModelLoadError, match=rf"^reward model {re.escape(str(path))}: no tokenizer files in "
+                                                      r"this directory \(expected one of tokenizer.json, "):
+        RewardModelJudge(str(path))
 
 
 # ---------------------------------------------------------------------------------------------------- comparisons
