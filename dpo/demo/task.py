@@ -291,8 +291,8 @@ def preference_records(split: str, n: int | None = None, seed: int = 0) -> list[
     """Preference pairs {"prompt", "chosen", "rejected", "category"} on instructions of `split`.
 
     prompt is the bare instruction; chosen is the concise correct answer; rejected is, with equal
-    probability, the correct answer followed by rambling or a wrong answer (itself followed by
-    rambling half of the time). Default sizes: DEFAULT_PREFERENCE_SIZES.
+    probability, the correct answer followed by rambling or a bare wrong answer. Default sizes:
+    DEFAULT_PREFERENCE_SIZES.
     """
     _check_split(split)
     n = DEFAULT_PREFERENCE_SIZES[split] if n is None else n
@@ -317,8 +317,9 @@ def judge(instruction: Instruction, answer: str) -> Verdict:
     Let t = answer.strip() (so a leading space, as in " " + text, is ignored).
       correct: the first sentence of t (the text before the first '.', '!', '?' or newline, stripped)
                equals the expected answer, ignoring case.
-      concise: t minus at most one trailing '.' is non-empty and contains no '.', '!', '?' or newline,
-               i.e. t is a single bare answer with an optional final period.
+      concise: t minus at most one trailing '.' is non-empty and contains no '.', '!', '?' or newline
+               (the task's rambling is written in sentences; a run of words without a sentence end counts
+               as concise, and is correct only where it is the answer itself).
       score:   1.0 if correct and concise, 0.5 if correct but not concise, 0.0 if wrong.
     """
     text = answer.strip()
