@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from dpo.errors import UserError, first_line
-from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Message, Prompt, PromptError, SpecialIds,
+from dpo.prompts import (HH_ASSISTANT, HH_TURN, ROW_REASONS, Message, Prompt, PromptError, SpecialIds, as_messages,
                          check_template, check_truncation, empty_user_turn, encode_texts, hh_messages, is_hh_prompt,
                          lone_surrogate, read_prompt, recipe_messages, render_prompt, render_response, special_ids,
                          truncate_prompt, with_bos)
@@ -208,7 +208,7 @@ def _json_error(err: ValueError | RecursionError) -> str:
 
 def _starts_as_json_lines(text: str) -> bool:
     """Whether the first non-blank line of `text` is a whole JSON value, as in JSON Lines."""
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    first = next((line for line in text.split("\n") if line.strip()), "")  # not splitlines: U+2028 is text
     try:
         json.loads(first)
     except (ValueError, RecursionError):
@@ -216,28 +216,30 @@ def _starts_as_json_lines(text: str) -> bool:
     return True
 
 
-def _read_json(path: Path, split: str | None) -> list[dict]:
-    """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work."""
+def _read_json(path: Path, split: str | None) -> tuple[list[dict], str]:
+    """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work. With a
+    description: the path, and the split where one was taken from an object."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        return _read_jsonl(path)  # which names the line and byte
+        return _read_jsonl(path), str(path)  # which names the line and byte
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as err:
         if _starts_as_json_lines(text):
-            return _read_jsonl(path)
+            return _read_jsonl(path), str(path)
         where = f", line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
         raise DataError(f"{path}{where}: {_json_error(err)}") from None
+    description = str(path)
     if isinstance(data, dict) and split is not None and isinstance(data.get(split), list):
-        data = data[split]
+        data, description = data[split], f"{path} [{split}]"
     if not isinstance(data, list):
         hint = f" (no list under key '{split}')" if split is not None else ""
         raise DataError(f"{path}: expected a JSON array of records{hint}")
     for index, record in enumerate(data):
         if (where := lone_surrogate(record)) is not None:
-            raise DataError(f"{path}, record {index}: not Unicode text (a lone surrogate {where})")
-    return data
+            raise DataError(f"{description}, record {index}: not Unicode text (a lone surrogate {where})")
+    return data, description
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -344,13 +346,13 @@ def load_records(source: str, split: str | None = None) -> tuple[list[dict], str
         records, description = builtin.load(split), f"built-in '{source}'"
     elif path.is_file():
         readers = {
-            ".jsonl": lambda: _read_jsonl(path),
+            ".jsonl": lambda: (_read_jsonl(path), source),
             ".json": lambda: _read_json(path, split),
-            ".parquet": lambda: _read_parquet(path),
+            ".parquet": lambda: (_read_parquet(path), source),
         }
         if path.suffix not in readers:
             raise DataError(f"{source}: unsupported file type '{path.suffix}' (use .jsonl, .json or .parquet)")
-        records, description = readers[path.suffix](), source
+        records, description = readers[path.suffix]()
     elif path.suffix in (".jsonl", ".json", ".parquet"):
         raise DataError(f"{source}: file not found")
     else:
@@ -377,7 +379,7 @@ def detect_format(record: Any) -> str:
         raise DataError(f"record is a {type(record).__name__}, not an object")
     if isinstance(record.get("chosen"), list) or isinstance(record.get("rejected"), list):
         return "conversational"
-    if "prompt" in record:
+    if record.get("prompt") is not None:  # (a parquet or datasets column a row lacks is there as null)
         return "explicit"
     return "implicit"
 
@@ -735,17 +737,20 @@ def select_subset(records: Sequence[Any], n: int | None, *, seed: int | None = N
 
 
 def prompt_key(record: Any, row: int) -> str | None:
-    """What a record asks, as a key that is equal for the records of one prompt (its instruction or the history its
-    answers follow), or None for a row build_pairs will skip (its prompt cannot be read, or its two answers are the
-    same text)."""
-    try:
-        dialogue = _FORMATS[detect_format(record)](record, row)
-    except DataError:
-        return None
-    if str(dialogue.chosen).strip() == str(dialogue.rejected).strip():
-        return None
-    prompt = dialogue.prompt
-    return json.dumps(read_prompt(prompt) if isinstance(prompt, str) else prompt, sort_keys=True, default=str)
+    """What a record asks, as a key that is equal for the records of one prompt in any of its forms (an instruction,
+    its messages, HH's or the recipe's text), or None for a row build_pairs will skip (its prompt cannot be read, or
+    its two answers are the same text). A prompt alone (what online DPO samples) has the key of that prompt."""
+    if isinstance(record, dict) and record.get("prompt") is not None and not {"chosen", "rejected"} & set(record):
+        prompt = record["prompt"]
+    else:
+        try:
+            dialogue = _FORMATS[detect_format(record)](record, row)
+        except DataError:
+            return None
+        if str(dialogue.chosen).strip() == str(dialogue.rejected).strip():
+            return None
+        prompt = dialogue.prompt
+    return json.dumps(as_messages(read_prompt(prompt)), sort_keys=True, default=str)
 
 
 def train_test_split(records: Sequence[Any], test_size: float | int, seed: int,
@@ -753,9 +758,12 @@ def train_test_split(records: Sequence[Any], test_size: float | int, seed: int,
     """Disjoint (train, test) covering all records, each in source order. A float test_size is a
     fraction (ceil(fraction * N) test records), an int a count; both sides must be non-empty.
 
-    With `keys` (prompt_key of each record; None for a record of its own), the records of one key go to one side:
-    records are drawn in the seeded order, each bringing the others of its key, until the test side holds at least
-    that many. Where every key is distinct this is the plain split, record for record."""
+    With `keys` (prompt_key of each record), the records of one key go to one side: the test side is drawn from the
+    records with a key (test_size a fraction of them), in the seeded order, each bringing the others of its key,
+    until it holds at least that many; a record without one (a row that will be skipped) stays on the train side,
+    where its skip is counted. Where every record has a key of its own this is the plain split, record for record."""
+    if keys is not None and any(key is not None for key in keys):
+        return _split_by_key(records, test_size, seed, keys)
     num = len(records)
     if isinstance(test_size, float):
         if not 0.0 < test_size < 1.0:
@@ -767,23 +775,36 @@ def train_test_split(records: Sequence[Any], test_size: float | int, seed: int,
         raise DataError(f"test_size={test_size} gives {num_test} test records out of {num}; "
                          "both splits must be non-empty")
     order = np.random.default_rng(seed).permutation(num).tolist()
-    if keys is None:
-        test_indices = set(order[:num_test])
-    else:
-        groups: dict[Any, list[int]] = {}
-        for i, key in enumerate(keys):
-            groups.setdefault(("row", i) if key is None else key, []).append(i)
-        test_indices = set()
-        for i in order:
-            if len(test_indices) >= num_test:
-                break
-            test_indices.update(groups[("row", i) if keys[i] is None else keys[i]])
-        if len(test_indices) == num:
-            raise DataError(f"test_size={test_size}: the records of one prompt go to one side, and {num} records "
-                            f"share {len(groups)} prompt(s): no prompt is left to train on; hold out fewer")
+    test_indices = set(order[:num_test])
     train = [r for i, r in enumerate(records) if i not in test_indices]
     test = [r for i, r in enumerate(records) if i in test_indices]
     return train, test
+
+
+def _split_by_key(records: Sequence[Any], test_size: float | int, seed: int,
+                  keys: Sequence[str | None]) -> tuple[list, list]:
+    """train_test_split with keys (see there)."""
+    usable = [i for i, key in enumerate(keys) if key is not None]
+    num_test = math.ceil(test_size * len(usable)) if isinstance(test_size, float) else int(test_size)
+    if isinstance(test_size, float) and not 0.0 < test_size < 1.0:
+        raise DataError(f"a fractional test_size must be in (0, 1), got {test_size}")
+    if not 1 <= num_test <= len(usable) - 1:
+        raise DataError(f"test_size={test_size} gives {num_test} test records out of {len(usable)} usable; "
+                        "both splits must be non-empty")
+    groups: dict[str, list[int]] = {}
+    for i in usable:
+        groups.setdefault(keys[i], []).append(i)
+    test_indices: set[int] = set()
+    for i in np.random.default_rng(seed).permutation(len(records)).tolist():
+        if len(test_indices) >= num_test:
+            break
+        if keys[i] is not None:
+            test_indices.update(groups[keys[i]])
+    if len(test_indices) == len(usable):
+        raise DataError(f"test_size={test_size}: the records of one prompt go to one side, and {len(usable)} "
+                        f"records share {len(groups)} prompt(s): no prompt is left to train on; hold out fewer")
+    return ([r for i, r in enumerate(records) if i not in test_indices],
+            [r for i, r in enumerate(records) if i in test_indices])
 
 
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> list[int]:

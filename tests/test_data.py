@@ -575,9 +575,34 @@ def test_a_prompts_records_go_to_one_side_and_distinct_prompts_split_as_before()
         # drawn in the plain split's order: the first record drawn brings its prompt's others
         first = int(np.random.default_rng(seed).permutation(101)[0])
         assert keys[first] in test_keys
+    # rows that will be skipped (no key) stay on the train side, where their skips are counted
+    keyed = [None, "a", None, "b", "c", None, "d", "e", "f", "g"]
+    for seed in range(10):
+        train, test = train_test_split(records[:10], 0.2, seed=seed, keys=keyed)
+        assert len(test) == 2 and all(keyed[r["id"]] is not None for r in test)  # 0.2 of the 7 usable: ceil 1.4
+    with pytest.raises(DataError, match=r"^test_size=7 gives 7 test records out of 7 usable; both splits"):
+        train_test_split(records[:10], 7, seed=0, keys=keyed)
     with pytest.raises(DataError, match=r"^test_size=1: the records of one prompt go to one side, and 4 records "
                                         r"share 1 prompt\(s\): no prompt is left to train on; hold out fewer$"):
         train_test_split(records[:4], 1, seed=0, keys=["same"] * 4)
+
+
+def test_a_prompt_written_in_two_formats_is_held_out_whole(tmp_path):
+    """The same instruction as an explicit row and as a conversational one renders to one prompt: both rows go to
+    the same side of --test-size's split."""
+    from dpo.data import prompt_key
+    from dpo.splits import split_records
+
+    rows = []
+    for i in range(20):
+        rows.append(explicit(prompt=f"question {i}", chosen="yes", rejected="no"))
+        rows.append({"chosen": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "y"}],
+                     "rejected": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "n"}]})
+    path = write_jsonl(tmp_path / "two-formats.jsonl", rows)
+    for seed in (0, 42):
+        train, _, held_out, _ = split_records(path, "train", "test", 0.2, seed)
+        keys = lambda indexed: {prompt_key(record, row) for row, record in indexed}  # noqa: E731
+        assert len(held_out) == 8 and len(keys(held_out)) == 4 and not keys(held_out) & keys(train)
 
 
 def test_prompt_keys_follow_what_a_record_asks():
@@ -591,7 +616,9 @@ def test_prompt_keys_follow_what_a_record_asks():
                 "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}]}
     assert prompt_key(hh, 0) == prompt_key(messages, 0) == prompt_key({**explicit, "prompt": "\n\nHuman: What is "
                                                                                           "2+2?\n\nAssistant:"}, 0)
-    assert prompt_key({"prompt": "no answers"}, 0) is None and prompt_key(["not a record"], 0) is None
+    assert prompt_key(explicit, 0) == prompt_key(hh, 0)  # a bare instruction is its one user turn
+    assert prompt_key({"prompt": "What is 2+2?"}, 0) == prompt_key(explicit, 0)  # a prompt alone (online DPO's)
+    assert prompt_key(["not a record"], 0) is None and prompt_key({"prompt": "q", "chosen": "a"}, 0) is None
     assert prompt_key({**explicit, "rejected": " 4 "}, 0) is None  # the same answer twice: a skipped row
 
 
@@ -625,12 +652,26 @@ def test_load_records_file_types_and_builtins(tmp_path, monkeypatch):
     (tmp_path / "b.json").write_text(json.dumps(rows))
     assert load_records(str(tmp_path / "b.json"))[0] == rows
     (tmp_path / "c.json").write_text(json.dumps({"train": rows, "test": rows[:1]}))
-    assert load_records(str(tmp_path / "c.json"), "test")[0] == rows[:1]
+    assert load_records(str(tmp_path / "c.json"), "test") == (rows[:1], f"{tmp_path / 'c.json'} [test] (1 records)")
+    (tmp_path / "e.json").write_text(json.dumps({"train": rows, "test": []}))  # the split that is empty is named
+    with pytest.raises(DataError, match=r"e\.json \[test\]: no records$"):
+        load_records(str(tmp_path / "e.json"), "test")
+    # JSON Lines saved as .json whose first record holds U+2028 (json.dumps writes it raw): one record, not two lines
+    lines = [explicit(prompt="line\u2028separator"), explicit(prompt="next\u0085line")]
+    (tmp_path / "f.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines),
+                                     encoding="utf-8")
+    assert load_records(str(tmp_path / "f.json"))[0] == lines
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     assert load_records(str(tmp_path / "d.parquet"))[0] == rows
+    # HH rows beside explicit ones: the column an HH row lacks is there as null, and the row is still read as HH
+    hh = {"chosen": "\n\nHuman: Q3\n\nAssistant: yes", "rejected": "\n\nHuman: Q3\n\nAssistant: no"}
+    pq.write_table(pa.Table.from_pylist([*rows, hh]), tmp_path / "mixed.parquet")
+    mixed = load_records(str(tmp_path / "mixed.parquet"))[0]
+    assert mixed[2]["prompt"] is None and detect_format(mixed[2]) == "implicit"
+    assert len(build_pairs(mixed, CharTokenizer(), max_length=64, max_prompt_length=32)[0]) == 3
 
     monkeypatch.setitem(data.BUILTIN_SOURCES, "tiny",
                         data.BuiltinSource(("train", "test"), lambda split: rows[:1] if split == "test" else rows))
