@@ -96,7 +96,8 @@ def registry() -> dict[str, type]:
         from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
         from langdetect import DetectorFactory
     except ImportError:
-        raise IFEvalError("the ifeval judge needs IFEval's checkers: pip install if-verifiable") from None
+        raise IFEvalError("the ifeval judge needs IFEval's checkers (if-verifiable, Python 3.11 or later): "
+                          'pip install -e ".[ifeval]"') from None
     # the case checkers ask langdetect whether a response is English; unseeded, it answers at random on short or
     # mixed text, and the same response could pass and then fail
     DetectorFactory.seed = 0
@@ -299,6 +300,10 @@ def constrained_prompts(instructions: Sequence[str], types: Sequence[str], seed:
     unknown = [t for t in types if t not in known]
     if unknown:
         raise IFEvalError(f"unknown constraint type {unknown[0]!r} (IFEval's types: {', '.join(sorted(known))})")
+    for type_id in types:  # its prompts would be refused when they are read (parse_prompt): refused before writing
+        if type_id in NLTK_RESOURCES and not nltk_has(NLTK_RESOURCES[type_id]):
+            raise IFEvalError(f"--types {type_id}: its checker needs nltk's {NLTK_RESOURCES[type_id]} data: python "
+                              f"-m nltk.downloader {NLTK_RESOURCES[type_id].split('/')[-1]}")
     rng = random.Random(seed)
     prompts: list[IFEvalPrompt] = []
     deal = list(types)

@@ -206,6 +206,10 @@ def test_a_checker_without_its_nltk_data_names_the_download(monkeypatch):
            "kwargs": [{"num_sentences": 3, "relation": "less than"}]}
     with pytest.raises(IFEvalError, match="needs nltk's tokenizers/punkt_tab data: python -m nltk.downloader punkt_tab"):
         parse_prompt(row, "row 0")  # nltk 3.9+ (if-verifiable's) reads punkt_tab for the sentence checker too
+    # python -m dpo.ifeval refuses the type before it writes prompts that parse_prompt would then refuse
+    with pytest.raises(IFEvalError, match=r"^--types length_constraints:number_sentences: its checker needs nltk's "
+                                          r"tokenizers/punkt_tab data: python -m nltk.downloader punkt_tab$"):
+        constrained_prompts(["Name a fruit."], ["punctuation:no_comma", "length_constraints:number_sentences"], 0)
     monkeypatch.undo()
     if nltk_has("tokenizers/punkt_tab"):
         return  # the checker's own lookup below needs the data to be missing
