@@ -984,9 +984,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         barrier(dist)
     except Exception as error:
-        # the main process alone checks the output directory, writes checkpoints and final/: when it stops there
-        # with its one-line error, the others' next collective fails, and their tracebacks would bury that line
-        if dist.enabled and not dist.is_main and peer_stopped(error):
+        # a process that stops with its one-line error (the main one checking the output directory or writing
+        # checkpoints, any one judging its share of online samples) fails the others' next collective: their
+        # tracebacks would bury that line
+        if dist.enabled and peer_stopped(error):
             raise PeerStoppedError(f"process {dist.rank} stopped because another process did (its error is "
                                    "above)") from None
         raise

@@ -266,3 +266,23 @@ def test_an_error_of_the_main_process_alone_is_one_line_and_the_others_say_why_t
                       "--overwrite to replace it",
                       "error: process 1 stopped because another process did (its error is above)"], result.stderr
     assert "[rank1]" not in result.stderr and "Connection closed" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_judge_error_on_another_process_than_the_main_one_is_one_line_and_the_main_process_says_why_it_stopped(
+        setup, tmp_path):
+    """Online DPO: each process judges its own share of the samples, so a process other than the main one can stop
+    with a judge's one-line error; the main process, whose gather then fails, says in one line that it stopped with
+    it."""
+    root, args = setup
+    judge = tmp_path / "judge.py"
+    judge.write_text("import os\n\ndef j(prompts, responses):\n    if os.environ['RANK'] == '1':\n"
+                     "        raise RuntimeError('rank 1 judge failure')\n"
+                     "    return [[float(len(r) % 3) for r in rows] for rows in responses]\n")
+    result = torchrun(args + ["--output-dir", str(tmp_path / "online"), "--online", "--judge", f"{judge}:j",
+                              "--num-samples", "2", "--sample-max-new-tokens", "4"], check=False)
+    assert result.returncode != 0
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert errors == [f"error: judge {judge}:j raised RuntimeError: rank 1 judge failure",
+                      "error: process 0 stopped because another process did (its error is above)"], result.stderr
+    assert "[rank0]" not in result.stderr and "Connection closed" not in result.stderr
