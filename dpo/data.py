@@ -742,6 +742,9 @@ def prompt_key(record: Any, row: int) -> str | None:
     its two answers are the same text). A prompt alone (what online DPO samples) has the key of that prompt."""
     if isinstance(record, dict) and record.get("prompt") is not None and not {"chosen", "rejected"} & set(record):
         prompt = record["prompt"]
+        if not isinstance(prompt, str) and not (isinstance(prompt, list)
+                                                and all(isinstance(message, dict) for message in prompt)):
+            return None  # a skipped row (wrong_type)
     else:
         try:
             dialogue = _FORMATS[detect_format(record)](record, row)

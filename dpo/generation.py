@@ -908,11 +908,8 @@ def _same_file(path: Path, stream: Any) -> bool:
 
 
 def _is_stream(path: Path) -> bool:
-    """Whether `path` names a stream to write into, not a file to replace: a device or a pipe, or a name under /dev
-    or /proc (/dev/stdout redirected to a file is that file, which a program that writes to its stdout keeps)."""
-    if path.exists() and not path.is_file() and not path.is_dir():
-        return True
-    return path.is_absolute() and path.parts[1:2] in (("dev",), ("proc",))
+    """Whether `path` names a stream to write into, not a file to replace: a device or a pipe."""
+    return path.exists() and not path.is_file() and not path.is_dir()
 
 
 def check_output_file(path: str | Path, flag: str = "--output") -> None:
@@ -923,7 +920,7 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
     try:
         if path.is_dir():
             raise GenerationError(f"{flag} {path}: is a directory")
-        if path.exists() and _is_stream(path):  # a device or a pipe (/dev/stdout), written directly
+        if _is_stream(path):  # a device or a pipe (/dev/stdout), written directly
             if not os.access(path, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             return
@@ -946,18 +943,19 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
 def write_output_text(path: str | Path, text: str) -> None:
     """`text` as UTF-8 at `path` (its missing parent directories made), written to a temporary file beside it and
     renamed over it: a failure while writing leaves no partial file, and a file already at `path` stays as it was.
-    A symbolic link is followed; a stream (/dev/stdout, a pipe: _is_stream) is written into, this process's own
-    stdout or stderr through it (so that stdout redirected to a file keeps its lines, in order). A failure is a GenerationError naming the
+    A symbolic link is followed; this process's own stdout or stderr (/dev/stdout, also where it is redirected to a
+    file, which the process keeps writing to) is written through it, in order; another stream (a pipe, a device) is
+    written into. A failure is a GenerationError naming the
     path."""
     path = Path(path)
     try:
+        for stream in (sys.stdout, sys.stderr):  # this process's own output: written through it, in its order
+            if path.exists() and _same_file(path, stream):
+                stream.write(text)
+                stream.flush()
+                return
         if _is_stream(path):
-            for stream in (sys.stdout, sys.stderr):  # this process's own output: written through it, in its order
-                if _same_file(path, stream):
-                    stream.write(text)
-                    stream.flush()
-                    return
-            with open(path, "a", encoding="utf-8") as handle:
+            with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text)
             return
         write_text_atomically(_written_path(path), text)

@@ -209,7 +209,10 @@ def adapter_base_note(adapter: str, base: nn.Module) -> str | None:
     they are not paths to one directory), else None. Two copies of one model under other names are the same model,
     so this is no error; an adapter on another base computes another model, which no check can see (its reference
     is that same base with the adapter)."""
-    recorded, loaded = adapter_base(adapter), base.name_or_path
+    try:
+        recorded, loaded = adapter_base(adapter), base.name_or_path
+    except LoraError:  # it records no base: nothing to compare (a note never stops a run)
+        return None
     if recorded == loaded or (Path(recorded).exists() and Path(loaded).exists()
                               and Path(recorded).resolve() == Path(loaded).resolve()):
         return None

@@ -268,6 +268,8 @@ class TrainSettings:
         unused = () if self.sync_ref_model else ("ref_model_sync_steps", "ref_model_mixup_alpha")  # TR-DPO's, off
         if not reads_label_smoothing(self.loss):  # (a run of an earlier version may have recorded it, unread)
             unused += ("label_smoothing",)
+        if not self.lora.enabled:  # full fine-tuning reads none of LoRA's (an earlier version recorded them as given)
+            unused += ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
         identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
                     if (s.identity or s.name in split) and s.name not in unused}
         return {**identity, PROCESSES: processes} if coupled else identity

@@ -619,6 +619,7 @@ def test_prompt_keys_follow_what_a_record_asks():
     assert prompt_key(explicit, 0) == prompt_key(hh, 0)  # a bare instruction is its one user turn
     assert prompt_key({"prompt": "What is 2+2?"}, 0) == prompt_key(explicit, 0)  # a prompt alone (online DPO's)
     assert prompt_key(["not a record"], 0) is None and prompt_key({"prompt": "q", "chosen": "a"}, 0) is None
+    assert prompt_key({"prompt": 5}, 0) is None and prompt_key({"prompt": ["not", "messages"]}, 0) is None
     assert prompt_key({**explicit, "rejected": " 4 "}, 0) is None  # the same answer twice: a skipped row
 
 

@@ -801,6 +801,14 @@ def test_write_output_text_interrupted_leaves_no_partial_file(tmp_path, monkeypa
     write_output_text(link, "new text")  # through a link: the link stays, its target is replaced
     assert link.is_symlink() and path.read_text() == "new text" and (path.stat().st_mode & 0o777) == 0o600
     assert sorted(os.listdir(tmp_path)) == ["link.json", "o.json"]
+    if os.path.isdir("/dev/shm"):  # a file under /dev is a file: replaced whole, not appended to
+        shm = f"/dev/shm/dpo-test-{os.getpid()}.json"
+        try:
+            write_output_text(shm, "first\n")
+            write_output_text(shm, "second\n")
+            assert Path(shm).read_text() == "second\n"
+        finally:
+            os.remove(shm)
 
 
 @pytest.mark.parametrize("redirect", ["w", "a"])

@@ -498,3 +498,17 @@ def test_saving_an_adapter_looks_nothing_up_and_warns_nothing(workdir, tmp_path,
     adapters.save(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert [str(w.message)[:80] for w in recwarn if "peft" in w.filename] == []
+
+
+def test_the_adapter_base_note_compares_what_is_recorded_and_never_stops_a_run(tmp_path):
+    from types import SimpleNamespace
+
+    from dpo.lora import adapter_base_note
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for recorded, loaded, noted in [(None, "base", False), ("base", "base", False), ("base", "other", True),
+                                    (str(tmp_path), str(tmp_path / "."), False)]:
+        (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": recorded}))
+        note = adapter_base_note(str(adapter), SimpleNamespace(name_or_path=loaded))
+        assert (note is not None) == noted, (recorded, loaded, note)

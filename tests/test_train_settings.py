@@ -160,6 +160,10 @@ def test_label_smoothing_is_part_of_the_run_only_where_its_loss_reads_it():
     saved = {**hinge, "label_smoothing": 0.1}  # what an earlier version recorded
     assert settings_differences(saved, hinge, TrainSettings().to_dict()) == []
     assert "label_smoothing" in TrainSettings(loss=LossSettings(loss_type="hinge,sigmoid")).run_identity()
+    # LoRA's settings likewise where LoRA is off (an earlier version recorded them, as given, beside full fine-tuning)
+    full = TrainSettings().run_identity()
+    assert not {"lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save"} & set(full)
+    assert settings_differences({**full, "lora_dropout": 0.1}, full, TrainSettings().to_dict()) == []
     smoothed = TrainSettings(loss=LossSettings(label_smoothing=0.1)).run_identity()
     assert settings_differences(smoothed, TrainSettings().run_identity(), TrainSettings().to_dict()) == [
         "--label-smoothing 0.1 -> 0.0"]
