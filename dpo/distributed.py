@@ -61,14 +61,15 @@ class PeerStoppedError(UserError):
     """This process stopped because another one did (whose own error says why)."""
 
 
-# how a collective fails when a peer process has exited: gloo's RuntimeError, NCCL's DistBackendError
-_PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|broken pipe", re.IGNORECASE)
+# how a collective fails when a peer process has exited (gloo's RuntimeError, NCCL's DistBackendError); another
+# failure of a collective (a timeout, an NCCL error of its own) is not one, and keeps its traceback
+_PEER_GONE = re.compile(r"closed by peer|reset by peer|remote worker|remote process exited|communicator was aborted|"
+                        r"broken pipe", re.IGNORECASE)
 
 
 def peer_stopped(error: BaseException) -> bool:
     """Whether `error` is a collective (a barrier, a gather) failing because another process has stopped."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
-                                                 and _PEER_GONE.search(str(error)) is not None)
+    return isinstance(error, RuntimeError) and _PEER_GONE.search(str(error)) is not None
 
 
 def shutdown_distributed() -> None:
