@@ -451,7 +451,7 @@ def test_a_json_object_of_record_lists_is_a_dataset_with_splits(workdir, tmp_pat
     run(workdir, str(tmp_path / "out"), "--dataset", str(data), "--max-steps", "1", "--batch-size", "8",
         "--micro-batch-size", "4")
     out = capsys.readouterr().out
-    assert f"train: {data} (40 records): 40 rows" in out and f"eval: {data} (6 records): 6 rows" in out
+    assert f"train: {data} [train] (40 records): 40 rows" in out and f"eval: {data} [test] (6 records): 6 rows" in out
     assert train.cli(tiny_run_args(workdir, tmp_path / "out2", "--dataset", str(data), "--train-split", "x")) == 2
     assert "no split 'x' (available: train, test)" in capsys.readouterr().err
     assert train.cli(tiny_run_args(workdir, tmp_path / "out3", "--dataset", str(data), "--eval-split", "train")) == 2
