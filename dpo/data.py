@@ -768,15 +768,7 @@ def train_test_split(records: Sequence[Any], test_size: float | int, seed: int,
     if keys is not None and any(key is not None for key in keys):
         return _split_by_key(records, test_size, seed, keys)
     num = len(records)
-    if isinstance(test_size, float):
-        if not 0.0 < test_size < 1.0:
-            raise DataError(f"a fractional test_size must be in (0, 1), got {test_size}")
-        num_test = math.ceil(test_size * num)
-    else:
-        num_test = int(test_size)
-    if not 1 <= num_test <= num - 1:
-        raise DataError(f"test_size={test_size} gives {num_test} test records out of {num}; "
-                         "both splits must be non-empty")
+    num_test = _test_count(test_size, num)
     order = np.random.default_rng(seed).permutation(num).tolist()
     test_indices = set(order[:num_test])
     train = [r for i, r in enumerate(records) if i not in test_indices]
@@ -784,16 +776,23 @@ def train_test_split(records: Sequence[Any], test_size: float | int, seed: int,
     return train, test
 
 
+def _test_count(test_size: float | int, num: int, of: str = "") -> int:
+    """How many of `num` records test_size holds out (a fraction: ceil(fraction * num); an int: itself), leaving
+    both sides non-empty; a DataError otherwise (`of` qualifies the records counted)."""
+    if isinstance(test_size, float) and not 0.0 < test_size < 1.0:
+        raise DataError(f"a fractional test_size must be in (0, 1), got {test_size}")
+    num_test = math.ceil(test_size * num) if isinstance(test_size, float) else int(test_size)
+    if not 1 <= num_test <= num - 1:
+        raise DataError(f"test_size={test_size} gives {num_test} test records out of {num}{of}; "
+                        "both splits must be non-empty")
+    return num_test
+
+
 def _split_by_key(records: Sequence[Any], test_size: float | int, seed: int,
                   keys: Sequence[str | None]) -> tuple[list, list]:
     """train_test_split with keys (see there)."""
     usable = [i for i, key in enumerate(keys) if key is not None]
-    num_test = math.ceil(test_size * len(usable)) if isinstance(test_size, float) else int(test_size)
-    if isinstance(test_size, float) and not 0.0 < test_size < 1.0:
-        raise DataError(f"a fractional test_size must be in (0, 1), got {test_size}")
-    if not 1 <= num_test <= len(usable) - 1:
-        raise DataError(f"test_size={test_size} gives {num_test} test records out of {len(usable)} usable; "
-                        "both splits must be non-empty")
+    num_test = _test_count(test_size, len(usable), " usable")
     groups: dict[str, list[int]] = {}
     for i in usable:
         groups.setdefault(keys[i], []).append(i)
