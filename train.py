@@ -74,7 +74,8 @@ from dpo.modeling import (decoder_body, embedding_rows, enable_gradient_checkpoi
                           load_tokenizer, resolve_model_path, rope_switch_length)
 from dpo.on_policy import PAIR_BUILDING, IterativePairs, OnlinePairs, Sampler
 from dpo.optim import build_optimizer, decays_every_parameter
-from dpo.packing import check_packable, collate_packed, collate_shared_prompt, longest_first, packing_problem
+from dpo.packing import (check_packable, collate_packed, collate_shared_prompt, longest_first, micro_batches,
+                          packing_problem)
 from dpo.plot import plot_training_curves
 from dpo.prompts import encode_prompts
 from dpo.precision import (AUTOCAST_DTYPES, LOGP_TOLERANCE, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
@@ -327,7 +328,7 @@ def run_length(cfg: TrainSettings, steps_per_epoch: int) -> int:
 
 def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy: nn.Module,
                 adapters: Adapters | None, collate: Callable, device: torch.device,
-                log: Callable[..., None]) -> PairSource:
+                log: Callable[..., None], layout: str = "padded") -> PairSource:
     """What the steps train on: the preference pairs (offline DPO), or the policy's own samples of the train
     records' instructions, judged (--online: every step; --iterations: once per round, each round's reference
     log-probs computed when it starts)."""
@@ -358,11 +359,12 @@ def pair_source(cfg: TrainSettings, data: PreferenceData, tokenizer: Any, policy
                           # math does, which checkpoints record)
                           identity=json.dumps({k: v for k, v in cfg.run_identity().items() if k != PROCESSES},
                                               sort_keys=True),
-                          reference=round_reference(cfg, policy, adapters, collate, device))
+                          reference=round_reference(cfg, policy, adapters, collate, device, layout))
 
 
 def round_reference(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, collate: Callable,
-                    device: torch.device) -> Callable[[list[TokenizedPair], int], ReferenceLogps | None]:
+                    device: torch.device,
+                    layout: str = "padded") -> Callable[[list[TokenizedPair], int], ReferenceLogps | None]:
     """Iterative DPO: the reference log-probs of a round's pairs, computed when the round starts, before its first
     update: with --reference-update by the policy itself (the round's starting policy is its reference), else by
     the SFT model (under LoRA the adapters switched off; otherwise the policy at round 1, a frozen copy later)."""
@@ -376,7 +378,8 @@ def round_reference(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
         with mode():
             return compute_reference_logps(SequenceScorer(model, cfg.scoring, ld_alpha=cfg.loss.ld_alpha), pairs,
                                            micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
-                                           autocast=lambda: autocast(cfg, device))
+                                           autocast=lambda: autocast(cfg, device),
+                                           max_tokens=cfg.max_tokens_per_micro_batch, layout=layout)
     return compute
 
 
@@ -391,7 +394,7 @@ def reference_cache_settings(cfg: TrainSettings, device: torch.device) -> dict[s
 
 def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None, data: PreferenceData,
                     train_ids: list[int], *, device: torch.device, dist: DistInfo, collate: Callable, resumed: bool,
-                    log: Callable[..., None]) -> dict[str, ReferenceLogps | None]:
+                    log: Callable[..., None], layout: str = "padded") -> dict[str, ReferenceLogps | None]:
     """The frozen reference's log-probs of the train pairs the run trains on (`train_ids`; NaN for the others)
     and of every eval pair, computed once before training and cached in --output-dir/reference_cache/.
 
@@ -426,7 +429,8 @@ def reference_logps(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | 
                 scorer = SequenceScorer(model, cfg.scoring, ld_alpha=cfg.loss.ld_alpha)
                 part = compute_reference_logps(scorer, [selected[i] for i in share],
                                                micro_batch_size=cfg.micro_batch_size, collate=collate, device=device,
-                                               autocast=lambda: autocast(cfg, device))
+                                               autocast=lambda: autocast(cfg, device),
+                                               max_tokens=cfg.max_tokens_per_micro_batch, layout=layout)
             result = ReferenceLogps(torch.empty(len(selected)), torch.empty(len(selected)))
             for positions, chosen, rejected in gather([(share, part.chosen, part.rejected)], dist):
                 result.chosen[positions], result.rejected[positions] = chosen, rejected
@@ -477,7 +481,7 @@ def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None
                                    ld_alpha=cfg.loss.ld_alpha)
     if cfg.compile:  # after the scorer's check of the head, whose few tokens would be one more shape to compile
         decoder_body(policy).compile()
-    policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size)
+    policy_scorer.reserve_workspace(workspace_pairs, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch)
     precision = resolve_precision(cfg.precision, device)
     scorer = wrap_model(policy_scorer, dist, fsdp=cfg.fsdp, device=device, param_dtype=AUTOCAST_DTYPES[precision])
     # the fused kernel updates every parameter in one pass instead of a loop over tensors
@@ -696,8 +700,8 @@ def evaluate_pairs(state: TrainState, batch: PairBatch) -> dict[str, Any]:
     cfg, dist = state.cfg, state.dist
     state.scorer.eval()
     stats = PairMetrics(state.device)
-    positions = list(range(len(batch)))
-    chunks = [positions[i:i + cfg.micro_batch_size] for i in range(0, len(positions), cfg.micro_batch_size)]
+    chunks = micro_batches(range(len(batch)), batch.pairs, cfg.micro_batch_size, cfg.group_by_length,
+                           cfg.max_tokens_per_micro_batch, state.layout)
     for round_start in range(0, len(chunks), dist.world_size):
         index = round_start + dist.rank
         ids = chunks[index] if index < len(chunks) else chunks[0]
@@ -1031,14 +1035,14 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                              files_bytes=saved_bytes(tokenizer))
         layout, collate = collator(cfg, tokenizer.pad_token_id, policy)
         check_resumed_layout(cfg, resume, layout)
-        source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log)
+        source = pair_source(cfg, data, tokenizer, policy, adapters, collate, device, log, layout)
         total_steps = run_length(cfg, source.steps_per_epoch)
         check_stop_step(cfg.stop_at_step, resume["trainer_state"]["step"] if resume else 0, total_steps)
         used = source.used_ids(total_steps)
 
         # ------------------------------------------------ reference log-probs, the run's record, optimizer
         reference = reference_logps(cfg, policy, adapters, data, used, device=device, dist=dist, collate=collate,
-                                    resumed=resume is not None, log=log)
+                                    resumed=resume is not None, log=log, layout=layout)
         win_rate = build_win_rate_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist,
                                        resumed=resume is not None, log=log)
         run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from dpo.lm_head import (BACKWARD_ROW_SLICE, DEFAULT_VOCAB_CHUNK, lm_head_logps, workspace_numel,  # noqa: E402
                          workspace_pool)
-from dpo.batches import micro_batches  # noqa: E402
+from dpo.packing import micro_batches  # noqa: E402
 from dpo.train_settings import TrainSettings  # noqa: E402
 
 

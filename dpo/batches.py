@@ -21,7 +21,7 @@ from torch import nn
 
 from dpo.data import DataError, TokenizedPair, epoch_permutation
 from dpo.distributed import DistInfo
-from dpo.packing import longest_first, pair_length
+from dpo.packing import micro_batches
 from dpo.reference import ReferenceLogps
 
 
@@ -116,25 +116,6 @@ def process_slice(batch_size: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank * batch_size // world_size, (rank + 1) * batch_size // world_size))
 
 
-def micro_batches(positions: list[int], pairs: Sequence[TokenizedPair], micro_batch_size: int,
-                  by_length: bool, max_tokens: int | None = None, layout: str = "padded") -> list[list[int]]:
-    """`positions` (into `pairs`) cut into micro-batches, in order or grouped by length (dpo.packing): of
-    `micro_batch_size` pairs, or with `max_tokens`, of as many pairs (up to `micro_batch_size`) as fit that many
-    tokens of `layout` (layout_tokens); a pair longer than the budget alone."""
-    if by_length:
-        positions = longest_first(positions, pairs)
-    if max_tokens is None:
-        return [positions[i:i + micro_batch_size] for i in range(0, len(positions), micro_batch_size)]
-    chunks: list[list[int]] = []
-    for i in positions:
-        if chunks and len(chunks[-1]) < micro_batch_size and \
-                layout_tokens(layout, [pairs[j] for j in chunks[-1]] + [pairs[i]]) <= max_tokens:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
-
-
 def process_micro_batches(pairs: Sequence[TokenizedPair], rank: int, world_size: int, micro_batch_size: int,
                           by_length: bool, max_tokens: int | None = None,
                           layout: str = "padded") -> list[tuple[list[int], bool]]:
@@ -149,12 +130,3 @@ def process_micro_batches(pairs: Sequence[TokenizedPair], rank: int, world_size:
     mine = plans[rank]
     filler = mine[0][:1] if mine else [0]
     return [(ids, True) for ids in mine] + [(filler, False)] * (max(map(len, plans)) - len(mine))
-
-
-def layout_tokens(layout: str, pairs: Sequence[TokenizedPair]) -> int:
-    """The token positions a micro-batch of `pairs` computes in `layout`: padded rows (chosen and rejected padded
-    to the longest sequence), packed sequences (the prompt twice), shared-prompt blocks (the prompt once)."""
-    if layout == "padded":
-        return 2 * len(pairs) * max(pair_length(p) for p in pairs)
-    prompts = (2 if layout == "packed" else 1) * sum(len(p.prompt_ids) for p in pairs)
-    return prompts + sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

@@ -394,10 +394,13 @@ class SequenceScorer(nn.Module):
             response_only_exact(model)  # checked now, before DDP or FSDP wraps the model
         self.with_wpo, self.with_stats, self.ld_alpha = with_wpo, with_stats, ld_alpha
 
-    def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int) -> int:
+    def reserve_workspace(self, pairs: Sequence[TokenizedPair], micro_batch_size: int,
+                          max_tokens: int | None = None) -> int:
         """Reserve the fused LM head's softmax workspace for the largest micro-batch `pairs` can form (the
-        `micro_batch_size` pairs with the most response tokens), so that the first steps do not pay for
-        mapping ever larger buffers. Returns the rows reserved (0 when the head keeps no workspace)."""
+        `micro_batch_size` pairs with the most response tokens; under a token budget `max_tokens`, no more
+        than the budget or the longest pair, since a micro-batch's layout holds all its scored tokens), so that
+        the first steps do not pay for mapping ever larger buffers. Returns the rows reserved (0 when the head
+        keeps no workspace)."""
         s = self.settings
         fused = fused_head_applies(self.model, s)
         head = self.model.get_output_embeddings()
@@ -406,6 +409,8 @@ class SequenceScorer(nn.Module):
             return 0
         scored = sorted((len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), reverse=True)
         rows = sum(scored[:micro_batch_size])
+        if max_tokens is not None:
+            rows = min(rows, max(max_tokens, scored[0]))
         weight = self.model.get_output_embeddings().weight
         workspace_pool.reserve(workspace_numel(rows, weight.shape[0], s.vocab_chunk), weight.device)
         return rows

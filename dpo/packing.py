@@ -22,8 +22,8 @@ Batch dict (all tensors, so `{k: v.to(device)}` moves it):
     score_row                 [M] long, the sequence it belongs to: pair i chosen = i, rejected = B + i
     prompt_lengths, response_lengths   [2B] long, as in collate_pairs
 
-`group_by_length` orders the pairs of one optimizer step into micro-batches of similar length, so a padded
-layout computes little padding; the step still sums the loss of the same pairs.
+`micro_batches` cuts the pairs of one optimizer step into micro-batches, of similar length (so a padded layout
+computes little padding) and within a token budget of the layout; the step still sums the loss of the same pairs.
 """
 
 from __future__ import annotations
@@ -352,12 +352,33 @@ def longest_first(ids: Sequence[int], pairs: Sequence[TokenizedPair]) -> list[in
     return sorted(ids, key=lambda i: -pair_length(pairs[i]))
 
 
-def group_by_length(ids: Sequence[int], pairs: Sequence[TokenizedPair], micro_batch_size: int) -> list[list[int]]:
-    """The pair ids of one optimizer step cut into micro-batches of similar length, longest first.
+def micro_batches(positions: Sequence[int], pairs: Sequence[TokenizedPair], micro_batch_size: int,
+                  by_length: bool, max_tokens: int | None = None, layout: str = "padded") -> list[list[int]]:
+    """`positions` (into `pairs`) cut into micro-batches, in order or longest first: of `micro_batch_size` pairs,
+    or with `max_tokens`, of as many pairs (up to `micro_batch_size`) as fit that many tokens of `layout`
+    (layout_tokens); a pair longer than the budget alone.
 
-    The step's gradient is a sum over the same pairs whatever the grouping, so this changes only how much
-    padding a padded layout computes (and the floating-point order of the sum)."""
+    A step's gradient is a sum over the same pairs whatever the cut, so this changes only how much padding a
+    padded layout computes, the memory peak, and the floating-point order of the sum."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    ordered = longest_first(ids, pairs)
-    return [ordered[start:start + micro_batch_size] for start in range(0, len(ordered), micro_batch_size)]
+    positions = longest_first(positions, pairs) if by_length else list(positions)
+    if max_tokens is None:
+        return [positions[i:i + micro_batch_size] for i in range(0, len(positions), micro_batch_size)]
+    chunks: list[list[int]] = []
+    for i in positions:
+        if chunks and len(chunks[-1]) < micro_batch_size and \
+                layout_tokens(layout, [pairs[j] for j in chunks[-1]] + [pairs[i]]) <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def layout_tokens(layout: str, pairs: Sequence[TokenizedPair]) -> int:
+    """The token positions a micro-batch of `pairs` computes in `layout`: padded rows (chosen and rejected padded
+    to the longest sequence), packed sequences (the prompt twice), shared-prompt blocks (the prompt once)."""
+    if layout == "padded":
+        return 2 * len(pairs) * max(pair_length(p) for p in pairs)
+    prompts = (2 if layout == "packed" else 1) * sum(len(p.prompt_ids) for p in pairs)
+    return prompts + sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

@@ -24,7 +24,7 @@ from dpo.data import TokenizedPair, pairs_digest
 from dpo.errors import UserError
 from dpo.files import write_atomically
 from dpo.logprobs import SequenceScorer
-from dpo.packing import pair_length
+from dpo.packing import micro_batches
 
 
 class ReferenceLogpsError(UserError):
@@ -129,17 +129,17 @@ def compute_reference_logps(
     collate: Callable[[list[TokenizedPair]], dict[str, Tensor]],
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
+    max_tokens: int | None = None,
+    layout: str = "padded",
 ) -> ReferenceLogps:
-    """The reference's log-probs of every pair, scored by `scorer` in micro-batches (longest first), in eval
-    mode and without gradient."""
+    """The reference's log-probs of every pair, scored by `scorer` in eval mode and without gradient, in
+    micro-batches as training cuts them (dpo.packing.micro_batches: of `micro_batch_size` pairs, or within
+    `max_tokens` of `collate`'s `layout`), longest first so that similar lengths share a micro-batch."""
     was_training = scorer.training
     scorer.eval()
     chosen = torch.zeros(len(pairs), dtype=torch.float32)
     rejected = torch.zeros(len(pairs), dtype=torch.float32)
-    # longest first: similar lengths share a batch, so little padding is computed
-    order = sorted(range(len(pairs)), key=lambda i: -pair_length(pairs[i]))
-    for start in range(0, len(order), micro_batch_size):
-        ids = order[start : start + micro_batch_size]
+    for ids in micro_batches(range(len(pairs)), pairs, micro_batch_size, True, max_tokens, layout):
         batch = {k: v.to(device) for k, v in collate([pairs[i] for i in ids]).items()}
         with autocast():
             logps = scorer(batch)

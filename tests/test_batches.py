@@ -5,7 +5,8 @@ import inspect
 import pytest
 import torch
 
-from dpo.batches import OfflinePairs, PairSource, micro_batches, process_slice
+from dpo.batches import OfflinePairs, PairSource, process_slice
+from dpo.packing import micro_batches
 from dpo.data import DataError
 from dpo.on_policy import IterativePairs, OnlinePairs
 from dpo.reference import ReferenceLogps, ReferenceLogpsError

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import train
-from dpo.batches import layout_tokens, micro_batches, process_micro_batches
+from dpo.batches import process_micro_batches
+from dpo.packing import layout_tokens, micro_batches
 from dpo.data import TokenizedPair
 from dpo.loss import LossOutput, PreferenceLogps
 from dpo.metrics import PairMetrics
@@ -64,11 +65,24 @@ def test_without_a_budget_micro_batches_are_rows_longest_first():
 
 
 @pytest.mark.slow
-def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path):
+def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path, monkeypatch):
+    """Every forward of the run keeps the budget: the steps, the reference pass before them and the evaluation of
+    the held-out pairs; and the run is the row micro-batch run."""
     make_run_dir(tmp_path, 40)
-    common = ["--lr", "1e-2", "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3", "--layout", "padded"]
+    common = ["--lr", "1e-2", "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3", "--layout", "padded",
+              "--eval-steps", "1"]
     assert train.main(tiny_run_args(tmp_path, "rows", *common)) == 0
-    assert train.main(tiny_run_args(tmp_path, "tokens", *common, "--max-tokens-per-micro-batch", "120")) == 0
+    collated = []
+    real_collate = train.collate_pairs
+    monkeypatch.setattr(train, "collate_pairs", lambda pairs, **kw: collated.append(list(pairs)) or
+                        real_collate(pairs, **kw))
+    budget = 120
+    assert train.main(tiny_run_args(tmp_path, "tokens", *common, "--max-tokens-per-micro-batch", str(budget))) == 0
+    # the reference pass scores the 32 train pairs and the 8 held-out ones, 3 steps train on 16 pairs each, and an
+    # evaluation after each step scores the 8 held-out pairs
+    assert sum(map(len, collated)) == 32 + 8 + 3 * 16 + 3 * 8
+    assert all(len(pairs) == 1 or layout_tokens("padded", pairs) <= budget for pairs in collated)
+    assert max(map(len, collated)) > 1
     from safetensors.torch import load_file
 
     a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("rows", "tokens"))
@@ -76,10 +90,12 @@ def test_a_token_budget_run_equals_the_row_micro_batch_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     ra, rb = (run_metrics(tmp_path / run) for run in ("rows", "tokens"))
     for x, y in zip(ra, rb):
+        assert x.get("split") == y.get("split")
         for key in ("loss", "rewards/margins", "logps/chosen", "logits/chosen", "logits/rejected", "entropy",
                     "mean_token_accuracy", "grad_norm"):
             if key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
+    assert len([r for r in ra if r.get("split") == "eval"]) == 3
 
 
 def test_token_metrics_are_token_weighted_over_the_step():

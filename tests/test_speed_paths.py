@@ -10,7 +10,7 @@ from dpo.lm_head import lm_head_logps
 from dpo.logprobs import SequenceScorer
 from dpo.modeling import enable_gradient_checkpointing
 from dpo.loss import LossSettings, PreferenceLogps, compute_loss
-from dpo.packing import collate_shared_prompt, group_by_length
+from dpo.packing import collate_shared_prompt, micro_batches
 from harness import random_pairs, tiny_phi
 
 
@@ -192,7 +192,7 @@ def test_length_grouping_partitions_the_step_and_keeps_its_loss_and_gradients():
     model = tiny_phi()
     pairs = random_pairs(8, 97, seed=6)
     ids = list(range(8))
-    groups = group_by_length(ids, pairs, 3)
+    groups = micro_batches(ids, pairs, 3, by_length=True)
     assert sorted(i for group in groups for i in group) == ids
     assert [len(group) for group in groups] == [3, 3, 2]
     lengths = [max(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids),
@@ -207,7 +207,7 @@ def test_length_grouping_partitions_the_step_and_keeps_its_loss_and_gradients():
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="micro_batch_size"):
-        group_by_length(ids, pairs, 0)
+        micro_batches(ids, pairs, 0, by_length=True)
 
 
 def test_gradient_checkpointing_with_shared_prompts_equals_plain():
@@ -298,6 +298,26 @@ def test_reserved_workspace_serves_every_micro_batch_of_the_run():
         assert workspace_pool.free == [reserved]
         torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
     assert SequenceScorer(model, recompute_softmax=True).reserve_workspace(pairs, 2) == 0
+    workspace_pool.clear()
+
+
+def test_a_token_budget_reserves_no_more_workspace_than_its_micro_batches_use():
+    from dpo.lm_head import workspace_pool
+    from dpo.packing import micro_batches
+
+    pairs = random_pairs(12, 97, seed=4)
+    scorer = SequenceScorer(tiny_phi(), vocab_chunk=16)
+    scored = [len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    unbudgeted = scorer.reserve_workspace(pairs, 12)
+    assert unbudgeted == sum(scored)
+    for budget in (1, 40, 90, 10_000):
+        rows = scorer.reserve_workspace(pairs, 12, max_tokens=budget)
+        for layout in ("padded", "packed", "shared_prompt"):
+            for chunk in micro_batches(range(12), pairs, 12, True, budget, layout):
+                assert sum(scored[i] for i in chunk) <= rows
+        assert rows <= unbudgeted
+        if budget < 90:
+            assert rows < unbudgeted
     workspace_pool.clear()
 
 
