@@ -11,7 +11,7 @@ import pytest
 from dpo.data import DataError, instruction_records, load_records
 from dpo.evaluate import clustered_proportion, format_ifeval, ifeval_summary, proportion, wilson_interval
 from dpo.ifeval import (DEFAULT_TYPES, IFEvalError, IFEvalPrompt, constraint_descriptions, constrained_prompts,
-                        echoed_constraint, loose_variants, main, nltk_has, parse_prompt, sampled_constraint,
+                        ECHO_RUN, echoed_constraint, loose_variants, main, nltk_has, parse_prompt, sampled_constraint,
                         split_instructions, verdicts)
 from dpo.judges import IFEvalJudge, IFEvalNoEchoJudge, IFEvalNoEchoNoLoopJudge, JudgeError, build_judge, prompt_records
 from dpo.repetition import repeats_itself
@@ -445,9 +445,43 @@ TITLE = IFEvalPrompt("Suggest some audiobooks. Your answer must contain a title,
                       "such as <<poem of joy>>.", ("detectable_format:title",), ({},))
 
 
-def test_echo_needs_the_whole_description_and_never_applies_where_the_prompt_asks_to_be_repeated():
-    assert echoed_constraint(KEYWORDS, "Include keywords in the response.") is None  # part of it only
-    assert echoed_constraint(KEYWORDS, "INCLUDE   KEYWORDS ['horse', 'problem'] IN THE RESPONSE") is not None
+END_PHRASE = IFEvalPrompt("Name a color. Finish your response with this exact phrase Is there anything else I can help "
+                          "with?. No other words should follow this phrase.", ("startend:end_checker",),
+                          ({"end_phrase": "Is there anything else I can help with?"},))
+NO_COMMA = IFEvalPrompt("Name a color. In your entire response, refrain from the use of any commas.",
+                        ("punctuation:no_comma",), ({},))
+POSTSCRIPT = IFEvalPrompt("Name a color. At the end of your response, please explicitly add a postscript starting with "
+                          "P.S.", ("detectable_content:postscript",), ({"postscript_marker": "P.S."},))
+
+
+@pytest.mark.parametrize("prompt, copy", [
+    (KEYWORDS, "INCLUDE   KEYWORDS ['horse', 'problem'] IN THE RESPONSE"),  # case and spacing
+    (NO_COMMA, "In your entire response refrain from the use of any commas."),  # its comma dropped
+    (QUOTATION, '"Wrap your **entire** response with double quotation marks."'),  # markdown inside
+    (LOWERCASE, "your entire response should be in english and in all lowercase letters."),  # one sentence of two
+    (POSTSCRIPT, "At the end of your response please explicitly add a postscript starting with P.S."),
+    # seen from a trained policy, with the keywords of its prompt
+    (KEYWORDS, "Rewrite the response to include keywords ['horse', 'problem'] in the title and in the response."),
+], ids=["case", "comma-dropped", "bold", "first-sentence", "postscript", "paraphrased-around"])
+def test_a_near_copy_of_a_constraint_passes_ifeval_and_is_an_echo(prompt, copy):
+    assert verdicts(prompt, copy)[0] == [True]
+    assert echoed_constraint(prompt, copy) in constraint_descriptions(prompt)
+
+
+def test_an_echo_is_five_consecutive_words_of_the_description_outside_what_the_answer_must_write():
+    assert ECHO_RUN == 5
+    assert echoed_constraint(KEYWORDS, "Include keywords in the response.") is None  # 4 words in a row at most
+    assert echoed_constraint(KEYWORDS, "The horse problem: include keywords horse as asked.") is None
+    assert echoed_constraint(KEYWORDS, "You asked me to include keywords horse problem in it.") is not None
+    # the end phrase is 8 words of the description, which the answer must end with: not a copy
+    answer = "Red. Is there anything else I can help with?"
+    assert verdicts(END_PHRASE, answer)[0] == [True] and echoed_constraint(END_PHRASE, answer) is None
+    assert echoed_constraint(END_PHRASE, "Red. No other words should follow this phrase.") is not None
+    assert echoed_constraint(END_PHRASE, "Red. With this exact phrase Is there anything else I can help with?") \
+        is not None  # words of the description around the phrase
+
+
+def test_echo_never_applies_where_the_prompt_asks_to_be_repeated():
     repeat = IFEvalPrompt("What is the capital of France? First repeat the request word for word without change, "
                           "then give your answer", ("combination:repeat_prompt",),
                           ({"prompt_to_repeat": "What is the capital of France?"},))
