@@ -100,7 +100,7 @@ class Judge:
             raise
         except Exception as error:  # a user's judge may raise anything: name it in one line
             raise JudgeError(f"judge {self.name} raised {type(error).__name__}: {first_line(error)}") from None
-        return check_scores(self.name, scores, responses)
+        return check_scores(self.name, scores, prompts, responses)
 
     def _score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
         scores = [[self.score(prompt, answer) for answer in answers] for prompt, answers in zip(prompts, responses)]
@@ -109,8 +109,9 @@ class Judge:
         return scores
 
 
-def check_scores(name: str, scores: Any, responses: list[list[str]]) -> list[list[float]]:
-    """`scores` as a list of rows of floats shaped like `responses`, else a one-line JudgeError."""
+def check_scores(name: str, scores: Any, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
+    """`scores` as a list of rows of floats shaped like `responses` (those to `prompts`), else a one-line JudgeError
+    naming the prompt."""
     try:
         rows = [list(row) for row in scores]
     except TypeError:
@@ -118,15 +119,16 @@ def check_scores(name: str, scores: Any, responses: list[list[str]]) -> list[lis
     if len(rows) != len(responses):
         raise JudgeError(f"judge {name} returned {len(rows)} score lists for {len(responses)} prompts")
     checked = []
-    for i, (row, answers) in enumerate(zip(rows, responses)):
+    for prompt, row, answers in zip(prompts, rows, responses):
+        where = f"judge {name}: the scores of the responses to {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}"
         if len(row) != len(answers):
-            raise JudgeError(f"judge {name}: prompt {i} has {len(answers)} responses but {len(row)} scores")
+            raise JudgeError(f"{where} are {len(row)} for {len(answers)} responses")
         try:
             values = [float(v) for v in row]
         except (TypeError, ValueError):
-            raise JudgeError(f"judge {name}: prompt {i}'s scores are not numbers ({row!r:.80})") from None
+            raise JudgeError(f"{where} are not numbers ({row!r:.80})") from None
         if not all(math.isfinite(v) for v in values):
-            raise JudgeError(f"judge {name}: prompt {i} has a score that is not finite ({values})")
+            raise JudgeError(f"{where} are not all finite ({values})")
         checked.append(values)
     return checked
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dpo import on_policy
 from dpo.train_settings import ConfigError, parse_settings
-from dpo.judges import JudgeError, build_judge
+from dpo.judges import JudgeError, build_judge, check_scores
 from dpo.modeling import load_causal_lm
 from dpo.on_policy import OnPolicySettings, Sampler, summarize
 from harness import make_model_dir, run_metrics, tiny_run_args, tiny_tokenizer, torchrun, train_tiny
@@ -218,16 +218,33 @@ def test_a_cut_sample_and_an_ended_one_of_the_same_text_differ_by_their_end():
 @pytest.mark.parametrize("name,message", [
     ("raises", r"judge .*judges.py:raises raised ValueError: the judge server is down"),
     ("wrong_shape", r"judge .*:wrong_shape returned 1 score lists for [28] prompts"),
-    ("not_finite", r"judge .*:not_finite: prompt 0 has a score that is not finite"),
+    ("not_finite", r"judge .*:not_finite: the scores of the responses to '[^']+' are not all finite "
+                   r"\(\[nan(, nan)+\]\)"),
 ])
 def test_a_judge_that_raises_or_returns_the_wrong_shape_is_one_line(workdir, monkeypatch, name, message):
     judge = build_judge(f"{workdir / 'judges.py'}:{name}")
     with pytest.raises(JudgeError, match=message) as error:
         judge.score_batch(PROMPTS[:2], [["a", "b"], ["c", "d"]])
     assert "\n" not in str(error.value)
+    if name == "not_finite":  # the prompt is named by its text
+        assert f"to {PROMPTS[0]!r} are" in str(error.value)
     fixed_samples(monkeypatch)
     with pytest.raises(JudgeError, match=message):
         run(workdir, f"judge-{name}", "--online", "--judge", f"{workdir / 'judges.py'}:{name}", "--max-steps", "1")
+
+
+def test_a_judge_s_bad_scores_name_the_prompt_by_its_text():
+    long = "a prompt " * 20
+    cases = [([[1.0]], "to 'tell me about the moon' are 1 for 2 responses"),
+             ([["high", 0.0]], "to 'tell me about the moon' are not numbers (['high', 0.0])"),
+             ([[1.0, float("inf")]], "to 'tell me about the moon' are not all finite ([1.0, inf])")]
+    for row, message in cases:
+        with pytest.raises(JudgeError) as error:
+            check_scores("j", [[0.0, 1.0], *row], ["what color is the sun?", "tell me about the moon"],
+                         [["a", "b"], ["c", "d"]])
+        assert str(error.value) == f"judge j: the scores of the responses {message}"
+    with pytest.raises(JudgeError, match=f"to {long[:60]!r}... are 1 for 2"):
+        check_scores("j", [[1.0]], [long], [["a", "b"]])
 
 
 def test_bad_online_settings_are_one_line(workdir):
