@@ -699,7 +699,8 @@ def build_pairs(records: Sequence[Any], tokenizer: Any, *, max_length: int = 102
             pair = _assemble(ids[i], ids[n + i], ids[2 * n + i], example.row, special,
                              max_length, max_prompt_length, truncation_mode)
             if pair is None:
-                stats.count_skip("prompt_too_long", f"row {example.row}: prompt of {len(ids[i])} tokens leaves no "
+                prompt = truncate_prompt(ids[i], special, max_prompt_length, truncation_mode)  # as _assemble's
+                stats.count_skip("prompt_too_long", f"row {example.row}: prompt of {len(prompt)} tokens leaves no "
                                                     f"room for a response within max_length={max_length}")
             elif not pair.prompt_ids:  # no position would predict the first response token: it goes unscored
                 stats.count_skip("empty_prompt", f"row {example.row}: the prompt is no tokens (rendered "

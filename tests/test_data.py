@@ -447,6 +447,18 @@ def test_bos_added_once_only_when_tokenizer_adds_it():
     assert pair.prompt_ids == [BOS] + char_ids("P:")
 
 
+def test_a_prompt_too_long_is_skipped_naming_its_length_with_the_bos():
+    records = [{"prompt": "abc", "chosen": "yes", "rejected": "no"}]
+    rendered = len(format_prompt("abc"))
+    _, stats = build_pairs(records, CharTokenizer(add_bos=True), max_length=rendered + 1, max_prompt_length=None,
+                           allow_empty=True)
+    assert stats.skipped == {"prompt_too_long": 1}
+    assert stats.first_skip["prompt_too_long"] == (f"row 0: prompt of {rendered + 1} tokens leaves no room for a "
+                                                   f"response within max_length={rendered + 1}")
+    pairs, _ = build_pairs(records, CharTokenizer(add_bos=True), max_length=rendered + 3, max_prompt_length=None)
+    assert len(pairs[0].prompt_ids) == rendered + 1
+
+
 @pytest.mark.parametrize("mode, kept", [("keep_end", "GHIJ"), ("keep_start", "ABCD")])
 def test_prompt_truncation_modes(mode, kept):
     pair = tokenize_pair(example(prompt="ABCDEFGHIJ"), CharTokenizer(), max_length=100, max_prompt_length=4,
