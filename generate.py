@@ -154,7 +154,8 @@ def run_batch(generator: Generator, rows: list[dict], args: argparse.Namespace, 
         outputs = generator.answer([row["instruction"] for row in rows], decoding, batch_size=args.batch_size,
                                    progress=not args.no_progress, description=generator.name)
     write_outputs(args.output, rows, outputs, args.generator or generator.name)
-    print(f"{len(outputs)} outputs of {generator.name} written to {args.output}")
+    # on stderr: --output /dev/stdout writes the outputs to stdout, which a JSON reader downstream reads whole
+    print(f"{len(outputs)} outputs of {generator.name} written to {args.output}", file=sys.stderr)
 
 
 def print_compared(instructions: list[str], first: Generator, second: Generator, decoding: DecodingSettings,

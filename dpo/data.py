@@ -216,9 +216,10 @@ def _starts_as_json_lines(text: str) -> bool:
     return True
 
 
-def _read_json(path: Path, split: str | None) -> tuple[list[dict], str]:
-    """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work. With a
-    description: the path, and the split where one was taken from an object."""
+def read_json(path: Path, split: str | None = None, *, single_record: bool = False) -> tuple[list[Any], str]:
+    """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work; with
+    `single_record`, an object that is not {split: [records]} is one record. With a description: the path, and the
+    split where one was taken from an object. Every syntax or encoding error is a DataError naming the line."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -233,6 +234,8 @@ def _read_json(path: Path, split: str | None) -> tuple[list[dict], str]:
     description = str(path)
     if isinstance(data, dict) and split is not None and isinstance(data.get(split), list):
         data, description = data[split], f"{path} [{split}]"
+    elif isinstance(data, dict) and single_record:
+        data = [data]
     if not isinstance(data, list):
         hint = f" (no list under key '{split}')" if split is not None else ""
         raise DataError(f"{path}: expected a JSON array of records{hint}")
@@ -347,7 +350,7 @@ def load_records(source: str, split: str | None = None) -> tuple[list[dict], str
     elif path.is_file():
         readers = {
             ".jsonl": lambda: (_read_jsonl(path), source),
-            ".json": lambda: _read_json(path, split),
+            ".json": lambda: read_json(path, split),
             ".parquet": lambda: (_read_parquet(path), source),
         }
         if path.suffix not in readers:

@@ -53,6 +53,7 @@ from transformers import (DynamicCache, LogitsProcessor, LogitsProcessorList, St
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
+from dpo.data import DataError, read_json
 from dpo.errors import TrainingError, UserError, first_line
 from dpo.files import write_text_atomically
 from dpo.modeling import (ModelLoadError, embedding_rows, foreign_token, is_adapter_dir, load_tokenizer,
@@ -841,30 +842,14 @@ def read_instructions(path: str | Path) -> list[dict[str, Any]]:
     string "instruction" (AlpacaEval's format) or, without one, "prompt" (IFEval's), which becomes its "instruction";
     other fields are kept."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BatchFileError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise BatchFileError(f"{path}: is a directory, not a JSON or JSONL file") from None
-    except UnicodeDecodeError as error:
-        raise BatchFileError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    try:
-        data = json.loads(text)
-        rows = [data] if isinstance(data, dict) else data
-    except json.JSONDecodeError:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise BatchFileError(f"{path}: not JSON or JSON Lines (line {lineno}: {error.msg}, "
-                                     f"column {error.colno})") from None
-    if not isinstance(rows, list):
-        raise BatchFileError(f"{path}: expected a list of objects with an 'instruction' field, "
-                             f"got a JSON {type(rows).__name__}")
+    if not path.exists():
+        raise BatchFileError(f"{path}: file not found")
+    if path.is_dir():
+        raise BatchFileError(f"{path}: is a directory, not a JSON or JSONL file")
+    try:  # the training data's reader: the same files are read the same way
+        rows, _ = read_json(path, single_record=True)
+    except DataError as error:
+        raise BatchFileError(str(error)) from None
     if not rows:
         raise BatchFileError(f"{path}: no rows")
     for i, row in enumerate(rows):
@@ -873,6 +858,9 @@ def read_instructions(path: str | Path) -> list[dict[str, Any]]:
                                  f"got a {type(row).__name__}")
         if "instruction" not in row and isinstance(row.get("prompt"), str):
             rows[i] = row = {"instruction": row["prompt"], **row}
+        if "instruction" not in row and row.get("prompt") is not None:
+            raise BatchFileError(f"{path}, row {i}: field 'prompt' is a {type(row['prompt']).__name__}, not a string "
+                                 "(write a conversation as its text, e.g. 'Human: ...\\n\\nAssistant:')")
         if "instruction" not in row:
             raise BatchFileError(f"{path}, row {i}: no 'instruction' or 'prompt' field (fields: "
                                  f"{', '.join(row) or 'none'})")

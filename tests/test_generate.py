@@ -548,7 +548,9 @@ def test_batch_file_round_trip_keeps_unicode_and_fields(tmp_path, model_dir, lm,
     assert {r["generator"] for r in records} == {"model"}
     assert [r["dataset"] for r in records] == ["set0", "set1", "set2"]
     assert "日本語で答えて" in out.read_text(encoding="utf-8")  # written as UTF-8, not \u escapes
-    assert "3 outputs of model" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    # on stderr: with --output /dev/stdout the outputs alone are on stdout, one JSON document
+    assert "3 outputs of model" in printed.err and printed.out == ""
 
 
 def test_write_outputs_sets_the_generator(tmp_path):
@@ -564,9 +566,19 @@ def test_single_object_file_is_one_row(tmp_path):
     assert read_instructions(path) == [{"instruction": "yes", "input": " "}]
 
 
+def test_batch_files_read_as_the_training_data_does(tmp_path):
+    """JSON Lines whose text holds U+2028 or U+0085 (json.dumps writes them raw), and a byte order mark."""
+    path = tmp_path / "in.jsonl"
+    rows = [{"instruction": "Say hi\u2028please"}, {"instruction": "next\x85line"}, {"instruction": "third"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert read_instructions(path) == rows
+    path.write_text(json.dumps(rows), encoding="utf-8-sig")
+    assert read_instructions(path) == rows
+
+
 @pytest.mark.parametrize("content, message", [
-    ("this is not json\n", "not JSON or JSON Lines (line 1"),
-    ('{"instruction": "a"}\n{"instruction": \n', "not JSON or JSON Lines (line 2"),
+    ("this is not json\n", "bad.json, line 1: not valid JSON (Expecting value, column 1)"),
+    ('{"instruction": "a"}\n{"instruction": \n', "bad.json, line 2: not valid JSON"),
     ('[{"instruction": "a"}, {"text": "b"}]', "row 1: no 'instruction' or 'prompt' field"),
     ('{"instruction": "a"}\n{"input": "b"}\n', "row 1: no 'instruction' or 'prompt' field"),
     ('[{"instruction": "  "}]', "row 0: field 'instruction' is empty"),
@@ -575,11 +587,17 @@ def test_single_object_file_is_one_row(tmp_path):
     ('[{"instruction": 3}]', "row 0: field 'instruction' is a int"),
     ('[{"instruction": "Human: hi\\n\\nAssistant: yo\\n\\nHuman: \\n\\nAssistant:"}]',
      "row 0: field 'instruction' is a conversation that training would skip (user turn 2 of 2 (message 2) is empty)"),
-    ('[{"instruction": "a\\ud800"}]', "row 0: field 'instruction' is not Unicode text (a lone surrogate '\\ud800' at "
-                                    "character 2"),
+    ('[{"instruction": "a\\ud800"}]', "record 0: not Unicode text (a lone surrogate '\\ud800' at character 2"),
     ('["a"]', "row 0: expected an object"),
-    ('"a string"', "expected a list of objects"),
+    ('"a string"', "expected a JSON array of records"),
     ("[]", "no rows"),
+    # as the training data's reader says it: where the error is, whatever json raises
+    ('[\n  {"instruction": "hi"},\n  {"instruction": "yo",}\n]', "bad.json, line 3: not valid JSON (Expecting "
+                                                                 "property name enclosed in double quotes, column 24)"),
+    pytest.param('{"instruction": "hi", "id": ' + "9" * 5000 + "}\n", "bad.json: not valid JSON (Exceeds the limit",
+                 id="huge-integer"),
+    pytest.param("[" * 100_000, "bad.json: not valid JSON (nested too deeply)", id="deep-nesting"),
+    ('[{"prompt": [{"role": "user", "content": "hi"}]}]', "row 0: field 'prompt' is a list, not a string"),
 ])
 def test_bad_batch_files(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -618,6 +636,20 @@ def test_ctrl_c_ends_a_command_in_one_line_without_a_traceback(capsys):
     assert run_cli(interrupted, None) == 130 and capsys.readouterr().err == "interrupted\n"
 
 
+def sigint_caught(pid: int) -> bool:
+    """Whether process `pid` has a handler for SIGINT (Linux: /proc's caught-signals mask)."""
+    import signal
+    from pathlib import Path
+
+    proc = Path(f"/proc/{pid}/status")
+    if not proc.parent.parent.is_dir():  # no /proc: assume it has (the wait after it is then the whole margin)
+        time.sleep(1.0)
+        return True
+    status = proc.read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signal.SIGINT - 1) & 1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["train.py", "--output-dir", "unused"], ["generate.py"],
                                      ["-m", "dpo.evaluate", "--model", "unused"], ["-m", "dpo.ifeval", "--help"]])
@@ -633,7 +665,12 @@ def test_ctrl_c_while_a_command_imports_is_one_line_too(command):
     assert signal.getsignal(signal.SIGINT) is not dpo.cli._interrupted_while_starting  # importing never installs it
     process = subprocess.Popen([sys.executable, *command], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(1.0)  # python is up, the imports are not done (they take several seconds)
+    # python is up once it catches SIGINT (its own handler, then the entry point's, installed before the imports of
+    # several seconds); then a moment for the entry point's first lines, however loaded the machine is
+    deadline = time.monotonic() + 60
+    while not sigint_caught(process.pid) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert (process.returncode, err) == (130, "interrupted\n")
@@ -678,7 +715,7 @@ def _run_with_settings(tmp_path, settings):
     ("empty_hh_turn", "the instruction is a conversation that training would skip (user turn 1 of 1"),
     ("empty_recipe_turn", "the instruction is a conversation that training would skip (user turn 1 of 1"),
     ("undecodable", "the instruction is not Unicode text (a lone surrogate '\\udcff' at character 2)"),
-    ("not_json", "not JSON or JSON Lines"),
+    ("not_json", "not valid JSON"),
     ("no_instruction", "no 'instruction' or 'prompt' field"),
     ("no_tokenizer", "tokenizer"),
     ("zero_tokens", "--max-new-tokens must be at least 1"),
