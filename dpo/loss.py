@@ -358,6 +358,8 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
         if any(name == seen for seen, _ in terms):
             raise LossSpecError(f"loss_type {spec!r} names {name!r} twice")
         terms.append((name, weight))
+    if all(weight == 0 for _, weight in terms):
+        raise LossSpecError(f"loss_type {spec!r}: every term has weight 0, so the loss is 0 and nothing would train")
     return terms
 
 
@@ -382,6 +384,40 @@ def reads_label_smoothing(config: LossSettings) -> bool:
     """Whether some term reads --label-smoothing (a custom loss is assumed to unless it says otherwise)."""
     return any(getattr(resolve_loss(name), "reads_label_smoothing", True)
                for name, _ in parse_loss_spec(config.loss_type))
+
+
+# settings that one built-in loss alone reads; a loss not built in may read them too
+LOSS_OWN_SETTINGS = {"simpo_gamma": "simpo", "discopop_tau": "discopop"}
+
+
+def is_builtin(fn: LossFunction) -> bool:
+    """Whether the loss is one of this module's (what a custom loss reads cannot be known)."""
+    return getattr(fn, "__module__", None) == __name__
+
+
+def reads_own_setting(config: LossSettings, setting: str) -> bool:
+    """Whether some term reads `setting`, one of LOSS_OWN_SETTINGS: the loss it belongs to, or a custom loss."""
+    return any(name == LOSS_OWN_SETTINGS[setting] or not is_builtin(resolve_loss(name))
+               for name, _ in parse_loss_spec(config.loss_type))
+
+
+def reads_f_alpha(config: LossSettings) -> bool:
+    """Whether --f-alpha changes the loss: it is the alpha-divergence's parameter (a custom loss may read it)."""
+    return config.f_divergence == "alpha_divergence" or any(not is_builtin(resolve_loss(name))
+                                                           for name, _ in parse_loss_spec(config.loss_type))
+
+
+def unread_loss_settings(config: LossSettings) -> list[str]:
+    """The loss settings no term of --loss reads with the others as they are: --label-smoothing, --f-alpha,
+    --rpo-normalize, and LOSS_OWN_SETTINGS (a run records them only where they are read)."""
+    unread = [name for name in LOSS_OWN_SETTINGS if not reads_own_setting(config, name)]
+    if not reads_label_smoothing(config):
+        unread.append("label_smoothing")
+    if not reads_f_alpha(config):
+        unread.append("f_alpha")
+    if config.rpo_alpha is None:  # the RPO term's, which is off
+        unread.append("rpo_normalize")
+    return unread
 
 
 def label_smoothing_losses() -> list[str]:

@@ -25,9 +25,9 @@ import torch
 from dpo.checkpoint import PROCESSES
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
-from dpo.loss import (LossSettings, batch_coupled, check_loss_output, check_weighting, needs_reference_model,
-                      parse_loss_spec, reads_f_divergence, label_smoothing_losses, reads_label_smoothing,
-                      resolve_loss)
+from dpo.loss import (LOSS_OWN_SETTINGS, LossSettings, batch_coupled, check_loss_output, check_weighting,
+                      label_smoothing_losses, needs_reference_model, parse_loss_spec, reads_f_alpha, reads_f_divergence,
+                      reads_label_smoothing, reads_own_setting, resolve_loss, unread_loss_settings)
 from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
@@ -266,8 +266,7 @@ class TrainSettings:
         # (under a token budget the layout, resolved by device, is checked apart: train.check_resumed_layout)
         split = ("micro_batch_size", "group_by_length", "max_tokens_per_micro_batch") if coupled else ()
         unused = () if self.sync_ref_model else ("ref_model_sync_steps", "ref_model_mixup_alpha")  # TR-DPO's, off
-        if not reads_label_smoothing(self.loss):  # (a run of an earlier version may have recorded it, unread)
-            unused += ("label_smoothing",)
+        unused += tuple(unread_loss_settings(self.loss))  # (a run of an earlier version may have recorded them)
         if not self.lora.enabled:  # full fine-tuning reads none of LoRA's (an earlier version recorded them as given)
             unused += ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
         identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
@@ -330,8 +329,8 @@ def parse_settings(argv: list[str] | None = None) -> TrainSettings:
 
 def check_requirements(cfg: TrainSettings) -> None:
     """What a run needs beyond valid values, checked before any work: every term of --loss resolves (an unknown
-    name lists the known ones) and returns one loss per pair, some term reads --f-divergence and
-    --label-smoothing where they are given, and the libraries of --report-to's trackers and of --optimizer are
+    name lists the known ones) and returns one loss per pair, some term reads every loss setting given (--f-divergence,
+    --label-smoothing, --f-alpha, --rpo-normalize, --simpo-gamma, --discopop-tau), and the libraries of --report-to's trackers and of --optimizer are
     installed (the error names the pip extra)."""
     for name, _ in parse_loss_spec(cfg.loss.loss_type):
         resolve_loss(name)
@@ -348,6 +347,18 @@ def check_requirements(cfg: TrainSettings) -> None:
         raise ConfigError(f"--label-smoothing {cfg.loss.label_smoothing:g} changes nothing for --loss "
                           f"{cfg.loss.loss_type}: no term of it reads it (the losses that do: "
                           f"{', '.join(label_smoothing_losses())})")
+    defaults = LossSettings()
+    for name, loss in LOSS_OWN_SETTINGS.items():
+        value = getattr(cfg.loss, name)
+        if value != getattr(defaults, name) and not reads_own_setting(cfg.loss, name):
+            raise ConfigError(f"--{name.replace('_', '-')} {value:g} changes nothing for --loss {cfg.loss.loss_type}: "
+                              f"only {loss} reads it")
+    if cfg.loss.f_alpha != defaults.f_alpha and not reads_f_alpha(cfg.loss):
+        raise ConfigError(f"--f-alpha {cfg.loss.f_alpha:g} changes nothing with --f-divergence "
+                          f"{cfg.loss.f_divergence}: it is the alpha of --f-divergence alpha_divergence")
+    if cfg.loss.rpo_normalize != defaults.rpo_normalize and cfg.loss.rpo_alpha is None:
+        raise ConfigError(f"--rpo-normalize {cfg.loss.rpo_normalize} changes nothing without --rpo-alpha: it says how "
+                          "the RPO term averages the chosen NLL")
     check_loss_output(cfg.loss)
     resolve_report_to(cfg.report_to)
     check_optimizer(cfg.optimizer)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import dpo.loss as loss_module
 from dpo.loss import (
+    LOSS_OWN_SETTINGS,
     LossOutputError,
     LossSettings,
     LossSpecError,
@@ -27,6 +28,7 @@ from dpo.loss import (
     reads_f_divergence,
     reads_label_smoothing,
     register_loss,
+    unread_loss_settings,
     resolve_loss,
     update_loss_state,
 )
@@ -264,6 +266,32 @@ def test_the_losses_that_ignore_label_smoothing_say_so():
     assert reads_label_smoothing(LossSettings(loss_type="hinge,sigmoid"))
     assert not reads_label_smoothing(LossSettings(loss_type="hinge,ipo"))
     assert reads_label_smoothing(LossSettings(loss_type="examples/my_loss.py:my_loss"))  # a custom loss may read it
+
+
+def test_the_settings_of_one_loss_are_read_by_it_alone():
+    """LOSS_OWN_SETTINGS names the one built-in loss each of its settings changes; --f-alpha changes a loss only under
+    the alpha-divergence, --rpo-normalize only with the RPO term: checked against what each loss computes."""
+    x = batch(batch_chosen_length=torch.full((len(LC),), float(sum(LC))))  # what --rpo-normalize tokens averages over
+
+    def changes(name: str, setting: str, a, b, **others) -> bool:
+        return not torch.equal(compute_loss(x, LossSettings(loss_type=name, **others, **{setting: a})).losses,
+                               compute_loss(x, LossSettings(loss_type=name, **others, **{setting: b})).losses)
+
+    for setting, owner in LOSS_OWN_SETTINGS.items():
+        assert {name for name in available_losses() if changes(name, setting, 0.3, 2.0)} == {owner}
+    for name in READS_F:
+        assert not changes(name, "f_alpha", 0.3, -0.5)
+        assert changes(name, "f_alpha", 0.3, -0.5, f_divergence="alpha_divergence")
+    for name in available_losses():
+        assert not changes(name, "rpo_normalize", "sequence", "tokens")
+        assert changes(name, "rpo_normalize", "sequence", "tokens", rpo_alpha=1.0)
+    assert unread_loss_settings(LossSettings()) == ["simpo_gamma", "discopop_tau", "f_alpha", "rpo_normalize"]
+    assert unread_loss_settings(LossSettings(loss_type="simpo,hinge", f_divergence="alpha_divergence",
+                                             rpo_alpha=0.5)) == ["discopop_tau"]
+    assert unread_loss_settings(LossSettings(loss_type="hinge")) == ["simpo_gamma", "discopop_tau", "label_smoothing",
+                                                                     "f_alpha", "rpo_normalize"]
+    # a custom loss may read any of them
+    assert unread_loss_settings(LossSettings(loss_type="examples/my_loss.py:my_loss")) == ["rpo_normalize"]
 
 
 @pytest.mark.parametrize("f_divergence, f_alpha", [("forward_kl", 1.0), ("js_divergence", 1.0),
@@ -784,6 +812,12 @@ def test_parse_loss_spec(spec, expected):
 def test_parse_loss_spec_rejects_a_weight_without_name():
     with pytest.raises(LossSpecError, match="no loss name"):
         parse_loss_spec(":0.5")
+
+
+def test_a_loss_whose_every_weight_is_0_is_refused():
+    with pytest.raises(LossSpecError, match="every term has weight 0, so the loss is 0 and nothing would train"):
+        parse_loss_spec("sigmoid:0,sft:0")
+    assert parse_loss_spec("sigmoid:0,sft:1") == [("sigmoid", 0.0), ("sft", 1.0)]  # one term off is a choice
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from dpo.train_settings import DEMO_SETTINGS, TrainSettings, build_parser, flag_tables, parse_settings
 from dpo.logprobs import ScoringSettings
 from dpo.loss import LossSettings
+from dpo.errors import UserError
 from dpo.settings import ConfigError, from_flat, setting_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +33,10 @@ def test_every_field_of_every_settings_class_is_a_flag_and_a_config_key(tmp_path
     names = [s.name for s in setting_fields(TrainSettings)]
     assert len(names) == len(set(names))
     file = tmp_path / "c.json"
-    file.write_text(json.dumps({"loss": "hinge", "discopop_tau": 0.2, "logps-chunk-size": 64, "model": "x"}))
+    file.write_text(json.dumps({"loss": "discopop", "discopop_tau": 0.2, "logps-chunk-size": 64, "model": "x"}))
     cfg = parse_settings(["--config", str(file), "--vocab-chunk", "512"])
     assert (cfg.loss.loss_type, cfg.loss.discopop_tau, cfg.scoring.chunk_size, cfg.scoring.vocab_chunk) == \
-        ("hinge", 0.2, 64, 512)
+        ("discopop", 0.2, 64, 512)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -72,6 +74,29 @@ def test_label_smoothing_no_term_reads_is_refused(loss):
         parse_settings(["--loss", loss, "--label-smoothing", "0.1"])
     assert parse_settings(["--loss", f"{loss},sigmoid", "--label-smoothing", "0.1"]).loss.label_smoothing == 0.1
     assert parse_settings(["--loss", loss]).loss.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--simpo-gamma", "3"], "--simpo-gamma 3 changes nothing for --loss sigmoid: only simpo reads it"),
+    (["--loss", "hinge,ipo", "--discopop-tau", "0.5"],
+     "--discopop-tau 0.5 changes nothing for --loss hinge,ipo: only discopop reads it"),
+    (["--f-alpha", "0.3"], "--f-alpha 0.3 changes nothing with --f-divergence reverse_kl: it is the alpha of "
+                           "--f-divergence alpha_divergence"),
+    (["--rpo-normalize", "tokens"], "--rpo-normalize tokens changes nothing without --rpo-alpha"),
+    (["--loss", "sigmoid:0"], "every term has weight 0"),
+])
+def test_a_loss_setting_no_term_reads_is_refused(flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_settings(flags)
+
+
+def test_a_loss_setting_is_taken_where_a_term_reads_it():
+    assert parse_settings(["--loss", "simpo", "--simpo-gamma", "3"]).loss.simpo_gamma == 3
+    assert parse_settings(["--loss", "sigmoid,discopop", "--discopop-tau", "0.5"]).loss.discopop_tau == 0.5
+    assert parse_settings(["--f-divergence", "alpha_divergence", "--f-alpha", "0.3"]).loss.f_alpha == 0.3
+    assert parse_settings(["--rpo-alpha", "1", "--rpo-normalize", "tokens"]).loss.rpo_normalize == "tokens"
+    custom = parse_settings(["--loss", "examples/my_loss.py:my_loss", "--simpo-gamma", "2", "--f-alpha", "0.5"])
+    assert (custom.loss.simpo_gamma, custom.loss.f_alpha) == (2, 0.5)  # a custom loss may read them
 
 
 @pytest.mark.parametrize("values,message", [
@@ -142,8 +167,9 @@ def test_run_config_round_trips_as_a_config_file(tmp_path):
 def test_run_identity_holds_what_changes_data_order_or_math():
     identity = TrainSettings().run_identity()
     for name in ("model", "dataset", "train_split", "num_pairs", "subset", "seed", "batch_size", "max_length",
-                 "max_prompt_length", "loss", "beta", "discopop_tau", "lr", "epochs", "max_steps", "precision"):
+                 "max_prompt_length", "loss", "beta", "lr", "epochs", "max_steps", "precision"):
         assert name in identity, name
+    assert "discopop_tau" in TrainSettings(loss=LossSettings(loss_type="discopop")).run_identity()
     for name in ("eval_steps", "save_steps", "log_steps", "progress", "plot", "output_dir", "micro_batch_size",
                  "layout", "fused_lm_head", "logps_chunk_size", "resume", "stop_at_step", "device"):
         assert name not in identity, name
@@ -164,6 +190,13 @@ def test_label_smoothing_is_part_of_the_run_only_where_its_loss_reads_it():
     full = TrainSettings().run_identity()
     assert not {"lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save"} & set(full)
     assert settings_differences({**full, "lora_dropout": 0.1}, full, TrainSettings().to_dict()) == []
+    # and the loss settings only some losses read (an earlier version recorded them beside any loss)
+    plain = TrainSettings().run_identity()
+    assert not {"simpo_gamma", "discopop_tau", "f_alpha", "rpo_normalize"} & set(plain)
+    old = {**plain, "simpo_gamma": 3.0, "discopop_tau": 9.0, "f_alpha": 0.3, "rpo_normalize": "tokens"}
+    assert settings_differences(old, plain, TrainSettings().to_dict()) == []
+    simpo = TrainSettings(loss=LossSettings(loss_type="simpo", simpo_gamma=1.0)).run_identity()
+    assert simpo["simpo_gamma"] == 1.0
     smoothed = TrainSettings(loss=LossSettings(label_smoothing=0.1)).run_identity()
     assert settings_differences(smoothed, TrainSettings().run_identity(), TrainSettings().to_dict()) == [
         "--label-smoothing 0.1 -> 0.0"]
