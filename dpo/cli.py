@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -12,8 +13,15 @@ from dpo.errors import UserError
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
-    print("interrupted", file=sys.stderr)
-    raise SystemExit(130)
+    # an exit, not an exception: the handler may run inside a finalizer or callback of the imports, where Python
+    # prints an exception as ignored and goes on; nothing is written yet that an exit could leave half done
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os.write(2, b"interrupted\n")
+    os._exit(130)
 
 
 def exit_quietly_on_interrupt() -> None:

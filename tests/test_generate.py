@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -650,10 +651,32 @@ def sigint_caught(pid: int) -> bool:
     return bool(mask >> (signal.SIGINT - 1) & 1)
 
 
+def test_ctrl_c_while_starting_exits_even_inside_a_finalizer():
+    """Python reports an exception raised in a finalizer (or a weakref or GC callback, which imports run) as ignored
+    and goes on: the interrupt while starting must exit wherever its handler runs."""
+    script = textwrap.dedent("""
+        import os, signal
+        from dpo.cli import exit_quietly_on_interrupt
+        exit_quietly_on_interrupt()
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between these bytecodes, inside __del__
+                    pass
+
+        Finalized()
+        print("went on")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["train.py", "--output-dir", "unused"], ["generate.py"],
-                                     ["-m", "dpo.evaluate", "--model", "unused"], ["-m", "dpo.ifeval", "--help"]])
-def test_ctrl_c_while_a_command_imports_is_one_line_too(command):
+@pytest.mark.parametrize("command", [["train.py", "--output-dir", "{tmp}/unused"], ["generate.py"],
+                                     ["-m", "dpo.evaluate", "--model", "{tmp}/unused"], ["-m", "dpo.ifeval", "--help"]])
+def test_ctrl_c_while_a_command_imports_is_one_line_too(command, tmp_path):
     """An entry point's imports (torch, transformers) take seconds before run_cli starts: Ctrl-C then is the same
     `interrupted` and status 130, not a traceback from inside an import."""
     import signal
@@ -663,6 +686,7 @@ def test_ctrl_c_while_a_command_imports_is_one_line_too(command):
 
     root = Path(__file__).resolve().parents[1]
     assert signal.getsignal(signal.SIGINT) is not dpo.cli._interrupted_while_starting  # importing never installs it
+    command = [part.format(tmp=tmp_path) for part in command]  # a run that went on would write there, not here
     process = subprocess.Popen([sys.executable, *command], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # python is up once it catches SIGINT (its own handler, then the entry point's, installed before the imports of
