@@ -81,8 +81,8 @@ from dpo.prompts import encode_prompts
 from dpo.precision import (AUTOCAST_DTYPES, LOGP_TOLERANCE, frozen_dtype, matmul_precision, resolve_precision, synced_clock,
                            use_fast_cuda_kernels)
 from dpo.precision import autocast as precision_autocast
-from dpo.reference import (ReferenceLogps, cache_key, compute_reference_logps, load_cached, model_identity,
-                           save_cached)
+from dpo.reference import (ReferenceLogps, cache_key, compute_reference_logps, content_identity, identity_changes,
+                           load_cached, model_identity, save_cached)
 from dpo.reference_sync import mix_into_reference, sync_due
 from dpo.schedule import lr_at
 from dpo.settings import ConfigError
@@ -171,6 +171,16 @@ def training_data(cfg: TrainSettings, data: PreferenceData) -> dict[str, Any]:
     else:
         found = {"pairs": len(data.train), "digest": pairs_digest(data.train), "rendering": RENDERING}
     return {**found, "held_out_by": HELD_OUT_BY} if data.held_out_digest is not None else found
+
+
+def check_resumed_model(cfg: TrainSettings, resume: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resumed run must start from the model (and --adapter) it started on: its reference, and under LoRA the
+    base its adapters train on. The checkpoint records their files' sizes and hashes (content_identity)."""
+    saved = resume["trainer_state"].get("model") if resume else None
+    if saved is not None and (changes := identity_changes(saved, now)):
+        flags = f"--model {cfg.model}" + (f" --adapter {cfg.lora.adapter}" if cfg.lora.adapter else "")
+        raise ConfigError(f"--resume: {flags} is not what the run started on ({', '.join(changes)}), so its "
+                          "reference would be another model; restore it, or --overwrite to start afresh")
 
 
 def check_resumed_data(resume: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -467,6 +477,7 @@ class TrainState:
     skipped_steps: int = 0
     overflow_steps: int = 0  # of the skipped steps, those the fp16 GradScaler skipped: the schedule waits on them
     data: dict | None = None  # training_data: what the steps train on, checked when a checkpoint is resumed
+    model_identity: dict | None = None  # content_identity of --model and --adapter, checked likewise
 
 
 def build_state(cfg: TrainSettings, policy: nn.Module, adapters: Adapters | None = None, *, device: torch.device,
@@ -872,7 +883,7 @@ def save(state: TrainState, total_steps: int, tokenizer: Any, run_config: dict[s
                            "overflow_steps": state.overflow_steps, "layout": state.layout,
                            "settings": state.cfg.run_identity(state.dist.world_size),
                            "health": state.health.state_dict(),
-                           "data": state.data},
+                           "data": state.data, "model": state.model_identity},
             loss_state=state.loss_state, keep=state.cfg.save_total_limit, rng_per_process=rng_per_process)
     barrier(state.dist)
     return path
@@ -1024,6 +1035,8 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         data = load_preference_pairs(cfg, tokenizer, log=log)
         state_data = training_data(cfg, data)
         check_resumed_data(resume, state_data)
+        state_model = content_identity(model_identity(resolve_model_path(cfg.model), cfg.lora.adapter))
+        check_resumed_model(cfg, resume, state_model)
         policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
         if cfg.lora.adapter is not None and (note := adapter_base_note(cfg.lora.adapter, policy)) is not None:
             log(note)
@@ -1068,7 +1081,7 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         state = build_state(cfg, policy, adapters, device=device, dist=dist, collate=collate, on_alert=alert,
                             workspace_pairs=[data.train[i] for i in used], resume=resume, layout=layout,
                             decay_all=decay_all)
-        state.data = state_data
+        state.data, state.model_identity = state_data, state_model
         if resume:
             log(f"resumed from checkpoint-{state.step} (step {state.step} of {total_steps})")
 

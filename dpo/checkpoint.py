@@ -324,7 +324,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: cannot be read ({first_line(error)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{file}: not a trainer state (no step)")
-    for field in ("settings", "health", "data"):
+    for field in ("settings", "health", "data", "model"):
         if field in state and not isinstance(state[field], dict):
             raise CheckpointError(f"{file}: field {field!r} is not an object")
     for field in ("total_steps", "skipped_steps", "overflow_steps"):

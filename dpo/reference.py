@@ -111,6 +111,29 @@ def model_identity(model_path: str, adapter: str | None = None) -> dict:
     return identity
 
 
+def content_identity(identity: dict) -> dict:
+    """model_identity without modification times: what a copy of the same files (another node, a moved run) keeps."""
+    def content(fingerprint: dict) -> dict:
+        return {name: value if "hub" in fingerprint else [value[0], value[2]] for name, value in fingerprint.items()}
+
+    return {part: content(fingerprint) for part, fingerprint in identity.items()}
+
+
+def identity_changes(then: dict, now: dict) -> list[str]:
+    """What differs between two content_identity results, in words: the files that changed, appeared or went, a hub
+    model's revision."""
+    changes = []
+    for part in sorted(set(then) | set(now)):
+        a, b = then.get(part, {}), now.get(part, {})
+        if "hub" in a or "hub" in b:
+            if a != b:
+                changes.append(f"the {part}'s hub snapshot {a.get('revision', 'none')} -> {b.get('revision', 'none')}")
+            continue
+        changes += [f"{name} {'changed' if name in a and name in b else 'appeared' if name in b else 'is gone'}"
+                    for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
+    return changes
+
+
 def cache_key(identity: dict, pairs: Sequence[TokenizedPair], settings: dict) -> str:
     """The cache file's key: the reference's identity (model_identity), the scoring settings and every tokenized
     pair."""

@@ -4,6 +4,7 @@ import functools
 import gc
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -380,6 +381,40 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_is_set_up(workdir, tmp_p
     assert json.loads((old / "run_config.json").read_text())["max_steps"] == 2
     assert (old / "final" / "model.safetensors").read_bytes() != weights
     assert [p.name for p in tmp_path.iterdir() if "replaced" in p.name] == []
+
+
+def test_resume_refuses_a_model_whose_weights_changed(workdir, tmp_path, capsys):
+    """The reference (and under LoRA the base) of a resumed run is --model: weights written again at its path would
+    silently be another reference. A copy of the same files (new modification times) resumes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dpo.reference import identity_changes
+
+    model = tmp_path / "model"
+    shutil.copytree(workdir / "model", model)
+    args = ["--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3"]
+    out = run(workdir, str(tmp_path / "out"), "--model", str(model), *args, "--stop-at-step", "1")
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert set(state["model"]) == {"model"} and "model.safetensors" in state["model"]["model"]
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    argv = tiny_run_args(workdir, out, "--model", str(model), *args, "--lr", "1e-3", "--resume")
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --resume: --model {model} is not what the run started on (model.safetensors changed), so "
+                   "its reference would be another model; restore it, or --overwrite to start afresh\n")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})  # the same tensors, written anew
+    state_file.write_text(json.dumps({key: value for key, value in state.items() if key != "model"}))  # earlier
+    assert train.cli(argv[:-1] + ["--stop-at-step", "2", "--resume"]) == 0  # a checkpoint recording none resumes
+    os.utime(model / "model.safetensors", (1e9, 1e9))  # as a copy on another node has it
+    assert train.cli(argv) == 0 and (out / "final").is_dir()
+    assert identity_changes({"model": {"hub": "org/m", "revision": "a1"}}, {"model": {"hub": "org/m", "revision": "b2"}}) \
+        == ["the model's hub snapshot a1 -> b2"]
+    assert identity_changes({"model": {"w.bin": [1, "x"]}}, {"model": {"w.bin": [1, "x"], "v.bin": [2, "y"]},
+                                                              "adapter": {}}) == ["v.bin appeared"]
 
 
 def test_resume_refuses_changed_data_and_a_finished_run_without_checkpoints(workdir, tmp_path, capsys):
