@@ -248,7 +248,7 @@ def caller_random_kept() -> Iterator[None]:
 ASKS_FOR_REPETITION = ("combination:repeat_prompt",)  # types whose answer must repeat the prompt
 
 
-ECHO_RUN = 5  # consecutive words of a constraint's description that make an answer a copy of it
+ECHO_RUN = 6  # consecutive words of a constraint's description that make an answer a copy of it
 
 
 def _normalized(text: str) -> str:
@@ -296,9 +296,9 @@ def echoed_constraint(prompt: IFEvalPrompt, response: str) -> str | None:
     constraint asks the answer to repeat the prompt. A copy is any ECHO_RUN consecutive words of the description,
     case, punctuation and markdown ignored: the whole description, one of its sentences, a copy with a comma dropped
     or a word in bold. Copying the constraint passes some checkers without answering: the keywords are in it, quoted
-    it is a "response wrapped in quotation marks", without its comma it has none. On 36,800 answers of
-    alpacaeval-phi2-prefs against a description of each type built for their instruction, none is a copy (at 4
-    words, 8 would be)."""
+    it is a "response wrapped in quotation marks", without its comma it has none. Of the 109,618 checks of both
+    answers of each of alpacaeval-phi2-prefs' 2,383 pairs against a description of each type built for their
+    instruction, none finds a copy (at 5 words, 3 would: "At the end of your trip" is 5 words of the postscript's)."""
     if any(type_id in ASKS_FOR_REPETITION for type_id in prompt.instruction_id_list):
         return None
     answer = _runs(_words(response))

@@ -468,11 +468,15 @@ def test_a_near_copy_of_a_constraint_passes_ifeval_and_is_an_echo(prompt, copy):
     assert echoed_constraint(prompt, copy) in constraint_descriptions(prompt)
 
 
-def test_an_echo_is_five_consecutive_words_of_the_description_outside_what_the_answer_must_write():
-    assert ECHO_RUN == 5
+def test_an_echo_is_six_consecutive_words_of_the_description_outside_what_the_answer_must_write():
+    assert ECHO_RUN == 6
     assert echoed_constraint(KEYWORDS, "Include keywords in the response.") is None  # 4 words in a row at most
     assert echoed_constraint(KEYWORDS, "The horse problem: include keywords horse as asked.") is None
-    assert echoed_constraint(KEYWORDS, "You asked me to include keywords horse problem in it.") is not None
+    assert echoed_constraint(KEYWORDS, "You asked me to include keywords horse problem in the text.") is not None
+    # 5 words of a description are plain English: answers of alpacaeval-phi2-prefs hold them
+    trip = "Take the ferry. At the end of your trip, have dinner by the harbour.\n\nP.S. Book the dinner early."
+    assert verdicts(POSTSCRIPT, trip)[0] == [True] and echoed_constraint(POSTSCRIPT, trip) is None
+    assert echoed_constraint(NO_COMMA, "Refrain from the use of tobacco.") is None
     # the end phrase is 8 words of the description, which the answer must end with: not a copy
     answer = "Red. Is there anything else I can help with?"
     assert verdicts(END_PHRASE, answer)[0] == [True] and echoed_constraint(END_PHRASE, answer) is None
