@@ -234,7 +234,10 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        parse_loss_spec(self.loss_type)  # syntax only; names are resolved when the loss is first used
+        terms = parse_loss_spec(self.loss_type)  # syntax only; names are resolved when the loss is first used
+        if all(weight == 0 for _, weight in terms) and not self.rpo_alpha:
+            raise LossSpecError(f"loss_type {self.loss_type!r}: every term has weight 0 (and no --rpo-alpha), so the "
+                                "loss is 0 and nothing would train")
         exponential = self.f_divergence == "forward_kl" or (self.f_divergence == "alpha_divergence" and self.f_alpha)
         if self.reference_free and exponential:
             raise ConfigError(f"--f-divergence {self.f_divergence} with --reference-free: without a reference the "
@@ -358,8 +361,6 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
         if any(name == seen for seen, _ in terms):
             raise LossSpecError(f"loss_type {spec!r} names {name!r} twice")
         terms.append((name, weight))
-    if all(weight == 0 for _, weight in terms):
-        raise LossSpecError(f"loss_type {spec!r}: every term has weight 0, so the loss is 0 and nothing would train")
     return terms
 
 

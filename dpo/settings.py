@@ -309,9 +309,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, str]
             target.add_argument(s.flag, type=converters.get(s.name) or CONVERTERS[s.type], **kwargs)
 
 
-def load_config_file(path: str, cls: type, records: Collection[str] = ()) -> dict[str, Any]:
+def load_config_file(path: str, cls: type, records: Collection[str] = (),
+                     invocation: Collection[str] = ()) -> dict[str, Any]:
     """{flat name: value} of a JSON object of settings (keys in either spelling; keys starting with '_' are
-    comments, and `records` name keys a run writes beside its settings, which are left out)."""
+    comments, and `records` name keys a run writes beside its settings, which are left out). `invocation` name
+    settings of one command (--resume, --overwrite) that a run's record holds as they were given: left out of a file
+    that holds one of `records`, so that replaying a run's record neither replaces nor resumes a run."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -329,13 +332,14 @@ def load_config_file(path: str, cls: type, records: Collection[str] = ()) -> dic
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of settings")
     known = {s.name for s in setting_fields(cls)}
+    is_record = any(key.replace("-", "_") in records for key in raw)
     values: dict[str, Any] = {}
     keys: dict[str, str] = {}
     for key, value in raw.items():
         if key.startswith("_"):
             continue
         name = key.replace("-", "_")
-        if name in records:
+        if name in records or (is_record and name in invocation):
             continue
         if name not in known:
             raise ConfigError(f"--config {path}: unknown setting {key!r}")

@@ -25,9 +25,11 @@ import torch
 from dpo.checkpoint import PROCESSES
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
-from dpo.loss import (LOSS_OWN_SETTINGS, LossSettings, batch_coupled, check_loss_output, check_weighting,
-                      label_smoothing_losses, needs_reference_model, parse_loss_spec, reads_f_alpha, reads_f_divergence,
-                      reads_label_smoothing, reads_own_setting, resolve_loss, unread_loss_settings)
+from dpo.errors import UserError
+from dpo.loss import (LOSS_OWN_SETTINGS, LossSettings, LossSpecError, UnknownLossError, batch_coupled,
+                      check_loss_output, check_weighting, label_smoothing_losses, needs_reference_model,
+                      parse_loss_spec, reads_f_alpha, reads_f_divergence, reads_label_smoothing, reads_own_setting,
+                      resolve_loss, unread_loss_settings)
 from dpo.on_policy import OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
@@ -59,6 +61,9 @@ HALF_OF_MAX_LENGTH = "auto"  # --max-prompt-length's default: derived from --max
 # what train.py's run_config.json records beside the settings (derived, not settable): a --config file may hold them
 RUN_RECORDS = ("reference_model", "total_steps", "steps_per_epoch", "world_size", "accumulation_steps", "dataset_path",
                "held_out_digest", "held_out_by")
+LOSS_ERRORS = (LossSpecError, UnknownLossError)  # errors of --loss's value, which do not name the flag
+# settings of one command, not of the run: a run's record holds them as given, and replaying it leaves them out
+INVOCATION = ("overwrite", "resume", "stop_at_step")
 
 
 def _report_to(value: Any) -> str | None:
@@ -308,22 +313,27 @@ def parse_settings(argv: list[str] | None = None) -> TrainSettings:
     iterative DPO) for the demo model, then the --config file, then flags; validated."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
-    from_file = load_config_file(config_file, TrainSettings, RUN_RECORDS) if config_file else {}
+    from_file = load_config_file(config_file, TrainSettings, RUN_RECORDS, INVOCATION) if config_file else {}
     values = {**from_file, **args}
     if values.get("model", DEMO_MODEL) == DEMO_MODEL:
         lora = values.get("lora_r") or values.get("adapter")
         sampled = values.get("online") or values.get("iterations")
-        values = {**DEMO_SETTINGS, **(DEMO_LORA_SETTINGS if lora else {}), **(DEMO_ONLINE_SETTINGS if sampled else {}),
-                  **values}
+        # the demo's length in steps, unless the run gives its length in epochs (--max-steps would override it)
+        online = {k: v for k, v in DEMO_ONLINE_SETTINGS.items() if not (k == "max_steps" and "epochs" in values)}
+        values = {**DEMO_SETTINGS, **(DEMO_LORA_SETTINGS if lora else {}), **(online if sampled else {}), **values}
     try:
         cfg = from_flat(TrainSettings, values)
-    except ConfigError as error:  # a value of the file, not of a flag: the error names the file and its key
-        flag = re.match(r"--([a-z0-9-]+) ", str(error))
-        name = flag and flag[1].replace("-", "_")
-        if name and name in from_file and name not in args:
-            raise ConfigError(f"--config {config_file}: {name}{str(error)[len(flag[0]) - 1:]}") from None
+        check_requirements(cfg)
+    except UserError as error:  # a value of the file, not of a flag: the error names the file and its key
+        message = str(error)
+        named = re.findall(r"--([a-z0-9-]+)", message) + (["loss"] if isinstance(error, LOSS_ERRORS) else [])
+        given = [flag for flag in named if flag.replace("-", "_") in from_file and flag.replace("-", "_") not in args]
+        if given and message.startswith(f"--{given[0]} "):
+            raise ConfigError(f"--config {config_file}: {given[0].replace('-', '_')}"
+                              f"{message[len(given[0]) + 2:]}") from None
+        if given:
+            raise ConfigError(f"--config {config_file}: {message}") from None
         raise
-    check_requirements(cfg)
     return cfg
 
 

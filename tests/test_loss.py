@@ -815,9 +815,11 @@ def test_parse_loss_spec_rejects_a_weight_without_name():
 
 
 def test_a_loss_whose_every_weight_is_0_is_refused():
-    with pytest.raises(LossSpecError, match="every term has weight 0, so the loss is 0 and nothing would train"):
-        parse_loss_spec("sigmoid:0,sft:0")
+    with pytest.raises(LossSpecError, match=r"every term has weight 0 \(and no --rpo-alpha\), so the loss is 0"):
+        LossSettings(loss_type="sigmoid:0,sft:0")
     assert parse_loss_spec("sigmoid:0,sft:1") == [("sigmoid", 0.0), ("sft", 1.0)]  # one term off is a choice
+    only_nll = LossSettings(loss_type="sigmoid:0", rpo_alpha=1.0)  # trains the chosen answers' NLL alone
+    assert compute_loss(batch(), only_nll).losses.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,40 @@ def test_a_loss_setting_no_term_reads_is_refused(flags, message):
         parse_settings(flags)
 
 
+def test_replaying_a_run_s_record_neither_replaces_nor_resumes_a_run(tmp_path):
+    """run_config.json holds --overwrite, --resume and --stop-at-step as the command gave them: replayed as --config,
+    a run started with --overwrite would replace the run it names. A file a user writes keeps them."""
+    record = tmp_path / "run_config.json"
+    record.write_text(json.dumps({"lr": 1e-3, "overwrite": True, "resume": True, "stop_at_step": 3,
+                                  "total_steps": 10, "world_size": 1}))
+    replayed = parse_settings(["--config", str(record)])
+    assert (replayed.lr, replayed.overwrite, replayed.resume, replayed.stop_at_step) == (1e-3, False, False, None)
+    assert parse_settings(["--config", str(record), "--resume"]).resume
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"lr": 1e-3, "resume": True}))
+    assert parse_settings(["--config", str(mine)]).resume
+
+
+def test_the_online_demo_keeps_a_length_given_in_epochs():
+    assert parse_settings(["--online"]).max_steps == 64  # the demo's length
+    for sampled in (["--online"], ["--iterations", "2"]):
+        assert parse_settings([*sampled, "--epochs", "1"]).max_steps is None
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"loss": "sigmoid", "simpo_gamma": 1.0}, "simpo_gamma 1 changes nothing for --loss sigmoid: only simpo reads it"),
+    ({"loss": "nosuch"}, "unknown loss 'nosuch'"),
+    ({"loss": "sigmoid:0"}, "loss_type 'sigmoid:0': every term has weight 0"),
+    ({"lora_alpha": 16, "lora_dropout": 0.1}, "--lora-alpha, --lora-dropout without LoRA"),
+])
+def test_a_requirement_a_config_file_misses_names_the_file(tmp_path, values, message):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps(values))
+    with pytest.raises(ConfigError) as error:
+        parse_settings(["--config", str(file)])
+    assert str(error.value).startswith(f"--config {file}: ") and message in str(error.value)
+
+
 def test_a_loss_setting_is_taken_where_a_term_reads_it():
     assert parse_settings(["--loss", "simpo", "--simpo-gamma", "3"]).loss.simpo_gamma == 3
     assert parse_settings(["--loss", "sigmoid,discopop", "--discopop-tau", "0.5"]).loss.discopop_tau == 0.5
