@@ -1035,9 +1035,10 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
         data = load_preference_pairs(cfg, tokenizer, log=log)
         state_data = training_data(cfg, data)
         check_resumed_data(resume, state_data)
+        policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
+        # after the load, which fetches a hub model: its snapshot is then known
         state_model = content_identity(model_identity(resolve_model_path(cfg.model), cfg.lora.adapter))
         check_resumed_model(cfg, resume, state_model)
-        policy, adapters = build_policy(cfg, device, weights=str(resume["model_dir"]) if resume else None)
         if cfg.lora.adapter is not None and (note := adapter_base_note(cfg.lora.adapter, policy)) is not None:
             log(note)
         check_positions(cfg, data, policy)

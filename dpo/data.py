@@ -173,26 +173,27 @@ class DataStats:
 # Loading
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, content: bytes | None = None) -> list[dict]:
+    """The records of a JSON Lines file (its `content` where it was read already: a pipe reads once)."""
     records = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte order mark some editors write
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}, line {lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                                f"{err.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))  # a line cut short: its own column, not the newline's
-            except (ValueError, RecursionError) as err:
-                raise DataError(f"{path}, line {lineno}: {_json_error(err)}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-            if (where := lone_surrogate(record)) is not None:
-                raise DataError(f"{path}, line {lineno}: not Unicode text (a lone surrogate {where})")
-            records.append(record)
+    lines = (content if content is not None else path.read_bytes()).split(b"\n")
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte order mark some editors write
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}, line {lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                            f"{err.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.rstrip("\r\n"))  # a line cut short: its own column, not the newline's
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{path}, line {lineno}: {_json_error(err)}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+        if (where := lone_surrogate(record)) is not None:
+            raise DataError(f"{path}, line {lineno}: not Unicode text (a lone surrogate {where})")
+        records.append(record)
     return records
 
 
@@ -220,15 +221,18 @@ def read_json(path: Path, split: str | None = None, *, single_record: bool = Fal
     """A JSON array of records, or an object {split: [records]}; JSON Lines saved as .json also work; with
     `single_record`, an object that is not {split: [records]} is one record. With a description: the path, and the
     split where one was taken from an object. Every syntax or encoding error is a DataError naming the line."""
+    content = path.read_bytes()  # once: a pipe (/dev/stdin) reads once
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        return _read_jsonl(path), str(path)  # which names the line and byte
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = content.count(b"\n", 0, err.start) + 1
+        column = err.start - (content.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 (byte 0x{content[err.start]:02x} at column {column})") from None
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as err:
         if _starts_as_json_lines(text):
-            return _read_jsonl(path), str(path)
+            return _read_jsonl(path, content), str(path)
         where = f", line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
         raise DataError(f"{path}{where}: {_json_error(err)}") from None
     description = str(path)

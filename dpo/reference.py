@@ -121,13 +121,15 @@ def content_identity(identity: dict) -> dict:
 
 def identity_changes(then: dict, now: dict) -> list[str]:
     """What differs between two content_identity results, in words: the files that changed, appeared or went, a hub
-    model's revision."""
+    model's snapshot (where both are known: a model not cached yet has none)."""
     changes = []
     for part in sorted(set(then) | set(now)):
         a, b = then.get(part, {}), now.get(part, {})
         if "hub" in a or "hub" in b:
-            if a != b:
-                changes.append(f"the {part}'s hub snapshot {a.get('revision', 'none')} -> {b.get('revision', 'none')}")
+            if a.get("hub") != b.get("hub"):
+                changes.append(f"the {part} {a.get('hub', 'a local directory')} -> {b.get('hub', 'a local directory')}")
+            elif None not in (a.get("revision"), b.get("revision")) and a["revision"] != b["revision"]:
+                changes.append(f"the {part}'s hub snapshot {a['revision']} -> {b['revision']}")
             continue
         changes += [f"{name} {'changed' if name in a and name in b else 'appeared' if name in b else 'is gone'}"
                     for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]

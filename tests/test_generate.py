@@ -567,6 +567,28 @@ def test_single_object_file_is_one_row(tmp_path):
     assert read_instructions(path) == [{"instruction": "yes", "input": " "}]
 
 
+def test_a_batch_file_from_a_pipe_is_read_once(tmp_path):
+    """/dev/stdin or <(...) can be read once: JSON Lines, which a whole-file parse fails on, come from that one read."""
+    import threading
+
+    rows = [{"instruction": "one"}, {"instruction": "two"}]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    writer.start()
+    try:
+        assert read_instructions(fifo) == rows
+    finally:
+        writer.join(timeout=10)
+
+
+def test_a_batch_file_that_is_not_utf8_names_the_line_of_the_byte(tmp_path):
+    path = tmp_path / "latin.json"
+    path.write_bytes(b'[\n{"instruction": "a"},\n{"instruction": "caf\xe9"}\n]')
+    with pytest.raises(BatchFileError, match=re.escape(f"{path}, line 3: not UTF-8 (byte 0xe9 at column 21)")):
+        read_instructions(path)
+
+
 def test_batch_files_read_as_the_training_data_does(tmp_path):
     """JSON Lines whose text holds U+2028 or U+0085 (json.dumps writes them raw), and a byte order mark."""
     path = tmp_path / "in.jsonl"

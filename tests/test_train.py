@@ -413,6 +413,8 @@ def test_resume_refuses_a_model_whose_weights_changed(workdir, tmp_path, capsys)
     assert train.cli(argv) == 0 and (out / "final").is_dir()
     assert identity_changes({"model": {"hub": "org/m", "revision": "a1"}}, {"model": {"hub": "org/m", "revision": "b2"}}) \
         == ["the model's hub snapshot a1 -> b2"]
+    # a hub model not cached when the run started has no snapshot to compare
+    assert identity_changes({"model": {"hub": "org/m"}}, {"model": {"hub": "org/m", "revision": "b2"}}) == []
     assert identity_changes({"model": {"w.bin": [1, "x"]}}, {"model": {"w.bin": [1, "x"], "v.bin": [2, "y"]},
                                                               "adapter": {}}) == ["v.bin appeared"]
 
