@@ -262,7 +262,7 @@ def test_generate_cli_completes_a_batch_with_a_prompt_longer_than_the_model(tmp_
     assert [r["instruction"] for r in records] == instructions
     assert all(isinstance(r["output"], str) for r in records)
     assert capsys.readouterr().err == (f"warning: 2 of 4 prompts longer than {budget} tokens were cut ({mode}), "
-                                       "as training cuts them\n")
+                                       f"as training cuts them\n4 outputs of run/final written to {out}\n")
     tokenizer = tiny_tokenizer()
     pairs, _ = build_pairs([{"prompt": text, "chosen": "yes", "rejected": "no"} for text in instructions], tokenizer,
                            max_length=4096, max_prompt_length=budget, truncation_mode=mode)
