@@ -396,16 +396,20 @@ def is_builtin(fn: LossFunction) -> bool:
     return getattr(fn, "__module__", None) == __name__
 
 
+def has_custom_term(config: LossSettings) -> bool:
+    """Whether some term of --loss is not built in (it may read any setting)."""
+    return any(not is_builtin(resolve_loss(name)) for name, _ in parse_loss_spec(config.loss_type))
+
+
 def reads_own_setting(config: LossSettings, setting: str) -> bool:
     """Whether some term reads `setting`, one of LOSS_OWN_SETTINGS: the loss it belongs to, or a custom loss."""
-    return any(name == LOSS_OWN_SETTINGS[setting] or not is_builtin(resolve_loss(name))
-               for name, _ in parse_loss_spec(config.loss_type))
+    owner = LOSS_OWN_SETTINGS[setting]
+    return any(name == owner for name, _ in parse_loss_spec(config.loss_type)) or has_custom_term(config)
 
 
 def reads_f_alpha(config: LossSettings) -> bool:
     """Whether --f-alpha changes the loss: it is the alpha-divergence's parameter (a custom loss may read it)."""
-    return config.f_divergence == "alpha_divergence" or any(not is_builtin(resolve_loss(name))
-                                                           for name, _ in parse_loss_spec(config.loss_type))
+    return config.f_divergence == "alpha_divergence" or has_custom_term(config)
 
 
 def unread_loss_settings(config: LossSettings) -> list[str]:
