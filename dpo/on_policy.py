@@ -27,7 +27,7 @@ import functools
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,10 @@ SEED_STRIDE = 1_000_003  # sampling seeds: ((seed * SEED_STRIDE + step or round)
 GROUP_STRIDE = 65_537
 SAMPLE_GROUP = 16  # prompts per generate call, each group with its own seed: the samples of a prompt do not depend
 #                    on how the prompts are split over processes or micro-batches
+
+
+# OnPolicySettings' switches; its other settings say how answers are sampled and judged, read only when one is on
+SWITCHES = ("online", "iterations", "reference_update")
 
 
 @dataclass
@@ -91,6 +95,14 @@ class OnPolicySettings:
                               "once per round")
         if self.reference_update and not self.iterations:
             raise ConfigError("--reference-update needs --iterations (a round's reference is its starting policy)")
+        if not self.enabled and (given := self.sampling_settings_given()):
+            raise ConfigError(f"{', '.join(given)} {'changes' if len(given) == 1 else 'change'} nothing without "
+                              "--online or --iterations (they say how the policy's answers are sampled and judged)")
+
+    def sampling_settings_given(self) -> list[str]:
+        """'--flag value' of each setting of how answers are sampled and judged that differs from its default."""
+        return [f"--{f.name.replace('_', '-')} {getattr(self, f.name)}" for f in fields(self)
+                if f.name not in SWITCHES and getattr(self, f.name) != f.default]
 
     @property
     def enabled(self) -> bool:

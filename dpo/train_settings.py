@@ -15,6 +15,7 @@ layered over the defaults, under any config file or flag.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from dpo.loss import (LOSS_OWN_SETTINGS, LossSettings, LossSpecError, UnknownLos
                       check_loss_output, check_weighting, label_smoothing_losses, needs_reference_model,
                       parse_loss_spec, reads_f_alpha, reads_f_divergence, reads_label_smoothing, reads_own_setting,
                       resolve_loss, unread_loss_settings)
-from dpo.on_policy import OnPolicySettings
+from dpo.on_policy import SWITCHES, OnPolicySettings
 from dpo.generation import MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
 from dpo.judges import JUDGE_HELP
@@ -230,6 +231,9 @@ class TrainSettings:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"--batch-size ({self.batch_size}) must be a multiple of --micro-batch-size "
                               f"({self.micro_batch_size})")
+        if self.subset != "first" and self.num_pairs is None:
+            raise ConfigError(f"--subset {self.subset} changes nothing without --num-pairs (it says how they are "
+                              "chosen)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.on_policy.enabled and self.fsdp:
@@ -274,6 +278,8 @@ class TrainSettings:
         unused += tuple(unread_loss_settings(self.loss))  # (a run of an earlier version may have recorded them)
         if not self.lora.enabled:  # full fine-tuning reads none of LoRA's (an earlier version recorded them as given)
             unused += ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
+        if not self.on_policy.enabled:  # offline DPO samples nothing (an earlier version recorded them as given)
+            unused += tuple(f.name for f in dataclasses.fields(OnPolicySettings) if f.name not in SWITCHES)
         identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
                     if (s.identity or s.name in split) and s.name not in unused}
         return {**identity, PROCESSES: processes} if coupled else identity

@@ -12,6 +12,7 @@ import pytest
 from dpo.train_settings import DEMO_SETTINGS, TrainSettings, build_parser, flag_tables, parse_settings
 from dpo.logprobs import ScoringSettings
 from dpo.loss import LossSettings
+from dpo.on_policy import OnPolicySettings
 from dpo.errors import UserError
 from dpo.settings import ConfigError, from_flat, setting_fields
 
@@ -90,6 +91,25 @@ def test_a_loss_setting_no_term_reads_is_refused(flags, message):
         parse_settings(flags)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "6"], "--num-samples 6 changes nothing without --online or --iterations"),
+    (["--judge", "ifeval", "--pair-choice", "longest", "--missing-eos-penalty", "0.25"],
+     "--judge ifeval, --pair-choice longest, --missing-eos-penalty 0.25 change nothing without --online or "
+     "--iterations"),
+    (["--subset", "random"], "--subset random changes nothing without --num-pairs"),
+])
+def test_a_setting_of_a_feature_that_is_off_is_refused(flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_settings(flags)
+
+
+def test_a_setting_of_a_feature_that_is_on_is_taken():
+    for switch in (["--online"], ["--iterations", "2"]):
+        cfg = parse_settings([*switch, "--num-samples", "6", "--judge", "ifeval", "--pair-choice", "longest"])
+        assert (cfg.on_policy.num_samples, cfg.on_policy.judge, cfg.on_policy.pair_choice) == (6, "ifeval", "longest")
+    assert parse_settings(["--num-pairs", "5", "--subset", "random"]).subset == "random"
+
+
 def test_replaying_a_run_s_record_neither_replaces_nor_resumes_a_run(tmp_path):
     """run_config.json holds --overwrite, --resume and --stop-at-step as the command gave them: replayed as --config,
     a run started with --overwrite would replace the run it names. A file a user writes keeps them."""
@@ -115,6 +135,7 @@ def test_the_online_demo_keeps_a_length_given_in_epochs():
     ({"loss": "nosuch"}, "unknown loss 'nosuch'"),
     ({"loss": "sigmoid:0"}, "loss_type 'sigmoid:0': every term has weight 0"),
     ({"lora_alpha": 16, "lora_dropout": 0.1}, "--lora-alpha, --lora-dropout without LoRA"),
+    ({"judge": "ifeval"}, "judge ifeval changes nothing without --online or --iterations"),
 ])
 def test_a_requirement_a_config_file_misses_names_the_file(tmp_path, values, message):
     file = tmp_path / "c.json"
@@ -229,6 +250,11 @@ def test_label_smoothing_is_part_of_the_run_only_where_its_loss_reads_it():
     assert not {"simpo_gamma", "discopop_tau", "f_alpha", "rpo_normalize"} & set(plain)
     old = {**plain, "simpo_gamma": 3.0, "discopop_tau": 9.0, "f_alpha": 0.3, "rpo_normalize": "tokens"}
     assert settings_differences(old, plain, TrainSettings().to_dict()) == []
+    # and online DPO's sampling settings where the run samples nothing (an earlier version recorded them as given)
+    assert not {"num_samples", "judge", "sample_temperature", "pair_choice", "missing_eos_penalty"} & set(plain)
+    assert settings_differences({**plain, "num_samples": 6, "judge": "ifeval"}, plain, TrainSettings().to_dict()) == []
+    online = TrainSettings(on_policy=OnPolicySettings(online=True, num_samples=6)).run_identity()
+    assert (online["online"], online["num_samples"], online["judge"]) == (True, 6, "demo")
     simpo = TrainSettings(loss=LossSettings(loss_type="simpo", simpo_gamma=1.0)).run_identity()
     assert simpo["simpo_gamma"] == 1.0
     smoothed = TrainSettings(loss=LossSettings(label_smoothing=0.1)).run_identity()
