@@ -22,10 +22,11 @@ import netrc
 import numbers
 import os
 import re
+import sys
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -43,6 +44,11 @@ HPARAM_METRICS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"
 
 class TrackerUnavailable(ConfigError):
     """`--report-to` names a tracker whose library is not installed."""
+
+
+class TrackerError(UserError):
+    """A tracker's library cannot start its run (a bad URI, a server down, a run id its store lacks): the run stops
+    with one line before any work."""
 
 
 class MetricsWriteError(UserError):
@@ -454,28 +460,45 @@ class Trackers:
 
     def log(self, record: dict[str, Any]) -> None:
         """Log the record to every tracker."""
-        for tracker in self.trackers:
-            tracker.log(record)
+        self._each(lambda tracker: tracker.log(record), record.get("step"))
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         """Log the table to every tracker."""
-        for tracker in self.trackers:
-            tracker.log_table(step, name, columns, rows)
+        self._each(lambda tracker: tracker.log_table(step, name, columns, rows), step)
 
     def log_event(self, step: int, name: str, message: str) -> None:
         """Log the alert to every tracker."""
-        for tracker in self.trackers:
-            tracker.log_event(step, name, message)
+        self._each(lambda tracker: tracker.log_event(step, name, message), step)
+
+    def _each(self, call: Callable[[Tracker], None], step: int | None) -> None:
+        """`call` on every tracker. metrics.jsonl's errors stop the run; another tracker that fails (its server
+        gone, its store deleted) is dropped with a warning, and training goes on: metrics.jsonl keeps every step."""
+        for tracker in list(self.trackers):
+            if isinstance(tracker, JsonlTracker):
+                call(tracker)
+                continue
+            try:
+                call(tracker)
+            except Exception as error:  # noqa: BLE001 - any library error; the run must not die of its tracker
+                self.trackers.remove(tracker)
+                _warn(f"--report-to {tracker.name} failed at step {step} and logs no more ({_described(error)}); "
+                      f"training goes on, metrics.jsonl keeps every step")
+                with contextlib.suppress(Exception):
+                    tracker.close(failed=True)
 
     def close(self, failed: bool = False) -> None:
-        """Close every tracker (a second call does nothing); the first error is raised after all were tried."""
+        """Close every tracker (a second call does nothing). metrics.jsonl's error is raised after all were tried,
+        unless the run is already ending with an error (`failed`); another tracker's is a warning."""
         trackers, self.trackers = self.trackers, []
         errors = []
         for tracker in trackers:
             try:
                 tracker.close(failed)
             except Exception as error:  # noqa: BLE001 - the others still close
-                errors.append(error)
+                if isinstance(tracker, JsonlTracker) and not failed:
+                    errors.append(error)
+                else:
+                    _warn(f"--report-to {tracker.name} could not close its run ({_described(error)})")
         if errors:
             raise errors[0]
 
@@ -514,12 +537,32 @@ def open_trackers(report_to: str, run_dir: str | Path, run_name: str, config: di
     opened: list[Tracker] = []
     try:
         for cls in classes:
-            opened.append(cls(Path(run_dir), run_name, config, resume_step))
+            opened.append(_start(cls, Path(run_dir), run_name, config, resume_step))
     except BaseException:
         Trackers(opened).close(failed=True)
         raise
     return Trackers(opened)
 
 
+def _start(cls: type[Tracker], run_dir: Path, run_name: str, config: dict[str, Any], resume_step: int) -> Tracker:
+    """A started tracker; a TrackerError naming it when its library cannot start the run."""
+    try:
+        return cls(run_dir, run_name, config, resume_step)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - each library raises its own types
+        resumed = f" (resumed at step {resume_step}: the run continues its tracker's run, in the same store)" \
+            if resume_step else ""
+        raise TrackerError(f"--report-to {cls.name}: cannot start its run ({_described(error)}){resumed}") from None
+
+
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 __all__ = ["REPORT_TO_CHOICES", "TRACKERS", "JsonlTracker", "MlflowTracker", "TensorBoardTracker", "Tracker",
-           "TrackerUnavailable", "Trackers", "TrackioTracker", "WandbTracker", "open_trackers", "resolve_report_to"]
+           "TrackerError", "TrackerUnavailable", "Trackers", "TrackioTracker", "WandbTracker", "open_trackers", "resolve_report_to"]

@@ -383,3 +383,114 @@ print(sorted(name for name in libraries if name in sys.modules))
 def test_importing_the_module_imports_no_tracker_library():
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+class Failing(JsonlTracker.__base__):
+    """A tracker whose calls raise from step `fails_at` on (its server gone), and whose close may raise too."""
+
+    name = "failing"
+
+    def __init__(self, fails_at: int, close_fails: bool = False):
+        self.fails_at, self.close_fails, self.logged, self.closed = fails_at, close_fails, [], []
+
+    def log(self, record):
+        if record["step"] >= self.fails_at:
+            raise ConnectionError("server gone\nsecond line")
+        self.logged.append(record["step"])
+
+    def log_table(self, step, name, columns, rows):
+        self.log({"step": step})
+
+    def log_event(self, step, name, message):
+        self.log({"step": step})
+
+    def close(self, failed=False):
+        self.closed.append(failed)
+        if self.close_fails:
+            raise OSError("cannot close")
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning_and_metrics_jsonl_keeps_every_step(tmp_path, capsys):
+    from dpo.tracking import Trackers
+
+    failing = Failing(fails_at=3)
+    trackers = Trackers([JsonlTracker(tmp_path, RUN_NAME, CONFIG, 0), failing])
+    replay(trackers)
+    trackers.close()
+    assert failing.logged == [1, 2, 2, 2] and failing.closed == [True]  # steps 1-2 (a record, a table), then dropped
+    alone = Trackers([JsonlTracker(tmp_path / "alone", RUN_NAME, CONFIG, 0)])
+    replay(alone)
+    alone.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == (tmp_path / "alone" / "metrics.jsonl").read_text()
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == ["warning: --report-to failing failed at step 3 and logs no more (ConnectionError: server "
+                        "gone); training goes on, metrics.jsonl keeps every step"]
+
+
+def test_a_tracker_that_cannot_close_warns_and_an_error_being_raised_is_not_replaced(tmp_path, capsys):
+    from dpo.tracking import Trackers
+
+    trackers = Trackers([JsonlTracker(tmp_path, RUN_NAME, CONFIG, 0), Failing(fails_at=99, close_fails=True)])
+    trackers.log({"split": "train", "step": 1, "loss": 0.5})
+    trackers.close()  # the run's work is saved: a tracker that cannot close is no error of the run
+    assert capsys.readouterr().err.strip() == "warning: --report-to failing could not close its run (OSError: " \
+                                              "cannot close)"
+    jsonl = JsonlTracker(tmp_path / "b", RUN_NAME, CONFIG, 0)
+    jsonl.close = lambda failed=False: (_ for _ in ()).throw(OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        Trackers([jsonl]).close()
+    with pytest.raises(KeyError):  # the error ending the run stays the one raised
+        with Trackers([jsonl]):
+            raise KeyError("the run's own error")
+
+
+@pytest.mark.parametrize("name", ["mlflow", "tensorboard"])
+def test_a_tracker_that_cannot_start_its_run_stops_the_run_in_one_line(isolated, name, tmp_path, monkeypatch):
+    from dpo.tracking import TensorBoardTracker, TrackerError
+
+    pytest.importorskip(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")  # a scheme MLflow has no store for
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError("[Errno 13] Permission denied: 'tensorboard'\nmore")
+
+    monkeypatch.setattr(TensorBoardTracker, "__init__", unwritable)
+    with pytest.raises(TrackerError) as error:
+        open_trackers(name, tmp_path, RUN_NAME, CONFIG)
+    message = str(error.value)
+    assert message.startswith(f"--report-to {name}: cannot start its run (") and "\n" not in message
+
+
+def test_a_resumed_run_whose_tracker_run_is_gone_says_so_in_one_line(isolated, tmp_path):
+    from dpo.tracking import TrackerError
+
+    pytest.importorskip("mlflow")
+    with open_trackers("mlflow", tmp_path, RUN_NAME, CONFIG) as trackers:
+        trackers.log({"split": "train", "step": 1, "loss": 0.5})
+    (tmp_path / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")  # a run of another store
+    with pytest.raises(TrackerError) as error:
+        open_trackers("mlflow", tmp_path, RUN_NAME, CONFIG, resume_step=2)
+    message = str(error.value)
+    assert message.startswith("--report-to mlflow: cannot start its run (") and "\n" not in message
+    assert message.endswith("(resumed at step 2: the run continues its tracker's run, in the same store)")
+
+
+def test_training_goes_on_when_a_tracker_fails_mid_run(isolated, tmp_path, monkeypatch, capsys):
+    from harness import make_run_dir, run_metrics, train_tiny
+    from dpo.tracking import TensorBoardTracker
+
+    pytest.importorskip("tensorboard")
+    make_run_dir(tmp_path, 24)
+    logged = TensorBoardTracker.log
+
+    def log(self, record):
+        if record["step"] >= 2:
+            raise OSError("No space left on device")
+        logged(self, record)
+
+    monkeypatch.setattr(TensorBoardTracker, "log", log)
+    out = train_tiny(tmp_path, "out", "--report-to", "tensorboard", "--max-steps", "3", "--batch-size", "4",
+                     "--micro-batch-size", "2", "--eval-steps", "2")
+    assert (out / "final").is_dir()
+    assert [r["step"] for r in run_metrics(out, "train")] == [1, 2, 3]
+    assert capsys.readouterr().err.count("warning: --report-to tensorboard failed at step 2") == 1
