@@ -120,7 +120,7 @@ def check_scores(name: str, scores: Any, prompts: list[str], responses: list[lis
         raise JudgeError(f"judge {name} returned {len(rows)} score lists for {len(responses)} prompts")
     checked = []
     for prompt, row, answers in zip(prompts, rows, responses):
-        where = f"judge {name}: the scores of the responses to {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}"
+        where = f"judge {name}: the scores of the responses to {_named(prompt)}"
         if len(row) != len(answers):
             raise JudgeError(f"{where} are {len(row)} for {len(answers)} responses")
         try:
@@ -131,6 +131,18 @@ def check_scores(name: str, scores: Any, prompts: list[str], responses: list[lis
             raise JudgeError(f"{where} are not all finite ({values})")
         checked.append(values)
     return checked
+
+
+def finite_reward(name: str, instruction: str, value: float) -> float:
+    """`value`, a model's reward of an answer to `instruction`; a one-line JudgeError when it is NaN or infinite
+    (it would count as a tie, and reach --output as NaN)."""
+    if not math.isfinite(value):
+        raise JudgeError(f"judge {name}: the reward of an answer to {_named(instruction)} is {value}, not finite")
+    return value
+
+
+def _named(prompt: str) -> str:
+    return f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''}"
 
 
 def _outcome(score_a: float, score_b: float) -> float:
@@ -258,7 +270,8 @@ class RewardModelJudge(Judge):
     @torch.no_grad()
     def _reward(self, instruction: str, answer: str) -> float:
         ids = torch.tensor([self._encode(instruction, answer)], device=self.device)
-        return float(self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].float())
+        return finite_reward(self.name, instruction,
+                             float(self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].float()))
 
     @torch.no_grad()
     def _score_batch(self, prompts: list[str], responses: list[list[str]]) -> list[list[float]]:
@@ -280,7 +293,7 @@ class RewardModelJudge(Judge):
                     mask[row, :len(encoded[i])] = 1
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 for i, value in zip(rows, logits[:, 0].float().tolist()):
-                    self._rewards[todo[i]] = value
+                    self._rewards[todo[i]] = finite_reward(self.name, todo[i][0], value)
         return [[self.reward(prompt, answer) for answer in answers] for prompt, answers in zip(prompts, responses)]
 
     def score(self, instruction: str, answer: str) -> float:
@@ -334,7 +347,7 @@ class ImplicitRewardJudge(Judge):
                      - sequence_logps(self.reference, *args, ld_alpha=ld_alpha).sum)
             if len(self._rewards) >= CACHE_LIMIT:
                 self._rewards.clear()
-            self._rewards[key] = (self.beta * float(ratio[0]), self.beta * float(ratio[1]))
+            self._rewards[key] = tuple(finite_reward(self.name, instruction, self.beta * float(r)) for r in ratio)
         return self._rewards[key]
 
     def score(self, instruction: str, answer: str) -> float:

@@ -173,6 +173,22 @@ def test_reward_model_judge_prefers_the_higher_reward(tmp_path):
     assert judge.category(q) is None and judge.default_prompts(3, 0) is None
 
 
+def test_a_reward_model_whose_reward_is_not_finite_stops_in_one_line_naming_the_prompt(tmp_path):
+    """A NaN reward would compare as a tie and reach --output as NaN (not JSON)."""
+    from transformers import GPT2ForSequenceClassification
+
+    q = "what color is the sun?"
+    path = _reward_model_dir(tmp_path / "rm", format_prompt(q) + format_response("yes"))
+    model = GPT2ForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        model.score.weight.fill_(math.nan)
+    model.save_pretrained(path)
+    for scoring in (lambda judge: judge.compare(q, "yes", "no"), lambda judge: judge.score_batch([q], [["a", "b"]])):
+        with pytest.raises(JudgeError) as error:
+            scoring(RewardModelJudge(path))
+        assert str(error.value) == f"judge {path}: the reward of an answer to {q!r} is nan, not finite"
+
+
 def test_reward_model_judge_uses_the_chat_template_when_there_is_one(tmp_path):
     path = _reward_model_dir(tmp_path / "rm", "yes")
     judge = RewardModelJudge(path)
