@@ -44,6 +44,7 @@ class WinRateEval:
     cache_dir: Path
     precision: str = "fp32"  # the run's (resolved): policy and reference sample under its autocast
     reference_outputs: list[str] | None = None
+    reference_score: float | None = None  # the judge's mean score of the reference's answers, where it scores
 
     @classmethod
     def build(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "WinRateEval":
@@ -106,13 +107,30 @@ class WinRateEval:
         cached = self._cached_outputs(path)
         if cached is not None:
             self.reference_outputs = cached
-            return False
-        model, mode = reference()
-        with mode():
-            self.reference_outputs = self._generate(model)
-        write_text_atomically(path, json.dumps({"prompts": self.prompts, "outputs": self.reference_outputs},
-                                               ensure_ascii=False))
-        return True
+        else:
+            model, mode = reference()
+            with mode():
+                self.reference_outputs = self._generate(model)
+            write_text_atomically(path, json.dumps({"prompts": self.prompts, "outputs": self.reference_outputs},
+                                                   ensure_ascii=False))
+        self._judge_reference()
+        return cached is None
+
+    def _judge_reference(self) -> None:
+        """The judge's first work, before the run's first step: it scores the reference's answers (kept for every
+        evaluation) and compares one with itself. A judge that fails (a server down, scores that are not numbers)
+        stops the run before it trains, not at its first evaluation, with every step since lost."""
+        self.reference_mean_score()
+        self.judge.compare(self.prompts[0], self.reference_outputs[0], self.reference_outputs[0])
+
+    def reference_mean_score(self) -> float | None:
+        """The judge's mean score of the reference's answers (computed once), or None for a judge that only
+        compares."""
+        if self.reference_score is None:
+            scores = [self.judge.score(p, o) for p, o in zip(self.prompts, self.reference_outputs)]
+            if all(s is not None for s in scores):
+                self.reference_score = sum(scores) / len(scores)
+        return self.reference_score
 
     def run(self, policy: torch.nn.Module) -> tuple[dict[str, float], list[list[Any]]]:
         """The policy's answers judged against the reference's: (metrics named generate/..., sample rows)."""
@@ -129,10 +147,9 @@ class WinRateEval:
                    "generate/mean_length": mean_lengths(outputs, self.tokenizer)["tokens"],
                    "generate/reference_mean_length": mean_lengths(self.reference_outputs, self.tokenizer)["tokens"]}
         scores = [self.judge.score(p, o) for p, o in zip(self.prompts, outputs)]
-        if all(s is not None for s in scores):
+        if all(s is not None for s in scores) and self.reference_mean_score() is not None:
             metrics["generate/score"] = sum(scores) / len(scores)
-            metrics["generate/reference_score"] = sum(
-                self.judge.score(p, o) for p, o in zip(self.prompts, self.reference_outputs)) / len(scores)
+            metrics["generate/reference_score"] = self.reference_score
         metrics["generate/seconds"] = time.perf_counter() - start
         rows = [[p, theirs, mine, OUTCOME_NAMES[o]] for p, theirs, mine, o in
                 list(zip(self.prompts, self.reference_outputs, outputs, outcomes))[:SAMPLES_SHOWN]]

@@ -149,6 +149,35 @@ def test_bad_settings_are_one_line(workdir):
         build_judge("implicit:" + str(workdir / "model"))
 
 
+def test_an_eval_judge_that_fails_stops_the_run_before_its_first_step(workdir, tmp_path):
+    """Before, the judge's first call was at the first evaluation: the steps trained until then were lost."""
+    (tmp_path / "judges.py").write_text("def down(prompts, responses):\n    raise ConnectionError('judge server down')\n")
+    out = "judge-down"
+    with pytest.raises(JudgeError, match=r"judge .*judges.py:down raised ConnectionError: judge server down"):
+        run(workdir, out, "--max-steps", "4", "--eval-steps", "2", "--eval-generate", "3", "--eval-prompts",
+            str(workdir / "prompts.jsonl"), "--eval-judge", f"{tmp_path / 'judges.py'}:down",
+            "--eval-max-new-tokens", "4")
+    assert run_metrics(workdir / out, "train") == []
+
+
+def test_the_reference_s_scores_are_judged_once(workdir, tmp_path):
+    calls = []
+
+    class Counting(LengthJudge):
+        def score(self, instruction, answer):
+            calls.append(answer)
+            return super().score(instruction, answer)
+
+    model = load_causal_lm(str(workdir / "model"))
+    sampler = sampler_for(tmp_path, Counting())
+    sampler.prepare_reference("key", lambda: (model, contextlib.nullcontext))
+    assert calls == sampler.reference_outputs  # judged before training starts
+    for _ in range(2):
+        metrics, _ = sampler.run(model)
+        assert metrics["generate/reference_score"] == -sum(map(len, sampler.reference_outputs)) / len(PROMPTS)
+    assert len(calls) == 3 * len(PROMPTS)  # then only the policy's answers, at each evaluation
+
+
 def test_implicit_reward_judge_matches_a_brute_force_computation(tmp_path):
     reference = make_model_dir(tmp_path / "sft", seed=1)
     final = make_model_dir(tmp_path / "run" / "final", seed=2)
@@ -227,12 +256,19 @@ def test_the_reference_cache_is_utf8_whatever_the_locale(tmp_path):
 import contextlib, json, sys
 from pathlib import Path
 from dpo.generation import DecodingSettings
+from dpo.judges import Judge
 from dpo.win_rate import WinRateEval
+class Ties(Judge):
+    name = "ties"
+    def compare(self, instruction, a, b):
+        return 0.5
+    def score(self, instruction, answer):
+        return None
 answers = ["Un caf\\u00e9, s'il vous pla\\u00eet."]  # ASCII source: the C locale cannot read it otherwise
-cached = WinRateEval(None, ["Qu'est-ce qu'un caf\\u00e9 ?"], DecodingSettings(), None, 1, Path(sys.argv[1]))
+cached = WinRateEval(Ties(), ["Qu'est-ce qu'un caf\\u00e9 ?"], DecodingSettings(), None, 1, Path(sys.argv[1]))
 cached._generate = lambda model: answers
 assert cached.prepare_reference("key", lambda: (None, contextlib.nullcontext)) is True
-again = WinRateEval(None, ["Qu'est-ce qu'un caf\\u00e9 ?"], DecodingSettings(), None, 1, Path(sys.argv[1]))
+again = WinRateEval(Ties(), ["Qu'est-ce qu'un caf\\u00e9 ?"], DecodingSettings(), None, 1, Path(sys.argv[1]))
 assert again.prepare_reference("key", lambda: 1 / 0) is False and again.reference_outputs == answers
 print(json.dumps(again.reference_outputs))
 """
