@@ -151,6 +151,13 @@ def dataset_path(dataset: str) -> str | None:
     return None if dataset in BUILTIN_SOURCES or not Path(dataset).exists() else str(Path(dataset).resolve())
 
 
+def local_model_path(model: str) -> str | None:
+    """Where --model (or --adapter) is a local path, the path from anywhere (dpo.evaluate and implicit judges find
+    the run's starting model with it); None for the demo, a shipped model's name or a hub name."""
+    path = Path(model).expanduser()
+    return None if model == "demo" or not path.exists() else str(path.resolve())
+
+
 def check_stop_step(stop_at_step: int | None, start: int, total_steps: int) -> None:
     """--stop-at-step must come after the step the run starts (or resumes) at and not after its last step: the
     run would never stop there, and train on past the limit it was given."""
@@ -1059,7 +1066,9 @@ def run_training(cfg: TrainSettings, device: torch.device, dist: DistInfo) -> No
                                     resumed=resume is not None, log=log, layout=layout)
         win_rate = build_win_rate_eval(cfg, policy, adapters, tokenizer, device=device, dist=dist,
                                        resumed=resume is not None, log=log)
-        run_config = {**cfg.to_dict(), "reference_model": cfg.lora.adapter or cfg.model, "total_steps": total_steps,
+        starting_model = cfg.lora.adapter or cfg.model
+        run_config = {**cfg.to_dict(), "reference_model": starting_model,
+                      "reference_model_path": local_model_path(starting_model), "total_steps": total_steps,
                       "steps_per_epoch": source.steps_per_epoch, "world_size": dist.world_size,
                       "accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * dist.world_size),
                       "dataset_path": dataset_path(cfg.dataset), "held_out_digest": data.held_out_digest,

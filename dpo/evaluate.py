@@ -30,7 +30,8 @@ the --test-size pairs train.py split off a source without one (a single file), d
 test_size and seed. Generation prompts both models as the policy was trained (dpo.prompts), an over-long prompt
 cut as training cuts it, and --chat-template, --max-prompt-length and --truncation-mode override the run's prompt
 settings for generation only (see dpo.generation).
-The reference defaults to the model the run started from (dpo_run.json's "reference_model"; a TR-DPO run's moved
+The reference defaults to the model the run started from (dpo_run.json's "reference_model", found from anywhere by
+its "reference_model_path" where it was a relative path; a TR-DPO run's moved
 reference is not kept, so its rewards are measured against the model it started from). An LD-DPO run's rewards
 weigh the tokens beyond the pair's shorter response by its ld_alpha, as it trained.
 The report ends with one JSON line holding every number.
@@ -64,7 +65,8 @@ from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, DecodingSettings,
                             add_prompt_arguments, check_output_file, generate_batch, generator_name,
                             load_checked_tokenizer, model_prompt_budget, read_instructions, resolve_device,
-                            resolve_dtype, resolve_run_model, run_settings, side_by_side, write_output_text)
+                            resolve_dtype, resolve_run_model, run_reference_model, run_settings, side_by_side,
+                            write_output_text)
 from dpo.errors import UserError
 from dpo.gguf import gguf_file, is_gguf
 from dpo.ifeval import echoed_constraint
@@ -625,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.output)  # a path that cannot be written fails now, not after every comparison
     settings = run_settings(policy_path)
     decoding = decoding.for_run(settings)  # the reference is prompted as the policy was trained
-    reference_name = args.reference or settings.get("reference_model")
+    reference_name = args.reference or run_reference_model(settings)
     if not reference_name and not Path(policy_path).is_dir():
         raise EvaluationError(f"--reference is required: {args.model} is not a local model directory, so no "
                               f"{RUN_SETTINGS_FILE} names the model the run started from")

@@ -198,6 +198,13 @@ def add_prompt_arguments(parser: Any) -> None:
                              "else keep_end")
 
 
+def run_reference_model(settings: dict[str, Any]) -> str | None:
+    """The model a run started from (dpo_run.json's reference_model) as it was given, or where that was a relative
+    path that is not there from here, the path train.py recorded from anywhere (reference_model_path)."""
+    name, path = settings.get("reference_model"), settings.get("reference_model_path")
+    return path if name and path and not Path(name).expanduser().exists() and Path(path).exists() else name
+
+
 def run_settings(model_path: str | Path) -> dict[str, Any]:
     """The training settings saved beside a trained model (final/dpo_run.json), or {} when there are none.
     The prompt settings generation reads from it (template, max_prompt_length, truncation_mode) are checked."""

@@ -43,7 +43,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dpo.data import PreferenceExample, collate_pairs, constraint_clash, other_constraints, tokenize_pair
 from dpo.errors import UserError, first_line
-from dpo.generation import load_checked_tokenizer, resolve_run_model, run_settings
+from dpo.generation import load_checked_tokenizer, resolve_run_model, run_reference_model, run_settings
 from dpo.ifeval import IFEvalError, IFEvalPrompt, echoed_constraint, parse_prompt, verdicts
 from dpo.ifeval_repair import repair
 from dpo.logprobs import sequence_logps
@@ -319,7 +319,7 @@ class ImplicitRewardJudge(Judge):
                              "model and beta)")
         self.tokenizer = load_checked_tokenizer(resolved)
         self.model = load_causal_lm(resolved, dtype=dtype, device=device).eval()
-        self.reference = load_causal_lm(self.settings["reference_model"], dtype=dtype, device=device).eval()
+        self.reference = load_causal_lm(run_reference_model(self.settings), dtype=dtype, device=device).eval()
         self.beta = float(self.settings["beta"])
         self.name = f"implicit:{path}"
         self._rewards: dict[tuple[str, str, str], tuple[float, float]] = {}

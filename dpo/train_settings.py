@@ -60,7 +60,7 @@ DEMO_LORA_SETTINGS: dict[str, Any] = {"lr": 3e-4}
 DEMO_ONLINE_SETTINGS: dict[str, Any] = {"max_steps": 64, "rpo_alpha": 1.0}
 HALF_OF_MAX_LENGTH = "auto"  # --max-prompt-length's default: derived from --max-length
 # what train.py's run_config.json records beside the settings (derived, not settable): a --config file may hold them
-RUN_RECORDS = ("reference_model", "total_steps", "steps_per_epoch", "world_size", "accumulation_steps", "dataset_path",
+RUN_RECORDS = ("reference_model", "reference_model_path", "total_steps", "steps_per_epoch", "world_size", "accumulation_steps", "dataset_path",
                "held_out_digest", "held_out_by")
 LOSS_ERRORS = (LossSpecError, UnknownLossError)  # errors of --loss's value, which do not name the flag
 # settings of one command, not of the run: a run's record holds them as given, and replaying it leaves them out

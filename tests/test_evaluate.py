@@ -15,13 +15,13 @@ from dpo.data import build_pairs, load_records
 from dpo.demo import task
 from dpo.evaluate import (Comparison, LoadedModel, WinRate, compare_models, implicit_reward_metrics,
                           wilson_interval, win_rate_summary)
-from dpo.generation import DecodingSettings
+from dpo.generation import DecodingSettings, run_reference_model, run_settings
 from dpo.judges import DemoJudge, JudgeError, RewardModelJudge, build_judge
 from dpo.prompts import format_prompt, format_response
 from dpo.repetition import repeats_itself
 from dpo.splits import load_preference_pairs
 from dpo.train_settings import TrainSettings
-from harness import make_model_dir, tiny_phi, tiny_tokenizer, write_pairs
+from harness import make_model_dir, make_run_dir, tiny_phi, tiny_tokenizer, write_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -348,6 +348,31 @@ def run_dir(tmp_path_factory):
         "reference_model": str(reference), "beta": 0.1, "dataset": "demo", "eval_split": "test",
         "max_length": 96, "max_prompt_length": 48}))
     return root
+
+
+def test_a_run_trained_from_a_relative_model_path_finds_its_reference_from_anywhere(tmp_path, monkeypatch, capsys):
+    """dpo_run.json records --model as given ("model") and, for a local path, where it is from anywhere: evaluating
+    the run from another directory scores against that model, not a hub name "model"."""
+    import train
+
+    make_run_dir(tmp_path, 24)
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--model", "model", "--dataset", "pairs.jsonl", "--output-dir", "out", "--max-length", "48",
+                       "--max-prompt-length", "24", "--test-size", "8", "--max-steps", "1", "--batch-size", "4",
+                       "--micro-batch-size", "4", "--no-progress", "--no-plot"]) == 0
+    final = tmp_path / "out" / "final"
+    monkeypatch.chdir(tmp_path / "out")  # where no ./model is
+    settings = run_settings(final)
+    assert settings["reference_model"] == "model"
+    assert run_reference_model(settings) == str((tmp_path / "model").resolve())
+    capsys.readouterr()
+    assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward", "--max-pairs", "4",
+                         "--no-progress"]) == 0
+    assert _json_line(capsys.readouterr().out)["implicit_reward"]["pairs"] == 4
+    assert build_judge(f"implicit:{final}").compare("hi", "a", "b") in (0.0, 0.5, 1.0)
+    # where "model" is there from here, it is that one, as given
+    monkeypatch.chdir(tmp_path)
+    assert run_reference_model(settings) == "model"
 
 
 def _json_line(out: str) -> dict:
