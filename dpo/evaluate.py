@@ -661,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = load_model(reference_name, dtype, device)
     decoding = decoding.for_tokenizer(policy.tokenizer)  # the run's template, else the policy's chat template if any
     source = "" if args.reference else f" (the run's starting model, from {RUN_SETTINGS_FILE})"
+    if judge is not None and decoding.chat_template and not getattr(reference.tokenizer, "chat_template", None):
+        raise EvaluationError(f"reference {reference_name}{source}: its tokenizer has no chat template, and the "
+                              "prompts are rendered with the chat template; pass --no-chat-template (both models "
+                              "prompted with the recipe's '### Human:' template) or another --reference")
     print(f"policy     {policy.path}\nreference  {reference_name}{source}")
     result: dict[str, Any] = {"policy": policy.name, "reference": reference.name}
     comparisons: list = []

@@ -3,6 +3,7 @@
 import errno
 import json
 import math
+import shutil
 import os
 import re
 from pathlib import Path
@@ -373,6 +374,26 @@ def test_a_run_trained_from_a_relative_model_path_finds_its_reference_from_anywh
     # where "model" is there from here, it is that one, as given
     monkeypatch.chdir(tmp_path)
     assert run_reference_model(settings) == "model"
+
+
+def test_a_reference_without_the_policy_s_chat_template_is_refused_before_any_generation(run_dir, tmp_path,
+                                                                                         monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    policy = tmp_path / "chat-policy"
+    shutil.copytree(run_dir / "run" / "final", policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(policy)
+    monkeypatch.setattr(evaluate, "compare_models", lambda *args, **kwargs: pytest.fail("generated first"))
+    args = ["--model", str(policy), "--num-prompts", "2", "--max-new-tokens", "4", "--no-progress"]
+    assert evaluate.cli(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: reference {run_dir / 'sft'} (the run's starting model, from dpo_run.json): its tokenizer has no chat "
+        "template, and the prompts are rendered with the chat template; pass --no-chat-template (both models "
+        "prompted with the recipe's '### Human:' template) or another --reference")
+    monkeypatch.undo()
+    assert evaluate.cli([*args, "--no-chat-template"]) == 0
 
 
 def _json_line(out: str) -> dict:
