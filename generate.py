@@ -39,7 +39,7 @@ if __name__ == "__main__":
 import torch
 import transformers
 
-from dpo.cli import DefaultsHelpFormatter, run_cli
+from dpo.cli import ArgumentParser, DefaultsHelpFormatter, run_cli
 from dpo.precision import PRECISIONS
 from dpo.generation import (MAX_NEW_TOKENS, TEMPERATURE, TOP_P, BatchFileError, DecodingSettings, GenerationError,
                             InstructionError, StopAwareStreamer, add_prompt_arguments, check_instruction,
@@ -53,7 +53,7 @@ DEMO_RUN_MODEL = Path("runs") / "demo" / "final"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("instruction", nargs="?", help="one instruction (omit for interactive mode)")
     parser.add_argument("--model", help=f"model directory, hub name, 'demo' or a run directory "

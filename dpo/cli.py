@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import Callable, NoReturn
 
 from dpo.errors import UserError
 
@@ -44,6 +44,14 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, as every other user error: `error: <message>` and where to find
+    the flags (argparse prints the whole usage first, 60 lines for train.py), exit status 2 as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

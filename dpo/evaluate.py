@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from dpo.cli import DefaultsHelpFormatter, run_cli
+from dpo.cli import ArgumentParser, DefaultsHelpFormatter, run_cli
 from dpo.train_settings import TrainSettings
 from dpo.data import DataError, available_splits, build_pairs, collate_pairs, load_records, select_subset
 from dpo.precision import PRECISIONS
@@ -524,7 +524,7 @@ def format_implicit(metrics: dict[str, float]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of python -m dpo.evaluate."""
-    parser = argparse.ArgumentParser(prog="python -m dpo.evaluate", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="python -m dpo.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="the policy: a trained final/ (or its run directory)")
     parser.add_argument("--reference", help=f"the reference model (default: the run's starting model, "

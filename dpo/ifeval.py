@@ -38,7 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from dpo.cli import exit_quietly_on_interrupt, run_cli  # light: it comes before the heavy imports below
+from dpo.cli import ArgumentParser, exit_quietly_on_interrupt, run_cli  # light: it comes before the heavy imports below
 
 if __name__ == "__main__":
     exit_quietly_on_interrupt()  # Ctrl-C in their seconds: `interrupted`, not a traceback
@@ -433,7 +433,7 @@ def instructions_split(source: str, split: str | None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of python -m dpo.ifeval."""
-    parser = argparse.ArgumentParser(prog="python -m dpo.ifeval",
+    parser = ArgumentParser(prog="python -m dpo.ifeval",
                                      description=" ".join(__doc__.split("\n\n")[0].split()),  # its first paragraph
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--instructions", required=True, help="a file of instructions (any preference or prompt "

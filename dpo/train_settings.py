@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dpo.cli import ArgumentParser
 from dpo.checkpoint import PROCESSES
 from dpo.logprobs import ScoringSettings
 from dpo.lora import DOUBLE_RANK, LoraSettings
@@ -295,16 +296,24 @@ def _max_prompt_length(text: str) -> int | str | None:
         return None
     if lowered == HALF_OF_MAX_LENGTH:
         return HALF_OF_MAX_LENGTH
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer, {HALF_OF_MAX_LENGTH} or none") from None
 
 
 def _lora_alpha(text: str) -> float | str:
-    return DOUBLE_RANK if text.lower() == DOUBLE_RANK else float(text)
+    if text.lower() == DOUBLE_RANK:
+        return DOUBLE_RANK
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or {DOUBLE_RANK}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """train.py's argument parser: --config and one flag per setting, in argument groups."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train.py",
         description="DPO training. With no arguments: the embedded demo (tiny SFT model, synthetic preferences).",
     )
