@@ -62,7 +62,8 @@ from dpo.distributed import (DistInfo, PeerStoppedError, all_reduce_sum, barrier
 from dpo.errors import TrainingError, first_line
 from dpo.files import write_text_atomically
 from dpo.flops import FlopCounter, peak_tflops
-from dpo.generation import RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids  # the card decoding, saved with final/
+from dpo.generation import (RUN_SETTINGS_FILE, TEMPERATURE, TOP_P, model_eos_ids,  # the card decoding, saved with final/
+                            resolve_device)
 from dpo.health import Alert, HealthError, HealthMonitor
 from dpo.judges import build_judge
 from dpo.logprobs import SequenceScorer, disable_dropout, dropout_as_loaded
@@ -97,7 +98,7 @@ from dpo.win_rate import SAMPLE_COLUMNS, WinRateEval
 
 def start_processes(cfg: TrainSettings) -> tuple[torch.device, DistInfo]:
     """This process's device and its place among the torchrun processes (one process without torchrun)."""
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     dist = init_distributed(device.type)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)

@@ -232,16 +232,23 @@ def run_settings(model_path: str | Path) -> dict[str, Any]:
 # Devices and precision
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # what --device takes (with auto); others (mps, meta, xpu) are not tested here
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """--device as a torch device: 'auto' is CUDA where available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise GenerationError(f"--device {name}: not a device (use cpu, cuda, cuda:N or auto)") from None
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise GenerationError(f"--device {name}: not a device this runs on (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenerationError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GenerationError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

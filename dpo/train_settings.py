@@ -33,7 +33,7 @@ from dpo.loss import (LOSS_OWN_SETTINGS, LossSettings, LossSpecError, UnknownLos
                       parse_loss_spec, reads_f_alpha, reads_f_divergence, reads_label_smoothing, reads_own_setting,
                       resolve_loss, unread_loss_settings)
 from dpo.on_policy import SWITCHES, OnPolicySettings
-from dpo.generation import MAX_NEW_TOKENS
+from dpo.generation import DEVICE_TYPES, MAX_NEW_TOKENS
 from dpo.health import HEALTH_MODES
 from dpo.judges import JUDGE_HELP
 from dpo.optim import OPTIMIZERS, check_optimizer
@@ -78,10 +78,10 @@ def _device(value: Any) -> str | None:
     if value == "auto":
         return None
     try:
-        torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError):
         return "must be cpu, cuda, cuda:N or auto"
-    return None
+    return None if device.type in DEVICE_TYPES else "must be cpu, cuda, cuda:N or auto"
 
 
 def _test_size(value: Any) -> str | None:

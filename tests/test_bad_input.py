@@ -391,3 +391,35 @@ def test_every_entry_point_s_flag_errors_are_one_line(module, argv, message, cap
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(module).build_parser().parse_args(argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
+@pytest.mark.parametrize("name", ["meta", "mps", "xpu", "nonsense"])
+def test_a_device_this_does_not_run_on_is_refused_before_any_work(name):
+    """meta would "train" on tensors without data; mps and xpu are not what this project is tested on."""
+    from dpo.generation import GenerationError, resolve_device
+    from dpo.settings import ConfigError
+    from dpo.train_settings import parse_settings
+
+    with pytest.raises(ConfigError, match=rf"^--device must be cpu, cuda, cuda:N or auto, got '{name}'$"):
+        parse_settings(["--device", name])
+    with pytest.raises(GenerationError, match=rf"^--device {name}: not a device this runs on"):
+        resolve_device(name)  # generate.py's and dpo.evaluate's
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_named_by_its_flag(model_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = dataset_with(tmp_path, [])
+    assert_one_line_error(capsys, run_cli(model_dir, data, tmp_path / "out", "--device", "cuda"),
+                          "--device cuda: CUDA is not available on this machine")
+    assert not (tmp_path / "out").exists()  # before any work
+    from dpo.generation import GenerationError, resolve_device
+
+    with pytest.raises(GenerationError, match=r"^--device cuda:1: CUDA is not available on this machine$"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(GenerationError, match=r"^--device cuda:1: this machine has 1 CUDA device\(s\)$"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
