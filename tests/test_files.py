@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,3 +80,28 @@ def test_a_new_file_follows_the_umask_and_a_replaced_one_keeps_its_mode(tmp_path
     private.chmod(0o600)
     write_text_atomically(private, "new")
     assert private.read_text() == "new" and (private.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_write_killed_outright_leaves_a_temporary_file_the_next_write_removes(tmp_path):
+    """SIGKILL runs no cleanup: the temporary file stays until the next write of the same file, which removes the
+    temporaries of processes that no longer run and keeps those of a process still writing."""
+    target = tmp_path / "train-0123.pt"
+    script = ("import sys, time\nfrom dpo.files import write_atomically\n"
+              "def write(handle):\n    handle.write(b'half'); handle.flush(); print('writing', flush=True); "
+              "time.sleep(600)\n"
+              "write_atomically(sys.argv[1], write)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()
+    child.wait()
+    orphaned = list(tmp_path.glob(".train-0123.pt.*.tmp"))
+    assert len(orphaned) == 1 and not target.exists()
+    live = tmp_path / f".train-0123.pt.{socket.gethostname()}-{os.getpid()}.abcdefgh.tmp"  # a write of a process that still runs
+    live.write_bytes(b"in progress")
+    other = tmp_path / f".other.pt.{socket.gethostname()}-{child.pid}.abcdefgh.tmp"  # another file's write
+    other.write_bytes(b"x")
+    elsewhere = tmp_path / f".train-0123.pt.other.host-{child.pid}.abcdefgh.tmp"  # another machine's
+    elsewhere.write_bytes(b"x")
+    write_text_atomically(target, "whole")
+    assert target.read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name, elsewhere.name])
