@@ -185,7 +185,9 @@ def check_resumed_model(cfg: TrainSettings, resume: dict[str, Any] | None, now: 
     """A resumed run must start from the model (and --adapter) it started on: its reference, and under LoRA the
     base its adapters train on. The checkpoint records their files' sizes and hashes (content_identity)."""
     saved = resume["trainer_state"].get("model") if resume else None
-    if saved is not None and (changes := identity_changes(saved, now)):
+    # (a part an earlier version did not record, the base under an adapter given as --model, is not compared)
+    recorded = {part: fingerprint for part, fingerprint in now.items() if saved is not None and part in saved}
+    if saved is not None and (changes := identity_changes(saved, recorded)):
         flags = f"--model {cfg.model}" + (f" --adapter {cfg.lora.adapter}" if cfg.lora.adapter else "")
         raise ConfigError(f"--resume: {flags} is not what the run started on ({', '.join(changes)}), so its "
                           "reference would be another model; restore it, or --overwrite to start afresh")

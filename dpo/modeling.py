@@ -292,4 +292,5 @@ def load_adapter_model(path: str, *, dtype: torch.dtype, device: torch.device | 
     """An adapter directory as a plain causal LM: its base (adapter_config.json) with the adapter merged in."""
     with naming_adapter(path):
         base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
-    return load_peft_adapter(import_peft().PeftModel, base, path, DEFAULT_ADAPTER, trainable=False).merge_and_unload()
+    merged = load_peft_adapter(import_peft().PeftModel, base, path, DEFAULT_ADAPTER, trainable=False).merge_and_unload()
+    return merged.requires_grad_(True)  # as any model from_pretrained loads (peft froze the base): it may train

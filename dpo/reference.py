@@ -24,6 +24,7 @@ from dpo.data import TokenizedPair, pairs_digest
 from dpo.errors import UserError
 from dpo.files import write_atomically
 from dpo.logprobs import SequenceScorer
+from dpo.modeling import adapter_base, is_adapter_dir, resolve_model_path
 from dpo.packing import micro_batches
 
 
@@ -103,9 +104,12 @@ def hub_snapshot(name: str) -> Path | None:
 
 
 def model_identity(model_path: str, adapter: str | None = None) -> dict:
-    """What a reference's numbers follow of its weights: the fingerprints of the model and of the adapter it starts
-    from (--adapter)."""
+    """What a reference's numbers follow of its weights: the fingerprints of the model, of the base an adapter
+    directory given as the model loads on (its adapter_config.json's), and of the adapter it starts from
+    (--adapter)."""
     identity = {"model": model_fingerprint(model_path)}
+    if is_adapter_dir(model_path):
+        identity["base"] = model_fingerprint(resolve_model_path(adapter_base(model_path)))
     if adapter is not None:
         identity["adapter"] = model_fingerprint(adapter)
     return identity
@@ -131,7 +135,8 @@ def identity_changes(then: dict, now: dict) -> list[str]:
             elif None not in (a.get("revision"), b.get("revision")) and a["revision"] != b["revision"]:
                 changes.append(f"the {part}'s hub snapshot {a['revision']} -> {b['revision']}")
             continue
-        changes += [f"{name} {'changed' if name in a and name in b else 'appeared' if name in b else 'is gone'}"
+        owner = "" if part == "model" else f"the {part}'s "
+        changes += [f"{owner}{name} {'changed' if name in a and name in b else 'appeared' if name in b else 'is gone'}"
                     for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
     return changes
 

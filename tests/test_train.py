@@ -417,6 +417,35 @@ def test_resume_refuses_a_model_whose_weights_changed(workdir, tmp_path, capsys)
     assert identity_changes({"model": {"hub": "org/m"}}, {"model": {"hub": "org/m", "revision": "b2"}}) == []
     assert identity_changes({"model": {"w.bin": [1, "x"]}}, {"model": {"w.bin": [1, "x"], "v.bin": [2, "y"]},
                                                               "adapter": {}}) == ["v.bin appeared"]
+    assert identity_changes({"adapter": {"a.bin": [1, "x"]}}, {"adapter": {"a.bin": [1, "y"]}}) == [
+        "the adapter's a.bin changed"]
+
+
+def test_resume_refuses_an_adapter_model_whose_base_changed(workdir, tmp_path, capsys):
+    """An adapter directory as --model loads on the base its adapter_config.json names: that base is part of the
+    reference, and a checkpoint that did not record it (an earlier version) still resumes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(workdir / "model", base)
+    adapter = run(workdir, str(tmp_path / "lora"), "--model", str(base), "--lora-r", "4", "--max-steps", "1",
+                  "--batch-size", "16", "--micro-batch-size", "8") / "final"
+    args = ["--model", str(adapter), "--batch-size", "16", "--micro-batch-size", "8", "--max-steps", "3"]
+    out = run(workdir, str(tmp_path / "out"), *args, "--stop-at-step", "1")
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert set(state["model"]) == {"model", "base"} and "model.safetensors" in state["model"]["base"]
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    argv = tiny_run_args(workdir, out, *args, "--lr", "1e-3", "--resume")
+    assert train.cli(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume: --model {adapter} is not what the run started on (the base's model.safetensors changed), "
+        "so its reference would be another model; restore it, or --overwrite to start afresh\n")
+    state_file.write_text(json.dumps({**state, "model": {"model": state["model"]["model"]}}))  # an earlier version's
+    assert train.cli(argv) == 0 and (out / "final").is_dir()
 
 
 def test_resume_refuses_changed_data_and_a_finished_run_without_checkpoints(workdir, tmp_path, capsys):
