@@ -504,8 +504,9 @@ def _split_off_pairs(dataset: str, splits: list[str] | None, run: dict[str, Any]
     recorded = run.get("held_out_digest")  # runs of earlier versions recorded none
     if recorded is not None and held_out_digest(indexed) != recorded:
         raise DataError(f"{dataset} has changed since the run split off its held-out pairs (--test-size "
-                        f"{run['test_size']}, seed {run['seed']}): drawn again they would include pairs it trained on; "
-                        "score the data as it was, or name pairs of your own with --dataset")
+                        f"{run['test_size']}, seed {run['seed']}): drawn again they are not the pairs it held out "
+                        "(and may be pairs it trained on); score the data as it was, or name pairs of your own with "
+                        "--dataset")
     return indexed, description, f"held out by --test-size {run['test_size']} (seed {run['seed']})"
 
 

@@ -459,8 +459,8 @@ def test_implicit_reward_scores_the_pairs_a_run_split_off_its_file(run_dir, caps
     assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {data} has changed since the run split off its held-out pairs (--test-size 0.2, seed 7): drawn "
-        "again they would include pairs it trained on; score the data as it was, or name pairs of your own with "
-        "--dataset")
+        "again they are not the pairs it held out (and may be pairs it trained on); score the data as it was, or name "
+        "pairs of your own with --dataset")
     Path(data).write_text(original)
     assert evaluate.cli(["--model", str(final), "--skip-win-rate", "--implicit-reward", "--split", "train"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {data}: a single file has no splits; leave out --split train"
