@@ -281,6 +281,8 @@ class TrainSettings:
             unused += ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
         if not self.on_policy.enabled:  # offline DPO samples nothing (an earlier version recorded them as given)
             unused += tuple(f.name for f in dataclasses.fields(OnPolicySettings) if f.name not in SWITCHES)
+        if self.num_pairs is None:  # every record is used, however a subset would be drawn (ditto)
+            unused += ("subset",)
         identity = {s.name: flat[s.name] for s in setting_fields(TrainSettings)
                     if (s.identity or s.name in split) and s.name not in unused}
         return {**identity, PROCESSES: processes} if coupled else identity

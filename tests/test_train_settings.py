@@ -220,7 +220,7 @@ def test_run_config_round_trips_as_a_config_file(tmp_path):
 
 
 def test_run_identity_holds_what_changes_data_order_or_math():
-    identity = TrainSettings().run_identity()
+    identity = TrainSettings(num_pairs=100).run_identity()
     for name in ("model", "dataset", "train_split", "num_pairs", "subset", "seed", "batch_size", "max_length",
                  "max_prompt_length", "loss", "beta", "lr", "epochs", "max_steps", "precision"):
         assert name in identity, name
@@ -253,6 +253,9 @@ def test_label_smoothing_is_part_of_the_run_only_where_its_loss_reads_it():
     # and online DPO's sampling settings where the run samples nothing (an earlier version recorded them as given)
     assert not {"num_samples", "judge", "sample_temperature", "pair_choice", "missing_eos_penalty"} & set(plain)
     assert settings_differences({**plain, "num_samples": 6, "judge": "ifeval"}, plain, TrainSettings().to_dict()) == []
+    # and --subset without --num-pairs, which draws every record whichever way (an earlier version took it)
+    assert "subset" not in plain and "subset" in TrainSettings(num_pairs=8).run_identity()
+    assert settings_differences({**plain, "subset": "random"}, plain, TrainSettings().to_dict()) == []
     online = TrainSettings(on_policy=OnPolicySettings(online=True, num_samples=6)).run_identity()
     assert (online["online"], online["num_samples"], online["judge"]) == (True, 6, "demo")
     simpo = TrainSettings(loss=LossSettings(loss_type="simpo", simpo_gamma=1.0)).run_identity()
