@@ -72,7 +72,7 @@ from dpo.loss import PreferenceLogps, batch_coupled, compute_loss, needs_referen
 from dpo.memory import tune_cpu_allocator
 from dpo.metrics import PairMetrics, read_metrics
 from dpo.modeling import (decoder_body, embedding_rows, enable_gradient_checkpointing, foreign_token, load_causal_lm,
-                          load_tokenizer, resolve_model_path, rope_switch_length)
+                          load_tokenizer, local_model_path, resolve_model_path, rope_switch_length)
 from dpo.on_policy import PAIR_BUILDING, IterativePairs, OnlinePairs, Sampler
 from dpo.optim import build_optimizer, decays_every_parameter
 from dpo.packing import (check_packable, collate_packed, collate_shared_prompt, longest_first, micro_batches,
@@ -150,13 +150,6 @@ def dataset_path(dataset: str) -> str | None:
     """Where --dataset is a local path, the path from anywhere (dpo.evaluate finds the held-out pairs with it); None
     for a built-in name (which wins over a directory of that name, as the loader reads it) or a hub name."""
     return None if dataset in BUILTIN_SOURCES or not Path(dataset).exists() else str(Path(dataset).resolve())
-
-
-def local_model_path(model: str) -> str | None:
-    """Where --model (or --adapter) is a local path, the path from anywhere (dpo.evaluate and implicit judges find
-    the run's starting model with it); None for the demo, a shipped model's name or a hub name."""
-    path = Path(model).expanduser()
-    return None if model == "demo" or not path.exists() else str(path.resolve())
 
 
 def check_stop_step(stop_at_step: int | None, start: int, total_steps: int) -> None:

@@ -199,10 +199,11 @@ def add_prompt_arguments(parser: Any) -> None:
 
 
 def run_reference_model(settings: dict[str, Any]) -> str | None:
-    """The model a run started from (dpo_run.json's reference_model) as it was given, or where that was a relative
-    path that is not there from here, the path train.py recorded from anywhere (reference_model_path)."""
+    """The model a run started from: where it was a local path, the path train.py recorded from anywhere
+    (dpo_run.json's reference_model_path) while it is there, else dpo_run.json's reference_model as it was given (a
+    hub name, the demo, a run of an earlier version)."""
     name, path = settings.get("reference_model"), settings.get("reference_model_path")
-    return path if name and path and not Path(name).expanduser().exists() and Path(path).exists() else name
+    return path if path and Path(path).exists() else name
 
 
 def run_settings(model_path: str | Path) -> dict[str, Any]:
@@ -244,7 +245,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     except (RuntimeError, TypeError):
         device = None
     if device is None or device.type not in DEVICE_TYPES:
-        raise GenerationError(f"--device {name}: not a device this runs on (use cpu, cuda, cuda:N or auto)")
+        raise GenerationError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenerationError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

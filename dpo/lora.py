@@ -29,7 +29,7 @@ from transformers import BitsAndBytesConfig
 
 from dpo.errors import first_line
 from dpo.modeling import (ADAPTER_CONFIG, DEFAULT_ADAPTER, LoraError, adapter_base, import_peft, load_peft_adapter,
-                          quiet_bitsandbytes, quiet_peft)
+                          local_model_path, quiet_bitsandbytes, quiet_peft)
 from dpo.settings import ConfigError, check_settings, in_range, non_negative, positive, setting
 
 REFERENCE_ADAPTER = "reference"
@@ -184,8 +184,10 @@ def add_adapters(base: nn.Module, settings: LoraSettings, start: str | None = No
             raise LoraError(f"--lora-target-modules {settings.lora_target_modules}: {first_line(error)}") from None
     else:
         peft_model = load_peft_adapter(peft.PeftModel, base, start, TRAINED_ADAPTER, trainable=True)
-        # saved with it: the base this run trains it on (the model loaded), as a new adapter records it
-        peft_model.peft_config[TRAINED_ADAPTER].base_model_name_or_path = base.name_or_path
+    # saved with it: the base this run trains it on (the model loaded), a local one by its path from anywhere, so
+    # that final/ loads from any directory
+    peft_model.peft_config[TRAINED_ADAPTER].base_model_name_or_path = (local_model_path(base.name_or_path)
+                                                                       or base.name_or_path)
     if settings.adapter is not None:
         load_peft_adapter(peft_model.load_adapter, None, settings.adapter, REFERENCE_ADAPTER, trainable=False)
         peft_model.set_adapter(TRAINED_ADAPTER)

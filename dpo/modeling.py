@@ -179,6 +179,14 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def local_model_path(model: str) -> str | None:
+    """Where `model` (--model, --adapter, a base) is a local path, the path from anywhere (a run's record and its
+    adapter's base name it so, for dpo.evaluate, implicit judges and generate.py run from elsewhere); None for the
+    demo, a shipped model's name or a hub name."""
+    path = Path(model).expanduser()
+    return None if model == "demo" or not path.exists() else str(path.resolve())
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     """Whether `path` is a LoRA adapter directory (it has an adapter_config.json)."""
     return (Path(path) / ADAPTER_CONFIG).is_file()

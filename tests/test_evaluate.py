@@ -371,9 +371,22 @@ def test_a_run_trained_from_a_relative_model_path_finds_its_reference_from_anywh
                          "--no-progress"]) == 0
     assert _json_line(capsys.readouterr().out)["implicit_reward"]["pairs"] == 4
     assert build_judge(f"implicit:{final}").compare("hi", "a", "b") in (0.0, 0.5, 1.0)
-    # where "model" is there from here, it is that one, as given
+    # the recorded path wins over a directory of that name here; gone (the model moved), the name as given
+    (tmp_path / "out" / "model").mkdir()
+    assert run_reference_model(settings) == str((tmp_path / "model").resolve())
+    assert run_reference_model({**settings, "reference_model_path": str(tmp_path / "gone")}) == "model"
+    # a LoRA run's final/ is an adapter: its adapter_config.json names the base by its path from anywhere too
     monkeypatch.chdir(tmp_path)
-    assert run_reference_model(settings) == "model"
+    assert train.main(["--model", "model", "--dataset", "pairs.jsonl", "--output-dir", "lora", "--max-length", "48",
+                       "--max-prompt-length", "24", "--test-size", "8", "--max-steps", "1", "--batch-size", "4",
+                       "--micro-batch-size", "4", "--lora-r", "4", "--no-progress", "--no-plot"]) == 0
+    adapter_config = json.loads((tmp_path / "lora" / "final" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "model").resolve())
+    monkeypatch.chdir(tmp_path / "lora")
+    capsys.readouterr()
+    assert evaluate.cli(["--model", "final", "--skip-win-rate", "--implicit-reward", "--max-pairs", "4",
+                         "--no-progress"]) == 0
+    assert _json_line(capsys.readouterr().out)["implicit_reward"]["pairs"] == 4
 
 
 def test_a_reference_without_the_policy_s_chat_template_is_refused_before_any_generation(run_dir, tmp_path,
