@@ -45,6 +45,7 @@ class WinRateEval:
     precision: str = "fp32"  # the run's (resolved): policy and reference sample under its autocast
     reference_outputs: list[str] | None = None
     reference_score: float | None = None  # the judge's mean score of the reference's answers, where it scores
+    reference_scored: bool = False  # whether reference_score was computed (None: the judge only compares)
 
     @classmethod
     def build(cls, cfg: Any, tokenizer: Any, device: torch.device) -> "WinRateEval":
@@ -126,10 +127,11 @@ class WinRateEval:
     def reference_mean_score(self) -> float | None:
         """The judge's mean score of the reference's answers (computed once), or None for a judge that only
         compares."""
-        if self.reference_score is None:
+        if not self.reference_scored:
             scores = [self.judge.score(p, o) for p, o in zip(self.prompts, self.reference_outputs)]
             if all(s is not None for s in scores):
                 self.reference_score = sum(scores) / len(scores)
+            self.reference_scored = True
         return self.reference_score
 
     def run(self, policy: torch.nn.Module) -> tuple[dict[str, float], list[list[Any]]]:

@@ -177,6 +177,19 @@ def test_the_reference_s_scores_are_judged_once(workdir, tmp_path):
         assert metrics["generate/reference_score"] == -sum(map(len, sampler.reference_outputs)) / len(PROMPTS)
     assert len(calls) == 3 * len(PROMPTS)  # then only the policy's answers, at each evaluation
 
+    class ComparesOnly(Counting):
+        def score(self, instruction, answer):
+            calls.append(answer)
+            return None
+
+    calls.clear()
+    sampler = sampler_for(tmp_path, ComparesOnly())
+    sampler.prepare_reference("key", lambda: pytest.fail("cached answers must be reused"))
+    for _ in range(2):
+        metrics, _ = sampler.run(model)
+        assert "generate/reference_score" not in metrics and "generate/score" not in metrics
+    assert len(calls) == 3 * len(PROMPTS)  # a judge that only compares is not asked again for the reference
+
 
 def test_implicit_reward_judge_matches_a_brute_force_computation(tmp_path):
     reference = make_model_dir(tmp_path / "sft", seed=1)

@@ -15,7 +15,6 @@ The output directory loads with `AutoModelForCausalLM.from_pretrained` / `AutoTo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
+from dpo.cli import ArgumentParser
 from dpo.data import IGNORE_INDEX
 from dpo.demo import task
 from dpo.generation import TEMPERATURE, TOP_P  # the card's decoding
@@ -275,7 +275,7 @@ def build(out: Path, cfg: BuildSettings) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line: python -m dpo.demo.build [--out DIR] [--seed 0] [--sft-steps N]."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m dpo.demo.build", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model directory to write")
     parser.add_argument("--seed", type=int, default=BuildSettings.seed)
     parser.add_argument("--sft-steps", type=int, default=BuildSettings.sft_steps)
