@@ -51,6 +51,7 @@ class ArgumentParser(argparse.ArgumentParser):
     the flags (argparse prints the whole usage first, 60 lines for train.py), exit status 2 as argparse's."""
 
     def error(self, message: str) -> NoReturn:
+        """Print `error: <message> (<prog> --help lists the flags)` and exit 2."""
         self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
 
 
